@@ -1,0 +1,12 @@
+//! cdp's operators: pure, deterministic logic over `(state, record)`.
+//!
+//! Each module holds one operator: its config section, its state, its logic
+//! and its tests. None touches Kafka, tokio or the wall clock; the runtime
+//! (`cdp-pipeline`) feeds them records and ticks.
+
+pub mod audiences;
+pub mod config;
+pub mod identity;
+pub mod messages;
+pub mod traits;
+pub mod validate;

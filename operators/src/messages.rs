@@ -1,0 +1,194 @@
+//! The records that flow between stages, and the public audience-change
+//! contract. Everything here is plain serde data: JSON on the wire.
+//!
+//! Topics and their records:
+//! - `<p>.raw`, `<p>.valid`: a Segment-spec event (JSON object), source id
+//!   in the `cdp-source` header. `valid` events are normalized: `page` and
+//!   `screen` carry `event: "Page Viewed"` / `"Screen Viewed"`.
+//! - `<p>.identified`: [`ProfileRecord`], keyed by profile id.
+//! - `<p>.traits`: [`ProfileUpdate`], keyed by profile id.
+//! - `<p>.audiences`: [`AudienceChange`], keyed by profile id.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Identifier type → values, e.g. `{"user_id": ["u_42"], "email": [...]}`.
+pub type Identifiers = BTreeMap<String, Vec<String>>;
+
+/// Why a record exists: the event (by `messageId`) or the tick that caused it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Cause {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// Stream time (ms) of the tick, for changes caused by time alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tick: Option<i64>,
+}
+
+/// On `<p>.identified`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ProfileRecord {
+    /// An event resolved to its profile. `identifiers` is every identifier
+    /// the profile has after this event.
+    Event {
+        profile_id: String,
+        identifiers: Identifiers,
+        event: Value,
+    },
+    /// Profile `from` was merged into `into` (keyed by `from`).
+    Merged {
+        from: String,
+        into: String,
+        identifiers: Identifiers,
+        cause: Cause,
+    },
+    /// A stage moving the state of merged-away `from` to the survivor's
+    /// partition (keyed by `into`). Written by the stage into its own input
+    /// topic; `stage` names the writer, other stages ignore it.
+    Transfer {
+        stage: String,
+        from: String,
+        into: String,
+        state: Value,
+        cause: Cause,
+    },
+}
+
+/// On `<p>.traits`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ProfileUpdate {
+    /// What changed for a profile: the event (when an event caused it) and
+    /// the trait values that changed (computed and identify traits alike;
+    /// `null` means the trait no longer has a value).
+    Update {
+        profile_id: String,
+        identifiers: Identifiers,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        event: Option<Value>,
+        traits: BTreeMap<String, Value>,
+        /// Event time (ms) of the event, or the tick's stream time.
+        event_time: i64,
+        cause: Cause,
+    },
+    Merged {
+        from: String,
+        into: String,
+        identifiers: Identifiers,
+        cause: Cause,
+    },
+    Transfer {
+        stage: String,
+        from: String,
+        into: String,
+        state: Value,
+        cause: Cause,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudienceAction {
+    Entered,
+    Exited,
+}
+
+/// The public contract on `<p>.audiences`: one message per membership
+/// change, keyed by profile id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AudienceChange {
+    /// Always `audience_change`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub audience: String,
+    pub action: AudienceAction,
+    pub profile_id: String,
+    pub identifiers: Identifiers,
+    /// The traits the audience's conditions reference.
+    pub traits: BTreeMap<String, Value>,
+    /// RFC 3339 time of the event (or tick) that changed the membership.
+    pub event_time: String,
+    /// RFC 3339 wall-clock time the change was computed. The only field a
+    /// replay may change.
+    pub emitted_at: String,
+    pub cause: Cause,
+}
+
+/// Output names the operators emit to; the binary maps them to topics.
+pub mod outputs {
+    /// The next stage's topic.
+    pub const NEXT: &str = "next";
+    /// The stage's own input topic (merge transfers, redirects).
+    pub const SELF: &str = "self";
+}
+
+/// Milliseconds since the epoch → RFC 3339 with milliseconds, UTC.
+pub fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".into())
+}
+
+/// Parse an RFC 3339 / ISO 8601 time as milliseconds since the epoch.
+pub fn parse_time_ms(s: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// The event time of a Segment event: `timestamp`, else `receivedAt`.
+pub fn event_time_ms(event: &Value) -> Option<i64> {
+    ["timestamp", "receivedAt", "originalTimestamp"]
+        .iter()
+        .find_map(|f| event.get(f).and_then(Value::as_str).and_then(parse_time_ms))
+}
+
+/// The event name a Segment event counts as: `event` for track, `Page
+/// Viewed` for page, `Screen Viewed` for screen.
+pub fn event_name(event: &Value) -> Option<&str> {
+    match event.get("type").and_then(Value::as_str) {
+        Some("track") => event.get("event").and_then(Value::as_str),
+        Some("page") => Some("Page Viewed"),
+        Some("screen") => Some("Screen Viewed"),
+        _ => None,
+    }
+}
+
+/// Look up a dotted path such as `properties.revenue` or
+/// `context.campaign.source`.
+pub fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(value, |v, part| v.get(part))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn time_helpers_round_trip_and_event_names_follow_segment() {
+        let ms = parse_time_ms("2026-11-26T10:00:00.120Z");
+        assert_eq!(ms.map(rfc3339_ms).as_deref(), Some("2026-11-26T10:00:00.120Z"));
+        assert_eq!(event_name(&json!({"type": "page"})), Some("Page Viewed"));
+        assert_eq!(event_name(&json!({"type": "track", "event": "X"})), Some("X"));
+        assert_eq!(event_name(&json!({"type": "identify"})), None);
+        let e = json!({"properties": {"revenue": 5}});
+        assert_eq!(lookup(&e, "properties.revenue"), Some(&json!(5)));
+        assert_eq!(lookup(&e, "properties.missing"), None);
+    }
+
+    #[test]
+    fn profile_records_are_tagged_json() {
+        let r = ProfileRecord::Merged {
+            from: "a".into(),
+            into: "b".into(),
+            identifiers: Identifiers::new(),
+            cause: Cause::default(),
+        };
+        let v = serde_json::to_value(&r).unwrap_or_default();
+        assert_eq!(v["type"], "merged");
+    }
+}

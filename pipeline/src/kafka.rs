@@ -1,0 +1,374 @@
+//! The one place Kafka clients are built, and the names of every topic.
+//!
+//! Every client gets the `kafka.properties` pass-through (security.protocol,
+//! sasl.mechanisms, ssl.ca.location, …) and the secrets named in
+//! `kafka.secret_env`, read from the environment and never logged.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::FutureProducer;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Span;
+
+/// Delivery guarantee of the stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Outputs deduplicated by position downstream; state, progress and
+    /// dedupe positions committed together after outputs are acknowledged.
+    #[default]
+    EffectivelyOnce,
+    /// No dedupe on consume, one produce round-trip per batch: faster, and
+    /// a crash may repeat outputs.
+    AtLeastOnce,
+}
+
+/// The `kafka` section of the config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated.
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Prefix of every topic name: `<prefix>.raw`, `<prefix>.valid`, ….
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    /// Partitions of every topic `cdp topics create` makes. The unit of
+    /// parallelism of every stage.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor for created topics (-1: the broker's default).
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// `effectively_once` or `at_least_once`.
+    #[serde(default)]
+    pub guarantee: Guarantee,
+    /// How often each task writes a tick record into its input partition.
+    #[serde(default = "default_tick")]
+    pub tick_interval: Span,
+    /// Most records one task processes per batch (one commit per batch).
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Where task state lives (RocksDB, one directory per task).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: String,
+    /// `min.compaction.lag.ms` of changelog topics: how long uncommitted
+    /// changelog records keep older committed values from compaction.
+    #[serde(default = "default_compaction_lag")]
+    pub changelog_min_compaction_lag: Span,
+    /// librdkafka properties applied to every client, e.g.
+    /// `security.protocol: SASL_SSL`, `sasl.mechanisms: SCRAM-SHA-512`.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties whose values come from environment variables,
+    /// e.g. `sasl.password: KAFKA_PASSWORD`. Never logged.
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, String>,
+}
+
+fn default_brokers() -> String {
+    "localhost:9092".into()
+}
+fn default_prefix() -> String {
+    "cdp".into()
+}
+const fn default_partitions() -> i32 {
+    8
+}
+const fn default_replication() -> i32 {
+    -1
+}
+const fn default_tick() -> Span {
+    Span::from_secs(1)
+}
+const fn default_max_batch() -> usize {
+    1000
+}
+fn default_state_dir() -> String {
+    "/var/lib/cdp".into()
+}
+const fn default_compaction_lag() -> Span {
+    Span::from_secs(24 * 3600)
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: default_brokers(),
+            topic_prefix: default_prefix(),
+            partitions: default_partitions(),
+            replication_factor: default_replication(),
+            guarantee: Guarantee::default(),
+            tick_interval: default_tick(),
+            max_batch: default_max_batch(),
+            state_dir: default_state_dir(),
+            changelog_min_compaction_lag: default_compaction_lag(),
+            properties: BTreeMap::new(),
+            secret_env: BTreeMap::new(),
+        }
+    }
+}
+
+/// Topic names derived from the prefix.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str) -> Self {
+        Topics {
+            prefix: prefix.to_string(),
+        }
+    }
+    pub fn raw(&self) -> String {
+        format!("{}.raw", self.prefix)
+    }
+    pub fn valid(&self) -> String {
+        format!("{}.valid", self.prefix)
+    }
+    pub fn invalid(&self) -> String {
+        format!("{}.invalid", self.prefix)
+    }
+    pub fn identified(&self) -> String {
+        format!("{}.identified", self.prefix)
+    }
+    pub fn traits(&self) -> String {
+        format!("{}.traits", self.prefix)
+    }
+    pub fn audiences(&self) -> String {
+        format!("{}.audiences", self.prefix)
+    }
+    pub fn changelog(&self, stage: &str) -> String {
+        format!("{}.{stage}-changelog", self.prefix)
+    }
+}
+
+/// One topic `cdp topics create` makes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub compacted: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("environment variable {var} (for kafka property {property}) is not set")]
+    MissingSecret { property: String, var: String },
+    #[error("kafka client: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("creating topic {topic}: {code}")]
+    CreateTopic { topic: String, code: RDKafkaErrorCode },
+}
+
+/// Builds every Kafka client of the process from the `kafka` section.
+#[derive(Clone)]
+pub struct ClientFactory {
+    config: KafkaConfig,
+    secrets: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for ClientFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets stay out of logs: print their property names only.
+        f.debug_struct("ClientFactory")
+            .field("brokers", &self.config.brokers)
+            .field("secret_properties", &self.secrets.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl ClientFactory {
+    pub fn new(config: KafkaConfig) -> Result<Self, ClientError> {
+        let mut secrets = BTreeMap::new();
+        for (property, var) in &config.secret_env {
+            let value = std::env::var(var).map_err(|_| ClientError::MissingSecret {
+                property: property.clone(),
+                var: var.clone(),
+            })?;
+            secrets.insert(property.clone(), value);
+        }
+        Ok(ClientFactory { config, secrets })
+    }
+
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    pub fn topics(&self) -> Topics {
+        Topics::new(&self.config.topic_prefix)
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.config.brokers);
+        for (k, v) in self.config.properties.iter().chain(self.secrets.iter()) {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// An idempotent producer that waits for all in-sync replicas.
+    pub fn producer(&self) -> Result<FutureProducer, ClientError> {
+        let mut c = self.base();
+        // Idempotence: broker-side dedupe of the producer's own retries, so a
+        // retried send never duplicates or reorders within a partition.
+        c.set("enable.idempotence", "true");
+        c.set("acks", "all");
+        c.set("linger.ms", "2");
+        // Java-compatible partitioning, so keys land where Kafka Streams,
+        // Java producers and our own re-keying stages put them.
+        c.set("partitioner", "murmur2_random");
+        c.set("message.timeout.ms", "30000");
+        // Properties set in the config win over our defaults.
+        for (k, v) in self.config.properties.iter() {
+            if k.starts_with("producer.") {
+                c.set(k.trim_start_matches("producer."), v);
+            }
+        }
+        Ok(c.create()?)
+    }
+
+    /// The group consumer of a stage. Offsets live in the task's state
+    /// store; the group offset is committed only as a lag indicator.
+    pub fn stage_consumer<C: ConsumerContext>(
+        &self,
+        group: &str,
+        instance_id: Option<&str>,
+        context: C,
+    ) -> Result<BaseConsumer<C>, ClientError> {
+        let mut c = self.base();
+        c.set("group.id", group);
+        // Progress is committed by the runtime with the state, never by the
+        // client on a timer.
+        c.set("enable.auto.commit", "false");
+        c.set("enable.auto.offset.store", "false");
+        c.set("auto.offset.reset", "earliest");
+        c.set("session.timeout.ms", "10000");
+        c.set("heartbeat.interval.ms", "1000");
+        c.set("partition.assignment.strategy", "range");
+        if let Some(id) = instance_id {
+            // Static membership: a restarted pod gets its partitions (and so
+            // its local state) back without a rebalance.
+            c.set("group.instance.id", id);
+        }
+        for (k, v) in self.config.properties.iter() {
+            if k.starts_with("consumer.") {
+                c.set(k.trim_start_matches("consumer."), v);
+            }
+        }
+        Ok(c.create_with_context(context)?)
+    }
+
+    /// A consumer outside any group, for reading changelogs on restore.
+    pub fn restore_consumer(&self) -> Result<BaseConsumer, ClientError> {
+        let mut c = self.base();
+        c.set("group.id", "cdp-restore");
+        c.set("enable.auto.commit", "false");
+        c.set("enable.partition.eof", "true");
+        c.set("auto.offset.reset", "earliest");
+        Ok(c.create()?)
+    }
+
+    /// A plain consumer (no state, no offsets), for tests and tools.
+    pub fn plain_consumer(&self, group: &str) -> Result<BaseConsumer, ClientError> {
+        let mut c = self.base();
+        c.set("group.id", group);
+        c.set("enable.auto.commit", "false");
+        c.set("auto.offset.reset", "earliest");
+        Ok(c.create()?)
+    }
+
+    pub fn admin(&self) -> Result<AdminClient<DefaultClientContext>, ClientError> {
+        Ok(self.base().create()?)
+    }
+
+    /// Every topic of the pipeline with its settings.
+    pub fn topic_specs(&self, stateful_stages: &[&str]) -> Vec<TopicSpec> {
+        let t = self.topics();
+        let p = self.config.partitions;
+        let mut specs: Vec<TopicSpec> = [t.raw(), t.valid(), t.invalid(), t.identified(), t.traits(), t.audiences()]
+            .into_iter()
+            .map(|name| TopicSpec {
+                name,
+                partitions: p,
+                compacted: false,
+            })
+            .collect();
+        for stage in stateful_stages {
+            specs.push(TopicSpec {
+                name: t.changelog(stage),
+                partitions: p,
+                compacted: true,
+            });
+        }
+        specs
+    }
+
+    /// Create topics; ones that already exist are left as they are.
+    pub async fn create_topics(&self, specs: &[TopicSpec]) -> Result<Vec<String>, ClientError> {
+        let admin = self.admin()?;
+        let lag = self.config.changelog_min_compaction_lag.millis().to_string();
+        let replication = self.config.replication_factor;
+        let topics: Vec<NewTopic<'_>> = specs
+            .iter()
+            .map(|s| {
+                let t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(replication));
+                if s.compacted {
+                    t.set("cleanup.policy", "compact").set("min.compaction.lag.ms", &lag)
+                } else {
+                    t
+                }
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = admin.create_topics(topics.iter(), &opts).await?;
+        let mut created = Vec::new();
+        for r in results {
+            match r {
+                Ok(name) => created.push(name),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(ClientError::CreateTopic { topic, code }),
+            }
+        }
+        Ok(created)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_come_from_the_environment_and_stay_out_of_debug_output() {
+        let mut config = KafkaConfig::default();
+        config
+            .secret_env
+            .insert("sasl.password".into(), "CDP_TEST_SECRET_THAT_IS_NOT_SET".into());
+        let err = ClientFactory::new(config.clone()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("CDP_TEST_SECRET_THAT_IS_NOT_SET"), "{err}");
+        config.secret_env.clear();
+        config.secret_env.insert("sasl.password".into(), "PATH".into());
+        let factory = ClientFactory::new(config).ok();
+        let debug = format!("{factory:?}");
+        assert!(debug.contains("sasl.password"));
+        assert!(!debug.contains(&std::env::var("PATH").unwrap_or_default()));
+    }
+
+    #[test]
+    fn changelogs_are_compacted_and_data_topics_are_not() {
+        let f = ClientFactory::new(KafkaConfig::default()).ok();
+        let specs = f.map(|f| f.topic_specs(&["traits"])).unwrap_or_default();
+        assert_eq!(specs.len(), 7);
+        assert!(specs.iter().any(|s| s.name == "cdp.traits-changelog" && s.compacted));
+        assert!(specs.iter().filter(|s| s.compacted).count() == 1);
+    }
+}

@@ -1,0 +1,732 @@
+//! The stage runtime: consumer-group membership, one task per assigned
+//! partition, and the effectively-once batch cycle.
+//!
+//! A stage runs on its own thread. Each loop turn it polls a batch, lets each
+//! task's operator process its records, and then:
+//!  1. produces every output (and sink delivery) and the changed state keys
+//!     to the changelog, and waits for every acknowledgement;
+//!  2. produces one commit marker per task and waits for it;
+//!  3. commits state + input offset + dedupe positions in one RocksDB batch.
+//!
+//! A crash anywhere before 3 replays the batch: outputs land again at the
+//! same positions and consumers drop them. Rebalance callbacks run inside
+//! `poll` on this same thread, so a revoked task is always idle: its last
+//! batch was committed before the poll that revoked it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::future::join_all;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::future_producer::DeliveryFuture;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::changelog::{self, Marker, RestoreError, Restorer, MARKER_KEY};
+use crate::envelope::{self, Position};
+use crate::kafka::{ClientError, ClientFactory, Guarantee};
+use crate::metrics;
+use crate::operator::{fire_due_timers, Context, Emitted, Operator, OperatorError, OperatorFactory, Record};
+use crate::service::{ReadyFlag, Shutdown};
+use crate::sink::{Sink, SinkRecord};
+use crate::store::{Changes, StoreError, TaskMeta, TaskStore};
+
+/// The output name every stage has: the dead-letter topic.
+pub const DEAD_LETTERS: &str = "dead_letters";
+
+/// Where a named output goes.
+#[derive(Clone)]
+pub enum OutputTarget {
+    Topic(String),
+    Sink(Arc<dyn Sink>),
+}
+
+/// Sees every record a stage committed (for metrics such as audience sizes).
+pub type Observer = Arc<dyn Fn(&Emitted) + Send + Sync>;
+
+/// Everything that makes one stage.
+pub struct StageSpec {
+    /// Stage name: consumer group `<prefix>.<name>`, changelog
+    /// `<prefix>.<name>-changelog`, state under `<state_dir>/<name>/`.
+    pub name: &'static str,
+    pub input_topic: String,
+    pub outputs: BTreeMap<&'static str, OutputTarget>,
+    pub operator: OperatorFactory,
+    /// Whether tasks write tick records into their input partition.
+    pub ticks: bool,
+    pub observer: Option<Observer>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error("producing to {topic}: {error}")]
+    Produce { topic: String, error: String },
+    #[error("operator emitted to output {0:?}, which this stage does not have")]
+    UnknownOutput(String),
+    #[error("state directory {path}: {error}")]
+    StateDir { path: String, error: std::io::Error },
+    #[error("internal lock poisoned")]
+    Poisoned,
+}
+
+/// One input partition's worker: its state, progress and operator.
+struct Task {
+    partition: i32,
+    origin: String,
+    store: TaskStore,
+    meta: TaskMeta,
+    operator: Box<dyn Operator>,
+    last_tick: Instant,
+}
+
+/// State shared between the loop and the rebalance callback.
+struct Shared {
+    spec: StageSpec,
+    producer: FutureProducer,
+    restore_consumer: BaseConsumer,
+    changelog_topic: String,
+    dead_letter_topic: String,
+    state_dir: PathBuf,
+    guarantee: Guarantee,
+    tasks: Mutex<BTreeMap<i32, Task>>,
+    failure: Mutex<Option<RuntimeError>>,
+    ready: ReadyFlag,
+    handle: tokio::runtime::Handle,
+}
+
+struct StageContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for StageContext {}
+
+impl ConsumerContext for StageContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let stage = self.shared.spec.name;
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                metrics::REBALANCES.with_label_values(&[stage, "assign"]).inc();
+                self.assign(tpl).and_then(|()| consumer.assign(tpl).map_err(RuntimeError::from))
+            }
+            _ => {
+                metrics::REBALANCES.with_label_values(&[stage, "revoke"]).inc();
+                // Tasks are idle here (see module docs): dropping closes
+                // their stores; their progress is already committed.
+                if let Ok(mut tasks) = self.shared.tasks.lock() {
+                    let partitions: Vec<i32> = tasks.keys().copied().collect();
+                    tracing::info!(stage, ?partitions, "partitions revoked");
+                    tasks.clear();
+                }
+                metrics::TASKS.with_label_values(&[stage]).set(0);
+                consumer.unassign().map_err(RuntimeError::from)
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(stage, error = %e, "rebalance failed");
+            if let Ok(mut f) = self.shared.failure.lock() {
+                f.get_or_insert(e);
+            }
+        }
+        self.shared.ready.set(true);
+    }
+}
+
+impl StageContext {
+    /// Open and restore a task per assigned partition and point the
+    /// assignment at each task's committed offset.
+    fn assign(&self, tpl: &mut TopicPartitionList) -> Result<(), RuntimeError> {
+        let shared = &self.shared;
+        let mut tasks = shared.tasks.lock().map_err(|_| RuntimeError::Poisoned)?;
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        tracing::info!(stage = shared.spec.name, ?partitions, "partitions assigned");
+        for partition in partitions {
+            let task = open_task(shared, partition)?;
+            let offset = if task.meta.input_offset < 0 {
+                Offset::Beginning
+            } else {
+                Offset::Offset(task.meta.input_offset)
+            };
+            tpl.set_partition_offset(&shared.spec.input_topic, partition, offset)?;
+            tasks.insert(partition, task);
+        }
+        metrics::TASKS.with_label_values(&[shared.spec.name]).set(tasks.len() as i64);
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn epoch_header(epoch: u32) -> OwnedHeaders {
+    OwnedHeaders::new().insert(Header {
+        key: envelope::EPOCH,
+        value: Some(epoch.to_string().as_bytes()),
+    })
+}
+
+/// Send without blocking on a full local queue for long: wait and retry.
+fn enqueue<K, P>(producer: &FutureProducer, mut record: FutureRecord<'_, K, P>) -> Result<DeliveryFuture, RuntimeError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    let topic = record.topic.to_string();
+    let started = Instant::now();
+    loop {
+        match producer.send_result(record) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                if started.elapsed() < Duration::from_secs(60) =>
+            {
+                record = r;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((e, _)) => {
+                return Err(RuntimeError::Produce {
+                    topic,
+                    error: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+/// Await deliveries; returns each record's `(partition, offset)`.
+fn await_deliveries(
+    handle: &tokio::runtime::Handle,
+    futures: Vec<(String, DeliveryFuture)>,
+) -> Result<Vec<(i32, i64)>, RuntimeError> {
+    let (topics, futs): (Vec<String>, Vec<DeliveryFuture>) = futures.into_iter().unzip();
+    let results = handle.block_on(join_all(futs));
+    topics
+        .into_iter()
+        .zip(results)
+        .map(|(topic, r)| match r {
+            Ok(Ok(d)) => Ok((d.partition, d.offset)),
+            Ok(Err((e, _))) => Err(RuntimeError::Produce {
+                topic,
+                error: e.to_string(),
+            }),
+            Err(_) => Err(RuntimeError::Produce {
+                topic,
+                error: "producer dropped the delivery".into(),
+            }),
+        })
+        .collect()
+}
+
+/// Open a task's store, catch it up from the changelog, and claim a new
+/// epoch so older owners are fenced.
+fn open_task(shared: &Shared, partition: i32) -> Result<Task, RuntimeError> {
+    let stage = shared.spec.name;
+    let path = shared.state_dir.join(stage).join(partition.to_string());
+    std::fs::create_dir_all(&path).map_err(|error| RuntimeError::StateDir {
+        path: path.display().to_string(),
+        error,
+    })?;
+    let topic = shared.changelog_topic.as_str();
+    let consumer = &shared.restore_consumer;
+    let (low, high) = changelog::watermarks(consumer, topic, partition)?;
+    let mut store = TaskStore::open(&path)?;
+    let mut local = store.meta()?;
+    if local.changelog_offset >= 0 && local.changelog_offset + 1 < low {
+        // Compaction removed records this stale copy never saw (tombstones
+        // among them): start over from the changelog alone.
+        tracing::warn!(stage, partition, "local state older than the changelog retains; rebuilding");
+        drop(store);
+        wipe(&path)?;
+        store = TaskStore::open(&path)?;
+        local = TaskMeta::default();
+    }
+    let started = Instant::now();
+    let mut restorer = Restorer::new(local.clone());
+    let from = (local.changelog_offset + 1).max(low);
+    changelog::replay(consumer, &mut store, &mut restorer, topic, partition, from, high - 1)?;
+    let epoch = restorer.max_epoch() + 1;
+    let claim = serde_json::to_vec(&Marker::claim()).map_err(|e| StoreError::Decode(e.to_string()))?;
+    let fut = enqueue(
+        &shared.producer,
+        FutureRecord::to(topic)
+            .partition(partition)
+            .key(MARKER_KEY)
+            .payload(&claim)
+            .headers(epoch_header(epoch)),
+    )?;
+    let claimed_at = await_deliveries(&shared.handle, vec![(topic.to_string(), fut)])?
+        .first()
+        .map(|d| d.1)
+        .unwrap_or(high);
+    // Batches an older owner committed between our read and our claim are
+    // part of the log before the claim: apply them too.
+    changelog::replay(consumer, &mut store, &mut restorer, topic, partition, high.max(from), claimed_at)?;
+    let meta = restorer.meta.clone();
+    store.commit(&Changes::new(), &meta)?;
+    metrics::RESTORES.with_label_values(&[stage]).inc();
+    metrics::RESTORED_RECORDS
+        .with_label_values(&[stage])
+        .inc_by(restorer.records_read);
+    tracing::info!(
+        stage,
+        partition,
+        epoch = meta.epoch,
+        input_offset = meta.input_offset,
+        changelog_records = restorer.records_read,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "task restored"
+    );
+    Ok(Task {
+        partition,
+        origin: format!("{stage}:{partition}"),
+        store,
+        meta,
+        operator: (shared.spec.operator)(partition),
+        last_tick: Instant::now(),
+    })
+}
+
+fn wipe(path: &Path) -> Result<(), RuntimeError> {
+    std::fs::remove_dir_all(path)
+        .and_then(|()| std::fs::create_dir_all(path))
+        .map_err(|error| RuntimeError::StateDir {
+            path: path.display().to_string(),
+            error,
+        })
+}
+
+/// A task's results for one batch, between processing and commit.
+struct TaskBatch {
+    partition: i32,
+    meta: TaskMeta,
+    outputs: Vec<(Position, Emitted)>,
+    changes: Changes,
+}
+
+/// Runs one stage until shutdown or a fatal error.
+pub struct StageRuntime {
+    spec: StageSpec,
+    factory: ClientFactory,
+    instance_id: Option<String>,
+    ready: ReadyFlag,
+}
+
+impl StageRuntime {
+    pub fn new(spec: StageSpec, factory: ClientFactory, instance_id: Option<String>, ready: ReadyFlag) -> Self {
+        StageRuntime {
+            spec,
+            factory,
+            instance_id,
+            ready,
+        }
+    }
+
+    /// Spawn the stage on its own named thread. Needs a tokio runtime
+    /// handle for awaiting deliveries and sinks.
+    pub fn spawn(
+        self,
+        handle: tokio::runtime::Handle,
+        shutdown: Shutdown,
+    ) -> std::io::Result<std::thread::JoinHandle<Result<(), RuntimeError>>> {
+        std::thread::Builder::new()
+            .name(format!("stage-{}", self.spec.name))
+            .spawn(move || {
+                let name = self.spec.name;
+                let result = self.run(handle, shutdown.clone());
+                if let Err(e) = &result {
+                    tracing::error!(stage = name, error = %e, "stage stopped");
+                    // One stage failing takes the process down cleanly so the
+                    // orchestrator restarts it and the batch replays.
+                    shutdown.trigger();
+                }
+                result
+            })
+    }
+
+    /// Run on the current thread (which must not be a tokio worker).
+    pub fn run(self, handle: tokio::runtime::Handle, shutdown: Shutdown) -> Result<(), RuntimeError> {
+        let cfg = self.factory.config().clone();
+        let topics = self.factory.topics();
+        let name = self.spec.name;
+        let input_topic = self.spec.input_topic.clone();
+        let shared = Arc::new(Shared {
+            producer: self.factory.producer()?,
+            restore_consumer: self.factory.restore_consumer()?,
+            changelog_topic: topics.changelog(name),
+            dead_letter_topic: topics.invalid(),
+            state_dir: PathBuf::from(&cfg.state_dir),
+            guarantee: cfg.guarantee,
+            tasks: Mutex::new(BTreeMap::new()),
+            failure: Mutex::new(None),
+            ready: self.ready.clone(),
+            handle,
+            spec: self.spec,
+        });
+        let group = format!("{}.{name}", cfg.topic_prefix);
+        let consumer = self.factory.stage_consumer(
+            &group,
+            self.instance_id.as_deref(),
+            StageContext { shared: shared.clone() },
+        )?;
+        consumer.subscribe(&[&input_topic])?;
+        tracing::info!(stage = name, topic = %input_topic, %group, "stage started");
+        let tick_every = cfg.tick_interval.to_std();
+        let mut last_gauges = Instant::now();
+        while !shutdown.is_triggered() {
+            if let Some(e) = shared.failure.lock().map_err(|_| RuntimeError::Poisoned)?.take() {
+                return Err(e);
+            }
+            let batch = poll_batch(&consumer, cfg.max_batch)?;
+            if !batch.is_empty() {
+                process_batch(&shared, &consumer, batch)?;
+            }
+            if shared.spec.ticks {
+                send_ticks(&shared, tick_every)?;
+            }
+            if last_gauges.elapsed() > Duration::from_secs(10) {
+                update_gauges(&shared, &consumer);
+                last_gauges = Instant::now();
+            }
+        }
+        tracing::info!(stage = name, "leaving consumer group");
+        consumer.unsubscribe();
+        // Serve the revoke callback so tasks close before the process exits.
+        for _ in 0..5 {
+            let _ = consumer.poll(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+}
+
+/// Poll up to `max` records: wait briefly for the first, then take what is
+/// already fetched.
+fn poll_batch(consumer: &BaseConsumer<StageContext>, max: usize) -> Result<Vec<OwnedMessage>, RuntimeError> {
+    let mut out = Vec::new();
+    let mut timeout = Duration::from_millis(100);
+    while out.len() < max {
+        match consumer.poll(timeout) {
+            None => break,
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error");
+                break;
+            }
+        }
+        timeout = Duration::ZERO;
+    }
+    Ok(out)
+}
+
+fn owned_headers(m: &OwnedMessage) -> Vec<(String, Vec<u8>)> {
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn to_owned_headers(pairs: &[(String, Vec<u8>)]) -> OwnedHeaders {
+    pairs.iter().fold(OwnedHeaders::new_with_capacity(pairs.len()), |h, (k, v)| {
+        h.insert(Header {
+            key: k.as_str(),
+            value: Some(v.as_slice()),
+        })
+    })
+}
+
+/// A dead letter: the original bytes and headers, plus why.
+fn dead_letter(stage: &str, m: &OwnedMessage, headers: Vec<(String, Vec<u8>)>, reason: &'static str, detail: &serde_json::Value) -> Emitted {
+    let mut headers = headers;
+    headers.retain(|(k, _)| !k.starts_with("cdp-dlq-"));
+    headers.push((envelope::DLQ_STAGE.into(), stage.as_bytes().to_vec()));
+    headers.push((envelope::DLQ_REASON.into(), reason.as_bytes().to_vec()));
+    headers.push(("cdp-dlq-detail".into(), detail.to_string().into_bytes()));
+    headers.push((
+        "cdp-dlq-input".into(),
+        format!("{}[{}]@{}", m.topic(), m.partition(), m.offset()).into_bytes(),
+    ));
+    Emitted {
+        output: DEAD_LETTERS,
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        headers,
+    }
+}
+
+fn process_batch(
+    shared: &Shared,
+    consumer: &BaseConsumer<StageContext>,
+    batch: Vec<OwnedMessage>,
+) -> Result<(), RuntimeError> {
+    let started = Instant::now();
+    let stage = shared.spec.name;
+    let processing_time = now_ms();
+    let dedupe = shared.guarantee == Guarantee::EffectivelyOnce;
+    let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
+    for m in batch {
+        by_partition.entry(m.partition()).or_default().push(m);
+    }
+    let mut tasks = shared.tasks.lock().map_err(|_| RuntimeError::Poisoned)?;
+    let mut work: Vec<TaskBatch> = Vec::new();
+    for (partition, messages) in by_partition {
+        // Records fetched before a revoke or re-assignment are not ours.
+        let Some(task) = tasks.get_mut(&partition) else { continue };
+        let mut meta = task.meta.clone();
+        let mut outputs = Vec::new();
+        let mut consumed = false;
+        for m in messages {
+            if m.offset() < meta.input_offset {
+                continue; // fetched before the seek to our committed offset
+            }
+            consumed = true;
+            meta.input_offset = m.offset() + 1;
+            metrics::RECORDS_IN.with_label_values(&[stage]).inc();
+            let headers = owned_headers(&m);
+            let mut emitted = Vec::new();
+            let result = if let Some(t) = envelope::tick_time(&headers) {
+                meta.stream_time = meta.stream_time.max(t);
+                fire_due_timers(
+                    task.operator.as_mut(),
+                    &mut task.store,
+                    &mut emitted,
+                    meta.stream_time,
+                    processing_time,
+                    partition,
+                )
+            } else {
+                if dedupe {
+                    if let Some((origin, pos)) = Position::from_headers(&headers) {
+                        if meta.dedupe.get(&origin).is_some_and(|seen| !pos.is_new_after(seen)) {
+                            metrics::DUPLICATES_DROPPED.with_label_values(&[stage]).inc();
+                            continue;
+                        }
+                        meta.dedupe.insert(origin, pos);
+                    }
+                }
+                let record = Record {
+                    key: m.key(),
+                    value: m.payload().unwrap_or_default(),
+                    partition,
+                    offset: m.offset(),
+                    timestamp_ms: m.timestamp().to_millis(),
+                    headers: &headers,
+                };
+                let mut ctx = Context::new(&mut task.store, &mut emitted, meta.stream_time, processing_time, partition);
+                task.operator.process(&record, &mut ctx)
+            };
+            match result {
+                Ok(()) => {}
+                Err(OperatorError::Rejected { reason, detail }) => {
+                    metrics::DEAD_LETTERS.with_label_values(&[stage, reason]).inc();
+                    tracing::debug!(stage, partition, offset = m.offset(), reason, "dead letter");
+                    emitted.clear();
+                    emitted.push(dead_letter(stage, &m, headers, reason, &detail));
+                }
+                Err(OperatorError::Store(e)) => return Err(e.into()),
+            }
+            for (index, e) in emitted.into_iter().enumerate() {
+                let pos = Position {
+                    epoch: meta.epoch,
+                    offset: m.offset(),
+                    index: index as u32,
+                };
+                outputs.push((pos, e));
+            }
+        }
+        if consumed {
+            work.push(TaskBatch {
+                partition,
+                meta,
+                outputs,
+                changes: task.store.take_changes(),
+            });
+        }
+    }
+    if work.is_empty() {
+        return Ok(());
+    }
+
+    // Phase 1: outputs, sink deliveries and changelog records, all acked.
+    let mut deliveries: Vec<(String, DeliveryFuture)> = Vec::new();
+    let mut sink_batches: BTreeMap<String, (Arc<dyn Sink>, Vec<SinkRecord>, Vec<(usize, usize)>)> = BTreeMap::new();
+    for (wi, w) in work.iter().enumerate() {
+        let Some(task) = tasks.get(&w.partition) else { continue };
+        for (oi, (pos, e)) in w.outputs.iter().enumerate() {
+            let topic = if e.output == DEAD_LETTERS {
+                shared.dead_letter_topic.as_str()
+            } else {
+                match shared.spec.outputs.get(e.output) {
+                    Some(OutputTarget::Topic(t)) => t.as_str(),
+                    Some(OutputTarget::Sink(sink)) => {
+                        let entry = sink_batches
+                            .entry(e.output.to_string())
+                            .or_insert_with(|| (sink.clone(), Vec::new(), Vec::new()));
+                        entry.1.push(SinkRecord {
+                            delivery_id: format!("{}/{}/{}/{}", task.origin, pos.epoch, pos.offset, pos.index),
+                            key: e.key.clone(),
+                            value: e.value.clone(),
+                        });
+                        entry.2.push((wi, oi));
+                        continue;
+                    }
+                    None => return Err(RuntimeError::UnknownOutput(e.output.to_string())),
+                }
+            };
+            let mut headers = e.headers.clone();
+            headers.extend(pos.to_headers(&task.origin));
+            let mut record = FutureRecord::to(topic)
+                .payload(e.value.as_slice())
+                .headers(to_owned_headers(&headers));
+            if let Some(k) = &e.key {
+                record = record.key(k.as_slice());
+            }
+            deliveries.push((topic.to_string(), enqueue(&shared.producer, record)?));
+            metrics::RECORDS_OUT.with_label_values(&[stage, e.output]).inc();
+        }
+        for (k, v) in &w.changes {
+            let mut record = FutureRecord::to(&shared.changelog_topic)
+                .partition(w.partition)
+                .key(k.as_slice())
+                .headers(epoch_header(w.meta.epoch));
+            if let Some(v) = v {
+                record = record.payload(v.as_slice());
+            }
+            deliveries.push((shared.changelog_topic.clone(), enqueue(&shared.producer, record)?));
+        }
+    }
+    let sink_futures = sink_batches
+        .values()
+        .map(|(sink, records, _)| sink.deliver(records.clone()))
+        .collect::<Vec<_>>();
+    let sink_results = shared.handle.block_on(join_all(sink_futures));
+    await_deliveries(&shared.handle, deliveries)?;
+
+    // Deliveries a sink gave up on become dead letters (still phase 1).
+    let mut failed: Vec<(String, DeliveryFuture)> = Vec::new();
+    for ((name, (_, records, origins)), results) in sink_batches.iter().zip(sink_results) {
+        for ((record, (wi, oi)), result) in records.iter().zip(origins).zip(results) {
+            metrics::RECORDS_OUT.with_label_values(&[stage, work[*wi].outputs[*oi].1.output]).inc();
+            if let Err(reason) = result {
+                metrics::DEAD_LETTERS.with_label_values(&[stage, "delivery_failed"]).inc();
+                tracing::warn!(stage, destination = %name, delivery_id = %record.delivery_id, %reason, "delivery failed; sent to dead letters");
+                let headers = to_owned_headers(&[
+                    (envelope::DLQ_STAGE.into(), stage.as_bytes().to_vec()),
+                    (envelope::DLQ_REASON.into(), b"delivery_failed".to_vec()),
+                    ("cdp-dlq-detail".into(), serde_json::json!({"destination": name, "error": reason}).to_string().into_bytes()),
+                    ("cdp-delivery-id".into(), record.delivery_id.clone().into_bytes()),
+                ]);
+                let mut r = FutureRecord::to(&shared.dead_letter_topic)
+                    .payload(record.value.as_slice())
+                    .headers(headers);
+                if let Some(k) = &record.key {
+                    r = r.key(k.as_slice());
+                }
+                failed.push((shared.dead_letter_topic.clone(), enqueue(&shared.producer, r)?));
+            }
+        }
+    }
+    await_deliveries(&shared.handle, failed)?;
+
+    // Phase 2: one commit marker per task.
+    let mut markers = Vec::new();
+    for w in &work {
+        let marker = serde_json::to_vec(&Marker::commit(&w.meta)).map_err(|e| StoreError::Decode(e.to_string()))?;
+        let fut = enqueue(
+            &shared.producer,
+            FutureRecord::to(&shared.changelog_topic)
+                .partition(w.partition)
+                .key(MARKER_KEY)
+                .payload(&marker)
+                .headers(epoch_header(w.meta.epoch)),
+        )?;
+        markers.push((shared.changelog_topic.clone(), fut));
+    }
+    let marker_offsets = await_deliveries(&shared.handle, markers)?;
+
+    // Phase 3: state + progress + positions, atomically.
+    let mut offsets = TopicPartitionList::new();
+    for (mut w, (_, marker_offset)) in work.into_iter().zip(marker_offsets) {
+        let Some(task) = tasks.get_mut(&w.partition) else { continue };
+        w.meta.changelog_offset = marker_offset;
+        task.store.commit(&w.changes, &w.meta)?;
+        task.meta = w.meta;
+        metrics::COMMITS.with_label_values(&[stage]).inc();
+        if let Some(observe) = &shared.spec.observer {
+            for (_, e) in &w.outputs {
+                observe(e);
+            }
+        }
+        let _ = offsets.add_partition_offset(
+            &shared.spec.input_topic,
+            task.partition,
+            Offset::Offset(task.meta.input_offset),
+        );
+    }
+    // The group offset only feeds lag dashboards; the store is the truth.
+    if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
+        tracing::debug!(stage, error = %e, "group offset commit failed");
+    }
+    metrics::BATCH_SECONDS
+        .with_label_values(&[stage])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Write a tick into each owned input partition whose last tick is due.
+fn send_ticks(shared: &Shared, every: Duration) -> Result<(), RuntimeError> {
+    let mut tasks = shared.tasks.lock().map_err(|_| RuntimeError::Poisoned)?;
+    for task in tasks.values_mut() {
+        if task.last_tick.elapsed() < every {
+            continue;
+        }
+        task.last_tick = Instant::now();
+        let now = now_ms().to_string();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: envelope::TICK,
+            value: Some(now.as_bytes()),
+        });
+        // Fire and forget: a lost tick is replaced by the next one.
+        let _ = enqueue(
+            &shared.producer,
+            FutureRecord::<[u8], [u8]>::to(&shared.spec.input_topic)
+                .partition(task.partition)
+                .payload(&[])
+                .headers(headers),
+        )?;
+        metrics::TICKS.with_label_values(&[shared.spec.name]).inc();
+    }
+    Ok(())
+}
+
+fn update_gauges(shared: &Shared, consumer: &BaseConsumer<StageContext>) {
+    let stage = shared.spec.name;
+    let Ok(tasks) = shared.tasks.lock() else { return };
+    for task in tasks.values() {
+        let p = task.partition.to_string();
+        metrics::STATE_BYTES
+            .with_label_values(&[stage, &p])
+            .set(task.store.approximate_size() as i64);
+        if let Ok((_, high)) = consumer.fetch_watermarks(&shared.spec.input_topic, task.partition, Duration::from_secs(1)) {
+            let lag = (high - task.meta.input_offset.max(0)).max(0);
+            metrics::CONSUMER_LAG.with_label_values(&[stage, &p]).set(lag);
+        }
+    }
+}

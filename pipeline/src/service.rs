@@ -1,0 +1,143 @@
+//! What every cdp service shares: shutdown, health, and the
+//! `/metrics` `/healthz` `/readyz` endpoint.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use tokio::sync::watch;
+
+/// A shutdown signal shared by async tasks and stage threads.
+#[derive(Clone)]
+pub struct Shutdown {
+    flag: Arc<AtomicBool>,
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        let (tx, _) = watch::channel(false);
+        Shutdown {
+            flag: Arc::new(AtomicBool::new(false)),
+            tx: Arc::new(tx),
+        }
+    }
+}
+
+impl Shutdown {
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once [`Shutdown::trigger`] was called.
+    pub async fn wait(&self) {
+        let mut rx = self.tx.subscribe();
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Trigger on SIGTERM or Ctrl-C.
+    pub fn trigger_on_signals(&self) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let ctrl_c = tokio::signal::ctrl_c();
+            #[cfg(unix)]
+            {
+                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        this.trigger();
+                        return;
+                    }
+                };
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = ctrl_c.await;
+            tracing::info!("shutdown requested");
+            this.trigger();
+        });
+    }
+}
+
+/// Readiness of the components of one process. `/readyz` answers 200 once
+/// every registered component said it is ready.
+#[derive(Clone, Default)]
+pub struct Health {
+    components: Arc<Mutex<Vec<(String, Arc<AtomicBool>)>>>,
+}
+
+/// One component's readiness flag.
+#[derive(Clone)]
+pub struct ReadyFlag(Arc<AtomicBool>);
+
+impl ReadyFlag {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst)
+    }
+}
+
+impl Health {
+    pub fn register(&self, name: &str) -> ReadyFlag {
+        let flag = Arc::new(AtomicBool::new(false));
+        if let Ok(mut c) = self.components.lock() {
+            c.push((name.to_string(), flag.clone()));
+        }
+        ReadyFlag(flag)
+    }
+
+    /// Names of the components not ready yet.
+    pub fn not_ready(&self) -> Vec<String> {
+        self.components
+            .lock()
+            .map(|c| {
+                c.iter()
+                    .filter(|(_, f)| !f.load(Ordering::SeqCst))
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_else(|_| vec!["health registry poisoned".into()])
+    }
+}
+
+/// Serve `/metrics`, `/healthz`, `/readyz` until shutdown.
+pub async fn serve_admin(addr: SocketAddr, health: Health, shutdown: Shutdown) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let health = health.clone();
+                async move {
+                    let waiting = health.not_ready();
+                    if waiting.is_empty() {
+                        (StatusCode::OK, "ready\n".to_string())
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, format!("waiting for: {}\n", waiting.join(", ")))
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "admin endpoint listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await
+}

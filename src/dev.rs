@@ -1,0 +1,157 @@
+//! `cdp dev`: every stage in one process on an embedded broker.
+//!
+//! The broker is librdkafka's mock cluster: real Kafka protocol on a real
+//! TCP port (any Kafka client can join), in memory, gone when the process
+//! exits. Audience changes go to stdout as JSON lines; logs go to stderr.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use cdp_connectors::collector::Collector;
+use cdp_connectors::destinations::{DestinationConfig, DestinationKind};
+use cdp_pipeline::{ClientFactory, Health, Shutdown};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+use crate::config::{Compiled, Config};
+use crate::stages::{self, Stage};
+
+pub struct DevOptions {
+    pub config: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub state_dir: Option<PathBuf>,
+    /// Add a stdout destination for every audience.
+    pub stdout: bool,
+}
+
+/// A running `cdp dev`.
+pub struct Dev {
+    pub bootstrap: String,
+    pub collector: SocketAddr,
+    pub factory: ClientFactory,
+    pub shutdown: Shutdown,
+    pub health: Health,
+    joins: Vec<std::thread::JoinHandle<Result<(), cdp_pipeline::runtime::RuntimeError>>>,
+    servers: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+    _state: Option<tempfile::TempDir>,
+    // Dropped last: the stages talk to it until they stop.
+    _broker: MockCluster<'static, DefaultProducerContext>,
+}
+
+/// Make a config ready for the embedded broker.
+pub fn dev_config(mut config: Config, bootstrap: &str, state_dir: &str, stdout: bool) -> Config {
+    config.kafka.brokers = bootstrap.to_string();
+    config.kafka.state_dir = state_dir.to_string();
+    config.kafka.replication_factor = 1;
+    // The mock cluster assigns partitions as fast as the clients' timeouts
+    // allow; short ones make a laptop start in seconds.
+    for (k, v) in [
+        ("consumer.session.timeout.ms", "6000"),
+        ("consumer.heartbeat.interval.ms", "500"),
+    ] {
+        config.kafka.properties.entry(k.into()).or_insert_with(|| v.into());
+    }
+    if stdout && !config.destinations.iter().any(|d| d.kind == DestinationKind::Stdout) {
+        config.destinations.push(DestinationConfig {
+            id: "stdout".into(),
+            kind: DestinationKind::Stdout,
+            url: None,
+            secret_env: None,
+            topic: None,
+            audiences: Vec::new(),
+            timeout: None,
+            max_attempts: None,
+        });
+    }
+    config
+}
+
+impl Dev {
+    pub async fn start(opts: DevOptions) -> anyhow::Result<Dev> {
+        let config = match &opts.config {
+            Some(path) => Config::load(path)?,
+            None => Config::from_yaml(crate::config::DEMO_CONFIG)?,
+        };
+        let broker = MockCluster::new(1).context("starting the embedded broker")?;
+        let bootstrap = broker.bootstrap_servers();
+        let (state, state_dir) = match &opts.state_dir {
+            Some(d) => (None, d.display().to_string()),
+            None => {
+                let t = tempfile::tempdir()?;
+                let p = t.path().display().to_string();
+                (Some(t), p)
+            }
+        };
+        let config = dev_config(config, &bootstrap, &state_dir, opts.stdout);
+        let compiled: Compiled = config.compile()?;
+        let factory = ClientFactory::new(compiled.config.kafka.clone())?;
+        for spec in factory.topic_specs(&Stage::store_names()) {
+            broker
+                .create_topic(&spec.name, spec.partitions, 1)
+                .with_context(|| format!("creating topic {}", spec.name))?;
+        }
+        let shutdown = Shutdown::default();
+        let health = Health::default();
+        let joins = stages::start_stages(&Stage::ALL, &compiled, &factory, None, &health, &shutdown)?;
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .with_context(|| format!("binding the collector to {}", opts.listen))?;
+        let collector_addr = listener.local_addr()?;
+        let collector = Collector::new(
+            compiled.config.collector.clone(),
+            &compiled.config.sources,
+            factory.producer()?,
+            factory.topics().raw(),
+        );
+        let mut servers = vec![tokio::spawn(collector.serve_on(
+            listener,
+            shutdown.clone(),
+            health.register("collect"),
+        ))];
+        if let Some(admin) = opts.admin {
+            servers.push(tokio::spawn(cdp_pipeline::service::serve_admin(
+                admin,
+                health.clone(),
+                shutdown.clone(),
+            )));
+        }
+        Ok(Dev {
+            bootstrap,
+            collector: collector_addr,
+            factory,
+            shutdown,
+            health,
+            joins,
+            servers,
+            _state: state,
+            _broker: broker,
+        })
+    }
+
+    /// Wait until every stage has its partitions and the collector listens.
+    pub async fn wait_ready(&self, timeout: std::time::Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let waiting = self.health.not_ready();
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("not ready after {timeout:?}: waiting for {}", waiting.join(", "));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stop everything: finish batches, commit, leave the groups.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.trigger();
+        let result = stages::join_stages(self.joins).await;
+        for s in self.servers {
+            let _ = s.await;
+        }
+        result
+    }
+}

@@ -1,0 +1,7 @@
+//! The `cdp` binary's library: config loading, stage wiring, `cdp dev`.
+//! Split from `main.rs` so the end-to-end tests can drive the same code.
+
+pub mod config;
+pub mod demo;
+pub mod dev;
+pub mod stages;

@@ -1,0 +1,254 @@
+//! `cdp`: one binary, one subcommand per stage, plus `dev`, `topics` and
+//! `config`. See README.md for the full reference.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use cdp::config::Config;
+use cdp::dev::{Dev, DevOptions};
+use cdp::stages::{self, Stage};
+use cdp_connectors::collector::Collector;
+use cdp_pipeline::{ClientFactory, Health, Shutdown};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cdp", version, about = "Self-hosted real-time customer data platform on Kafka")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "CDP_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every stage in one process on an embedded broker (no Docker).
+    Dev {
+        /// Config file; without it the built-in demo config runs.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Also send sample traffic, a new visitor every 5 s.
+        #[arg(long)]
+        demo: bool,
+        /// Collector address.
+        #[arg(long, default_value = "127.0.0.1:8088")]
+        listen: SocketAddr,
+        /// Address of /metrics, /healthz, /readyz.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin_listen: SocketAddr,
+        /// Keep state here instead of a temporary directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// The HTTP collector (Segment Tracking API).
+    Collect {
+        #[command(flatten)]
+        common: Common,
+        /// Collector address (overrides collector.listen).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Spec checks, tracking plans, dedupe: raw → valid (+ invalid).
+    Validate(Common),
+    /// Identity resolution: valid → identified.
+    Identity(Common),
+    /// Computed and profile traits: identified → traits.
+    Traits(Common),
+    /// Audience membership: traits → audiences.
+    Audiences(Common),
+    /// Destinations: audiences → webhooks, topics, stdout.
+    Deliver(Common),
+    /// Topic administration.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Config file tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create every topic with its partitions and compaction settings.
+    Create(Common),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check a config file; exits non-zero and names the bad field.
+    Check { file: PathBuf },
+}
+
+#[derive(Args)]
+struct Common {
+    /// The config file.
+    #[arg(long, env = "CDP_CONFIG")]
+    config: PathBuf,
+    /// Bootstrap servers (overrides kafka.brokers).
+    #[arg(long, env = "CDP_BROKERS")]
+    brokers: Option<String>,
+    /// State directory (overrides kafka.state_dir).
+    #[arg(long, env = "CDP_STATE_DIR")]
+    state_dir: Option<String>,
+    /// Static group membership id; defaults to $POD_NAME when set.
+    #[arg(long, env = "CDP_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// Address of /metrics, /healthz, /readyz.
+    #[arg(long, env = "CDP_ADMIN_LISTEN", default_value = "0.0.0.0:9464")]
+    admin_listen: SocketAddr,
+}
+
+impl Common {
+    fn load(&self) -> anyhow::Result<cdp::config::Compiled> {
+        let mut config = Config::load(&self.config)?;
+        if let Some(b) = &self.brokers {
+            config.kafka.brokers = b.clone();
+        }
+        if let Some(d) = &self.state_dir {
+            config.kafka.state_dir = d.clone();
+        }
+        Ok(config.compile()?)
+    }
+
+    fn instance_id(&self) -> Option<String> {
+        self.instance_id.clone().or_else(|| std::env::var("POD_NAME").ok())
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CDP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn,librdkafka=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Dev {
+            config,
+            demo,
+            listen,
+            admin_listen,
+            state_dir,
+        } => {
+            let dev = Dev::start(DevOptions {
+                config,
+                listen,
+                admin: Some(admin_listen),
+                state_dir,
+                stdout: true,
+            })
+            .await?;
+            dev.shutdown.trigger_on_signals();
+            eprintln!("cdp dev: embedded Kafka broker at {}", dev.bootstrap);
+            eprintln!("cdp dev: collector at http://{} (write key wk_web_123 in the demo config)", dev.collector);
+            eprintln!("cdp dev: metrics at http://{admin_listen}/metrics; audience changes print below as JSON lines");
+            if demo {
+                tokio::spawn(cdp::demo::run(dev.collector, dev.shutdown.clone()));
+            }
+            dev.shutdown.wait().await;
+            dev.stop().await
+        }
+        Command::Collect { common, listen } => {
+            let mut compiled = common.load()?;
+            if let Some(l) = listen {
+                compiled.config.collector.listen = l;
+            }
+            let factory = ClientFactory::new(compiled.config.kafka.clone())?;
+            let (shutdown, health) = service(&common.admin_listen);
+            let collector = Collector::new(
+                compiled.config.collector.clone(),
+                &compiled.config.sources,
+                factory.producer()?,
+                factory.topics().raw(),
+            );
+            collector.serve(shutdown, health.register("collect")).await?;
+            Ok(())
+        }
+        Command::Validate(c) => run_stage(Stage::Validate, c).await,
+        Command::Identity(c) => run_stage(Stage::Identity, c).await,
+        Command::Traits(c) => run_stage(Stage::Traits, c).await,
+        Command::Audiences(c) => run_stage(Stage::Audiences, c).await,
+        Command::Deliver(c) => run_stage(Stage::Deliver, c).await,
+        Command::Topics {
+            command: TopicsCommand::Create(c),
+        } => {
+            let compiled = c.load()?;
+            let factory = ClientFactory::new(compiled.config.kafka.clone())?;
+            let specs = factory.topic_specs(&Stage::store_names());
+            let created = factory.create_topics(&specs).await.context("creating topics")?;
+            for s in &specs {
+                let state = if created.contains(&s.name) { "created" } else { "exists" };
+                println!("{state:8} {} partitions={} compacted={}", s.name, s.partitions, s.compacted);
+            }
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            let compiled = Config::load(&file)?.compile()?;
+            let c = &compiled.config;
+            println!(
+                "{}: ok ({} sources, {} tracking plans, {} traits, {} audiences, {} destinations)",
+                file.display(),
+                c.sources.len(),
+                c.tracking_plans.len(),
+                c.traits.len(),
+                c.audiences.len(),
+                c.destinations.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Shutdown on signals and the admin endpoint, for a single-stage process.
+fn service(admin: &SocketAddr) -> (Shutdown, Health) {
+    let shutdown = Shutdown::default();
+    shutdown.trigger_on_signals();
+    let health = Health::default();
+    let (a, h, s) = (*admin, health.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        if let Err(e) = cdp_pipeline::service::serve_admin(a, h, s.clone()).await {
+            tracing::error!(error = %e, "admin endpoint failed");
+            s.trigger();
+        }
+    });
+    (shutdown, health)
+}
+
+async fn run_stage(stage: Stage, common: Common) -> anyhow::Result<()> {
+    let compiled = common.load()?;
+    let factory = ClientFactory::new(compiled.config.kafka.clone())?;
+    let (shutdown, health) = service(&common.admin_listen);
+    let joins = stages::start_stages(&[stage], &compiled, &factory, common.instance_id(), &health, &shutdown)?;
+    stages::join_stages(joins).await
+}

@@ -1,0 +1,170 @@
+//! The six stages of the chain and how each is wired to its topics.
+//!
+//! ```text
+//! collect ─► raw ─► validate ─► valid ─► identity ─► identified ─► traits ─► traits ─► audiences ─► audiences ─► deliver
+//! ```
+//! Every stage but `collect` runs on the pipeline runtime; `traits` and
+//! `audiences` also write into their own input topic (merge transfers and
+//! redirects), and the stages that keep windows get ticks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use cdp_connectors::deliver::DeliverOperator;
+use cdp_connectors::destinations::build_sink;
+use cdp_operators::audiences::AudiencesOperator;
+use cdp_operators::identity::IdentityOperator;
+use cdp_operators::messages::{outputs, AudienceChange};
+use cdp_operators::traits::TraitsOperator;
+use cdp_operators::validate::ValidateOperator;
+use cdp_pipeline::runtime::RuntimeError;
+use cdp_pipeline::{metrics, ClientFactory, Health, OutputTarget, Shutdown, StageRuntime, StageSpec};
+
+use crate::config::Compiled;
+
+/// A stage that runs on the pipeline runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Stage {
+    Validate,
+    Identity,
+    Traits,
+    Audiences,
+    Deliver,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::Validate,
+        Stage::Identity,
+        Stage::Traits,
+        Stage::Audiences,
+        Stage::Deliver,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stage::Validate => "validate",
+            Stage::Identity => "identity",
+            Stage::Traits => "traits",
+            Stage::Audiences => "audiences",
+            Stage::Deliver => "deliver",
+        }
+    }
+
+    /// Names of every stage with a state store (all of them: even deliver
+    /// keeps the dedupe positions of its input).
+    pub fn store_names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|s| s.name()).collect()
+    }
+
+    /// Build the stage's spec: input, outputs, operator.
+    pub fn spec(self, compiled: &Compiled, factory: &ClientFactory) -> anyhow::Result<StageSpec> {
+        let t = factory.topics();
+        let mut outs: BTreeMap<&'static str, OutputTarget> = BTreeMap::new();
+        let (input, ticks, operator): (String, bool, cdp_pipeline::OperatorFactory) = match self {
+            Stage::Validate => {
+                outs.insert(outputs::NEXT, OutputTarget::Topic(t.valid()));
+                let v = compiled.validator.clone();
+                (t.raw(), true, Box::new(move |_| Box::new(ValidateOperator::new(v.clone()))))
+            }
+            Stage::Identity => {
+                outs.insert(outputs::NEXT, OutputTarget::Topic(t.identified()));
+                let r = compiled.identity.clone();
+                (t.valid(), false, Box::new(move |_| Box::new(IdentityOperator::new(r.clone()))))
+            }
+            Stage::Traits => {
+                outs.insert(outputs::NEXT, OutputTarget::Topic(t.traits()));
+                outs.insert(outputs::SELF, OutputTarget::Topic(t.identified()));
+                let s = compiled.traits.clone();
+                (t.identified(), true, Box::new(move |_| Box::new(TraitsOperator::new(s.clone()))))
+            }
+            Stage::Audiences => {
+                outs.insert(outputs::NEXT, OutputTarget::Topic(t.audiences()));
+                outs.insert(outputs::SELF, OutputTarget::Topic(t.traits()));
+                let s = compiled.audiences.clone();
+                (t.traits(), true, Box::new(move |_| Box::new(AudiencesOperator::new(s.clone()))))
+            }
+            Stage::Deliver => {
+                let dests = compiled.config.destinations.clone();
+                for d in &dests {
+                    let sink = build_sink(d, factory).with_context(|| format!("destination {}", d.id))?;
+                    let name: &'static str = DeliverOperator::new(std::slice::from_ref(d))
+                        .output_names()
+                        .first()
+                        .copied()
+                        .unwrap_or("unnamed");
+                    outs.insert(name, OutputTarget::Sink(sink));
+                }
+                (t.audiences(), false, Box::new(move |_| Box::new(DeliverOperator::new(&dests))))
+            }
+        };
+        let observer: Option<cdp_pipeline::runtime::Observer> = (self == Stage::Audiences).then(|| {
+            Arc::new(|e: &cdp_pipeline::Emitted| {
+                if e.output != outputs::NEXT {
+                    return;
+                }
+                if let Ok(change) = serde_json::from_slice::<AudienceChange>(&e.value) {
+                    let action = match change.action {
+                        cdp_operators::messages::AudienceAction::Entered => "entered",
+                        cdp_operators::messages::AudienceAction::Exited => "exited",
+                    };
+                    metrics::AUDIENCE_CHANGES
+                        .with_label_values(&[&change.audience, action])
+                        .inc();
+                }
+            }) as cdp_pipeline::runtime::Observer
+        });
+        Ok(StageSpec {
+            name: self.name(),
+            input_topic: input,
+            outputs: outs,
+            operator,
+            ticks,
+            observer,
+        })
+    }
+}
+
+/// Start stages on their own threads.
+pub fn start_stages(
+    stages: &[Stage],
+    compiled: &Compiled,
+    factory: &ClientFactory,
+    instance_id: Option<String>,
+    health: &Health,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<Result<(), RuntimeError>>>> {
+    let handle = tokio::runtime::Handle::current();
+    let mut joins = Vec::new();
+    for stage in stages {
+        let spec = stage.spec(compiled, factory)?;
+        let runtime = StageRuntime::new(
+            spec,
+            factory.clone(),
+            instance_id.clone(),
+            health.register(stage.name()),
+        );
+        joins.push(runtime.spawn(handle.clone(), shutdown.clone())?);
+    }
+    Ok(joins)
+}
+
+/// Wait for stage threads without blocking the async runtime; the first
+/// error wins.
+pub async fn join_stages(joins: Vec<std::thread::JoinHandle<Result<(), RuntimeError>>>) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        let mut first = Ok(());
+        for j in joins {
+            let r = match j.join() {
+                Ok(r) => r.map_err(anyhow::Error::from),
+                Err(_) => Err(anyhow::anyhow!("stage thread panicked")),
+            };
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    })
+    .await?
+}

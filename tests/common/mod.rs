@@ -1,0 +1,126 @@
+//! Helpers shared by the integration and end-to-end tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use cdp_operators::messages::AudienceChange;
+use cdp_pipeline::envelope::Position;
+use cdp_pipeline::ClientFactory;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// An audience change without the one field a replay may change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub audience: String,
+    pub action: String,
+    pub profile_id: String,
+    pub identifiers: BTreeMap<String, Vec<String>>,
+    pub traits: BTreeMap<String, serde_json::Value>,
+    pub event_time: String,
+    pub cause: String,
+}
+
+impl From<AudienceChange> for Change {
+    fn from(c: AudienceChange) -> Self {
+        Change {
+            audience: c.audience,
+            action: serde_json::to_value(c.action)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            profile_id: c.profile_id,
+            identifiers: c.identifiers,
+            traits: c.traits,
+            event_time: c.event_time,
+            cause: serde_json::to_string(&c.cause).unwrap_or_default(),
+        }
+    }
+}
+
+/// Reads `<p>.audiences` the way a destination must: dropping replays by
+/// their origin and position headers.
+pub struct ChangeReader {
+    consumer: BaseConsumer,
+    seen: BTreeMap<String, Position>,
+    pub changes: Vec<Change>,
+    pub duplicates: usize,
+}
+
+impl ChangeReader {
+    pub fn new(factory: &ClientFactory, topic: &str, partitions: i32) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let consumer = factory.plain_consumer("test-reader")?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        Ok(ChangeReader {
+            consumer,
+            seen: BTreeMap::new(),
+            changes: Vec::new(),
+            duplicates: 0,
+        })
+    }
+
+    /// Poll until `done(changes)` holds or the timeout passes.
+    pub fn read_until(&mut self, timeout: Duration, done: impl Fn(&[Change]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if done(&self.changes) {
+                return true;
+            }
+            self.poll_once(Duration::from_millis(200));
+        }
+        done(&self.changes)
+    }
+
+    /// Keep reading for `period` (to catch anything extra).
+    pub fn settle(&mut self, period: Duration) {
+        let deadline = Instant::now() + period;
+        while Instant::now() < deadline {
+            self.poll_once(Duration::from_millis(200));
+        }
+    }
+
+    fn poll_once(&mut self, timeout: Duration) {
+        let Some(Ok(m)) = self.consumer.poll(timeout) else { return };
+        let headers: Vec<(String, Vec<u8>)> = m
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+            .unwrap_or_default();
+        if let Some((origin, pos)) = Position::from_headers(&headers) {
+            if self.seen.get(&origin).is_some_and(|s| !pos.is_new_after(s)) {
+                self.duplicates += 1;
+                return;
+            }
+            self.seen.insert(origin, pos);
+        }
+        if let Some(change) = m.payload().and_then(|p| serde_json::from_slice::<AudienceChange>(p).ok()) {
+            self.changes.push(change.into());
+        }
+    }
+}
+
+/// Changes grouped by profile, each profile's in order.
+pub fn by_profile(changes: &[Change]) -> BTreeMap<String, Vec<Change>> {
+    let mut out: BTreeMap<String, Vec<Change>> = BTreeMap::new();
+    for c in changes {
+        out.entry(c.profile_id.clone()).or_default().push(c.clone());
+    }
+    out
+}
+
+/// Whether `visitor` (of the demo journey) has entered `audience`.
+pub fn entered(changes: &[Change], visitor: &str, audience: &str) -> bool {
+    let user = format!("user-{visitor}");
+    changes.iter().any(|c| {
+        c.audience == audience
+            && c.action == "entered"
+            && c.identifiers.get("user_id").is_some_and(|u| u.contains(&user))
+    })
+}
