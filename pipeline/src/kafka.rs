@@ -65,6 +65,8 @@ pub struct KafkaConfig {
     pub changelog_min_compaction_lag: Span,
     /// librdkafka properties applied to every client, e.g.
     /// `security.protocol: SASL_SSL`, `sasl.mechanisms: SCRAM-SHA-512`.
+    /// Prefix with `producer.` or `consumer.` to set one kind of client
+    /// only (`consumer.session.timeout.ms: "6000"`).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
     /// librdkafka properties whose values come from environment variables,
@@ -210,8 +212,11 @@ impl ClientFactory {
     fn base(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.config.brokers);
+        // `producer.*` and `consumer.*` properties apply to that kind only.
         for (k, v) in self.config.properties.iter().chain(self.secrets.iter()) {
-            c.set(k, v);
+            if !k.starts_with("producer.") && !k.starts_with("consumer.") {
+                c.set(k, v);
+            }
         }
         c
     }
