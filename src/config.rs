@@ -108,7 +108,11 @@ impl Config {
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.sources.iter().enumerate() {
             if !seen.insert(&s.write_key) {
-                return Err(ConfigError::new(format!("sources[{i}].write_key"), "used by two sources").into());
+                return Err(ConfigError::new(
+                    format!("sources[{i}].write_key"),
+                    "used by two sources",
+                )
+                .into());
             }
         }
         let validator = Validator::new(&self.sources, &self.tracking_plans, self.dedupe_window)?;
@@ -155,10 +159,16 @@ mod tests {
     #[test]
     fn a_bad_field_is_named_by_its_path() {
         let text = DEMO_CONFIG.replace("partitions: 4", "partitions: many");
-        let err = Config::from_yaml(&text).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = Config::from_yaml(&text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.starts_with("kafka.partitions:"), "{err}");
         let text = "audiences:\n  vip:\n    where:\n      all:\n        - {trait: x, gte: 1}\n        - {event: A, count: 3}\n";
-        let err = Config::from_yaml(text).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = Config::from_yaml(text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("audiences.vip.where"), "{err}");
     }
 

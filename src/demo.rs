@@ -66,7 +66,10 @@ pub async fn send_journey(
             .await?;
         let status = resp.status();
         if !status.is_success() {
-            anyhow::bail!("collector answered {status} for {route}: {}", resp.text().await.unwrap_or_default());
+            anyhow::bail!(
+                "collector answered {status} for {route}: {}",
+                resp.text().await.unwrap_or_default()
+            );
         }
     }
     Ok(())

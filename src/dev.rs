@@ -51,9 +51,18 @@ pub fn dev_config(mut config: Config, bootstrap: &str, state_dir: &str, stdout: 
         ("consumer.session.timeout.ms", "6000"),
         ("consumer.heartbeat.interval.ms", "500"),
     ] {
-        config.kafka.properties.entry(k.into()).or_insert_with(|| v.into());
+        config
+            .kafka
+            .properties
+            .entry(k.into())
+            .or_insert_with(|| v.into());
     }
-    if stdout && !config.destinations.iter().any(|d| d.kind == DestinationKind::Stdout) {
+    if stdout
+        && !config
+            .destinations
+            .iter()
+            .any(|d| d.kind == DestinationKind::Stdout)
+    {
         config.destinations.push(DestinationConfig {
             id: "stdout".into(),
             kind: DestinationKind::Stdout,
@@ -94,7 +103,8 @@ impl Dev {
         }
         let shutdown = Shutdown::default();
         let health = Health::default();
-        let joins = stages::start_stages(&Stage::ALL, &compiled, &factory, None, &health, &shutdown)?;
+        let joins =
+            stages::start_stages(&Stage::ALL, &compiled, &factory, None, &health, &shutdown)?;
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
             .with_context(|| format!("binding the collector to {}", opts.listen))?;
@@ -139,7 +149,10 @@ impl Dev {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                anyhow::bail!("not ready after {timeout:?}: waiting for {}", waiting.join(", "));
+                anyhow::bail!(
+                    "not ready after {timeout:?}: waiting for {}",
+                    waiting.join(", ")
+                );
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }

@@ -14,7 +14,11 @@ use cdp_pipeline::{ClientFactory, Health, Shutdown};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cdp", version, about = "Self-hosted real-time customer data platform on Kafka")]
+#[command(
+    name = "cdp",
+    version,
+    about = "Self-hosted real-time customer data platform on Kafka"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, env = "CDP_LOG_FORMAT", default_value = "text")]
@@ -123,14 +127,19 @@ impl Common {
     }
 
     fn instance_id(&self) -> Option<String> {
-        self.instance_id.clone().or_else(|| std::env::var("POD_NAME").ok())
+        self.instance_id
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
     }
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CDP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn,librdkafka=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CDP_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rdkafka=warn,librdkafka=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -169,7 +178,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await?;
             dev.shutdown.trigger_on_signals();
             eprintln!("cdp dev: embedded Kafka broker at {}", dev.bootstrap);
-            eprintln!("cdp dev: collector at http://{} (write key wk_web_123 in the demo config)", dev.collector);
+            eprintln!(
+                "cdp dev: collector at http://{} (write key wk_web_123 in the demo config)",
+                dev.collector
+            );
             eprintln!("cdp dev: metrics at http://{admin_listen}/metrics; audience changes print below as JSON lines");
             if demo {
                 tokio::spawn(cdp::demo::run(dev.collector, dev.shutdown.clone()));
@@ -190,7 +202,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 factory.producer()?,
                 factory.topics().raw(),
             );
-            collector.serve(shutdown, health.register("collect")).await?;
+            collector
+                .serve(shutdown, health.register("collect"))
+                .await?;
             Ok(())
         }
         Command::Validate(c) => run_stage(Stage::Validate, c).await,
@@ -204,10 +218,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let compiled = c.load()?;
             let factory = ClientFactory::new(compiled.config.kafka.clone())?;
             let specs = factory.topic_specs(&Stage::store_names());
-            let created = factory.create_topics(&specs).await.context("creating topics")?;
+            let created = factory
+                .create_topics(&specs)
+                .await
+                .context("creating topics")?;
             for s in &specs {
-                let state = if created.contains(&s.name) { "created" } else { "exists" };
-                println!("{state:8} {} partitions={} compacted={}", s.name, s.partitions, s.compacted);
+                let state = if created.contains(&s.name) {
+                    "created"
+                } else {
+                    "exists"
+                };
+                println!(
+                    "{state:8} {} partitions={} compacted={}",
+                    s.name, s.partitions, s.compacted
+                );
             }
             Ok(())
         }
@@ -249,6 +273,13 @@ async fn run_stage(stage: Stage, common: Common) -> anyhow::Result<()> {
     let compiled = common.load()?;
     let factory = ClientFactory::new(compiled.config.kafka.clone())?;
     let (shutdown, health) = service(&common.admin_listen);
-    let joins = stages::start_stages(&[stage], &compiled, &factory, common.instance_id(), &health, &shutdown)?;
+    let joins = stages::start_stages(
+        &[stage],
+        &compiled,
+        &factory,
+        common.instance_id(),
+        &health,
+        &shutdown,
+    )?;
     stages::join_stages(joins).await
 }

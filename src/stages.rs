@@ -19,7 +19,9 @@ use cdp_operators::messages::{outputs, AudienceChange};
 use cdp_operators::traits::TraitsOperator;
 use cdp_operators::validate::ValidateOperator;
 use cdp_pipeline::runtime::RuntimeError;
-use cdp_pipeline::{metrics, ClientFactory, Health, OutputTarget, Shutdown, StageRuntime, StageSpec};
+use cdp_pipeline::{
+    metrics, ClientFactory, Health, OutputTarget, Shutdown, StageRuntime, StageSpec,
+};
 
 use crate::config::Compiled;
 
@@ -66,29 +68,46 @@ impl Stage {
             Stage::Validate => {
                 outs.insert(outputs::NEXT, OutputTarget::Topic(t.valid()));
                 let v = compiled.validator.clone();
-                (t.raw(), true, Box::new(move |_| Box::new(ValidateOperator::new(v.clone()))))
+                (
+                    t.raw(),
+                    true,
+                    Box::new(move |_| Box::new(ValidateOperator::new(v.clone()))),
+                )
             }
             Stage::Identity => {
                 outs.insert(outputs::NEXT, OutputTarget::Topic(t.identified()));
                 let r = compiled.identity.clone();
-                (t.valid(), false, Box::new(move |_| Box::new(IdentityOperator::new(r.clone()))))
+                (
+                    t.valid(),
+                    false,
+                    Box::new(move |_| Box::new(IdentityOperator::new(r.clone()))),
+                )
             }
             Stage::Traits => {
                 outs.insert(outputs::NEXT, OutputTarget::Topic(t.traits()));
                 outs.insert(outputs::SELF, OutputTarget::Topic(t.identified()));
                 let s = compiled.traits.clone();
-                (t.identified(), true, Box::new(move |_| Box::new(TraitsOperator::new(s.clone()))))
+                (
+                    t.identified(),
+                    true,
+                    Box::new(move |_| Box::new(TraitsOperator::new(s.clone()))),
+                )
             }
             Stage::Audiences => {
                 outs.insert(outputs::NEXT, OutputTarget::Topic(t.audiences()));
                 outs.insert(outputs::SELF, OutputTarget::Topic(t.traits()));
                 let s = compiled.audiences.clone();
-                (t.traits(), true, Box::new(move |_| Box::new(AudiencesOperator::new(s.clone()))))
+                (
+                    t.traits(),
+                    true,
+                    Box::new(move |_| Box::new(AudiencesOperator::new(s.clone()))),
+                )
             }
             Stage::Deliver => {
                 let dests = compiled.config.destinations.clone();
                 for d in &dests {
-                    let sink = build_sink(d, factory).with_context(|| format!("destination {}", d.id))?;
+                    let sink =
+                        build_sink(d, factory).with_context(|| format!("destination {}", d.id))?;
                     let name: &'static str = DeliverOperator::new(std::slice::from_ref(d))
                         .output_names()
                         .first()
@@ -96,25 +115,30 @@ impl Stage {
                         .unwrap_or("unnamed");
                     outs.insert(name, OutputTarget::Sink(sink));
                 }
-                (t.audiences(), false, Box::new(move |_| Box::new(DeliverOperator::new(&dests))))
+                (
+                    t.audiences(),
+                    false,
+                    Box::new(move |_| Box::new(DeliverOperator::new(&dests))),
+                )
             }
         };
-        let observer: Option<cdp_pipeline::runtime::Observer> = (self == Stage::Audiences).then(|| {
-            Arc::new(|e: &cdp_pipeline::Emitted| {
-                if e.output != outputs::NEXT {
-                    return;
-                }
-                if let Ok(change) = serde_json::from_slice::<AudienceChange>(&e.value) {
-                    let action = match change.action {
-                        cdp_operators::messages::AudienceAction::Entered => "entered",
-                        cdp_operators::messages::AudienceAction::Exited => "exited",
-                    };
-                    metrics::AUDIENCE_CHANGES
-                        .with_label_values(&[&change.audience, action])
-                        .inc();
-                }
-            }) as cdp_pipeline::runtime::Observer
-        });
+        let observer: Option<cdp_pipeline::runtime::Observer> =
+            (self == Stage::Audiences).then(|| {
+                Arc::new(|e: &cdp_pipeline::Emitted| {
+                    if e.output != outputs::NEXT {
+                        return;
+                    }
+                    if let Ok(change) = serde_json::from_slice::<AudienceChange>(&e.value) {
+                        let action = match change.action {
+                            cdp_operators::messages::AudienceAction::Entered => "entered",
+                            cdp_operators::messages::AudienceAction::Exited => "exited",
+                        };
+                        metrics::AUDIENCE_CHANGES
+                            .with_label_values(&[&change.audience, action])
+                            .inc();
+                    }
+                }) as cdp_pipeline::runtime::Observer
+            });
         Ok(StageSpec {
             name: self.name(),
             input_topic: input,
@@ -152,7 +176,9 @@ pub fn start_stages(
 
 /// Wait for stage threads without blocking the async runtime; the first
 /// error wins.
-pub async fn join_stages(joins: Vec<std::thread::JoinHandle<Result<(), RuntimeError>>>) -> anyhow::Result<()> {
+pub async fn join_stages(
+    joins: Vec<std::thread::JoinHandle<Result<(), RuntimeError>>>,
+) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || {
         let mut first = Ok(());
         for j in joins {

@@ -36,7 +36,10 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     format!("{prefix}{}x{}", std::process::id(), nanos % 1_000_000_000)
 }
 
@@ -91,9 +94,17 @@ impl Pipeline {
     }
 
     /// Start `cdp <stage>` as process `name`.
-    fn spawn(&mut self, name: &str, stage: &str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn spawn(
+        &mut self,
+        name: &str,
+        stage: &str,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let admin = format!("127.0.0.1:{}", free_port()?);
-        let mut args = vec![stage.to_string(), "--config".into(), self.config.display().to_string()];
+        let mut args = vec![
+            stage.to_string(),
+            "--config".into(),
+            self.config.display().to_string(),
+        ];
         args.extend(["--admin-listen".into(), admin.clone()]);
         if stage != "collect" {
             let state = self.dir.path().join("state").join(name);
@@ -144,12 +155,20 @@ impl Pipeline {
 
     /// Start a killed process again with the same arguments and state.
     fn restart(&mut self, name: &str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let stage = self.procs.get(name).map(|(_, a)| a[0].clone()).unwrap_or_default();
+        let stage = self
+            .procs
+            .get(name)
+            .map(|(_, a)| a[0].clone())
+            .unwrap_or_default();
         self.spawn(name, &stage)
     }
 
     fn reader(&self) -> Result<ChangeReader, Box<dyn std::error::Error + Send + Sync>> {
-        ChangeReader::new(&self.factory, &format!("{}.audiences", self.prefix), PARTITIONS)
+        ChangeReader::new(
+            &self.factory,
+            &format!("{}.audiences", self.prefix),
+            PARTITIONS,
+        )
     }
 
     /// What the deliver stage's stdout destination printed.
@@ -165,9 +184,13 @@ impl Pipeline {
     fn logs(&self) -> String {
         let mut s = String::new();
         for name in self.procs.keys() {
-            let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+            let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+                .unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            s.push_str(&format!("--- {name}\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+            s.push_str(&format!(
+                "--- {name}\n{}\n",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
         }
         s
     }
@@ -182,7 +205,10 @@ impl Drop for Pipeline {
     }
 }
 
-fn wait_ready(admin: &str, timeout: Duration) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+fn wait_ready(
+    admin: &str,
+    timeout: Duration,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let deadline = Instant::now() + timeout;
     let client = reqwest::blocking::Client::new();
     while Instant::now() < deadline {
@@ -196,7 +222,11 @@ fn wait_ready(admin: &str, timeout: Duration) -> Result<(), Box<dyn std::error::
     Err(format!("{admin} not ready after {timeout:?}").into())
 }
 
-fn send(collector: SocketAddr, visitor: &str, start_ms: i64) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+fn send(
+    collector: SocketAddr,
+    visitor: &str,
+    start_ms: i64,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let client = reqwest::blocking::Client::new();
     for (route, body) in cdp::demo::visitor_journey(visitor, Some(start_ms)) {
         let mut tries = 0;
@@ -230,7 +260,9 @@ fn all_entered(visitors: &[String]) -> impl Fn(&[common::Change]) -> bool + '_ {
 
 #[test]
 fn six_stages_as_processes_with_two_identity_and_traits_instances() -> TestResult {
-    let Some(brokers) = brokers() else { return Ok(()) };
+    let Some(brokers) = brokers() else {
+        return Ok(());
+    };
     let mut p = Pipeline::new(&brokers)?;
     p.spawn_all()?;
     let visitors: Vec<String> = (0..6).map(|i| format!("v{i}")).collect();
@@ -240,18 +272,37 @@ fn six_stages_as_processes_with_two_identity_and_traits_instances() -> TestResul
     }
     let mut reader = p.reader()?;
     let ok = reader.read_until(Duration::from_secs(120), all_entered(&visitors));
-    assert!(ok, "audience changes missing: {:?}\n{}", reader.changes, p.logs());
+    assert!(
+        ok,
+        "audience changes missing: {:?}\n{}",
+        reader.changes,
+        p.logs()
+    );
     reader.settle(Duration::from_secs(2));
     for v in &visitors {
         let c = reader
             .changes
             .iter()
-            .find(|c| c.audience == "big_spenders" && c.identifiers.get("user_id") == Some(&vec![format!("user-{v}")]))
+            .find(|c| {
+                c.audience == "big_spenders"
+                    && c.identifiers.get("user_id") == Some(&vec![format!("user-{v}")])
+            })
             .ok_or("missing change")?;
-        assert_eq!(c.identifiers.get("email"), Some(&vec![format!("{v}@example.com")]));
-        assert_eq!(c.identifiers.get("anonymous_id"), Some(&vec![format!("anon-{v}")]));
+        assert_eq!(
+            c.identifiers.get("email"),
+            Some(&vec![format!("{v}@example.com")])
+        );
+        assert_eq!(
+            c.identifiers.get("anonymous_id"),
+            Some(&vec![format!("anon-{v}")])
+        );
     }
-    assert_eq!(reader.changes.len(), 2 * visitors.len(), "{:?}", reader.changes);
+    assert_eq!(
+        reader.changes.len(),
+        2 * visitors.len(),
+        "{:?}",
+        reader.changes
+    );
     // The deliver process printed the same changes (it dedupes too).
     let deadline = Instant::now() + Duration::from_secs(20);
     while p.delivered().len() < reader.changes.len() && Instant::now() < deadline {
@@ -263,7 +314,9 @@ fn six_stages_as_processes_with_two_identity_and_traits_instances() -> TestResul
 
 #[test]
 fn kill_9_of_stateful_stages_changes_nothing_downstream() -> TestResult {
-    let Some(brokers) = brokers() else { return Ok(()) };
+    let Some(brokers) = brokers() else {
+        return Ok(());
+    };
     let visitors: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
     let start = 1_790_000_000_000;
 
@@ -275,7 +328,12 @@ fn kill_9_of_stateful_stages_changes_nothing_downstream() -> TestResult {
     }
     let mut reader = clean.reader()?;
     let ok = reader.read_until(Duration::from_secs(120), all_entered(&visitors));
-    assert!(ok, "clean run incomplete: {:?}\n{}", reader.changes, clean.logs());
+    assert!(
+        ok,
+        "clean run incomplete: {:?}\n{}",
+        reader.changes,
+        clean.logs()
+    );
     reader.settle(Duration::from_secs(3));
     let expected = by_profile(&reader.changes);
     drop(clean);
@@ -283,7 +341,13 @@ fn kill_9_of_stateful_stages_changes_nothing_downstream() -> TestResult {
     // Same input, while stateful stages are killed with SIGKILL and restarted.
     let mut p = Pipeline::new(&brokers)?;
     p.spawn_all()?;
-    let victims = ["traits-0", "audiences", "identity-0", "validate", "traits-1"];
+    let victims = [
+        "traits-0",
+        "audiences",
+        "identity-0",
+        "validate",
+        "traits-1",
+    ];
     for (i, v) in visitors.iter().enumerate() {
         send(p.collector, v, start)?;
         if i % 2 == 1 {
@@ -296,10 +360,20 @@ fn kill_9_of_stateful_stages_changes_nothing_downstream() -> TestResult {
     }
     let mut reader = p.reader()?;
     let ok = reader.read_until(Duration::from_secs(180), all_entered(&visitors));
-    assert!(ok, "crash run incomplete: {:?}\n{}", reader.changes, p.logs());
+    assert!(
+        ok,
+        "crash run incomplete: {:?}\n{}",
+        reader.changes,
+        p.logs()
+    );
     reader.settle(Duration::from_secs(3));
     let got = by_profile(&reader.changes);
-    assert_eq!(got, expected, "audience changes differ after crashes\n{}", p.logs());
+    assert_eq!(
+        got,
+        expected,
+        "audience changes differ after crashes\n{}",
+        p.logs()
+    );
     eprintln!(
         "crash run: {} changes, {} replayed records dropped by position",
         reader.changes.len(),

@@ -130,8 +130,8 @@ impl Restorer {
             self.pending.insert(key.to_vec(), value.map(<[u8]>::to_vec));
             return Ok(None);
         }
-        let marker: Marker =
-            serde_json::from_slice(value.unwrap_or_default()).map_err(|e| MarkerDecodeError(e.to_string()))?;
+        let marker: Marker = serde_json::from_slice(value.unwrap_or_default())
+            .map_err(|e| MarkerDecodeError(e.to_string()))?;
         if !marker.claim {
             self.meta.input_offset = marker.input_offset;
             self.meta.stream_time = marker.stream_time;
@@ -214,14 +214,14 @@ pub fn replay(
                 }
                 let epoch = record_epoch(&m);
                 let key = m.key().unwrap_or_default();
-                let committed = restorer
-                    .apply(at, epoch, key, m.payload())
-                    .map_err(|e| RestoreError::BadMarker {
+                let committed = restorer.apply(at, epoch, key, m.payload()).map_err(|e| {
+                    RestoreError::BadMarker {
                         topic: topic.to_string(),
                         partition,
                         offset: at,
                         detail: e.0,
-                    })?;
+                    }
+                })?;
                 if let Some(changes) = committed {
                     store.commit(&changes, &restorer.meta)?;
                 }
@@ -241,7 +241,11 @@ pub fn replay(
 }
 
 /// Low and high watermarks of a changelog partition.
-pub fn watermarks(consumer: &BaseConsumer, topic: &str, partition: i32) -> Result<(i64, i64), RestoreError> {
+pub fn watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+) -> Result<(i64, i64), RestoreError> {
     match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
         Ok(w) => Ok(w),
         Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownPartition)) => Ok((0, 0)),
@@ -267,7 +271,10 @@ mod tests {
     }
 
     /// Drive the restorer the way `replay` does, without a broker.
-    fn run(store: &mut TaskStore, records: &[(u32, &[u8], Option<Vec<u8>>)]) -> Restorer {
+    /// `(epoch, key, value)` of one changelog record.
+    type Entry<'a> = (u32, &'a [u8], Option<Vec<u8>>);
+
+    fn run(store: &mut TaskStore, records: &[Entry<'_>]) -> Restorer {
         let mut r = Restorer::new(TaskMeta::default());
         for (offset, (epoch, key, value)) in records.iter().enumerate() {
             if let Ok(Some(changes)) = r.apply(offset as i64, *epoch, key, value.as_deref()) {
@@ -278,7 +285,8 @@ mod tests {
     }
 
     #[test]
-    fn only_batches_followed_by_a_marker_are_applied_and_zombies_are_fenced() -> Result<(), StoreError> {
+    fn only_batches_followed_by_a_marker_are_applied_and_zombies_are_fenced(
+    ) -> Result<(), StoreError> {
         let dir = tempfile::tempdir().map_err(|e| StoreError::Decode(e.to_string()))?;
         let mut store = TaskStore::open(dir.path())?;
         let claim = serde_json::to_vec(&Marker::claim()).unwrap_or_default();

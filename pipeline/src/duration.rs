@@ -43,14 +43,21 @@ impl FromStr for Span {
             "d" => 86_400_000,
             _ => return Err(SpanError(s.to_string())),
         };
-        n.checked_mul(factor).map(Span).ok_or_else(|| SpanError(s.to_string()))
+        n.checked_mul(factor)
+            .map(Span)
+            .ok_or_else(|| SpanError(s.to_string()))
     }
 }
 
 impl fmt::Display for Span {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0;
-        for (unit, factor) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        for (unit, factor) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1_000),
+        ] {
             if ms != 0 && ms % factor == 0 {
                 return write!(f, "{}{unit}", ms / factor);
             }

@@ -66,7 +66,10 @@ impl Position {
         [
             (ORIGIN.to_string(), origin.as_bytes().to_vec()),
             (EPOCH.to_string(), self.epoch.to_string().into_bytes()),
-            (POSITION.to_string(), format!("{}:{}", self.offset, self.index).into_bytes()),
+            (
+                POSITION.to_string(),
+                format!("{}:{}", self.offset, self.index).into_bytes(),
+            ),
         ]
     }
 }
@@ -86,23 +89,36 @@ mod tests {
     use proptest::prelude::*;
 
     fn pos(epoch: u32, offset: i64, index: u32) -> Position {
-        Position { epoch, offset, index }
+        Position {
+            epoch,
+            offset,
+            index,
+        }
     }
 
     #[test]
     fn headers_round_trip() {
         let p = pos(3, 42, 1);
         let headers: Vec<(String, Vec<u8>)> = p.to_headers("identity:2").to_vec();
-        assert_eq!(Position::from_headers(&headers), Some(("identity:2".to_string(), p)));
+        assert_eq!(
+            Position::from_headers(&headers),
+            Some(("identity:2".to_string(), p))
+        );
     }
 
     #[test]
     fn replays_and_zombies_are_dropped() {
         let seen = pos(2, 10, 0);
         assert!(!pos(2, 10, 0).is_new_after(&seen), "exact replay");
-        assert!(!pos(3, 9, 5).is_new_after(&seen), "new epoch replaying old positions");
+        assert!(
+            !pos(3, 9, 5).is_new_after(&seen),
+            "new epoch replaying old positions"
+        );
         assert!(pos(3, 10, 1).is_new_after(&seen));
-        assert!(!pos(1, 11, 0).is_new_after(&seen), "zombie of an older epoch");
+        assert!(
+            !pos(1, 11, 0).is_new_after(&seen),
+            "zombie of an older epoch"
+        );
     }
 
     proptest! {

@@ -168,7 +168,10 @@ pub enum ClientError {
     #[error("kafka client: {0}")]
     Kafka(#[from] KafkaError),
     #[error("creating topic {topic}: {code}")]
-    CreateTopic { topic: String, code: RDKafkaErrorCode },
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
 }
 
 /// Builds every Kafka client of the process from the `kafka` section.
@@ -183,7 +186,10 @@ impl std::fmt::Debug for ClientFactory {
         // Secrets stay out of logs: print their property names only.
         f.debug_struct("ClientFactory")
             .field("brokers", &self.config.brokers)
-            .field("secret_properties", &self.secrets.keys().collect::<Vec<_>>())
+            .field(
+                "secret_properties",
+                &self.secrets.keys().collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -300,14 +306,21 @@ impl ClientFactory {
     pub fn topic_specs(&self, stateful_stages: &[&str]) -> Vec<TopicSpec> {
         let t = self.topics();
         let p = self.config.partitions;
-        let mut specs: Vec<TopicSpec> = [t.raw(), t.valid(), t.invalid(), t.identified(), t.traits(), t.audiences()]
-            .into_iter()
-            .map(|name| TopicSpec {
-                name,
-                partitions: p,
-                compacted: false,
-            })
-            .collect();
+        let mut specs: Vec<TopicSpec> = [
+            t.raw(),
+            t.valid(),
+            t.invalid(),
+            t.identified(),
+            t.traits(),
+            t.audiences(),
+        ]
+        .into_iter()
+        .map(|name| TopicSpec {
+            name,
+            partitions: p,
+            compacted: false,
+        })
+        .collect();
         for stage in stateful_stages {
             specs.push(TopicSpec {
                 name: t.changelog(stage),
@@ -321,14 +334,19 @@ impl ClientFactory {
     /// Create topics; ones that already exist are left as they are.
     pub async fn create_topics(&self, specs: &[TopicSpec]) -> Result<Vec<String>, ClientError> {
         let admin = self.admin()?;
-        let lag = self.config.changelog_min_compaction_lag.millis().to_string();
+        let lag = self
+            .config
+            .changelog_min_compaction_lag
+            .millis()
+            .to_string();
         let replication = self.config.replication_factor;
         let topics: Vec<NewTopic<'_>> = specs
             .iter()
             .map(|s| {
                 let t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(replication));
                 if s.compacted {
-                    t.set("cleanup.policy", "compact").set("min.compaction.lag.ms", &lag)
+                    t.set("cleanup.policy", "compact")
+                        .set("min.compaction.lag.ms", &lag)
                 } else {
                     t
                 }
@@ -355,13 +373,19 @@ mod tests {
     #[test]
     fn secrets_come_from_the_environment_and_stay_out_of_debug_output() {
         let mut config = KafkaConfig::default();
-        config
-            .secret_env
-            .insert("sasl.password".into(), "CDP_TEST_SECRET_THAT_IS_NOT_SET".into());
-        let err = ClientFactory::new(config.clone()).err().map(|e| e.to_string()).unwrap_or_default();
+        config.secret_env.insert(
+            "sasl.password".into(),
+            "CDP_TEST_SECRET_THAT_IS_NOT_SET".into(),
+        );
+        let err = ClientFactory::new(config.clone())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("CDP_TEST_SECRET_THAT_IS_NOT_SET"), "{err}");
         config.secret_env.clear();
-        config.secret_env.insert("sasl.password".into(), "PATH".into());
+        config
+            .secret_env
+            .insert("sasl.password".into(), "PATH".into());
         let factory = ClientFactory::new(config).ok();
         let debug = format!("{factory:?}");
         assert!(debug.contains("sasl.password"));
@@ -373,7 +397,9 @@ mod tests {
         let f = ClientFactory::new(KafkaConfig::default()).ok();
         let specs = f.map(|f| f.topic_specs(&["traits"])).unwrap_or_default();
         assert_eq!(specs.len(), 7);
-        assert!(specs.iter().any(|s| s.name == "cdp.traits-changelog" && s.compacted));
+        assert!(specs
+            .iter()
+            .any(|s| s.name == "cdp.traits-changelog" && s.compacted));
         assert!(specs.iter().filter(|s| s.compacted).count() == 1);
     }
 }

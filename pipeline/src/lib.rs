@@ -24,7 +24,9 @@ pub mod store;
 
 pub use duration::Span;
 pub use kafka::{ClientFactory, Guarantee, KafkaConfig, Topics};
-pub use operator::{Context, Emitted, Operator, OperatorError, OperatorFactory, OperatorHarness, Record};
+pub use operator::{
+    Context, Emitted, Operator, OperatorError, OperatorFactory, OperatorHarness, Record,
+};
 pub use runtime::{OutputTarget, StageRuntime, StageSpec};
 pub use service::{Health, ReadyFlag, Shutdown};
 pub use sink::{Sink, SinkRecord};

@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, HistogramVec, IntCounterVec,
-    IntGaugeVec,
+    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, HistogramVec,
+    IntCounterVec, IntGaugeVec,
 };
 
 macro_rules! counter {
@@ -41,28 +41,142 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-counter!(RECORDS_IN, "cdp_records_in_total", "Input records consumed by a stage", ["stage"]);
-counter!(RECORDS_OUT, "cdp_records_out_total", "Records a stage produced, by output", ["stage", "output"]);
-counter!(DEAD_LETTERS, "cdp_dead_letters_total", "Records sent to the dead-letter topic, by reason", ["stage", "reason"]);
-counter!(DUPLICATES_DROPPED, "cdp_duplicates_dropped_total", "Replayed records dropped by position", ["stage"]);
-counter!(COMMITS, "cdp_commits_total", "Batches committed (state + offset + positions)", ["stage"]);
-counter!(REBALANCES, "cdp_rebalances_total", "Partition assignments and revocations", ["stage", "kind"]);
-counter!(RESTORES, "cdp_restores_total", "Task restores from the changelog", ["stage"]);
-counter!(RESTORED_RECORDS, "cdp_restored_records_total", "Changelog records read during restores", ["stage"]);
-counter!(TICKS, "cdp_ticks_total", "Tick records written into input partitions", ["stage"]);
-counter!(DELIVERY_ATTEMPTS, "cdp_delivery_attempts_total", "Attempts to deliver to a destination", ["destination"]);
-counter!(DELIVERY_FAILURES, "cdp_delivery_failures_total", "Deliveries that failed after every retry", ["destination"]);
-counter!(AUDIENCE_CHANGES, "cdp_audience_changes_total", "Audience changes emitted; size = entered - exited", ["audience", "action"]);
-counter!(HTTP_REQUESTS, "cdp_http_requests_total", "Collector requests by route and status", ["route", "status"]);
-counter!(EVENTS_ACCEPTED, "cdp_collector_events_accepted_total", "Events the collector wrote to the raw topic", ["source"]);
-counter!(EVENTS_REJECTED, "cdp_collector_events_rejected_total", "Events the collector refused, by reason", ["reason"]);
-gauge!(TASKS, "cdp_tasks", "Tasks (input partitions) this instance owns", ["stage"]);
-gauge!(CONSUMER_LAG, "cdp_consumer_lag", "High watermark minus the task's next offset", ["stage", "partition"]);
-gauge!(STATE_BYTES, "cdp_state_store_bytes", "Estimated live bytes of a task's state store", ["stage", "partition"]);
-histogram!(BATCH_SECONDS, "cdp_batch_duration_seconds", "Time to process, produce and commit one batch", ["stage"], LATENCY_BUCKETS.to_vec());
-histogram!(END_TO_END_SECONDS, "cdp_end_to_end_latency_seconds", "Event time to audience change delivery", ["destination"], LATENCY_BUCKETS.to_vec());
-histogram!(HTTP_SECONDS, "cdp_http_request_duration_seconds", "Collector request latency", ["route"], LATENCY_BUCKETS.to_vec());
-histogram!(BROKER_ACK_SECONDS, "cdp_broker_ack_seconds", "Collector wait for the broker's acknowledgement", [], LATENCY_BUCKETS.to_vec());
+counter!(
+    RECORDS_IN,
+    "cdp_records_in_total",
+    "Input records consumed by a stage",
+    ["stage"]
+);
+counter!(
+    RECORDS_OUT,
+    "cdp_records_out_total",
+    "Records a stage produced, by output",
+    ["stage", "output"]
+);
+counter!(
+    DEAD_LETTERS,
+    "cdp_dead_letters_total",
+    "Records sent to the dead-letter topic, by reason",
+    ["stage", "reason"]
+);
+counter!(
+    DUPLICATES_DROPPED,
+    "cdp_duplicates_dropped_total",
+    "Replayed records dropped by position",
+    ["stage"]
+);
+counter!(
+    COMMITS,
+    "cdp_commits_total",
+    "Batches committed (state + offset + positions)",
+    ["stage"]
+);
+counter!(
+    REBALANCES,
+    "cdp_rebalances_total",
+    "Partition assignments and revocations",
+    ["stage", "kind"]
+);
+counter!(
+    RESTORES,
+    "cdp_restores_total",
+    "Task restores from the changelog",
+    ["stage"]
+);
+counter!(
+    RESTORED_RECORDS,
+    "cdp_restored_records_total",
+    "Changelog records read during restores",
+    ["stage"]
+);
+counter!(
+    TICKS,
+    "cdp_ticks_total",
+    "Tick records written into input partitions",
+    ["stage"]
+);
+counter!(
+    DELIVERY_ATTEMPTS,
+    "cdp_delivery_attempts_total",
+    "Attempts to deliver to a destination",
+    ["destination"]
+);
+counter!(
+    DELIVERY_FAILURES,
+    "cdp_delivery_failures_total",
+    "Deliveries that failed after every retry",
+    ["destination"]
+);
+counter!(
+    AUDIENCE_CHANGES,
+    "cdp_audience_changes_total",
+    "Audience changes emitted; size = entered - exited",
+    ["audience", "action"]
+);
+counter!(
+    HTTP_REQUESTS,
+    "cdp_http_requests_total",
+    "Collector requests by route and status",
+    ["route", "status"]
+);
+counter!(
+    EVENTS_ACCEPTED,
+    "cdp_collector_events_accepted_total",
+    "Events the collector wrote to the raw topic",
+    ["source"]
+);
+counter!(
+    EVENTS_REJECTED,
+    "cdp_collector_events_rejected_total",
+    "Events the collector refused, by reason",
+    ["reason"]
+);
+gauge!(
+    TASKS,
+    "cdp_tasks",
+    "Tasks (input partitions) this instance owns",
+    ["stage"]
+);
+gauge!(
+    CONSUMER_LAG,
+    "cdp_consumer_lag",
+    "High watermark minus the task's next offset",
+    ["stage", "partition"]
+);
+gauge!(
+    STATE_BYTES,
+    "cdp_state_store_bytes",
+    "Estimated live bytes of a task's state store",
+    ["stage", "partition"]
+);
+histogram!(
+    BATCH_SECONDS,
+    "cdp_batch_duration_seconds",
+    "Time to process, produce and commit one batch",
+    ["stage"],
+    LATENCY_BUCKETS.to_vec()
+);
+histogram!(
+    END_TO_END_SECONDS,
+    "cdp_end_to_end_latency_seconds",
+    "Event time to audience change delivery",
+    ["destination"],
+    LATENCY_BUCKETS.to_vec()
+);
+histogram!(
+    HTTP_SECONDS,
+    "cdp_http_request_duration_seconds",
+    "Collector request latency",
+    ["route"],
+    LATENCY_BUCKETS.to_vec()
+);
+histogram!(
+    BROKER_ACK_SECONDS,
+    "cdp_broker_ack_seconds",
+    "Collector wait for the broker's acknowledgement",
+    [],
+    LATENCY_BUCKETS.to_vec()
+);
 
 /// Render every registered metric in the Prometheus text format.
 pub fn render() -> String {

@@ -165,7 +165,7 @@ impl<'a> Context<'a> {
 
     /// Every `(key, value)` whose key starts with `prefix`, in key order,
     /// including this batch's uncommitted writes.
-    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<crate::store::KeyValues, StoreError> {
         self.state.scan_prefix(prefix)
     }
 
@@ -218,7 +218,10 @@ pub(crate) fn parse_timer_key(k: &[u8]) -> Option<(i64, Vec<u8>)> {
     }
     let mut at = [0u8; 8];
     at.copy_from_slice(&rest[..8]);
-    Some(((u64::from_be_bytes(at) ^ (1 << 63)) as i64, rest[8..].to_vec()))
+    Some((
+        (u64::from_be_bytes(at) ^ (1 << 63)) as i64,
+        rest[8..].to_vec(),
+    ))
 }
 
 /// Runs operators without a broker: an in-memory state and a clock you move
@@ -259,7 +262,13 @@ impl<O: Operator> OperatorHarness<O> {
             headers,
         };
         self.offset += 1;
-        let mut ctx = Context::new(&mut self.state, &mut out, self.now_ms, self.now_ms, self.partition);
+        let mut ctx = Context::new(
+            &mut self.state,
+            &mut out,
+            self.now_ms,
+            self.now_ms,
+            self.partition,
+        );
         self.operator.process(&record, &mut ctx)?;
         Ok(out)
     }
@@ -268,7 +277,14 @@ impl<O: Operator> OperatorHarness<O> {
     pub fn tick(&mut self, now_ms: i64) -> Result<Vec<Emitted>, OperatorError> {
         self.now_ms = self.now_ms.max(now_ms);
         let mut out = Vec::new();
-        fire_due_timers(&mut self.operator, &mut self.state, &mut out, self.now_ms, self.now_ms, self.partition)?;
+        fire_due_timers(
+            &mut self.operator,
+            &mut self.state,
+            &mut out,
+            self.now_ms,
+            self.now_ms,
+            self.partition,
+        )?;
         Ok(out)
     }
 }
@@ -310,11 +326,21 @@ mod tests {
 
     #[test]
     fn timer_keys_order_numerically_including_negative_times() {
-        let mut keys = [timer_key(5, b"a"), timer_key(-3, b"b"), timer_key(1_000_000, b"c")];
+        let mut keys = [
+            timer_key(5, b"a"),
+            timer_key(-3, b"b"),
+            timer_key(1_000_000, b"c"),
+        ];
         keys.sort();
-        let parsed: Vec<i64> = keys.iter().map(|k| parse_timer_key(k).map(|p| p.0).unwrap_or(0)).collect();
+        let parsed: Vec<i64> = keys
+            .iter()
+            .map(|k| parse_timer_key(k).map(|p| p.0).unwrap_or(0))
+            .collect();
         assert_eq!(parsed, vec![-3, 5, 1_000_000]);
-        assert_eq!(parse_timer_key(&timer_key(42, b"xy")), Some((42, b"xy".to_vec())));
+        assert_eq!(
+            parse_timer_key(&timer_key(42, b"xy")),
+            Some((42, b"xy".to_vec()))
+        );
     }
 
     struct Echo;
@@ -332,7 +358,10 @@ mod tests {
     #[test]
     fn timers_fire_once_when_stream_time_reaches_them() {
         let mut h = OperatorHarness::new(Echo);
-        assert!(h.process(None, b"x", &[]).map(|o| o.is_empty()).unwrap_or(false));
+        assert!(h
+            .process(None, b"x", &[])
+            .map(|o| o.is_empty())
+            .unwrap_or(false));
         assert_eq!(h.tick(9).map(|o| o.len()).ok(), Some(0));
         let fired = h.tick(10).ok().unwrap_or_default();
         assert_eq!(fired.len(), 1);

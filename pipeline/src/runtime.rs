@@ -31,7 +31,9 @@ use crate::changelog::{self, Marker, RestoreError, Restorer, MARKER_KEY};
 use crate::envelope::{self, Position};
 use crate::kafka::{ClientError, ClientFactory, Guarantee};
 use crate::metrics;
-use crate::operator::{fire_due_timers, Context, Emitted, Operator, OperatorError, OperatorFactory, Record};
+use crate::operator::{
+    fire_due_timers, Context, Emitted, Operator, OperatorError, OperatorFactory, Record,
+};
 use crate::service::{ReadyFlag, Shutdown};
 use crate::sink::{Sink, SinkRecord};
 use crate::store::{Changes, StoreError, TaskMeta, TaskStore};
@@ -114,15 +116,25 @@ struct StageContext {
 impl ClientContext for StageContext {}
 
 impl ConsumerContext for StageContext {
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
         let stage = self.shared.spec.name;
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                metrics::REBALANCES.with_label_values(&[stage, "assign"]).inc();
-                self.assign(tpl).and_then(|()| consumer.assign(tpl).map_err(RuntimeError::from))
+                metrics::REBALANCES
+                    .with_label_values(&[stage, "assign"])
+                    .inc();
+                self.assign(tpl)
+                    .and_then(|()| consumer.assign(tpl).map_err(RuntimeError::from))
             }
             _ => {
-                metrics::REBALANCES.with_label_values(&[stage, "revoke"]).inc();
+                metrics::REBALANCES
+                    .with_label_values(&[stage, "revoke"])
+                    .inc();
                 // Tasks are idle here (see module docs): dropping closes
                 // their stores; their progress is already committed.
                 if let Ok(mut tasks) = self.shared.tasks.lock() {
@@ -162,7 +174,9 @@ impl StageContext {
             tpl.set_partition_offset(&shared.spec.input_topic, partition, offset)?;
             tasks.insert(partition, task);
         }
-        metrics::TASKS.with_label_values(&[shared.spec.name]).set(tasks.len() as i64);
+        metrics::TASKS
+            .with_label_values(&[shared.spec.name])
+            .set(tasks.len() as i64);
         Ok(())
     }
 }
@@ -182,7 +196,10 @@ fn epoch_header(epoch: u32) -> OwnedHeaders {
 }
 
 /// Send without blocking on a full local queue for long: wait and retry.
-fn enqueue<K, P>(producer: &FutureProducer, mut record: FutureRecord<'_, K, P>) -> Result<DeliveryFuture, RuntimeError>
+fn enqueue<K, P>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, K, P>,
+) -> Result<DeliveryFuture, RuntimeError>
 where
     K: rdkafka::message::ToBytes + ?Sized,
     P: rdkafka::message::ToBytes + ?Sized,
@@ -249,7 +266,11 @@ fn open_task(shared: &Shared, partition: i32) -> Result<Task, RuntimeError> {
     if local.changelog_offset >= 0 && local.changelog_offset + 1 < low {
         // Compaction removed records this stale copy never saw (tombstones
         // among them): start over from the changelog alone.
-        tracing::warn!(stage, partition, "local state older than the changelog retains; rebuilding");
+        tracing::warn!(
+            stage,
+            partition,
+            "local state older than the changelog retains; rebuilding"
+        );
         drop(store);
         wipe(&path)?;
         store = TaskStore::open(&path)?;
@@ -258,9 +279,18 @@ fn open_task(shared: &Shared, partition: i32) -> Result<Task, RuntimeError> {
     let started = Instant::now();
     let mut restorer = Restorer::new(local.clone());
     let from = (local.changelog_offset + 1).max(low);
-    changelog::replay(consumer, &mut store, &mut restorer, topic, partition, from, high - 1)?;
+    changelog::replay(
+        consumer,
+        &mut store,
+        &mut restorer,
+        topic,
+        partition,
+        from,
+        high - 1,
+    )?;
     let epoch = restorer.max_epoch() + 1;
-    let claim = serde_json::to_vec(&Marker::claim()).map_err(|e| StoreError::Decode(e.to_string()))?;
+    let claim =
+        serde_json::to_vec(&Marker::claim()).map_err(|e| StoreError::Decode(e.to_string()))?;
     let fut = enqueue(
         &shared.producer,
         FutureRecord::to(topic)
@@ -275,7 +305,15 @@ fn open_task(shared: &Shared, partition: i32) -> Result<Task, RuntimeError> {
         .unwrap_or(high);
     // Batches an older owner committed between our read and our claim are
     // part of the log before the claim: apply them too.
-    changelog::replay(consumer, &mut store, &mut restorer, topic, partition, high.max(from), claimed_at)?;
+    changelog::replay(
+        consumer,
+        &mut store,
+        &mut restorer,
+        topic,
+        partition,
+        high.max(from),
+        claimed_at,
+    )?;
     let meta = restorer.meta.clone();
     store.commit(&Changes::new(), &meta)?;
     metrics::RESTORES.with_label_values(&[stage]).inc();
@@ -310,6 +348,10 @@ fn wipe(path: &Path) -> Result<(), RuntimeError> {
         })
 }
 
+/// Records for one sink in one batch, with where each came from
+/// (`(task batch index, output index)`).
+type SinkBatch = (Arc<dyn Sink>, Vec<SinkRecord>, Vec<(usize, usize)>);
+
 /// A task's results for one batch, between processing and commit.
 struct TaskBatch {
     partition: i32,
@@ -327,7 +369,12 @@ pub struct StageRuntime {
 }
 
 impl StageRuntime {
-    pub fn new(spec: StageSpec, factory: ClientFactory, instance_id: Option<String>, ready: ReadyFlag) -> Self {
+    pub fn new(
+        spec: StageSpec,
+        factory: ClientFactory,
+        instance_id: Option<String>,
+        ready: ReadyFlag,
+    ) -> Self {
         StageRuntime {
             spec,
             factory,
@@ -359,7 +406,11 @@ impl StageRuntime {
     }
 
     /// Run on the current thread (which must not be a tokio worker).
-    pub fn run(self, handle: tokio::runtime::Handle, shutdown: Shutdown) -> Result<(), RuntimeError> {
+    pub fn run(
+        self,
+        handle: tokio::runtime::Handle,
+        shutdown: Shutdown,
+    ) -> Result<(), RuntimeError> {
         let cfg = self.factory.config().clone();
         let topics = self.factory.topics();
         let name = self.spec.name;
@@ -381,14 +432,21 @@ impl StageRuntime {
         let consumer = self.factory.stage_consumer(
             &group,
             self.instance_id.as_deref(),
-            StageContext { shared: shared.clone() },
+            StageContext {
+                shared: shared.clone(),
+            },
         )?;
         consumer.subscribe(&[&input_topic])?;
         tracing::info!(stage = name, topic = %input_topic, %group, "stage started");
         let tick_every = cfg.tick_interval.to_std();
         let mut last_gauges = Instant::now();
         while !shutdown.is_triggered() {
-            if let Some(e) = shared.failure.lock().map_err(|_| RuntimeError::Poisoned)?.take() {
+            if let Some(e) = shared
+                .failure
+                .lock()
+                .map_err(|_| RuntimeError::Poisoned)?
+                .take()
+            {
                 return Err(e);
             }
             let batch = poll_batch(&consumer, cfg.max_batch)?;
@@ -415,7 +473,10 @@ impl StageRuntime {
 
 /// Poll up to `max` records: wait briefly for the first, then take what is
 /// already fetched.
-fn poll_batch(consumer: &BaseConsumer<StageContext>, max: usize) -> Result<Vec<OwnedMessage>, RuntimeError> {
+fn poll_batch(
+    consumer: &BaseConsumer<StageContext>,
+    max: usize,
+) -> Result<Vec<OwnedMessage>, RuntimeError> {
     let mut out = Vec::new();
     let mut timeout = Duration::from_millis(100);
     while out.len() < max {
@@ -437,23 +498,36 @@ fn owned_headers(m: &OwnedMessage) -> Vec<(String, Vec<u8>)> {
     m.headers()
         .map(|h| {
             h.iter()
-                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                .map(|h| {
+                    (
+                        h.key.to_string(),
+                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
 }
 
 fn to_owned_headers(pairs: &[(String, Vec<u8>)]) -> OwnedHeaders {
-    pairs.iter().fold(OwnedHeaders::new_with_capacity(pairs.len()), |h, (k, v)| {
-        h.insert(Header {
-            key: k.as_str(),
-            value: Some(v.as_slice()),
+    pairs
+        .iter()
+        .fold(OwnedHeaders::new_with_capacity(pairs.len()), |h, (k, v)| {
+            h.insert(Header {
+                key: k.as_str(),
+                value: Some(v.as_slice()),
+            })
         })
-    })
 }
 
 /// A dead letter: the original bytes and headers, plus why.
-fn dead_letter(stage: &str, m: &OwnedMessage, headers: Vec<(String, Vec<u8>)>, reason: &'static str, detail: &serde_json::Value) -> Emitted {
+fn dead_letter(
+    stage: &str,
+    m: &OwnedMessage,
+    headers: Vec<(String, Vec<u8>)>,
+    reason: &'static str,
+    detail: &serde_json::Value,
+) -> Emitted {
     let mut headers = headers;
     headers.retain(|(k, _)| !k.starts_with("cdp-dlq-"));
     headers.push((envelope::DLQ_STAGE.into(), stage.as_bytes().to_vec()));
@@ -488,7 +562,9 @@ fn process_batch(
     let mut work: Vec<TaskBatch> = Vec::new();
     for (partition, messages) in by_partition {
         // Records fetched before a revoke or re-assignment are not ours.
-        let Some(task) = tasks.get_mut(&partition) else { continue };
+        let Some(task) = tasks.get_mut(&partition) else {
+            continue;
+        };
         let mut meta = task.meta.clone();
         let mut outputs = Vec::new();
         let mut consumed = false;
@@ -514,8 +590,14 @@ fn process_batch(
             } else {
                 if dedupe {
                     if let Some((origin, pos)) = Position::from_headers(&headers) {
-                        if meta.dedupe.get(&origin).is_some_and(|seen| !pos.is_new_after(seen)) {
-                            metrics::DUPLICATES_DROPPED.with_label_values(&[stage]).inc();
+                        if meta
+                            .dedupe
+                            .get(&origin)
+                            .is_some_and(|seen| !pos.is_new_after(seen))
+                        {
+                            metrics::DUPLICATES_DROPPED
+                                .with_label_values(&[stage])
+                                .inc();
                             continue;
                         }
                         meta.dedupe.insert(origin, pos);
@@ -529,13 +611,21 @@ fn process_batch(
                     timestamp_ms: m.timestamp().to_millis(),
                     headers: &headers,
                 };
-                let mut ctx = Context::new(&mut task.store, &mut emitted, meta.stream_time, processing_time, partition);
+                let mut ctx = Context::new(
+                    &mut task.store,
+                    &mut emitted,
+                    meta.stream_time,
+                    processing_time,
+                    partition,
+                );
                 task.operator.process(&record, &mut ctx)
             };
             match result {
                 Ok(()) => {}
                 Err(OperatorError::Rejected { reason, detail }) => {
-                    metrics::DEAD_LETTERS.with_label_values(&[stage, reason]).inc();
+                    metrics::DEAD_LETTERS
+                        .with_label_values(&[stage, reason])
+                        .inc();
                     tracing::debug!(stage, partition, offset = m.offset(), reason, "dead letter");
                     emitted.clear();
                     emitted.push(dead_letter(stage, &m, headers, reason, &detail));
@@ -566,9 +656,11 @@ fn process_batch(
 
     // Phase 1: outputs, sink deliveries and changelog records, all acked.
     let mut deliveries: Vec<(String, DeliveryFuture)> = Vec::new();
-    let mut sink_batches: BTreeMap<String, (Arc<dyn Sink>, Vec<SinkRecord>, Vec<(usize, usize)>)> = BTreeMap::new();
+    let mut sink_batches: BTreeMap<String, SinkBatch> = BTreeMap::new();
     for (wi, w) in work.iter().enumerate() {
-        let Some(task) = tasks.get(&w.partition) else { continue };
+        let Some(task) = tasks.get(&w.partition) else {
+            continue;
+        };
         for (oi, (pos, e)) in w.outputs.iter().enumerate() {
             let topic = if e.output == DEAD_LETTERS {
                 shared.dead_letter_topic.as_str()
@@ -580,7 +672,10 @@ fn process_batch(
                             .entry(e.output.to_string())
                             .or_insert_with(|| (sink.clone(), Vec::new(), Vec::new()));
                         entry.1.push(SinkRecord {
-                            delivery_id: format!("{}/{}/{}/{}", task.origin, pos.epoch, pos.offset, pos.index),
+                            delivery_id: format!(
+                                "{}/{}/{}/{}",
+                                task.origin, pos.epoch, pos.offset, pos.index
+                            ),
                             key: e.key.clone(),
                             value: e.value.clone(),
                         });
@@ -599,7 +694,9 @@ fn process_batch(
                 record = record.key(k.as_slice());
             }
             deliveries.push((topic.to_string(), enqueue(&shared.producer, record)?));
-            metrics::RECORDS_OUT.with_label_values(&[stage, e.output]).inc();
+            metrics::RECORDS_OUT
+                .with_label_values(&[stage, e.output])
+                .inc();
         }
         for (k, v) in &w.changes {
             let mut record = FutureRecord::to(&shared.changelog_topic)
@@ -609,7 +706,10 @@ fn process_batch(
             if let Some(v) = v {
                 record = record.payload(v.as_slice());
             }
-            deliveries.push((shared.changelog_topic.clone(), enqueue(&shared.producer, record)?));
+            deliveries.push((
+                shared.changelog_topic.clone(),
+                enqueue(&shared.producer, record)?,
+            ));
         }
     }
     let sink_futures = sink_batches
@@ -623,15 +723,27 @@ fn process_batch(
     let mut failed: Vec<(String, DeliveryFuture)> = Vec::new();
     for ((name, (_, records, origins)), results) in sink_batches.iter().zip(sink_results) {
         for ((record, (wi, oi)), result) in records.iter().zip(origins).zip(results) {
-            metrics::RECORDS_OUT.with_label_values(&[stage, work[*wi].outputs[*oi].1.output]).inc();
+            metrics::RECORDS_OUT
+                .with_label_values(&[stage, work[*wi].outputs[*oi].1.output])
+                .inc();
             if let Err(reason) = result {
-                metrics::DEAD_LETTERS.with_label_values(&[stage, "delivery_failed"]).inc();
+                metrics::DEAD_LETTERS
+                    .with_label_values(&[stage, "delivery_failed"])
+                    .inc();
                 tracing::warn!(stage, destination = %name, delivery_id = %record.delivery_id, %reason, "delivery failed; sent to dead letters");
                 let headers = to_owned_headers(&[
                     (envelope::DLQ_STAGE.into(), stage.as_bytes().to_vec()),
                     (envelope::DLQ_REASON.into(), b"delivery_failed".to_vec()),
-                    ("cdp-dlq-detail".into(), serde_json::json!({"destination": name, "error": reason}).to_string().into_bytes()),
-                    ("cdp-delivery-id".into(), record.delivery_id.clone().into_bytes()),
+                    (
+                        "cdp-dlq-detail".into(),
+                        serde_json::json!({"destination": name, "error": reason})
+                            .to_string()
+                            .into_bytes(),
+                    ),
+                    (
+                        "cdp-delivery-id".into(),
+                        record.delivery_id.clone().into_bytes(),
+                    ),
                 ]);
                 let mut r = FutureRecord::to(&shared.dead_letter_topic)
                     .payload(record.value.as_slice())
@@ -639,7 +751,10 @@ fn process_batch(
                 if let Some(k) = &record.key {
                     r = r.key(k.as_slice());
                 }
-                failed.push((shared.dead_letter_topic.clone(), enqueue(&shared.producer, r)?));
+                failed.push((
+                    shared.dead_letter_topic.clone(),
+                    enqueue(&shared.producer, r)?,
+                ));
             }
         }
     }
@@ -648,7 +763,8 @@ fn process_batch(
     // Phase 2: one commit marker per task.
     let mut markers = Vec::new();
     for w in &work {
-        let marker = serde_json::to_vec(&Marker::commit(&w.meta)).map_err(|e| StoreError::Decode(e.to_string()))?;
+        let marker = serde_json::to_vec(&Marker::commit(&w.meta))
+            .map_err(|e| StoreError::Decode(e.to_string()))?;
         let fut = enqueue(
             &shared.producer,
             FutureRecord::to(&shared.changelog_topic)
@@ -664,7 +780,9 @@ fn process_batch(
     // Phase 3: state + progress + positions, atomically.
     let mut offsets = TopicPartitionList::new();
     for (mut w, (_, marker_offset)) in work.into_iter().zip(marker_offsets) {
-        let Some(task) = tasks.get_mut(&w.partition) else { continue };
+        let Some(task) = tasks.get_mut(&w.partition) else {
+            continue;
+        };
         w.meta.changelog_offset = marker_offset;
         task.store.commit(&w.changes, &w.meta)?;
         task.meta = w.meta;
@@ -704,13 +822,13 @@ fn send_ticks(shared: &Shared, every: Duration) -> Result<(), RuntimeError> {
             value: Some(now.as_bytes()),
         });
         // Fire and forget: a lost tick is replaced by the next one.
-        let _ = enqueue(
+        drop(enqueue(
             &shared.producer,
             FutureRecord::<[u8], [u8]>::to(&shared.spec.input_topic)
                 .partition(task.partition)
                 .payload(&[])
                 .headers(headers),
-        )?;
+        )?);
         metrics::TICKS.with_label_values(&[shared.spec.name]).inc();
     }
     Ok(())
@@ -718,15 +836,23 @@ fn send_ticks(shared: &Shared, every: Duration) -> Result<(), RuntimeError> {
 
 fn update_gauges(shared: &Shared, consumer: &BaseConsumer<StageContext>) {
     let stage = shared.spec.name;
-    let Ok(tasks) = shared.tasks.lock() else { return };
+    let Ok(tasks) = shared.tasks.lock() else {
+        return;
+    };
     for task in tasks.values() {
         let p = task.partition.to_string();
         metrics::STATE_BYTES
             .with_label_values(&[stage, &p])
             .set(task.store.approximate_size() as i64);
-        if let Ok((_, high)) = consumer.fetch_watermarks(&shared.spec.input_topic, task.partition, Duration::from_secs(1)) {
+        if let Ok((_, high)) = consumer.fetch_watermarks(
+            &shared.spec.input_topic,
+            task.partition,
+            Duration::from_secs(1),
+        ) {
             let lag = (high - task.meta.input_offset.max(0)).max(0);
-            metrics::CONSUMER_LAG.with_label_values(&[stage, &p]).set(lag);
+            metrics::CONSUMER_LAG
+                .with_label_values(&[stage, &p])
+                .set(lag);
         }
     }
 }

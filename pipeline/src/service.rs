@@ -54,15 +54,17 @@ impl Shutdown {
             let ctrl_c = tokio::signal::ctrl_c();
             #[cfg(unix)]
             {
-                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot listen for SIGTERM");
-                        let _ = ctrl_c.await;
-                        this.trigger();
-                        return;
-                    }
-                };
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot listen for SIGTERM");
+                            let _ = ctrl_c.await;
+                            this.trigger();
+                            return;
+                        }
+                    };
                 tokio::select! {
                     _ = ctrl_c => {},
                     _ = term.recv() => {},
@@ -80,8 +82,11 @@ impl Shutdown {
 /// every registered component said it is ready.
 #[derive(Clone, Default)]
 pub struct Health {
-    components: Arc<Mutex<Vec<(String, Arc<AtomicBool>)>>>,
+    components: Arc<Mutex<Vec<Component>>>,
 }
+
+/// A registered component: its name and readiness.
+type Component = (String, Arc<AtomicBool>);
 
 /// One component's readiness flag.
 #[derive(Clone)]
@@ -117,7 +122,11 @@ impl Health {
 }
 
 /// Serve `/metrics`, `/healthz`, `/readyz` until shutdown.
-pub async fn serve_admin(addr: SocketAddr, health: Health, shutdown: Shutdown) -> std::io::Result<()> {
+pub async fn serve_admin(
+    addr: SocketAddr,
+    health: Health,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(|| async { crate::metrics::render() }))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -130,7 +139,10 @@ pub async fn serve_admin(addr: SocketAddr, health: Health, shutdown: Shutdown) -
                     if waiting.is_empty() {
                         (StatusCode::OK, "ready\n".to_string())
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, format!("waiting for: {}\n", waiting.join(", ")))
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("waiting for: {}\n", waiting.join(", ")),
+                        )
                     }
                 }
             }),

@@ -27,13 +27,16 @@ pub enum StoreError {
     Decode(String),
 }
 
+/// `(key, value)` pairs in key order, as a prefix scan returns them.
+pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Where an operator's reads and writes go.
 pub trait StateBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     fn put(&mut self, key: &[u8], value: Vec<u8>);
     fn delete(&mut self, key: &[u8]);
     /// Every live `(key, value)` under `prefix`, in key order.
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<KeyValues, StoreError>;
 }
 
 /// An in-memory state for tests and benchmarks of operators.
@@ -52,7 +55,7 @@ impl StateBackend for MemoryState {
     fn delete(&mut self, key: &[u8]) {
         self.map.remove(key);
     }
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<KeyValues, StoreError> {
         Ok(self
             .map
             .range(prefix.to_vec()..)
@@ -127,7 +130,8 @@ impl TaskStore {
     pub fn meta(&self) -> Result<TaskMeta, StoreError> {
         match self.db.get(META_KEY).map_err(|e| self.err(e))? {
             None => Ok(TaskMeta::default()),
-            Some(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Decode(format!("task meta: {e}"))),
+            Some(b) => serde_json::from_slice(&b)
+                .map_err(|e| StoreError::Decode(format!("task meta: {e}"))),
         }
     }
 
@@ -185,9 +189,12 @@ impl StateBackend for TaskStore {
         self.overlay.insert(key.to_vec(), None);
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<KeyValues, StoreError> {
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        let iter = self.db.iterator(rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward));
+        let iter = self.db.iterator(rocksdb::IteratorMode::From(
+            prefix,
+            rocksdb::Direction::Forward,
+        ));
         for item in iter {
             let (k, v) = item.map_err(|e| self.err(e))?;
             if !k.starts_with(prefix) {
@@ -229,7 +236,11 @@ mod tests {
         store.commit(&changes, &meta)?;
         store.put(b"p/c", b"3".to_vec());
         store.delete(b"p/a");
-        let keys: Vec<Vec<u8>> = store.scan_prefix(b"p/")?.into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<Vec<u8>> = store
+            .scan_prefix(b"p/")?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(keys, vec![b"p/b".to_vec(), b"p/c".to_vec()]);
         store.abort();
         drop(store);

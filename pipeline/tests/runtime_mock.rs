@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use cdp_pipeline::envelope::Position;
 use cdp_pipeline::{
-    ClientFactory, Context, Health, KafkaConfig, Operator, OperatorError, OutputTarget, Record, Shutdown, StageRuntime,
-    StageSpec,
+    ClientFactory, Context, Health, KafkaConfig, Operator, OperatorError, OutputTarget, Record,
+    Shutdown, StageRuntime, StageSpec,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -27,7 +27,10 @@ struct Counter;
 impl Operator for Counter {
     fn process(&mut self, r: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
         if r.value == b"bad" {
-            return Err(OperatorError::rejected("bad_value", serde_json::json!({"why": "test"})));
+            return Err(OperatorError::rejected(
+                "bad_value",
+                serde_json::json!({"why": "test"}),
+            ));
         }
         let key = r.key.unwrap_or_default().to_vec();
         let mut state_key = b"count/".to_vec();
@@ -58,8 +61,14 @@ struct Setup {
 fn setup(state_dir: &str) -> Result<Setup, Box<dyn std::error::Error + Send + Sync>> {
     let mock = MockCluster::new(1)?;
     let mut properties = BTreeMap::new();
-    properties.insert("consumer.session.timeout.ms".to_string(), "6000".to_string());
-    properties.insert("consumer.heartbeat.interval.ms".to_string(), "500".to_string());
+    properties.insert(
+        "consumer.session.timeout.ms".to_string(),
+        "6000".to_string(),
+    );
+    properties.insert(
+        "consumer.heartbeat.interval.ms".to_string(),
+        "500".to_string(),
+    );
     let config = KafkaConfig {
         brokers: mock.bootstrap_servers(),
         topic_prefix: "t".into(),
@@ -94,17 +103,30 @@ fn spec() -> StageSpec {
     }
 }
 
-async fn produce(p: &FutureProducer, key: &str, value: &str, headers: Option<OwnedHeaders>) -> TestResult {
+async fn produce(
+    p: &FutureProducer,
+    key: &str,
+    value: &str,
+    headers: Option<OwnedHeaders>,
+) -> TestResult {
     let mut r = FutureRecord::to("t.in").key(key).payload(value);
     if let Some(h) = headers {
         r = r.headers(h);
     }
-    p.send(r, Duration::from_secs(5)).await.map_err(|(e, _)| e)?;
+    p.send(r, Duration::from_secs(5))
+        .await
+        .map_err(|(e, _)| e)?;
     Ok(())
 }
 
-fn read_all(factory: &ClientFactory, topic: &str, want: impl Fn(&[(String, String)]) -> bool) -> Vec<(String, String)> {
-    let Ok(c): Result<BaseConsumer, _> = factory.plain_consumer("reader") else { return vec![] };
+fn read_all(
+    factory: &ClientFactory,
+    topic: &str,
+    want: impl Fn(&[(String, String)]) -> bool,
+) -> Vec<(String, String)> {
+    let Ok(c): Result<BaseConsumer, _> = factory.plain_consumer("reader") else {
+        return vec![];
+    };
     let mut tpl = TopicPartitionList::new();
     for p in 0..2 {
         let _ = tpl.add_partition_offset(topic, p, Offset::Beginning);
@@ -118,7 +140,11 @@ fn read_all(factory: &ClientFactory, topic: &str, want: impl Fn(&[(String, Strin
         if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
             let reason = m
                 .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "cdp-dlq-reason").and_then(|h| h.value))
+                .and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == "cdp-dlq-reason")
+                        .and_then(|h| h.value)
+                })
                 .map(|v| String::from_utf8_lossy(v).to_string());
             let key = String::from_utf8_lossy(m.key().unwrap_or_default()).to_string();
             let value = String::from_utf8_lossy(m.payload().unwrap_or_default()).to_string();
@@ -128,19 +154,31 @@ fn read_all(factory: &ClientFactory, topic: &str, want: impl Fn(&[(String, Strin
     out
 }
 
-fn run_stage(factory: &ClientFactory, shutdown: &Shutdown) -> std::thread::JoinHandle<Result<(), cdp_pipeline::runtime::RuntimeError>> {
-    let rt = StageRuntime::new(spec(), factory.clone(), None, Health::default().register("count"));
+fn run_stage(
+    factory: &ClientFactory,
+    shutdown: &Shutdown,
+) -> std::thread::JoinHandle<Result<(), cdp_pipeline::runtime::RuntimeError>> {
+    let rt = StageRuntime::new(
+        spec(),
+        factory.clone(),
+        None,
+        Health::default().register("count"),
+    );
     let handle = tokio::runtime::Handle::current();
     let s = shutdown.clone();
     std::thread::spawn(move || rt.run(handle, s))
 }
 
 fn counts(out: &[(String, String)], key: &str) -> Vec<String> {
-    out.iter().filter(|(k, _)| k == key).map(|(_, v)| v.clone()).collect()
+    out.iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn processes_dedupes_dead_letters_ticks_and_restores_after_losing_local_state() -> TestResult {
+async fn processes_dedupes_dead_letters_ticks_and_restores_after_losing_local_state() -> TestResult
+{
     let dir = tempfile::tempdir()?;
     let state = dir.path().display().to_string();
     let s = setup(&state)?;
@@ -152,10 +190,19 @@ async fn processes_dedupes_dead_letters_ticks_and_restores_after_losing_local_st
     // Upstream replay: the same origin position twice; the second is dropped,
     // as is an older epoch's record after a newer one was seen.
     let pos = |epoch, offset| {
-        let p = Position { epoch, offset, index: 0 };
-        p.to_headers("up:0").iter().fold(OwnedHeaders::new(), |h, (k, v)| {
-            h.insert(Header { key: k, value: Some(v.as_slice()) })
-        })
+        let p = Position {
+            epoch,
+            offset,
+            index: 0,
+        };
+        p.to_headers("up:0")
+            .iter()
+            .fold(OwnedHeaders::new(), |h, (k, v)| {
+                h.insert(Header {
+                    key: k,
+                    value: Some(v.as_slice()),
+                })
+            })
     };
     produce(&s.producer, "dup", "x", Some(pos(2, 7))).await?;
     produce(&s.producer, "dup", "x", Some(pos(2, 7))).await?;
@@ -166,15 +213,29 @@ async fn processes_dedupes_dead_letters_ticks_and_restores_after_losing_local_st
     let join = run_stage(&s.factory, &shutdown);
     let f = s.factory.clone();
     let out = tokio::task::spawn_blocking(move || {
-        read_all(&f, "t.out", |o| counts(o, "k0").len() >= 5 && counts(o, "k1").len() >= 5 && counts(o, "dup").len() >= 2 && !counts(o, "timer").is_empty())
+        read_all(&f, "t.out", |o| {
+            counts(o, "k0").len() >= 5
+                && counts(o, "k1").len() >= 5
+                && counts(o, "dup").len() >= 2
+                && !counts(o, "timer").is_empty()
+        })
     })
     .await?;
     assert_eq!(counts(&out, "k0"), ["k0:1", "k0:2", "k0:3", "k0:4", "k0:5"]);
     assert_eq!(counts(&out, "k1"), ["k1:1", "k1:2", "k1:3", "k1:4", "k1:5"]);
-    assert_eq!(counts(&out, "dup"), ["dup:1", "dup:2"], "replays must be dropped by position");
-    assert_eq!(counts(&out, "timer"), ["t"], "the timer fires once, driven by ticks");
+    assert_eq!(
+        counts(&out, "dup"),
+        ["dup:1", "dup:2"],
+        "replays must be dropped by position"
+    );
+    assert_eq!(
+        counts(&out, "timer"),
+        ["t"],
+        "the timer fires once, driven by ticks"
+    );
     let f = s.factory.clone();
-    let dlq = tokio::task::spawn_blocking(move || read_all(&f, "t.invalid", |o| !o.is_empty())).await?;
+    let dlq =
+        tokio::task::spawn_blocking(move || read_all(&f, "t.invalid", |o| !o.is_empty())).await?;
     assert_eq!(dlq, [("k0".to_string(), "bad_value".to_string())]);
     shutdown.trigger();
     join.join().map_err(|_| "stage panicked")??;
@@ -187,7 +248,9 @@ async fn processes_dedupes_dead_letters_ticks_and_restores_after_losing_local_st
     let shutdown = Shutdown::default();
     let join = run_stage(&s.factory, &shutdown);
     let f = s.factory.clone();
-    let out = tokio::task::spawn_blocking(move || read_all(&f, "t.out", |o| counts(o, "k0").len() >= 8)).await?;
+    let out =
+        tokio::task::spawn_blocking(move || read_all(&f, "t.out", |o| counts(o, "k0").len() >= 8))
+            .await?;
     shutdown.trigger();
     join.join().map_err(|_| "stage panicked")??;
     assert_eq!(

@@ -52,7 +52,11 @@ pub struct ChangeReader {
 }
 
 impl ChangeReader {
-    pub fn new(factory: &ClientFactory, topic: &str, partitions: i32) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+    pub fn new(
+        factory: &ClientFactory,
+        topic: &str,
+        partitions: i32,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let consumer = factory.plain_consumer("test-reader")?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
@@ -88,10 +92,16 @@ impl ChangeReader {
     }
 
     fn poll_once(&mut self, timeout: Duration) {
-        let Some(Ok(m)) = self.consumer.poll(timeout) else { return };
+        let Some(Ok(m)) = self.consumer.poll(timeout) else {
+            return;
+        };
         let headers: Vec<(String, Vec<u8>)> = m
             .headers()
-            .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
             .unwrap_or_default();
         if let Some((origin, pos)) = Position::from_headers(&headers) {
             if self.seen.get(&origin).is_some_and(|s| !pos.is_new_after(s)) {
@@ -100,7 +110,10 @@ impl ChangeReader {
             }
             self.seen.insert(origin, pos);
         }
-        if let Some(change) = m.payload().and_then(|p| serde_json::from_slice::<AudienceChange>(p).ok()) {
+        if let Some(change) = m
+            .payload()
+            .and_then(|p| serde_json::from_slice::<AudienceChange>(p).ok())
+        {
             self.changes.push(change.into());
         }
     }
@@ -121,6 +134,8 @@ pub fn entered(changes: &[Change], visitor: &str, audience: &str) -> bool {
     changes.iter().any(|c| {
         c.audience == audience
             && c.action == "entered"
-            && c.identifiers.get("user_id").is_some_and(|u| u.contains(&user))
+            && c.identifiers
+                .get("user_id")
+                .is_some_and(|u| u.contains(&user))
     })
 }
