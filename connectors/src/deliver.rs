@@ -1,0 +1,191 @@
+//! The deliver stage's operator: routes audience changes to destinations.
+//!
+//! Input: [`AudienceChange`] records from `<p>.audiences`, keyed by profile
+//! id. For every destination that wants the change's audience (its
+//! `audiences` list is empty or names it) the operator emits the record,
+//! same key and the original bytes, to the output named after the
+//! destination id; the runtime maps that output to the destination's sink.
+//! Pure and stateless: a replay emits exactly the same records, and the
+//! runtime's delivery ids (stable across replays) let receivers dedupe.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{LazyLock, Mutex};
+
+use cdp_operators::messages::AudienceChange;
+use cdp_pipeline::{Context, Operator, OperatorError, Record};
+
+use crate::destinations::DestinationConfig;
+
+/// Reason code of records that are not audience changes.
+pub const INVALID_AUDIENCE_CHANGE: &str = "invalid_audience_change";
+
+/// One destination as the operator sees it.
+#[derive(Debug, Clone)]
+struct Route {
+    output: &'static str,
+    /// `None`: every audience.
+    audiences: Option<BTreeSet<String>>,
+}
+
+/// Routes audience changes to the outputs of the destinations that want
+/// them. Cheap to clone; build it once from the config.
+#[derive(Debug, Clone)]
+pub struct DeliverOperator {
+    routes: Vec<Route>,
+}
+
+/// Output names handed out so far. `Emitted::output` is `&'static str`, so a
+/// destination id is leaked once per process and reused after that: the
+/// leak is bounded by the ids in the config however often tasks are built.
+static OUTPUT_NAMES: LazyLock<Mutex<HashSet<&'static str>>> =
+    LazyLock::new(|| Mutex::new(HashSet::new()));
+
+fn output_name(id: &str) -> &'static str {
+    match OUTPUT_NAMES.lock() {
+        Ok(mut names) => match names.get(id) {
+            Some(name) => name,
+            None => {
+                let name: &'static str = Box::leak(id.to_string().into_boxed_str());
+                names.insert(name);
+                name
+            }
+        },
+        // A poisoned registry only costs a small leak per build.
+        Err(_) => Box::leak(id.to_string().into_boxed_str()),
+    }
+}
+
+impl DeliverOperator {
+    pub fn new(dests: &[DestinationConfig]) -> Self {
+        DeliverOperator {
+            routes: dests
+                .iter()
+                .map(|d| Route {
+                    output: output_name(&d.id),
+                    audiences: (!d.audiences.is_empty())
+                        .then(|| d.audiences.iter().cloned().collect()),
+                })
+                .collect(),
+        }
+    }
+
+    /// The output names this operator emits to, one per destination, in
+    /// config order (the destination ids).
+    pub fn output_names(&self) -> Vec<&'static str> {
+        self.routes.iter().map(|r| r.output).collect()
+    }
+}
+
+impl Operator for DeliverOperator {
+    fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        let change: AudienceChange = serde_json::from_slice(record.value)
+            .map_err(|e| OperatorError::rejected(INVALID_AUDIENCE_CHANGE, e.to_string()))?;
+        if change.kind != "audience_change" {
+            return Err(OperatorError::rejected(
+                INVALID_AUDIENCE_CHANGE,
+                format!("type is {:?}, expected \"audience_change\"", change.kind),
+            ));
+        }
+        for route in &self.routes {
+            let wanted = route
+                .audiences
+                .as_ref()
+                .is_none_or(|a| a.contains(&change.audience));
+            if wanted {
+                ctx.emit(
+                    route.output,
+                    record.key.map(<[u8]>::to_vec),
+                    record.value.to_vec(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destinations::DestinationKind;
+    use cdp_operators::messages::{AudienceAction, Cause, Identifiers};
+    use cdp_pipeline::OperatorHarness;
+
+    fn dest(id: &str, audiences: &[&str]) -> DestinationConfig {
+        DestinationConfig {
+            id: id.into(),
+            kind: DestinationKind::Stdout,
+            url: None,
+            secret_env: None,
+            topic: None,
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
+            timeout: None,
+            max_attempts: None,
+        }
+    }
+
+    fn change(audience: &str) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&AudienceChange {
+            kind: "audience_change".into(),
+            audience: audience.into(),
+            action: AudienceAction::Entered,
+            profile_id: "prof_1".into(),
+            identifiers: Identifiers::new(),
+            traits: Default::default(),
+            event_time: "2026-11-26T10:00:00Z".into(),
+            emitted_at: "2026-11-26T10:00:00.120Z".into(),
+            cause: Cause::default(),
+        })
+    }
+
+    #[test]
+    fn routes_by_audience_with_the_same_key_and_bytes() -> Result<(), Box<dyn std::error::Error>> {
+        let op = DeliverOperator::new(&[
+            dest("all", &[]),
+            dest("crm", &["vip", "lapsing"]),
+            dest("ads", &["lapsing"]),
+        ]);
+        assert_eq!(op.output_names(), vec!["all", "crm", "ads"]);
+        let mut h = OperatorHarness::new(op);
+        let value = change("vip")?;
+        let out = h.process(Some(b"prof_1"), &value, &[])?;
+        let outputs: Vec<&str> = out.iter().map(|e| e.output).collect();
+        assert_eq!(outputs, vec!["all", "crm"]);
+        assert!(out
+            .iter()
+            .all(|e| e.key.as_deref() == Some(&b"prof_1"[..]) && e.value == value));
+        let out = h.process(Some(b"prof_1"), &change("lapsing")?, &[])?;
+        assert_eq!(
+            out.iter().map(|e| e.output).collect::<Vec<_>>(),
+            vec!["all", "crm", "ads"]
+        );
+        let out = h.process(Some(b"prof_1"), &change("other")?, &[])?;
+        assert_eq!(
+            out.iter().map(|e| e.output).collect::<Vec<_>>(),
+            vec!["all"]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_what_is_not_an_audience_change() {
+        let mut h = OperatorHarness::new(DeliverOperator::new(&[dest("all", &[])]));
+        for bad in [
+            &b"not json"[..],
+            br#"{"type":"audience_change"}"#,
+            br#"[1,2]"#,
+        ] {
+            let got = h.process(None, bad, &[]);
+            assert!(
+                matches!(&got, Err(OperatorError::Rejected { reason, .. }) if *reason == INVALID_AUDIENCE_CHANGE),
+                "{got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn output_names_are_leaked_once_per_id() {
+        let a = DeliverOperator::new(&[dest("same-id", &[])]).output_names();
+        let b = DeliverOperator::new(&[dest("same-id", &[])]).output_names();
+        assert!(std::ptr::eq(a[0], b[0]));
+    }
+}
