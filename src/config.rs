@@ -115,6 +115,7 @@ impl Config {
                 .into());
             }
         }
+        self.collector.check()?;
         let validator = Validator::new(&self.sources, &self.tracking_plans, self.dedupe_window)?;
         let identity = IdentityRules::new(&self.identity)?;
         let traits = TraitSet::new(&self.traits)?;
