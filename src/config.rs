@@ -17,7 +17,7 @@ use cdp_pipeline::{KafkaConfig, Span};
 use serde::Deserialize;
 
 /// The whole config file.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Brokers, topic prefix, partitions, guarantee, client properties.
