@@ -171,9 +171,15 @@ mod tests {
     #[test]
     fn time_helpers_round_trip_and_event_names_follow_segment() {
         let ms = parse_time_ms("2026-11-26T10:00:00.120Z");
-        assert_eq!(ms.map(rfc3339_ms).as_deref(), Some("2026-11-26T10:00:00.120Z"));
+        assert_eq!(
+            ms.map(rfc3339_ms).as_deref(),
+            Some("2026-11-26T10:00:00.120Z")
+        );
         assert_eq!(event_name(&json!({"type": "page"})), Some("Page Viewed"));
-        assert_eq!(event_name(&json!({"type": "track", "event": "X"})), Some("X"));
+        assert_eq!(
+            event_name(&json!({"type": "track", "event": "X"})),
+            Some("X")
+        );
         assert_eq!(event_name(&json!({"type": "identify"})), None);
         let e = json!({"properties": {"revenue": 5}});
         assert_eq!(lookup(&e, "properties.revenue"), Some(&json!(5)));
