@@ -18,7 +18,8 @@ use cdp_operators::identity::IdentityOperator;
 use cdp_operators::messages::{outputs, AudienceChange};
 use cdp_operators::traits::TraitsOperator;
 use cdp_operators::validate::ValidateOperator;
-use cdp_pipeline::runtime::RuntimeError;
+use cdp_pipeline::envelope::SOURCE;
+use cdp_pipeline::runtime::{InputObserver, InputOutcome, RuntimeError};
 use cdp_pipeline::{
     metrics, ClientFactory, Health, OutputTarget, Shutdown, StageRuntime, StageSpec,
 };
@@ -150,6 +151,35 @@ impl Stage {
     }
 }
 
+impl Stage {
+    /// What the stage counts about its inputs that its pure operator
+    /// cannot: for validate, `cdp_validation_failures_total{source, event,
+    /// reason}` per dead letter, and `cdp_duplicates_dropped_total` per
+    /// repeated `messageId` (validate emits nothing for a record only when
+    /// it drops a duplicate).
+    pub fn input_observer(self, compiled: &Compiled) -> Option<InputObserver> {
+        if self != Stage::Validate {
+            return None;
+        }
+        let validator = compiled.validator.clone();
+        let duplicates = metrics::DUPLICATES_DROPPED.with_label_values(&[self.name()]);
+        Some(Arc::new(move |headers, outcome| match outcome {
+            InputOutcome::Processed([]) => duplicates.inc(),
+            InputOutcome::Processed(_) => {}
+            InputOutcome::DeadLetter { reason, detail } => {
+                let source = headers
+                    .iter()
+                    .find(|(k, _)| k == SOURCE)
+                    .and_then(|(_, v)| std::str::from_utf8(v).ok());
+                let (source, event) = validator.failure_labels(source, detail);
+                metrics::VALIDATION_FAILURES
+                    .with_label_values(&[source, event, reason])
+                    .inc();
+            }
+        }))
+    }
+}
+
 /// Start stages on their own threads.
 pub fn start_stages(
     stages: &[Stage],
@@ -163,12 +193,15 @@ pub fn start_stages(
     let mut joins = Vec::new();
     for stage in stages {
         let spec = stage.spec(compiled, factory)?;
-        let runtime = StageRuntime::new(
+        let mut runtime = StageRuntime::new(
             spec,
             factory.clone(),
             instance_id.clone(),
             health.register(stage.name()),
         );
+        if let Some(observer) = stage.input_observer(compiled) {
+            runtime = runtime.with_input_observer(observer);
+        }
         joins.push(runtime.spawn(handle.clone(), shutdown.clone())?);
     }
     Ok(joins)
@@ -193,4 +226,104 @@ pub async fn join_stages(
         first
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ConfigLoadError, DEMO_CONFIG};
+    use cdp_pipeline::Emitted;
+    use serde_json::json;
+
+    fn failures(source: &str, event: &str, reason: &str) -> u64 {
+        metrics::VALIDATION_FAILURES
+            .with_label_values(&[source, event, reason])
+            .get()
+    }
+
+    #[test]
+    fn validate_counts_failures_by_bounded_labels_and_duplicates() -> Result<(), ConfigLoadError> {
+        // A source id of its own, so other tests sharing the registry
+        // cannot move these counters (no other test in this binary runs
+        // the validate stage).
+        let text = DEMO_CONFIG.replace("id: web", "id: web_observer_test");
+        let compiled = Config::from_yaml(&text)?.compile()?;
+        let observe = Stage::Validate.input_observer(&compiled);
+        assert!(Stage::Identity.input_observer(&compiled).is_none());
+        let Some(observe) = observe else {
+            return Err(ConfigLoadError::Parse("validate has no observer".into()));
+        };
+        let from = |s: &str| vec![(SOURCE.to_string(), s.as_bytes().to_vec())];
+        let src = "web_observer_test";
+        let planned = json!({"source": src, "event": "Order Completed"});
+        let unplanned = json!({"source": src, "event": "Made Up 42"});
+
+        let before = (
+            failures(src, "Order Completed", "plan_violation"),
+            failures(src, "other", "spec_violation"),
+        );
+        observe(
+            &from(src),
+            &InputOutcome::DeadLetter {
+                reason: "plan_violation",
+                detail: &planned,
+            },
+        );
+        observe(
+            &from(src),
+            &InputOutcome::DeadLetter {
+                reason: "spec_violation",
+                detail: &unplanned,
+            },
+        );
+        assert_eq!(
+            failures(src, "Order Completed", "plan_violation"),
+            before.0 + 1
+        );
+        assert_eq!(failures(src, "other", "spec_violation"), before.1 + 1);
+        assert_eq!(
+            failures(src, "Made Up 42", "spec_violation"),
+            0,
+            "unplanned names never become labels"
+        );
+
+        // A forged source header is counted as unknown, not as a new label.
+        let unknown_before = failures("unknown", "other", "unknown_source");
+        observe(
+            &from("forged_observer_source"),
+            &InputOutcome::DeadLetter {
+                reason: "unknown_source",
+                detail: &json!({"source": "forged_observer_source"}),
+            },
+        );
+        assert_eq!(
+            failures("forged_observer_source", "other", "unknown_source"),
+            0
+        );
+        assert_eq!(
+            failures("unknown", "other", "unknown_source"),
+            unknown_before + 1
+        );
+
+        // Nothing emitted for an accepted record: a dropped duplicate.
+        let duplicates = || {
+            metrics::DUPLICATES_DROPPED
+                .with_label_values(&["validate"])
+                .get()
+        };
+        let before = duplicates();
+        observe(&from(src), &InputOutcome::Processed(&[]));
+        let one = Emitted {
+            output: "next",
+            key: None,
+            value: b"{}".to_vec(),
+            headers: Vec::new(),
+        };
+        observe(
+            &from(src),
+            &InputOutcome::Processed(std::slice::from_ref(&one)),
+        );
+        assert_eq!(duplicates(), before + 1, "only the empty outcome counts");
+        Ok(())
+    }
 }

@@ -93,12 +93,24 @@ impl Pipeline {
         })
     }
 
-    /// Start `cdp <stage>` as process `name`.
+    /// Start `cdp <stage>` as process `name` and wait until it is ready.
     fn spawn(
         &mut self,
         name: &str,
         stage: &str,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let admin = self.start(name, stage, &[])?;
+        wait_ready(&admin, Duration::from_secs(60))
+    }
+
+    /// Start `cdp <stage>` as process `name` with extra environment;
+    /// returns its admin address.
+    fn start(
+        &mut self,
+        name: &str,
+        stage: &str,
+        env: &[(&str, &str)],
+    ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
         let admin = format!("127.0.0.1:{}", free_port()?);
         let mut args = vec![
             stage.to_string(),
@@ -121,11 +133,26 @@ impl Pipeline {
         let child = Command::new(env!("CARGO_BIN_EXE_cdp"))
             .args(&args)
             .env("CDP_LOG", "info,librdkafka=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(log))
             .spawn()?;
         self.procs.insert(name.to_string(), (child, args));
-        wait_ready(&admin, Duration::from_secs(60))
+        Ok(admin)
+    }
+
+    /// Wait for a process to exit by itself; whether it did in time.
+    fn wait_exit(&mut self, name: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some((child, _)) = self.procs.get_mut(name) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     fn spawn_all(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -253,7 +280,11 @@ fn send(
 /// Event times a minute ago: inside every window of the demo audiences,
 /// identical for every run within one test.
 fn recent_start() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0) - 60_000
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+        - 60_000
 }
 
 fn all_entered(visitors: &[String]) -> impl Fn(&[common::Change]) -> bool + '_ {
@@ -354,7 +385,21 @@ fn kill_9_of_stateful_stages_changes_nothing_downstream() -> TestResult {
         "validate",
         "traits-1",
     ];
+    let mut aborted = 0;
     for (i, v) in visitors.iter().enumerate() {
+        if i == 4 || i == 8 {
+            // Abort in the worst window: outputs acknowledged, not committed.
+            let victim = if i == 4 { "audiences" } else { "validate" };
+            p.kill9(victim)?;
+            let stage = victim.trim_end_matches("-0");
+            p.start(victim, stage, &[("CDP_CHAOS_CRASH_AFTER_PRODUCE", "1")])?;
+            send(p.collector, v, start)?;
+            if p.wait_exit(victim, Duration::from_secs(60)) {
+                aborted += 1;
+            }
+            p.restart(victim)?;
+            continue;
+        }
         send(p.collector, v, start)?;
         if i % 2 == 1 {
             let victim = victims[(i / 2) % victims.len()];
@@ -364,6 +409,12 @@ fn kill_9_of_stateful_stages_changes_nothing_downstream() -> TestResult {
             p.restart(victim)?;
         }
     }
+    assert_eq!(
+        aborted,
+        2,
+        "the chaos hook did not abort both stages\n{}",
+        p.logs()
+    );
     let mut reader = p.reader()?;
     let ok = reader.read_until(Duration::from_secs(180), all_entered(&visitors));
     assert!(
@@ -379,6 +430,12 @@ fn kill_9_of_stateful_stages_changes_nothing_downstream() -> TestResult {
         expected,
         "audience changes differ after crashes\n{}",
         p.logs()
+    );
+    // The audiences stage died after producing changes it had not
+    // committed: the topic holds their replays, and dedupe dropped them.
+    assert!(
+        reader.duplicates > 0,
+        "expected replayed changes on the topic"
     );
     eprintln!(
         "crash run: {} changes, {} replayed records dropped by position",

@@ -1,7 +1,8 @@
 //! Every metric cdp exports, registered once in the default registry.
 //!
 //! Names live here only; label values come from small fixed sets (stage
-//! names, reason codes, destination ids, audience names from the config).
+//! names, reason codes, destination ids, source ids, planned event names and
+//! audience names from the config).
 
 use std::sync::LazyLock;
 
@@ -62,8 +63,14 @@ counter!(
 counter!(
     DUPLICATES_DROPPED,
     "cdp_duplicates_dropped_total",
-    "Replayed records dropped by position",
+    "Duplicates dropped: replays by position, and repeated messageIds at validate",
     ["stage"]
+);
+counter!(
+    VALIDATION_FAILURES,
+    "cdp_validation_failures_total",
+    "Events validate sent to dead letters, by source, planned event name (else other) and reason",
+    ["source", "event", "reason"]
 );
 counter!(
     COMMITS,

@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -50,6 +51,25 @@ pub enum OutputTarget {
 
 /// Sees every record a stage committed (for metrics such as audience sizes).
 pub type Observer = Arc<dyn Fn(&Emitted) + Send + Sync>;
+
+/// What became of one input record (ticks and replays dropped by position
+/// excluded).
+#[derive(Debug)]
+pub enum InputOutcome<'a> {
+    /// The operator accepted it and emitted these records (possibly none).
+    Processed(&'a [Emitted]),
+    /// The operator rejected it: it goes to the dead-letter topic.
+    DeadLetter {
+        reason: &'static str,
+        detail: &'a serde_json::Value,
+    },
+}
+
+/// Sees the headers and outcome of every input record as it is processed,
+/// so a stage can count what its pure operator cannot (validation failures
+/// by source and event). Like `cdp_dead_letters_total`, it counts at
+/// processing time: a batch replayed after a crash is seen again.
+pub type InputObserver = Arc<dyn Fn(&[(String, Vec<u8>)], &InputOutcome<'_>) + Send + Sync>;
 
 /// Everything that makes one stage.
 pub struct StageSpec {
@@ -97,6 +117,7 @@ struct Task {
 /// State shared between the loop and the rebalance callback.
 struct Shared {
     spec: StageSpec,
+    on_input: Option<InputObserver>,
     producer: FutureProducer,
     restore_consumer: BaseConsumer,
     changelog_topic: String,
@@ -107,6 +128,11 @@ struct Shared {
     failure: Mutex<Option<RuntimeError>>,
     ready: ReadyFlag,
     handle: tokio::runtime::Handle,
+    /// Test hook (`CDP_CHAOS_CRASH_AFTER_PRODUCE=N`): abort the process
+    /// right after the N-th batch with outputs was produced, before its
+    /// commit — the window the effectively-once design exists for.
+    chaos_crash_after_produce: Option<u64>,
+    batches_with_outputs: AtomicU64,
 }
 
 struct StageContext {
@@ -366,6 +392,7 @@ pub struct StageRuntime {
     factory: ClientFactory,
     instance_id: Option<String>,
     ready: ReadyFlag,
+    on_input: Option<InputObserver>,
 }
 
 impl StageRuntime {
@@ -380,7 +407,15 @@ impl StageRuntime {
             factory,
             instance_id,
             ready,
+            on_input: None,
         }
+    }
+
+    /// Call `observer` with the outcome of every input record (see
+    /// [`InputObserver`]).
+    pub fn with_input_observer(mut self, observer: InputObserver) -> Self {
+        self.on_input = Some(observer);
+        self
     }
 
     /// Spawn the stage on its own named thread. Needs a tokio runtime
@@ -426,7 +461,12 @@ impl StageRuntime {
             failure: Mutex::new(None),
             ready: self.ready.clone(),
             handle,
+            chaos_crash_after_produce: std::env::var("CDP_CHAOS_CRASH_AFTER_PRODUCE")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            batches_with_outputs: AtomicU64::new(0),
             spec: self.spec,
+            on_input: self.on_input,
         });
         let group = format!("{}.{name}", cfg.topic_prefix);
         let consumer = self.factory.stage_consumer(
@@ -520,6 +560,52 @@ fn to_owned_headers(pairs: &[(String, Vec<u8>)]) -> OwnedHeaders {
         })
 }
 
+/// Turn an operator's result for one record into what the batch produces:
+/// its outputs, or a dead letter in their place when it was rejected. Tells
+/// `observer` (given for input records, not ticks) what became of it. A
+/// store error is fatal for the batch and observed by no one.
+fn settle(
+    stage: &'static str,
+    m: &OwnedMessage,
+    headers: Vec<(String, Vec<u8>)>,
+    result: Result<(), OperatorError>,
+    emitted: &mut Vec<Emitted>,
+    observer: Option<&InputObserver>,
+) -> Result<(), RuntimeError> {
+    match result {
+        Ok(()) => {
+            if let Some(observe) = observer {
+                observe(&headers, &InputOutcome::Processed(emitted));
+            }
+        }
+        Err(OperatorError::Rejected { reason, detail }) => {
+            metrics::DEAD_LETTERS
+                .with_label_values(&[stage, reason])
+                .inc();
+            tracing::debug!(
+                stage,
+                partition = m.partition(),
+                offset = m.offset(),
+                reason,
+                "dead letter"
+            );
+            if let Some(observe) = observer {
+                observe(
+                    &headers,
+                    &InputOutcome::DeadLetter {
+                        reason,
+                        detail: &detail,
+                    },
+                );
+            }
+            emitted.clear();
+            emitted.push(dead_letter(stage, m, headers, reason, &detail));
+        }
+        Err(OperatorError::Store(e)) => return Err(e.into()),
+    }
+    Ok(())
+}
+
 /// A dead letter: the original bytes and headers, plus why.
 fn dead_letter(
     stage: &str,
@@ -577,7 +663,8 @@ fn process_batch(
             metrics::RECORDS_IN.with_label_values(&[stage]).inc();
             let headers = owned_headers(&m);
             let mut emitted = Vec::new();
-            let result = if let Some(t) = envelope::tick_time(&headers) {
+            let tick = envelope::tick_time(&headers);
+            let result = if let Some(t) = tick {
                 meta.stream_time = meta.stream_time.max(t);
                 fire_due_timers(
                     task.operator.as_mut(),
@@ -620,18 +707,12 @@ fn process_batch(
                 );
                 task.operator.process(&record, &mut ctx)
             };
-            match result {
-                Ok(()) => {}
-                Err(OperatorError::Rejected { reason, detail }) => {
-                    metrics::DEAD_LETTERS
-                        .with_label_values(&[stage, reason])
-                        .inc();
-                    tracing::debug!(stage, partition, offset = m.offset(), reason, "dead letter");
-                    emitted.clear();
-                    emitted.push(dead_letter(stage, &m, headers, reason, &detail));
-                }
-                Err(OperatorError::Store(e)) => return Err(e.into()),
-            }
+            let observer = if tick.is_none() {
+                shared.on_input.as_ref()
+            } else {
+                None
+            };
+            settle(stage, &m, headers, result, &mut emitted, observer)?;
             for (index, e) in emitted.into_iter().enumerate() {
                 let pos = Position {
                     epoch: meta.epoch,
@@ -718,6 +799,15 @@ fn process_batch(
         .collect::<Vec<_>>();
     let sink_results = shared.handle.block_on(join_all(sink_futures));
     await_deliveries(&shared.handle, deliveries)?;
+    if let Some(crash_at) = shared.chaos_crash_after_produce {
+        let has_outputs = work.iter().any(|w| !w.outputs.is_empty());
+        if has_outputs && shared.batches_with_outputs.fetch_add(1, Ordering::SeqCst) + 1 >= crash_at
+        {
+            // The worst moment to die: outputs acknowledged, nothing committed.
+            tracing::error!(stage, "chaos: aborting after produce, before commit");
+            std::process::abort();
+        }
+    }
 
     // Deliveries a sink gave up on become dead letters (still phase 1).
     let mut failed: Vec<(String, DeliveryFuture)> = Vec::new();
@@ -854,5 +944,141 @@ fn update_gauges(shared: &Shared, consumer: &BaseConsumer<StageContext>) {
                 .with_label_values(&[stage, &p])
                 .set(lag);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Timestamp;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    type Seen = Arc<Mutex<Vec<(Vec<(String, Vec<u8>)>, String)>>>;
+
+    /// An observer that records `(headers, "processed:N" | "dead:reason")`.
+    fn recorder() -> (InputObserver, Seen) {
+        let seen: Seen = Arc::default();
+        let sink = seen.clone();
+        let observer: InputObserver = Arc::new(move |headers, outcome| {
+            let what = match outcome {
+                InputOutcome::Processed(out) => format!("processed:{}", out.len()),
+                InputOutcome::DeadLetter { reason, detail } => format!("dead:{reason}:{detail}"),
+            };
+            if let Ok(mut seen) = sink.lock() {
+                seen.push((headers.to_vec(), what));
+            }
+        });
+        (observer, seen)
+    }
+
+    fn message() -> OwnedMessage {
+        OwnedMessage::new(
+            Some(b"payload".to_vec()),
+            Some(b"k".to_vec()),
+            "t.raw".into(),
+            Timestamp::NotAvailable,
+            3,
+            42,
+            None,
+        )
+    }
+
+    fn emitted(value: &[u8]) -> Emitted {
+        Emitted {
+            output: "next",
+            key: None,
+            value: value.to_vec(),
+            headers: Vec::new(),
+        }
+    }
+
+    fn source() -> Vec<(String, Vec<u8>)> {
+        vec![("cdp-source".to_string(), b"web".to_vec())]
+    }
+
+    #[test]
+    fn the_observer_sees_processed_records_with_their_outputs() -> Result<(), RuntimeError> {
+        let (observer, seen) = recorder();
+        let mut out = vec![emitted(b"a")];
+        settle("s", &message(), source(), Ok(()), &mut out, Some(&observer))?;
+        let mut none = Vec::new();
+        settle(
+            "s",
+            &message(),
+            source(),
+            Ok(()),
+            &mut none,
+            Some(&observer),
+        )?;
+        assert_eq!(out, vec![emitted(b"a")], "outputs are left alone");
+        let seen = seen.lock().map_err(|_| RuntimeError::Poisoned)?;
+        assert_eq!(
+            *seen,
+            vec![
+                (source(), "processed:1".to_string()),
+                (source(), "processed:0".to_string())
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_rejection_becomes_one_dead_letter_and_is_observed() -> Result<(), RuntimeError> {
+        let (observer, seen) = recorder();
+        let mut out = vec![emitted(b"partial")];
+        let rejected = Err(OperatorError::rejected(
+            "bad_value",
+            serde_json::json!({"why": 1}),
+        ));
+        settle(
+            "s",
+            &message(),
+            source(),
+            rejected,
+            &mut out,
+            Some(&observer),
+        )?;
+        assert_eq!(out.len(), 1, "partial outputs are dropped");
+        assert_eq!(out[0].output, DEAD_LETTERS);
+        assert_eq!(out[0].value, b"payload".to_vec(), "the original bytes");
+        let header = |name: &str| {
+            out[0]
+                .headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(header("cdp-source").as_deref(), Some("web"));
+        assert_eq!(header(envelope::DLQ_REASON).as_deref(), Some("bad_value"));
+        assert_eq!(header("cdp-dlq-input").as_deref(), Some("t.raw[3]@42"));
+        let seen = seen.lock().map_err(|_| RuntimeError::Poisoned)?;
+        assert_eq!(
+            *seen,
+            vec![(source(), "dead:bad_value:{\"why\":1}".to_string())]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn ticks_and_store_errors_are_not_observed() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let observer: InputObserver = Arc::new(move |_, _| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let mut out = Vec::new();
+        // The loop passes no observer for ticks.
+        let tick = settle("s", &message(), Vec::new(), Ok(()), &mut out, None);
+        assert!(tick.is_ok());
+        let failed = settle(
+            "s",
+            &message(),
+            source(),
+            Err(OperatorError::Store(StoreError::Decode("x".into()))),
+            &mut out,
+            Some(&observer),
+        );
+        assert!(matches!(failed, Err(RuntimeError::Store(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
     }
 }
