@@ -18,6 +18,30 @@ if ! command -v cargo-nextest >/dev/null; then
   cargo install cargo-nextest --locked
 fi
 
+# Compatibility tests (tests/compat_sdks.rs) drive Segment's own SDKs: the
+# pinned Python SDK in a venv under the cache, the locked npm packages in
+# tests/compat/node_modules, and Debian's Chromium for analytics.js. Each is
+# reinstalled only when missing or when its pin changed.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "test: installing Debian's chromium for the browser SDK test" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+VENV="$CACHE/venv"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+if ! cmp -s tests/compat/requirements.txt "$VENV/.cdp-requirements.txt"; then
+  echo "test: installing the Python SDKs into $VENV" >&2
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/compat/requirements.txt
+  cp tests/compat/requirements.txt "$VENV/.cdp-requirements.txt"
+fi
+export CDP_COMPAT_PYTHON="$VENV/bin/python"
+if ! cmp -s tests/compat/package-lock.json tests/compat/node_modules/.cdp-package-lock.json; then
+  echo "test: installing the npm SDKs into tests/compat/node_modules" >&2
+  (cd tests/compat && npm ci --no-audit --no-fund --loglevel=error)
+  cp tests/compat/package-lock.json tests/compat/node_modules/.cdp-package-lock.json
+fi
+
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 

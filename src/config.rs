@@ -83,11 +83,23 @@ impl Config {
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
-            ConfigLoadError::Parse(if path == "." || path.is_empty() {
-                inner
-            } else {
-                format!("{path}: {inner}")
-            })
+            if path == "." || path.is_empty() {
+                return ConfigLoadError::Parse(inner);
+            }
+            // serde_yaml names a path itself in some errors (unknown
+            // variants, bad map keys), ours or its parent's: name ours once.
+            let message = match inner.split_once(": ") {
+                Some((named, rest))
+                    if path == named
+                        || path
+                            .strip_prefix(named)
+                            .is_some_and(|tail| tail.starts_with(['.', '['])) =>
+                {
+                    rest
+                }
+                _ => inner.as_str(),
+            };
+            ConfigLoadError::Parse(format!("{path}: {message}"))
         })
     }
 
@@ -171,6 +183,63 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("audiences.vip.where"), "{err}");
+    }
+
+    fn load_error(text: &str) -> String {
+        match Config::from_yaml(text).and_then(Config::compile) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_broken_json_schema_is_named_by_its_path() {
+        let text = DEMO_CONFIG.replace(
+            "properties: {revenue: {type: number, minimum: 0}}",
+            "properties: {revenue: {type: money, minimum: 0}}",
+        );
+        assert_ne!(text, DEMO_CONFIG);
+        assert_eq!(
+            load_error(&text),
+            "tracking_plans.shop.events.Order Completed: invalid JSON Schema: \"money\" is not valid under any of the schemas listed in the 'anyOf' keyword"
+        );
+    }
+
+    #[test]
+    fn an_unknown_policy_is_named_by_its_path() {
+        let text = DEMO_CONFIG.replace("on_violation: block", "on_violation: drop");
+        assert_ne!(text, DEMO_CONFIG);
+        assert_eq!(
+            load_error(&text),
+            "tracking_plans.shop.on_violation: unknown variant `drop`, expected one of `block`, `omit`, `allow` at line 16 column 19"
+        );
+    }
+
+    #[test]
+    fn tracking_plan_fields_are_checked_with_their_path() {
+        let plan = "tracking_plans:\n  shop:\n    event_versions:\n      Order Completed:\n";
+        let err = load_error(&format!("{plan}        0: {{type: object}}\n"));
+        assert!(
+            err.starts_with("tracking_plans.shop.event_versions.Order Completed.0: invalid value: integer `0`, expected an event version"),
+            "{err}"
+        );
+        let err = load_error(&format!("{plan}        2: {{type: 7}}\n"));
+        assert!(
+            err.starts_with(
+                "tracking_plans.shop.event_versions.Order Completed.2: invalid JSON Schema: "
+            ),
+            "{err}"
+        );
+        let err = load_error("tracking_plans:\n  shop:\n    common: {required: 5}\n");
+        assert!(
+            err.starts_with("tracking_plans.shop.common: invalid JSON Schema: "),
+            "{err}"
+        );
+        let err = load_error("tracking_plans:\n  shop:\n    unplaned_events: block\n");
+        assert!(
+            err.starts_with("tracking_plans.shop.unplaned_events: unknown field `unplaned_events`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //! event to `<p>.raw`.
 //!
 //! Routes: `POST /v1/identify|track|page|screen|group|alias` (one event, its
-//! type from the path), `POST /v1/batch` and `/v1/import` (`{"batch": [...]}`
-//! with optional batch-level `context`, `integrations` and `sentAt` merged
-//! into every item that lacks them), and `GET /v1/projects/{writeKey}/settings`
-//! (the minimal settings analytics.js asks for). CORS is permissive so
-//! browser SDKs can post from any origin; gzip request bodies are accepted.
+//! type from the path; also by the one-letter paths analytics.js posts to,
+//! `/v1/i|t|p|s|g|a`), `POST /v1/batch`, `/v1/import` and `/v1/b`
+//! (`{"batch": [...]}` with optional batch-level `context`, `integrations`
+//! and `sentAt` merged into every item that lacks them), and `GET
+//! /v1/projects/{writeKey}/settings` (the minimal settings analytics.js asks
+//! for). CORS is permissive so browser SDKs can post from any origin; gzip
+//! request bodies are accepted.
 //!
 //! Auth is the write key of a configured source, as the Basic-auth user name
 //! or as `writeKey` in the body; it is never written to the topic.
@@ -16,6 +18,9 @@
 //! then enriched: `receivedAt`, a `messageId` when absent, and `timestamp`
 //! corrected for the client's clock skew (`timestamp = receivedAt - (sentAt -
 //! originalTimestamp)`). Everything deeper is the validate stage's job.
+//! Only those few top-level fields are ever parsed: the rest of each event
+//! (properties, context, traits) is copied to the topic as the client wrote
+//! it, byte for byte, in its field order.
 //!
 //! Guarantee: `200 {"success": true}` is sent only after the broker
 //! acknowledged every event of the request (idempotent producer, acks=all).
@@ -26,6 +31,7 @@
 //! `messageId` — except events the client sent without a `messageId`, which
 //! get a fresh one per attempt.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,7 +51,9 @@ use cdp_pipeline::{envelope, metrics, ReadyFlag, Shutdown};
 use futures::StreamExt;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
 use tower_http::cors::CorsLayer;
@@ -268,14 +276,20 @@ impl IntoResponse for CollectError {
     }
 }
 
-/// A Segment event as a JSON object.
-type Event = Map<String, Value>;
-
-/// One event of a request, with its path for error messages (`batch[3]`).
+/// One event of a request, with its index in the batch (`None` for a
+/// single-event call) for error messages (`batch[3]`).
 #[derive(Debug)]
-struct Item {
-    at: String,
-    event: Event,
+struct Item<'a> {
+    index: Option<usize>,
+    fields: Fields<'a>,
+}
+
+/// Where an event sits in its request, for error messages.
+fn at(index: Option<usize>) -> String {
+    match index {
+        Some(i) => format!("batch[{i}]"),
+        None => "body".into(),
+    }
 }
 
 /// One event ready to produce.
@@ -338,14 +352,16 @@ impl Collector {
     pub fn router(&self) -> Router {
         let mut router = Router::new();
         for kind in EventType::ALL {
-            router = router.route(
-                &format!("/v1/{}", kind.as_str()),
-                post(
-                    move |State(c): State<Collector>, headers: HeaderMap, body: Body| async move {
-                        c.respond(Call::Single(kind), &headers, body).await
-                    },
-                ),
+            let handler = post(
+                move |State(c): State<Collector>, headers: HeaderMap, body: Body| async move {
+                    c.respond(Call::Single(kind), &headers, body).await
+                },
             );
+            let name = kind.as_str();
+            // analytics.js posts to the first letter: `/v1/t` for a track.
+            router = router
+                .route(&format!("/v1/{name}"), handler.clone())
+                .route(&format!("/v1/{}", &name[..1]), handler);
         }
         let batch = |State(c): State<Collector>, headers: HeaderMap, body: Body| async move {
             c.respond(Call::Batch, &headers, body).await
@@ -353,6 +369,7 @@ impl Collector {
         router
             .route("/v1/batch", post(batch))
             .route("/v1/import", post(batch))
+            .route("/v1/b", post(batch))
             .route("/v1/projects/{write_key}/settings", get(settings))
             // Decompression sits inside the handlers' reach, so the size
             // limits apply to the decompressed body (no gzip bombs).
@@ -455,9 +472,25 @@ impl Collector {
             .try_acquire_many(u32::try_from(bytes.len()).unwrap_or(u32::MAX))
             .map_err(|_| CollectError::Overloaded)?;
 
-        let doc: Value =
-            serde_json::from_slice(&bytes).map_err(|e| CollectError::InvalidJson(e.to_string()))?;
-        let Value::Object(mut doc) = doc else {
+        // One pass over the body: the top-level fields of every event,
+        // each value left as the raw JSON text of the body.
+        let parsed = match call {
+            Call::Single(_) => serde_json::from_slice::<SingleDoc>(&bytes).map(|d| d.0),
+            Call::Batch => serde_json::from_slice::<BatchDoc>(&bytes).map(|d| d.0),
+        }
+        .map_err(|e| CollectError::InvalidJson(e.to_string()))?;
+        // Skipped values are checked for syntax but not for unpaired UTF-16
+        // surrogate escapes, which every later stage's parser refuses.
+        if let Some(at) = lone_surrogate(&bytes) {
+            return Err(CollectError::InvalidJson(format!(
+                "lone surrogate in a \\u escape at byte {at}"
+            )));
+        }
+        let Doc::Object {
+            fields: mut doc,
+            batch,
+        } = parsed
+        else {
             return Err(CollectError::invalid(
                 "body",
                 "not_an_object",
@@ -465,10 +498,10 @@ impl Collector {
             ));
         };
         let body_key = doc.remove("writeKey");
-        let source = match (header_source, body_key) {
+        let source = match (header_source, body_key.as_deref().and_then(string)) {
             (Some(source), _) => source,
-            (None, Some(Value::String(key))) => self.source_of(&key)?,
-            (None, _) => {
+            (None, Some(key)) => self.source_of(&key)?,
+            (None, None) => {
                 return Err(CollectError::Unauthorized(
                     "missing write key: send it as the Basic-auth user name or as writeKey",
                 ))
@@ -477,18 +510,19 @@ impl Collector {
 
         let items: Vec<Item> = match call {
             Call::Single(kind) => {
-                doc.insert("type".into(), Value::String(kind.as_str().into()));
+                doc.set("type", raw_string(kind.as_str())?);
                 vec![Item {
-                    at: "body".into(),
-                    event: doc,
+                    index: None,
+                    fields: doc,
                 }]
             }
-            Call::Batch => split_batch(doc, cfg, events)?,
+            Call::Batch => split_batch(doc, batch, cfg, events)?,
         };
         let received_ms = chrono::Utc::now().timestamp_millis();
+        let received_at = raw_string(&rfc3339_ms(received_ms))?;
         let prepared = items
             .into_iter()
-            .map(|item| enrich(item.event, received_ms, &item.at))
+            .map(|item| enrich(item.fields, received_ms, &received_at, item.index))
             .collect::<Result<Vec<_>, _>>()?;
         self.produce(source, &prepared).await?;
         metrics::EVENTS_ACCEPTED
@@ -609,8 +643,10 @@ enum ReadError {
 
 /// Read the (decompressed) body, refusing it as soon as it passes `limit`.
 async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ReadError> {
+    // Content-Length, when sent, sizes the buffer once.
+    let expected = axum::body::HttpBody::size_hint(&body).lower();
+    let mut buf = Vec::with_capacity(usize::try_from(expected).unwrap_or(limit).min(limit));
     let mut stream = body.into_data_stream();
-    let mut buf = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ReadError::Stream(e.to_string()))?;
         if buf.len() + chunk.len() > limit {
@@ -621,17 +657,395 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ReadError> {
     Ok(buf)
 }
 
+/// A JSON object's top-level fields in the order sent, each value the raw
+/// JSON text borrowed from the request body. The edge parses only the few
+/// fields it reads (ids, type, event, times), and writes the event out by
+/// copying the rest verbatim instead of building and re-serializing a tree.
+///
+/// JSON allows a key twice; like `serde_json::Value`, lookups see the last
+/// one, and `set` leaves the key once.
+#[derive(Debug, Default)]
+struct Fields<'a>(Vec<(Cow<'a, str>, Cow<'a, RawValue>)>);
+
+impl<'a> Fields<'a> {
+    fn get(&self, key: &str) -> Option<&RawValue> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| &**v)
+    }
+
+    fn get_cow(&self, key: &str) -> Option<Cow<'a, RawValue>> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// Remove every occurrence of `key`; the value of the last one.
+    fn remove(&mut self, key: &str) -> Option<Cow<'a, RawValue>> {
+        let mut removed = None;
+        let mut i = 0;
+        while i < self.0.len() {
+            if self.0[i].0 == key {
+                removed = Some(self.0.remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        removed
+    }
+
+    /// Set `key`, in place if it is there (keeping the field order), else
+    /// at the end.
+    fn set(&mut self, key: &'static str, value: Cow<'a, RawValue>) {
+        let count = self.0.iter().filter(|(k, _)| k == key).count();
+        if count > 1 {
+            let mut left = count;
+            self.0.retain(|(k, _)| {
+                if k != key {
+                    return true;
+                }
+                left -= 1;
+                left == 0
+            });
+        }
+        match self.0.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = value,
+            None => self.0.push((Cow::Borrowed(key), value)),
+        }
+    }
+
+    /// Length of [`Fields::to_json`] for keys without escapes (exact for
+    /// every real event; a close estimate otherwise).
+    fn json_len(&self) -> usize {
+        let commas = self.0.len().saturating_sub(1);
+        2 + commas
+            + self
+                .0
+                .iter()
+                .map(|(k, v)| k.len() + 3 + v.get().len())
+                .sum::<usize>()
+    }
+
+    fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut out = Vec::with_capacity(self.json_len() + 16);
+        out.push(b'{');
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            if k.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+                out.push(b'"');
+                out.extend_from_slice(k.as_bytes());
+                out.push(b'"');
+            } else {
+                serde_json::to_writer(&mut out, k)?;
+            }
+            out.push(b':');
+            out.extend_from_slice(v.get().as_bytes());
+        }
+        out.push(b'}');
+        Ok(out)
+    }
+}
+
+/// A JSON string as a raw value.
+fn raw_string(s: &str) -> Result<Cow<'static, RawValue>, CollectError> {
+    serde_json::value::to_raw_value(s)
+        .map(Cow::Owned)
+        .map_err(|e| CollectError::Internal(e.to_string()))
+}
+
+/// A JSON string, borrowed from the body when it has no escapes.
+struct Str<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Str<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The value as a string, if it is a JSON string.
+fn string(value: &RawValue) -> Option<Cow<'_, str>> {
+    let text = value.get();
+    if !text.starts_with('"') {
+        return None;
+    }
+    serde_json::from_str::<Str>(text).ok().map(|s| s.0)
+}
+
+/// A usable identifier: a non-empty string or a number.
+fn identifier(value: Option<&RawValue>) -> Option<Cow<'_, str>> {
+    let value = value?;
+    match value.get().as_bytes().first()? {
+        b'"' => string(value).filter(|s| !s.is_empty()),
+        b'-' | b'0'..=b'9' => serde_json::from_str::<serde_json::Number>(value.get())
+            .ok()
+            .map(|n| Cow::Owned(n.to_string())),
+        _ => None,
+    }
+}
+
+/// The offset of the first `\uD800`–`\uDFFF` escape that is not half of
+/// a surrogate pair, in a body that parsed as JSON (so every backslash is
+/// inside a string and starts an escape).
+fn lone_surrogate(body: &[u8]) -> Option<usize> {
+    let hex = |at: usize| -> Option<u32> {
+        let digits = body.get(at..at + 4)?;
+        u32::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let unicode_escape =
+        |at: usize| -> Option<u32> { (body.get(at..at + 2)? == b"\\u").then(|| hex(at + 2))? };
+    let mut i = 0;
+    while let Some(found) = next_backslash(body, i) {
+        let Some(code) = unicode_escape(found) else {
+            i = found + 2; // `\"`, `\\`, `\n`, ...: one escaped byte
+            continue;
+        };
+        i = found + 6;
+        match code {
+            0xD800..=0xDBFF => match unicode_escape(i) {
+                Some(0xDC00..=0xDFFF) => i += 6,
+                _ => return Some(found),
+            },
+            0xDC00..=0xDFFF => return Some(found),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The next backslash at or after `from`, eight bytes at a time.
+fn next_backslash(body: &[u8], from: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let rest = body.get(from..)?;
+    let mut chunks = rest.chunks_exact(8);
+    let mut offset = from;
+    for chunk in chunks.by_ref() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word) ^ (ONES * u64::from(b'\\'));
+        // A zero byte in `x` is a backslash in the chunk.
+        if x.wrapping_sub(ONES) & !x & HIGHS != 0 {
+            return chunk.iter().position(|&b| b == b'\\').map(|p| offset + p);
+        }
+        offset += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == b'\\')
+        .map(|p| offset + p)
+}
+
+fn is_null(value: &RawValue) -> bool {
+    value.get() == "null"
+}
+
+/// The parsed body of a request.
+enum Doc<'a> {
+    /// A JSON object; with `batch` parsed for a batch call.
+    Object {
+        fields: Fields<'a>,
+        batch: Option<BatchField<'a>>,
+    },
+    NotAnObject,
+}
+
+/// The `batch` field of a batch call.
+enum BatchField<'a> {
+    Items(Vec<Node<'a>>),
+    NotAnArray,
+}
+
+/// One item of a batch.
+enum Node<'a> {
+    Object(Fields<'a>),
+    NotAnObject,
+}
+
+/// The body of a single-event call.
+struct SingleDoc<'a>(Doc<'a>);
+/// The body of a batch call.
+struct BatchDoc<'a>(Doc<'a>);
+
+impl<'de> Deserialize<'de> for SingleDoc<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DocVisitor { batch: false })
+            .map(SingleDoc)
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchDoc<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DocVisitor { batch: true }).map(BatchDoc)
+    }
+}
+
+impl<'de> Deserialize<'de> for Node<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NodeVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchField<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(BatchVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match d.deserialize_any(NodeVisitor)? {
+            Node::Object(fields) => Ok(fields),
+            Node::NotAnObject => Err(de::Error::custom("expected a JSON object")),
+        }
+    }
+}
+
+/// Read a map's entries: values raw, except `batch` when `batch` is set.
+fn read_fields<'de, A: MapAccess<'de>>(
+    mut map: A,
+    batch: bool,
+) -> Result<(Fields<'de>, Option<BatchField<'de>>), A::Error> {
+    let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(16));
+    let mut items = None;
+    while let Some(Str(key)) = map.next_key::<Str<'de>>()? {
+        if batch && key == "batch" {
+            items = Some(map.next_value::<BatchField<'de>>()?);
+        } else {
+            let value: &'de RawValue = map.next_value()?;
+            fields.push((key, Cow::Borrowed(value)));
+        }
+    }
+    Ok((Fields(fields), items))
+}
+
+/// Values that are not what the visitor looks for still have to be read
+/// (and so validated) to the end.
+fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+/// Implement the visits of everything but a map (or, with `seq`, an
+/// array) as "not what we want".
+macro_rules! visit_others {
+    ($other:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+    };
+}
+
+struct DocVisitor {
+    batch: bool,
+}
+
+impl<'de> Visitor<'de> for DocVisitor {
+    type Value = Doc<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Doc<'de>, A::Error> {
+        let (fields, batch) = read_fields(map, self.batch)?;
+        Ok(Doc::Object { fields, batch })
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Doc<'de>, A::Error> {
+        skip_seq(seq)?;
+        Ok(Doc::NotAnObject)
+    }
+    visit_others!(Doc::NotAnObject);
+}
+
+struct NodeVisitor;
+
+impl<'de> Visitor<'de> for NodeVisitor {
+    type Value = Node<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Node<'de>, A::Error> {
+        Ok(Node::Object(read_fields(map, false)?.0))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Node<'de>, A::Error> {
+        skip_seq(seq)?;
+        Ok(Node::NotAnObject)
+    }
+    visit_others!(Node::NotAnObject);
+}
+
+struct BatchVisitor;
+
+impl<'de> Visitor<'de> for BatchVisitor {
+    type Value = BatchField<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<BatchField<'de>, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(128).min(4096));
+        while let Some(item) = seq.next_element::<Node<'de>>()? {
+            items.push(item);
+        }
+        Ok(BatchField::Items(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<BatchField<'de>, A::Error> {
+        while map
+            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(BatchField::NotAnArray)
+    }
+    visit_others!(BatchField::NotAnArray);
+}
+
 /// Split a batch request into its items, merging batch-level `context`,
 /// `integrations` and `sentAt` into each, and enforcing the count and
-/// per-event size limits. Items are returned with their path for errors.
-fn split_batch(
-    mut doc: Event,
+/// per-event size limits.
+fn split_batch<'a>(
+    mut doc: Fields<'a>,
+    batch: Option<BatchField<'a>>,
     cfg: &CollectorConfig,
     events: &mut usize,
-) -> Result<Vec<Item>, CollectError> {
-    let batch = match doc.remove("batch") {
-        Some(Value::Array(batch)) => batch,
-        Some(_) => {
+) -> Result<Vec<Item<'a>>, CollectError> {
+    let batch = match batch {
+        Some(BatchField::Items(batch)) => batch,
+        Some(BatchField::NotAnArray) => {
             return Err(CollectError::invalid(
                 "batch",
                 "invalid_batch",
@@ -652,87 +1066,103 @@ fn split_batch(
     let sent_at = doc.remove("sentAt");
     let mut items = Vec::with_capacity(batch.len());
     for (i, item) in batch.into_iter().enumerate() {
-        let at = format!("batch[{i}]");
-        let Value::Object(mut item) = item else {
+        let Node::Object(mut item) = item else {
             return Err(CollectError::invalid(
-                at,
+                at(Some(i)),
                 "not_an_object",
                 "expected a JSON object",
             ));
         };
-        let size = serde_json::to_vec(&item)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
-        if size > cfg.max_event_bytes {
+        if item.json_len() > cfg.max_event_bytes {
             return Err(CollectError::EventTooLarge {
-                at,
+                at: at(Some(i)),
                 limit: cfg.max_event_bytes,
             });
         }
-        match item
+        if item
             .get("type")
-            .and_then(Value::as_str)
-            .and_then(EventType::parse)
+            .and_then(string)
+            .and_then(|t| EventType::parse(&t))
+            .is_none()
         {
-            Some(_) => {}
-            None => {
-                return Err(CollectError::invalid(
-                    format!("{at}.type"),
-                    "invalid_type",
-                    "expected identify, track, page, screen, group or alias",
-                ))
-            }
+            return Err(CollectError::invalid(
+                format!("{}.type", at(Some(i))),
+                "invalid_type",
+                "expected identify, track, page, screen, group or alias",
+            ));
         }
-        merge_missing(&mut item, "context", context.as_ref());
-        merge_missing(&mut item, "integrations", integrations.as_ref());
-        merge_missing(&mut item, "sentAt", sent_at.as_ref());
-        items.push(Item { at, event: item });
+        merge_missing(&mut item, "context", context.as_ref())?;
+        merge_missing(&mut item, "integrations", integrations.as_ref())?;
+        merge_missing(&mut item, "sentAt", sent_at.as_ref())?;
+        items.push(Item {
+            index: Some(i),
+            fields: item,
+        });
     }
     Ok(items)
 }
 
 /// Give `item[field]` the batch-level value where the item lacks it; for
 /// objects, key by key (the item's own keys win).
-fn merge_missing(item: &mut Event, field: &str, batch_value: Option<&Value>) {
+fn merge_missing<'a>(
+    item: &mut Fields<'a>,
+    field: &'static str,
+    batch_value: Option<&Cow<'a, RawValue>>,
+) -> Result<(), CollectError> {
     let Some(batch_value) = batch_value else {
-        return;
+        return Ok(());
     };
-    match (item.get_mut(field), batch_value) {
-        (None | Some(Value::Null), _) => {
-            item.insert(field.to_string(), batch_value.clone());
-        }
-        (Some(Value::Object(own)), Value::Object(shared)) => {
-            for (k, v) in shared {
-                own.entry(k.clone()).or_insert_with(|| v.clone());
-            }
-        }
-        _ => {}
+    let own = item.get(field);
+    if own.is_none_or(is_null) {
+        item.set(field, batch_value.clone());
+        return Ok(());
     }
-}
-
-/// A usable identifier: a non-empty string or a number.
-fn identifier(value: Option<&Value>) -> Option<String> {
-    match value? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
+    let both_objects =
+        own.is_some_and(|v| v.get().starts_with('{')) && batch_value.get().starts_with('{');
+    if !both_objects {
+        return Ok(());
     }
+    // The rare case (a batch-level and an item-level object): merge as trees.
+    let parse = |v: &str| {
+        serde_json::from_str::<Map<String, Value>>(v)
+            .map_err(|e| CollectError::Internal(e.to_string()))
+    };
+    let mut merged = parse(own.map_or("{}", RawValue::get))?;
+    for (k, v) in parse(batch_value.get())? {
+        merged.entry(k).or_insert(v);
+    }
+    let merged = serde_json::value::to_raw_value(&merged)
+        .map_err(|e| CollectError::Internal(e.to_string()))?;
+    item.set(field, Cow::Owned(merged));
+    Ok(())
 }
 
 /// Check what the edge must check, then set `receivedAt`, `messageId` and
 /// the skew-corrected `timestamp`. The key is the anonymousId if present,
 /// else the userId, so one visitor's events share a partition.
-fn enrich(mut event: Event, received_ms: i64, at: &str) -> Result<Prepared, CollectError> {
+fn enrich<'a>(
+    mut event: Fields<'a>,
+    received_ms: i64,
+    received_at: &'a RawValue,
+    index: Option<usize>,
+) -> Result<Prepared, CollectError> {
     let key = identifier(event.get("anonymousId"))
         .or_else(|| identifier(event.get("userId")))
+        .map(Cow::into_owned)
         .ok_or_else(|| {
-            CollectError::invalid(at, "missing_id", "userId or anonymousId is required")
+            CollectError::invalid(at(index), "missing_id", "userId or anonymousId is required")
         })?;
-    let is_track = event.get("type").and_then(Value::as_str) == Some(EventType::Track.as_str());
-    let has_event_name = matches!(event.get("event"), Some(Value::String(s)) if !s.is_empty());
+    let is_track = event
+        .get("type")
+        .and_then(string)
+        .is_some_and(|t| t == EventType::Track.as_str());
+    let has_event_name = event
+        .get("event")
+        .and_then(string)
+        .is_some_and(|e| !e.is_empty());
     if is_track && !has_event_name {
         return Err(CollectError::invalid(
-            at,
+            at(index),
             "missing_event",
             "a track call needs an event name",
         ));
@@ -740,38 +1170,39 @@ fn enrich(mut event: Event, received_ms: i64, at: &str) -> Result<Prepared, Coll
     // The write key is a credential: never let it reach the topic.
     event.remove("writeKey");
     if identifier(event.get("messageId")).is_none() {
-        event.insert(
-            "messageId".into(),
-            Value::String(format!("api-{}", uuid::Uuid::new_v4())),
-        );
+        let id = format!("api-{}", uuid::Uuid::new_v4());
+        event.set("messageId", raw_string(&id)?);
     }
-    let received_at = rfc3339_ms(received_ms);
-    event.insert("receivedAt".into(), Value::String(received_at.clone()));
+    event.set("receivedAt", Cow::Borrowed(received_at));
 
-    let time_of = |field: &str, event: &Event| {
-        event
-            .get(field)
-            .and_then(Value::as_str)
-            .map(|s| (s.to_string(), parse_time_ms(s)))
+    let time_of = |field: &str, event: &Fields<'a>| {
+        event.get_cow(field).and_then(|raw| {
+            let ms = string(&raw).and_then(|s| parse_time_ms(&s))?;
+            Some((raw, ms))
+        })
     };
-    let sent_ms = time_of("sentAt", &event).and_then(|(_, ms)| ms);
+    let sent_ms = time_of("sentAt", &event).map(|(_, ms)| ms);
     // RudderStack SDKs send `originalTimestamp` instead of `timestamp`.
-    let client = time_of("timestamp", &event).or_else(|| time_of("originalTimestamp", &event));
+    let client = match event.get("timestamp").and_then(string) {
+        Some(_) => time_of("timestamp", &event),
+        None => time_of("originalTimestamp", &event),
+    };
     match (client, sent_ms) {
-        (Some((original, Some(client_ms))), Some(sent_ms)) => {
+        (Some((original, client_ms)), Some(sent_ms)) => {
             let corrected = received_ms.saturating_sub(sent_ms.saturating_sub(client_ms));
-            event.insert("timestamp".into(), Value::String(rfc3339_ms(corrected)));
-            event.insert("originalTimestamp".into(), Value::String(original));
+            event.set("timestamp", raw_string(&rfc3339_ms(corrected))?);
+            event.set("originalTimestamp", original);
         }
         // A timestamp without sentAt (or unparsable) is kept as sent; the
         // validate stage judges its format. No timestamp: receivedAt.
         _ => {
-            if event.get("timestamp").is_none_or(Value::is_null) {
-                event.insert("timestamp".into(), Value::String(received_at));
+            if event.get("timestamp").is_none_or(is_null) {
+                event.set("timestamp", Cow::Borrowed(received_at));
             }
         }
     }
-    let payload = serde_json::to_vec(&Value::Object(event))
+    let payload = event
+        .to_json()
         .map_err(|e| CollectError::Internal(e.to_string()))?;
     Ok(Prepared { key, payload })
 }
@@ -1118,6 +1549,89 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_batch_is_refused_whole_and_bad_encodings_and_auth_headers_too() -> TestResult {
+        let env = start().await?;
+        let good = json!({"type": "track", "userId": "u", "event": "Fine"});
+        let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
+            (
+                env.authed("/v1/batch")
+                    .json(&json!({"batch": {"type": "track"}})),
+                StatusCode::BAD_REQUEST,
+                "batch: expected an array",
+            ),
+            (
+                env.authed("/v1/batch").json(&json!({"events": []})),
+                StatusCode::BAD_REQUEST,
+                "batch: required",
+            ),
+            (
+                env.authed("/v1/batch")
+                    .json(&json!({"batch": [good.clone(), "track"]})),
+                StatusCode::BAD_REQUEST,
+                "batch[1]: expected a JSON object",
+            ),
+            // One bad item refuses the request: the good ones before it
+            // are not written either, so a fixed retry never duplicates.
+            (
+                env.authed("/v1/batch").json(&json!({"batch": [
+                    good.clone(), good.clone(), {"type": "track", "event": "No Id"}
+                ]})),
+                StatusCode::BAD_REQUEST,
+                "batch[2]: userId or anonymousId",
+            ),
+            (
+                env.authed("/v1/track")
+                    .body(r#"{"userId": "u", "event": "E", "properties": {"p": "\ud800"}}"#),
+                StatusCode::BAD_REQUEST,
+                "lone surrogate",
+            ),
+            (
+                env.authed("/v1/track")
+                    .header("content-encoding", "gzip")
+                    .body("this is not gzip"),
+                StatusCode::BAD_REQUEST,
+                "cannot read the request body",
+            ),
+            (
+                env.post("/v1/track")
+                    .header("authorization", "Bearer wk_web_123")
+                    .json(&good),
+                StatusCode::UNAUTHORIZED,
+                "malformed Authorization",
+            ),
+            (
+                env.post("/v1/track")
+                    .header("authorization", "Basic %%%")
+                    .json(&good),
+                StatusCode::UNAUTHORIZED,
+                "malformed Authorization",
+            ),
+        ];
+        for (request, status, reason) in cases {
+            let (got, body) = json_body(request.send().await?).await?;
+            assert_eq!(got, status, "{body}");
+            assert_eq!(body["success"], json!(false));
+            assert!(
+                str_field(&body, "error").contains(reason),
+                "{body} should mention {reason}"
+            );
+        }
+        let ok = env
+            .authed("/v1/track")
+            .json(&json!({"userId": "u", "event": "Last"}))
+            .send()
+            .await?;
+        assert_eq!(ok.status().as_u16(), 200);
+        let records = env.consume(1).await?;
+        assert_eq!(
+            str_field(&records[0].value, "event"),
+            "Last",
+            "nothing of a refused request reached the topic"
+        );
+        env.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn oversized_events_and_batches_get_413() -> TestResult {
         let env = start().await?;
         let big = "x".repeat(33 * 1024);
@@ -1187,6 +1701,47 @@ mod tests {
         let records = env.consume(1).await?;
         assert_eq!(str_field(&records[0].value, "event"), "Zipped");
         assert_eq!(records[0].key.as_deref(), Some("a-9"));
+        env.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn analytics_js_one_letter_paths_with_text_plain_bodies() -> TestResult {
+        let env = start().await?;
+        // analytics.js posts `text/plain` (no CORS preflight) with the write
+        // key in the body, to `/v1/` plus the type's first letter.
+        let calls = [
+            ("/v1/i", json!({"userId": "u", "traits": {"plan": "pro"}})),
+            ("/v1/t", json!({"userId": "u", "event": "Clicked"})),
+            ("/v1/p", json!({"userId": "u", "name": "Home"})),
+            ("/v1/s", json!({"userId": "u", "name": "Feed"})),
+            ("/v1/g", json!({"userId": "u", "groupId": "g1"})),
+            ("/v1/a", json!({"userId": "u", "previousId": "a1"})),
+            (
+                "/v1/b",
+                json!({"batch": [{"type": "track", "userId": "u", "event": "Batched"}]}),
+            ),
+        ];
+        for (path, mut body) in calls {
+            body["writeKey"] = json!(WRITE_KEY);
+            let response = env
+                .post(path)
+                .header("content-type", "text/plain")
+                .body(body.to_string())
+                .send()
+                .await?;
+            assert_eq!(json_body(response).await?.0, StatusCode::OK, "{path}");
+        }
+        // One key, one partition: the order of the calls.
+        let records = env.consume(7).await?;
+        let kinds: Vec<&str> = records
+            .iter()
+            .map(|r| str_field(&r.value, "type"))
+            .collect();
+        assert_eq!(
+            kinds,
+            ["identify", "track", "page", "screen", "group", "alias", "track"]
+        );
+        assert_eq!(str_field(&records[6].value, "event"), "Batched");
         env.stop().await
     }
 
@@ -1287,19 +1842,23 @@ mod tests {
         env.stop().await
     }
 
+    /// Enrich one event given as JSON text, as the collector would.
+    fn enrich_text(text: &str, received_ms: i64) -> Result<Prepared, BoxError> {
+        let fields: Fields = serde_json::from_str(text)?;
+        let received_at = raw_string(&rfc3339_ms(received_ms)).map_err(|e| e.to_string())?;
+        Ok(enrich(fields, received_ms, &received_at, None).map_err(|e| e.to_string())?)
+    }
+
     #[test]
     fn skew_correction_and_defaults() -> TestResult {
         let received = parse_time_ms("2026-01-01T12:00:00.000Z").ok_or("time")?;
-        let event = |v: Value| match v {
-            Value::Object(m) => Ok(m),
-            _ => Err("not an object"),
-        };
+        let run = |v: Value| enrich_text(&v.to_string(), received);
         let decode = |p: Prepared| serde_json::from_slice::<Value>(&p.payload);
 
         // Client clock 1h behind: sentAt and timestamp both from that clock.
-        let skewed = event(json!({"type": "track", "event": "E", "userId": "u",
-            "timestamp": "2026-01-01T10:59:50.000Z", "sentAt": "2026-01-01T11:00:00.000Z"}))?;
-        let v = decode(enrich(skewed, received, "body")?)?;
+        let skewed = json!({"type": "track", "event": "E", "userId": "u",
+            "timestamp": "2026-01-01T10:59:50.000Z", "sentAt": "2026-01-01T11:00:00.000Z"});
+        let v = decode(run(skewed)?)?;
         assert_eq!(str_field(&v, "timestamp"), "2026-01-01T11:59:50.000Z");
         assert_eq!(
             str_field(&v, "originalTimestamp"),
@@ -1307,27 +1866,123 @@ mod tests {
         );
 
         // RudderStack style: originalTimestamp + sentAt.
-        let rudder = event(json!({"type": "page", "anonymousId": "a",
-            "originalTimestamp": "2026-01-01T11:00:00.000Z", "sentAt": "2026-01-01T11:00:01.000Z"}))?;
-        let v = decode(enrich(rudder, received, "body")?)?;
+        let rudder = json!({"type": "page", "anonymousId": "a",
+            "originalTimestamp": "2026-01-01T11:00:00.000Z", "sentAt": "2026-01-01T11:00:01.000Z"});
+        let v = decode(run(rudder)?)?;
         assert_eq!(str_field(&v, "timestamp"), "2026-01-01T11:59:59.000Z");
 
         // Timestamp without sentAt is kept; none at all becomes receivedAt.
-        let kept = event(
-            json!({"type": "identify", "userId": 42, "timestamp": "2025-05-05T00:00:00Z", "messageId": "m"}),
-        )?;
-        let p = enrich(kept, received, "body")?;
+        let kept = json!({"type": "identify", "userId": 42, "timestamp": "2025-05-05T00:00:00Z", "messageId": "m"});
+        let p = run(kept)?;
         assert_eq!(p.key, "42");
         let v = decode(p)?;
         assert_eq!(str_field(&v, "timestamp"), "2025-05-05T00:00:00Z");
         assert_eq!(str_field(&v, "messageId"), "m");
-        let bare = event(json!({"type": "identify", "userId": "u", "anonymousId": ""}))?;
-        let p = enrich(bare, received, "body")?;
+        let bare = json!({"type": "identify", "userId": "u", "anonymousId": ""});
+        let p = run(bare)?;
         assert_eq!(p.key, "u", "an empty anonymousId does not count");
         let v = decode(p)?;
         assert_eq!(str_field(&v, "timestamp"), "2026-01-01T12:00:00.000Z");
         assert_eq!(str_field(&v, "receivedAt"), "2026-01-01T12:00:00.000Z");
+        // A null timestamp counts as none; an unparsable one is kept.
+        let null = json!({"type": "identify", "userId": "u", "timestamp": null, "sentAt": "x"});
+        let v = decode(run(null)?)?;
+        assert_eq!(str_field(&v, "timestamp"), "2026-01-01T12:00:00.000Z");
+        let odd = json!({"type": "identify", "userId": "u", "timestamp": "yesterday",
+            "sentAt": "2026-01-01T11:00:00.000Z"});
+        let v = decode(run(odd)?)?;
+        assert_eq!(str_field(&v, "timestamp"), "yesterday");
         Ok(())
+    }
+
+    #[test]
+    fn events_are_copied_through_verbatim_with_their_field_order() -> TestResult {
+        let received = parse_time_ms("2026-01-01T12:00:00.000Z").ok_or("time")?;
+        // Whitespace, escapes in keys and values, unicode, deep nesting,
+        // numbers that a float would round, and a key sent twice.
+        let text = r#" { "userId" : "u\"1\u00e9" , "type":"track", "event": "Caf\u00e9 \u2615",
+            "properties": {"big": 12345678901234567890123, "nested": [ {"a": [1, 2.50, null]} ],
+            "q\"k": "v"}, "weird\nkey": true, "event": "Second", "writeKey": "wk_secret",
+            "messageId": 7 } "#;
+        let p = enrich_text(text, received)?;
+        assert_eq!(p.key, "u\"1é");
+        let out = std::str::from_utf8(&p.payload)?;
+        // Nested values are the client's own text, byte for byte.
+        assert!(
+            out.contains(r#""properties":{"big": 12345678901234567890123, "nested": [ {"a": [1, 2.50, null]} ],
+            "q\"k": "v"}"#),
+            "{out}"
+        );
+        let v: Value = serde_json::from_slice(&p.payload)?;
+        let keys: Vec<&str> = v
+            .as_object()
+            .ok_or("object")?
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "userId",
+                "type",
+                "event",
+                "properties",
+                "weird\nkey",
+                "messageId",
+                "receivedAt",
+                "timestamp"
+            ]
+        );
+        assert_eq!(
+            str_field(&v, "event"),
+            "Second",
+            "the last of a repeated key wins"
+        );
+        assert!(v.get("writeKey").is_none());
+        assert_eq!(v["messageId"], json!(7), "a numeric messageId is kept");
+        assert_eq!(v["weird\nkey"], json!(true));
+        assert_eq!(v.pointer("/properties/q\"k"), Some(&json!("v")));
+
+        // `set` leaves one occurrence, in place of the last.
+        let mut fields: Fields = serde_json::from_str(r#"{"a": 1, "b": 2, "a": 3, "c": 4}"#)?;
+        fields.set("a", raw_string("x").map_err(|e| e.to_string())?);
+        assert_eq!(
+            std::str::from_utf8(&fields.to_json()?)?,
+            r#"{"b":2,"a":"x","c":4}"#
+        );
+        assert_eq!(fields.json_len(), fields.to_json()?.len());
+        assert!(serde_json::from_str::<Fields>("[1]").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn lone_surrogates_are_found_and_pairs_and_escaped_backslashes_are_not() {
+        let cases: [(&str, Option<usize>); 9] = [
+            (r#"{"a": "plain"}"#, None),
+            (r#"{"a": "\u00e9 \ud83d\ude00 \"q\" \\"}"#, None),
+            (r#"{"a": "\\ud800"}"#, None),
+            (r#"{"a": "\\\ud83d\ude00"}"#, None),
+            (r#"{"a": "x\ud800"}"#, Some(8)),
+            (r#"{"a": "\ud800\u0041"}"#, Some(7)),
+            (r#"{"a": "\udc00"}"#, Some(7)),
+            (r#"{"a": "\ude00\ud83d"}"#, Some(7)),
+            (
+                r#"{"long key to pass eight bytes": "\uDBFF\uDFFF", "b": "\uD800"}"#,
+                Some(55),
+            ),
+        ];
+        for (body, expected) in cases {
+            assert!(
+                serde_json::from_str::<de::IgnoredAny>(body).is_ok(),
+                "{body}"
+            );
+            assert_eq!(lone_surrogate(body.as_bytes()), expected, "{body}");
+        }
+        for i in 0..40 {
+            let body = format!("{}\\", "x".repeat(i));
+            assert_eq!(next_backslash(body.as_bytes(), 0), Some(i));
+            assert_eq!(next_backslash(body.as_bytes(), i + 1), None);
+        }
     }
 
     #[test]

@@ -1,0 +1,79 @@
+//! `cdp config check FILE` as users run it: the built binary, a file on
+//! disk, the exit code and what it prints. No broker needed.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/demo-config.yaml");
+
+fn check(file: &Path) -> std::io::Result<Output> {
+    Command::new(env!("CARGO_BIN_EXE_cdp"))
+        .args(["config", "check"])
+        .arg(file)
+        .env_remove("CDP_LOG_FORMAT")
+        .output()
+}
+
+/// The demo config with `from` replaced by `to`, checked from a temp file.
+fn check_edited(from: &str, to: &str) -> Result<Output, Box<dyn std::error::Error>> {
+    let demo = std::fs::read_to_string(DEMO)?;
+    let edited = demo.replace(from, to);
+    if edited == demo {
+        return Err(format!("{from:?} is not in the demo config").into());
+    }
+    let mut file = tempfile::NamedTempFile::new()?;
+    file.write_all(edited.as_bytes())?;
+    file.flush()?;
+    Ok(check(file.path())?)
+}
+
+#[test]
+fn the_demo_config_is_ok() -> TestResult {
+    let out = check(Path::new(DEMO))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("demo-config.yaml: ok ("), "{stdout}");
+    assert!(stdout.contains("1 tracking plans"), "{stdout}");
+    Ok(())
+}
+
+#[test]
+fn a_broken_json_schema_fails_with_its_path() -> TestResult {
+    let out = check_edited("minimum: 0}}", "minimum: zero}}")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("error: tracking_plans.shop.events.Order Completed: invalid JSON Schema: "),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    Ok(())
+}
+
+#[test]
+fn an_unknown_policy_fails_with_its_path() -> TestResult {
+    let out = check_edited("on_violation: block", "on_violation: quarantine")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains(
+            "error: tracking_plans.shop.on_violation: unknown variant `quarantine`, expected one of `block`, `omit`, `allow`"
+        ),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_missing_file_fails_with_its_name() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("nope.yaml");
+    let out = check(&missing)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr.contains("nope.yaml: cannot read"), "{stderr}");
+    Ok(())
+}
