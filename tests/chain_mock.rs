@@ -70,3 +70,110 @@ async fn an_anonymous_visitor_who_buys_twice_enters_big_spenders_with_every_iden
     assert_eq!(big.len(), 1, "{big:?}");
     Ok(())
 }
+
+/// Two profiles in one identity partition that an identify joins: the
+/// merged-away profile exits its audiences, the survivor gets its state
+/// (through the traits and audiences stages' own input topics) and enters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_moves_state_downstream_and_the_merged_away_profile_exits() -> TestResult {
+    let dev = Dev::start(DevOptions {
+        config: None,
+        listen: "127.0.0.1:0".parse()?,
+        admin: None,
+        state_dir: None,
+        stdout: false,
+    })
+    .await?;
+    dev.wait_ready(Duration::from_secs(60)).await?;
+    let partitions = dev.factory.config().partitions;
+    // Raw records are keyed by anonymousId, else userId: pick an anonymous
+    // id whose key lands in the user id's partition, so one identity task
+    // sees both profiles.
+    let user = "user-merge";
+    let anon = (0..1000)
+        .map(|i| format!("merge-anon-{i}"))
+        .find(|a| common::partition_of(a, partitions) == common::partition_of(user, partitions))
+        .ok_or("no colliding key")?;
+    let client = reqwest::Client::new();
+    let steps = [
+        (
+            "track",
+            serde_json::json!({"userId": user, "event": "Order Completed", "properties": {"revenue": 300}}),
+        ),
+        (
+            "track",
+            serde_json::json!({"anonymousId": anon, "event": "Product Viewed", "properties": {"sku": "s"}}),
+        ),
+        (
+            "track",
+            serde_json::json!({"anonymousId": anon, "event": "Order Completed", "properties": {"revenue": 250}}),
+        ),
+        (
+            "identify",
+            serde_json::json!({"anonymousId": anon, "userId": user, "traits": {"email": "m@example.com"}}),
+        ),
+    ];
+    for (route, body) in steps {
+        let r = client
+            .post(format!("http://{}/v1/{route}", dev.collector))
+            .basic_auth(cdp::demo::DEMO_WRITE_KEY, Some(""))
+            .json(&body)
+            .send()
+            .await?;
+        assert!(r.status().is_success(), "{route}: {}", r.status());
+    }
+
+    let topics = dev.factory.topics();
+    let factory = dev.factory.clone();
+    let reader = tokio::task::spawn_blocking(move || -> Result<ChangeReader, String> {
+        let mut r = ChangeReader::new(&factory, &topics.audiences(), partitions)
+            .map_err(|e| e.to_string())?;
+        r.read_until(Duration::from_secs(60), |c| {
+            entered(c, "merge", "big_spenders") && c.iter().any(|c| c.action == "exited")
+        });
+        r.settle(Duration::from_secs(2));
+        Ok(r)
+    })
+    .await??;
+    dev.stop().await?;
+
+    let changes = &reader.changes;
+    let anon_only = |c: &&common::Change| c.identifiers.get("user_id").is_none();
+    let merged_away: Vec<_> = changes.iter().filter(anon_only).collect();
+    assert_eq!(
+        merged_away
+            .iter()
+            .map(|c| (c.audience.as_str(), c.action.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("browsed_then_bought", "entered"),
+            ("browsed_then_bought", "exited")
+        ],
+        "{changes:#?}"
+    );
+    let survivor: Vec<_> = changes.iter().filter(|c| !anon_only(c)).collect();
+    let big = survivor
+        .iter()
+        .find(|c| c.audience == "big_spenders" && c.action == "entered")
+        .ok_or_else(|| format!("survivor did not enter big_spenders: {changes:#?}"))?;
+    assert_eq!(
+        big.traits.get("revenue_total").and_then(|v| v.as_f64()),
+        Some(550.0)
+    );
+    assert_eq!(
+        big.identifiers.get("anonymous_id"),
+        Some(&vec![anon.clone()])
+    );
+    assert_eq!(
+        big.identifiers.get("email"),
+        Some(&vec!["m@example.com".to_string()])
+    );
+    assert!(
+        survivor
+            .iter()
+            .any(|c| c.audience == "browsed_then_bought" && c.action == "entered"),
+        "the survivor inherits the merged-away history: {changes:#?}"
+    );
+    assert_ne!(merged_away[0].profile_id, big.profile_id);
+    Ok(())
+}

@@ -139,3 +139,39 @@ pub fn entered(changes: &[Change], visitor: &str, audience: &str) -> bool {
                 .is_some_and(|u| u.contains(&user))
     })
 }
+
+/// Kafka's murmur2 (the Java client's default partitioner, librdkafka's
+/// `murmur2_random` for keyed records).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const M: i32 = 0x5bd1_e995;
+    let length = data.len() as i32;
+    let mut h: i32 = (0x9747_b28c_u32 as i32) ^ length;
+    for chunk in data.chunks_exact(4) {
+        let mut k = i32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= ((k as u32) >> 24) as i32;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = &data[data.len() & !3..];
+    if tail.len() >= 3 {
+        h ^= (tail[2] as i32) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= (tail[1] as i32) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= tail[0] as i32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= ((h as u32) >> 13) as i32;
+    h = h.wrapping_mul(M);
+    h ^= ((h as u32) >> 15) as i32;
+    h
+}
+
+/// The partition Kafka's default partitioner picks for `key`.
+pub fn partition_of(key: &str, partitions: i32) -> i32 {
+    (murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions
+}
