@@ -138,7 +138,7 @@ async fn a_merge_moves_state_downstream_and_the_merged_away_profile_exits() -> T
     dev.stop().await?;
 
     let changes = &reader.changes;
-    let anon_only = |c: &&common::Change| c.identifiers.get("user_id").is_none();
+    let anon_only = |c: &&common::Change| !c.identifiers.contains_key("user_id");
     let merged_away: Vec<_> = changes.iter().filter(anon_only).collect();
     assert_eq!(
         merged_away
