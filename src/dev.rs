@@ -63,16 +63,9 @@ pub fn dev_config(mut config: Config, bootstrap: &str, state_dir: &str, stdout: 
             .iter()
             .any(|d| d.kind == DestinationKind::Stdout)
     {
-        config.destinations.push(DestinationConfig {
-            id: "stdout".into(),
-            kind: DestinationKind::Stdout,
-            url: None,
-            secret_env: None,
-            topic: None,
-            audiences: Vec::new(),
-            timeout: None,
-            max_attempts: None,
-        });
+        config
+            .destinations
+            .push(DestinationConfig::new("stdout", DestinationKind::Stdout));
     }
     config
 }
@@ -138,6 +131,21 @@ impl Dev {
             _state: state,
             _broker: broker,
         })
+    }
+
+    /// The built-in demo config on a fresh embedded broker, collector on a
+    /// free loopback port, nothing on stdout: what the tests run.
+    pub async fn start_for_tests() -> anyhow::Result<Dev> {
+        let dev = Dev::start(DevOptions {
+            config: None,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: None,
+            state_dir: None,
+            stdout: false,
+        })
+        .await?;
+        dev.wait_ready(std::time::Duration::from_secs(60)).await?;
+        Ok(dev)
     }
 
     /// Wait until every stage has its partitions and the collector listens.

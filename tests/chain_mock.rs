@@ -5,21 +5,13 @@ mod common;
 
 use std::time::Duration;
 
-use cdp::dev::{Dev, DevOptions};
+use cdp::dev::Dev;
 use common::{entered, ChangeReader, TestResult};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anonymous_visitor_who_buys_twice_enters_big_spenders_with_every_identifier(
 ) -> TestResult {
-    let dev = Dev::start(DevOptions {
-        config: None,
-        listen: "127.0.0.1:0".parse()?,
-        admin: None,
-        state_dir: None,
-        stdout: false,
-    })
-    .await?;
-    dev.wait_ready(Duration::from_secs(60)).await?;
+    let dev = Dev::start_for_tests().await?;
     let client = reqwest::Client::new();
     cdp::demo::send_journey(&client, dev.collector, "alice", None).await?;
 
@@ -76,15 +68,7 @@ async fn an_anonymous_visitor_who_buys_twice_enters_big_spenders_with_every_iden
 /// (through the traits and audiences stages' own input topics) and enters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merge_moves_state_downstream_and_the_merged_away_profile_exits() -> TestResult {
-    let dev = Dev::start(DevOptions {
-        config: None,
-        listen: "127.0.0.1:0".parse()?,
-        admin: None,
-        state_dir: None,
-        stdout: false,
-    })
-    .await?;
-    dev.wait_ready(Duration::from_secs(60)).await?;
+    let dev = Dev::start_for_tests().await?;
     let partitions = dev.factory.config().partitions;
     // Raw records are keyed by anonymousId, else userId: pick an anonymous
     // id whose key lands in the user id's partition, so one identity task

@@ -18,7 +18,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cdp::demo::DEMO_WRITE_KEY;
-use cdp::dev::{Dev, DevOptions};
+use cdp::dev::Dev;
 use cdp_operators::messages::parse_time_ms;
 use cdp_pipeline::envelope;
 use common::TestResult;
@@ -89,21 +89,13 @@ struct Run {
 /// Start `cdp dev`, run `program args… HOST WRITE_KEY RUN`, and return
 /// what reached the raw topic for this run (ids starting with `prefix-RUN`).
 async fn drive(program: &Path, args: &[&str], prefix: &str) -> Result<Run, BoxError> {
-    let dev = Dev::start(DevOptions {
-        config: None,
-        listen: "127.0.0.1:0".parse()?,
-        admin: None,
-        state_dir: None,
-        stdout: false,
-    })
-    .await?;
+    let dev = Dev::start_for_tests().await?;
     let result = drive_on(&dev, program, args, prefix).await;
     dev.stop().await?;
     result
 }
 
 async fn drive_on(dev: &Dev, program: &Path, args: &[&str], prefix: &str) -> Result<Run, BoxError> {
-    dev.wait_ready(Duration::from_secs(60)).await?;
     let run = run_id();
     let host = format!("http://{}", dev.collector);
     let child = tokio::process::Command::new(program)

@@ -90,6 +90,22 @@ pub struct DestinationConfig {
     pub max_attempts: Option<u32>,
 }
 
+impl DestinationConfig {
+    /// A destination of `kind` with every optional field unset.
+    pub fn new(id: &str, kind: DestinationKind) -> Self {
+        DestinationConfig {
+            id: id.into(),
+            kind,
+            url: None,
+            secret_env: None,
+            topic: None,
+            audiences: Vec::new(),
+            timeout: None,
+            max_attempts: None,
+        }
+    }
+}
+
 /// The kind of a destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -688,16 +704,7 @@ mod tests {
     type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
     fn dest(id: &str, kind: DestinationKind) -> DestinationConfig {
-        DestinationConfig {
-            id: id.into(),
-            kind,
-            url: None,
-            secret_env: None,
-            topic: None,
-            audiences: Vec::new(),
-            timeout: None,
-            max_attempts: None,
-        }
+        DestinationConfig::new(id, kind)
     }
 
     fn record(key: &str, n: u32) -> SinkRecord {
