@@ -17,7 +17,7 @@ use cdp_pipeline::{KafkaConfig, Span};
 use serde::Deserialize;
 
 /// The whole config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Brokers, topic prefix, partitions, guarantee, client properties.
@@ -154,6 +154,34 @@ impl Config {
     }
 }
 
+/// The JSON Schema (draft-07, which every editor plugin reads) of the
+/// config file, as `cdp config schema` prints it and
+/// `deploy/cdp-config.schema.json` publishes it. It checks shapes, names
+/// and types; the cross-field rules ([`Config::compile`]) stay with
+/// `cdp config check`.
+pub fn config_schema() -> serde_json::Value {
+    let mut schema = schemars::generate::SchemaSettings::draft07()
+        .into_generator()
+        .into_root_schema_for::<Config>();
+    schema.insert("title".into(), "cdp config file".into());
+    // `$schema`, title and description first, for readers of the file.
+    let mut ordered = serde_json::Map::new();
+    for key in ["$schema", "title", "description"] {
+        if let Some(value) = schema.get(key) {
+            ordered.insert(key.to_string(), value.clone());
+        }
+    }
+    match schema.to_value() {
+        serde_json::Value::Object(rest) => {
+            for (key, value) in rest {
+                ordered.entry(key).or_insert(value);
+            }
+            serde_json::Value::Object(ordered)
+        }
+        other => other,
+    }
+}
+
 /// The built-in demo config of `cdp dev` (DESIGN.md's example).
 pub const DEMO_CONFIG: &str = include_str!("../deploy/demo-config.yaml");
 
@@ -240,6 +268,210 @@ mod tests {
             err.starts_with("tracking_plans.shop.unplaned_events: unknown field `unplaned_events`"),
             "{err}"
         );
+    }
+
+    /// Where `cdp config schema` is published.
+    const SCHEMA_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/cdp-config.schema.json");
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// Every section and field, every trait type, every condition kind and
+    /// every comparison: what the schema must accept.
+    const FULL_CONFIG: &str = r#"
+kafka:
+  brokers: "b1:9092,b2:9092"
+  topic_prefix: shop
+  partitions: 3
+  replication_factor: 3
+  guarantee: at_least_once
+  tick_interval: 500ms
+  max_batch: 200
+  state_dir: /tmp/cdp
+  changelog_min_compaction_lag: 12h
+  properties: {security.protocol: SASL_SSL, consumer.session.timeout.ms: "6000", linger.ms: 5,
+               enable.idempotence: true}
+  secret_env: {sasl.password: KAFKA_PASSWORD}
+collector:
+  listen: 127.0.0.1:8088
+  max_event_bytes: 1024
+  max_batch_bytes: 4096
+  max_batch_events: 10
+  max_in_flight_bytes: 8192
+sources:
+  - {id: web, write_key: wk_web, tracking_plan: shop}
+  - {id: ios, write_key: wk_ios}
+tracking_plans:
+  shop:
+    unplanned_events: block
+    on_violation: omit
+    common: {type: object, required: [context]}
+    identify: {type: object}
+    group: {type: object}
+    events:
+      Order Completed: {type: object, required: [revenue]}
+    event_versions:
+      Order Completed:
+        2: {type: object, required: [revenue, currency]}
+        "3": {type: object}
+dedupe_window: 2d
+identity:
+  identifiers:
+    user_id: {limit: 1, priority: 1}
+    crm_id: {limit: 2, priority: 2}
+  blocked_values: ["null"]
+  blocked_patterns: ["^0+$"]
+  max_merges: 10
+traits:
+  orders: {event_counter: {event: Order Completed, within: 30d, where: [{property: properties.revenue, gt: 10}]}}
+  spend: {aggregation: {event: Order Completed, property: properties.revenue, function: avg, within: 7d,
+          where: [{property: properties.currency, eq: EUR}, {property: properties.coupon, exists: false}]}}
+  category: {most_frequent: {event: Product Viewed, property: properties.category, within: 1h,
+             where: [{property: properties.category, ne: none}]}}
+  first_source: {first: {event: Page Viewed, property: context.campaign.source,
+                 where: [{property: properties.path, contains: /landing}]}}
+  last_sku: {last: {event: Product Viewed, property: properties.sku, where: [{property: properties.price, lte: 5.5}]}}
+  skus: {unique_list: {event: Product Viewed, property: properties.sku, limit: 5, within: 15m,
+         where: [{property: properties.sku, in: [a, b]}, {property: properties.price, gte: 1},
+                 {property: properties.price, lt: 1000}]}}
+audiences:
+  buyers:
+    where: {event: Order Completed}
+  vip:
+    where:
+      all:
+        - {trait: spend, gte: 500}
+        - {trait: category, in: [shoes, bags]}
+        - {trait: first_source, exists: true}
+        - {any: [{trait: orders, eq: 3}, {trait: orders, ne: 0}, {trait: orders, gt: 1},
+                 {trait: orders, lt: 9}, {trait: orders, lte: 8}, {trait: skus, contains: a}]}
+        - {event: Order Completed, count: {eq: 2, ne: 3, gt: 1, gte: 2, lt: 5, lte: 4}, within: 30d,
+           where: [{property: properties.revenue, gt: 100}]}
+        - {audience: buyers}
+        - {not: {event: Refund Requested, within: 14d}}
+        - {sequence: [{event: Product Viewed, where: [{property: properties.sku, eq: a}]},
+                      {event: Order Completed}], within: 1d}
+  empty_all: {where: {all: []}}
+destinations:
+  - {id: hook, type: webhook, url: "https://example.com/hook", secret_env: HOOK_SECRET,
+     audiences: [vip], timeout: 5s, max_attempts: 3}
+  - {id: topic, type: kafka, topic: shop.vip}
+  - {id: log, type: stdout}
+"#;
+
+    fn schema_validator() -> Result<jsonschema::Validator, Box<dyn std::error::Error>> {
+        Ok(jsonschema::validator_for(&config_schema())?)
+    }
+
+    /// The schema's complaints about `yaml`, one per line (empty: valid).
+    fn schema_errors(
+        validator: &jsonschema::Validator,
+        yaml: &str,
+    ) -> Result<String, Box<dyn std::error::Error>> {
+        let instance: serde_json::Value = serde_yaml::from_str(yaml)?;
+        Ok(validator
+            .iter_errors(&instance)
+            .map(|e| format!("{}: {e}", e.instance_path))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
+    #[test]
+    fn the_published_schema_is_current() -> TestResult {
+        let published: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(SCHEMA_FILE)?)?;
+        assert!(
+            published == config_schema(),
+            "deploy/cdp-config.schema.json is stale; regenerate it with \
+             `cargo run -- config schema > deploy/cdp-config.schema.json`"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_schema_is_a_valid_draft_07_schema() -> TestResult {
+        let schema = config_schema();
+        assert_eq!(
+            schema["$schema"],
+            serde_json::json!("http://json-schema.org/draft-07/schema#")
+        );
+        if let Err(e) = jsonschema::meta::validate(&schema) {
+            return Err(format!("not a valid JSON Schema: {e}").into());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_demo_and_a_full_config_validate_against_the_schema() -> TestResult {
+        let validator = schema_validator()?;
+        for (name, yaml) in [("demo", DEMO_CONFIG), ("full", FULL_CONFIG)] {
+            assert_eq!(schema_errors(&validator, yaml)?, "", "{name} config");
+            // The schema and the loader agree.
+            Config::from_yaml(yaml)?.compile()?;
+        }
+        let c = Config::from_yaml(FULL_CONFIG)?;
+        assert_eq!(c.traits.len(), 6, "every trait type");
+        assert_eq!(c.destinations.len(), 3, "every destination type");
+        Ok(())
+    }
+
+    #[test]
+    fn the_schema_rejects_what_the_loader_rejects() -> TestResult {
+        let validator = schema_validator()?;
+        let plan = "tracking_plans:\n  p:\n    ";
+        let trait_ = "traits:\n  t: ";
+        let audience = "audiences:\n  a:\n    where: ";
+        let cases = [
+            ("unknown top-level field", "kafak: {}\n".to_string()),
+            ("unknown nested field", "kafka: {partition: 4}\n".into()),
+            ("wrong type", "kafka: {partitions: many}\n".into()),
+            ("wrong enum value", "kafka: {guarantee: exactly_once}\n".into()),
+            ("bad duration", "dedupe_window: 3w\n".into()),
+            ("duration without unit", "dedupe_window: 30\n".into()),
+            ("negative size", "collector: {max_batch_events: -1}\n".into()),
+            ("source without write key", "sources: [{id: web}]\n".into()),
+            ("unknown policy", format!("{plan}on_violation: drop\n")),
+            ("event version 0", format!("{plan}event_versions: {{E: {{0: {{}}}}}}\n")),
+            ("identifier rule field", "identity: {identifiers: {email: {limit: 1}}}\n".into()),
+            ("unknown trait type", format!("{trait_}{{counter: {{event: E}}}}\n")),
+            (
+                "two trait types",
+                format!("{trait_}{{first: {{event: E, property: p}}, last: {{event: E, property: p}}}}\n"),
+            ),
+            ("trait field of another type", format!("{trait_}{{first: {{event: E, property: p, within: 1d}}}}\n")),
+            ("unknown function", format!("{trait_}{{aggregation: {{event: E, property: p, function: median}}}}\n")),
+            ("no comparison", format!("{trait_}{{event_counter: {{event: E, where: [{{property: p}}]}}}}\n")),
+            (
+                "two comparisons",
+                format!("{trait_}{{event_counter: {{event: E, where: [{{property: p, gt: 1, lt: 5}}]}}}}\n"),
+            ),
+            ("gt of a list", format!("{trait_}{{event_counter: {{event: E, where: [{{property: p, gt: [1]}}]}}}}\n")),
+            ("in of a scalar", format!("{trait_}{{event_counter: {{event: E, where: [{{property: p, in: 1}}]}}}}\n")),
+            ("exists of a string", format!("{trait_}{{event_counter: {{event: E, where: [{{property: p, exists: yes}}]}}}}\n")),
+            ("unknown condition", format!("{audience}{{every: []}}\n")),
+            ("two condition kinds", format!("{audience}{{trait: t, eq: 1, event: E}}\n")),
+            ("trait without comparison", format!("{audience}{{trait: t}}\n")),
+            ("count with sequence", format!("{audience}{{sequence: [{{event: E}}], count: {{gte: 1}}}}\n")),
+            ("within with trait", format!("{audience}{{trait: t, eq: 1, within: 1d}}\n")),
+            ("empty count", format!("{audience}{{event: E, count: {{}}}}\n")),
+            ("negative count", format!("{audience}{{event: E, count: {{gte: -1}}}}\n")),
+            ("unknown step field", format!("{audience}{{sequence: [{{event: E, within: 1d}}]}}\n")),
+            ("nested unknown condition", format!("{audience}{{not: {{any: [{{evnt: E}}]}}}}\n")),
+            ("audience without where", "audiences:\n  a: {}\n".into()),
+            ("unknown destination type", "destinations: [{id: d, type: email}]\n".into()),
+            ("destination max_attempts", "destinations: [{id: d, type: webhook, max_attempts: many}]\n".into()),
+        ];
+        for (what, yaml) in cases {
+            assert_ne!(
+                schema_errors(&validator, &yaml)?,
+                "",
+                "{what}: schema accepts {yaml}"
+            );
+            assert!(
+                Config::from_yaml(&yaml).is_err(),
+                "{what}: loader accepts {yaml}"
+            );
+        }
+        Ok(())
     }
 
     #[test]

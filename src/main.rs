@@ -93,6 +93,8 @@ enum TopicsCommand {
 enum ConfigCommand {
     /// Check a config file; exits non-zero and names the bad field.
     Check { file: PathBuf },
+    /// Print the JSON Schema of the config file (for editor completion).
+    Schema,
 }
 
 #[derive(Args)]
@@ -248,6 +250,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 c.traits.len(),
                 c.audiences.len(),
                 c.destinations.len()
+            );
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Schema,
+        } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&cdp::config::config_schema())?
             );
             Ok(())
         }

@@ -77,3 +77,28 @@ fn a_missing_file_fails_with_its_name() -> TestResult {
     assert!(stderr.contains("nope.yaml: cannot read"), "{stderr}");
     Ok(())
 }
+
+#[test]
+fn config_schema_prints_the_published_schema() -> TestResult {
+    let out = Command::new(env!("CARGO_BIN_EXE_cdp"))
+        .args(["config", "schema"])
+        .env_remove("CDP_LOG_FORMAT")
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8(out.stdout)?;
+    let schema: serde_json::Value = serde_json::from_str(&printed)?;
+    assert_eq!(
+        schema["$schema"],
+        serde_json::json!("http://json-schema.org/draft-07/schema#")
+    );
+    let published = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/cdp-config.schema.json"
+    ))?;
+    assert!(
+        printed == published,
+        "deploy/cdp-config.schema.json is stale; regenerate it with \
+         `cargo run -- config schema > deploy/cdp-config.schema.json`"
+    );
+    Ok(())
+}

@@ -63,7 +63,7 @@ use tower_http::decompression::RequestDecompressionLayer;
 const RETRY_AFTER_SECS: &str = "5";
 
 /// The `collector` section of the config file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CollectorConfig {
     /// Address the HTTP API listens on.

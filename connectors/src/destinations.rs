@@ -59,7 +59,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const KEY_CONCURRENCY: usize = 16;
 
 /// One entry of the `destinations` config section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     /// Unique name of the destination; used in logs, metric labels and as
@@ -107,7 +107,7 @@ impl DestinationConfig {
 }
 
 /// The kind of a destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DestinationKind {
     /// HTTP POST of each change to `url`.

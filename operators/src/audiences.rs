@@ -38,10 +38,12 @@ use crate::config::ConfigError;
 use crate::messages::{
     self, outputs, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
 };
+use crate::traits::keyed_comparison_schema;
 use crate::traits::{
     emit_json, profile_key, redirect_key, redirect_of, reschedule, set_comparison, to_json_value,
     union_identifiers, Comparison, PropertyCondition, COMPARISONS,
 };
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 
 /// The `stage` this operator writes on its transfers.
 const STAGE: &str = "audiences";
@@ -54,7 +56,7 @@ pub const MAX_SEQUENCE_TIMES: usize = 10_000;
 // ---------------------------------------------------------------------------
 
 /// One audience (`audiences.<name>`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AudienceDef {
     /// The condition a profile must meet to be a member.
@@ -190,7 +192,7 @@ pub struct SequenceCondition {
 }
 
 /// One step of a sequence: `{event: Product Viewed, where?: [..]}`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SequenceStep {
     /// Event name.
@@ -341,6 +343,143 @@ fn build_condition(f: ConditionFields) -> Result<Condition, String> {
             within: f.within,
         }),
     })
+}
+
+// JSON Schemas of the hand-read shapes above, for `cdp config schema`.
+
+/// `{kind: value}` and nothing else.
+fn single_key(kind: &str, description: &str, value: serde_json::Value) -> serde_json::Value {
+    json!({
+        "description": description,
+        "type": "object",
+        "properties": { kind: value },
+        "required": [kind],
+        "additionalProperties": false
+    })
+}
+
+impl JsonSchema for Condition {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Condition".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let condition = generator.subschema_for::<Condition>().to_value();
+        let conditions = json!({ "type": "array", "items": condition });
+        json_schema!({
+            "description": "A membership condition: a map whose key names the kind (`all`, `any`, `not`, `trait`, `event`, `audience`, `sequence`).",
+            "oneOf": [
+                single_key("all", "Every condition holds (true when empty).", conditions.clone()),
+                single_key("any", "At least one condition holds (false when empty).", conditions),
+                single_key(
+                    "not",
+                    "The condition does not hold: `{not: {event: X, within: 14d}}` is \"did not perform X in the last 14 days\".",
+                    condition,
+                ),
+                generator.subschema_for::<TraitCondition>().to_value(),
+                generator.subschema_for::<EventCondition>().to_value(),
+                single_key(
+                    "audience",
+                    "The profile is a member of another audience.",
+                    json!({ "type": "string", "description": "The audience's name." }),
+                ),
+                generator.subschema_for::<SequenceCondition>().to_value(),
+            ]
+        })
+    }
+}
+
+impl JsonSchema for TraitCondition {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "TraitCondition".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        keyed_comparison_schema(
+            "A trait (computed or from `identify`) compares as given, with exactly one comparison: `{trait: ltv, gte: 500}`.",
+            "trait",
+            "The trait's name.",
+        )
+    }
+}
+
+impl JsonSchema for EventCondition {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "EventCondition".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let mut within = generator.subschema_for::<Span>().to_value();
+        within["description"] = json!("Only events with event time in the last `within` count.");
+        json_schema!({
+            "description": "The profile performed an event, `count` times (default: at least once), within a window (default: ever): `{event: name, count?, within?, where?}`.",
+            "type": "object",
+            "properties": {
+                "event": {
+                    "type": "string",
+                    "description": "Event name (`page` calls are `Page Viewed`)."
+                },
+                "count": generator.subschema_for::<CountCondition>().to_value(),
+                "within": within,
+                "where": {
+                    "type": "array",
+                    "items": generator.subschema_for::<PropertyCondition>().to_value(),
+                    "description": "Property conditions every counted event must meet."
+                }
+            },
+            "required": ["event"],
+            "additionalProperties": false
+        })
+    }
+}
+
+impl JsonSchema for CountCondition {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "CountCondition".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        let count = |description: &str| json!({ "type": "integer", "minimum": 0, "description": description });
+        json_schema!({
+            "description": "How many matching events, `{gte: 2}`; several keys must all hold.",
+            "type": "object",
+            "properties": {
+                "eq": count("Exactly this many."),
+                "ne": count("Not this many."),
+                "gt": count("More than this many."),
+                "gte": count("At least this many."),
+                "lt": count("Fewer than this many."),
+                "lte": count("At most this many.")
+            },
+            "additionalProperties": false,
+            "minProperties": 1
+        })
+    }
+}
+
+impl JsonSchema for SequenceCondition {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SequenceCondition".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let mut within = generator.subschema_for::<Span>().to_value();
+        within["description"] = json!("Most time from the first step's event to the last step's event; unbounded when absent. Once a sequence happened it stays true.");
+        json_schema!({
+            "description": "Events in order, by event time: `{sequence: [steps], within?}`.",
+            "type": "object",
+            "properties": {
+                "sequence": {
+                    "type": "array",
+                    "items": generator.subschema_for::<SequenceStep>().to_value(),
+                    "description": "The events, in the order they must happen (strictly increasing event time)."
+                },
+                "within": within
+            },
+            "required": ["sequence"],
+            "additionalProperties": false
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A place events come from (`sources[]`): one write key each.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// Source id, carried in the `cdp-source` header of every event.

@@ -48,7 +48,7 @@ use crate::messages::{lookup, outputs, Cause, Identifiers, ProfileRecord};
 
 /// How many values of one identifier type a profile may hold and how much
 /// the type counts when profiles conflict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdentifierRule {
     /// Most distinct values of this type one profile may hold (at least 1).
@@ -60,7 +60,7 @@ pub struct IdentifierRule {
 }
 
 /// The `identity` section of the config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// Identifier type → its rule. Types not listed are ignored. Known

@@ -245,6 +245,109 @@ impl<'de> Deserialize<'de> for PropertyCondition {
     }
 }
 
+/// The JSON Schema of every comparison key, as `properties` of the
+/// conditions that take one (see [`Comparison`]).
+pub(crate) fn comparison_properties() -> serde_json::Map<String, Value> {
+    let any = |description: &str| json!({ "description": description });
+    let ordered =
+        |description: &str| json!({ "type": ["number", "string"], "description": description });
+    let mut properties = serde_json::Map::new();
+    for (key, schema) in [
+        ("eq", any("Equal to the value.")),
+        (
+            "ne",
+            any("Not equal to the value (a missing value is not equal)."),
+        ),
+        ("gt", ordered("Greater than the number or string.")),
+        (
+            "gte",
+            ordered("Greater than or equal to the number or string."),
+        ),
+        ("lt", ordered("Less than the number or string.")),
+        (
+            "lte",
+            ordered("Less than or equal to the number or string."),
+        ),
+        (
+            "contains",
+            any("A string containing the substring, or a list containing the item."),
+        ),
+        (
+            "in",
+            json!({ "type": "array", "description": "Equal to one of the listed values." }),
+        ),
+        (
+            "exists",
+            json!({ "type": "boolean", "description": "`true`: has a non-null value; `false`: has none." }),
+        ),
+    ] {
+        properties.insert(key.to_string(), schema);
+    }
+    properties
+}
+
+/// `oneOf` alternatives that hold when exactly one comparison key is there.
+pub(crate) fn exactly_one_comparison() -> Value {
+    COMPARISONS
+        .iter()
+        .map(|k| json!({ "required": [k] }))
+        .collect()
+}
+
+/// The schema of an object with `key` (a string, required) and exactly one
+/// comparison, and nothing else: a property or a trait condition.
+pub(crate) fn keyed_comparison_schema(
+    description: &str,
+    key: &str,
+    key_description: &str,
+) -> schemars::Schema {
+    let mut properties = serde_json::Map::new();
+    properties.insert(
+        key.to_string(),
+        json!({ "type": "string", "description": key_description }),
+    );
+    properties.extend(comparison_properties());
+    schemars::json_schema!({
+        "description": description,
+        "type": "object",
+        "properties": properties,
+        "required": [key],
+        "additionalProperties": false,
+        "oneOf": exactly_one_comparison()
+    })
+}
+
+impl schemars::JsonSchema for Comparison {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Comparison".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "One comparison of a value, written as a single key: `{gt: 100}`. A missing value and `null` are the same: only `ne` and `exists: false` hold for them.",
+            "type": "object",
+            "properties": comparison_properties(),
+            "additionalProperties": false,
+            "minProperties": 1,
+            "maxProperties": 1
+        })
+    }
+}
+
+impl schemars::JsonSchema for PropertyCondition {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PropertyCondition".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        keyed_comparison_schema(
+            "A condition on one property of an event, with exactly one comparison: `{property: properties.revenue, gt: 100}`.",
+            "property",
+            "Dotted path into the event, e.g. `properties.revenue`.",
+        )
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Config
 // ---------------------------------------------------------------------------
@@ -254,8 +357,11 @@ impl<'de> Deserialize<'de> for PropertyCondition {
 ///
 /// Deserialized by hand from a one-key map: serde_yaml 0.9 would otherwise
 /// want a YAML tag (`!event_counter`) for the type.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
+#[schemars(
+    description = "One computed trait (`traits.<name>`): a one-key map naming its type, e.g. `{event_counter: {event: Order Completed, within: 30d}}`."
+)]
 pub enum TraitDef {
     /// How many matching events the profile performed.
     EventCounter(EventCounterDef),
@@ -318,7 +424,7 @@ impl<'de> Deserialize<'de> for TraitDef {
 }
 
 /// `event_counter`: counts matching events.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventCounterDef {
     /// Event name to count (`page` calls are `Page Viewed`).
@@ -332,7 +438,7 @@ pub struct EventCounterDef {
 }
 
 /// How an aggregation folds the values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AggregateFunction {
     /// Sum (0 before the first value).
@@ -347,7 +453,7 @@ pub enum AggregateFunction {
 
 /// `aggregation`: folds a numeric property. Events whose property is not a
 /// JSON number are skipped.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AggregationDef {
     /// Event name to aggregate over.
@@ -365,7 +471,7 @@ pub struct AggregationDef {
 }
 
 /// `most_frequent`: the value seen most often.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MostFrequentDef {
     /// Event name to look at.
@@ -381,7 +487,7 @@ pub struct MostFrequentDef {
 }
 
 /// `first` / `last`: the value of the earliest / latest matching event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FirstLastDef {
     /// Event name to look at.
@@ -397,7 +503,7 @@ pub struct FirstLastDef {
 /// exactly mergeable it keeps the `limit` *smallest* values (not the first
 /// `limit` seen): the smallest `limit` of a union is the smallest `limit`
 /// of the two kept sets.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UniqueListDef {
     /// Event name to look at.

@@ -80,7 +80,9 @@ const DEDUPE_PREFIX: &str = "dedupe/";
 const MAX_REASON_CHARS: usize = 300;
 
 /// What to do with a `track` event the plan does not list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum UnplannedEvents {
     /// Forward it unchecked.
@@ -91,7 +93,9 @@ pub enum UnplannedEvents {
 }
 
 /// What to do with an event that breaks its plan's JSON Schema.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ViolationPolicy {
     /// Reject it as a dead letter (`plan_violation`) with every violation.
@@ -185,7 +189,7 @@ impl<'de> Deserialize<'de> for EventVersion {
 ///   Order Completed:
 ///     2: {type: object, required: [revenue, currency]}
 /// ```
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrackingPlan {
     /// What to do with `track` events not listed under `events` or
@@ -221,7 +225,24 @@ pub struct TrackingPlan {
     /// `/context/protocols/event_version`. Names listed only here are
     /// planned events too.
     #[serde(default)]
+    #[schemars(schema_with = "event_versions_schema")]
     pub event_versions: BTreeMap<String, BTreeMap<EventVersion, Value>>,
+}
+
+/// What [`EventVersion`] accepts as a map key: a positive integer.
+const EVENT_VERSION_PATTERN: &str = r"^\+?0*[1-9][0-9]*$";
+
+/// The JSON Schema of `event_versions`: event name → version → any JSON
+/// Schema (the versions are map keys, so strings to a JSON Schema).
+fn event_versions_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "additionalProperties": {
+            "type": "object",
+            "patternProperties": { EVENT_VERSION_PATTERN: {} },
+            "additionalProperties": false
+        }
+    })
 }
 
 /// One thing wrong with an event: where (JSON pointer) and why.

@@ -79,6 +79,28 @@ impl<'de> Deserialize<'de> for Span {
     }
 }
 
+/// What [`FromStr`] accepts (less surrounding blanks, which it trims).
+pub const SPAN_PATTERN: &str = "^[0-9]+(ms|s|m|h|d)$";
+
+impl schemars::JsonSchema for Span {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Span".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": SPAN_PATTERN,
+            "description": "A duration: a whole number and a unit (ms, s, m, h, d), e.g. `500ms`, `30s`, `15m`, `12h`, `30d`.",
+            "examples": ["30s", "30d"]
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::duration::Span;
 
 /// Delivery guarantee of the stages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Guarantee {
     /// Outputs deduplicated by position downstream; state, progress and
@@ -31,7 +33,7 @@ pub enum Guarantee {
 }
 
 /// The `kafka` section of the config file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, comma separated.
@@ -68,11 +70,22 @@ pub struct KafkaConfig {
     /// Prefix with `producer.` or `consumer.` to set one kind of client
     /// only (`consumer.session.timeout.ms: "6000"`).
     #[serde(default)]
+    #[schemars(schema_with = "librdkafka_properties_schema")]
     pub properties: BTreeMap<String, String>,
     /// librdkafka properties whose values come from environment variables,
     /// e.g. `sasl.password: KAFKA_PASSWORD`. Never logged.
     #[serde(default)]
     pub secret_env: BTreeMap<String, String>,
+}
+
+/// `properties` as YAML reads them: any scalar value becomes the text
+/// librdkafka gets, so `linger.ms: 5` and `enable.idempotence: true` are
+/// as good as quoted strings.
+fn librdkafka_properties_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "additionalProperties": { "type": ["string", "number", "boolean"] }
+    })
 }
 
 fn default_brokers() -> String {
