@@ -18,15 +18,16 @@ if ! command -v cargo-nextest >/dev/null; then
   cargo install cargo-nextest --locked
 fi
 
-# Compatibility tests (tests/compat_sdks.rs) drive Segment's own SDKs: the
-# pinned Python SDK in a venv under the cache, the locked npm packages in
-# tests/compat/node_modules, and Debian's Chromium for analytics.js. Each is
-# reinstalled only when missing or when its pin changed.
-if [ ! -x /usr/bin/chromium ]; then
-  echo "test: installing Debian's chromium for the browser SDK test" >&2
+# Compatibility tests (tests/compat_sdks.rs) drive clients nobody here wrote:
+# the pinned Python packages (Segment's and RudderStack's SDKs,
+# confluent-kafka) in a venv under the cache, the locked npm packages in
+# tests/compat/node_modules, Debian's Chromium for analytics.js and Debian's
+# kcat. Each is reinstalled only when missing or when its pin changed.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/kcat ]; then
+  echo "test: installing Debian's chromium and kcat for the compatibility tests" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium kcat >/dev/null
 fi
 VENV="$CACHE/venv"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -43,7 +44,7 @@ if ! cmp -s tests/compat/package-lock.json tests/compat/node_modules/.cdp-packag
 fi
 
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 log="$(mktemp -t tansu.XXXXXX.log)"

@@ -1,14 +1,19 @@
-//! Compatibility: Segment's own SDKs, which nobody here wrote, send every
-//! call type to the collector of `cdp dev`, and every event must arrive on
-//! `<p>.raw` with the fields the Segment spec promises.
+//! Compatibility with clients nobody here wrote. Segment's and
+//! RudderStack's SDKs send every call type to the collector of `cdp dev`,
+//! and every event must arrive on `<p>.raw` with the fields the Segment
+//! spec promises; generic Kafka clients write `<p>.raw` directly and read
+//! the pipeline's output topics.
 //!
 //! The drivers live in `tests/compat/`: `segment_python.py`
-//! (segment-analytics-python, from the venv `scripts/test.sh` makes in
-//! `$CDP_CACHE/venv`), `segment_node.mjs` (@segment/analytics-node) and
-//! `segment_browser.mjs` (@segment/analytics-next, analytics.js, in headless
-//! Debian Chromium driven by playwright-core; both from `npm ci` in
-//! `tests/compat`). Without them a test skips locally and fails in CI (`CI`
-//! set), so a missing SDK can never pass as green.
+//! (segment-analytics-python), `rudder_python.py` (rudder-sdk-python) and
+//! `kafka_python.py` (confluent-kafka), all from the venv `scripts/test.sh`
+//! makes in `$CDP_CACHE/venv` (`CDP_COMPAT_PYTHON` overrides it);
+//! `segment_node.mjs` (@segment/analytics-node) and `segment_browser.mjs`
+//! (@segment/analytics-next, analytics.js, in headless Debian Chromium
+//! driven by playwright-core; both from `npm ci` in `tests/compat`). kcat is
+//! Debian's (`CDP_KCAT` overrides the path). Without them a test skips
+//! locally and fails in CI (`CI` set), so a missing client can never pass as
+//! green.
 
 mod common;
 
@@ -19,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use cdp::demo::DEMO_WRITE_KEY;
 use cdp::dev::Dev;
-use cdp_operators::messages::parse_time_ms;
+use cdp_operators::messages::{parse_time_ms, AudienceAction, AudienceChange};
 use cdp_pipeline::envelope;
 use common::TestResult;
 use rdkafka::consumer::Consumer;
@@ -98,9 +103,22 @@ async fn drive(program: &Path, args: &[&str], prefix: &str) -> Result<Run, BoxEr
 async fn drive_on(dev: &Dev, program: &Path, args: &[&str], prefix: &str) -> Result<Run, BoxError> {
     let run = run_id();
     let host = format!("http://{}", dev.collector);
+    let mut args: Vec<&str> = args.to_vec();
+    args.extend([host.as_str(), DEMO_WRITE_KEY, run.as_str()]);
+    run_bounded(program, &args).await?;
+
+    let ours = format!("{prefix}-{run}");
+    let factory = dev.factory.clone();
+    let mine = ours.clone();
+    let records = tokio::task::spawn_blocking(move || read_raw(&factory, &mine)).await??;
+    Ok(Run { ours, records })
+}
+
+/// Run `program args…` in tests/compat for at most [`DRIVER_TIMEOUT`],
+/// pass its stderr on, and return its stdout; an error if it failed.
+async fn run_bounded(program: &Path, args: &[&str]) -> Result<String, BoxError> {
     let child = tokio::process::Command::new(program)
         .args(args)
-        .args([host.as_str(), DEMO_WRITE_KEY, run.as_str()])
         .current_dir(compat_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -112,22 +130,19 @@ async fn drive_on(dev: &Dev, program: &Path, args: &[&str], prefix: &str) -> Res
         .await
         .map_err(|_| format!("{} {args:?} ran past {DRIVER_TIMEOUT:?}", program.display()))??;
     let stderr = String::from_utf8_lossy(&output.stderr);
-    eprintln!("{}", stderr.trim_end());
+    if !stderr.trim().is_empty() {
+        eprintln!("{}", stderr.trim_end());
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         return Err(format!(
-            "{} {args:?} failed ({}):\n{stderr}{}",
+            "{} {args:?} failed ({}):\n{stderr}{stdout}",
             program.display(),
             output.status,
-            String::from_utf8_lossy(&output.stdout)
         )
         .into());
     }
-
-    let ours = format!("{prefix}-{run}");
-    let factory = dev.factory.clone();
-    let mine = ours.clone();
-    let records = tokio::task::spawn_blocking(move || read_raw(&factory, &mine)).await??;
-    Ok(Run { ours, records })
+    Ok(stdout)
 }
 
 /// Read `<p>.raw` from the beginning of every partition until this run's
@@ -187,8 +202,10 @@ fn read_raw(factory: &cdp_pipeline::ClientFactory, ours: &str) -> Result<Vec<Raw
 
 /// Assert that `records` are exactly what a driver sends (see
 /// tests/compat/*): the six call types, a past-dated track and a batch,
-/// each with the fields the spec promises.
-fn check(records: &[Raw], ours: &str, library: &str) -> TestResult {
+/// each with the fields the spec promises. `identify_traits` points at
+/// where the SDK puts identify's traits (`/traits` in Segment's spec,
+/// `/context/traits` in RudderStack's).
+fn check(records: &[Raw], ours: &str, library: &str, identify_traits: &str) -> TestResult {
     let user = format!("{ours}-user");
     let anon = format!("{ours}-anon");
     let now = chrono::Utc::now().timestamp_millis();
@@ -273,8 +290,9 @@ fn check(records: &[Raw], ours: &str, library: &str) -> TestResult {
     assert_eq!(str_of(identify, "userId"), Some(user.as_str()));
     assert_eq!(str_of(identify, "anonymousId"), Some(anon.as_str()));
     assert_eq!(
-        identify["traits"],
-        json!({"email": format!("{ours}@example.com"), "plan": "pro"})
+        identify.pointer(identify_traits),
+        Some(&json!({"email": format!("{ours}@example.com"), "plan": "pro"})),
+        "{identify}"
     );
 
     let track = get("track")?;
@@ -345,19 +363,28 @@ fn check(records: &[Raw], ours: &str, library: &str) -> TestResult {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn segment_analytics_python_sends_every_call_type() -> TestResult {
-    let python = match std::env::var_os("CDP_COMPAT_PYTHON") {
+/// The venv's Python (`CDP_COMPAT_PYTHON`, else `$CDP_CACHE/venv`).
+fn python() -> PathBuf {
+    match std::env::var_os("CDP_COMPAT_PYTHON") {
         Some(p) => PathBuf::from(p),
         None => cache_dir().join("venv/bin/python"),
-    };
-    let installed = std::process::Command::new(&python)
-        .args(["-c", "import segment.analytics"])
+    }
+}
+
+/// Whether `python` can import `module`.
+fn importable(python: &Path, module: &str) -> bool {
+    std::process::Command::new(python)
+        .args(["-c", &format!("import {module}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
-    if !installed {
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_analytics_python_sends_every_call_type() -> TestResult {
+    let python = python();
+    if !importable(&python, "segment.analytics") {
         return missing(&format!(
             "segment-analytics-python is not importable by {}",
             python.display()
@@ -366,7 +393,7 @@ async fn segment_analytics_python_sends_every_call_type() -> TestResult {
     let script = compat_dir().join("segment_python.py");
     let script = script.to_string_lossy();
     let run = drive(&python, &[&script], "py").await?;
-    check(&run.records, &run.ours, "analytics-python")
+    check(&run.records, &run.ours, "analytics-python", "/traits")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,7 +410,12 @@ async fn segment_analytics_node_sends_every_call_type() -> TestResult {
     let script = compat_dir().join("segment_node.mjs");
     let script = script.to_string_lossy();
     let run = drive(Path::new("node"), &[&script], "node").await?;
-    check(&run.records, &run.ours, "@segment/analytics-node")
+    check(
+        &run.records,
+        &run.ours,
+        "@segment/analytics-node",
+        "/traits",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,5 +438,270 @@ async fn segment_analytics_next_in_chromium_sends_every_call_type() -> TestResul
     let script = compat_dir().join("segment_browser.mjs");
     let script = script.to_string_lossy();
     let run = drive(Path::new("node"), &[&script], "browser").await?;
-    check(&run.records, &run.ours, "analytics.js")
+    check(&run.records, &run.ours, "analytics.js", "/traits")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rudder_sdk_python_sends_every_call_type() -> TestResult {
+    let python = python();
+    if !importable(&python, "rudderstack.analytics") {
+        return missing(&format!(
+            "rudder-sdk-python is not importable by {}",
+            python.display()
+        ));
+    }
+    let script = compat_dir().join("rudder_python.py");
+    let script = script.to_string_lossy();
+    let run = drive(&python, &[&script], "rudder").await?;
+    // RudderStack's SDK names itself like Segment's, puts identify's traits
+    // under context, and adds its own fields, which the collector keeps.
+    check(
+        &run.records,
+        &run.ours,
+        "analytics-python",
+        "/context/traits",
+    )?;
+    for r in &run.records {
+        assert_eq!(str_of(&r.value, "channel"), Some("server"), "{}", r.value);
+    }
+    Ok(())
+}
+
+/// One record the confluent-kafka driver printed (tests/compat/kafka_python.py).
+#[derive(Debug, serde::Deserialize)]
+struct Seen {
+    kind: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<String>,
+    value_hex: String,
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    fn value(&self) -> Result<Vec<u8>, BoxError> {
+        self.value_hex
+            .as_bytes()
+            .chunks(2)
+            .map(|pair| match pair {
+                [_, _] => Ok(u8::from_str_radix(std::str::from_utf8(pair)?, 16)?),
+                _ => Err(format!("odd hex: {}", self.value_hex).into()),
+            })
+            .collect()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// confluent-kafka writes straight to `<p>.raw` (the documented contract)
+/// and reads the pipeline's `<p>.valid` and `<p>.invalid` back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confluent_kafka_writes_raw_and_reads_valid_and_dead_letters() -> TestResult {
+    let python = python();
+    if !importable(&python, "confluent_kafka") {
+        return missing(&format!(
+            "confluent-kafka is not importable by {}",
+            python.display()
+        ));
+    }
+    let dev = Dev::start_for_tests().await?;
+    let result = confluent_kafka_round_trip(&dev, &python).await;
+    dev.stop().await?;
+    result
+}
+
+async fn confluent_kafka_round_trip(dev: &Dev, python: &Path) -> TestResult {
+    let run = run_id();
+    let ours = format!("kafka-{run}");
+    let topics = dev.factory.topics();
+    let (raw, valid, invalid) = (topics.raw(), topics.valid(), topics.invalid());
+    let script = compat_dir().join("kafka_python.py");
+    let script = script.to_string_lossy();
+    let stdout = run_bounded(
+        python,
+        &[
+            &script,
+            &dev.bootstrap,
+            &raw,
+            &valid,
+            &invalid,
+            SOURCE,
+            &run,
+        ],
+    )
+    .await?;
+    let seen = stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str::<Seen>)
+        .collect::<Result<Vec<_>, _>>()?;
+    let of = |kind: &str, topic: &str| -> Vec<&Seen> {
+        seen.iter()
+            .filter(|s| s.kind == kind && s.topic == topic)
+            .collect()
+    };
+    let anon = format!("{ours}-anon");
+    let bad_key = format!("{ours}-bad");
+
+    // What it produced: both records acknowledged on <p>.raw, the event in
+    // the partition murmur2 of its key gives (the contract's partitioner).
+    let produced = of("produced", &raw);
+    assert_eq!(produced.len(), 2, "{seen:?}");
+    let good = produced
+        .iter()
+        .find(|s| s.key.as_deref() == Some(anon.as_str()))
+        .ok_or_else(|| format!("the event was not produced: {seen:?}"))?;
+    let bad = produced
+        .iter()
+        .find(|s| s.key.as_deref() == Some(bad_key.as_str()))
+        .ok_or_else(|| format!("the malformed record was not produced: {seen:?}"))?;
+    let partitions = dev.factory.config().partitions;
+    assert_eq!(good.partition, common::partition_of(&anon, partitions));
+
+    // The event passed validate: on <p>.valid, same key, same event.
+    let passed = of("consumed", &valid);
+    assert_eq!(passed.len(), 1, "exactly the event on {valid}: {seen:?}");
+    let passed = passed[0];
+    assert_eq!(passed.key.as_deref(), Some(anon.as_str()));
+    let event: Value = serde_json::from_slice(&passed.value()?)?;
+    assert_eq!(str_of(&event, "type"), Some("track"), "{event}");
+    assert_eq!(
+        str_of(&event, "messageId"),
+        Some(format!("{ours}-track").as_str())
+    );
+    assert_eq!(str_of(&event, "anonymousId"), Some(anon.as_str()));
+    assert_eq!(str_of(&event, "event"), Some("Order Completed"));
+    assert_eq!(
+        event["properties"],
+        json!({"revenue": 42.5, "currency": "EUR"})
+    );
+    assert_eq!(passed.header(envelope::SOURCE), Some(SOURCE), "{passed:?}");
+
+    // The malformed record is a dead letter: original key and bytes, reason.
+    let dead = of("consumed", &invalid);
+    assert_eq!(
+        dead.len(),
+        1,
+        "exactly the malformed record on {invalid}: {seen:?}"
+    );
+    let dead = dead[0];
+    assert_eq!(dead.key.as_deref(), Some(bad_key.as_str()));
+    assert_eq!(dead.value()?, bad.value()?, "the original bytes");
+    assert_eq!(dead.header(envelope::DLQ_REASON), Some("invalid_json"));
+    assert_eq!(dead.header(envelope::DLQ_STAGE), Some("validate"));
+    assert_eq!(
+        dead.header("cdp-dlq-input"),
+        Some(format!("{raw}[{}]@{}", bad.partition, bad.offset).as_str()),
+        "the dead letter points at the record confluent-kafka wrote"
+    );
+    Ok(())
+}
+
+/// kcat reads `<p>.audiences` with headers: the public contract, as a
+/// generic Kafka tool sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kcat_reads_audience_changes_with_their_headers() -> TestResult {
+    let kcat = std::env::var_os("CDP_KCAT").map_or_else(|| PathBuf::from("kcat"), PathBuf::from);
+    let installed = std::process::Command::new(&kcat)
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        return missing(&format!("{} (Debian's kcat) is missing", kcat.display()));
+    }
+    let dev = Dev::start_for_tests().await?;
+    let result = kcat_reads_audiences(&dev, &kcat).await;
+    dev.stop().await?;
+    result
+}
+
+async fn kcat_reads_audiences(dev: &Dev, kcat: &Path) -> TestResult {
+    let client = reqwest::Client::new();
+    cdp::demo::send_journey(&client, dev.collector, "kcat1", None).await?;
+    let topic = dev.factory.topics().audiences();
+    let args = [
+        "-b",
+        dev.bootstrap.as_str(),
+        "-C",
+        "-t",
+        topic.as_str(),
+        "-o",
+        "beginning",
+        "-e",
+        "-J",
+        "-q",
+    ];
+    // Read the whole topic until the change is there (kcat exits at the
+    // end of every partition with -e).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let records = loop {
+        let stdout = run_bounded(kcat, &args).await?;
+        let records = stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(serde_json::from_str::<Value>)
+            .collect::<Result<Vec<_>, _>>()?;
+        let entered: Vec<(Value, AudienceChange)> = records
+            .iter()
+            .filter_map(|r| {
+                let change: AudienceChange = serde_json::from_str(str_of(r, "payload")?).ok()?;
+                let user = change.identifiers.get("user_id")?;
+                (change.audience == "big_spenders"
+                    && matches!(change.action, AudienceAction::Entered)
+                    && user.iter().any(|u| u == "user-kcat1"))
+                .then(|| (r.clone(), change))
+            })
+            .collect();
+        if !entered.is_empty() {
+            break entered;
+        }
+        if Instant::now() > deadline {
+            return Err(
+                format!("no big_spenders entry for user-kcat1 on {topic}: {records:?}").into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+
+    let mut positions = BTreeSet::new();
+    for (record, change) in &records {
+        assert_eq!(str_of(record, "topic"), Some(topic.as_str()));
+        assert_eq!(
+            str_of(record, "key"),
+            Some(change.profile_id.as_str()),
+            "keyed by profile: {record}"
+        );
+        assert_eq!(change.kind, "audience_change");
+        // kcat -J: headers as a flat [name, value, name, value, …] list.
+        let flat = record
+            .get("headers")
+            .and_then(Value::as_array)
+            .ok_or_else(|| format!("no headers: {record}"))?;
+        let headers: Vec<(String, Vec<u8>)> = flat
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [k, v] => Some((k.as_str()?.to_string(), v.as_str()?.as_bytes().to_vec())),
+                _ => None,
+            })
+            .collect();
+        for name in [envelope::ORIGIN, envelope::EPOCH, envelope::POSITION] {
+            assert!(headers.iter().any(|(k, _)| k == name), "{name} in {record}");
+        }
+        let (origin, position) = envelope::Position::from_headers(&headers)
+            .ok_or_else(|| format!("unparsable origin headers: {record}"))?;
+        assert!(origin.starts_with("audiences:"), "{origin}");
+        positions.insert((origin, position.offset, position.index));
+    }
+    // Repeats, if any, are replays of the same position: one change.
+    assert_eq!(positions.len(), 1, "{records:?}");
+    Ok(())
 }

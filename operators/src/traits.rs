@@ -1034,7 +1034,13 @@ impl ProfileState {
                 .add(def, event_time, &text);
         }
         if event.get("type").and_then(Value::as_str) == Some("identify") {
-            if let Some(Value::Object(traits)) = event.get("traits") {
+            // RudderStack SDKs send identify traits in `context.traits`,
+            // Segment's in `traits`; the top-level ones win a clash.
+            let places = [
+                messages::lookup(event, "context.traits"),
+                event.get("traits"),
+            ];
+            for traits in places.into_iter().flatten().filter_map(Value::as_object) {
                 for (name, value) in traits {
                     if self
                         .profile_traits
@@ -1684,6 +1690,17 @@ categories: {unique_list: {event: Product Viewed, property: properties.category,
         let t = changed(&out)?;
         assert_eq!(t.get("plan"), Some(&json!("team")));
         assert_eq!(t.get("email"), Some(&Value::Null));
+        Ok(())
+    }
+
+    #[test]
+    fn identify_traits_in_context_count_too_and_top_level_wins() -> TestResult {
+        let mut h = harness(DESIGN_TRAITS)?;
+        let mut event = identify(10, json!({"plan": "pro"}));
+        event["context"] = json!({"traits": {"plan": "free", "company": "acme"}});
+        let t = changed(&send(&mut h, "p", event)?)?;
+        assert_eq!(t.get("plan"), Some(&json!("pro")));
+        assert_eq!(t.get("company"), Some(&json!("acme")));
         Ok(())
     }
 
