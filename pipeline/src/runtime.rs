@@ -722,14 +722,23 @@ fn process_batch(
                 outputs.push((pos, e));
             }
         }
-        if consumed {
-            work.push(TaskBatch {
-                partition,
-                meta,
-                outputs,
-                changes: task.store.take_changes(),
-            });
+        if !consumed {
+            continue;
         }
+        let changes = task.store.take_changes();
+        if outputs.is_empty() && changes.is_empty() {
+            // Nothing to make durable (typically an idle partition's ticks):
+            // move on in memory only. Replaying these records after a crash
+            // yields nothing again, so an idle task costs no writes.
+            task.meta = meta;
+            continue;
+        }
+        work.push(TaskBatch {
+            partition,
+            meta,
+            outputs,
+            changes,
+        });
     }
     if work.is_empty() {
         return Ok(());
