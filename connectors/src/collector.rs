@@ -264,7 +264,15 @@ impl CollectError {
 impl IntoResponse for CollectError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = Json(json!({"success": false, "error": self.to_string()}));
+        // `error` for people; `code` and `message` as Segment's and
+        // RudderStack's SDKs read them when they log a failed request.
+        let message = self.to_string();
+        let body = Json(json!({
+            "success": false,
+            "error": message,
+            "code": self.reason(),
+            "message": message,
+        }));
         let mut response = (status, body).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(
@@ -1535,6 +1543,9 @@ mod tests {
                 str_field(&body, "error").contains(reason),
                 "{body} should mention {reason}"
             );
+            // SDKs log `code` and `message` from a failed request.
+            assert_eq!(body["message"], body["error"], "{body}");
+            assert!(!str_field(&body, "code").is_empty(), "{body}");
         }
         // Nothing refused reached the topic: the one good event is the first record.
         let ok = env

@@ -254,6 +254,9 @@ impl ClientFactory {
         // Java producers and our own re-keying stages put them.
         c.set("partitioner", "murmur2_random");
         c.set("message.timeout.ms", "30000");
+        // Bound the client's send queue (librdkafka defaults to 1 GiB): a
+        // full queue makes the collector answer 503 instead of growing.
+        c.set("queue.buffering.max.kbytes", "131072");
         // Properties set in the config win over our defaults.
         for (k, v) in self.config.properties.iter() {
             if k.starts_with("producer.") {
