@@ -267,10 +267,150 @@ struct CompiledPlan {
     unplanned_events: UnplannedEvents,
     on_violation: ViolationPolicy,
     common: Option<jsonschema::Validator>,
-    identify: Option<jsonschema::Validator>,
-    group: Option<jsonschema::Validator>,
+    identify: Option<PlanSchema>,
+    group: Option<PlanSchema>,
     /// Planned event name → version → schema of its `properties`.
-    events: BTreeMap<String, BTreeMap<EventVersion, jsonschema::Validator>>,
+    events: BTreeMap<String, BTreeMap<EventVersion, PlanSchema>>,
+}
+
+/// The schema of an event's `properties` or `traits`: compiled, and as a
+/// [`Stream`] when the fast path can check it while reading the event.
+#[derive(Debug)]
+struct PlanSchema {
+    validator: jsonschema::Validator,
+    stream: Option<Stream>,
+}
+
+impl PlanSchema {
+    fn compile(path: &str, schema: &Value) -> Result<Self, ConfigError> {
+        Ok(PlanSchema {
+            validator: compile_schema(path, schema)?,
+            stream: Stream::for_schema(schema),
+        })
+    }
+}
+
+/// A schema the fast path checks while it reads a value, building only
+/// the leaves: objects and arrays of `type: object` / `type: array` with
+/// only `properties`, `required`, `items`, `minItems`, `maxItems` (and
+/// annotations) are walked; any other subschema is a [`Stream::Leaf`],
+/// its value parsed and checked by `jsonschema`. Schemas with `$`
+/// keywords (`$ref`, `$schema`, ...) are never streamed.
+#[derive(Debug)]
+enum Stream {
+    Object {
+        properties: Vec<(String, Stream)>,
+        required: Vec<String>,
+    },
+    Array {
+        items: Option<Box<Stream>>,
+        min_items: Option<u64>,
+        max_items: Option<u64>,
+    },
+    Leaf(jsonschema::Validator),
+}
+
+/// Keys per object a [`Stream::Object`] tracks (bit sets of `u64`).
+const STREAM_MAX_KEYS: usize = 64;
+
+impl Stream {
+    /// The stream of a body schema: only an object node is worth it.
+    fn for_schema(schema: &Value) -> Option<Stream> {
+        if has_dollar_key(schema) {
+            return None;
+        }
+        match Stream::node(schema) {
+            Some(node @ Stream::Object { .. }) => Some(node),
+            _ => None,
+        }
+    }
+
+    fn node(schema: &Value) -> Option<Stream> {
+        Stream::structural(schema).or_else(|| compile_schema("", schema).ok().map(Stream::Leaf))
+    }
+
+    fn structural(schema: &Value) -> Option<Stream> {
+        let m = schema.as_object()?;
+        let only = |allowed: &[&str]| {
+            m.keys().all(|k| {
+                allowed.contains(&k.as_str()) || k == "type" || k == "title" || k == "description"
+            })
+        };
+        match m.get("type")?.as_str()? {
+            "object" if only(&["properties", "required"]) => {
+                let properties = match m.get("properties") {
+                    None => Vec::new(),
+                    Some(Value::Object(p)) => p
+                        .iter()
+                        .map(|(k, s)| Some((k.clone(), Stream::node(s)?)))
+                        .collect::<Option<Vec<_>>>()?,
+                    Some(_) => return None,
+                };
+                let required = match m.get("required") {
+                    None => Vec::new(),
+                    Some(Value::Array(r)) => r
+                        .iter()
+                        .map(|k| k.as_str().map(String::from))
+                        .collect::<Option<Vec<_>>>()?,
+                    Some(_) => return None,
+                };
+                if properties.len() > STREAM_MAX_KEYS || required.len() > STREAM_MAX_KEYS {
+                    return None;
+                }
+                Some(Stream::Object {
+                    properties,
+                    required,
+                })
+            }
+            "array" if only(&["items", "minItems", "maxItems"]) => {
+                let items = match m.get("items") {
+                    None => None,
+                    Some(s @ Value::Object(_)) => Some(Box::new(Stream::node(s)?)),
+                    Some(_) => return None,
+                };
+                let count = |k: &str| match m.get(k) {
+                    None => Some(None),
+                    Some(v) => v.as_u64().map(Some),
+                };
+                Some(Stream::Array {
+                    items,
+                    min_items: count("minItems")?,
+                    max_items: count("maxItems")?,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Whether any object in `v` has a key starting with `$`.
+fn has_dollar_key(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .any(|(k, v)| k.starts_with('$') || has_dollar_key(v)),
+        Value::Array(a) => a.iter().any(has_dollar_key),
+        _ => false,
+    }
+}
+
+/// What a [`Stream`] found while reading a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Valid,
+    Invalid,
+    /// Reading alone cannot tell (a repeated member name).
+    Unsure,
+}
+
+impl Verdict {
+    fn and(self, other: Verdict) -> Verdict {
+        match (self, other) {
+            (Verdict::Unsure, _) | (_, Verdict::Unsure) => Verdict::Unsure,
+            (Verdict::Invalid, _) | (_, Verdict::Invalid) => Verdict::Invalid,
+            _ => Verdict::Valid,
+        }
+    }
 }
 
 impl CompiledPlan {
@@ -283,12 +423,17 @@ impl CompiledPlan {
                 .transpose()
         };
         let common = optional("common", &plan.common)?;
-        let identify = optional("identify", &plan.identify)?;
-        let group = optional("group", &plan.group)?;
-        let mut events: BTreeMap<String, BTreeMap<EventVersion, jsonschema::Validator>> =
-            BTreeMap::new();
+        let body = |field: &str, schema: &Option<Value>| {
+            schema
+                .as_ref()
+                .map(|s| PlanSchema::compile(&format!("{path}.{field}"), s))
+                .transpose()
+        };
+        let identify = body("identify", &plan.identify)?;
+        let group = body("group", &plan.group)?;
+        let mut events: BTreeMap<String, BTreeMap<EventVersion, PlanSchema>> = BTreeMap::new();
         for (event, schema) in &plan.events {
-            let compiled = compile_schema(&format!("{path}.events.{event}"), schema)?;
+            let compiled = PlanSchema::compile(&format!("{path}.events.{event}"), schema)?;
             events
                 .entry(event.clone())
                 .or_default()
@@ -301,7 +446,7 @@ impl CompiledPlan {
             }
             let known = events.entry(event.clone()).or_default();
             for (version, schema) in versions {
-                let compiled = compile_schema(&format!("{at}.{version}"), schema)?;
+                let compiled = PlanSchema::compile(&format!("{at}.{version}"), schema)?;
                 if known.insert(*version, compiled).is_some() {
                     return Err(ConfigError::new(
                         format!("{at}.{version}"),
@@ -511,8 +656,12 @@ impl Validator {
             Resolved::Blocked => return Err(unplanned_event(source, name.unwrap_or_default())),
             Resolved::Unchecked => return forward,
             Resolved::Schema(field, schema) => match get(field) {
+                Member::Skipped(_) if envelope.checked(field, schema) => (None, Vec::new()),
                 Member::Skipped(_) => return Ok(Fast::Slow),
-                body => (None, field_violations(schema, field, body.value())),
+                body => (
+                    None,
+                    field_violations(&schema.validator, field, body.value()),
+                ),
             },
             Resolved::Unversioned(violation) => (Some(violation), Vec::new()),
         };
@@ -819,7 +968,7 @@ mod envelope {
     use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
     use serde_json::Value;
 
-    use super::{CompiledPlan, Member, Shape};
+    use super::{CompiledPlan, Member, PlanSchema, Shape, Stream, Verdict, STREAM_MAX_KEYS};
 
     /// Top-level members the checks read by value: always parsed.
     pub(super) const PARSED: [&str; 12] = [
@@ -848,27 +997,58 @@ mod envelope {
     /// An event's top level: what [`super::spec_check`] and the plan read.
     /// Repeated member names resolve as in a parsed event: the last wins.
     #[derive(Debug, Default)]
-    pub(super) struct Envelope {
+    pub(super) struct Envelope<'p> {
         parsed: [Option<Value>; PARSED.len()],
         /// `properties` and `traits`, when parsed.
         bodies: [Option<Value>; 2],
+        /// `properties` and `traits`, when a [`Stream`] found them valid
+        /// while reading (they are then neither parsed nor in `bodies`).
+        checked: [Option<&'p Stream>; 2],
+        /// A body a [`Stream`] did not find valid: read again, parsed.
+        unchecked: bool,
         shapes: [Option<Shape>; SHAPED.len()],
         /// `context.protocols.event_version`, as a parsed event has it.
         pub(super) event_version: Option<Value>,
     }
 
-    impl Envelope {
+    impl<'p> Envelope<'p> {
         /// Read `bytes`; `Ok(None)` when they hold valid JSON that is not
         /// an object. `properties` and `traits` are parsed when `plan` may
-        /// check them (see [`super::wants_body`]).
+        /// check them (see [`super::wants_body`]), or checked while read
+        /// when their schema streams; if that finds them anything but
+        /// valid, `bytes` are read again with them parsed.
         pub(super) fn parse(
             bytes: &[u8],
-            plan: Option<&CompiledPlan>,
-        ) -> serde_json::Result<Option<Envelope>> {
+            plan: Option<&'p CompiledPlan>,
+        ) -> serde_json::Result<Option<Envelope<'p>>> {
+            let envelope = Envelope::read(bytes, plan, true)?;
+            if envelope.as_ref().is_some_and(|e| e.unchecked) {
+                return Envelope::read(bytes, plan, false);
+            }
+            Ok(envelope)
+        }
+
+        fn read(
+            bytes: &[u8],
+            plan: Option<&'p CompiledPlan>,
+            stream: bool,
+        ) -> serde_json::Result<Option<Envelope<'p>>> {
             let mut de = serde_json::Deserializer::from_slice(bytes);
-            let envelope = (&mut de).deserialize_any(TopLevel { plan })?;
+            let envelope = (&mut de).deserialize_any(TopLevel { plan, stream })?;
             de.end()?;
             Ok(envelope)
+        }
+
+        /// Whether the body `field` was found valid against `schema`
+        /// while read.
+        pub(super) fn checked(&self, field: &str, schema: &PlanSchema) -> bool {
+            let Some(i) = SHAPED.iter().position(|k| *k == field) else {
+                return false;
+            };
+            match (self.checked.get(i).copied().flatten(), &schema.stream) {
+                (Some(checked), Some(stream)) => std::ptr::eq(checked, stream),
+                _ => false,
+            }
         }
 
         pub(super) fn get(&self, key: &str) -> Member<'_> {
@@ -927,16 +1107,18 @@ mod envelope {
         None
     }
 
-    fn not_an_object(_: Shape) -> Option<Envelope> {
+    fn not_an_object<'p>(_: Shape) -> Option<Envelope<'p>> {
         None
     }
 
     struct TopLevel<'p> {
         plan: Option<&'p CompiledPlan>,
+        /// Check streamable bodies while reading instead of parsing them.
+        stream: bool,
     }
 
-    impl<'de> Visitor<'de> for TopLevel<'_> {
-        type Value = Option<Envelope>;
+    impl<'de, 'p> Visitor<'de> for TopLevel<'p> {
+        type Value = Option<Envelope<'p>>;
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a JSON value")
@@ -959,11 +1141,35 @@ mod envelope {
                             )
                         }) =>
                     {
-                        let body: Value = map.next_value()?;
-                        envelope.shapes[i] = Some(Shape::of(&body));
-                        envelope.bodies[i] = Some(body);
+                        let stream = self.plan.filter(|_| self.stream).and_then(|plan| {
+                            super::stream_for(
+                                plan,
+                                SHAPED[i],
+                                envelope.parsed[TYPE].as_ref(),
+                                envelope.parsed[EVENT].as_ref(),
+                                envelope.event_version.as_ref(),
+                            )
+                        });
+                        envelope.checked[i] = None;
+                        if let Some(stream) = stream {
+                            let (shape, verdict) = map.next_value_seed(Checked(stream))?;
+                            envelope.shapes[i] = Some(shape);
+                            envelope.bodies[i] = None;
+                            if verdict == Verdict::Valid {
+                                envelope.checked[i] = Some(stream);
+                            } else {
+                                envelope.unchecked = true;
+                            }
+                        } else {
+                            let body: Value = map.next_value()?;
+                            envelope.shapes[i] = Some(Shape::of(&body));
+                            envelope.bodies[i] = Some(body);
+                        }
                     }
-                    Key::Body(i) => envelope.shapes[i] = Some(map.next_value::<Skip>()?.0),
+                    Key::Body(i) => {
+                        envelope.checked[i] = None;
+                        envelope.shapes[i] = Some(map.next_value::<Skip>()?.0)
+                    }
                     Key::Context => {
                         let (shape, version) = map.next_value_seed(Context)?;
                         envelope.shapes[CONTEXT] = Some(shape);
@@ -1112,6 +1318,175 @@ mod envelope {
         }
     }
 
+    /// A value checked against a [`Stream`] while read: its shape and
+    /// the verdict. As strict as parsing it.
+    struct Checked<'s>(&'s Stream);
+
+    impl<'de> DeserializeSeed<'de> for Checked<'_> {
+        type Value = (Shape, Verdict);
+        fn deserialize<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
+            match self.0 {
+                Stream::Leaf(schema) => {
+                    let value = <Value as de::Deserialize>::deserialize(deserializer)?;
+                    let verdict = if schema.is_valid(&value) {
+                        Verdict::Valid
+                    } else {
+                        Verdict::Invalid
+                    };
+                    Ok((Shape::of(&value), verdict))
+                }
+                _ => deserializer.deserialize_any(self),
+            }
+        }
+    }
+
+    fn invalid(shape: Shape) -> (Shape, Verdict) {
+        (shape, Verdict::Invalid)
+    }
+
+    impl<'de> Visitor<'de> for Checked<'_> {
+        type Value = (Shape, Verdict);
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+
+        // Objects and arrays only: anything else breaks `type`.
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(invalid(Shape::Null))
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(invalid(Shape::Bool))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(invalid(Shape::Number))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(invalid(Shape::Number))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(invalid(Shape::Number))
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(invalid(Shape::String))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let Stream::Array {
+                items,
+                min_items,
+                max_items,
+            } = self.0
+            else {
+                while seq.next_element::<Skip>()?.is_some() {}
+                return Ok(invalid(Shape::Array));
+            };
+            let (mut count, mut verdict) = (0u64, Verdict::Valid);
+            match items {
+                Some(items) => {
+                    while let Some((_, v)) = seq.next_element_seed(Checked(items))? {
+                        count += 1;
+                        verdict = verdict.and(v);
+                    }
+                }
+                None => {
+                    while seq.next_element::<Skip>()?.is_some() {
+                        count += 1;
+                    }
+                }
+            }
+            if min_items.is_some_and(|n| count < n) || max_items.is_some_and(|n| count > n) {
+                verdict = verdict.and(Verdict::Invalid);
+            }
+            Ok((Shape::Array, verdict))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let Stream::Object {
+                properties,
+                required,
+            } = self.0
+            else {
+                let shape = SkipVisitor.visit_map(map)?;
+                return Ok(invalid(shape));
+            };
+            let (mut members, mut verdict) = (0, Verdict::Valid);
+            let (mut seen, mut present) = (0u64, 0u64);
+            while let Some(property) = map.next_key_seed(PropertyName {
+                properties,
+                required,
+                present: &mut present,
+            })? {
+                members += 1;
+                match property {
+                    Some(i) => {
+                        let bit = 1u64 << (i % STREAM_MAX_KEYS);
+                        if seen & bit != 0 {
+                            verdict = Verdict::Unsure; // the last one counts
+                        }
+                        seen |= bit;
+                        let (_, v) = match properties.get(i) {
+                            Some((_, schema)) => map.next_value_seed(Checked(schema))?,
+                            None => (map.next_value::<Skip>()?.0, Verdict::Unsure),
+                        };
+                        verdict = verdict.and(v);
+                    }
+                    None => {
+                        map.next_value::<Skip>()?;
+                    }
+                }
+            }
+            let all = if required.len() >= STREAM_MAX_KEYS {
+                u64::MAX
+            } else {
+                (1u64 << required.len()) - 1
+            };
+            if (present & all) != all {
+                verdict = verdict.and(Verdict::Invalid);
+            }
+            Ok((Shape::Object(members), verdict))
+        }
+    }
+
+    /// A member name of an object checked against [`Stream::Object`]: the
+    /// index of its property schema, if any; marks it in `present` if
+    /// required.
+    struct PropertyName<'a> {
+        properties: &'a [(String, Stream)],
+        required: &'a [String],
+        present: &'a mut u64,
+    }
+
+    impl<'de> DeserializeSeed<'de> for PropertyName<'_> {
+        type Value = Option<usize>;
+        fn deserialize<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
+            deserializer.deserialize_str(self)
+        }
+    }
+
+    impl Visitor<'_> for PropertyName<'_> {
+        type Value = Option<usize>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a member name")
+        }
+
+        fn visit_str<E: de::Error>(self, name: &str) -> Result<Option<usize>, E> {
+            for (i, r) in self.required.iter().enumerate() {
+                if r == name {
+                    *self.present |= 1u64 << (i % STREAM_MAX_KEYS);
+                }
+            }
+            Ok(self.properties.iter().position(|(k, _)| k == name))
+        }
+    }
+
     /// Any value, checked by the deserializer and not built.
     struct Skip(Shape);
 
@@ -1168,6 +1543,26 @@ fn wants_body(
         ("identify", "traits") => plan.identify.is_some(),
         ("group", "traits") => plan.group.is_some(),
         _ => false,
+    }
+}
+
+/// The [`Stream`] of the schema `plan` checks the body `field` against,
+/// for a call whose `type`, `event` and `context.protocols.event_version`
+/// are, as far as the pass has read, `kind`, `event` and `version`. The
+/// fast path trusts the check only if the whole event resolves to the
+/// same schema.
+fn stream_for<'p>(
+    plan: &'p CompiledPlan,
+    field: &str,
+    kind: Option<&Value>,
+    event: Option<&Value>,
+    version: Option<&Value>,
+) -> Option<&'p Stream> {
+    let kind = call_type(Member::of(kind))?;
+    let name = counted_name(Some(kind), Member::of(event));
+    match resolve(plan, kind, name, version) {
+        Resolved::Schema(f, schema) if f == field => schema.stream.as_ref(),
+        _ => None,
     }
 }
 
@@ -1291,7 +1686,7 @@ enum Resolved<'p> {
     /// A track event the plan does not list, under `unplanned_events: block`.
     Blocked,
     /// `field` (`properties` or `traits`) against `schema`.
-    Schema(&'static str, &'p jsonschema::Validator),
+    Schema(&'static str, &'p PlanSchema),
     /// A planned event in a version the plan lacks, or in no valid version.
     Unversioned(Violation),
 }
@@ -1392,7 +1787,7 @@ fn apply_plan(
     let field = match resolve(plan, kind, name, event_version_of(event)) {
         Resolved::Blocked => return Err(unplanned_event(source, name.unwrap_or_default())),
         Resolved::Unchecked => None,
-        Resolved::Schema(field, schema) => Some((field, schema)),
+        Resolved::Schema(field, schema) => Some((field, &schema.validator)),
         Resolved::Unversioned(violation) => {
             unversioned = Some(violation);
             None
@@ -3323,15 +3718,32 @@ mod tests {
     }
 
     fn arb_plan() -> impl Strategy<Value = TrackingPlan> {
-        (policy(), any::<bool>(), any::<bool>()).prop_map(|(mut plan, common, versions)| {
-            if common {
-                plan.common = common_plan(plan.on_violation).common;
-            }
-            if versions {
-                plan.event_versions = versioned_plan(plan.on_violation).event_versions;
-            }
-            plan
-        })
+        (policy(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            |(mut plan, common, versions, nested)| {
+                if nested {
+                    // Arrays of objects with pattern, bounds and required keys:
+                    // the shapes the streaming check handles itself.
+                    plan.events.insert(
+                        "Order Completed".into(),
+                        json!({"type": "object", "required": ["revenue"], "properties": {
+                        "revenue": {"type": "number", "minimum": 0},
+                        "coupon": {"type": "string"},
+                        "products": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+                            "type": "object", "required": ["sku"], "properties": {
+                                "sku": {"type": "string", "pattern": "^SKU-"},
+                                "price": {"type": "number"},
+                                "quantity": {"type": "integer", "minimum": 1}}}}}}),
+                    );
+                }
+                if common {
+                    plan.common = common_plan(plan.on_violation).common;
+                }
+                if versions {
+                    plan.event_versions = versioned_plan(plan.on_violation).event_versions;
+                }
+                plan
+            },
+        )
     }
 
     proptest! {
