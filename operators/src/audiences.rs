@@ -403,14 +403,23 @@ impl JsonSchema for TraitCondition {
     }
 }
 
+/// The schema of a `within` duration with its own description.
+fn described_span(generator: &mut SchemaGenerator, description: &str) -> Value {
+    let mut within = generator.subschema_for::<Span>().to_value();
+    within["description"] = json!(description);
+    within
+}
+
 impl JsonSchema for EventCondition {
     fn schema_name() -> std::borrow::Cow<'static, str> {
         "EventCondition".into()
     }
 
     fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        let mut within = generator.subschema_for::<Span>().to_value();
-        within["description"] = json!("Only events with event time in the last `within` count.");
+        let within = described_span(
+            generator,
+            "Only events with event time in the last `within` count.",
+        );
         json_schema!({
             "description": "The profile performed an event, `count` times (default: at least once), within a window (default: ever): `{event: name, count?, within?, where?}`.",
             "type": "object",
@@ -463,8 +472,7 @@ impl JsonSchema for SequenceCondition {
     }
 
     fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        let mut within = generator.subschema_for::<Span>().to_value();
-        within["description"] = json!("Most time from the first step's event to the last step's event; unbounded when absent. Once a sequence happened it stays true.");
+        let within = described_span(generator, "Most time from the first step's event to the last step's event; unbounded when absent. Once a sequence happened it stays true.");
         json_schema!({
             "description": "Events in order, by event time: `{sequence: [steps], within?}`.",
             "type": "object",
