@@ -161,3 +161,42 @@ async fn a_merge_moves_state_downstream_and_the_merged_away_profile_exits() -> T
     assert_ne!(merged_away[0].profile_id, big.profile_id);
     Ok(())
 }
+
+/// `cdp dev --state-dir D`, stopped and started again: the embedded broker
+/// starts empty while D keeps every task's state. Visitors after the
+/// restart must come through (they were all dropped: tasks skipped the new
+/// broker's input as consumed, and downstream dropped restarted epochs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cdp_dev_restarted_on_the_same_state_dir_delivers_new_visitors() -> TestResult {
+    let state = tempfile::tempdir()?;
+    let start = || {
+        Dev::start(cdp::dev::DevOptions {
+            config: None,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: None,
+            state_dir: Some(state.path().to_path_buf()),
+            stdout: false,
+        })
+    };
+    let client = reqwest::Client::new();
+    for visitor in ["before", "after"] {
+        let dev = start().await?;
+        dev.wait_ready(Duration::from_secs(60)).await?;
+        cdp::demo::send_journey(&client, dev.collector, visitor, None).await?;
+        let topics = dev.factory.topics();
+        let partitions = dev.factory.config().partitions;
+        let factory = dev.factory.clone();
+        let who = visitor.to_string();
+        let entered_big = tokio::task::spawn_blocking(move || -> Result<bool, String> {
+            let mut r = ChangeReader::new(&factory, &topics.audiences(), partitions)
+                .map_err(|e| e.to_string())?;
+            Ok(r.read_until(Duration::from_secs(60), |c| {
+                entered(c, &who, "big_spenders")
+            }))
+        })
+        .await??;
+        dev.stop().await?;
+        assert!(entered_big, "{visitor} the restart entered big_spenders");
+    }
+    Ok(())
+}

@@ -6,7 +6,12 @@
 //! between producing and committing replays the same inputs into the same
 //! positions, and every consuming task drops a position it has already
 //! applied from that origin. Epochs fence zombies: once a consumer has seen
-//! epoch `e` from an origin it ignores anything older.
+//! epoch `e` from an origin it ignores anything older. A *lineage* names
+//! the incarnation of the origin's changelog: after a reset (a recreated
+//! changelog, a broker that lost its data) epochs and offsets start again
+//! from the bottom under a new lineage, and a consumer that sees a lineage
+//! change starts that origin's positions afresh instead of dropping
+//! everything as a replay.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +21,8 @@ pub const ORIGIN: &str = "cdp-origin";
 pub const EPOCH: &str = "cdp-epoch";
 /// Header: `offset:index` of the record within its origin.
 pub const POSITION: &str = "cdp-pos";
+/// Header: the lineage of the producing task's changelog (16 hex digits).
+pub const LINEAGE: &str = "cdp-lineage";
 /// Header: stream time in ms carried by a tick record (decimal).
 pub const TICK: &str = "cdp-tick";
 /// Header: the source id (from `sources[].id`) an event came in through.
@@ -30,14 +37,19 @@ pub struct Position {
     pub epoch: u32,
     pub offset: i64,
     pub index: u32,
+    /// 0 for records of writers that predate lineages.
+    #[serde(default)]
+    pub lineage: u64,
 }
 
 impl Position {
     /// Whether a record at `self` must be applied after `seen` was the
     /// highest applied position of the same origin. Older epochs are
-    /// fenced; within the newest epoch, positions must increase.
+    /// fenced; within the newest epoch, positions must increase. A new
+    /// lineage is a reset of the origin: its positions start afresh.
     pub fn is_new_after(&self, seen: &Position) -> bool {
-        self.epoch >= seen.epoch && (self.offset, self.index) > (seen.offset, seen.index)
+        self.lineage != seen.lineage
+            || (self.epoch >= seen.epoch && (self.offset, self.index) > (seen.offset, seen.index))
     }
 
     /// Parse the origin headers of a record. `None` when it carries none
@@ -52,23 +64,32 @@ impl Position {
         let origin = get(ORIGIN)?;
         let epoch = get(EPOCH)?.parse().ok()?;
         let (offset, index) = get(POSITION)?.split_once(':')?;
+        let lineage = match get(LINEAGE) {
+            Some(l) => u64::from_str_radix(l, 16).ok()?,
+            None => 0,
+        };
         Some((
             origin.to_string(),
             Position {
                 epoch,
                 offset: offset.parse().ok()?,
                 index: index.parse().ok()?,
+                lineage,
             },
         ))
     }
 
-    pub fn to_headers(&self, origin: &str) -> [(String, Vec<u8>); 3] {
+    pub fn to_headers(&self, origin: &str) -> [(String, Vec<u8>); 4] {
         [
             (ORIGIN.to_string(), origin.as_bytes().to_vec()),
             (EPOCH.to_string(), self.epoch.to_string().into_bytes()),
             (
                 POSITION.to_string(),
                 format!("{}:{}", self.offset, self.index).into_bytes(),
+            ),
+            (
+                LINEAGE.to_string(),
+                format!("{:016x}", self.lineage).into_bytes(),
             ),
         ]
     }
@@ -93,17 +114,40 @@ mod tests {
             epoch,
             offset,
             index,
+            lineage: 7,
         }
     }
 
     #[test]
     fn headers_round_trip() {
-        let p = pos(3, 42, 1);
+        let p = Position {
+            lineage: u64::MAX - 5,
+            ..pos(3, 42, 1)
+        };
         let headers: Vec<(String, Vec<u8>)> = p.to_headers("identity:2").to_vec();
         assert_eq!(
             Position::from_headers(&headers),
             Some(("identity:2".to_string(), p))
         );
+        // Writers that predate lineages: lineage 0.
+        assert_eq!(
+            Position::from_headers(&headers[..3]),
+            Some(("identity:2".to_string(), Position { lineage: 0, ..p }))
+        );
+    }
+
+    #[test]
+    fn a_new_lineage_starts_positions_afresh() {
+        let seen = pos(9, 5000, 3);
+        let reset = Position {
+            lineage: 8,
+            ..pos(1, 0, 0)
+        };
+        assert!(
+            reset.is_new_after(&seen),
+            "a reset origin restarts at epoch 1, offset 0"
+        );
+        assert!(!pos(1, 0, 0).is_new_after(&seen), "same lineage: a zombie");
     }
 
     #[test]

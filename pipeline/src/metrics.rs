@@ -97,6 +97,24 @@ counter!(
     ["stage"]
 );
 counter!(
+    STATE_RESETS,
+    "cdp_state_resets_total",
+    "Local task state discarded or input restarted because it did not match the broker, by reason",
+    ["stage", "reason"]
+);
+counter!(
+    FENCED,
+    "cdp_fenced_total",
+    "Batches not committed because another owner claimed the partition",
+    ["stage"]
+);
+counter!(
+    CHANGELOG_REPAIRS,
+    "cdp_changelog_repairs_total",
+    "Changelog keys written again because their latest record was not committed",
+    ["stage"]
+);
+counter!(
     TICKS,
     "cdp_ticks_total",
     "Tick records written into input partitions",

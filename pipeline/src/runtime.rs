@@ -14,7 +14,7 @@
 //! batch was committed before the poll that revoked it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -28,7 +28,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use crate::changelog::{self, Marker, RestoreError, Restorer, MARKER_KEY};
+mod ownership;
+
+use crate::changelog::{self, commit_key, Marker, RestoreError};
 use crate::envelope::{self, Position};
 use crate::kafka::{ClientError, ClientFactory, Guarantee};
 use crate::metrics;
@@ -102,6 +104,15 @@ pub enum RuntimeError {
     StateDir { path: String, error: std::io::Error },
     #[error("internal lock poisoned")]
     Poisoned,
+    #[error("{stage}[{partition}]: fenced — another owner claimed epoch {by} while this task held epoch {epoch}; its batch was not committed")]
+    Fenced {
+        stage: &'static str,
+        partition: i32,
+        epoch: u32,
+        by: u32,
+    },
+    #[error("{stage}[{partition}]: every claim of the changelog was voided by concurrent writes")]
+    ClaimContended { stage: &'static str, partition: i32 },
 }
 
 /// One input partition's worker: its state, progress and operator.
@@ -110,6 +121,9 @@ struct Task {
     origin: String,
     store: TaskStore,
     meta: TaskMeta,
+    /// The changelog offset after the last record this task knows of
+    /// (its own, or foreign records it has dealt with).
+    log_end: i64,
     operator: Box<dyn Operator>,
     last_tick: Instant,
 }
@@ -191,12 +205,8 @@ impl StageContext {
         let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         tracing::info!(stage = shared.spec.name, ?partitions, "partitions assigned");
         for partition in partitions {
-            let task = open_task(shared, partition)?;
-            let offset = if task.meta.input_offset < 0 {
-                Offset::Beginning
-            } else {
-                Offset::Offset(task.meta.input_offset)
-            };
+            let mut task = ownership::open_task(shared, partition)?;
+            let offset = ownership::input_start(shared, &mut task)?;
             tpl.set_partition_offset(&shared.spec.input_topic, partition, offset)?;
             tasks.insert(partition, task);
         }
@@ -273,105 +283,6 @@ fn await_deliveries(
             }),
         })
         .collect()
-}
-
-/// Open a task's store, catch it up from the changelog, and claim a new
-/// epoch so older owners are fenced.
-fn open_task(shared: &Shared, partition: i32) -> Result<Task, RuntimeError> {
-    let stage = shared.spec.name;
-    let path = shared.state_dir.join(stage).join(partition.to_string());
-    std::fs::create_dir_all(&path).map_err(|error| RuntimeError::StateDir {
-        path: path.display().to_string(),
-        error,
-    })?;
-    let topic = shared.changelog_topic.as_str();
-    let consumer = &shared.restore_consumer;
-    let (low, high) = changelog::watermarks(consumer, topic, partition)?;
-    let mut store = TaskStore::open(&path)?;
-    let mut local = store.meta()?;
-    if local.changelog_offset >= 0 && local.changelog_offset + 1 < low {
-        // Compaction removed records this stale copy never saw (tombstones
-        // among them): start over from the changelog alone.
-        tracing::warn!(
-            stage,
-            partition,
-            "local state older than the changelog retains; rebuilding"
-        );
-        drop(store);
-        wipe(&path)?;
-        store = TaskStore::open(&path)?;
-        local = TaskMeta::default();
-    }
-    let started = Instant::now();
-    let mut restorer = Restorer::new(local.clone());
-    let from = (local.changelog_offset + 1).max(low);
-    changelog::replay(
-        consumer,
-        &mut store,
-        &mut restorer,
-        topic,
-        partition,
-        from,
-        high - 1,
-    )?;
-    let epoch = restorer.max_epoch() + 1;
-    let claim =
-        serde_json::to_vec(&Marker::claim()).map_err(|e| StoreError::Decode(e.to_string()))?;
-    let fut = enqueue(
-        &shared.producer,
-        FutureRecord::to(topic)
-            .partition(partition)
-            .key(MARKER_KEY)
-            .payload(&claim)
-            .headers(epoch_header(epoch)),
-    )?;
-    let claimed_at = await_deliveries(&shared.handle, vec![(topic.to_string(), fut)])?
-        .first()
-        .map(|d| d.1)
-        .unwrap_or(high);
-    // Batches an older owner committed between our read and our claim are
-    // part of the log before the claim: apply them too.
-    changelog::replay(
-        consumer,
-        &mut store,
-        &mut restorer,
-        topic,
-        partition,
-        high.max(from),
-        claimed_at,
-    )?;
-    let meta = restorer.meta.clone();
-    store.commit(&Changes::new(), &meta)?;
-    metrics::RESTORES.with_label_values(&[stage]).inc();
-    metrics::RESTORED_RECORDS
-        .with_label_values(&[stage])
-        .inc_by(restorer.records_read);
-    tracing::info!(
-        stage,
-        partition,
-        epoch = meta.epoch,
-        input_offset = meta.input_offset,
-        changelog_records = restorer.records_read,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "task restored"
-    );
-    Ok(Task {
-        partition,
-        origin: format!("{stage}:{partition}"),
-        store,
-        meta,
-        operator: (shared.spec.operator)(partition),
-        last_tick: Instant::now(),
-    })
-}
-
-fn wipe(path: &Path) -> Result<(), RuntimeError> {
-    std::fs::remove_dir_all(path)
-        .and_then(|()| std::fs::create_dir_all(path))
-        .map_err(|error| RuntimeError::StateDir {
-            path: path.display().to_string(),
-            error,
-        })
 }
 
 /// Records for one sink in one batch, with where each came from
@@ -480,6 +391,7 @@ impl StageRuntime {
         tracing::info!(stage = name, topic = %input_topic, %group, "stage started");
         let tick_every = cfg.tick_interval.to_std();
         let mut last_gauges = Instant::now();
+        let mut last_ownership_check = Instant::now();
         while !shutdown.is_triggered() {
             if let Some(e) = shared
                 .failure
@@ -499,6 +411,10 @@ impl StageRuntime {
             if last_gauges.elapsed() > Duration::from_secs(10) {
                 update_gauges(&shared, &consumer);
                 last_gauges = Instant::now();
+            }
+            if last_ownership_check.elapsed() > OWNERSHIP_CHECK_EVERY {
+                check_ownership(&shared)?;
+                last_ownership_check = Instant::now();
             }
         }
         tracing::info!(stage = name, "leaving consumer group");
@@ -718,6 +634,7 @@ fn process_batch(
                     epoch: meta.epoch,
                     offset: m.offset(),
                     index: index as u32,
+                    lineage: meta.lineage,
                 };
                 outputs.push((pos, e));
             }
@@ -802,12 +719,24 @@ fn process_batch(
             ));
         }
     }
+    let delivered_topics: Vec<String> = deliveries.iter().map(|(t, _)| t.clone()).collect();
     let sink_futures = sink_batches
         .values()
         .map(|(sink, records, _)| sink.deliver(records.clone()))
         .collect::<Vec<_>>();
     let sink_results = shared.handle.block_on(join_all(sink_futures));
-    await_deliveries(&shared.handle, deliveries)?;
+    let acks = await_deliveries(&shared.handle, deliveries)?;
+    // Where our changelog records landed, per partition: any other offset
+    // in between is someone else's write (see `ownership`).
+    let mut changelog_offsets: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    for (topic, (partition, offset)) in delivered_topics.iter().zip(&acks) {
+        if *topic == shared.changelog_topic {
+            changelog_offsets
+                .entry(*partition)
+                .or_default()
+                .push(*offset);
+        }
+    }
     if let Some(crash_at) = shared.chaos_crash_after_produce {
         let has_outputs = work.iter().any(|w| !w.outputs.is_empty());
         if has_outputs && shared.batches_with_outputs.fetch_add(1, Ordering::SeqCst) + 1 >= crash_at
@@ -868,7 +797,7 @@ fn process_batch(
             &shared.producer,
             FutureRecord::to(&shared.changelog_topic)
                 .partition(w.partition)
-                .key(MARKER_KEY)
+                .key(&commit_key(w.meta.epoch))
                 .payload(&marker)
                 .headers(epoch_header(w.meta.epoch)),
         )?;
@@ -876,15 +805,47 @@ fn process_batch(
     }
     let marker_offsets = await_deliveries(&shared.handle, markers)?;
 
-    // Phase 3: state + progress + positions, atomically.
+    // Phase 3: state + progress + positions, atomically — unless someone
+    // else wrote to the changelog partition meanwhile.
     let mut offsets = TopicPartitionList::new();
+    let mut fenced = None;
     for (mut w, (_, marker_offset)) in work.into_iter().zip(marker_offsets) {
         let Some(task) = tasks.get_mut(&w.partition) else {
             continue;
         };
+        let mut mine = changelog_offsets.remove(&w.partition).unwrap_or_default();
+        mine.push(marker_offset);
+        let foreign = ownership::check_writes(
+            shared,
+            w.partition,
+            w.meta.epoch,
+            task.log_end,
+            &mine,
+            marker_offset,
+        )?;
+        if let changelog::Foreign::Fenced { epoch } = foreign {
+            // Another owner claimed: this batch is not ours to commit.
+            tracing::error!(
+                stage,
+                partition = w.partition,
+                epoch = w.meta.epoch,
+                claimed_by = epoch,
+                "fenced: another owner claimed this partition; not committing"
+            );
+            metrics::FENCED.with_label_values(&[stage]).inc();
+            fenced.get_or_insert(RuntimeError::Fenced {
+                stage,
+                partition: w.partition,
+                epoch: w.meta.epoch,
+                by: epoch,
+            });
+            continue;
+        }
         w.meta.changelog_offset = marker_offset;
         task.store.commit(&w.changes, &w.meta)?;
         task.meta = w.meta;
+        task.log_end = marker_offset + 1;
+        ownership::handle_foreign(shared, task, foreign)?;
         metrics::COMMITS.with_label_values(&[stage]).inc();
         if let Some(observe) = &shared.spec.observer {
             for (_, e) in &w.outputs {
@@ -900,6 +861,11 @@ fn process_batch(
     // The group offset only feeds lag dashboards; the store is the truth.
     if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
         tracing::debug!(stage, error = %e, "group offset commit failed");
+    }
+    if let Some(e) = fenced {
+        // Stop the stage: the orchestrator restarts it, and the restore
+        // then starts from the last batch this task did commit.
+        return Err(e);
     }
     metrics::BATCH_SECONDS
         .with_label_values(&[stage])
@@ -929,6 +895,20 @@ fn send_ticks(shared: &Shared, every: Duration) -> Result<(), RuntimeError> {
                 .headers(headers),
         )?);
         metrics::TICKS.with_label_values(&[shared.spec.name]).inc();
+    }
+    Ok(())
+}
+
+/// How often an idle task looks for foreign writes in its changelog.
+const OWNERSHIP_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Look for other writers in every owned changelog partition (see
+/// `ownership`): a newer owner stops the stage, a zombie's writes are
+/// repaired.
+fn check_ownership(shared: &Shared) -> Result<(), RuntimeError> {
+    let mut tasks = shared.tasks.lock().map_err(|_| RuntimeError::Poisoned)?;
+    for task in tasks.values_mut() {
+        ownership::check_idle(shared, task)?;
     }
     Ok(())
 }

@@ -78,6 +78,11 @@ pub struct TaskMeta {
     pub stream_time: i64,
     /// Highest position applied per origin (`stage:partition`).
     pub dedupe: BTreeMap<String, Position>,
+    /// The incarnation of this task's changelog (random, chosen by the
+    /// first claim of an empty changelog, inherited by every later claim).
+    /// Outputs carry it so consumers can tell a reset from a replay.
+    #[serde(default)]
+    pub lineage: u64,
 }
 
 impl Default for TaskMeta {
@@ -88,6 +93,7 @@ impl Default for TaskMeta {
             epoch: 0,
             stream_time: 0,
             dedupe: BTreeMap::new(),
+            lineage: 0,
         }
     }
 }

@@ -194,6 +194,7 @@ async fn processes_dedupes_dead_letters_ticks_and_restores_after_losing_local_st
             epoch,
             offset,
             index: 0,
+            lineage: 1,
         };
         p.to_headers("up:0")
             .iter()
@@ -258,5 +259,385 @@ async fn processes_dedupes_dead_letters_ticks_and_restores_after_losing_local_st
         ["k0:1", "k0:2", "k0:3", "k0:4", "k0:5", "k0:6", "k0:7", "k0:8"],
         "state restored from the changelog, input resumed after the last commit"
     );
+    Ok(())
+}
+
+fn stage(name: &'static str, input: &str, output: &str, ticks: bool) -> StageSpec {
+    let mut outputs = BTreeMap::new();
+    outputs.insert("next", OutputTarget::Topic(output.into()));
+    StageSpec {
+        name,
+        input_topic: input.into(),
+        outputs,
+        operator: Box::new(|_| Box::new(Counter)),
+        ticks,
+        observer: None,
+    }
+}
+
+type StageJoin = std::thread::JoinHandle<Result<(), cdp_pipeline::runtime::RuntimeError>>;
+
+fn start(spec: StageSpec, factory: &ClientFactory, shutdown: &Shutdown) -> StageJoin {
+    let name = spec.name;
+    let rt = StageRuntime::new(
+        spec,
+        factory.clone(),
+        None,
+        Health::default().register(name),
+    );
+    let handle = tokio::runtime::Handle::current();
+    let s = shutdown.clone();
+    std::thread::spawn(move || rt.run(handle, s))
+}
+
+/// A factory on `mock` with its own topic prefix (changelogs, group,
+/// dead letters) and state directory.
+fn factory_on(
+    mock: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    prefix: &str,
+    state_dir: &std::path::Path,
+) -> Result<ClientFactory, Box<dyn std::error::Error + Send + Sync>> {
+    let mut properties = BTreeMap::new();
+    properties.insert("consumer.session.timeout.ms".into(), "6000".into());
+    properties.insert("consumer.heartbeat.interval.ms".into(), "500".into());
+    Ok(ClientFactory::new(KafkaConfig {
+        brokers: mock.bootstrap_servers(),
+        topic_prefix: prefix.into(),
+        partitions: 2,
+        state_dir: state_dir.display().to_string(),
+        tick_interval: cdp_pipeline::Span::from_millis(100),
+        properties,
+        ..KafkaConfig::default()
+    })?)
+}
+
+async fn read_until(
+    factory: &ClientFactory,
+    topic: &'static str,
+    want: impl Fn(&[(String, String)]) -> bool + Send + 'static,
+) -> Result<Vec<(String, String)>, tokio::task::JoinError> {
+    let f = factory.clone();
+    tokio::task::spawn_blocking(move || read_all(&f, topic, want)).await
+}
+
+/// Wait (without blocking the runtime) for a stage thread to end by itself.
+async fn ended(join: StageJoin, within: Duration) -> Option<Result<(), String>> {
+    let deadline = Instant::now() + within;
+    while !join.is_finished() {
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Some(match join.join() {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("stage panicked".into()),
+    })
+}
+
+/// `cdp dev --state-dir D`, stopped and started again: the embedded broker
+/// comes back empty while the local state remains. Every task must notice
+/// (its local copy is ahead of the changelog), say so and start over,
+/// instead of skipping the new broker's input as already consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_lost_its_data_is_noticed_and_new_input_is_processed() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().display().to_string();
+    let s = setup(&state)?;
+    for _ in 0..3 {
+        produce(&s.producer, "k0", "x", None).await?;
+    }
+    let shutdown = Shutdown::default();
+    let join = run_stage(&s.factory, &shutdown);
+    let out = read_until(&s.factory, "t.out", |o| counts(o, "k0").len() >= 3).await?;
+    assert_eq!(counts(&out, "k0"), ["k0:1", "k0:2", "k0:3"]);
+    shutdown.trigger();
+    join.join().map_err(|_| "stage panicked")??;
+    drop(s);
+
+    // A new, empty broker; the same state directory.
+    let resets = || {
+        cdp_pipeline::metrics::STATE_RESETS
+            .with_label_values(&["count", "ahead_of_changelog"])
+            .get()
+    };
+    let before = resets();
+    let s = setup(&state)?;
+    for _ in 0..2 {
+        produce(&s.producer, "k0", "x", None).await?;
+    }
+    let shutdown = Shutdown::default();
+    let join = run_stage(&s.factory, &shutdown);
+    let out = read_until(&s.factory, "t.out", |o| counts(o, "k0").len() >= 2).await?;
+    shutdown.trigger();
+    join.join().map_err(|_| "stage panicked")??;
+    assert_eq!(
+        counts(&out, "k0"),
+        ["k0:1", "k0:2"],
+        "the new broker's input is processed from a clean state"
+    );
+    assert!(resets() >= before + 2, "each task's reset is counted");
+    Ok(())
+}
+
+/// An owner that another instance fenced (it claimed the changelog and
+/// committed a batch) must not commit its own batch; when the partition
+/// comes back, the restore must include the other owner's batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_owner_does_not_commit_and_later_restores_the_new_owners_batches() -> TestResult {
+    use cdp_pipeline::changelog::{claim_key, commit_key, Claim, Marker};
+    use cdp_pipeline::store::TaskMeta;
+
+    let dir = tempfile::tempdir()?;
+    let s = setup(&dir.path().display().to_string())?;
+    let to_p0 = |value: &'static str| {
+        FutureRecord::to("t.in")
+            .partition(0)
+            .key("k0")
+            .payload(value)
+    };
+    for _ in 0..2 {
+        s.producer
+            .send(to_p0("x"), Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let shutdown = Shutdown::default();
+    let join = start(
+        stage("count", "t.in", "t.out", false),
+        &s.factory,
+        &shutdown,
+    );
+    let out = read_until(&s.factory, "t.out", |o| counts(o, "k0").len() >= 2).await?;
+    assert_eq!(counts(&out, "k0"), ["k0:1", "k0:2"]);
+
+    // Another owner claims partition 0 (at the changelog's end, so its claim
+    // is valid) and commits a batch that sets the count to 100.
+    let reader = s.factory.plain_consumer("probe")?;
+    let (_, end) = reader.fetch_watermarks("t.count-changelog", 0, Duration::from_secs(5))?;
+    let progress = TaskMeta {
+        input_offset: 2,
+        changelog_offset: end - 1,
+        ..TaskMeta::default()
+    };
+    let epoch = 50u32;
+    let header = || {
+        OwnedHeaders::new().insert(Header {
+            key: "cdp-epoch",
+            value: Some(epoch.to_string().as_bytes()),
+        })
+    };
+    let claim = serde_json::to_vec(&Claim::new(end, &progress))?;
+    let marker = serde_json::to_vec(&Marker::commit(&progress))?;
+    for (key, value) in [
+        (claim_key(epoch), claim),
+        (b"count/k0".to_vec(), b"100".to_vec()),
+        (commit_key(epoch), marker),
+    ] {
+        s.producer
+            .send(
+                FutureRecord::to("t.count-changelog")
+                    .partition(0)
+                    .key(&key)
+                    .payload(&value)
+                    .headers(header()),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    // The old owner gets one more record: it must find itself fenced.
+    s.producer
+        .send(to_p0("x"), Duration::from_secs(5))
+        .await
+        .map_err(|(e, _)| e)?;
+    let result = ended(join, Duration::from_secs(30)).await;
+    assert!(
+        matches!(&result, Some(Err(e)) if e.contains("fenced")),
+        "the fenced owner stops without committing: {result:?}"
+    );
+
+    // The partition comes back to it: the restore sees the other owner's
+    // claim and batch, so the replayed record counts from 100.
+    let shutdown = Shutdown::default();
+    let join = start(
+        stage("count", "t.in", "t.out", false),
+        &s.factory,
+        &shutdown,
+    );
+    let out = read_until(&s.factory, "t.out", |o| {
+        counts(o, "k0").iter().any(|v| v == "k0:101")
+    })
+    .await?;
+    shutdown.trigger();
+    join.join().map_err(|_| "stage panicked")??;
+    assert!(
+        counts(&out, "k0").iter().any(|v| v == "k0:101"),
+        "restored the new owner's batch: {:?}",
+        counts(&out, "k0")
+    );
+    Ok(())
+}
+
+/// The reset of docs/OPERATIONS.md on one stage of a chain: a new changelog,
+/// no group offsets, no local state. The reset stage starts again at epoch
+/// 1 from offset 0, under a new lineage; the stage downstream must take its
+/// output as new, not as replays of what it already applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_reset_as_documented_keeps_the_chain_delivering() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mock = MockCluster::new(1)?;
+    for t in [
+        "t.in",
+        "t.mid",
+        "t.out",
+        "t.invalid",
+        "t.down-changelog",
+        "r1.invalid",
+        "r1.up-changelog",
+        "r2.invalid",
+        "r2.up-changelog",
+    ] {
+        mock.create_topic(t, 2, 1)?;
+    }
+    let up1 = factory_on(&mock, "r1", &dir.path().join("up1"))?;
+    let down = factory_on(&mock, "t", &dir.path().join("down"))?;
+    let producer = down.producer()?;
+    let send = |key: &'static str| {
+        let p = producer.clone();
+        async move {
+            p.send(
+                FutureRecord::to("t.in").key(key).payload("x"),
+                Duration::from_secs(5),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+        }
+    };
+    let down_stop = Shutdown::default();
+    let down_join = start(stage("down", "t.mid", "t.out", false), &down, &down_stop);
+    // Run `up` three times so its epoch grows past 1.
+    for n in 1..=3usize {
+        let stop = Shutdown::default();
+        let join = start(stage("up", "t.in", "t.mid", false), &up1, &stop);
+        send("k0").await?;
+        read_until(&down, "t.out", move |o| counts(o, "k0").len() >= n).await?;
+        stop.trigger();
+        join.join().map_err(|_| "stage panicked")??;
+    }
+
+    // The reset: new changelog and group (prefix r2), no local state.
+    let up2 = factory_on(&mock, "r2", &dir.path().join("up2"))?;
+    let stop = Shutdown::default();
+    let join = start(stage("up", "t.in", "t.mid", false), &up2, &stop);
+    send("fresh").await?;
+    let out = read_until(&down, "t.out", |o| !counts(o, "fresh").is_empty()).await?;
+    stop.trigger();
+    join.join().map_err(|_| "stage panicked")??;
+    down_stop.trigger();
+    down_join.join().map_err(|_| "stage panicked")??;
+    assert_eq!(
+        counts(&out, "fresh"),
+        ["fresh:1"],
+        "events after the reset come through"
+    );
+    Ok(())
+}
+
+/// Two instances that both believe they own the same partitions (here: two
+/// consumer groups over one changelog, the worst case of a stale
+/// assignment) claim at the same time. The log decides: no two valid
+/// claims share an epoch, and the loser stops at its first batch instead of
+/// interleaving its state with the winner's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_claimers_of_one_changelog_never_share_an_epoch() -> TestResult {
+    use cdp_pipeline::changelog::{Claim, RecordKind};
+
+    let dir = tempfile::tempdir()?;
+    let mock = MockCluster::new(1)?;
+    for t in ["t.in", "t.out", "t.invalid", "t.count-changelog"] {
+        mock.create_topic(t, 2, 1)?;
+    }
+    let group = |name: &str,
+                 state: &str|
+     -> Result<ClientFactory, Box<dyn std::error::Error + Send + Sync>> {
+        let f = factory_on(&mock, "t", &dir.path().join(state))?;
+        let mut config = f.config().clone();
+        config
+            .properties
+            .insert("consumer.group.id".into(), name.into());
+        Ok(ClientFactory::new(config)?)
+    };
+    let a = group("group-a", "a")?;
+    let b = group("group-b", "b")?;
+    let (stop_a, stop_b) = (Shutdown::default(), Shutdown::default());
+    let join_a = start(stage("count", "t.in", "t.out", false), &a, &stop_a);
+    let join_b = start(stage("count", "t.in", "t.out", false), &b, &stop_b);
+    let producer = a.producer()?;
+    // Keep feeding both partitions until one instance gives up.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !(join_a.is_finished() || join_b.is_finished()) && Instant::now() < deadline {
+        for p in 0..2 {
+            producer
+                .send(
+                    FutureRecord::to("t.in").partition(p).key("k").payload("x"),
+                    Duration::from_secs(5),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (loser, winner, stop_winner) = if join_a.is_finished() {
+        (join_a, join_b, stop_b)
+    } else {
+        (join_b, join_a, stop_a)
+    };
+    let lost = ended(loser, Duration::from_secs(1)).await;
+    stop_winner.trigger();
+    let won = ended(winner, Duration::from_secs(30)).await;
+    // Fenced at its first batch, or (claiming second against a busy owner)
+    // every claim voided: either way it stops instead of interleaving.
+    assert!(
+        matches!(&lost, Some(Err(e)) if e.contains("fenced") || e.contains("voided")),
+        "one instance gives up: {lost:?}"
+    );
+    assert!(matches!(won, Some(Ok(()))), "the other runs on: {won:?}");
+
+    // The log: valid claims (at their own offset) have distinct epochs.
+    let reader = a.plain_consumer("claims")?;
+    for p in 0..2 {
+        let (_, end) = reader.fetch_watermarks("t.count-changelog", p, Duration::from_secs(5))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t.count-changelog", p, Offset::Beginning)?;
+        reader.assign(&tpl)?;
+        let mut epochs = Vec::new();
+        let mut seen = 0;
+        let until = Instant::now() + Duration::from_secs(20);
+        while seen < end && Instant::now() < until {
+            let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            seen = m.offset() + 1;
+            let key = m.key().unwrap_or_default();
+            if RecordKind::of(key) != RecordKind::Claim {
+                continue;
+            }
+            let claim: Claim = serde_json::from_slice(m.payload().unwrap_or_default())?;
+            if claim.at == m.offset() {
+                epochs.push(key.to_vec());
+            }
+        }
+        let mut unique = epochs.clone();
+        unique.sort();
+        unique.dedup();
+        assert!(!epochs.is_empty(), "partition {p} was claimed");
+        assert_eq!(
+            epochs.len(),
+            unique.len(),
+            "one valid claim per epoch in partition {p}"
+        );
+    }
     Ok(())
 }

@@ -1,0 +1,458 @@
+//! Taking and keeping ownership of a task's changelog partition.
+//!
+//! - **Open**: the local copy is checked against the changelog first (a
+//!   copy ahead of the broker, older than what compaction retains, or whose
+//!   last marker is not in the log is discarded, loudly); then the task
+//!   restores, claims a new epoch and reads the log back to its claim: the
+//!   claim counts only if it landed exactly at the end the task restored
+//!   to, otherwise someone wrote in between and the task catches up and
+//!   claims again. Keys whose latest record the restore did not apply are
+//!   repaired (see `changelog`) before the local copy is committed.
+//! - **Keep**: after each batch the task checks that every changelog offset
+//!   since its last known one is its own (producer acks give the offsets).
+//!   A foreign record of its epoch or newer means another owner claimed:
+//!   the batch is not committed locally and the stage stops. Older-epoch
+//!   records are a zombie's writes: repaired. Idle tasks make the same
+//!   check against the changelog's end every few seconds.
+
+use std::path::Path;
+use std::time::Instant;
+
+use rdkafka::producer::FutureRecord;
+use rdkafka::Offset;
+
+use super::{await_deliveries, enqueue, epoch_header, RuntimeError, Shared, Task};
+use crate::changelog::{self, claim_key, commit_key, Claim, Foreign, Marker, RecordKind, Restorer};
+use crate::metrics;
+use crate::store::{Changes, StateBackend, StoreError, TaskMeta, TaskStore};
+
+/// How often a task retries a claim that someone else's write voided.
+const CLAIM_ATTEMPTS: usize = 20;
+/// How often a repair may find fresh zombie writes before giving up.
+const REPAIR_ROUNDS: usize = 10;
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, RuntimeError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Decode(e.to_string()).into())
+}
+
+/// A random id for a new changelog incarnation (never 0, which means "no
+/// lineage": records of writers that predate lineages).
+fn new_lineage() -> u64 {
+    let (hi, lo) = uuid::Uuid::new_v4().as_u64_pair();
+    (hi ^ lo).max(1)
+}
+
+/// Why a local copy cannot be trusted, if it cannot.
+fn check_local(
+    shared: &Shared,
+    partition: i32,
+    local: &TaskMeta,
+    (low, high): (i64, i64),
+) -> Result<Option<&'static str>, RuntimeError> {
+    let at = local.changelog_offset;
+    if at < 0 {
+        return Ok(None);
+    }
+    if at >= high {
+        // The changelog was recreated or the broker lost data.
+        return Ok(Some("ahead_of_changelog"));
+    }
+    if at + 1 < low {
+        // Records this copy never saw (tombstones among them) are gone.
+        return Ok(Some("older_than_changelog"));
+    }
+    let topic = &shared.changelog_topic;
+    let found = changelog::read_range(&shared.restore_consumer, topic, partition, at, at)?;
+    let lineage = |r: &changelog::ChangelogRecord| -> Option<u64> {
+        let value = r.value.as_deref().unwrap_or_default();
+        match RecordKind::of(&r.key) {
+            RecordKind::Claim => serde_json::from_slice::<Claim>(value)
+                .ok()
+                .map(|c| c.progress.lineage),
+            RecordKind::Commit | RecordKind::LegacyMarker => {
+                serde_json::from_slice::<Marker>(value)
+                    .ok()
+                    .map(|m| m.lineage)
+            }
+            RecordKind::State => None,
+        }
+    };
+    Ok(match found.first() {
+        Some(r)
+            if r.offset == at && r.epoch == local.epoch && lineage(r) == Some(local.lineage) =>
+        {
+            None
+        }
+        // Not our marker (another incarnation of the changelog), or
+        // compacted away by a later marker of our epoch we never committed.
+        _ => Some("diverged"),
+    })
+}
+
+/// Produce one record to the task's changelog partition; its offset.
+fn produce_marker(
+    shared: &Shared,
+    partition: i32,
+    key: &[u8],
+    value: &[u8],
+    epoch: u32,
+) -> Result<i64, RuntimeError> {
+    let topic = shared.changelog_topic.as_str();
+    let fut = enqueue(
+        &shared.producer,
+        FutureRecord::to(topic)
+            .partition(partition)
+            .key(key)
+            .payload(value)
+            .headers(epoch_header(epoch)),
+    )?;
+    let acks = await_deliveries(&shared.handle, vec![(topic.to_string(), fut)])?;
+    acks.first()
+        .map(|d| d.1)
+        .ok_or_else(|| RuntimeError::Produce {
+            topic: topic.to_string(),
+            error: "no delivery report".into(),
+        })
+}
+
+/// Whether anyone else wrote to the partition in `log_end..=last`, given
+/// the offsets of our own records there.
+pub(super) fn check_writes(
+    shared: &Shared,
+    partition: i32,
+    epoch: u32,
+    log_end: i64,
+    mine: &[i64],
+    last: i64,
+) -> Result<Foreign, RuntimeError> {
+    let gaps = changelog::gaps(log_end, last, mine);
+    if gaps.is_empty() {
+        return Ok(Foreign::None);
+    }
+    let foreign: Vec<changelog::ChangelogRecord> = changelog::read_range(
+        &shared.restore_consumer,
+        &shared.changelog_topic,
+        partition,
+        log_end,
+        last,
+    )?
+    .into_iter()
+    .filter(|r| gaps.binary_search(&r.offset).is_ok())
+    .collect();
+    Ok(changelog::classify_foreign(epoch, &foreign))
+}
+
+/// Write the current value of each of `dirty` again, then a commit marker,
+/// and check nobody interleaved; repeat for what a zombie wrote meanwhile.
+/// Advances `meta.changelog_offset` and `log_end`; the caller commits meta.
+fn repair(
+    shared: &Shared,
+    partition: i32,
+    store: &TaskStore,
+    meta: &mut TaskMeta,
+    log_end: &mut i64,
+    mut dirty: Vec<Vec<u8>>,
+) -> Result<(), RuntimeError> {
+    let stage = shared.spec.name;
+    let topic = shared.changelog_topic.as_str();
+    for _ in 0..REPAIR_ROUNDS {
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            stage,
+            partition,
+            keys = dirty.len(),
+            "rewriting changelog keys whose latest record is not committed"
+        );
+        metrics::CHANGELOG_REPAIRS
+            .with_label_values(&[stage])
+            .inc_by(dirty.len() as u64);
+        let mut futs = Vec::new();
+        for key in &dirty {
+            let value = store.get(key)?;
+            let mut record = FutureRecord::to(topic)
+                .partition(partition)
+                .key(key.as_slice())
+                .headers(epoch_header(meta.epoch));
+            if let Some(v) = &value {
+                record = record.payload(v.as_slice());
+            }
+            futs.push((topic.to_string(), enqueue(&shared.producer, record)?));
+        }
+        let mut mine: Vec<i64> = await_deliveries(&shared.handle, futs)?
+            .into_iter()
+            .map(|d| d.1)
+            .collect();
+        let marker = to_json(&Marker::commit(meta))?;
+        let at = produce_marker(
+            shared,
+            partition,
+            &commit_key(meta.epoch),
+            &marker,
+            meta.epoch,
+        )?;
+        mine.push(at);
+        match check_writes(shared, partition, meta.epoch, *log_end, &mine, at)? {
+            Foreign::Fenced { epoch } => {
+                return Err(RuntimeError::Fenced {
+                    stage,
+                    partition,
+                    epoch: meta.epoch,
+                    by: epoch,
+                })
+            }
+            Foreign::None => dirty.clear(),
+            Foreign::Zombie { dirty: more } => dirty = more,
+        }
+        meta.changelog_offset = at;
+        *log_end = at + 1;
+    }
+    Err(RuntimeError::Produce {
+        topic: topic.to_string(),
+        error: format!("partition {partition}: foreign writes kept arriving during repair"),
+    })
+}
+
+/// Handle foreign records found after a committed batch or while idle.
+pub(super) fn handle_foreign(
+    shared: &Shared,
+    task: &mut Task,
+    foreign: Foreign,
+) -> Result<(), RuntimeError> {
+    match foreign {
+        Foreign::None => Ok(()),
+        Foreign::Fenced { epoch } => {
+            metrics::FENCED.with_label_values(&[shared.spec.name]).inc();
+            Err(RuntimeError::Fenced {
+                stage: shared.spec.name,
+                partition: task.partition,
+                epoch: task.meta.epoch,
+                by: epoch,
+            })
+        }
+        Foreign::Zombie { dirty } => {
+            let mut meta = task.meta.clone();
+            repair(
+                shared,
+                task.partition,
+                &task.store,
+                &mut meta,
+                &mut task.log_end,
+                dirty,
+            )?;
+            task.store.commit(&Changes::new(), &meta)?;
+            task.meta = meta;
+            Ok(())
+        }
+    }
+}
+
+/// An idle task's check: has anyone written to its changelog partition?
+pub(super) fn check_idle(shared: &Shared, task: &mut Task) -> Result<(), RuntimeError> {
+    let (_, high) = changelog::watermarks(
+        &shared.restore_consumer,
+        &shared.changelog_topic,
+        task.partition,
+    )?;
+    if high <= task.log_end {
+        return Ok(());
+    }
+    let foreign = check_writes(
+        shared,
+        task.partition,
+        task.meta.epoch,
+        task.log_end,
+        &[],
+        high - 1,
+    )?;
+    if foreign == Foreign::None {
+        task.log_end = high;
+    }
+    handle_foreign(shared, task, foreign)
+}
+
+fn wipe(path: &Path) -> Result<(), RuntimeError> {
+    std::fs::remove_dir_all(path)
+        .and_then(|()| std::fs::create_dir_all(path))
+        .map_err(|error| RuntimeError::StateDir {
+            path: path.display().to_string(),
+            error,
+        })
+}
+
+/// Open a task's store, check it against the changelog, catch it up, claim
+/// a new epoch so older owners are fenced, and repair what needs it.
+pub(super) fn open_task(shared: &Shared, partition: i32) -> Result<Task, RuntimeError> {
+    let stage = shared.spec.name;
+    let path = shared.state_dir.join(stage).join(partition.to_string());
+    std::fs::create_dir_all(&path).map_err(|error| RuntimeError::StateDir {
+        path: path.display().to_string(),
+        error,
+    })?;
+    let topic = shared.changelog_topic.as_str();
+    let consumer = &shared.restore_consumer;
+    let (low, high) = changelog::watermarks(consumer, topic, partition)?;
+    let mut store = TaskStore::open(&path)?;
+    let mut local = store.meta()?;
+    if let Some(reason) = check_local(shared, partition, &local, (low, high))? {
+        tracing::error!(
+            stage,
+            partition,
+            reason,
+            local_changelog_offset = local.changelog_offset,
+            local_epoch = local.epoch,
+            changelog_low = low,
+            changelog_high = high,
+            "local state does not match the changelog; discarding it and restoring from the changelog"
+        );
+        metrics::STATE_RESETS
+            .with_label_values(&[stage, reason])
+            .inc();
+        drop(store);
+        wipe(&path)?;
+        store = TaskStore::open(&path)?;
+        local = TaskMeta::default();
+    }
+    let started = Instant::now();
+    let mut restorer = Restorer::new(local.clone());
+    let mut from = (local.changelog_offset + 1).max(low);
+    let mut end = high;
+    let mut claimed = None;
+    for _ in 0..CLAIM_ATTEMPTS {
+        // Catch up until the end stands still, so the claim follows the
+        // read within one round-trip (a busy old owner otherwise voids
+        // every claim that follows a long replay).
+        loop {
+            changelog::replay(
+                consumer,
+                &mut store,
+                &mut restorer,
+                topic,
+                partition,
+                from,
+                end - 1,
+            )?;
+            from = from.max(end);
+            let now = changelog::watermarks(consumer, topic, partition)?.1;
+            if now <= end {
+                break;
+            }
+            end = now;
+        }
+        let epoch = restorer.max_epoch() + 1;
+        let mut meta = restorer.meta.clone();
+        if meta.lineage == 0 {
+            // The first claim of this changelog: a new incarnation.
+            meta.lineage = new_lineage();
+        }
+        let claim = to_json(&Claim::new(end, &meta))?;
+        let key = claim_key(epoch);
+        let at = produce_marker(shared, partition, &key, &claim, epoch)?;
+        if at == end {
+            let before = restorer.meta.clone();
+            let committed = restorer
+                .apply(at, epoch, &key, Some(claim.as_slice()))
+                .map_err(|e| changelog::RestoreError::BadMarker {
+                    topic: topic.to_string(),
+                    partition,
+                    offset: at,
+                    detail: e.0,
+                })?;
+            claimed = Some((committed.unwrap_or_default(), before));
+            break;
+        }
+        // Someone wrote between our read and our claim: the claim is void.
+        // Read up to it (applying what was committed there) and try again.
+        tracing::info!(
+            stage,
+            partition,
+            epoch,
+            at,
+            end,
+            "claim voided by a concurrent write; retrying"
+        );
+        changelog::replay(
+            consumer,
+            &mut store,
+            &mut restorer,
+            topic,
+            partition,
+            end,
+            at,
+        )?;
+        from = at + 1;
+        end = changelog::watermarks(consumer, topic, partition)?
+            .1
+            .max(from);
+    }
+    let Some((committed, before)) = claimed else {
+        return Err(RuntimeError::ClaimContended { stage, partition });
+    };
+    let mut meta = restorer.meta.clone();
+    let mut log_end = meta.changelog_offset + 1;
+    // The claim is committed locally only after the repair, so a crash in
+    // between repeats the restore and finds the same dirty keys.
+    store.commit(&committed, &before)?;
+    repair(
+        shared,
+        partition,
+        &store,
+        &mut meta,
+        &mut log_end,
+        restorer.dirty(),
+    )?;
+    store.commit(&Changes::new(), &meta)?;
+    metrics::RESTORES.with_label_values(&[stage]).inc();
+    metrics::RESTORED_RECORDS
+        .with_label_values(&[stage])
+        .inc_by(restorer.records_read);
+    tracing::info!(
+        stage,
+        partition,
+        epoch = meta.epoch,
+        lineage = format!("{:016x}", meta.lineage),
+        input_offset = meta.input_offset,
+        changelog_records = restorer.records_read,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "task restored"
+    );
+    Ok(Task {
+        partition,
+        origin: format!("{stage}:{partition}"),
+        store,
+        meta,
+        log_end,
+        operator: (shared.spec.operator)(partition),
+        last_tick: Instant::now(),
+    })
+}
+
+/// Where a task's input starts, checked against the input's end: an offset
+/// past it means the input was recreated or the broker lost data. That is
+/// said loudly and the input is read from its beginning, never skipped.
+pub(super) fn input_start(shared: &Shared, task: &mut Task) -> Result<Offset, RuntimeError> {
+    if task.meta.input_offset < 0 {
+        return Ok(Offset::Beginning);
+    }
+    let (_, high) = changelog::watermarks(
+        &shared.restore_consumer,
+        &shared.spec.input_topic,
+        task.partition,
+    )?;
+    if task.meta.input_offset > high {
+        tracing::error!(
+            stage = shared.spec.name,
+            partition = task.partition,
+            committed_offset = task.meta.input_offset,
+            input_end = high,
+            "input partition ends before the committed offset (recreated topic or lost broker data); reading it from the beginning"
+        );
+        metrics::STATE_RESETS
+            .with_label_values(&[shared.spec.name, "input_ahead"])
+            .inc();
+        task.meta.input_offset = -1;
+        return Ok(Offset::Beginning);
+    }
+    Ok(Offset::Offset(task.meta.input_offset))
+}
