@@ -506,8 +506,9 @@ async fn a_stage_reset_as_documented_keeps_the_chain_delivering() -> TestResult 
     let send = |key: &'static str| {
         let p = producer.clone();
         async move {
+            // One input partition: one origin whose epochs `down` tracks.
             p.send(
-                FutureRecord::to("t.in").key(key).payload("x"),
+                FutureRecord::to("t.in").partition(0).key(key).payload("x"),
                 Duration::from_secs(5),
             )
             .await
@@ -531,16 +532,18 @@ async fn a_stage_reset_as_documented_keeps_the_chain_delivering() -> TestResult 
     let up2 = factory_on(&mock, "r2", &dir.path().join("up2"))?;
     let stop = Shutdown::default();
     let join = start(stage("up", "t.in", "t.mid", false), &up2, &stop);
-    send("fresh").await?;
-    let out = read_until(&down, "t.out", |o| !counts(o, "fresh").is_empty()).await?;
+    // It replays its input (three records) from scratch and then gets one
+    // more: four new outputs under the new lineage, counted on by `down`.
+    send("k0").await?;
+    let out = read_until(&down, "t.out", |o| counts(o, "k0").len() >= 7).await?;
     stop.trigger();
     join.join().map_err(|_| "stage panicked")??;
     down_stop.trigger();
     down_join.join().map_err(|_| "stage panicked")??;
     assert_eq!(
-        counts(&out, "fresh"),
-        ["fresh:1"],
-        "events after the reset come through"
+        counts(&out, "k0"),
+        ["k0:1", "k0:2", "k0:3", "k0:4", "k0:5", "k0:6", "k0:7"],
+        "the reset stage's output after the reset comes through"
     );
     Ok(())
 }
