@@ -644,3 +644,80 @@ async fn two_claimers_of_one_changelog_never_share_an_epoch() -> TestResult {
     }
     Ok(())
 }
+
+/// A zombie (an older epoch) writes into an idle owner's changelog. Restores
+/// ignore its record, but compaction would let it hide the committed value
+/// of its key: the owner notices within seconds and writes that value again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_owner_repairs_what_a_zombie_wrote_into_its_changelog() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = setup(&dir.path().display().to_string())?;
+    let to_p0 = || FutureRecord::to("t.in").partition(0).key("k0").payload("x");
+    for _ in 0..2 {
+        s.producer
+            .send(to_p0(), Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let shutdown = Shutdown::default();
+    let join = start(
+        stage("count", "t.in", "t.out", false),
+        &s.factory,
+        &shutdown,
+    );
+    read_until(&s.factory, "t.out", |o| counts(o, "k0").len() >= 2).await?;
+
+    // Epoch 0 (no header): older than any claim.
+    let zombie_at = s
+        .producer
+        .send(
+            FutureRecord::to("t.count-changelog")
+                .partition(0)
+                .key("count/k0")
+                .payload("999"),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)?
+        .offset;
+    let f = s.factory.clone();
+    let repaired = tokio::task::spawn_blocking(move || -> Option<(String, String)> {
+        let c: BaseConsumer = f.plain_consumer("repair-reader").ok()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t.count-changelog", 0, Offset::Offset(zombie_at + 1))
+            .ok()?;
+        c.assign(&tpl).ok()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                if m.key() == Some(b"count/k0".as_slice()) {
+                    let epoch = m
+                        .headers()
+                        .and_then(|h| h.iter().find(|h| h.key == "cdp-epoch"))
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).to_string())
+                        .unwrap_or_default();
+                    let value = String::from_utf8_lossy(m.payload().unwrap_or_default());
+                    return Some((epoch, value.to_string()));
+                }
+            }
+        }
+        None
+    })
+    .await?;
+    assert_eq!(
+        repaired,
+        Some(("1".to_string(), "2".to_string())),
+        "the owner (epoch 1) wrote the committed count again after the zombie's record"
+    );
+    // And it goes on owning the partition.
+    s.producer
+        .send(to_p0(), Duration::from_secs(5))
+        .await
+        .map_err(|(e, _)| e)?;
+    let out = read_until(&s.factory, "t.out", |o| counts(o, "k0").len() >= 3).await?;
+    shutdown.trigger();
+    join.join().map_err(|_| "stage panicked")??;
+    assert_eq!(counts(&out, "k0"), ["k0:1", "k0:2", "k0:3"]);
+    Ok(())
+}
