@@ -361,6 +361,7 @@ impl ClientFactory {
             .changelog_min_compaction_lag
             .millis()
             .to_string();
+        let tombstone_retention = crate::changelog::TOMBSTONE_RETENTION_MS.to_string();
         let replication = self.config.replication_factor;
         let topics: Vec<NewTopic<'_>> = specs
             .iter()
@@ -369,6 +370,8 @@ impl ClientFactory {
                 if s.compacted {
                     t.set("cleanup.policy", "compact")
                         .set("min.compaction.lag.ms", &lag)
+                        // Restores trust local copies younger than this.
+                        .set("delete.retention.ms", &tombstone_retention)
                 } else {
                     t
                 }

@@ -99,6 +99,8 @@ impl Default for TaskMeta {
 }
 
 const META_KEY: &[u8] = b"\x00cdp/meta";
+/// Wall-clock time (ms, big-endian) of the last commit: how old the copy is.
+const SAVED_AT_KEY: &[u8] = b"\x00cdp/saved_at";
 
 /// The pending writes of one batch: `None` deletes.
 pub type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
@@ -141,6 +143,17 @@ impl TaskStore {
         }
     }
 
+    /// When this copy was last committed (wall clock, ms); `None` for a
+    /// copy written before this was recorded.
+    pub fn saved_at_ms(&self) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .db
+            .get(SAVED_AT_KEY)
+            .map_err(|e| self.err(e))?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(i64::from_be_bytes))
+    }
+
     /// Take this batch's writes (for the changelog), leaving the overlay
     /// empty. Pass them back to [`TaskStore::commit`].
     pub fn take_changes(&mut self) -> Changes {
@@ -163,6 +176,11 @@ impl TaskStore {
         }
         let meta = serde_json::to_vec(meta).map_err(|e| StoreError::Decode(e.to_string()))?;
         batch.put(META_KEY, meta);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        batch.put(SAVED_AT_KEY, now.to_be_bytes());
         let mut opts = rocksdb::WriteOptions::default();
         // No fsync: the changelog is the durable copy (see module docs).
         opts.set_sync(false);
@@ -206,7 +224,7 @@ impl StateBackend for TaskStore {
             if !k.starts_with(prefix) {
                 break;
             }
-            if k.as_ref() == META_KEY {
+            if k.as_ref() == META_KEY || k.as_ref() == SAVED_AT_KEY {
                 continue;
             }
             merged.insert(k.to_vec(), v.to_vec());

@@ -50,6 +50,11 @@ use crate::store::{Changes, TaskMeta};
 
 pub use read::{read_range, replay, watermarks, ChangelogRecord, RestoreError};
 
+/// `delete.retention.ms` of changelog topics (`cdp topics create` sets it):
+/// how long a tombstone outlives its cleaning. A local copy older than this
+/// may have missed deletes that are no longer in the log.
+pub const TOMBSTONE_RETENTION_MS: i64 = 24 * 3600 * 1000;
+
 const COMMIT_PREFIX: &[u8] = b"\x00cdp/commit/";
 const CLAIM_PREFIX: &[u8] = b"\x00cdp/claim/";
 /// The single marker key of the first changelog format (commit markers and

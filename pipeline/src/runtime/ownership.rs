@@ -42,24 +42,46 @@ fn new_lineage() -> u64 {
     (hi ^ lo).max(1)
 }
 
+/// Why a local copy whose last marker is at `at` cannot be trusted,
+/// judged from the changelog's watermarks and the copy's age alone.
+fn stale_reason(
+    at: i64,
+    saved_at_ms: Option<i64>,
+    now_ms: i64,
+    (low, high): (i64, i64),
+) -> Option<&'static str> {
+    if at < 0 {
+        return None; // nothing local to trust or distrust
+    }
+    if at >= high {
+        // The changelog was recreated or the broker lost data.
+        return Some("ahead_of_changelog");
+    }
+    if at + 1 < low {
+        // Records this copy never saw (tombstones among them) are gone.
+        return Some("older_than_changelog");
+    }
+    if saved_at_ms.is_some_and(|t| now_ms - t > changelog::TOMBSTONE_RETENTION_MS) {
+        // Deletes after its marker may have been cleaned out of the log.
+        return Some("older_than_retention");
+    }
+    None
+}
+
 /// Why a local copy cannot be trusted, if it cannot.
 fn check_local(
     shared: &Shared,
     partition: i32,
     local: &TaskMeta,
-    (low, high): (i64, i64),
+    saved_at_ms: Option<i64>,
+    watermarks: (i64, i64),
 ) -> Result<Option<&'static str>, RuntimeError> {
     let at = local.changelog_offset;
     if at < 0 {
         return Ok(None);
     }
-    if at >= high {
-        // The changelog was recreated or the broker lost data.
-        return Ok(Some("ahead_of_changelog"));
-    }
-    if at + 1 < low {
-        // Records this copy never saw (tombstones among them) are gone.
-        return Ok(Some("older_than_changelog"));
+    if let Some(reason) = stale_reason(at, saved_at_ms, super::now_ms(), watermarks) {
+        return Ok(Some(reason));
     }
     let topic = &shared.changelog_topic;
     let found = changelog::read_range(&shared.restore_consumer, topic, partition, at, at)?;
@@ -307,7 +329,8 @@ pub(super) fn open_task(shared: &Shared, partition: i32) -> Result<Task, Runtime
     let (low, high) = changelog::watermarks(consumer, topic, partition)?;
     let mut store = TaskStore::open(&path)?;
     let mut local = store.meta()?;
-    if let Some(reason) = check_local(shared, partition, &local, (low, high))? {
+    let saved_at = store.saved_at_ms()?;
+    if let Some(reason) = check_local(shared, partition, &local, saved_at, (low, high))? {
         tracing::error!(
             stage,
             partition,
@@ -467,4 +490,42 @@ pub(super) fn input_start(shared: &Shared, task: &mut Task) -> Result<Offset, Ru
         return Ok(Offset::Beginning);
     }
     Ok(Offset::Offset(task.meta.input_offset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 24 * 3600 * 1000;
+
+    #[test]
+    fn a_local_copy_is_distrusted_when_the_log_cannot_vouch_for_it() {
+        let now = 100 * DAY;
+        let fresh = Some(now - 1000);
+        assert_eq!(stale_reason(-1, None, now, (0, 0)), None, "no local copy");
+        assert_eq!(stale_reason(9, fresh, now, (0, 20)), None);
+        assert_eq!(
+            stale_reason(9, fresh, now, (0, 0)),
+            Some("ahead_of_changelog"),
+            "a broker that lost its data, a recreated changelog"
+        );
+        assert_eq!(
+            stale_reason(25, fresh, now, (0, 20)),
+            Some("ahead_of_changelog")
+        );
+        assert_eq!(
+            stale_reason(9, fresh, now, (15, 20)),
+            Some("older_than_changelog")
+        );
+        assert_eq!(
+            stale_reason(9, Some(now - 2 * DAY), now, (0, 20)),
+            Some("older_than_retention"),
+            "tombstones after its marker may be gone"
+        );
+        assert_eq!(
+            stale_reason(9, None, now, (0, 20)),
+            None,
+            "copies from before the age was kept are judged by offsets"
+        );
+    }
 }
