@@ -28,6 +28,9 @@ use crate::store::{Changes, StateBackend, StoreError, TaskMeta, TaskStore};
 
 /// How often a task retries a claim that someone else's write voided.
 const CLAIM_ATTEMPTS: usize = 20;
+/// How often a claimer re-reads a growing changelog before it claims
+/// anyway (the claim is then void if the log grew again: it retries).
+const CATCH_UP_ROUNDS: usize = 100;
 /// How often a repair may find fresh zombie writes before giving up.
 const REPAIR_ROUNDS: usize = 10;
 
@@ -358,7 +361,7 @@ pub(super) fn open_task(shared: &Shared, partition: i32) -> Result<Task, Runtime
         // Catch up until the end stands still, so the claim follows the
         // read within one round-trip (a busy old owner otherwise voids
         // every claim that follows a long replay).
-        loop {
+        for round in 1..=CATCH_UP_ROUNDS {
             changelog::replay(
                 consumer,
                 &mut store,
@@ -369,6 +372,9 @@ pub(super) fn open_task(shared: &Shared, partition: i32) -> Result<Task, Runtime
                 end - 1,
             )?;
             from = from.max(end);
+            if round == CATCH_UP_ROUNDS {
+                break; // claim at what was read; a void claim retries
+            }
             let now = changelog::watermarks(consumer, topic, partition)?.1;
             if now <= end {
                 break;
