@@ -105,9 +105,9 @@ impl Dev {
         let collector = Collector::new(
             compiled.config.collector.clone(),
             &compiled.config.sources,
-            factory.producer()?,
+            &factory,
             factory.topics().raw(),
-        );
+        )?;
         let mut servers = vec![tokio::spawn(collector.serve_on(
             listener,
             shutdown.clone(),

@@ -201,9 +201,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let collector = Collector::new(
                 compiled.config.collector.clone(),
                 &compiled.config.sources,
-                factory.producer()?,
+                &factory,
                 factory.topics().raw(),
-            );
+            )?;
             collector
                 .serve(shutdown, health.register("collect"))
                 .await?;

@@ -202,6 +202,10 @@ pub fn start_stages(
         if let Some(observer) = stage.input_observer(compiled) {
             runtime = runtime.with_input_observer(observer);
         }
+        if *stage == Stage::Validate {
+            // `<p>.raw` is written by producers outside the pipeline.
+            runtime = runtime.with_external_input();
+        }
         joins.push(runtime.spawn(handle.clone(), shutdown.clone())?);
     }
     Ok(joins)

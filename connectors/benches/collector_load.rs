@@ -318,7 +318,7 @@ async fn bench(settings: Settings) -> Result<(), BoxError> {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         ..Default::default()
     };
-    let collector = Collector::new(config, &sources, factory.producer()?, raw_topic.into());
+    let collector = Collector::new(config, &sources, &factory, raw_topic.into())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/v1/batch", listener.local_addr()?);
     let shutdown = Shutdown::default();

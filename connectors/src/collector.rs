@@ -26,6 +26,14 @@
 //! acknowledged every event of the request (idempotent producer, acks=all).
 //! When the broker cannot take writes, or the in-flight memory budget is
 //! spent, the answer is `503` with `Retry-After` and the client retries.
+//!
+//! Broker outages: a probe asks the broker for the raw topic's metadata
+//! every [`PROBE_INTERVAL`]. While it gets no answer, `/readyz` is false,
+//! new requests get `503` at once and requests waiting for acks are answered
+//! `503` within a probe (instead of after the producer's message timeout).
+//! A producer that keeps failing while the broker answers (its idempotence
+//! state lost in a broker restart: every produce then fails with "Unknown
+//! broker error") is replaced by a new one.
 //! Limit: a request that failed part-way may have written some of its events;
 //! the retry writes them again and the validate stage drops the repeats by
 //! `messageId` — except events the client sent without a `messageId`, which
@@ -34,8 +42,9 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Path, Request, State};
@@ -47,20 +56,23 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use cdp_operators::config::{ConfigError, SourceConfig};
 use cdp_operators::messages::{parse_time_ms, rfc3339_ms};
-use cdp_pipeline::{envelope, metrics, ReadyFlag, Shutdown};
+use cdp_pipeline::kafka::ClientError;
+use cdp_pipeline::{envelope, metrics, ClientFactory, ReadyFlag, Shutdown, Span};
 use futures::StreamExt;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tower_http::cors::CorsLayer;
 use tower_http::decompression::RequestDecompressionLayer;
 
 /// Seconds a client is asked to wait after a 503.
 const RETRY_AFTER_SECS: &str = "5";
+/// How often the broker is probed (and how long a probe waits).
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The `collector` section of the config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -84,6 +96,14 @@ pub struct CollectorConfig {
     /// all requests; beyond it requests get 503 with `Retry-After`.
     #[serde(default = "default_max_in_flight_bytes")]
     pub max_in_flight_bytes: usize,
+    /// Longest time a client may take to send a request body; a slower one
+    /// gets 408 and its connection slot back.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout: Span,
+    /// Most connections open at once; one more is answered 503 with
+    /// `Retry-After` and closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 fn default_listen() -> SocketAddr {
@@ -101,6 +121,12 @@ const fn default_max_batch_events() -> usize {
 const fn default_max_in_flight_bytes() -> usize {
     64 * 1024 * 1024
 }
+const fn default_body_timeout() -> Span {
+    Span::from_secs(10)
+}
+const fn default_max_connections() -> usize {
+    10_000
+}
 
 impl Default for CollectorConfig {
     fn default() -> Self {
@@ -110,6 +136,8 @@ impl Default for CollectorConfig {
             max_batch_bytes: default_max_batch_bytes(),
             max_batch_events: default_max_batch_events(),
             max_in_flight_bytes: default_max_in_flight_bytes(),
+            body_timeout: default_body_timeout(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -123,6 +151,7 @@ impl CollectorConfig {
             ("max_batch_bytes", self.max_batch_bytes),
             ("max_batch_events", self.max_batch_events),
             ("max_in_flight_bytes", self.max_in_flight_bytes),
+            ("max_connections", self.max_connections),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -131,6 +160,12 @@ impl CollectorConfig {
                     "must be positive",
                 ));
             }
+        }
+        if self.body_timeout.millis() <= 0 {
+            return Err(ConfigError::new(
+                "collector.body_timeout",
+                "must be positive",
+            ));
         }
         if self.max_batch_bytes > u32::MAX as usize {
             return Err(ConfigError::new(
@@ -206,6 +241,8 @@ enum CollectError {
     TooManyEvents { count: usize, limit: usize },
     #[error("cannot read the request body: {0}")]
     UnreadableBody(String),
+    #[error("the request body did not arrive within {0} ms")]
+    BodyTimeout(i64),
     #[error("invalid JSON: {0}")]
     InvalidJson(String),
     #[error("{at}: {message}")]
@@ -237,6 +274,7 @@ impl CollectError {
             CollectError::BodyTooLarge { .. }
             | CollectError::EventTooLarge { .. }
             | CollectError::TooManyEvents { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            CollectError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             CollectError::UnreadableBody(_)
             | CollectError::InvalidJson(_)
             | CollectError::Invalid { .. } => StatusCode::BAD_REQUEST,
@@ -252,6 +290,7 @@ impl CollectError {
             CollectError::EventTooLarge { .. } => "event_too_large",
             CollectError::TooManyEvents { .. } => "too_many_events",
             CollectError::UnreadableBody(_) => "unreadable_body",
+            CollectError::BodyTimeout(_) => "body_timeout",
             CollectError::InvalidJson(_) => "invalid_json",
             CollectError::Invalid { reason, .. } => reason,
             CollectError::Overloaded => "overloaded",
@@ -317,7 +356,13 @@ struct Inner {
     config: CollectorConfig,
     /// Write key → source id.
     sources: HashMap<String, String>,
-    producer: FutureProducer,
+    factory: ClientFactory,
+    /// Replaced by the probe when it stops working (see module docs).
+    producer: RwLock<FutureProducer>,
+    /// Whether the broker answered the last probe.
+    broker_up: watch::Sender<bool>,
+    /// Produce failures since the last probe while the broker answered.
+    failures_while_up: AtomicU64,
     raw_topic: String,
     /// Bytes of request bodies waiting for the broker, one permit a byte.
     budget: Semaphore,
@@ -338,22 +383,114 @@ impl Collector {
     pub fn new(
         config: CollectorConfig,
         sources: &[SourceConfig],
-        producer: FutureProducer,
+        factory: &ClientFactory,
         raw_topic: String,
-    ) -> Self {
+    ) -> Result<Self, ClientError> {
         let budget = Semaphore::new(config.max_in_flight_bytes.min(Semaphore::MAX_PERMITS));
-        Collector {
+        // Assumed up until the first probe says otherwise.
+        let (broker_up, _) = watch::channel(true);
+        Ok(Collector {
             inner: Arc::new(Inner {
                 sources: sources
                     .iter()
                     .map(|s| (s.write_key.clone(), s.id.clone()))
                     .collect(),
                 config,
-                producer,
+                producer: RwLock::new(factory.producer()?),
+                factory: factory.clone(),
+                broker_up,
+                failures_while_up: AtomicU64::new(0),
                 raw_topic,
                 budget,
             }),
+        })
+    }
+
+    fn producer(&self) -> Result<FutureProducer, CollectError> {
+        self.inner
+            .producer
+            .read()
+            .map(|p| p.clone())
+            .map_err(|_| CollectError::Internal("producer lock poisoned".into()))
+    }
+
+    /// Probe the broker until shutdown: readiness, the fast 503 path, and
+    /// replacing a producer that cannot recover (see module docs).
+    async fn watch_broker(self, shutdown: Shutdown, ready: ReadyFlag) {
+        let reachable = metrics::BROKER_REACHABLE.with_label_values(&["collect"]);
+        let mut last_up = true;
+        while !shutdown.is_triggered() {
+            let started = Instant::now();
+            let up = match self.producer() {
+                Ok(producer) => {
+                    let topic = self.inner.raw_topic.clone();
+                    tokio::task::spawn_blocking(move || {
+                        producer
+                            .client()
+                            .fetch_metadata(Some(&topic), PROBE_INTERVAL)
+                            .is_ok()
+                    })
+                    .await
+                    .unwrap_or(false)
+                }
+                Err(_) => false,
+            };
+            let failures = self.inner.failures_while_up.swap(0, Ordering::SeqCst);
+            if up {
+                let fatal = self
+                    .producer()
+                    .ok()
+                    .and_then(|p| p.client().fatal_error())
+                    .map(|(_, reason)| reason);
+                if fatal.is_some() || failures > 0 {
+                    let why = fatal.unwrap_or_else(|| {
+                        format!("{failures} produce failures while the broker answered")
+                    });
+                    self.rebuild_producer(&why).await;
+                }
+            }
+            if up != last_up {
+                if up {
+                    tracing::info!("broker reachable again; accepting events");
+                } else {
+                    tracing::warn!("broker unreachable; answering 503 until it is back");
+                }
+                last_up = up;
+            }
+            self.inner.broker_up.send_replace(up);
+            reachable.set(i64::from(up));
+            ready.set(up && failures == 0 && !shutdown.is_triggered());
+            tokio::select! {
+                _ = tokio::time::sleep(PROBE_INTERVAL.saturating_sub(started.elapsed())) => {}
+                _ = shutdown.wait() => {}
+            }
         }
+    }
+
+    async fn rebuild_producer(&self, why: &str) {
+        let factory = self.inner.factory.clone();
+        let fresh = match tokio::task::spawn_blocking(move || factory.producer()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot build a new producer");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build a new producer");
+                return;
+            }
+        };
+        let old = match self.inner.producer.write() {
+            Ok(mut p) => std::mem::replace(&mut *p, fresh),
+            Err(_) => return,
+        };
+        // Requests still waiting on the old producer hold their own handle;
+        // dropping ours flushes nothing they need.
+        tokio::task::spawn_blocking(move || drop(old));
+        metrics::CLIENT_REBUILDS
+            .with_label_values(&["collect", "producer"])
+            .inc();
+        tracing::warn!(why, "producer rebuilt");
     }
 
     /// The HTTP API with its CORS, gzip and metrics layers.
@@ -404,8 +541,13 @@ impl Collector {
     ) -> std::io::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, topic = %self.inner.raw_topic, "collector listening");
-        ready.set(true);
+        let probe = tokio::spawn(self.clone().watch_broker(shutdown.clone(), ready.clone()));
         let draining = ready.clone();
+        let listener = crate::limits::CappedListener::new(
+            listener,
+            self.inner.config.max_connections,
+            RETRY_AFTER_SECS,
+        );
         let result = axum::serve(listener, self.router())
             .with_graceful_shutdown(async move {
                 shutdown.wait().await;
@@ -414,6 +556,7 @@ impl Collector {
             })
             .await;
         ready.set(false);
+        probe.abort();
         result
     }
 
@@ -464,14 +607,18 @@ impl Collector {
             Call::Single(_) => cfg.max_event_bytes,
             Call::Batch => cfg.max_batch_bytes,
         };
-        let bytes = read_body(body, limit).await.map_err(|e| match (e, call) {
-            (ReadError::TooLarge, Call::Single(_)) => CollectError::EventTooLarge {
-                at: "body".into(),
-                limit,
-            },
-            (ReadError::TooLarge, Call::Batch) => CollectError::BodyTooLarge { limit },
-            (ReadError::Stream(msg), _) => CollectError::UnreadableBody(msg),
-        })?;
+        let read = tokio::time::timeout(cfg.body_timeout.to_std(), read_body(body, limit));
+        let bytes = read
+            .await
+            .map_err(|_| CollectError::BodyTimeout(cfg.body_timeout.millis()))?
+            .map_err(|e| match (e, call) {
+                (ReadError::TooLarge, Call::Single(_)) => CollectError::EventTooLarge {
+                    at: "body".into(),
+                    limit,
+                },
+                (ReadError::TooLarge, Call::Batch) => CollectError::BodyTooLarge { limit },
+                (ReadError::Stream(msg), _) => CollectError::UnreadableBody(msg),
+            })?;
         // Held until the response: bounds the memory of requests waiting
         // for the broker. Refusing at once beats queueing unboundedly.
         let _permit = self
@@ -539,9 +686,24 @@ impl Collector {
         Ok(())
     }
 
-    /// Produce every event and wait until the broker acknowledged all.
+    /// Produce every event and wait until the broker acknowledged all, or
+    /// until the probe finds the broker gone.
     async fn produce(&self, source: &str, events: &[Prepared]) -> Result<(), CollectError> {
+        let mut broker_up = self.inner.broker_up.subscribe();
+        if !*broker_up.borrow_and_update() {
+            return Err(CollectError::Broker("the broker is unreachable".into()));
+        }
+        tokio::select! {
+            result = self.produce_acked(source, events) => result,
+            _ = broker_up.wait_for(|up| !*up) => {
+                Err(CollectError::Broker("the broker became unreachable".into()))
+            }
+        }
+    }
+
+    async fn produce_acked(&self, source: &str, events: &[Prepared]) -> Result<(), CollectError> {
         let started = Instant::now();
+        let producer = self.producer()?;
         let mut pending = Vec::with_capacity(events.len());
         for e in events {
             let headers = OwnedHeaders::new().insert(Header {
@@ -554,7 +716,7 @@ impl Collector {
                 .headers(headers);
             // A full local queue means the broker is not keeping up: answer
             // 503 now rather than hold the request.
-            match self.inner.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => pending.push(delivery),
                 Err((error, _)) => return Err(CollectError::Broker(error.to_string())),
             }
@@ -562,7 +724,12 @@ impl Collector {
         for delivery in pending {
             match delivery.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((error, _))) => return Err(CollectError::Broker(error.to_string())),
+                Ok(Err((error, _))) => {
+                    // The broker refused an event it could have taken: the
+                    // probe replaces the producer if the broker answers it.
+                    self.inner.failures_while_up.fetch_add(1, Ordering::SeqCst);
+                    return Err(CollectError::Broker(error.to_string()));
+                }
                 Err(_) => return Err(CollectError::Broker("the producer was shut down".into())),
             }
         }
@@ -1243,6 +1410,7 @@ mod tests {
         base: String,
         http: reqwest::Client,
         shutdown: Shutdown,
+        health: Health,
         server: tokio::task::JoinHandle<std::io::Result<()>>,
     }
 
@@ -1267,13 +1435,13 @@ mod tests {
                 .properties
                 .insert(format!("producer.{k}"), v.to_string());
         }
-        let producer = ClientFactory::new(kafka)?.producer()?;
+        let factory = ClientFactory::new(kafka)?;
         let sources = [SourceConfig {
             id: "web".into(),
             write_key: WRITE_KEY.into(),
             tracking_plan: None,
         }];
-        let collector = Collector::new(config, &sources, producer, topic.clone());
+        let collector = Collector::new(config, &sources, &factory, topic.clone())?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
         let shutdown = Shutdown::default();
@@ -1293,6 +1461,7 @@ mod tests {
             base,
             http,
             shutdown,
+            health,
             server,
         })
     }
@@ -1833,6 +2002,159 @@ mod tests {
             "{body}"
         );
         assert!(started.elapsed() < Duration::from_secs(10));
+        env.stop().await
+    }
+
+    /// Poll `done` until it holds or `timeout` passes; whether it held.
+    async fn eventually(timeout: Duration, done: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        done()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_outage_is_a_prompt_503_and_not_ready_and_then_it_recovers() -> TestResult {
+        // The producer keeps its default message timeout (30 s), longer
+        // than the HTTP client's (15 s): only the probe answers in time.
+        let env = start().await?;
+        let mock = env.mock.as_ref().ok_or("no broker")?;
+        let track =
+            |n: u32| json!({"userId": "u", "event": "Outage", "messageId": format!("m{n}")});
+        let ok = env.authed("/v1/track").json(&track(1)).send().await?;
+        assert_eq!(ok.status().as_u16(), 200);
+        assert!(
+            eventually(Duration::from_secs(10), || env
+                .health
+                .not_ready()
+                .is_empty())
+            .await
+        );
+
+        mock.broker_down(1)?;
+        assert!(
+            eventually(Duration::from_secs(10), || !env
+                .health
+                .not_ready()
+                .is_empty())
+            .await,
+            "/readyz must go false while the broker is away"
+        );
+        let refused = env.authed("/v1/track").json(&track(2)).send().await?;
+        assert_eq!(refused.status().as_u16(), 503);
+        assert_eq!(
+            refused
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some(RETRY_AFTER_SECS)
+        );
+
+        mock.broker_up(1)?;
+        assert!(
+            eventually(Duration::from_secs(20), || env
+                .health
+                .not_ready()
+                .is_empty())
+            .await,
+            "/readyz must come back with the broker"
+        );
+        let back = env.authed("/v1/track").json(&track(3)).send().await?;
+        assert_eq!(back.status().as_u16(), 200);
+        let ids: Vec<String> = env
+            .consume(2)
+            .await?
+            .iter()
+            .map(|c| str_field(&c.value, "messageId").to_string())
+            .collect();
+        assert!(
+            ids.contains(&"m1".to_string()) && ids.contains(&"m3".to_string()),
+            "{ids:?}"
+        );
+        env.stop().await
+    }
+
+    /// Send raw bytes on a fresh connection and read the answer (until the
+    /// server closes or 5 s pass).
+    async fn raw_exchange(env: &Env, request: &[u8]) -> Result<String, BoxError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = env.base.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(request).await?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        let read = async {
+            loop {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                answer.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&answer);
+                if text.contains("\r\n\r\n") && text.trim_end().ends_with('}') {
+                    break;
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        tokio::time::timeout(Duration::from_secs(5), read).await??;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_that_does_not_arrive_in_time_gets_408() -> TestResult {
+        let config = CollectorConfig {
+            body_timeout: Span::from_millis(300),
+            ..Default::default()
+        };
+        let env = start_with(config, &[]).await?;
+        // Announces 100 bytes, sends 10, then stalls.
+        let request = b"POST /v1/track HTTP/1.1\r\nhost: x\r\nauthorization: Basic d2tfd2ViXzEyMzo=\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"userId\":";
+        let answer = raw_exchange(&env, request).await?;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        env.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_past_the_cap_get_503_with_retry_after() -> TestResult {
+        let config = CollectorConfig {
+            max_connections: 1,
+            ..Default::default()
+        };
+        let env = start_with(config, &[]).await?;
+        let addr = env.base.trim_start_matches("http://").to_string();
+        // A slow client holds the only slot.
+        let held = tokio::net::TcpStream::connect(&addr).await?;
+        let answer = raw_exchange(
+            &env,
+            b"GET /v1/projects/x/settings HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await?;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("retry-after: "), "{answer}");
+        assert!(answer.contains("too_many_connections"), "{answer}");
+        drop(held);
+        // The slot frees once the slow client goes away.
+        let mut ok = false;
+        for _ in 0..50 {
+            let fresh = reqwest::Client::new();
+            let r = fresh
+                .post(format!("{}/v1/track", env.base))
+                .basic_auth(WRITE_KEY, Some(""))
+                .json(&json!({"userId": "u", "event": "After"}))
+                .send()
+                .await?;
+            if r.status().as_u16() == 200 {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ok, "the freed slot must take a new connection");
         env.stop().await
     }
 

@@ -120,6 +120,7 @@ mod tests {
             audiences: audiences.iter().map(|a| a.to_string()).collect(),
             timeout: None,
             max_attempts: None,
+            batch_deadline: None,
         }
     }
 

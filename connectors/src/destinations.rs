@@ -16,7 +16,10 @@
 //!   again. Records with the same key (one profile) are delivered in order;
 //!   different keys are delivered concurrently. A record that fails is
 //!   dead-lettered while later records of its key go on, so order holds
-//!   among delivered records only.
+//!   among delivered records only. A whole batch has a deadline
+//!   (`batch_deadline`, default 60 s, well inside the consumer's poll
+//!   interval): what is not delivered by then fails and is dead-lettered,
+//!   so a slow endpoint cannot hold the stage.
 //! - [`KafkaSink`] produces each change to another topic with the
 //!   idempotent producer of the [`ClientFactory`] and waits for the acks.
 //! - [`StdoutSink`] prints each change as one JSON line (for `cdp dev`).
@@ -39,8 +42,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-/// Header carrying the runtime's delivery id (`origin/epoch/offset/index`),
-/// stable across replays: receivers dedupe on it.
+/// Header carrying the runtime's delivery id (`origin/lineage/offset/index`,
+/// no epoch), stable across replays of the same input: receivers dedupe on
+/// it.
 pub const DELIVERY_ID_HEADER: &str = "X-CDP-Delivery-Id";
 /// Header carrying `sha256=<hex HMAC-SHA256 of the body>`.
 pub const SIGNATURE_HEADER: &str = "X-CDP-Signature";
@@ -55,6 +59,9 @@ pub const DEFAULT_TIMEOUT: Span = Span::from_secs(10);
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between two attempts (also caps a `Retry-After`).
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest time one batch of webhook deliveries may take when
+/// `batch_deadline` is not set.
+pub const DEFAULT_BATCH_DEADLINE: Span = Span::from_secs(60);
 /// Keys (profiles) a webhook delivers to concurrently within one batch.
 const KEY_CONCURRENCY: usize = 16;
 
@@ -88,6 +95,10 @@ pub struct DestinationConfig {
     /// (default 5).
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    /// Webhook only: longest time one batch of deliveries may take (default
+    /// `60s`); records not delivered by then are dead-lettered.
+    #[serde(default)]
+    pub batch_deadline: Option<Span>,
 }
 
 impl DestinationConfig {
@@ -102,6 +113,7 @@ impl DestinationConfig {
             audiences: Vec::new(),
             timeout: None,
             max_attempts: None,
+            batch_deadline: None,
         }
     }
 }
@@ -199,6 +211,7 @@ pub fn check(dests: &[DestinationConfig]) -> Result<(), ConfigError> {
                 ("secret_env", d.secret_env.is_some()),
                 ("timeout", d.timeout.is_some()),
                 ("max_attempts", d.max_attempts.is_some()),
+                ("batch_deadline", d.batch_deadline.is_some()),
             ] {
                 if set {
                     return Err(ConfigError::new(
@@ -219,6 +232,9 @@ pub fn check(dests: &[DestinationConfig]) -> Result<(), ConfigError> {
         }
         if matches!(d.timeout, Some(t) if t.millis() <= 0) {
             return Err(ConfigError::new(at("timeout"), "must be positive"));
+        }
+        if matches!(d.batch_deadline, Some(t) if t.millis() <= 0) {
+            return Err(ConfigError::new(at("batch_deadline"), "must be positive"));
         }
         for (j, a) in d.audiences.iter().enumerate() {
             if a.trim().is_empty() {
@@ -282,7 +298,12 @@ pub fn build_sink(
                 secret,
                 dest.timeout.unwrap_or(DEFAULT_TIMEOUT).to_std(),
                 dest.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
-            )?;
+            )?
+            .with_batch_deadline(
+                dest.batch_deadline
+                    .unwrap_or(DEFAULT_BATCH_DEADLINE)
+                    .to_std(),
+            );
             Ok(Arc::new(sink))
         }
     }
@@ -380,6 +401,7 @@ struct WebhookInner {
     secret: Option<Vec<u8>>,
     max_attempts: u32,
     base_backoff: Duration,
+    batch_deadline: Duration,
 }
 
 impl std::fmt::Debug for WebhookSink {
@@ -439,8 +461,18 @@ impl WebhookSink {
                 secret,
                 max_attempts: max_attempts.max(1),
                 base_backoff: BASE_BACKOFF,
+                batch_deadline: DEFAULT_BATCH_DEADLINE.to_std(),
             }),
         })
+    }
+
+    /// Bound the time one batch may take (default 60 s).
+    pub fn with_batch_deadline(self, deadline: Duration) -> Self {
+        let mut inner = (*self.inner).clone();
+        inner.batch_deadline = deadline;
+        WebhookSink {
+            inner: Arc::new(inner),
+        }
     }
 
     /// Change the first retry delay (doubled per attempt, default 100 ms).
@@ -581,13 +613,30 @@ impl Sink for WebhookSink {
             let records = &records;
             let inner = &inner;
             let endpoint_down = &AtomicBool::new(false);
+            let deadline = tokio::time::Instant::now() + inner.batch_deadline;
             let done: Vec<Vec<(usize, Result<(), String>)>> =
                 futures::stream::iter(groups.into_values())
                     .map(|indexes| async move {
                         let mut out = Vec::with_capacity(indexes.len());
                         for i in indexes {
                             let result = match records.get(i) {
-                                Some(r) => inner.deliver_one(r, endpoint_down).await,
+                                Some(r) => match tokio::time::timeout_at(
+                                    deadline,
+                                    inner.deliver_one(r, endpoint_down),
+                                )
+                                .await
+                                {
+                                    Ok(result) => result,
+                                    Err(_) => {
+                                        metrics::DELIVERY_FAILURES
+                                            .with_label_values(&[&inner.id])
+                                            .inc();
+                                        Err(format!(
+                                            "batch deadline of {} ms passed",
+                                            inner.batch_deadline.as_millis()
+                                        ))
+                                    }
+                                },
                                 None => Err("record index out of range".to_string()),
                             };
                             out.push((i, result));
@@ -874,6 +923,43 @@ mod tests {
             "{results:?}"
         );
         assert_eq!(requests(&log).len(), 2);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_slow_endpoint_cannot_hold_a_batch_past_its_deadline() -> TestResult {
+        // Answers after 5 s, inside the 10 s attempt timeout.
+        let app = Router::new().route(
+            "/hook",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                StatusCode::OK
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let sink = WebhookSink::new(
+            "slow",
+            &format!("http://{addr}/hook"),
+            None,
+            Duration::from_secs(10),
+            3,
+        )?
+        .with_batch_deadline(Duration::from_millis(300));
+        let batch = vec![record("a", 1), record("a", 2), record("b", 3)];
+        // Bounded well below one slow answer: the deadline, not the
+        // endpoint, ends the batch.
+        let results = tokio::time::timeout(Duration::from_secs(4), sink.deliver(batch)).await?;
+        assert_eq!(results.len(), 3);
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(reason) if reason.contains("deadline"))),
+            "{results:?}"
+        );
         Ok(())
     }
 

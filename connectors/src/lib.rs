@@ -9,6 +9,7 @@
 pub mod collector;
 pub mod deliver;
 pub mod destinations;
+pub mod limits;
 
 pub use collector::{Collector, CollectorConfig};
 pub use deliver::DeliverOperator;

@@ -25,6 +25,8 @@ pub const POSITION: &str = "cdp-pos";
 pub const LINEAGE: &str = "cdp-lineage";
 /// Header: stream time in ms carried by a tick record (decimal).
 pub const TICK: &str = "cdp-tick";
+/// Every header the runtime reads or writes starts with this.
+pub const RUNTIME_HEADER_PREFIX: &str = "cdp-";
 /// Header: the source id (from `sources[].id`) an event came in through.
 pub const SOURCE: &str = "cdp-source";
 /// Headers of dead letters.

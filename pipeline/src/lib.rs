@@ -17,10 +17,12 @@ pub mod envelope;
 pub mod kafka;
 pub mod metrics;
 pub mod operator;
+pub mod retry;
 pub mod runtime;
 pub mod service;
 pub mod sink;
 pub mod store;
+pub mod trust;
 
 pub use duration::Span;
 pub use kafka::{ClientFactory, Guarantee, KafkaConfig, Topics};

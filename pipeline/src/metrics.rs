@@ -156,6 +156,30 @@ counter!(
     "Events the collector refused, by reason",
     ["reason"]
 );
+counter!(
+    TICKS_REJECTED,
+    "cdp_ticks_rejected_total",
+    "Tick records ignored: not written by the partition's owner, or too far ahead",
+    ["stage", "reason"]
+);
+counter!(
+    BROKER_RETRIES,
+    "cdp_broker_retries_total",
+    "Writes or reads retried because the broker was away or refused them",
+    ["stage", "what"]
+);
+counter!(
+    CLIENT_REBUILDS,
+    "cdp_client_rebuilds_total",
+    "Kafka clients replaced because they could not recover by themselves",
+    ["stage", "client"]
+);
+gauge!(
+    BROKER_REACHABLE,
+    "cdp_broker_reachable",
+    "1 while the component can reach the broker and produce, else 0",
+    ["stage"]
+);
 gauge!(
     TASKS,
     "cdp_tasks",

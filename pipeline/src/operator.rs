@@ -97,6 +97,8 @@ pub struct Context<'a> {
     now_ms: i64,
     processing_time_ms: i64,
     partition: i32,
+    /// The earliest timer set through this context (for [`fire_due_timers`]).
+    earliest_timer_set: Option<Vec<u8>>,
 }
 
 impl<'a> Context<'a> {
@@ -113,6 +115,7 @@ impl<'a> Context<'a> {
             now_ms,
             processing_time_ms,
             partition,
+            earliest_timer_set: None,
         }
     }
 
@@ -192,7 +195,17 @@ impl<'a> Context<'a> {
     /// Ask for [`Operator::on_timer`] with `key` once stream time reaches
     /// `at_ms`. Setting the same `(at_ms, key)` twice fires once.
     pub fn set_timer(&mut self, at_ms: i64, key: &[u8]) {
-        self.state.put(&timer_key(at_ms, key), Vec::new());
+        let k = timer_key(at_ms, key);
+        if self.earliest_timer_set.as_ref().is_none_or(|e| &k < e) {
+            self.earliest_timer_set = Some(k.clone());
+        }
+        self.state.put(&k, Vec::new());
+    }
+
+    /// The smallest timer key set through this context, taken once (the
+    /// runtime lowers its timer floor with it, see [`fire_due_timers_from`]).
+    pub(crate) fn take_earliest_timer_set(&mut self) -> Option<Vec<u8>> {
+        self.earliest_timer_set.take()
     }
 
     /// Cancel a timer set with the same `(at_ms, key)`.
@@ -291,7 +304,11 @@ impl<O: Operator> OperatorHarness<O> {
 
 /// Fire every timer due at `now_ms`, in time order. Timers that a firing
 /// timer sets at or before `now_ms` fire in the same call.
-pub(crate) fn fire_due_timers<O: Operator + ?Sized>(
+///
+/// Lazy: it seeks to the next timer in key (= time) order and stops at the
+/// first one after `now_ms`, so a tick costs the timers it fires, not the
+/// timers the task holds (`validate` keeps one per `messageId` for a day).
+pub fn fire_due_timers<O: Operator + ?Sized>(
     operator: &mut O,
     state: &mut dyn StateBackend,
     out: &mut Vec<Emitted>,
@@ -299,22 +316,70 @@ pub(crate) fn fire_due_timers<O: Operator + ?Sized>(
     processing_time_ms: i64,
     partition: i32,
 ) -> Result<(), OperatorError> {
-    loop {
-        let due: Vec<(i64, Vec<u8>, Vec<u8>)> = state
-            .scan_prefix(TIMER_PREFIX)?
-            .into_iter()
-            .filter_map(|(k, _)| parse_timer_key(&k).map(|(at, key)| (at, key, k)))
-            .take_while(|(at, _, _)| *at <= now_ms)
-            .collect();
-        if due.is_empty() {
-            return Ok(());
+    let mut floor = TIMER_PREFIX.to_vec();
+    fire_due_timers_from(
+        operator,
+        state,
+        out,
+        now_ms,
+        processing_time_ms,
+        partition,
+        &mut floor,
+    )
+}
+
+/// [`fire_due_timers`], starting the walk at `floor` — a key below which
+/// every timer has fired — and leaving `floor` at the last timer fired. The
+/// runtime keeps a floor per task (lowered when an operator sets an earlier
+/// timer), so a tick's seek starts past the deletes earlier ticks left
+/// behind instead of stepping over them until RocksDB compacts them.
+pub fn fire_due_timers_from<O: Operator + ?Sized>(
+    operator: &mut O,
+    state: &mut dyn StateBackend,
+    out: &mut Vec<Emitted>,
+    now_ms: i64,
+    processing_time_ms: i64,
+    partition: i32,
+    floor: &mut Vec<u8>,
+) -> Result<(), OperatorError> {
+    // Every due timer key sorts below `end`: `prefix | now + 1`.
+    let end = match now_ms.checked_add(1) {
+        Some(after) => timer_key(after, b""),
+        // Past the whole timer range: the prefix with its last byte
+        // (`/`) incremented.
+        None => {
+            let mut all = TIMER_PREFIX.to_vec();
+            if let Some(last) = all.last_mut() {
+                *last += 1;
+            }
+            all
         }
-        for (_, key, raw) in due {
-            state.delete(&raw);
-            let mut ctx = Context::new(state, out, now_ms, processing_time_ms, partition);
-            operator.on_timer(&key, &mut ctx)?;
-        }
+    };
+    let mut from = if floor.as_slice() > TIMER_PREFIX {
+        floor.clone()
+    } else {
+        TIMER_PREFIX.to_vec()
+    };
+    while let Some((raw, _)) = state.first_in_range(&from, &end)? {
+        let Some((_, key)) = parse_timer_key(&raw) else {
+            // Not a timer of ours: step over it.
+            from = raw;
+            from.push(0);
+            continue;
+        };
+        state.delete(&raw);
+        let mut ctx = Context::new(state, out, now_ms, processing_time_ms, partition);
+        operator.on_timer(&key, &mut ctx)?;
+        let earliest_set = ctx.earliest_timer_set.take();
+        // Keys before this one are fired; go on after it — unless the
+        // timer just set one before it, which fires in this call too.
+        from = match earliest_set {
+            Some(set) if set < raw => set,
+            _ => raw,
+        };
+        floor.clone_from(&from);
     }
+    Ok(())
 }
 
 /// Helper for operators that keep small maps: sorted, deterministic order.
@@ -353,6 +418,85 @@ mod tests {
             ctx.emit("out", None, key.to_vec());
             Ok(())
         }
+    }
+
+    /// A state that counts the entries its reads hand out.
+    #[derive(Default)]
+    struct Counting {
+        inner: crate::store::MemoryState,
+        read: std::cell::Cell<usize>,
+    }
+
+    impl StateBackend for Counting {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.read.set(self.read.get() + 1);
+            self.inner.get(key)
+        }
+        fn put(&mut self, key: &[u8], value: Vec<u8>) {
+            self.inner.put(key, value)
+        }
+        fn delete(&mut self, key: &[u8]) {
+            self.inner.delete(key)
+        }
+        fn scan_prefix(&self, prefix: &[u8]) -> Result<crate::store::KeyValues, StoreError> {
+            let all = self.inner.scan_prefix(prefix)?;
+            self.read.set(self.read.get() + all.len());
+            Ok(all)
+        }
+        fn first_in_range(
+            &self,
+            start: &[u8],
+            end: &[u8],
+        ) -> Result<Option<crate::store::KeyValue>, StoreError> {
+            self.read.set(self.read.get() + 1);
+            self.inner.first_in_range(start, end)
+        }
+    }
+
+    /// Fires `key`; the timer `again` re-arms itself at the same time once,
+    /// and `early` sets a timer before itself: both fire in the same tick.
+    struct Rearm;
+    impl Operator for Rearm {
+        fn process(&mut self, _: &Record<'_>, _: &mut Context<'_>) -> Result<(), OperatorError> {
+            Ok(())
+        }
+        fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+            ctx.emit("out", None, key.to_vec());
+            if key == b"early" {
+                ctx.set_timer(1, b"earlier");
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_tick_reads_the_timers_it_fires_not_the_timers_it_holds() -> Result<(), OperatorError> {
+        let mut state = Counting::default();
+        for i in 0..10_000u32 {
+            state.put(
+                &timer_key(1_000_000 + i64::from(i), &i.to_be_bytes()),
+                Vec::new(),
+            );
+        }
+        state.put(&timer_key(5, b"a"), Vec::new());
+        state.put(&timer_key(7, b"early"), Vec::new());
+        state.put(&timer_key(9, b"b"), Vec::new());
+        let mut out = Vec::new();
+        fire_due_timers(&mut Rearm, &mut state, &mut out, 100, 100, 0)?;
+        assert!(
+            state.read.get() < 20,
+            "a tick firing 4 timers read {} entries",
+            state.read.get()
+        );
+        assert_eq!(
+            state.inner.map.len(),
+            10_000,
+            "only the due timers are gone"
+        );
+        // In time order, the one set by a firing timer included.
+        let fired: Vec<&[u8]> = out.iter().map(|e| e.value.as_slice()).collect();
+        assert_eq!(fired, vec![&b"a"[..], b"early", b"earlier", b"b"]);
+        Ok(())
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
@@ -24,7 +24,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::future_producer::DeliveryFuture;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -35,11 +35,13 @@ use crate::envelope::{self, Position};
 use crate::kafka::{ClientError, ClientFactory, Guarantee};
 use crate::metrics;
 use crate::operator::{
-    fire_due_timers, Context, Emitted, Operator, OperatorError, OperatorFactory, Record,
+    fire_due_timers_from, Context, Emitted, Operator, OperatorError, OperatorFactory, Record,
 };
+use crate::retry::{self, Backoff};
 use crate::service::{ReadyFlag, Shutdown};
 use crate::sink::{Sink, SinkRecord};
 use crate::store::{Changes, StoreError, TaskMeta, TaskStore};
+use crate::trust::{self, TickVerdict};
 
 /// The output name every stage has: the dead-letter topic.
 pub const DEAD_LETTERS: &str = "dead_letters";
@@ -97,7 +99,17 @@ pub enum RuntimeError {
     #[error(transparent)]
     Restore(#[from] RestoreError),
     #[error("producing to {topic}: {error}")]
-    Produce { topic: String, error: String },
+    Produce { topic: String, error: KafkaError },
+    /// librdkafka gave up on a client for good (e.g. a static member fenced
+    /// by another instance with the same `group.instance.id`): only a new
+    /// process can go on.
+    #[error("fatal error of the kafka {client}, the process must restart: {reason}")]
+    Fatal {
+        client: &'static str,
+        reason: String,
+    },
+    #[error("{topic}[{partition}]: foreign writes kept arriving during repair")]
+    RepairGaveUp { topic: String, partition: i32 },
     #[error("operator emitted to output {0:?}, which this stage does not have")]
     UnknownOutput(String),
     #[error("state directory {path}: {error}")]
@@ -115,6 +127,16 @@ pub enum RuntimeError {
     ClaimContended { stage: &'static str, partition: i32 },
 }
 
+impl RuntimeError {
+    /// Whether retrying cannot help (a bad record, missing rights).
+    fn is_permanent(&self) -> bool {
+        match self {
+            RuntimeError::Produce { error, .. } => retry::is_permanent(error),
+            _ => true,
+        }
+    }
+}
+
 /// One input partition's worker: its state, progress and operator.
 struct Task {
     partition: i32,
@@ -126,13 +148,17 @@ struct Task {
     log_end: i64,
     operator: Box<dyn Operator>,
     last_tick: Instant,
+    /// Every timer below this key has fired (see `fire_due_timers_from`).
+    timer_floor: Vec<u8>,
 }
 
 /// State shared between the loop and the rebalance callback.
 struct Shared {
     spec: StageSpec,
     on_input: Option<InputObserver>,
-    producer: FutureProducer,
+    factory: ClientFactory,
+    /// Rebuilt when it cannot recover by itself (see [`produce_acked`]).
+    producer: RwLock<FutureProducer>,
     restore_consumer: BaseConsumer,
     changelog_topic: String,
     dead_letter_topic: String,
@@ -141,6 +167,10 @@ struct Shared {
     tasks: Mutex<BTreeMap<i32, Task>>,
     failure: Mutex<Option<RuntimeError>>,
     ready: ReadyFlag,
+    shutdown: Shutdown,
+    /// The input is written from outside the pipeline: strip runtime
+    /// headers (see [`crate::trust`]).
+    external_input: bool,
     handle: tokio::runtime::Handle,
     /// Test hook (`CDP_CHAOS_CRASH_AFTER_PRODUCE=N`): abort the process
     /// right after the N-th batch with outputs was produced, before its
@@ -165,6 +195,8 @@ impl ConsumerContext for StageContext {
         let stage = self.shared.spec.name;
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // Not ready while restoring (which may wait out a broker).
+                self.shared.ready.set(false);
                 metrics::REBALANCES
                     .with_label_values(&[stage, "assign"])
                     .inc();
@@ -224,6 +256,132 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+impl Shared {
+    fn producer(&self) -> Result<FutureProducer, RuntimeError> {
+        self.producer
+            .read()
+            .map(|p| p.clone())
+            .map_err(|_| RuntimeError::Poisoned)
+    }
+
+    /// Replace the producer with a new one: a client whose idempotence
+    /// state no longer matches the broker's (seen after a broker restart
+    /// lost it) never recovers by itself.
+    fn rebuild_producer(&self, why: &str) -> Result<(), RuntimeError> {
+        let fresh = self.factory.producer()?;
+        let old = std::mem::replace(
+            &mut *self.producer.write().map_err(|_| RuntimeError::Poisoned)?,
+            fresh,
+        );
+        drop(old);
+        metrics::CLIENT_REBUILDS
+            .with_label_values(&[self.spec.name, "producer"])
+            .inc();
+        tracing::warn!(stage = self.spec.name, why, "producer rebuilt");
+        Ok(())
+    }
+}
+
+/// Where the records of [`produce_acked`] landed, in order; `retried` when
+/// a failed round came first (whose records may have landed too, unacked).
+#[derive(Debug, Default)]
+struct Acks {
+    offsets: Vec<(i32, i64)>,
+    retried: bool,
+}
+
+/// One record to produce, kept so that a failed produce can be retried.
+struct Outgoing<'a> {
+    topic: &'a str,
+    partition: Option<i32>,
+    key: Option<&'a [u8]>,
+    payload: Option<&'a [u8]>,
+    headers: OwnedHeaders,
+}
+
+/// Produce `records` in order and wait for every acknowledgement; returns
+/// each record's `(partition, offset)`. While the broker is away or
+/// refusing, the whole set is produced again with backoff (its records keep
+/// their positions, so consumers drop the repeats) and the stage reports
+/// not ready; a producer that failed three times in a row, or hit a fatal
+/// error, is rebuilt. Gives up after [`retry::BROKER_PATIENCE`].
+fn produce_acked(
+    shared: &Shared,
+    what: &'static str,
+    records: &[Outgoing<'_>],
+) -> Result<Acks, RuntimeError> {
+    if records.is_empty() {
+        return Ok(Acks::default());
+    }
+    let stage = shared.spec.name;
+    let mut backoff = Backoff::default();
+    loop {
+        let producer = shared.producer()?;
+        let attempt = records
+            .iter()
+            .map(|r| {
+                let mut record = FutureRecord::<[u8], [u8]>::to(r.topic).headers(r.headers.clone());
+                if let Some(p) = r.partition {
+                    record = record.partition(p);
+                }
+                if let Some(k) = r.key {
+                    record = record.key(k);
+                }
+                if let Some(v) = r.payload {
+                    record = record.payload(v);
+                }
+                enqueue(&producer, record).map(|f| (r.topic.to_string(), f))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|futures| await_deliveries(&shared.handle, futures));
+        let error = match attempt {
+            Ok(acks) => {
+                if backoff.failures > 0 {
+                    tracing::info!(
+                        stage,
+                        what,
+                        failures = backoff.failures,
+                        waited_ms = backoff.elapsed().as_millis() as u64,
+                        "broker acknowledges again"
+                    );
+                    shared.ready.set(true);
+                }
+                return Ok(Acks {
+                    offsets: acks,
+                    retried: backoff.failures > 0,
+                });
+            }
+            Err(e) => e,
+        };
+        if error.is_permanent() {
+            return Err(error);
+        }
+        shared.ready.set(false);
+        metrics::BROKER_RETRIES
+            .with_label_values(&[stage, what])
+            .inc();
+        tracing::warn!(stage, what, failures = backoff.failures + 1, error = %error, "broker did not acknowledge; retrying");
+        let fatal = producer.client().fatal_error();
+        drop(producer);
+        if let Some((_, reason)) = fatal {
+            shared.rebuild_producer(&reason)?;
+        } else if backoff.failures % 3 == 2 {
+            shared.rebuild_producer("three failed attempts in a row")?;
+        }
+        if !backoff.wait(Some(&shared.shutdown)) {
+            return Err(error);
+        }
+    }
+}
+
+/// The id a sink's receiver dedupes on: the record's origin, lineage and
+/// position without the epoch, so a replay by a new owner (a higher epoch)
+/// of the same input offset carries the same id, while a reset stage (a new
+/// lineage, offsets from the start again) never reuses an old one.
+fn delivery_id(origin: &str, pos: &Position) -> String {
+    format!("{origin}/{}/{}/{}", pos.lineage, pos.offset, pos.index)
+}
+
 fn epoch_header(epoch: u32) -> OwnedHeaders {
     OwnedHeaders::new().insert(Header {
         key: envelope::EPOCH,
@@ -251,12 +409,7 @@ where
                 record = r;
                 std::thread::sleep(Duration::from_millis(5));
             }
-            Err((e, _)) => {
-                return Err(RuntimeError::Produce {
-                    topic,
-                    error: e.to_string(),
-                })
-            }
+            Err((error, _)) => return Err(RuntimeError::Produce { topic, error }),
         }
     }
 }
@@ -273,13 +426,10 @@ fn await_deliveries(
         .zip(results)
         .map(|(topic, r)| match r {
             Ok(Ok(d)) => Ok((d.partition, d.offset)),
-            Ok(Err((e, _))) => Err(RuntimeError::Produce {
-                topic,
-                error: e.to_string(),
-            }),
+            Ok(Err((error, _))) => Err(RuntimeError::Produce { topic, error }),
             Err(_) => Err(RuntimeError::Produce {
                 topic,
-                error: "producer dropped the delivery".into(),
+                error: KafkaError::Canceled,
             }),
         })
         .collect()
@@ -304,6 +454,7 @@ pub struct StageRuntime {
     instance_id: Option<String>,
     ready: ReadyFlag,
     on_input: Option<InputObserver>,
+    external_input: bool,
 }
 
 impl StageRuntime {
@@ -319,7 +470,16 @@ impl StageRuntime {
             instance_id,
             ready,
             on_input: None,
+            external_input: false,
         }
+    }
+
+    /// The input topic is written by producers outside the pipeline
+    /// (`<p>.raw`): its records' runtime headers are not trusted (see
+    /// [`crate::trust`]).
+    pub fn with_external_input(mut self) -> Self {
+        self.external_input = true;
+        self
     }
 
     /// Call `observer` with the outcome of every input record (see
@@ -340,9 +500,11 @@ impl StageRuntime {
             .name(format!("stage-{}", self.spec.name))
             .spawn(move || {
                 let name = self.spec.name;
+                let ready = self.ready.clone();
                 let result = self.run(handle, shutdown.clone());
                 if let Err(e) = &result {
                     tracing::error!(stage = name, error = %e, "stage stopped");
+                    ready.fail(&e.to_string());
                     // One stage failing takes the process down cleanly so the
                     // orchestrator restarts it and the batch replays.
                     shutdown.trigger();
@@ -362,7 +524,10 @@ impl StageRuntime {
         let name = self.spec.name;
         let input_topic = self.spec.input_topic.clone();
         let shared = Arc::new(Shared {
-            producer: self.factory.producer()?,
+            producer: RwLock::new(self.factory.producer()?),
+            factory: self.factory.clone(),
+            shutdown: shutdown.clone(),
+            external_input: self.external_input,
             restore_consumer: self.factory.restore_consumer()?,
             changelog_topic: topics.changelog(name),
             dead_letter_topic: topics.invalid(),
@@ -401,7 +566,14 @@ impl StageRuntime {
             {
                 return Err(e);
             }
-            let batch = poll_batch(&consumer, cfg.max_batch)?;
+            if let Some((code, reason)) = consumer.client().fatal_error() {
+                tracing::error!(stage = name, ?code, %reason, "fatal consumer error; exiting so the orchestrator restarts the stage");
+                return Err(RuntimeError::Fatal {
+                    client: "consumer",
+                    reason,
+                });
+            }
+            let batch = poll_batch(name, &consumer, cfg.max_batch)?;
             if !batch.is_empty() {
                 process_batch(&shared, &consumer, batch)?;
             }
@@ -428,8 +600,10 @@ impl StageRuntime {
 }
 
 /// Poll up to `max` records: wait briefly for the first, then take what is
-/// already fetched.
+/// already fetched. A broker that is away shows up as errors here that the
+/// client recovers from by itself.
 fn poll_batch(
+    stage: &'static str,
     consumer: &BaseConsumer<StageContext>,
     max: usize,
 ) -> Result<Vec<OwnedMessage>, RuntimeError> {
@@ -441,7 +615,8 @@ fn poll_batch(
             Some(Ok(m)) => out.push(m.detach()),
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "consumer error");
+                // A fatal error is checked by the caller before every poll.
+                tracing::warn!(stage, error = %e, "consumer error");
                 break;
             }
         }
@@ -577,53 +752,86 @@ fn process_batch(
             consumed = true;
             meta.input_offset = m.offset() + 1;
             metrics::RECORDS_IN.with_label_values(&[stage]).inc();
-            let headers = owned_headers(&m);
+            let mut headers = owned_headers(&m);
             let mut emitted = Vec::new();
-            let tick = envelope::tick_time(&headers);
-            let result = if let Some(t) = tick {
-                meta.stream_time = meta.stream_time.max(t);
-                fire_due_timers(
-                    task.operator.as_mut(),
-                    &mut task.store,
-                    &mut emitted,
-                    meta.stream_time,
-                    processing_time,
-                    partition,
-                )
-            } else {
-                if dedupe {
-                    if let Some((origin, pos)) = Position::from_headers(&headers) {
-                        if meta
-                            .dedupe
-                            .get(&origin)
-                            .is_some_and(|seen| !pos.is_new_after(seen))
-                        {
-                            metrics::DUPLICATES_DROPPED
-                                .with_label_values(&[stage])
-                                .inc();
-                            continue;
-                        }
-                        meta.dedupe.insert(origin, pos);
-                    }
+            let verdict = trust::judge_tick(
+                &headers,
+                &task.origin,
+                meta.epoch,
+                meta.tick_epoch,
+                processing_time,
+            );
+            let result = match verdict {
+                TickVerdict::Reject(reason) => {
+                    metrics::TICKS_REJECTED
+                        .with_label_values(&[stage, reason])
+                        .inc();
+                    tracing::debug!(
+                        stage,
+                        partition,
+                        offset = m.offset(),
+                        reason,
+                        "tick ignored"
+                    );
+                    continue;
                 }
-                let record = Record {
-                    key: m.key(),
-                    value: m.payload().unwrap_or_default(),
-                    partition,
-                    offset: m.offset(),
-                    timestamp_ms: m.timestamp().to_millis(),
-                    headers: &headers,
-                };
-                let mut ctx = Context::new(
-                    &mut task.store,
-                    &mut emitted,
-                    meta.stream_time,
-                    processing_time,
-                    partition,
-                );
-                task.operator.process(&record, &mut ctx)
+                TickVerdict::Accept { time, epoch } => {
+                    meta.tick_epoch = epoch;
+                    meta.stream_time = meta.stream_time.max(time);
+                    fire_due_timers_from(
+                        task.operator.as_mut(),
+                        &mut task.store,
+                        &mut emitted,
+                        meta.stream_time,
+                        processing_time,
+                        partition,
+                        &mut task.timer_floor,
+                    )
+                }
+                TickVerdict::NotATick => {
+                    if shared.external_input {
+                        trust::strip_external(&mut headers);
+                    }
+                    if dedupe {
+                        if let Some((origin, pos)) = Position::from_headers(&headers) {
+                            if meta
+                                .dedupe
+                                .get(&origin)
+                                .is_some_and(|seen| !pos.is_new_after(seen))
+                            {
+                                metrics::DUPLICATES_DROPPED
+                                    .with_label_values(&[stage])
+                                    .inc();
+                                continue;
+                            }
+                            meta.dedupe.insert(origin, pos);
+                        }
+                    }
+                    let record = Record {
+                        key: m.key(),
+                        value: m.payload().unwrap_or_default(),
+                        partition,
+                        offset: m.offset(),
+                        timestamp_ms: m.timestamp().to_millis(),
+                        headers: &headers,
+                    };
+                    let mut ctx = Context::new(
+                        &mut task.store,
+                        &mut emitted,
+                        meta.stream_time,
+                        processing_time,
+                        partition,
+                    );
+                    let result = task.operator.process(&record, &mut ctx);
+                    if let Some(set) = ctx.take_earliest_timer_set() {
+                        if set < task.timer_floor {
+                            task.timer_floor = set;
+                        }
+                    }
+                    result
+                }
             };
-            let observer = if tick.is_none() {
+            let observer = if verdict == TickVerdict::NotATick {
                 shared.on_input.as_ref()
             } else {
                 None
@@ -661,95 +869,77 @@ fn process_batch(
         return Ok(());
     }
 
-    // Phase 1: outputs, sink deliveries and changelog records, all acked.
-    let mut deliveries: Vec<(String, DeliveryFuture)> = Vec::new();
+    // Sinks first: each retries on its own within its deadline and hands
+    // back what it gave up on, which becomes a dead letter below.
     let mut sink_batches: BTreeMap<String, SinkBatch> = BTreeMap::new();
     for (wi, w) in work.iter().enumerate() {
         let Some(task) = tasks.get(&w.partition) else {
             continue;
         };
         for (oi, (pos, e)) in w.outputs.iter().enumerate() {
-            let topic = if e.output == DEAD_LETTERS {
-                shared.dead_letter_topic.as_str()
-            } else {
-                match shared.spec.outputs.get(e.output) {
-                    Some(OutputTarget::Topic(t)) => t.as_str(),
-                    Some(OutputTarget::Sink(sink)) => {
-                        let entry = sink_batches
-                            .entry(e.output.to_string())
-                            .or_insert_with(|| (sink.clone(), Vec::new(), Vec::new()));
-                        entry.1.push(SinkRecord {
-                            delivery_id: format!(
-                                "{}/{}/{}/{}",
-                                task.origin, pos.epoch, pos.offset, pos.index
-                            ),
-                            key: e.key.clone(),
-                            value: e.value.clone(),
-                        });
-                        entry.2.push((wi, oi));
-                        continue;
-                    }
-                    None => return Err(RuntimeError::UnknownOutput(e.output.to_string())),
-                }
-            };
-            let mut headers = e.headers.clone();
-            headers.extend(pos.to_headers(&task.origin));
-            let mut record = FutureRecord::to(topic)
-                .payload(e.value.as_slice())
-                .headers(to_owned_headers(&headers));
-            if let Some(k) = &e.key {
-                record = record.key(k.as_slice());
+            if e.output == DEAD_LETTERS {
+                continue;
             }
-            deliveries.push((topic.to_string(), enqueue(&shared.producer, record)?));
-            metrics::RECORDS_OUT
-                .with_label_values(&[stage, e.output])
-                .inc();
-        }
-        for (k, v) in &w.changes {
-            let mut record = FutureRecord::to(&shared.changelog_topic)
-                .partition(w.partition)
-                .key(k.as_slice())
-                .headers(epoch_header(w.meta.epoch));
-            if let Some(v) = v {
-                record = record.payload(v.as_slice());
+            if let Some(OutputTarget::Sink(sink)) = shared.spec.outputs.get(e.output) {
+                let entry = sink_batches
+                    .entry(e.output.to_string())
+                    .or_insert_with(|| (sink.clone(), Vec::new(), Vec::new()));
+                entry.1.push(SinkRecord {
+                    delivery_id: delivery_id(&task.origin, pos),
+                    key: e.key.clone(),
+                    value: e.value.clone(),
+                });
+                entry.2.push((wi, oi));
             }
-            deliveries.push((
-                shared.changelog_topic.clone(),
-                enqueue(&shared.producer, record)?,
-            ));
         }
     }
-    let delivered_topics: Vec<String> = deliveries.iter().map(|(t, _)| t.clone()).collect();
     let sink_futures = sink_batches
         .values()
         .map(|(sink, records, _)| sink.deliver(records.clone()))
         .collect::<Vec<_>>();
     let sink_results = shared.handle.block_on(join_all(sink_futures));
-    let acks = await_deliveries(&shared.handle, deliveries)?;
-    // Where our changelog records landed, per partition: any other offset
-    // in between is someone else's write (see `ownership`).
-    let mut changelog_offsets: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
-    for (topic, (partition, offset)) in delivered_topics.iter().zip(&acks) {
-        if *topic == shared.changelog_topic {
-            changelog_offsets
-                .entry(*partition)
-                .or_default()
-                .push(*offset);
-        }
-    }
-    if let Some(crash_at) = shared.chaos_crash_after_produce {
-        let has_outputs = work.iter().any(|w| !w.outputs.is_empty());
-        if has_outputs && shared.batches_with_outputs.fetch_add(1, Ordering::SeqCst) + 1 >= crash_at
-        {
-            // The worst moment to die: outputs acknowledged, nothing committed.
-            tracing::error!(stage, "chaos: aborting after produce, before commit");
-            std::process::abort();
-        }
-    }
 
-    // Deliveries a sink gave up on become dead letters (still phase 1).
-    let mut failed: Vec<(String, DeliveryFuture)> = Vec::new();
-    for ((name, (_, records, origins)), results) in sink_batches.iter().zip(sink_results) {
+    // Phase 1: outputs, changelog records and the dead letters of failed
+    // deliveries, all acknowledged.
+    let mut outgoing: Vec<Outgoing<'_>> = Vec::new();
+    for w in &work {
+        let Some(task) = tasks.get(&w.partition) else {
+            continue;
+        };
+        for (pos, e) in &w.outputs {
+            let topic = if e.output == DEAD_LETTERS {
+                shared.dead_letter_topic.as_str()
+            } else {
+                match shared.spec.outputs.get(e.output) {
+                    Some(OutputTarget::Topic(t)) => t.as_str(),
+                    Some(OutputTarget::Sink(_)) => continue,
+                    None => return Err(RuntimeError::UnknownOutput(e.output.to_string())),
+                }
+            };
+            let mut headers = e.headers.clone();
+            headers.extend(pos.to_headers(&task.origin));
+            outgoing.push(Outgoing {
+                topic,
+                partition: None,
+                key: e.key.as_deref(),
+                payload: Some(e.value.as_slice()),
+                headers: to_owned_headers(&headers),
+            });
+            metrics::RECORDS_OUT
+                .with_label_values(&[stage, e.output])
+                .inc();
+        }
+        for (k, v) in &w.changes {
+            outgoing.push(Outgoing {
+                topic: &shared.changelog_topic,
+                partition: Some(w.partition),
+                key: Some(k.as_slice()),
+                payload: v.as_deref(),
+                headers: epoch_header(w.meta.epoch),
+            });
+        }
+    }
+    for ((name, (_, records, origins)), results) in sink_batches.iter().zip(&sink_results) {
         for ((record, (wi, oi)), result) in records.iter().zip(origins).zip(results) {
             metrics::RECORDS_OUT
                 .with_label_values(&[stage, work[*wi].outputs[*oi].1.output])
@@ -773,37 +963,65 @@ fn process_batch(
                         record.delivery_id.clone().into_bytes(),
                     ),
                 ]);
-                let mut r = FutureRecord::to(&shared.dead_letter_topic)
-                    .payload(record.value.as_slice())
-                    .headers(headers);
-                if let Some(k) = &record.key {
-                    r = r.key(k.as_slice());
-                }
-                failed.push((
-                    shared.dead_letter_topic.clone(),
-                    enqueue(&shared.producer, r)?,
-                ));
+                outgoing.push(Outgoing {
+                    topic: &shared.dead_letter_topic,
+                    partition: None,
+                    key: record.key.as_deref(),
+                    payload: Some(record.value.as_slice()),
+                    headers,
+                });
             }
         }
     }
-    await_deliveries(&shared.handle, failed)?;
+    let acks = produce_acked(shared, "batch", &outgoing)?;
+    // Where our changelog records landed, per partition: any other offset
+    // in between is someone else's write (see `ownership`).
+    let mut changelog_offsets: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    for (record, (partition, offset)) in outgoing.iter().zip(&acks.offsets) {
+        if record.topic == shared.changelog_topic {
+            changelog_offsets
+                .entry(*partition)
+                .or_default()
+                .push(*offset);
+        }
+    }
+    let mut retried = acks.retried;
+    drop(outgoing);
+    if let Some(crash_at) = shared.chaos_crash_after_produce {
+        let has_outputs = work.iter().any(|w| !w.outputs.is_empty());
+        if has_outputs && shared.batches_with_outputs.fetch_add(1, Ordering::SeqCst) + 1 >= crash_at
+        {
+            // The worst moment to die: outputs acknowledged, nothing committed.
+            tracing::error!(stage, "chaos: aborting after produce, before commit");
+            std::process::abort();
+        }
+    }
 
     // Phase 2: one commit marker per task.
-    let mut markers = Vec::new();
-    for w in &work {
-        let marker = serde_json::to_vec(&Marker::commit(&w.meta))
-            .map_err(|e| StoreError::Decode(e.to_string()))?;
-        let fut = enqueue(
-            &shared.producer,
-            FutureRecord::to(&shared.changelog_topic)
-                .partition(w.partition)
-                .key(&commit_key(w.meta.epoch))
-                .payload(&marker)
-                .headers(epoch_header(w.meta.epoch)),
-        )?;
-        markers.push((shared.changelog_topic.clone(), fut));
-    }
-    let marker_offsets = await_deliveries(&shared.handle, markers)?;
+    let markers = work
+        .iter()
+        .map(|w| {
+            serde_json::to_vec(&Marker::commit(&w.meta))
+                .map_err(|e| StoreError::Decode(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let marker_keys: Vec<Vec<u8>> = work.iter().map(|w| commit_key(w.meta.epoch)).collect();
+    let marker_records: Vec<Outgoing<'_>> = work
+        .iter()
+        .zip(&markers)
+        .zip(&marker_keys)
+        .map(|((w, marker), key)| Outgoing {
+            topic: &shared.changelog_topic,
+            partition: Some(w.partition),
+            key: Some(key.as_slice()),
+            payload: Some(marker.as_slice()),
+            headers: epoch_header(w.meta.epoch),
+        })
+        .collect();
+    let marker_acks = produce_acked(shared, "marker", &marker_records)?;
+    retried |= marker_acks.retried;
+    let marker_offsets = marker_acks.offsets;
+    drop(marker_records);
 
     // Phase 3: state + progress + positions, atomically — unless someone
     // else wrote to the changelog partition meanwhile.
@@ -815,6 +1033,11 @@ fn process_batch(
         };
         let mut mine = changelog_offsets.remove(&w.partition).unwrap_or_default();
         mine.push(marker_offset);
+        if retried {
+            // A failed round may have landed records whose acks were lost:
+            // ours if they are this batch's records under our epoch.
+            mine.extend(own_unacked_writes(shared, task, &w, marker_offset, &mine)?);
+        }
         let foreign = ownership::check_writes(
             shared,
             w.partition,
@@ -873,22 +1096,68 @@ fn process_batch(
     Ok(())
 }
 
+/// Offsets in the task's changelog partition, since its last known end, of
+/// records that a failed produce round of this batch wrote without an ack:
+/// same epoch, and a key and value the batch wrote (a state change or its
+/// commit marker).
+fn own_unacked_writes(
+    shared: &Shared,
+    task: &Task,
+    w: &TaskBatch,
+    marker_offset: i64,
+    acked: &[i64],
+) -> Result<Vec<i64>, RuntimeError> {
+    let marker = serde_json::to_vec(&Marker::commit(&w.meta))
+        .map_err(|e| StoreError::Decode(e.to_string()))?;
+    let marker_key = commit_key(w.meta.epoch);
+    let records = changelog::read_range(
+        &shared.restore_consumer,
+        &shared.changelog_topic,
+        w.partition,
+        task.log_end,
+        marker_offset,
+    )?;
+    Ok(records
+        .into_iter()
+        .filter(|r| r.epoch == w.meta.epoch && !acked.contains(&r.offset))
+        .filter(|r| {
+            let ours = if r.key == marker_key {
+                Some(&marker)
+            } else {
+                w.changes.get(&r.key).and_then(Option::as_ref)
+            };
+            match (&r.value, ours) {
+                (Some(v), Some(o)) => v == o,
+                (None, None) => w.changes.get(&r.key).is_some_and(Option::is_none),
+                _ => false,
+            }
+        })
+        .map(|r| r.offset)
+        .collect())
+}
+
 /// Write a tick into each owned input partition whose last tick is due.
 fn send_ticks(shared: &Shared, every: Duration) -> Result<(), RuntimeError> {
+    let producer = shared.producer()?;
     let mut tasks = shared.tasks.lock().map_err(|_| RuntimeError::Poisoned)?;
     for task in tasks.values_mut() {
         if task.last_tick.elapsed() < every {
             continue;
         }
         task.last_tick = Instant::now();
-        let now = now_ms().to_string();
-        let headers = OwnedHeaders::new().insert(Header {
-            key: envelope::TICK,
-            value: Some(now.as_bytes()),
-        });
+        // Signed with this task's origin and epoch: only the owner's ticks
+        // move stream time (see `crate::trust`).
+        let headers = trust::tick_headers(&task.origin, task.meta.epoch, now_ms())
+            .iter()
+            .fold(OwnedHeaders::new_with_capacity(3), |h, (k, v)| {
+                h.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                })
+            });
         // Fire and forget: a lost tick is replaced by the next one.
         drop(enqueue(
-            &shared.producer,
+            &producer,
             FutureRecord::<[u8], [u8]>::to(&shared.spec.input_topic)
                 .partition(task.partition)
                 .payload(&[])
@@ -1046,6 +1315,37 @@ mod tests {
             vec![(source(), "dead:bad_value:{\"why\":1}".to_string())]
         );
         Ok(())
+    }
+
+    #[test]
+    fn delivery_ids_are_the_same_when_a_new_owner_replays_the_same_input() {
+        let first = Position {
+            epoch: 3,
+            offset: 42,
+            index: 1,
+            lineage: 7,
+        };
+        let replayed = Position { epoch: 4, ..first };
+        assert_eq!(
+            delivery_id("deliver:0", &first),
+            delivery_id("deliver:0", &replayed)
+        );
+        assert_eq!(delivery_id("deliver:0", &first), "deliver:0/7/42/1");
+        assert_ne!(
+            delivery_id("deliver:0", &first),
+            delivery_id(
+                "deliver:0",
+                &Position {
+                    lineage: 8,
+                    ..first
+                }
+            ),
+            "a reset stage's outputs are new"
+        );
+        assert_ne!(
+            delivery_id("deliver:0", &first),
+            delivery_id("deliver:0", &Position { index: 2, ..first })
+        );
     }
 
     #[test]

@@ -78,23 +78,43 @@ impl Shutdown {
     }
 }
 
-/// Readiness of the components of one process. `/readyz` answers 200 once
-/// every registered component said it is ready.
+/// Readiness and liveness of the components of one process. `/readyz`
+/// answers 200 once every registered component said it is ready; `/healthz`
+/// answers 503 once any component failed for good (the process is on its
+/// way out and must be restarted).
 #[derive(Clone, Default)]
 pub struct Health {
     components: Arc<Mutex<Vec<Component>>>,
+    failed: Arc<Mutex<Option<String>>>,
 }
 
 /// A registered component: its name and readiness.
 type Component = (String, Arc<AtomicBool>);
 
-/// One component's readiness flag.
+/// One component's readiness flag, and its way to report a fatal failure.
 #[derive(Clone)]
-pub struct ReadyFlag(Arc<AtomicBool>);
+pub struct ReadyFlag {
+    ready: Arc<AtomicBool>,
+    name: String,
+    failed: Arc<Mutex<Option<String>>>,
+}
 
 impl ReadyFlag {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst)
+        self.ready.store(ready, Ordering::SeqCst)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// The component cannot go on: `/healthz` fails from now on (and
+    /// `/readyz` with it) until the process exits.
+    pub fn fail(&self, reason: &str) {
+        self.set(false);
+        if let Ok(mut f) = self.failed.lock() {
+            f.get_or_insert_with(|| format!("{}: {reason}", self.name));
+        }
     }
 }
 
@@ -104,7 +124,19 @@ impl Health {
         if let Ok(mut c) = self.components.lock() {
             c.push((name.to_string(), flag.clone()));
         }
-        ReadyFlag(flag)
+        ReadyFlag {
+            ready: flag,
+            name: name.to_string(),
+            failed: self.failed.clone(),
+        }
+    }
+
+    /// The first fatal failure a component reported, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .map(|f| f.clone())
+            .unwrap_or_else(|_| Some("health registry poisoned".into()))
     }
 
     /// Names of the components not ready yet.
@@ -129,7 +161,24 @@ pub async fn serve_admin(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(|| async { crate::metrics::render() }))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get({
+                let health = health.clone();
+                move || {
+                    let health = health.clone();
+                    async move {
+                        match health.failure() {
+                            None => (StatusCode::OK, "ok\n".to_string()),
+                            Some(reason) => (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("failed: {reason}\n"),
+                            ),
+                        }
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {

@@ -9,7 +9,8 @@
 use futures::future::BoxFuture;
 
 /// One record handed to a sink, with the id a receiver can dedupe on
-/// (`origin/epoch/offset/index`, stable across replays of the same input).
+/// (`origin/lineage/offset/index`: no epoch, so a replay of the same input by
+/// a new owner carries the same id).
 #[derive(Debug, Clone)]
 pub struct SinkRecord {
     pub delivery_id: String,

@@ -37,7 +37,13 @@ pub trait StateBackend {
     fn delete(&mut self, key: &[u8]);
     /// Every live `(key, value)` under `prefix`, in key order.
     fn scan_prefix(&self, prefix: &[u8]) -> Result<KeyValues, StoreError>;
+    /// The first live `(key, value)` with `start <= key < end`: a seek, so
+    /// its cost does not grow with the keys after it.
+    fn first_in_range(&self, start: &[u8], end: &[u8]) -> Result<Option<KeyValue>, StoreError>;
 }
+
+/// One `(key, value)`.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
 
 /// An in-memory state for tests and benchmarks of operators.
 #[derive(Debug, Default, Clone)]
@@ -63,6 +69,19 @@ impl StateBackend for MemoryState {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
+    fn first_in_range(&self, start: &[u8], end: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        if start >= end {
+            return Ok(None);
+        }
+        Ok(self
+            .map
+            .range::<[u8], _>((
+                std::ops::Bound::Included(start),
+                std::ops::Bound::Excluded(end),
+            ))
+            .next()
+            .map(|(k, v)| (k.clone(), v.clone())))
+    }
 }
 
 /// A task's progress, committed atomically with its state.
@@ -76,6 +95,10 @@ pub struct TaskMeta {
     pub epoch: u32,
     /// Stream time (ms) from the last tick consumed.
     pub stream_time: i64,
+    /// Epoch of the last tick believed (see [`crate::trust`]): ticks of an
+    /// older owner written after it are ignored.
+    #[serde(default)]
+    pub tick_epoch: u32,
     /// Highest position applied per origin (`stage:partition`).
     pub dedupe: BTreeMap<String, Position>,
     /// The incarnation of this task's changelog (random, chosen by the
@@ -92,6 +115,7 @@ impl Default for TaskMeta {
             changelog_offset: -1,
             epoch: 0,
             stream_time: 0,
+            tick_epoch: 0,
             dedupe: BTreeMap::new(),
             lineage: 0,
         }
@@ -240,6 +264,48 @@ impl StateBackend for TaskStore {
         }
         Ok(merged.into_iter().collect())
     }
+
+    fn first_in_range(&self, start: &[u8], end: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        if start >= end {
+            return Ok(None);
+        }
+        let range = (
+            std::ops::Bound::Included(start),
+            std::ops::Bound::Excluded(end),
+        );
+        // The first live write of this batch in range...
+        let pending = self
+            .overlay
+            .range::<[u8], _>(range)
+            .find_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone())));
+        // ...and the first committed key in range this batch did not touch
+        // (a key it rewrote is `pending`'s to report, one it deleted is gone).
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(end.to_vec());
+        let iter = self.db.iterator_opt(
+            rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward),
+            opts,
+        );
+        let mut committed = None;
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if pending
+                .as_ref()
+                .is_some_and(|(p, _)| p.as_slice() <= k.as_ref())
+            {
+                break;
+            }
+            if k.as_ref() == META_KEY || self.overlay.contains_key(k.as_ref()) {
+                continue;
+            }
+            committed = Some((k.to_vec(), v.to_vec()));
+            break;
+        }
+        Ok(match (pending, committed) {
+            (Some(p), Some(c)) => Some(if c.0 < p.0 { c } else { p }),
+            (p, c) => p.or(c),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +332,22 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, vec![b"p/b".to_vec(), b"p/c".to_vec()]);
+        assert_eq!(
+            store.first_in_range(b"p/", b"p/z")?,
+            Some((b"p/b".to_vec(), b"2".to_vec())),
+            "a key deleted in the overlay is skipped"
+        );
+        assert_eq!(
+            store.first_in_range(b"p/bb", b"p/z")?,
+            Some((b"p/c".to_vec(), b"3".to_vec())),
+            "an overlay write comes before a later committed key"
+        );
+        assert_eq!(store.first_in_range(b"p/d", b"p/z")?, None);
+        assert_eq!(
+            store.first_in_range(b"p/a", b"p/b")?,
+            None,
+            "end is exclusive"
+        );
         store.abort();
         drop(store);
         let store = TaskStore::open(dir.path())?;

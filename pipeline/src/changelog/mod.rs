@@ -284,6 +284,9 @@ impl Restorer {
             stream_time: m.stream_time,
             dedupe: m.dedupe,
             lineage: m.lineage,
+            // Not in markers: a restore keeps what the local copy had (0 on
+            // a fresh disk, which only widens which old-owner ticks count).
+            tick_epoch: self.meta.tick_epoch,
         };
     }
 }

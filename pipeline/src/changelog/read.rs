@@ -10,6 +10,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::Restorer;
 use crate::envelope::EPOCH;
+use crate::metrics;
+use crate::retry::{Backoff, BROKER_PATIENCE};
 use crate::store::{StoreError, TaskStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +105,19 @@ fn scan(
                     }
                 }
             }
-            Some(Err(e)) => return Err(kafka_err(e)),
+            Some(Err(e)) => {
+                // A broker that is away or restarting: the client reconnects
+                // by itself; only a fatal error or no progress for
+                // `BROKER_PATIENCE` ends the read.
+                if let Some((_, reason)) = consumer.client().fatal_error() {
+                    tracing::error!(topic, partition, %reason, "fatal error reading the changelog");
+                    return Err(kafka_err(e));
+                }
+                metrics::BROKER_RETRIES
+                    .with_label_values(&["restore", "changelog"])
+                    .inc();
+                tracing::warn!(topic, partition, at, error = %e, "changelog read failed; retrying");
+            }
             Some(Ok(m)) => {
                 last_progress = Instant::now();
                 at = m.offset();
@@ -118,7 +132,7 @@ fn scan(
                 )?;
             }
         }
-        if last_progress.elapsed() > Duration::from_secs(60) {
+        if last_progress.elapsed() > BROKER_PATIENCE {
             return Err(RestoreError::Stalled {
                 topic: topic.to_string(),
                 partition,
@@ -194,19 +208,33 @@ pub fn read_range(
     Ok(out)
 }
 
-/// Low and high watermarks of a changelog partition.
+/// Low and high watermarks of a changelog partition, waiting out a broker
+/// that is away (with backoff, up to `BROKER_PATIENCE`).
 pub fn watermarks(
     consumer: &BaseConsumer,
     topic: &str,
     partition: i32,
 ) -> Result<(i64, i64), RestoreError> {
-    match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
-        Ok(w) => Ok(w),
-        Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownPartition)) => Ok((0, 0)),
-        Err(source) => Err(RestoreError::Kafka {
-            topic: topic.to_string(),
-            partition,
-            source,
-        }),
+    let mut backoff = Backoff::default();
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok(w) => return Ok(w),
+            Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownPartition)) => {
+                return Ok((0, 0))
+            }
+            Err(source) => {
+                tracing::warn!(topic, partition, error = %source, "changelog watermarks unavailable; retrying");
+                metrics::BROKER_RETRIES
+                    .with_label_values(&["restore", "watermarks"])
+                    .inc();
+                if !backoff.wait(None) {
+                    return Err(RestoreError::Kafka {
+                        topic: topic.to_string(),
+                        partition,
+                        source,
+                    });
+                }
+            }
+        }
     }
 }

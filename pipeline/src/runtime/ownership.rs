@@ -21,7 +21,9 @@ use std::time::Instant;
 use rdkafka::producer::FutureRecord;
 use rdkafka::Offset;
 
-use super::{await_deliveries, enqueue, epoch_header, RuntimeError, Shared, Task};
+use super::{
+    await_deliveries, enqueue, epoch_header, produce_acked, Outgoing, RuntimeError, Shared, Task,
+};
 use crate::changelog::{self, claim_key, commit_key, Claim, Foreign, Marker, RecordKind, Restorer};
 use crate::metrics;
 use crate::store::{Changes, StateBackend, StoreError, TaskMeta, TaskStore};
@@ -114,7 +116,10 @@ fn check_local(
     })
 }
 
-/// Produce one record to the task's changelog partition; its offset.
+/// Produce one record to the task's changelog partition; its offset. Waits
+/// out a broker that is away (`produce_acked`); a copy of a failed round
+/// that landed anyway is someone else's write to the claim check, which
+/// then catches up and claims again.
 fn produce_marker(
     shared: &Shared,
     partition: i32,
@@ -123,20 +128,23 @@ fn produce_marker(
     epoch: u32,
 ) -> Result<i64, RuntimeError> {
     let topic = shared.changelog_topic.as_str();
-    let fut = enqueue(
-        &shared.producer,
-        FutureRecord::to(topic)
-            .partition(partition)
-            .key(key)
-            .payload(value)
-            .headers(epoch_header(epoch)),
+    let acks = produce_acked(
+        shared,
+        "marker",
+        &[Outgoing {
+            topic,
+            partition: Some(partition),
+            key: Some(key),
+            payload: Some(value),
+            headers: epoch_header(epoch),
+        }],
     )?;
-    let acks = await_deliveries(&shared.handle, vec![(topic.to_string(), fut)])?;
-    acks.first()
+    acks.offsets
+        .first()
         .map(|d| d.1)
         .ok_or_else(|| RuntimeError::Produce {
             topic: topic.to_string(),
-            error: "no delivery report".into(),
+            error: rdkafka::error::KafkaError::Canceled,
         })
 }
 
@@ -203,7 +211,7 @@ fn repair(
             if let Some(v) = &value {
                 record = record.payload(v.as_slice());
             }
-            futs.push((topic.to_string(), enqueue(&shared.producer, record)?));
+            futs.push((topic.to_string(), enqueue(&shared.producer()?, record)?));
         }
         let mut mine: Vec<i64> = await_deliveries(&shared.handle, futs)?
             .into_iter()
@@ -233,9 +241,9 @@ fn repair(
         meta.changelog_offset = at;
         *log_end = at + 1;
     }
-    Err(RuntimeError::Produce {
+    Err(RuntimeError::RepairGaveUp {
         topic: topic.to_string(),
-        error: format!("partition {partition}: foreign writes kept arriving during repair"),
+        partition,
     })
 }
 
@@ -466,6 +474,7 @@ pub(super) fn open_task(shared: &Shared, partition: i32) -> Result<Task, Runtime
         log_end,
         operator: (shared.spec.operator)(partition),
         last_tick: Instant::now(),
+        timer_floor: crate::operator::TIMER_PREFIX.to_vec(),
     })
 }
 

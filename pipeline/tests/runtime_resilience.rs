@@ -1,0 +1,359 @@
+//! The runtime riding out what brokers and producers do to it (librdkafka's
+//! mock cluster, in process, real TCP): a broker that refuses or is away,
+//! a fatal client error, forged ticks and forged runtime headers.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cdp_pipeline::changelog::{self, commit_key, Marker, Restorer};
+use cdp_pipeline::runtime::RuntimeError;
+use cdp_pipeline::store::{StateBackend, TaskMeta, TaskStore};
+use cdp_pipeline::{
+    ClientFactory, Context, Health, KafkaConfig, Operator, OperatorError, OutputTarget, Record,
+    Shutdown, StageRuntime, StageSpec,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::{Offset, TopicPartitionList};
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+type StageJoin = std::thread::JoinHandle<Result<(), RuntimeError>>;
+
+/// Emits `value@now` for every record: what it saw and the stream time.
+struct Clock;
+
+impl Operator for Clock {
+    fn process(&mut self, r: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        let out = format!("{}@{}", String::from_utf8_lossy(r.value), ctx.now());
+        ctx.emit("next", r.key.map(<[u8]>::to_vec), out.into_bytes());
+        Ok(())
+    }
+}
+
+struct Setup {
+    mock: MockCluster<'static, DefaultProducerContext>,
+    factory: ClientFactory,
+    producer: FutureProducer,
+    _dir: tempfile::TempDir,
+}
+
+fn setup(extra: &[(&str, &str)]) -> Result<Setup, Box<dyn std::error::Error + Send + Sync>> {
+    let dir = tempfile::tempdir()?;
+    let mock = MockCluster::new(1)?;
+    let mut properties = BTreeMap::new();
+    for (k, v) in [
+        ("consumer.session.timeout.ms", "6000"),
+        ("consumer.heartbeat.interval.ms", "500"),
+    ]
+    .iter()
+    .chain(extra)
+    {
+        properties.insert(k.to_string(), v.to_string());
+    }
+    let config = KafkaConfig {
+        brokers: mock.bootstrap_servers(),
+        topic_prefix: "t".into(),
+        partitions: 1,
+        state_dir: dir.path().display().to_string(),
+        tick_interval: cdp_pipeline::Span::from_millis(100),
+        properties,
+        ..KafkaConfig::default()
+    };
+    for t in ["t.in", "t.out", "t.invalid", "t.clock-changelog"] {
+        mock.create_topic(t, 1, 1)?;
+    }
+    let factory = ClientFactory::new(config)?;
+    let producer = factory.producer()?;
+    Ok(Setup {
+        mock,
+        factory,
+        producer,
+        _dir: dir,
+    })
+}
+
+fn spec() -> StageSpec {
+    let mut outputs = BTreeMap::new();
+    outputs.insert("next", OutputTarget::Topic("t.out".into()));
+    StageSpec {
+        name: "clock",
+        input_topic: "t.in".into(),
+        outputs,
+        operator: Box::new(|_| Box::new(Clock)),
+        ticks: true,
+        observer: None,
+    }
+}
+
+fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
+    pairs.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        })
+    })
+}
+
+async fn produce(p: &FutureProducer, value: &str, h: &[(&str, &str)]) -> TestResult {
+    p.send(
+        FutureRecord::to("t.in")
+            .key("k")
+            .payload(value)
+            .headers(headers(h)),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
+/// Values of `t.out`, read until `want` holds or 40 s pass.
+fn read_out(factory: &ClientFactory, want: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let Ok(c): Result<BaseConsumer, _> = factory.plain_consumer("reader") else {
+        return vec![];
+    };
+    let mut tpl = TopicPartitionList::new();
+    if tpl
+        .add_partition_offset("t.out", 0, Offset::Beginning)
+        .is_err()
+        || c.assign(&tpl).is_err()
+    {
+        return vec![];
+    }
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while Instant::now() < deadline && !want(&out) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            out.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).to_string());
+        }
+    }
+    out
+}
+
+fn start(
+    runtime: StageRuntime,
+    shutdown: &Shutdown,
+) -> Result<StageJoin, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(runtime.spawn(tokio::runtime::Handle::current(), shutdown.clone())?)
+}
+
+/// Wait (off the async workers) for a stage thread to end.
+async fn finished(join: StageJoin, timeout: Duration) -> Option<Result<(), RuntimeError>> {
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + timeout;
+        while !join.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if join.is_finished() {
+            join.join().ok()
+        } else {
+            None
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn time_of(value: &str) -> i64 {
+    value
+        .rsplit_once('@')
+        .and_then(|(_, t)| t.parse().ok())
+        .unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_refusing_writes_for_longer_than_the_message_timeout_does_not_end_the_stage(
+) -> TestResult {
+    // Deliveries fail after 1.5 s: each refused round ends a produce.
+    let s = setup(&[("producer.message.timeout.ms", "1500")])?;
+    for i in 0..5 {
+        produce(&s.producer, &format!("v{i}"), &[]).await?;
+    }
+    // From now on the broker refuses the next 25 produce requests (several
+    // message timeouts' worth): the claim, the outputs, the changelog.
+    s.mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 25],
+    );
+    let shutdown = Shutdown::default();
+    let health = Health::default();
+    let join = start(
+        StageRuntime::new(spec(), s.factory.clone(), None, health.register("clock")),
+        &shutdown,
+    )?;
+    let f = s.factory.clone();
+    let out = tokio::task::spawn_blocking(move || read_out(&f, |o| o.len() >= 5)).await?;
+    let values: Vec<&str> = out
+        .iter()
+        .map(|v| v.split('@').next().unwrap_or_default())
+        .collect();
+    assert_eq!(values, ["v0", "v1", "v2", "v3", "v4"], "{out:?}");
+    assert!(!join.is_finished(), "the stage must ride out the refusals");
+    assert!(health.failure().is_none());
+    shutdown.trigger();
+    let result = finished(join, Duration::from_secs(30)).await;
+    assert!(matches!(result, Some(Ok(()))), "{result:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_waits_for_a_broker_that_is_away() -> TestResult {
+    let s = setup(&[])?;
+    let marker = serde_json::to_vec(&Marker::commit(&TaskMeta {
+        input_offset: 42,
+        ..TaskMeta::default()
+    }))?;
+    let marker_key = commit_key(1);
+    for (key, value) in [
+        (&b"a"[..], &b"1"[..]),
+        (marker_key.as_slice(), marker.as_slice()),
+    ] {
+        s.producer
+            .send(
+                FutureRecord::to("t.clock-changelog")
+                    .partition(0)
+                    .key(key)
+                    .payload(value)
+                    .headers(headers(&[("cdp-epoch", "1")])),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let (_, high) = changelog::watermarks(&s.factory.restore_consumer()?, "t.clock-changelog", 0)?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().to_path_buf();
+    let consumer = s.factory.restore_consumer()?;
+    // The broker goes away just as the restore starts, and comes back.
+    s.mock.broker_down(1)?;
+    let restore = tokio::task::spawn_blocking(move || {
+        let mut store = TaskStore::open(&path)?;
+        let mut restorer = Restorer::new(TaskMeta::default());
+        changelog::replay(
+            &consumer,
+            &mut store,
+            &mut restorer,
+            "t.clock-changelog",
+            0,
+            0,
+            high - 1,
+        )?;
+        let value = store.get(b"a")?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((value, restorer.meta.input_offset))
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.mock.broker_up(1)?;
+    let (value, input_offset) = restore.await??;
+    assert_eq!(value, Some(b"1".to_vec()));
+    assert_eq!(input_offset, 42);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_static_member_ends_the_stage_and_fails_health() -> TestResult {
+    let s = setup(&[])?;
+    let shutdown = Shutdown::default();
+    let health = Health::default();
+    let join = start(
+        StageRuntime::new(
+            spec(),
+            s.factory.clone(),
+            Some("clock-0".into()),
+            health.register("clock"),
+        ),
+        &shutdown,
+    )?;
+    // Joined and processing.
+    produce(&s.producer, "before", &[]).await?;
+    let f = s.factory.clone();
+    let out = tokio::task::spawn_blocking(move || read_out(&f, |o| !o.is_empty())).await?;
+    assert_eq!(out.len(), 1, "{out:?}");
+    // Another instance with the same group.instance.id took over: the
+    // coordinator answers the next heartbeats with FENCED_INSTANCE_ID.
+    s.mock.request_errors(
+        RDKafkaApiKey::Heartbeat,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID; 5],
+    );
+    let result = finished(join, Duration::from_secs(30)).await;
+    assert!(
+        matches!(
+            result,
+            Some(Err(RuntimeError::Fatal {
+                client: "consumer",
+                ..
+            }))
+        ),
+        "a fenced member must end the stage, got {result:?}"
+    );
+    assert!(
+        health.failure().is_some(),
+        "/healthz must fail until the process exits"
+    );
+    assert!(shutdown.is_triggered(), "the process shuts down");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_ticks_do_not_move_time_and_foreign_positions_are_stripped_from_external_input(
+) -> TestResult {
+    let s = setup(&[])?;
+    let day_ahead = (wall_ms() + 86_400_000).to_string();
+    // A tick nobody of ours wrote, a day ahead; then records carrying a
+    // re-injected dead letter's runtime headers, the second at a lower
+    // position (a "replay" to a stage that trusted them).
+    produce(&s.producer, "", &[("cdp-tick", &day_ahead)]).await?;
+    let forged = |pos: &'static str| {
+        [
+            ("cdp-source", "web"),
+            ("cdp-origin", "clock:0"),
+            ("cdp-epoch", "1"),
+            ("cdp-pos", pos),
+        ]
+    };
+    produce(&s.producer, "first", &forged("100:0")).await?;
+    produce(&s.producer, "second", &forged("5:0")).await?;
+    let shutdown = Shutdown::default();
+    let join = start(
+        StageRuntime::new(
+            spec(),
+            s.factory.clone(),
+            None,
+            Health::default().register("clock"),
+        )
+        .with_external_input(),
+        &shutdown,
+    )?;
+    let f = s.factory.clone();
+    let out = tokio::task::spawn_blocking(move || read_out(&f, |o| o.len() >= 2)).await?;
+    let values: Vec<&str> = out
+        .iter()
+        .map(|v| v.split('@').next().unwrap_or_default())
+        .collect();
+    assert_eq!(values, ["first", "second"], "{out:?}");
+    assert!(
+        out.iter().all(|v| time_of(v) < wall_ms() + 60_000),
+        "a forged tick moved stream time: {out:?}"
+    );
+    // The stage's own ticks still move time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    produce(&s.producer, "third", &[]).await?;
+    let f = s.factory.clone();
+    let out = tokio::task::spawn_blocking(move || read_out(&f, |o| o.len() >= 3)).await?;
+    let third = out.get(2).map(|v| time_of(v)).unwrap_or(-1);
+    assert!(third > 0 && third <= wall_ms(), "{out:?}");
+    shutdown.trigger();
+    let result = finished(join, Duration::from_secs(30)).await;
+    assert!(matches!(result, Some(Ok(()))), "{result:?}");
+    Ok(())
+}
