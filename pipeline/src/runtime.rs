@@ -282,12 +282,10 @@ impl Shared {
     }
 }
 
-/// Where the records of [`produce_acked`] landed, in order; `retried` when
-/// a failed round came first (whose records may have landed too, unacked).
+/// Where the records of [`produce_acked`] landed, in order.
 #[derive(Debug, Default)]
 struct Acks {
     offsets: Vec<(i32, i64)>,
-    retried: bool,
 }
 
 /// One record to produce, kept so that a failed produce can be retried.
@@ -346,10 +344,7 @@ fn produce_acked(
                     );
                     shared.ready.set(true);
                 }
-                return Ok(Acks {
-                    offsets: acks,
-                    retried: backoff.failures > 0,
-                });
+                return Ok(Acks { offsets: acks });
             }
             Err(e) => e,
         };
@@ -985,7 +980,6 @@ fn process_batch(
                 .push(*offset);
         }
     }
-    let mut retried = acks.retried;
     drop(outgoing);
     if let Some(crash_at) = shared.chaos_crash_after_produce {
         let has_outputs = work.iter().any(|w| !w.outputs.is_empty());
@@ -1019,7 +1013,6 @@ fn process_batch(
         })
         .collect();
     let marker_acks = produce_acked(shared, "marker", &marker_records)?;
-    retried |= marker_acks.retried;
     let marker_offsets = marker_acks.offsets;
     drop(marker_records);
 
@@ -1033,9 +1026,11 @@ fn process_batch(
         };
         let mut mine = changelog_offsets.remove(&w.partition).unwrap_or_default();
         mine.push(marker_offset);
-        if retried {
-            // A failed round may have landed records whose acks were lost:
-            // ours if they are this batch's records under our epoch.
+        if !changelog::gaps(task.log_end, marker_offset, &mine).is_empty() {
+            // A failed round of ours, or the client's own retry across a
+            // broker restart that lost its idempotence state, may have
+            // landed copies whose acks we never saw: ours if they are this
+            // batch's records under our epoch, not another owner's writes.
             mine.extend(own_unacked_writes(shared, task, &w, marker_offset, &mine)?);
         }
         let foreign = ownership::check_writes(
