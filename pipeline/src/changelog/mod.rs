@@ -296,16 +296,19 @@ impl Restorer {
 pub enum Foreign {
     /// Nothing foreign.
     None,
-    /// Writes of an older epoch (a zombie): restores ignore them, but these
-    /// keys must be written again so compaction cannot let them win.
+    /// Writes of an older epoch (a zombie) or stray copies of this task's
+    /// own (a produce round whose acknowledgement was lost, then retried):
+    /// these keys are written again so compaction cannot let them win.
     Zombie { dirty: Vec<Vec<u8>> },
-    /// A record of this epoch or a newer one by someone else: another owner
-    /// claimed the partition. This task is the zombie and must stop.
+    /// A record of a newer epoch: another owner claimed the partition. This
+    /// task is the zombie and must stop.
     Fenced { epoch: u32 },
 }
 
-/// Classify records found in a task's changelog partition that the task
-/// did not write itself.
+/// Classify records found in a task's changelog partition at offsets the
+/// task did not get acknowledgements for. Records of its own epoch are its
+/// own: a valid claim is the only way to an epoch, and a claim of a taken
+/// epoch is void.
 pub fn classify_foreign(my_epoch: u32, records: &[ChangelogRecord]) -> Foreign {
     let void_claim = |r: &ChangelogRecord| {
         RecordKind::of(&r.key) == RecordKind::Claim
@@ -313,7 +316,7 @@ pub fn classify_foreign(my_epoch: u32, records: &[ChangelogRecord]) -> Foreign {
     };
     if let Some(r) = records
         .iter()
-        .find(|r| r.epoch >= my_epoch && !void_claim(r))
+        .find(|r| r.epoch > my_epoch && !void_claim(r))
     {
         return Foreign::Fenced { epoch: r.epoch };
     }

@@ -10,10 +10,11 @@
 //!   repaired (see `changelog`) before the local copy is committed.
 //! - **Keep**: after each batch the task checks that every changelog offset
 //!   since its last known one is its own (producer acks give the offsets).
-//!   A foreign record of its epoch or newer means another owner claimed:
-//!   the batch is not committed locally and the stage stops. Older-epoch
-//!   records are a zombie's writes: repaired. Idle tasks make the same
-//!   check against the changelog's end every few seconds.
+//!   A foreign record of a newer epoch means another owner claimed: the
+//!   batch is not committed locally and the stage stops. Older-epoch
+//!   records are a zombie's writes, own-epoch ones stray copies of a
+//!   retried produce round: both repaired. Idle tasks make the same check
+//!   against the changelog's end every few seconds.
 
 use std::path::Path;
 use std::time::Instant;
