@@ -29,12 +29,15 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/kcat ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium kcat >/dev/null
 fi
+# The chart tests (helm/tests: a real helm engine, the Kubernetes schemas, a
+# PromQL parser) pin theirs in helm/tests/requirements.txt: one venv for both.
 VENV="$CACHE/venv"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-if ! cmp -s tests/compat/requirements.txt "$VENV/.cdp-requirements.txt"; then
-  echo "test: installing the Python SDKs into $VENV" >&2
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/compat/requirements.txt
-  cp tests/compat/requirements.txt "$VENV/.cdp-requirements.txt"
+PY_PINS=(tests/compat/requirements.txt helm/tests/requirements.txt)
+if ! cat "${PY_PINS[@]}" | cmp -s - "$VENV/.cdp-requirements.txt"; then
+  echo "test: installing the pinned Python packages into $VENV" >&2
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PINS[@]/#/-r}"
+  cat "${PY_PINS[@]}" > "$VENV/.cdp-requirements.txt"
 fi
 export CDP_COMPAT_PYTHON="$VENV/bin/python"
 if ! cmp -s tests/compat/package-lock.json tests/compat/node_modules/.cdp-package-lock.json; then
@@ -62,4 +65,11 @@ fi
 export CDP_E2E_BROKERS="127.0.0.1:$port"
 echo "test: tansu at $CDP_E2E_BROKERS" >&2
 
-cargo nextest run --workspace --no-fail-fast "$@"
+status=0
+cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+
+# The Helm chart against the binary nextest just built (helm/tests). Run
+# even when a Rust test failed, so one run reports both.
+echo "test: helm chart tests (helm/tests)" >&2
+CDP_BIN="$CARGO_TARGET_DIR/debug/cdp" "$VENV/bin/python" -m pytest -q -p no:cacheprovider helm/tests || status=$?
+exit $status

@@ -87,6 +87,9 @@ enum Command {
 enum TopicsCommand {
     /// Create every topic with its partitions and compaction settings.
     Create(Common),
+    /// Check that every topic exists (with the config's credentials);
+    /// exits non-zero naming the missing ones. Creates nothing.
+    Check(Common),
 }
 
 #[derive(Subcommand)]
@@ -236,6 +239,51 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::Topics {
+            command: TopicsCommand::Check(c),
+        } => {
+            let compiled = c.load()?;
+            let factory = ClientFactory::new(compiled.config.kafka.clone())?;
+            let specs = factory.topic_specs(&Stage::store_names());
+            let consumer = factory.plain_consumer("cdp-topics-check")?;
+            // All topics' metadata: asking for named topics could make a
+            // broker with auto-creation create them.
+            let metadata = tokio::task::spawn_blocking(move || {
+                rdkafka::consumer::Consumer::fetch_metadata(
+                    &consumer,
+                    None,
+                    std::time::Duration::from_secs(30),
+                )
+            })
+            .await?
+            .context("reading topic metadata")?;
+            let found: std::collections::BTreeMap<&str, usize> = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.error().is_none())
+                .map(|t| (t.name(), t.partitions().len()))
+                .collect();
+            let mut missing = Vec::new();
+            for s in &specs {
+                match found.get(s.name.as_str()) {
+                    Some(n) => println!("exists   {} partitions={n}", s.name),
+                    None => {
+                        println!("missing  {}", s.name);
+                        missing.push(s.name.as_str());
+                    }
+                }
+            }
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!(
+                    "{} of {} topics missing: {} (run `cdp topics create`)",
+                    missing.len(),
+                    specs.len(),
+                    missing.join(", ")
+                )
+            }
         }
         Command::Config {
             command: ConfigCommand::Check { file },

@@ -444,3 +444,45 @@ fn kill_9_of_stateful_stages_changes_nothing_downstream() -> TestResult {
     );
     Ok(())
 }
+
+/// `cdp topics check` (the Helm chart's `helm test` pod): fails naming the
+/// missing topics, passes once `cdp topics create` made them, creates nothing.
+#[test]
+fn topics_check_names_missing_topics_and_passes_after_create() -> TestResult {
+    let Some(brokers) = brokers() else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let prefix = unique("check");
+    let config = dir.path().join("cdp.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "kafka:\n  brokers: {brokers}\n  topic_prefix: {prefix}\n  partitions: 2\n  replication_factor: 1\n"
+        ),
+    )?;
+    let topics = |action: &str| {
+        Command::new(env!("CARGO_BIN_EXE_cdp"))
+            .args(["topics", action, "--config"])
+            .arg(&config)
+            .output()
+    };
+    let before = topics("check")?;
+    let stdout = String::from_utf8_lossy(&before.stdout);
+    assert!(!before.status.success(), "check passed with no topics:\n{stdout}");
+    assert!(stdout.contains(&format!("missing  {prefix}.raw")), "{stdout}");
+    assert!(
+        String::from_utf8_lossy(&before.stderr).contains("topics missing"),
+        "{}",
+        String::from_utf8_lossy(&before.stderr)
+    );
+    // Checking created nothing: it still fails.
+    assert!(!topics("check")?.status.success());
+    assert!(topics("create")?.status.success());
+    let after = topics("check")?;
+    let stdout = String::from_utf8_lossy(&after.stdout);
+    assert!(after.status.success(), "{stdout}{}", String::from_utf8_lossy(&after.stderr));
+    assert!(stdout.contains(&format!("exists   {prefix}.audiences partitions=2")), "{stdout}");
+    assert!(!stdout.contains("missing"), "{stdout}");
+    Ok(())
+}

@@ -22,6 +22,7 @@ from conftest import (
     cdp_container,
     is_hook,
     load_values,
+    loaded_chart,
     one,
     pod_spec,
     render,
@@ -51,7 +52,7 @@ def test_lint_is_clean(name):
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_every_manifest_is_valid_kubernetes(name):
-    docs = render_set(helm_chart(), name)
+    docs = render_set(name)
     assert docs
     for doc in docs:
         doc = {k: v for k, v in doc.items() if k != "__template__"}
@@ -80,19 +81,13 @@ def check_prometheus_operator_object(doc: dict) -> None:
         raise AssertionError(f"unexpected {doc['kind']}")
 
 
-_CHART = None
-
-
 def helm_chart():
-    global _CHART
-    if _CHART is None:
-        _CHART = helm.Chart.load(CHART)
-    return _CHART
+    return loaded_chart()
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_each_stage_is_its_own_workload(name):
-    docs = render_set(helm_chart(), name)
+    docs = render_set(name)
     values = load_values(name)
     for stage in STATEFUL:
         sts = one(docs, "StatefulSet", f"-{stage}")
@@ -119,7 +114,7 @@ def test_each_stage_is_its_own_workload(name):
 
 
 def test_identity_defaults_to_two_replicas_and_stages_scale_separately():
-    docs = render(helm_chart(), {"kafka": {"brokers": "k:9092"}, "traits": {"replicas": 5}, "deliver": {"replicas": 3}})
+    docs = render({"kafka": {"brokers": "k:9092"}, "traits": {"replicas": 5}, "deliver": {"replicas": 3}})
     assert one(docs, "StatefulSet", "-identity")["spec"]["replicas"] == 2
     assert one(docs, "StatefulSet", "-traits")["spec"]["replicas"] == 5
     assert one(docs, "StatefulSet", "-validate")["spec"]["replicas"] == 2
@@ -128,7 +123,7 @@ def test_identity_defaults_to_two_replicas_and_stages_scale_separately():
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_pods_are_hardened_and_probed(name):
-    docs = render_set(helm_chart(), name)
+    docs = render_set(name)
     for w in workloads(docs):
         spec = pod_spec(w)
         psc = spec["securityContext"]
@@ -163,7 +158,7 @@ def test_credentials_come_only_from_secret_key_refs(name):
     sasl = values.get("kafka", {}).get("sasl", {})
     secrets = [s for s in (sasl.get("password"), sasl.get("username")) if s]
     secrets += [e["value"] for e in values.get("secretEnv", []) if e.get("value")]
-    docs = render_set(helm_chart(), name)
+    docs = render_set(name)
     for doc in docs:
         if doc["kind"] == "Secret":
             continue
@@ -186,7 +181,7 @@ def config_of(docs: list[dict], hook: bool = False) -> dict:
 
 
 def test_sasl_tls_reaches_the_config_and_the_pods():
-    docs = render_set(helm_chart(), "sasl-tls")
+    docs = render_set("sasl-tls")
     config = config_of(docs)
     kafka = config["kafka"]
     assert kafka["brokers"] == "b-1.msk.internal:9096,b-2.msk.internal:9096"
@@ -233,7 +228,7 @@ def test_sasl_tls_reaches_the_config_and_the_pods():
 
 
 def test_existing_secret_is_referenced_and_never_created():
-    docs = render_set(helm_chart(), "existing-secret")
+    docs = render_set("existing-secret")
     assert [s["metadata"]["name"] for s in by_kind(docs, "Secret")] == []
     for w in workloads(docs):
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in cdp_container(w)["env"] if e["name"].startswith("KAFKA_SASL_")}
@@ -257,7 +252,7 @@ def test_the_topics_hook_sees_its_own_config_and_credentials():
     exist: everything it mounts or references is a hook of a lower weight
     (or a Secret the user made before installing)."""
     for name in VALUE_SETS:
-        docs = render_set(helm_chart(), name)
+        docs = render_set(name)
         job = one(docs, "Job", "-topics")
         annotations = job["metadata"]["annotations"]
         assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
@@ -297,7 +292,7 @@ def test_the_topics_hook_sees_its_own_config_and_credentials():
 
 
 def test_helm_test_checks_topics_with_the_release_credentials():
-    docs = render_set(helm_chart(), "sasl-tls")
+    docs = render_set("sasl-tls")
     pod = one(docs, "Pod", "-test-topics")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     c = cdp_container(pod)
@@ -310,7 +305,7 @@ def test_helm_test_checks_topics_with_the_release_credentials():
 
 
 def test_collector_service_ingress_and_hpa():
-    docs = render_set(helm_chart(), "ingress-monitoring")
+    docs = render_set("ingress-monitoring")
     svc = one(docs, "Service", "-collect")
     assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     ing = one(docs, "Ingress", "-collect")
@@ -327,18 +322,18 @@ def test_collector_service_ingress_and_hpa():
 
 
 def test_pdbs_cover_every_enabled_stage():
-    docs = render_set(helm_chart(), "minimal")
+    docs = render_set("minimal")
     pdbs = {p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] for p in by_kind(docs, "PodDisruptionBudget")}
     assert pdbs == {"collect", "validate", "identity", "traits", "audiences"}
 
 
 def test_service_monitor_only_when_the_cluster_has_its_api():
     values = load_values("ingress-monitoring")
-    without = render(helm_chart(), values)
+    without = render(values)
     assert by_kind(without, "ServiceMonitor") == [] and by_kind(without, "PrometheusRule") == []
-    notes = render_raw(helm_chart(), values)["cdp/templates/NOTES.txt"]
+    notes = render_raw(values)["cdp/templates/NOTES.txt"]
     assert "has no\nmonitoring.coreos.com/v1 ServiceMonitor" in notes
-    docs = render(helm_chart(), values, api_versions=PROMETHEUS_OPERATOR)
+    docs = render(values, api_versions=PROMETHEUS_OPERATOR)
     sm = one(docs, "ServiceMonitor", "cdp")
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     # It selects exactly the headless admin Services, one per stage.
@@ -365,26 +360,26 @@ def checksum(docs, stage="validate"):
 
 def test_a_config_or_secret_change_rolls_the_pods():
     base = load_values("sasl-tls")
-    before = checksum(render(helm_chart(), base))
-    assert checksum(render(helm_chart(), base)) == before
+    before = checksum(render(base))
+    assert checksum(render(base)) == before
     changed = copy.deepcopy(base)
     changed["config"]["audiences"]["big_spenders"]["where"]["all"][0]["gte"] = 600
-    assert checksum(render(helm_chart(), changed)) != before
+    assert checksum(render(changed)) != before
     rotated = copy.deepcopy(base)
     rotated["kafka"]["sasl"]["password"] = "rotated"
-    assert checksum(render(helm_chart(), rotated)) != before
+    assert checksum(render(rotated)) != before
 
 
 def test_image_tag_defaults_to_app_version():
-    docs = render_set(helm_chart(), "minimal")
+    docs = render_set("minimal")
     app_version = helm_chart().metadata["appVersion"]
     assert cdp_container(one(docs, "Deployment", "-collect"))["image"] == f"cdp:{app_version}"
-    docs = render(helm_chart(), {"kafka": {"brokers": "k:9092"}, "image": {"registry": "r.example", "tag": "1.2.3"}})
+    docs = render({"kafka": {"brokers": "k:9092"}, "image": {"registry": "r.example", "tag": "1.2.3"}})
     assert cdp_container(one(docs, "Deployment", "-collect"))["image"] == "r.example/cdp:1.2.3"
 
 
 def test_a_long_release_name_keeps_names_within_limits():
-    docs = render(helm_chart(), load_values("minimal"), name="a-very-long-release-name-for-a-platform-team-cdp")
+    docs = render(load_values("minimal"), name="a-very-long-release-name-for-a-platform-team-cdp")
     for d in docs:
         assert len(d["metadata"]["name"]) <= 63, d["metadata"]["name"]
         if d["kind"] == "StatefulSet":
@@ -393,14 +388,14 @@ def test_a_long_release_name_keeps_names_within_limits():
 
 
 def test_collector_pre_stop_sleep_only_where_kubernetes_has_it():
-    new = render(helm_chart(), load_values("minimal"), kube_version="v1.30.0")
+    new = render(load_values("minimal"), kube_version="v1.30.0")
     assert cdp_container(one(new, "Deployment", "-collect"))["lifecycle"]["preStop"]["sleep"]["seconds"] == 5
-    old = render(helm_chart(), load_values("minimal"), kube_version="v1.29.0")
+    old = render(load_values("minimal"), kube_version="v1.29.0")
     assert "lifecycle" not in cdp_container(one(old, "Deployment", "-collect"))
 
 
 def test_stages_can_be_turned_off():
-    docs = render(helm_chart(), {"kafka": {"brokers": "k:9092"}, "deliver": {"enabled": False}, "collect": {"enabled": False}})
+    docs = render({"kafka": {"brokers": "k:9092"}, "deliver": {"enabled": False}, "collect": {"enabled": False}})
     assert {d["metadata"]["name"] for d in by_kind(docs, "Deployment")} == set()
     assert by_kind(docs, "Ingress") == [] and by_kind(docs, "HorizontalPodAutoscaler") == []
     assert len(by_kind(docs, "StatefulSet")) == 4
@@ -496,12 +491,12 @@ def test_defaults_alone_ask_for_the_brokers():
 
 
 def test_notes_tell_how_to_send_a_first_event():
-    notes = render_raw(helm_chart(), load_values("sasl-tls"))["cdp/templates/NOTES.txt"]
+    notes = render_raw(load_values("sasl-tls"))["cdp/templates/NOTES.txt"]
     assert f"port-forward svc/{RELEASE}-cdp-collect 8088:80" in notes
     assert "curl -u wk_web_123:" in notes and "/v1/track" in notes
-    notes = render_raw(helm_chart(), load_values("ingress-monitoring"), api_versions=PROMETHEUS_OPERATOR)["cdp/templates/NOTES.txt"]
+    notes = render_raw(load_values("ingress-monitoring"), api_versions=PROMETHEUS_OPERATOR)["cdp/templates/NOTES.txt"]
     assert "COLLECTOR=https://events.example.com" in notes
-    notes = render_raw(helm_chart(), load_values("minimal"))["cdp/templates/NOTES.txt"]
+    notes = render_raw(load_values("minimal"))["cdp/templates/NOTES.txt"]
     assert "config.sources is empty" in notes
 
 
