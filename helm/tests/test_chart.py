@@ -508,3 +508,26 @@ def merge(a: dict, b: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def test_the_readme_documents_every_value():
+    """helm/cdp/README.md is the values reference: a key added to
+    values.yaml without a line there fails."""
+    from conftest import CHART as chart_dir
+
+    readme = (chart_dir / "README.md").read_text()
+    values = yaml.safe_load((chart_dir / "values.yaml").read_text())
+    opaque = {"config", "properties", "resources", "podSecurityContext", "securityContext", "livenessProbe",
+              "readinessProbe", "startupProbe", "updateStrategy", "behavior", "persistentVolumeClaimRetentionPolicy"}
+    missing = []
+
+    def walk(path, node):
+        for key, value in node.items():
+            here = f"{path}.{key}" if path else key
+            if isinstance(value, dict) and value and key not in opaque:
+                walk(here, value)
+            elif not re.search(r"[`.]" + re.escape(key) + r"`", readme):
+                missing.append(here)
+
+    walk("", values)
+    assert missing == [], f"not in helm/cdp/README.md: {missing}"
