@@ -469,8 +469,14 @@ fn topics_check_names_missing_topics_and_passes_after_create() -> TestResult {
     };
     let before = topics("check")?;
     let stdout = String::from_utf8_lossy(&before.stdout);
-    assert!(!before.status.success(), "check passed with no topics:\n{stdout}");
-    assert!(stdout.contains(&format!("missing  {prefix}.raw")), "{stdout}");
+    assert!(
+        !before.status.success(),
+        "check passed with no topics:\n{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("missing  {prefix}.raw")),
+        "{stdout}"
+    );
     assert!(
         String::from_utf8_lossy(&before.stderr).contains("topics missing"),
         "{}",
@@ -481,8 +487,15 @@ fn topics_check_names_missing_topics_and_passes_after_create() -> TestResult {
     assert!(topics("create")?.status.success());
     let after = topics("check")?;
     let stdout = String::from_utf8_lossy(&after.stdout);
-    assert!(after.status.success(), "{stdout}{}", String::from_utf8_lossy(&after.stderr));
-    assert!(stdout.contains(&format!("exists   {prefix}.audiences partitions=2")), "{stdout}");
+    assert!(
+        after.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("exists   {prefix}.audiences partitions=2")),
+        "{stdout}"
+    );
     assert!(!stdout.contains("missing"), "{stdout}");
     Ok(())
 }

@@ -134,3 +134,22 @@ def test_config_check_catches_a_bad_config_the_chart_accepts(cdp, tmp_path):
     path.write_text(yaml.safe_dump(config))
     out = subprocess.run([cdp, "config", "check", path], capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "audiences.vip" in out.stderr, out.stderr
+
+
+def test_compose_and_dockerfile_command_lines_are_accepted(cdp):
+    """deploy/compose.yaml and the Dockerfile's CMD are not run in CI (no
+    Docker engine), so their command lines are checked here instead."""
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    commands = [(name, s["command"]) for name, s in compose["services"].items() if s.get("image", "").startswith("cdp:")]
+    assert {n for n, _ in commands} == {"topics", "collect", "validate", "identity", "traits", "audiences", "deliver"}
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    cmd = re.search(r"^CMD (\[.*\])$", dockerfile, re.M)
+    assert cmd
+    commands.append(("Dockerfile CMD", yaml.safe_load(cmd.group(1))))
+    for name, args in commands:
+        out = subprocess.run([cdp, *args, "--help"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, f"{name}: cdp {' '.join(args)}: {out.stderr}"
+    for name, s in compose["services"].items():
+        for var in (s.get("environment") or {}):
+            if var.startswith("CDP_") and var != "CDP_LOG":
+                assert f"[env: {var}=" in help_text(cdp, ("validate",)) + help_text(cdp, ()), f"{name}: cdp reads no {var}"

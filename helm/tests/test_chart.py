@@ -36,6 +36,7 @@ DEPLOYED = ["collect", "deliver"]
 # The Kubernetes version the manifests are checked against (the newest
 # kubernetes-validate ships) and the oldest the chart supports.
 KUBE = "1.37.0"
+OLDEST_KUBE = "1.27.0"  # Chart.yaml's kubeVersion
 
 
 def test_there_are_at_least_four_value_sets():
@@ -50,9 +51,11 @@ def test_lint_is_clean(name):
     assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
 
 
+@pytest.mark.parametrize("kube", [OLDEST_KUBE, KUBE])
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_every_manifest_is_valid_kubernetes(name):
-    docs = render_set(name)
+def test_every_manifest_is_valid_kubernetes(name, kube):
+    api = PROMETHEUS_OPERATOR if "monitoring" in name else None
+    docs = render(load_values(name), api_versions=api, kube_version=f"v{kube}")
     assert docs
     for doc in docs:
         doc = {k: v for k, v in doc.items() if k != "__template__"}
@@ -60,7 +63,7 @@ def test_every_manifest_is_valid_kubernetes(name):
             check_prometheus_operator_object(doc)
             continue
         # strict: unknown fields are errors too (a typo'd key would be ignored by the API server).
-        kubernetes_validate.validate(doc, KUBE, strict=True)
+        kubernetes_validate.validate(doc, kube, strict=True)
 
 
 def check_prometheus_operator_object(doc: dict) -> None:
@@ -531,3 +534,7 @@ def test_the_readme_documents_every_value():
 
     walk("", values)
     assert missing == [], f"not in helm/cdp/README.md: {missing}"
+
+
+def test_the_oldest_kubernetes_checked_is_the_one_the_chart_declares():
+    assert loaded_chart().metadata["kubeVersion"] == f">={OLDEST_KUBE}-0"
