@@ -128,7 +128,7 @@ def test_config_check_catches_a_bad_config_the_chart_accepts(cdp, tmp_path):
     """The chart passes `config` through; the binary is what checks it (the
     topics hook runs it before any stage rolls)."""
     values = load_values("minimal")
-    values["config"] = {"audiences": {"vip": {"where": {"trait": "nope", "gte": 1}}}}
+    values["config"] = {"audiences": {"vip": {"where": {"audience": "ghost"}}}}
     config = cdp_config(render(values))
     path = tmp_path / "cdp.yaml"
     path.write_text(yaml.safe_dump(config))
