@@ -153,3 +153,21 @@ def test_compose_and_dockerfile_command_lines_are_accepted(cdp):
         for var in (s.get("environment") or {}):
             if var.startswith("CDP_") and var != "CDP_LOG":
                 assert f"[env: {var}=" in help_text(cdp, ("validate",)) + help_text(cdp, ()), f"{name}: cdp reads no {var}"
+
+
+def test_every_service_of_the_binary_has_a_workload(cdp):
+    """A new long-running subcommand (a profile API, say) fails this test
+    until the chart deploys it (one line in the stage table of
+    templates/_helpers.tpl and a values block)."""
+    text = help_text(cdp, ())
+    commands_section = text.split("Commands:", 1)[1].split("Options:", 1)[0]
+    commands = set(re.findall(r"^  ([a-z][a-z0-9-]*)\s", commands_section, re.M))
+    tools = {"dev", "topics", "config", "help"}
+    assert tools <= commands, commands
+    docs = render_set("minimal")
+    deployed = {
+        w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        for w in docs
+        if w["kind"] in ("Deployment", "StatefulSet")
+    }
+    assert deployed == commands - tools
