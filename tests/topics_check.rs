@@ -1,0 +1,72 @@
+//! `cdp topics check` (the Helm chart's `helm test` pod) as users run it:
+//! the built binary against a Kafka-protocol broker — librdkafka's mock
+//! cluster, in this process but on a real TCP port. Topics are created in
+//! process (the mock cluster takes no CreateTopics from another process).
+
+use std::process::{Command, Output};
+
+use cdp::stages::Stage;
+use cdp_pipeline::{ClientFactory, KafkaConfig};
+use rdkafka::mocking::MockCluster;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+#[test]
+fn topics_check_names_the_missing_topics_and_passes_once_they_exist() -> TestResult {
+    let mock = MockCluster::new(1)?;
+    let brokers = mock.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("cdp.yaml");
+    std::fs::write(
+        &config,
+        format!("kafka:\n  brokers: {brokers}\n  topic_prefix: hc\n  partitions: 2\n"),
+    )?;
+    let check = || -> std::io::Result<Output> {
+        Command::new(env!("CARGO_BIN_EXE_cdp"))
+            .args(["topics", "check", "--config"])
+            .arg(&config)
+            .env_remove("CDP_LOG_FORMAT")
+            .output()
+    };
+    let text = |o: &Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+
+    let none = check()?;
+    assert!(
+        !none.status.success(),
+        "passed with no topics: {}",
+        text(&none)
+    );
+    assert!(text(&none).contains("missing  hc.raw"), "{}", text(&none));
+    assert!(text(&none).contains("topics missing"), "{}", text(&none));
+
+    // Every topic of the pipeline but one: the check names exactly that one.
+    let factory = ClientFactory::new(KafkaConfig {
+        brokers: brokers.clone(),
+        topic_prefix: "hc".into(),
+        partitions: 2,
+        ..KafkaConfig::default()
+    })?;
+    let specs = factory.topic_specs(&Stage::store_names());
+    let (last, rest) = specs.split_last().ok_or("no topics")?;
+    for s in rest {
+        mock.create_topic(&s.name, s.partitions, 1)?;
+    }
+    let partial = check()?;
+    let out = text(&partial);
+    assert!(!partial.status.success(), "{out}");
+    assert_eq!(out.matches("missing  ").count(), 1, "{out}");
+    assert!(out.contains(&format!("missing  {}", last.name)), "{out}");
+    assert!(out.contains("exists   hc.audiences partitions=2"), "{out}");
+
+    mock.create_topic(&last.name, last.partitions, 1)?;
+    let all = check()?;
+    assert!(all.status.success(), "{}", text(&all));
+    assert!(!text(&all).contains("missing"), "{}", text(&all));
+    Ok(())
+}
