@@ -538,3 +538,28 @@ def test_the_readme_documents_every_value():
 
 def test_the_oldest_kubernetes_checked_is_the_one_the_chart_declares():
     assert loaded_chart().metadata["kubeVersion"] == f">={OLDEST_KUBE}-0"
+
+
+def test_the_readme_install_command_renders():
+    """The `helm install` of helm/cdp/README.md, its --set/--set-json flags
+    parsed by helm's own parser, renders and passes the schema."""
+    import shlex
+
+    from conftest import CHART as chart_dir
+
+    readme = (chart_dir / "README.md").read_text()
+    command = re.search(r"^helm install .*?(?<!\\)$", readme, re.M | re.S)
+    assert command, "no helm install command in the README"
+    words = shlex.split(command.group(0).replace("\\\n", " "))
+    values: dict = {}
+    for flag, arg in zip(words, words[1:]):
+        if flag == "--set":
+            parsed = helm.parse_set_string(arg)
+        elif flag == "--set-json":
+            parsed = helm.parse_set_json(arg)
+        else:
+            continue
+        values = merge(values, parsed)
+    assert values["kafka"]["brokers"] and values["config"]["sources"]
+    docs = render(values)
+    assert cdp_container(one(docs, "Deployment", "-collect"))["image"].startswith("registry.example.com/platform/cdp:")
