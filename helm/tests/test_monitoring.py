@@ -171,3 +171,15 @@ def test_a_renamed_metric_would_fail():
         check("probe", 'sum(cdp_consumer_lag{topic="x"})', metrics)
     with pytest.raises(ValueError):
         selectors("sum(rate(cdp_records_in_total[5m])")
+
+
+def test_the_dashboard_json_is_what_its_generator_writes():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "deploy" / "grafana" / "dashboard.py")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout == DASHBOARD.read_text(), (
+        "deploy/grafana/cdp-dashboard.json is stale: "
+        "python3 deploy/grafana/dashboard.py > deploy/grafana/cdp-dashboard.json"
+    )

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Generates deploy/grafana/cdp-dashboard.json (run it after editing the
+panels below; helm/tests/test_monitoring.py fails while the JSON is stale
+and checks every query against the metrics the code exports).
+
+    python3 deploy/grafana/dashboard.py > deploy/grafana/cdp-dashboard.json
+"""
+import json
+NS = 'namespace=~"$namespace"'
+panels = []
+y = 0
+pid = 0
+def row(title):
+    global y, pid
+    pid += 1
+    panels.append({"type": "row", "title": title, "id": pid, "collapsed": False,
+                   "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+    y += 1
+x = 0
+def panel(title, targets, unit="short", w=8, h=8, kind="timeseries", desc="", stack=False):
+    global x, y, pid
+    pid += 1
+    if x + w > 24:
+        x = 0; y += h
+    p = {"type": kind, "title": title, "id": pid, "description": desc,
+         "datasource": {"type": "prometheus", "uid": "${datasource}"},
+         "gridPos": {"h": h, "w": w, "x": x, "y": y},
+         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+         "options": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]},
+                     "tooltip": {"mode": "multi", "sort": "desc"}},
+         "targets": [{"refId": chr(65 + i), "expr": e, "legendFormat": l,
+                      "datasource": {"type": "prometheus", "uid": "${datasource}"}} for i, (e, l) in enumerate(targets)]}
+    if stack:
+        p["fieldConfig"]["defaults"]["custom"] = {"stacking": {"mode": "normal"}, "fillOpacity": 20}
+    if kind == "stat":
+        p["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "colorMode": "value", "graphMode": "area", "textMode": "auto"}
+    panels.append(p)
+    x += w
+    if x >= 24:
+        x = 0; y += h
+def endrow():
+    global x, y
+    if x:
+        x = 0; y += 8
+
+row("Overview")
+panel("Events accepted / s", [(f'sum(rate(cdp_collector_events_accepted_total{{{NS}}}[$__rate_interval]))', "accepted")], "ops", w=6, kind="stat")
+panel("Dead letters / s", [(f'sum(rate(cdp_dead_letters_total{{{NS}}}[$__rate_interval]))', "dead letters")], "ops", w=6, kind="stat")
+panel("Total consumer lag", [(f'sum(cdp_consumer_lag{{{NS}}})', "lag")], "short", w=6, kind="stat")
+panel("p99 event → delivery", [(f'histogram_quantile(0.99, sum by (le) (rate(cdp_end_to_end_latency_seconds_bucket{{{NS}}}[$__rate_interval])))', "p99")], "s", w=6, kind="stat")
+endrow()
+row("Throughput")
+panel("Records in / s by stage", [(f'sum by (stage) (rate(cdp_records_in_total{{{NS}}}[$__rate_interval]))', "{{stage}}")], "ops",
+      desc="Input records consumed, ticks included.")
+panel("Records out / s by stage and output", [(f'sum by (stage, output) (rate(cdp_records_out_total{{{NS}}}[$__rate_interval]))', "{{stage}} → {{output}}")], "ops")
+panel("Batch duration p99 by stage", [(f'histogram_quantile(0.99, sum by (stage, le) (rate(cdp_batch_duration_seconds_bucket{{{NS}}}[$__rate_interval])))', "{{stage}}")], "s",
+      desc="Process + produce + commit of one batch.")
+endrow()
+row("Lag and state")
+panel("Consumer lag by stage", [(f'sum by (stage) (cdp_consumer_lag{{{NS}}})', "{{stage}}")], "short",
+      desc="Input high watermark minus the next offset, summed over partitions. Growing lag: the stage falls behind.")
+panel("Partitions owned by stage", [(f'sum by (stage) (cdp_tasks{{{NS}}})', "{{stage}}")], "short",
+      desc="Zero for a stage means no instance processes it (alert CdpStageDown).")
+panel("State store size by stage", [(f'sum by (stage) (cdp_state_store_bytes{{{NS}}})', "{{stage}}")], "bytes",
+      desc="RocksDB live data estimate, summed over partitions. Size the volumes from this (docs/OPERATIONS.md).")
+panel("Rebalances / 5m", [(f'sum by (stage, kind) (increase(cdp_rebalances_total{{{NS}}}[5m]))', "{{stage}} {{kind}}")], "short")
+panel("Restores", [(f'sum by (stage) (increase(cdp_restores_total{{{NS}}}[$__rate_interval]))', "{{stage}} restores"),
+                   (f'sum by (stage) (rate(cdp_restored_records_total{{{NS}}}[$__rate_interval]))', "{{stage}} records/s")], "short")
+panel("Commits / s and duplicates dropped / s", [(f'sum by (stage) (rate(cdp_commits_total{{{NS}}}[$__rate_interval]))', "{{stage}} commits"),
+      (f'sum by (stage) (rate(cdp_duplicates_dropped_total{{{NS}}}[$__rate_interval]))', "{{stage}} duplicates"),
+      (f'sum by (stage) (rate(cdp_ticks_total{{{NS}}}[$__rate_interval]))', "{{stage}} ticks")], "ops")
+endrow()
+row("Broker and ownership")
+panel("Broker reachable (collector)", [(f'min by (stage) (cdp_broker_reachable{{{NS}}})', "{{stage}}")], "short",
+      desc="1 while the component can reach the broker and produce. 0: the collector answers 503.")
+panel("Broker retries / s", [(f'sum by (stage, what) (rate(cdp_broker_retries_total{{{NS}}}[$__rate_interval]))', "{{stage}} {{what}}")], "ops",
+      desc="Produce rounds or restore reads retried while the broker was away.")
+panel("Client rebuilds / 10m", [(f'sum by (stage, client) (increase(cdp_client_rebuilds_total{{{NS}}}[10m]))', "{{stage}} {{client}}")], "short")
+panel("Fenced batches and changelog repairs / s", [(f'sum by (stage) (rate(cdp_fenced_total{{{NS}}}[$__rate_interval]))', "{{stage}} fenced"),
+      (f'sum by (stage) (rate(cdp_changelog_repairs_total{{{NS}}}[$__rate_interval]))', "{{stage}} repairs")], "ops",
+      desc="Fenced: another owner claimed the partition (a zombie lost). Repairs: uncommitted changelog keys written again.")
+panel("State resets / 1h", [(f'sum by (stage, reason) (increase(cdp_state_resets_total{{{NS}}}[1h]))', "{{stage}} {{reason}}")], "short",
+      desc="Local state discarded or input re-read because it did not match the broker (see docs/OPERATIONS.md, Recovery).")
+panel("Ticks rejected / s", [(f'sum by (stage, reason) (rate(cdp_ticks_rejected_total{{{NS}}}[$__rate_interval]))', "{{stage}} {{reason}}")], "ops",
+      desc="Tick records not written by the partition's owner, or too far ahead.")
+endrow()
+row("Dead letters")
+panel("Dead letters / s by stage and reason", [(f'sum by (stage, reason) (rate(cdp_dead_letters_total{{{NS}}}[$__rate_interval]))', "{{stage}} {{reason}}")], "ops", w=12, stack=True)
+panel("Validation failures / s by source and event", [(f'topk(10, sum by (source, event, reason) (rate(cdp_validation_failures_total{{{NS}}}[$__rate_interval])))', "{{source}} {{event}} {{reason}}")], "ops", w=12,
+      desc="Which producing team and event to talk to.")
+endrow()
+row("Audiences and delivery")
+panel("Audience sizes", [(f'sum by (audience) (cdp_audience_changes_total{{{NS},action="entered"}}) - sum by (audience) (cdp_audience_changes_total{{{NS},action="exited"}})', "{{audience}}")], "short",
+      desc="entered − exited since the counters started. Counters restart with pods: a size from a fresh pod counts changes since its start only.")
+panel("Audience changes / s", [(f'sum by (audience, action) (rate(cdp_audience_changes_total{{{NS}}}[$__rate_interval]))', "{{audience}} {{action}}")], "ops")
+panel("Event → delivery latency", [(f'histogram_quantile({q}, sum by (le) (rate(cdp_end_to_end_latency_seconds_bucket{{{NS}}}[$__rate_interval])))', f"p{int(q*100)}") for q in (0.5, 0.95, 0.99)], "s",
+      desc="Event time to delivery, all destinations.")
+panel("Delivery attempts / s by destination", [(f'sum by (destination) (rate(cdp_delivery_attempts_total{{{NS}}}[$__rate_interval]))', "{{destination}}")], "ops")
+panel("Delivery failures / s by destination", [(f'sum by (destination) (rate(cdp_delivery_failures_total{{{NS}}}[$__rate_interval]))', "{{destination}}")], "ops",
+      desc="Failed after every retry; dead-lettered with reason delivery_failed.")
+panel("p99 latency by destination", [(f'histogram_quantile(0.99, sum by (destination, le) (rate(cdp_end_to_end_latency_seconds_bucket{{{NS}}}[$__rate_interval])))', "{{destination}}")], "s")
+endrow()
+row("Collector")
+panel("Requests / s by status", [(f'sum by (status) (rate(cdp_http_requests_total{{{NS}}}[$__rate_interval]))', "{{status}}")], "reqps", stack=True)
+panel("Request latency p99 by route", [(f'histogram_quantile(0.99, sum by (route, le) (rate(cdp_http_request_duration_seconds_bucket{{{NS}}}[$__rate_interval])))', "{{route}}"),
+      (f'histogram_quantile(0.99, sum by (le) (rate(cdp_broker_ack_seconds_bucket{{{NS}}}[$__rate_interval])))', "broker ack")], "s")
+panel("Events accepted and rejected / s", [(f'sum by (source) (rate(cdp_collector_events_accepted_total{{{NS}}}[$__rate_interval]))', "accepted {{source}}"),
+      (f'sum by (reason) (rate(cdp_collector_events_rejected_total{{{NS}}}[$__rate_interval]))', "rejected {{reason}}")], "ops")
+endrow()
+
+dash = {
+    "title": "cdp",
+    "uid": "cdp-pipeline",
+    "description": "cdp: collector, stages, lag, dead letters, audiences, delivery. Metrics from pipeline/src/metrics.rs.",
+    "tags": ["cdp", "kafka"],
+    "timezone": "",
+    "editable": True,
+    "graphTooltip": 1,
+    "refresh": "30s",
+    "schemaVersion": 39,
+    "version": 1,
+    "time": {"from": "now-3h", "to": "now"},
+    "__inputs": [{"name": "DS_PROMETHEUS", "label": "Prometheus", "type": "datasource", "pluginId": "prometheus", "pluginName": "Prometheus"}],
+    "templating": {"list": [
+        {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus", "current": {}, "hide": 0},
+        {"name": "namespace", "label": "Namespace", "type": "query",
+         "datasource": {"type": "prometheus", "uid": "${datasource}"},
+         "query": {"query": "label_values(cdp_records_in_total, namespace)", "refId": "namespace"},
+         "definition": "label_values(cdp_records_in_total, namespace)",
+         "includeAll": True, "allValue": ".*", "multi": True, "refresh": 2, "current": {}, "hide": 0},
+    ]},
+    "annotations": {"list": []},
+    "panels": panels,
+}
+print(json.dumps(dash, indent=2))
