@@ -50,6 +50,44 @@ pub fn visitor_journey(visitor: &str, start_ms: Option<i64>) -> Vec<(&'static st
     steps
 }
 
+/// A person on two sources: anonymous browsing in the browser, two orders
+/// from a server that knows only the `userId`, then the login that joins
+/// them. Under different Kafka keys, so the steps land on different
+/// partitions of `<p>.raw`. Only the joined profile qualifies for
+/// `browsed_then_bought` (browsed as `anon-*`, bought as `user-*`).
+pub fn cross_device_journey(visitor: &str, start_ms: i64) -> Vec<(&'static str, Value)> {
+    let anon = format!("anon-{visitor}");
+    let user = format!("user-{visitor}");
+    let mut steps = vec![
+        (
+            "track",
+            json!({"anonymousId": anon, "event": "Product Viewed",
+                   "properties": {"sku": "sku-1", "category": "shoes"}}),
+        ),
+        ("page", json!({"anonymousId": anon, "name": "Checkout"})),
+        (
+            "track",
+            json!({"userId": user, "event": "Order Completed", "properties": {"revenue": 150}}),
+        ),
+        (
+            "track",
+            json!({"userId": user, "event": "Order Completed", "properties": {"revenue": 400}}),
+        ),
+        (
+            "identify",
+            json!({"anonymousId": anon, "userId": user,
+                   "traits": {"email": format!("{visitor}@example.com")}}),
+        ),
+    ];
+    for (i, (_, body)) in steps.iter_mut().enumerate() {
+        body["messageId"] = json!(format!("{visitor}-x{i}"));
+        body["timestamp"] = json!(cdp_operators::messages::rfc3339_ms(
+            start_ms + 1000 * i as i64
+        ));
+    }
+    steps
+}
+
 /// Send one visitor's journey to a collector, waiting for each 200.
 pub async fn send_journey(
     client: &reqwest::Client,

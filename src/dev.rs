@@ -89,7 +89,7 @@ impl Dev {
         let config = dev_config(config, &bootstrap, &state_dir, opts.stdout);
         let compiled: Compiled = config.compile()?;
         let factory = ClientFactory::new(compiled.config.kafka.clone())?;
-        for spec in factory.topic_specs(&Stage::store_names()) {
+        for spec in factory.topic_specs(&Stage::changelogs(factory.config().partitions)) {
             broker
                 .create_topic(&spec.name, spec.partitions, 1)
                 .with_context(|| format!("creating topic {}", spec.name))?;

@@ -222,7 +222,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let compiled = c.load()?;
             let factory = ClientFactory::new(compiled.config.kafka.clone())?;
-            let specs = factory.topic_specs(&Stage::store_names());
+            let specs = factory.topic_specs(&Stage::changelogs(factory.config().partitions));
             let created = factory
                 .create_topics(&specs)
                 .await

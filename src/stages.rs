@@ -15,7 +15,7 @@ use cdp_connectors::deliver::DeliverOperator;
 use cdp_connectors::destinations::build_sink;
 use cdp_operators::audiences::AudiencesOperator;
 use cdp_operators::identity::IdentityOperator;
-use cdp_operators::messages::{outputs, AudienceChange};
+use cdp_operators::messages::{outputs, AudienceChange, ProfileRecord};
 use cdp_operators::traits::TraitsOperator;
 use cdp_operators::validate::ValidateOperator;
 use cdp_pipeline::envelope::SOURCE;
@@ -55,10 +55,22 @@ impl Stage {
         }
     }
 
-    /// Names of every stage with a state store (all of them: even deliver
-    /// keeps the dedupe positions of its input).
-    pub fn store_names() -> Vec<&'static str> {
-        Self::ALL.iter().map(|s| s.name()).collect()
+    /// Partitions of the stage's input topic when the pipeline has
+    /// `partitions`: identity reads the serial `<p>.valid`.
+    pub const fn input_partitions(self, partitions: i32) -> i32 {
+        match self {
+            Stage::Identity => cdp_pipeline::kafka::SERIAL_PARTITIONS,
+            _ => partitions,
+        }
+    }
+
+    /// Every stage with a state store (all of them: even deliver keeps the
+    /// dedupe positions of its input), with its changelog's partitions.
+    pub fn changelogs(partitions: i32) -> Vec<(&'static str, i32)> {
+        Self::ALL
+            .iter()
+            .map(|s| (s.name(), s.input_partitions(partitions)))
+            .collect()
     }
 
     /// Build the stage's spec: input, outputs, operator.
@@ -77,6 +89,7 @@ impl Stage {
             }
             Stage::Identity => {
                 outs.insert(outputs::NEXT, OutputTarget::Topic(t.identified()));
+                outs.insert(outputs::PROFILES, OutputTarget::Topic(t.profiles()));
                 let r = compiled.identity.clone();
                 (
                     t.valid(),
@@ -123,23 +136,11 @@ impl Stage {
                 )
             }
         };
-        let observer: Option<cdp_pipeline::runtime::Observer> =
-            (self == Stage::Audiences).then(|| {
-                Arc::new(|e: &cdp_pipeline::Emitted| {
-                    if e.output != outputs::NEXT {
-                        return;
-                    }
-                    if let Ok(change) = serde_json::from_slice::<AudienceChange>(&e.value) {
-                        let action = match change.action {
-                            cdp_operators::messages::AudienceAction::Entered => "entered",
-                            cdp_operators::messages::AudienceAction::Exited => "exited",
-                        };
-                        metrics::AUDIENCE_CHANGES
-                            .with_label_values(&[&change.audience, action])
-                            .inc();
-                    }
-                }) as cdp_pipeline::runtime::Observer
-            });
+        let observer = match self {
+            Stage::Audiences => Some(audience_change_observer()),
+            Stage::Identity => Some(identity_observer()),
+            _ => None,
+        };
         Ok(StageSpec {
             name: self.name(),
             input_topic: input,
@@ -180,6 +181,74 @@ impl Stage {
     }
 }
 
+/// Counts `cdp_audience_changes_total{audience, action}` (audience sizes).
+fn audience_change_observer() -> cdp_pipeline::runtime::Observer {
+    Arc::new(|e: &cdp_pipeline::Emitted| {
+        if e.output != outputs::NEXT {
+            return;
+        }
+        if let Ok(change) = serde_json::from_slice::<AudienceChange>(&e.value) {
+            let action = match change.action {
+                cdp_operators::messages::AudienceAction::Entered => "entered",
+                cdp_operators::messages::AudienceAction::Exited => "exited",
+            };
+            metrics::AUDIENCE_CHANGES
+                .with_label_values(&[&change.audience, action])
+                .inc();
+        }
+    })
+}
+
+/// Counts identity's refused identifiers by type and rule, and its merges:
+/// nothing a rule drops goes unseen.
+fn identity_observer() -> cdp_pipeline::runtime::Observer {
+    Arc::new(|e: &cdp_pipeline::Emitted| {
+        if e.output != outputs::NEXT {
+            return;
+        }
+        match serde_json::from_slice::<ProfileRecord>(&e.value) {
+            Ok(ProfileRecord::Event { dropped, .. }) => {
+                for d in dropped {
+                    metrics::IDENTITY_DROPPED_IDENTIFIERS
+                        .with_label_values(&[&d.kind, &d.reason])
+                        .inc();
+                }
+            }
+            Ok(ProfileRecord::Merged { .. }) => metrics::IDENTITY_MERGES
+                .with_label_values::<&str>(&[])
+                .inc(),
+            _ => {}
+        }
+    })
+}
+
+/// Identity builds one graph from one serial log: refuse to start on a
+/// `<p>.valid` with more partitions (a topic made before identity was
+/// serial), naming the fix, rather than split people into several profiles.
+fn check_serial_input(factory: &ClientFactory) -> anyhow::Result<()> {
+    use rdkafka::consumer::Consumer as _;
+    let topic = factory.topics().valid();
+    let consumer = factory.restore_consumer()?;
+    let metadata = consumer
+        .fetch_metadata(Some(&topic), std::time::Duration::from_secs(30))
+        .with_context(|| format!("reading the metadata of {topic}"))?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len());
+    let want = cdp_pipeline::kafka::SERIAL_PARTITIONS as usize;
+    // 0: the topic does not exist yet; the consumer waits for it.
+    if partitions > want {
+        anyhow::bail!(
+            "{topic} has {partitions} partitions; identity needs exactly {want} so that one \
+             person is one profile whatever partition their events land on. Recreate it \
+             (docs/OPERATIONS.md, \"Upgrading to the serial identity log\")"
+        );
+    }
+    Ok(())
+}
+
 /// Start stages on their own threads.
 pub fn start_stages(
     stages: &[Stage],
@@ -192,6 +261,9 @@ pub fn start_stages(
     let handle = tokio::runtime::Handle::current();
     let mut joins = Vec::new();
     for stage in stages {
+        if *stage == Stage::Identity {
+            check_serial_input(factory)?;
+        }
         let spec = stage.spec(compiled, factory)?;
         let mut runtime = StageRuntime::new(
             spec,

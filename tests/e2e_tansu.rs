@@ -50,18 +50,28 @@ struct Pipeline {
     prefix: String,
     collector: SocketAddr,
     procs: BTreeMap<String, (Child, Vec<String>)>,
+    /// Admin (`/metrics`, `/readyz`) address of each process.
+    admins: BTreeMap<String, String>,
+    partitions: i32,
     factory: ClientFactory,
 }
 
 impl Pipeline {
     fn new(brokers: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Self::with_partitions(brokers, PARTITIONS)
+    }
+
+    fn with_partitions(
+        brokers: &str,
+        partitions: i32,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let dir = tempfile::tempdir()?;
         let prefix = unique("e2e");
         let collector: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let config = cdp::config::DEMO_CONFIG
             .replace("brokers: localhost:9092", &format!("brokers: {brokers}"))
             .replace("topic_prefix: cdp", &format!("topic_prefix: {prefix}"))
-            .replace("partitions: 4", &format!("partitions: {PARTITIONS}"))
+            .replace("partitions: 4", &format!("partitions: {partitions}"))
             .replace(
                 "tick_interval: 1s",
                 "tick_interval: 1s\n  replication_factor: 1\n  properties:\n    consumer.session.timeout.ms: \"6000\"\n    consumer.heartbeat.interval.ms: \"500\"",
@@ -75,7 +85,7 @@ impl Pipeline {
         let factory = ClientFactory::new(KafkaConfig {
             brokers: brokers.to_string(),
             topic_prefix: prefix.clone(),
-            partitions: PARTITIONS,
+            partitions,
             ..KafkaConfig::default()
         })?;
         let status = Command::new(env!("CARGO_BIN_EXE_cdp"))
@@ -89,6 +99,8 @@ impl Pipeline {
             prefix,
             collector,
             procs: BTreeMap::new(),
+            admins: BTreeMap::new(),
+            partitions,
             factory,
         })
     }
@@ -138,6 +150,7 @@ impl Pipeline {
             .stderr(Stdio::from(log))
             .spawn()?;
         self.procs.insert(name.to_string(), (child, args));
+        self.admins.insert(name.to_string(), admin.clone());
         Ok(admin)
     }
 
@@ -194,7 +207,7 @@ impl Pipeline {
         ChangeReader::new(
             &self.factory,
             &format!("{}.audiences", self.prefix),
-            PARTITIONS,
+            self.partitions,
         )
     }
 
@@ -254,8 +267,20 @@ fn send(
     visitor: &str,
     start_ms: i64,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    send_steps(
+        collector,
+        visitor,
+        cdp::demo::visitor_journey(visitor, Some(start_ms)),
+    )
+}
+
+fn send_steps(
+    collector: SocketAddr,
+    visitor: &str,
+    steps: Vec<(&'static str, serde_json::Value)>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let client = reqwest::blocking::Client::new();
-    for (route, body) in cdp::demo::visitor_journey(visitor, Some(start_ms)) {
+    for (route, body) in steps {
         let mut tries = 0;
         loop {
             let r = client
@@ -441,6 +466,131 @@ fn kill_9_of_stateful_stages_changes_nothing_downstream() -> TestResult {
         "crash run: {} changes, {} replayed records dropped by position",
         reader.changes.len(),
         reader.duplicates
+    );
+    Ok(())
+}
+
+/// The value of a gauge line such as `cdp_tasks{stage="identity"} 1` on a
+/// process's `/metrics`.
+fn gauge(admin: &str, line_prefix: &str) -> Option<f64> {
+    let body = reqwest::blocking::get(format!("http://{admin}/metrics"))
+        .ok()?
+        .text()
+        .ok()?;
+    body.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The identity issue's case on 8 partitions: anonymous browsing, orders
+/// from a server that knows only the `userId` (another Kafka key, so
+/// another partition), then the login. Two identity instances; the one
+/// that owns the serial log is killed mid-stream. Every person must end as
+/// one profile holding every identifier that enters `browsed_then_bought`
+/// (which neither half qualifies for alone) exactly once.
+#[test]
+fn one_person_is_one_profile_across_partitions_and_a_killed_identity() -> TestResult {
+    let Some(brokers) = brokers() else {
+        return Ok(());
+    };
+    let mut p = Pipeline::with_partitions(&brokers, 8)?;
+    p.spawn_all()?;
+    let visitors: Vec<String> = (0..8).map(|i| format!("x{i}")).collect();
+    // Different raw partitions for the two keys of most visitors (what made
+    // per-partition graphs split them).
+    let split = visitors
+        .iter()
+        .filter(|v| {
+            common::partition_of(&format!("anon-{v}"), 8)
+                != common::partition_of(&format!("user-{v}"), 8)
+        })
+        .count();
+    assert!(split >= 4, "the keys should spread: {split}");
+    let start = recent_start();
+    let owner = |p: &Pipeline| -> Option<String> {
+        ["identity-0", "identity-1"].into_iter().find_map(|n| {
+            let admin = p.admins.get(n)?;
+            (gauge(admin, "cdp_tasks{stage=\"identity\"}")? >= 1.0).then(|| n.to_string())
+        })
+    };
+    for (i, v) in visitors.iter().enumerate() {
+        let steps = cdp::demo::cross_device_journey(v, start);
+        if i == visitors.len() / 2 {
+            // Mid-journey: browsing and orders in, the login not yet.
+            let (before, after) = steps.split_at(3);
+            send_steps(p.collector, v, before.to_vec())?;
+            let victim = owner(&p).ok_or("no identity instance owns the serial log")?;
+            eprintln!("killing {victim}, the owner of the serial log");
+            p.kill9(&victim)?;
+            send_steps(p.collector, v, after.to_vec())?;
+            continue;
+        }
+        send_steps(p.collector, v, steps)?;
+    }
+    let mut reader = p.reader()?;
+    let joined = |c: &[common::Change]| {
+        visitors.iter().all(|v| {
+            c.iter().any(|c| {
+                c.audience == "browsed_then_bought"
+                    && c.action == "entered"
+                    && c.identifiers.get("user_id") == Some(&vec![format!("user-{v}")])
+            })
+        })
+    };
+    let ok = reader.read_until(Duration::from_secs(180), joined);
+    assert!(
+        ok,
+        "not every person joined: {:?}\n{}",
+        reader.changes,
+        p.logs()
+    );
+    reader.settle(Duration::from_secs(3));
+    for v in &visitors {
+        let user = format!("user-{v}");
+        let mine: Vec<&common::Change> = reader
+            .changes
+            .iter()
+            .filter(|c| c.identifiers.get("user_id") == Some(&vec![user.clone()]))
+            .collect();
+        let entered: Vec<&&common::Change> = mine
+            .iter()
+            .filter(|c| c.audience == "browsed_then_bought")
+            .collect();
+        assert_eq!(entered.len(), 1, "{v}: {mine:?}");
+        let c = entered[0];
+        assert_eq!(c.action, "entered");
+        assert_eq!(
+            c.identifiers.get("anonymous_id"),
+            Some(&vec![format!("anon-{v}")])
+        );
+        assert_eq!(
+            c.identifiers.get("email"),
+            Some(&vec![format!("{v}@example.com")])
+        );
+        // The orders added up on one profile: it is a big spender, once.
+        let big: Vec<_> = mine
+            .iter()
+            .filter(|c| c.audience == "big_spenders")
+            .collect();
+        assert_eq!(big.len(), 1, "{v}: {mine:?}");
+        assert!(
+            mine.iter().all(|c| c.action == "entered"),
+            "{v}: nobody should exit: {mine:?}"
+        );
+        let profiles: std::collections::BTreeSet<&str> =
+            mine.iter().map(|c| c.profile_id.as_str()).collect();
+        assert_eq!(profiles.len(), 1, "{v} has several profiles: {mine:?}");
+    }
+    // Nothing entered for a half-profile that was merged away.
+    let stray: Vec<_> = reader
+        .changes
+        .iter()
+        .filter(|c| !c.identifiers.contains_key("user_id"))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "changes for anonymous-only profiles: {stray:?}"
     );
     Ok(())
 }

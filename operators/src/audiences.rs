@@ -1154,9 +1154,9 @@ impl AudiencesOperator {
         }
         let mut profile = self.load(ctx, &profile_id)?.unwrap_or_default();
         profile.clock = profile.clock.max(ctx.now()).max(event_time);
-        if !identifiers.is_empty() {
-            profile.identifiers = identifiers;
-        }
+        // Identifiers only grow: a record from a partition that has not
+        // seen the latest link must not take identifiers away.
+        profile.identifiers = union_identifiers(&profile.identifiers, &identifiers);
         for (name, value) in traits {
             if value.is_null() {
                 profile.traits.remove(&name);

@@ -37,6 +37,10 @@ pub enum ProfileRecord {
         profile_id: String,
         identifiers: Identifiers,
         event: Value,
+        /// Identifiers of this event that a rule refused (identity counts
+        /// them in `cdp_identity_dropped_identifiers_total`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        dropped: Vec<DroppedIdentifier>,
     },
     /// Profile `from` was merged into `into` (keyed by `from`).
     Merged {
@@ -89,6 +93,76 @@ pub enum ProfileUpdate {
     },
 }
 
+/// An identifier of an event that an identity rule refused, and why
+/// (`blocked_value`, `blocked_pattern`, `invalid_type`, `limit`,
+/// `max_merges`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DroppedIdentifier {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// Whether a profile is live or was merged into another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProfileStatus {
+    Active,
+    Merged,
+}
+
+/// One merge into a profile: the merged-away profile, the event time of
+/// the cause and its `messageId`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergedFrom {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+}
+
+/// One identifier a rule kept off a profile, on the profile's audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditDrop {
+    #[serde(flatten)]
+    pub identifier: DroppedIdentifier,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+}
+
+/// The public contract on `<p>.profiles` (compacted, keyed by profile id):
+/// the latest state of every profile identity has made. A consumer that
+/// keeps the last record per key holds the whole identity graph.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileSnapshot {
+    pub profile_id: String,
+    /// `active`, or `merged` (then `merged_into` names the survivor).
+    pub state: ProfileStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
+    /// Every identifier of the profile (for a merged profile: what it held
+    /// when it was merged away; they now belong to `merged_into`).
+    pub identifiers: Identifiers,
+    /// The profiles merged into this one, oldest first.
+    #[serde(default)]
+    pub merged_from: Vec<MergedFrom>,
+    /// The most recent identifiers a rule kept off this profile.
+    #[serde(default)]
+    pub dropped: Vec<AuditDrop>,
+    /// Merges this profile took part in, its history included (counted
+    /// against `identity.max_merges`).
+    #[serde(default)]
+    pub merges: usize,
+    /// Event time (RFC 3339) of the event that last changed the profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+    pub cause: Cause,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AudienceAction {
@@ -123,6 +197,8 @@ pub mod outputs {
     pub const NEXT: &str = "next";
     /// The stage's own input topic (merge transfers, redirects).
     pub const SELF: &str = "self";
+    /// Identity's profile snapshots (`<p>.profiles`).
+    pub const PROFILES: &str = "profiles";
 }
 
 /// Milliseconds since the epoch → RFC 3339 with milliseconds, UTC.

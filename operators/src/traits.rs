@@ -1261,6 +1261,7 @@ impl TraitsOperator {
                 profile_id: survivor.clone(),
                 identifiers,
                 event,
+                dropped: Vec::new(),
             };
             return emit_json(ctx, outputs::SELF, &survivor, &forwarded);
         }
@@ -1269,9 +1270,9 @@ impl TraitsOperator {
         let event_time = messages::event_time_ms(&event).unwrap_or_else(|| ctx.now());
         state.clock = state.clock.max(ctx.now()).max(event_time);
         state.apply_event(&self.set, &event, event_time);
-        if !identifiers.is_empty() {
-            state.identifiers = identifiers;
-        }
+        // Identifiers only grow: a record from a partition that has not
+        // seen the latest link must not take identifiers away.
+        state.identifiers = union_identifiers(&state.identifiers, &identifiers);
         let traits = self.settle(ctx, &profile_id, &mut state)?;
         let cause = Cause {
             message_id: event
@@ -1385,6 +1386,7 @@ impl Operator for TraitsOperator {
                 profile_id,
                 identifiers,
                 event,
+                ..
             } => {
                 if profile_id.is_empty() {
                     return Err(OperatorError::rejected(
@@ -1492,6 +1494,7 @@ mod tests {
             profile_id: id.into(),
             identifiers,
             event,
+            dropped: Vec::new(),
         })
     }
 

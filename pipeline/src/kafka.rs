@@ -131,6 +131,11 @@ impl Default for KafkaConfig {
     }
 }
 
+/// Partitions of `<p>.valid`, the identity stage's input: one, so that one
+/// task applies every graph mutation in one order (docs/ARCHITECTURE.md,
+/// "Identity: one serial graph").
+pub const SERIAL_PARTITIONS: i32 = 1;
+
 /// Topic names derived from the prefix.
 #[derive(Debug, Clone)]
 pub struct Topics {
@@ -160,6 +165,10 @@ impl Topics {
     }
     pub fn audiences(&self) -> String {
         format!("{}.audiences", self.prefix)
+    }
+    /// Identity's profile snapshots (compacted, keyed by profile id).
+    pub fn profiles(&self) -> String {
+        format!("{}.profiles", self.prefix)
     }
     pub fn changelog(&self, stage: &str) -> String {
         format!("{}.{stage}-changelog", self.prefix)
@@ -324,31 +333,30 @@ impl ClientFactory {
         Ok(self.base().create()?)
     }
 
-    /// Every topic of the pipeline with its settings.
-    pub fn topic_specs(&self, stateful_stages: &[&str]) -> Vec<TopicSpec> {
+    /// Every topic of the pipeline with its settings. `stateful_stages`
+    /// names each stage that keeps a store with the partition count of its
+    /// input (its changelog has one partition per input partition).
+    /// `<p>.valid` has [`SERIAL_PARTITIONS`] partition: it is the serial log
+    /// the identity graph is built from.
+    pub fn topic_specs(&self, stateful_stages: &[(&str, i32)]) -> Vec<TopicSpec> {
         let t = self.topics();
         let p = self.config.partitions;
-        let mut specs: Vec<TopicSpec> = [
-            t.raw(),
-            t.valid(),
-            t.invalid(),
-            t.identified(),
-            t.traits(),
-            t.audiences(),
-        ]
-        .into_iter()
-        .map(|name| TopicSpec {
+        let data = |name: String, partitions: i32, compacted: bool| TopicSpec {
             name,
-            partitions: p,
-            compacted: false,
-        })
-        .collect();
-        for stage in stateful_stages {
-            specs.push(TopicSpec {
-                name: t.changelog(stage),
-                partitions: p,
-                compacted: true,
-            });
+            partitions,
+            compacted,
+        };
+        let mut specs = vec![
+            data(t.raw(), p, false),
+            data(t.valid(), SERIAL_PARTITIONS, false),
+            data(t.invalid(), p, false),
+            data(t.identified(), p, false),
+            data(t.traits(), p, false),
+            data(t.audiences(), p, false),
+            data(t.profiles(), p, true),
+        ];
+        for (stage, partitions) in stateful_stages {
+            specs.push(data(t.changelog(stage), *partitions, true));
         }
         specs
     }
@@ -420,11 +428,22 @@ mod tests {
     #[test]
     fn changelogs_are_compacted_and_data_topics_are_not() {
         let f = ClientFactory::new(KafkaConfig::default()).ok();
-        let specs = f.map(|f| f.topic_specs(&["traits"])).unwrap_or_default();
-        assert_eq!(specs.len(), 7);
+        let specs = f
+            .map(|f| f.topic_specs(&[("traits", 8), ("identity", 1)]))
+            .unwrap_or_default();
+        assert_eq!(specs.len(), 9);
         assert!(specs
             .iter()
-            .any(|s| s.name == "cdp.traits-changelog" && s.compacted));
-        assert!(specs.iter().filter(|s| s.compacted).count() == 1);
+            .any(|s| s.name == "cdp.traits-changelog" && s.compacted && s.partitions == 8));
+        assert!(specs
+            .iter()
+            .any(|s| s.name == "cdp.identity-changelog" && s.compacted && s.partitions == 1));
+        assert!(specs
+            .iter()
+            .any(|s| s.name == "cdp.valid" && !s.compacted && s.partitions == SERIAL_PARTITIONS));
+        assert!(specs
+            .iter()
+            .any(|s| s.name == "cdp.profiles" && s.compacted && s.partitions == 8));
+        assert!(specs.iter().filter(|s| s.compacted).count() == 3);
     }
 }

@@ -133,6 +133,18 @@ counter!(
     ["destination"]
 );
 counter!(
+    IDENTITY_DROPPED_IDENTIFIERS,
+    "cdp_identity_dropped_identifiers_total",
+    "Identifiers identity refused, by type and rule (blocked_value, blocked_pattern, invalid_type, limit, max_merges)",
+    ["type", "reason"]
+);
+counter!(
+    IDENTITY_MERGES,
+    "cdp_identity_merges_total",
+    "Profiles identity merged away into another",
+    []
+);
+counter!(
     AUDIENCE_CHANGES,
     "cdp_audience_changes_total",
     "Audience changes emitted; size = entered - exited",

@@ -211,6 +211,11 @@ impl TaskStore {
         self.db.write_opt(batch, &opts).map_err(|e| self.err(e))
     }
 
+    /// Write the memtables to disk (for measuring size on disk).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|e| self.err(e))
+    }
+
     /// Approximate live data size, for the state-store size gauge.
     pub fn approximate_size(&self) -> u64 {
         self.db

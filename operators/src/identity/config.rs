@@ -1,0 +1,342 @@
+//! The `identity` config section, checked and compiled into [`IdentityRules`]:
+//! which identifier types count, their limits and priorities, and the values
+//! that are never identifiers. Extraction of a Segment event's identifiers
+//! lives here too, since it is nothing but these rules applied to the event.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::ConfigError;
+use crate::messages::{lookup, DroppedIdentifier};
+
+/// `(type, value)`, e.g. `("email", "a@example.com")`.
+pub type Identifier = (String, String);
+
+/// How many values of one identifier type a profile may hold, how much the
+/// type counts when profiles conflict, and values of this type that are
+/// never identifiers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifierRule {
+    /// Most distinct values of this type one profile may hold (at least 1).
+    pub limit: usize,
+    /// Strength of the type: 1 is the strongest. On a conflict the
+    /// identifier with the highest number is dropped first; the profile
+    /// with the strongest identifier survives a merge.
+    pub priority: u32,
+    /// Values of this type never used as identifiers (compared trimmed,
+    /// ignoring case), on top of the global `blocked_values`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked_values: Vec<String>,
+    /// Regular expressions; a value of this type matching any of them is
+    /// never used, on top of the global `blocked_patterns`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked_patterns: Vec<String>,
+}
+
+impl IdentifierRule {
+    pub fn new(limit: usize, priority: u32) -> Self {
+        IdentifierRule {
+            limit,
+            priority,
+            blocked_values: Vec::new(),
+            blocked_patterns: Vec::new(),
+        }
+    }
+}
+
+/// The `identity` section of the config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Identifier type → its rule. Types not listed are ignored. Known
+    /// types: `user_id`, `anonymous_id`, `email`, `phone`, `device_id`;
+    /// any other name matches `context.externalIds[].type`.
+    #[serde(default = "default_identifiers")]
+    pub identifiers: BTreeMap<String, IdentifierRule>,
+    /// Values never used as identifiers, compared trimmed and ignoring case.
+    #[serde(default = "default_blocked_values")]
+    pub blocked_values: Vec<String>,
+    /// Regular expressions; a (trimmed) value matching any of them is never
+    /// used as an identifier.
+    #[serde(default = "default_blocked_patterns")]
+    pub blocked_patterns: Vec<String>,
+    /// Most merges one profile may take part in, counted over its history
+    /// (a merge of k profiles counts k - 1, plus what each had).
+    #[serde(default = "default_max_merges")]
+    pub max_merges: usize,
+}
+
+fn default_identifiers() -> BTreeMap<String, IdentifierRule> {
+    BTreeMap::from([
+        ("user_id".to_string(), IdentifierRule::new(1, 1)),
+        ("email".to_string(), IdentifierRule::new(5, 2)),
+        ("anonymous_id".to_string(), IdentifierRule::new(1000, 3)),
+    ])
+}
+
+fn default_blocked_values() -> Vec<String> {
+    ["null", "undefined", "anonymous", "0", "-1", ""]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn default_blocked_patterns() -> Vec<String> {
+    vec!["^[0-]*$".to_string()]
+}
+
+const fn default_max_merges() -> usize {
+    100
+}
+
+impl Default for IdentityConfig {
+    /// The example of DESIGN.md.
+    fn default() -> Self {
+        IdentityConfig {
+            identifiers: default_identifiers(),
+            blocked_values: default_blocked_values(),
+            blocked_patterns: default_blocked_patterns(),
+            max_merges: default_max_merges(),
+        }
+    }
+}
+
+/// Why an identifier of an event was not used. The string form is the
+/// `reason` label of `cdp_identity_dropped_identifiers_total` and the
+/// `reason` of the profile's audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DropReason {
+    /// Not a string or a number.
+    InvalidType,
+    /// In `blocked_values` (global or the type's).
+    BlockedValue,
+    /// Matches a `blocked_patterns` entry (global or the type's).
+    BlockedPattern,
+    /// Attaching it would give a profile more values of its type than the
+    /// type's `limit`.
+    Limit,
+    /// Following it would merge past `max_merges`.
+    MaxMerges,
+}
+
+impl DropReason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DropReason::InvalidType => "invalid_type",
+            DropReason::BlockedValue => "blocked_value",
+            DropReason::BlockedPattern => "blocked_pattern",
+            DropReason::Limit => "limit",
+            DropReason::MaxMerges => "max_merges",
+        }
+    }
+}
+
+/// One identifier type's rule, compiled.
+#[derive(Debug, Clone)]
+struct TypeRule {
+    limit: usize,
+    priority: u32,
+    blocked_values: BTreeSet<String>,
+    blocked_patterns: Vec<Regex>,
+}
+
+/// The identifiers an event carries, and the ones the rules refused.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Extracted {
+    pub ids: BTreeSet<Identifier>,
+    pub dropped: Vec<DroppedIdentifier>,
+    /// An `alias` call's `previousId`, typed later against the graph.
+    pub previous_id: Option<Value>,
+}
+
+/// The identity config, checked and compiled.
+#[derive(Debug, Clone)]
+pub struct IdentityRules {
+    identifiers: BTreeMap<String, TypeRule>,
+    blocked_values: BTreeSet<String>,
+    blocked_patterns: Vec<Regex>,
+    max_merges: usize,
+}
+
+fn compile_patterns(path: &str, patterns: &[String]) -> Result<Vec<Regex>, ConfigError> {
+    patterns
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Regex::new(p).map_err(|e| {
+                ConfigError::new(
+                    format!("{path}[{i}]"),
+                    format!("invalid regular expression: {e}"),
+                )
+            })
+        })
+        .collect()
+}
+
+fn normalized_set(values: &[String]) -> BTreeSet<String> {
+    values.iter().map(|v| v.trim().to_lowercase()).collect()
+}
+
+impl IdentityRules {
+    /// Check the config and compile its patterns. Errors name the path,
+    /// e.g. `identity.blocked_patterns[0]: invalid regular expression: ...`.
+    pub fn new(cfg: &IdentityConfig) -> Result<Self, ConfigError> {
+        if cfg.identifiers.is_empty() {
+            return Err(ConfigError::new(
+                "identity.identifiers",
+                "at least one identifier type is required",
+            ));
+        }
+        let mut identifiers = BTreeMap::new();
+        for (kind, rule) in &cfg.identifiers {
+            let path = format!("identity.identifiers.{kind}");
+            // The type is the part before `:` in the `id/<type>:<value>` key.
+            if kind.is_empty() || kind.contains(':') {
+                return Err(ConfigError::new(
+                    path,
+                    "identifier type names must be non-empty and contain no \":\"",
+                ));
+            }
+            if rule.limit == 0 {
+                return Err(ConfigError::new(
+                    format!("{path}.limit"),
+                    "must be at least 1",
+                ));
+            }
+            let compiled = TypeRule {
+                limit: rule.limit,
+                priority: rule.priority,
+                blocked_values: normalized_set(&rule.blocked_values),
+                blocked_patterns: compile_patterns(
+                    &format!("{path}.blocked_patterns"),
+                    &rule.blocked_patterns,
+                )?,
+            };
+            identifiers.insert(kind.clone(), compiled);
+        }
+        Ok(IdentityRules {
+            identifiers,
+            blocked_values: normalized_set(&cfg.blocked_values),
+            blocked_patterns: compile_patterns("identity.blocked_patterns", &cfg.blocked_patterns)?,
+            max_merges: cfg.max_merges,
+        })
+    }
+
+    pub(super) fn max_merges(&self) -> usize {
+        self.max_merges
+    }
+
+    pub(super) fn is_configured(&self, kind: &str) -> bool {
+        self.identifiers.contains_key(kind)
+    }
+
+    /// Configured types, strongest first (then by name).
+    pub(super) fn types_by_priority(&self) -> Vec<&str> {
+        let mut types: Vec<(&u32, &str)> = self
+            .identifiers
+            .iter()
+            .map(|(k, r)| (&r.priority, k.as_str()))
+            .collect();
+        types.sort();
+        types.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// Sort key of an identifier: smaller is stronger. Types no longer
+    /// configured (state from an older config) are the weakest.
+    pub(super) fn strength<'a>(&self, kind: &'a str, value: &'a str) -> (u32, &'a str, &'a str) {
+        let priority = self.identifiers.get(kind).map_or(u32::MAX, |r| r.priority);
+        (priority, kind, value)
+    }
+
+    pub fn limit(&self, kind: &str) -> usize {
+        self.identifiers.get(kind).map_or(usize::MAX, |r| r.limit)
+    }
+
+    /// The identifier value of `raw` for type `kind`, or why it is not one.
+    /// Strings are trimmed, numbers written in decimal, emails lowercased.
+    pub(super) fn normalize(&self, kind: &str, raw: &Value) -> Result<String, DropReason> {
+        let value = match raw {
+            Value::String(s) => s.trim().to_string(),
+            Value::Number(n) => n.to_string(),
+            _ => return Err(DropReason::InvalidType),
+        };
+        let value = if kind == "email" {
+            value.to_lowercase()
+        } else {
+            value
+        };
+        let folded = value.to_lowercase();
+        let rule = self.identifiers.get(kind);
+        if value.is_empty()
+            || self.blocked_values.contains(&folded)
+            || rule.is_some_and(|r| r.blocked_values.contains(&folded))
+        {
+            return Err(DropReason::BlockedValue);
+        }
+        let patterns = self
+            .blocked_patterns
+            .iter()
+            .chain(rule.into_iter().flat_map(|r| r.blocked_patterns.iter()));
+        if patterns.into_iter().any(|p| p.is_match(&value)) {
+            return Err(DropReason::BlockedPattern);
+        }
+        Ok(value)
+    }
+
+    /// Add `raw` as an identifier of type `kind`, or record why not. Absent
+    /// fields and `null` are no identifier at all, not a drop.
+    pub(super) fn add(&self, out: &mut Extracted, kind: &str, raw: Option<&Value>) {
+        let Some(raw) = raw.filter(|v| !v.is_null()) else {
+            return;
+        };
+        if !self.is_configured(kind) {
+            return;
+        }
+        match self.normalize(kind, raw) {
+            Ok(value) => {
+                out.ids.insert((kind.to_string(), value));
+            }
+            Err(reason) => out.dropped.push(DroppedIdentifier {
+                kind: kind.to_string(),
+                value: match raw {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                },
+                reason: reason.as_str().to_string(),
+            }),
+        }
+    }
+
+    /// Every identifier of a Segment event, of the configured types, and
+    /// the ones a rule refused. An `alias` call's `previousId` is left
+    /// untyped in [`Extracted::previous_id`]: its type depends on the graph.
+    pub fn extract(&self, event: &Value) -> Extracted {
+        let mut out = Extracted::default();
+        let kind = event.get("type").and_then(Value::as_str);
+        self.add(&mut out, "user_id", event.get("userId"));
+        self.add(&mut out, "anonymous_id", event.get("anonymousId"));
+        if kind == Some("alias") {
+            out.previous_id = event.get("previousId").filter(|v| !v.is_null()).cloned();
+        }
+        self.add(&mut out, "email", lookup(event, "context.traits.email"));
+        self.add(&mut out, "phone", lookup(event, "context.traits.phone"));
+        // Group traits describe the group, not the user.
+        if kind == Some("identify") {
+            self.add(&mut out, "email", lookup(event, "traits.email"));
+            self.add(&mut out, "phone", lookup(event, "traits.phone"));
+        }
+        self.add(&mut out, "device_id", lookup(event, "context.device.id"));
+        if let Some(Value::Array(external)) = lookup(event, "context.externalIds") {
+            for item in external {
+                if let Some(kind) = item.get("type").and_then(Value::as_str) {
+                    self.add(&mut out, kind, item.get("id"));
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,384 @@
+//! The identity graph in the task's store and the resolution of one event
+//! against it.
+//!
+//! Keys:
+//! - `id/<type>:<value>` → the profile id that holds the identifier;
+//! - `profile/<id>` → [`ProfileState`]: identifiers, merge count, audit
+//!   trail and, once merged away, the survivor it went into.
+//!
+//! [`resolve_event`] reads what it needs and returns a [`Resolution`]: every
+//! write and every output of the event, computed before anything is written.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cdp_pipeline::store::StoreError;
+use cdp_pipeline::Context;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::config::{DropReason, Identifier, IdentityRules};
+use crate::messages::{AuditDrop, DroppedIdentifier, Identifiers, MergedFrom};
+
+/// How many refused identifiers a profile's audit trail keeps (the most
+/// recent; a repeat of one already listed is not added again).
+pub const MAX_AUDIT_DROPS: usize = 50;
+
+/// What the store keeps under `profile/<id>`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProfileState {
+    /// Every identifier of the profile, values sorted.
+    pub identifiers: Identifiers,
+    /// Merges this profile took part in, its history included.
+    #[serde(default)]
+    pub merges: usize,
+    /// Set once the profile was merged away: the survivor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
+    /// The profiles merged into this one, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<MergedFrom>,
+    /// Identifiers a rule kept off this profile, most recent last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<AuditDrop>,
+}
+
+impl ProfileState {
+    pub fn insert(&mut self, kind: &str, value: &str) {
+        let values = self.identifiers.entry(kind.to_string()).or_default();
+        if let Err(at) = values.binary_search_by(|v| v.as_str().cmp(value)) {
+            values.insert(at, value.to_string());
+        }
+    }
+
+    /// The profile's strongest identifier as a sort key (smaller wins).
+    pub fn strongest<'a>(&'a self, rules: &IdentityRules) -> Option<(u32, &'a str, &'a str)> {
+        self.identifiers
+            .iter()
+            .flat_map(|(kind, values)| values.iter().map(move |v| rules.strength(kind, v)))
+            .min()
+    }
+
+    /// Put `drop` on the audit trail unless it is already there.
+    fn audit(&mut self, drop: AuditDrop) {
+        if self.dropped.iter().any(|d| d.identifier == drop.identifier) {
+            return;
+        }
+        self.dropped.push(drop);
+        if self.dropped.len() > MAX_AUDIT_DROPS {
+            let excess = self.dropped.len() - MAX_AUDIT_DROPS;
+            self.dropped.drain(..excess);
+        }
+    }
+}
+
+pub fn id_key(kind: &str, value: &str) -> Vec<u8> {
+    format!("id/{kind}:{value}").into_bytes()
+}
+
+pub fn profile_key(profile_id: &str) -> Vec<u8> {
+    format!("profile/{profile_id}").into_bytes()
+}
+
+/// `prof_` + the first 20 hex chars of SHA-256 of `type:value`.
+pub fn derived_profile_id(kind: &str, value: &str) -> String {
+    let digest = Sha256::digest(format!("{kind}:{value}").as_bytes());
+    // 10 bytes = 20 hex chars.
+    let head: Vec<u8> = digest.iter().take(10).copied().collect();
+    format!("prof_{}", hex::encode(head))
+}
+
+/// Redirects are always repointed on a merge; following `merged_into` is a
+/// safety net, bounded so a corrupt cycle cannot hang a task.
+const MAX_REDIRECT_HOPS: usize = 64;
+
+/// The live profile holding `(kind, value)`, if any, with its state.
+pub fn lookup(
+    ctx: &Context<'_>,
+    kind: &str,
+    value: &str,
+) -> Result<Option<(String, ProfileState)>, StoreError> {
+    let Some(mut profile_id) = ctx.get_json::<String>(&id_key(kind, value))? else {
+        return Ok(None);
+    };
+    for _ in 0..MAX_REDIRECT_HOPS {
+        let Some(state) = ctx.get_json::<ProfileState>(&profile_key(&profile_id))? else {
+            // A dangling pointer: treat the identifier as new; writing
+            // it repairs the pointer.
+            return Ok(None);
+        };
+        match state.merged_into.clone() {
+            Some(next) => profile_id = next,
+            None => return Ok(Some((profile_id, state))),
+        }
+    }
+    Ok(None)
+}
+
+/// The event's identifiers and what the graph knows of them.
+pub struct Known {
+    /// Identifier → the live profile holding it.
+    pub links: BTreeMap<Identifier, String>,
+    pub profiles: BTreeMap<String, ProfileState>,
+}
+
+impl Known {
+    pub fn read(ctx: &Context<'_>, ids: &BTreeSet<Identifier>) -> Result<Known, StoreError> {
+        let mut links = BTreeMap::new();
+        let mut profiles = BTreeMap::new();
+        for id in ids {
+            if let Some((profile_id, state)) = lookup(ctx, &id.0, &id.1)? {
+                links.insert(id.clone(), profile_id.clone());
+                profiles.insert(profile_id, state);
+            }
+        }
+        Ok(Known { links, profiles })
+    }
+
+    /// Whether any of `kept` is already in the graph.
+    pub fn linked_any(&self, kept: &BTreeSet<Identifier>) -> bool {
+        kept.iter().any(|id| self.links.contains_key(id))
+    }
+
+    fn linked(&self, kept: &BTreeSet<Identifier>) -> BTreeSet<&str> {
+        kept.iter()
+            .filter_map(|id| self.links.get(id).map(String::as_str))
+            .collect()
+    }
+}
+
+/// A rule that resolving the kept identifiers would break.
+struct Conflict<'a> {
+    reason: DropReason,
+    involved: Vec<&'a Identifier>,
+}
+
+/// The identifiers of `kept` that take part in a limit or merge conflict,
+/// or `None` when resolving `kept` breaks no rule.
+fn conflict<'a>(
+    rules: &IdentityRules,
+    kept: &'a BTreeSet<Identifier>,
+    known: &Known,
+) -> Option<Conflict<'a>> {
+    let linked = known.linked(kept);
+    let mut union: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    let mut largest: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut merges: usize = 0;
+    for profile in linked.iter().filter_map(|p| known.profiles.get(*p)) {
+        merges = merges.saturating_add(profile.merges);
+        for (kind, values) in &profile.identifiers {
+            union
+                .entry(kind)
+                .or_default()
+                .extend(values.iter().map(String::as_str));
+            let most = largest.entry(kind).or_default();
+            *most = (*most).max(values.len());
+        }
+    }
+    for (kind, value) in kept {
+        union.entry(kind).or_default().insert(value);
+    }
+    // A type is over its limit only if this event makes it worse than the
+    // fullest profile already is (a lowered limit does not orphan existing
+    // profiles).
+    let over: BTreeSet<&str> = union
+        .iter()
+        .filter(|(kind, values)| {
+            values.len() > rules.limit(kind)
+                && values.len() > largest.get(*kind).copied().unwrap_or(0)
+        })
+        .map(|(kind, _)| *kind)
+        .collect();
+    let too_many_merges =
+        linked.len() > 1 && merges.saturating_add(linked.len() - 1) > rules.max_merges();
+    if over.is_empty() && !too_many_merges {
+        return None;
+    }
+    let involved = kept
+        .iter()
+        .filter(
+            |id| match known.links.get(*id).and_then(|p| known.profiles.get(p)) {
+                Some(profile) => {
+                    too_many_merges
+                        || profile
+                            .identifiers
+                            .keys()
+                            .any(|k| over.contains(k.as_str()))
+                }
+                None => over.contains(id.0.as_str()),
+            },
+        )
+        .collect();
+    let reason = if over.is_empty() {
+        DropReason::MaxMerges
+    } else {
+        DropReason::Limit
+    };
+    Some(Conflict { reason, involved })
+}
+
+/// Segment's rule: drop the weakest identifier involved in a conflict until
+/// none is left. One identifier alone never conflicts, so at least one
+/// always stays. Returns the kept identifiers and the dropped ones.
+pub fn settle_conflicts(
+    rules: &IdentityRules,
+    ids: &BTreeSet<Identifier>,
+    known: &Known,
+) -> (BTreeSet<Identifier>, Vec<DroppedIdentifier>) {
+    let mut kept = ids.clone();
+    let mut dropped = Vec::new();
+    while let Some((reason, weakest)) = conflict(rules, &kept, known).map(|found| {
+        let weakest = found
+            .involved
+            .into_iter()
+            .max_by(|a, b| rules.strength(&a.0, &a.1).cmp(&rules.strength(&b.0, &b.1)))
+            .cloned();
+        (found.reason, weakest)
+    }) {
+        match weakest {
+            Some(id) if kept.len() > 1 => {
+                kept.remove(&id);
+                dropped.push(DroppedIdentifier {
+                    kind: id.0,
+                    value: id.1,
+                    reason: reason.as_str().to_string(),
+                });
+            }
+            _ => break,
+        }
+    }
+    (kept, dropped)
+}
+
+/// Where the event goes and what changes, computed before any write.
+pub struct Resolution {
+    pub profile_id: String,
+    pub profile: ProfileState,
+    /// Identifiers whose `id/` key must point at `profile_id`.
+    pub repoint: BTreeSet<Identifier>,
+    /// Merged-away profiles: their final stored state, and the identifiers
+    /// they held when merged (for the audit trail).
+    pub merged: BTreeMap<String, (ProfileState, Identifiers)>,
+    /// Whether `profile` differs from what the store holds.
+    pub changed: bool,
+}
+
+/// The cause of a change, for the audit trail.
+pub struct Provenance<'a> {
+    pub at: Option<&'a str>,
+    pub message_id: Option<&'a str>,
+}
+
+/// A new profile for identifiers none of which is known.
+pub fn create(
+    ctx: &Context<'_>,
+    rules: &IdentityRules,
+    kept: &BTreeSet<Identifier>,
+) -> Result<Option<Resolution>, StoreError> {
+    let Some((kind, value)) = kept
+        .iter()
+        .min_by(|a, b| rules.strength(&a.0, &a.1).cmp(&rules.strength(&b.0, &b.1)))
+    else {
+        return Ok(None);
+    };
+    // Unused by construction (the strongest identifier of a new profile is
+    // attached to it); the suffix guards a hash collision.
+    let base = derived_profile_id(kind, value);
+    let mut profile_id = base.clone();
+    let mut n = 1;
+    while ctx.get(&profile_key(&profile_id))?.is_some() {
+        profile_id = format!("{base}_{n}");
+        n += 1;
+    }
+    let mut profile = ProfileState::default();
+    for (kind, value) in kept {
+        profile.insert(kind, value);
+    }
+    Ok(Some(Resolution {
+        profile_id,
+        profile,
+        repoint: kept.clone(),
+        merged: BTreeMap::new(),
+        changed: true,
+    }))
+}
+
+/// Attach `kept` to the profiles it links, merging them into the one with
+/// the strongest identifier.
+pub fn attach(
+    rules: &IdentityRules,
+    kept: &BTreeSet<Identifier>,
+    known: &Known,
+    cause: &Provenance<'_>,
+) -> Option<Resolution> {
+    let mut candidates: Vec<(&str, &ProfileState)> = known
+        .linked(kept)
+        .into_iter()
+        .filter_map(|p| known.profiles.get(p).map(|s| (p, s)))
+        .collect();
+    candidates.sort_by(|a, b| {
+        let (sa, sb) = (a.1.strongest(rules), b.1.strongest(rules));
+        (sa.is_none(), sa, a.0).cmp(&(sb.is_none(), sb, b.0))
+    });
+    let ((survivor_id, survivor), others) = candidates.split_first()?;
+    let survivor_id = survivor_id.to_string();
+    let mut profile = (*survivor).clone();
+    let mut repoint: BTreeSet<Identifier> = kept
+        .iter()
+        .filter(|id| !known.links.contains_key(*id))
+        .cloned()
+        .collect();
+    let mut merged = BTreeMap::new();
+    for (other_id, other) in others {
+        for (kind, values) in &other.identifiers {
+            for value in values {
+                profile.insert(kind, value);
+                repoint.insert((kind.clone(), value.clone()));
+            }
+        }
+        profile.merges = profile
+            .merges
+            .saturating_add(other.merges)
+            .saturating_add(1);
+        profile.merged_from.push(MergedFrom {
+            id: other_id.to_string(),
+            at: cause.at.map(String::from),
+            message_id: cause.message_id.map(String::from),
+        });
+        let gone = ProfileState {
+            identifiers: Identifiers::new(),
+            merges: other.merges,
+            merged_into: Some(survivor_id.clone()),
+            merged_from: other.merged_from.clone(),
+            dropped: other.dropped.clone(),
+        };
+        merged.insert(other_id.to_string(), (gone, other.identifiers.clone()));
+    }
+    for (kind, value) in kept {
+        profile.insert(kind, value);
+    }
+    let changed = profile != **survivor;
+    Some(Resolution {
+        profile_id: survivor_id,
+        profile,
+        repoint,
+        merged,
+        changed,
+    })
+}
+
+impl Resolution {
+    /// Record the event's refused identifiers on the profile's audit trail.
+    pub fn audit(&mut self, dropped: &[DroppedIdentifier], cause: &Provenance<'_>) {
+        let before = self.profile.dropped.clone();
+        for d in dropped {
+            self.profile.audit(AuditDrop {
+                identifier: d.clone(),
+                at: cause.at.map(String::from),
+                message_id: cause.message_id.map(String::from),
+            });
+        }
+        if self.profile.dropped != before {
+            self.changed = true;
+        }
+    }
+}
