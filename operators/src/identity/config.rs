@@ -9,8 +9,9 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::fields::EventFields;
 use crate::config::ConfigError;
-use crate::messages::{lookup, DroppedIdentifier};
+use crate::messages::DroppedIdentifier;
 
 /// `(type, value)`, e.g. `("email", "a@example.com")`.
 pub type Identifier = (String, String);
@@ -314,27 +315,27 @@ impl IdentityRules {
     /// Every identifier of a Segment event, of the configured types, and
     /// the ones a rule refused. An `alias` call's `previousId` is left
     /// untyped in [`Extracted::previous_id`]: its type depends on the graph.
-    pub fn extract(&self, event: &Value) -> Extracted {
+    pub fn extract(&self, event: &EventFields) -> Extracted {
         let mut out = Extracted::default();
-        let kind = event.get("type").and_then(Value::as_str);
-        self.add(&mut out, "user_id", event.get("userId"));
-        self.add(&mut out, "anonymous_id", event.get("anonymousId"));
+        let kind = event.kind();
+        self.add(&mut out, "user_id", event.user_id.as_ref());
+        self.add(&mut out, "anonymous_id", event.anonymous_id.as_ref());
         if kind == Some("alias") {
-            out.previous_id = event.get("previousId").filter(|v| !v.is_null()).cloned();
+            out.previous_id = event.previous_id.clone().filter(|v| !v.is_null());
         }
-        self.add(&mut out, "email", lookup(event, "context.traits.email"));
-        self.add(&mut out, "phone", lookup(event, "context.traits.phone"));
+        if let Some(t) = event.context_traits() {
+            self.add(&mut out, "email", t.email.as_ref());
+            self.add(&mut out, "phone", t.phone.as_ref());
+        }
         // Group traits describe the group, not the user.
-        if kind == Some("identify") {
-            self.add(&mut out, "email", lookup(event, "traits.email"));
-            self.add(&mut out, "phone", lookup(event, "traits.phone"));
+        if let Some(t) = event.traits.as_ref().filter(|_| kind == Some("identify")) {
+            self.add(&mut out, "email", t.email.as_ref());
+            self.add(&mut out, "phone", t.phone.as_ref());
         }
-        self.add(&mut out, "device_id", lookup(event, "context.device.id"));
-        if let Some(Value::Array(external)) = lookup(event, "context.externalIds") {
-            for item in external {
-                if let Some(kind) = item.get("type").and_then(Value::as_str) {
-                    self.add(&mut out, kind, item.get("id"));
-                }
+        self.add(&mut out, "device_id", event.device_id());
+        for item in event.external_ids() {
+            if let Some(kind) = item.get("type").and_then(Value::as_str) {
+                self.add(&mut out, kind, item.get("id"));
             }
         }
         out

@@ -35,6 +35,7 @@
 //! reference (`operators/tests/identity_reference.rs`).
 
 mod config;
+mod fields;
 mod graph;
 #[cfg(test)]
 mod tests;
@@ -53,6 +54,7 @@ use crate::messages::{
     outputs, Cause, DroppedIdentifier, ProfileRecord, ProfileSnapshot, ProfileStatus,
 };
 use config::Identifier;
+use fields::EventFields;
 use graph::{id_key, profile_key, Known, ProfileState, Provenance, Resolution};
 
 /// The identity operator of one task. See the module doc.
@@ -98,7 +100,7 @@ impl IdentityOperator {
     }
 
     /// Every identifier of the event, the alias's previous id typed.
-    fn identifiers(&self, ctx: &Context<'_>, event: &Value) -> Result<Extracted, StoreError> {
+    fn identifiers(&self, ctx: &Context<'_>, event: &EventFields) -> Result<Extracted, StoreError> {
         let mut extracted = self.rules.extract(event);
         if let Some(previous) = extracted.previous_id.take() {
             match self.type_previous_id(ctx, &previous)? {
@@ -112,7 +114,13 @@ impl IdentityOperator {
     }
 }
 
-fn parse_event(value: &[u8]) -> Result<Value, OperatorError> {
+/// The fields identity reads, and the event's bytes as they go out: the
+/// input itself when the typed parse takes it (nothing re-encoded), else
+/// the event re-encoded from a full parse.
+fn parse_event(value: &[u8]) -> Result<(EventFields, std::borrow::Cow<'_, [u8]>), OperatorError> {
+    if let Some(fields) = EventFields::parse(value) {
+        return Ok((fields, std::borrow::Cow::Borrowed(value)));
+    }
     let event: Value = serde_json::from_slice(value)
         .map_err(|e| OperatorError::rejected("invalid_json", json!({ "error": e.to_string() })))?;
     if !event.is_object() {
@@ -121,27 +129,24 @@ fn parse_event(value: &[u8]) -> Result<Value, OperatorError> {
             json!({ "error": "expected a JSON object" }),
         ));
     }
-    Ok(event)
+    let bytes = encode(&event)?;
+    Ok((
+        EventFields::from_value(&event),
+        std::borrow::Cow::Owned(bytes),
+    ))
 }
 
 impl Operator for IdentityOperator {
     fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        let event = parse_event(record.value)?;
-        let message_id = event
-            .get("messageId")
-            .and_then(Value::as_str)
-            .map(String::from);
-        let at = ["timestamp", "receivedAt"]
-            .iter()
-            .find_map(|f| event.get(*f).and_then(Value::as_str))
-            .map(String::from);
+        let (fields, event) = parse_event(record.value)?;
+        let message_id = fields.message_id();
         let cause = Provenance {
-            at: at.as_deref(),
-            message_id: message_id.as_deref(),
+            at: fields.at(),
+            message_id,
         };
         let Extracted {
             ids, mut dropped, ..
-        } = self.identifiers(ctx, &event)?;
+        } = self.identifiers(ctx, &fields)?;
         if ids.is_empty() {
             return Err(OperatorError::rejected(
                 "no_identifier",
@@ -164,7 +169,7 @@ impl Operator for IdentityOperator {
             ));
         };
         resolution.audit(&dropped, &cause);
-        let outputs = encode_outputs(&resolution, event, dropped, &cause)?;
+        let outputs = encode_outputs(&resolution, &event, dropped, &cause)?;
         write(ctx, &resolution)?;
         emit(ctx, record, outputs);
         Ok(())
@@ -177,7 +182,7 @@ type Output = (&'static str, String, Vec<u8>, bool);
 /// Every output of the event, encoded before any write.
 fn encode_outputs(
     resolution: &Resolution,
-    event: Value,
+    event: &[u8],
     dropped: Vec<DroppedIdentifier>,
     cause: &Provenance<'_>,
 ) -> Result<Vec<Output>, OperatorError> {
@@ -195,16 +200,10 @@ fn encode_outputs(
         };
         out.push((outputs::NEXT, from.clone(), encode(&merged)?, false));
     }
-    let resolved = ProfileRecord::Event {
-        profile_id: resolution.profile_id.clone(),
-        identifiers: resolution.profile.identifiers.clone(),
-        event,
-        dropped,
-    };
     out.push((
         outputs::NEXT,
         resolution.profile_id.clone(),
-        encode(&resolved)?,
+        encode_event(resolution, event, &dropped)?,
         true,
     ));
     for (from, (state, held)) in &resolution.merged {
@@ -277,6 +276,29 @@ fn emit(ctx: &mut Context<'_>, record: &Record<'_>, outputs: Vec<Output>) {
         let headers = if is_event { source.clone() } else { Vec::new() };
         ctx.emit_with_headers(output, Some(key.into_bytes()), value, headers);
     }
+}
+
+/// A [`ProfileRecord::Event`] around the event's bytes as they came: the
+/// same JSON `serde` would write, without re-encoding the event.
+fn encode_event(
+    resolution: &Resolution,
+    event: &[u8],
+    dropped: &[DroppedIdentifier],
+) -> Result<Vec<u8>, OperatorError> {
+    let fail = |e: serde_json::Error| OperatorError::Store(StoreError::Decode(e.to_string()));
+    let mut out = Vec::with_capacity(event.len() + 128);
+    out.extend_from_slice(br#"{"type":"event","profile_id":"#);
+    serde_json::to_writer(&mut out, &resolution.profile_id).map_err(fail)?;
+    out.extend_from_slice(br#","identifiers":"#);
+    serde_json::to_writer(&mut out, &resolution.profile.identifiers).map_err(fail)?;
+    if !dropped.is_empty() {
+        out.extend_from_slice(br#","dropped":"#);
+        serde_json::to_writer(&mut out, dropped).map_err(fail)?;
+    }
+    out.extend_from_slice(br#","event":"#);
+    out.extend_from_slice(event);
+    out.push(b'}');
+    Ok(out)
 }
 
 fn encode<T: serde::Serialize>(record: &T) -> Result<Vec<u8>, OperatorError> {
