@@ -41,13 +41,19 @@ pub fn visitor_journey(visitor: &str, start_ms: Option<i64>) -> Vec<(&'static st
                    "properties": {"revenue": 400}}),
         ),
     ];
+    stamp(&mut steps, &format!("{visitor}-"), start_ms);
+    steps
+}
+
+/// Deterministic message ids `<prefix><i>` and, with `start_ms`, event
+/// times one second apart.
+fn stamp(steps: &mut [(&'static str, Value)], prefix: &str, start_ms: Option<i64>) {
     for (i, (_, body)) in steps.iter_mut().enumerate() {
-        body["messageId"] = json!(format!("{visitor}-{i}"));
+        body["messageId"] = json!(format!("{prefix}{i}"));
         if let Some(start) = start_ms {
             body["timestamp"] = json!(cdp_operators::messages::rfc3339_ms(start + 1000 * i as i64));
         }
     }
-    steps
 }
 
 /// A person on two sources: anonymous browsing in the browser, two orders
