@@ -85,12 +85,7 @@ pub fn cross_device_journey(visitor: &str, start_ms: i64) -> Vec<(&'static str, 
                    "traits": {"email": format!("{visitor}@example.com")}}),
         ),
     ];
-    for (i, (_, body)) in steps.iter_mut().enumerate() {
-        body["messageId"] = json!(format!("{visitor}-x{i}"));
-        body["timestamp"] = json!(cdp_operators::messages::rfc3339_ms(
-            start_ms + 1000 * i as i64
-        ));
-    }
+    stamp(&mut steps, &format!("{visitor}-x"), Some(start_ms));
     steps
 }
 
