@@ -245,7 +245,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let compiled = c.load()?;
             let factory = ClientFactory::new(compiled.config.kafka.clone())?;
-            let specs = factory.topic_specs(&Stage::store_names());
+            let specs = factory.topic_specs(&Stage::changelogs(factory.config().partitions));
             let consumer = factory.plain_consumer("cdp-topics-check")?;
             // All topics' metadata: asking for named topics could make a
             // broker with auto-creation create them.
