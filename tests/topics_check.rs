@@ -52,7 +52,7 @@ fn topics_check_names_the_missing_topics_and_passes_once_they_exist() -> TestRes
         partitions: 2,
         ..KafkaConfig::default()
     })?;
-    let specs = factory.topic_specs(&Stage::store_names());
+    let specs = factory.topic_specs(&Stage::changelogs(factory.config().partitions));
     let (last, rest) = specs.split_last().ok_or("no topics")?;
     for s in rest {
         mock.create_topic(&s.name, s.partitions, 1)?;
