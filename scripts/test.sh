@@ -63,6 +63,8 @@ if ! kill -0 "$tansu_pid" 2>/dev/null; then
   echo "test: tansu did not start:" >&2; cat "$log" >&2; exit 1
 fi
 export CDP_E2E_BROKERS="127.0.0.1:$port"
+# Tests that restart the broker start their own tansu (SQLite engine).
+export CDP_TANSU_BIN="$TANSU"
 echo "test: tansu at $CDP_E2E_BROKERS" >&2
 
 status=0
