@@ -10,6 +10,7 @@ use cdp_connectors::collector::CollectorConfig;
 use cdp_connectors::destinations::{self, DestinationConfig};
 use cdp_operators::audiences::{AudienceDef, AudienceSet};
 use cdp_operators::config::SourceConfig;
+use cdp_operators::event_time::EventTimeConfig;
 use cdp_operators::identity::{IdentityConfig, IdentityRules};
 use cdp_operators::traits::{TraitDef, TraitSet};
 use cdp_operators::validate::{TrackingPlan, Validator, DEFAULT_DEDUPE_WINDOW};
@@ -38,6 +39,9 @@ pub struct Config {
     /// Identity resolution rules.
     #[serde(default)]
     pub identity: IdentityConfig,
+    /// The bound on event times ahead of the stream (traits, audiences).
+    #[serde(default)]
+    pub event_time: EventTimeConfig,
     /// Computed traits by name.
     #[serde(default)]
     pub traits: BTreeMap<String, TraitDef>,
@@ -130,8 +134,9 @@ impl Config {
         self.collector.check()?;
         let validator = Validator::new(&self.sources, &self.tracking_plans, self.dedupe_window)?;
         let identity = IdentityRules::new(&self.identity)?;
-        let traits = TraitSet::new(&self.traits)?;
-        let audiences = AudienceSet::new(&self.audiences, &traits.names())?;
+        let traits = TraitSet::new(&self.traits)?.with_event_time(self.event_time);
+        let audiences =
+            AudienceSet::new(&self.audiences, &traits.names())?.with_event_time(self.event_time);
         destinations::check(&self.destinations)?;
         for (i, d) in self.destinations.iter().enumerate() {
             for (j, a) in d.audiences.iter().enumerate() {

@@ -139,6 +139,7 @@ impl Stage {
         let observer = match self {
             Stage::Audiences => Some(audience_change_observer()),
             Stage::Identity => Some(identity_observer()),
+            Stage::Traits => Some(traits_observer()),
             _ => None,
         };
         Ok(StageSpec {
@@ -195,6 +196,22 @@ fn audience_change_observer() -> cdp_pipeline::runtime::Observer {
             metrics::AUDIENCE_CHANGES
                 .with_label_values(&[&change.audience, action])
                 .inc();
+        }
+    })
+}
+
+/// Counts `cdp_event_times_corrected_total{stage="traits"}`: events
+/// whose time was beyond `event_time.max_future` (a header says so, so
+/// no record is parsed again).
+fn traits_observer() -> cdp_pipeline::runtime::Observer {
+    let corrected = metrics::EVENT_TIMES_CORRECTED.with_label_values(&["traits"]);
+    Arc::new(move |e: &cdp_pipeline::Emitted| {
+        if e.output == outputs::NEXT
+            && e.headers
+                .iter()
+                .any(|(k, _)| k == cdp_operators::event_time::TIME_CORRECTED_HEADER)
+        {
+            corrected.inc();
         }
     })
 }

@@ -13,7 +13,9 @@
 //!   moment their value can change, so "did not order within 14d" turns true
 //!   when the last order ages out, with no event needed.
 //! - Time is stream time and event time only; a profile's evaluation clock
-//!   is `max(clock, stream time, event time)` and never goes backwards.
+//!   is `max(clock, stream time, event time)` and never goes backwards;
+//!   event times are bounded by stream time plus `event_time.max_future`
+//!   ([`crate::event_time`]).
 //! - Event history per *filter* (event name + property conditions, shared by
 //!   every condition using the same filter): an all-time count, plus event
 //!   times for windowed conditions (kept for the longest window) and for
@@ -35,6 +37,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::ConfigError;
+use crate::event_time::{EventTimeConfig, FutureTimePolicy};
 use crate::messages::{
     self, outputs, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
 };
@@ -561,6 +564,8 @@ pub struct AudienceSet {
     /// `(filter, window)` of every windowed event condition: what timers
     /// watch.
     windows: BTreeSet<(usize, i64)>,
+    /// The bound on event times ahead of the stream.
+    event_time: EventTimeConfig,
 }
 
 struct Compiler {
@@ -780,7 +785,19 @@ impl AudienceSet {
             order,
             filters: compiler.filters,
             windows: compiler.windows,
+            event_time: EventTimeConfig::default(),
         })
+    }
+
+    /// The same audiences with another bound on future event times. This
+    /// stage always corrects (the traits stage is where an event is
+    /// refused): an update that passed traits is never dead-lettered here.
+    pub fn with_event_time(mut self, event_time: EventTimeConfig) -> Self {
+        self.event_time = EventTimeConfig {
+            beyond: FutureTimePolicy::Correct,
+            ..event_time
+        };
+        self
     }
 
     /// Audience names in evaluation order.
@@ -1139,6 +1156,7 @@ impl AudiencesOperator {
         event: Option<Value>,
         traits: BTreeMap<String, Value>,
         event_time: i64,
+        record_time: Option<i64>,
         cause: Cause,
     ) -> Result<(), OperatorError> {
         if let Some(survivor) = redirect_of(ctx, &profile_id)? {
@@ -1148,10 +1166,18 @@ impl AudiencesOperator {
                 event,
                 traits,
                 event_time,
+                time_corrected_from: None,
                 cause,
             };
             return emit_json(ctx, outputs::SELF, &survivor, &forwarded);
         }
+        // Traits bounded the event time already; bound it again against
+        // this stage's stream time for producers that write here directly.
+        let event_time = self
+            .set
+            .event_time
+            .bound(event_time, ctx.now(), record_time)?
+            .time;
         let mut profile = self.load(ctx, &profile_id)?.unwrap_or_default();
         profile.clock = profile.clock.max(ctx.now()).max(event_time);
         // Identifiers only grow: a record from a partition that has not
@@ -1260,6 +1286,7 @@ impl Operator for AudiencesOperator {
                 traits,
                 event_time,
                 cause,
+                ..
             } => {
                 if profile_id.is_empty() {
                     return Err(OperatorError::rejected(
@@ -1274,6 +1301,7 @@ impl Operator for AudiencesOperator {
                     event,
                     traits,
                     event_time,
+                    record.timestamp_ms,
                     cause,
                 )
             }
@@ -1380,6 +1408,7 @@ browsed_then_bought:
                 .map(|(name, props)| json!({"type": "track", "event": name, "properties": props})),
             traits,
             event_time: t,
+            time_corrected_from: None,
             cause: Cause {
                 message_id: Some(format!("m{t}")),
                 tick: None,
@@ -1437,6 +1466,39 @@ browsed_then_bought:
         // Both event conditions on Order Completed without `where` share one
         // filter; the one with `where` has its own.
         assert_eq!(set.filters.len(), 3);
+        Ok(())
+    }
+
+    /// `not … within 14d` must not turn true because one update carries a
+    /// time a year ahead of the stream.
+    #[test]
+    fn a_future_dated_update_does_not_age_out_recent_events() -> TestResult {
+        let mut h = harness(
+            "quiet: {where: {not: {event: Order Completed, within: 14d}}}\n\
+             active: {where: {event: Order Completed, within: 14d}}",
+        )?;
+        h.tick(100 * DAY)?;
+        let c = send(
+            &mut h,
+            "p",
+            Some(("Order Completed", json!({}))),
+            json!({}),
+            100 * DAY,
+        )?;
+        assert_eq!(summary(&c), vec![entered("active")]);
+        let c = send(
+            &mut h,
+            "p",
+            Some(("Page Viewed", json!({}))),
+            json!({}),
+            465 * DAY,
+        )?;
+        assert!(c.is_empty(), "no change: {:?}", summary(&c));
+        let c = h.tick(114 * DAY + 1)?;
+        assert_eq!(
+            summary(&changes(&c)?),
+            vec![exited("active"), entered("quiet")]
+        );
         Ok(())
     }
 

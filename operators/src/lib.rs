@@ -6,6 +6,7 @@
 
 pub mod audiences;
 pub mod config;
+pub mod event_time;
 pub mod identity;
 pub mod messages;
 pub mod traits;

@@ -76,6 +76,10 @@ pub enum ProfileUpdate {
         traits: BTreeMap<String, Value>,
         /// Event time (ms) of the event, or the tick's stream time.
         event_time: i64,
+        /// The event's own time when it was too far ahead of the stream and
+        /// `event_time` replaced it (see `event_time.max_future`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        time_corrected_from: Option<i64>,
         cause: Cause,
     },
     Merged {

@@ -26,7 +26,9 @@
 //! - Time is stream time ([`Context::now`]) and event time only. A profile's
 //!   evaluation clock is `max(clock, stream time, event time)`: it never
 //!   goes backwards, so pruning a window never loses an entry a later
-//!   evaluation would count.
+//!   evaluation would count. An event time is first bounded by stream time
+//!   plus `event_time.max_future` ([`crate::event_time`]), so one event
+//!   from a wrong device clock cannot drag the clock into the future.
 //! - Merges: on `merged(from, into)` the state of `from` travels to `into`'s
 //!   partition as a `transfer`, and a redirect forwards late records for
 //!   `from` to `into`.
@@ -43,6 +45,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::ConfigError;
+use crate::event_time::{EventTimeConfig, TIME_CORRECTED_HEADER};
 use crate::messages::{self, outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate};
 
 /// The `stage` this operator writes on its transfers.
@@ -609,6 +612,8 @@ impl TraitDef {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TraitSet {
     defs: BTreeMap<String, TraitDef>,
+    /// The bound on event times ahead of the stream.
+    event_time: EventTimeConfig,
 }
 
 impl TraitSet {
@@ -653,7 +658,16 @@ impl TraitSet {
                 }
             }
         }
-        Ok(TraitSet { defs: defs.clone() })
+        Ok(TraitSet {
+            defs: defs.clone(),
+            event_time: EventTimeConfig::default(),
+        })
+    }
+
+    /// The same traits with another bound on future event times.
+    pub fn with_event_time(mut self, event_time: EventTimeConfig) -> Self {
+        self.event_time = event_time;
+        self
     }
 
     /// Names of the computed traits.
@@ -1249,6 +1263,7 @@ impl TraitsOperator {
         profile_id: String,
         identifiers: Identifiers,
         event: Value,
+        record_time: Option<i64>,
     ) -> Result<(), OperatorError> {
         if !event.is_object() {
             return Err(OperatorError::rejected(
@@ -1265,9 +1280,15 @@ impl TraitsOperator {
             };
             return emit_json(ctx, outputs::SELF, &survivor, &forwarded);
         }
+        // An event without a time happened "now" in stream time; one too
+        // far ahead of the stream is bounded (see `event_time`).
+        let own_time = messages::event_time_ms(&event).unwrap_or_else(|| ctx.now());
+        let bounded = self
+            .set
+            .event_time
+            .bound(own_time, ctx.now(), record_time)?;
+        let event_time = bounded.time;
         let mut state = self.load(ctx, &profile_id)?.unwrap_or_default();
-        // An event without a time happened "now" in stream time.
-        let event_time = messages::event_time_ms(&event).unwrap_or_else(|| ctx.now());
         state.clock = state.clock.max(ctx.now()).max(event_time);
         state.apply_event(&self.set, &event, event_time);
         // Identifiers only grow: a record from a partition that has not
@@ -1287,8 +1308,20 @@ impl TraitsOperator {
             event: Some(event),
             traits,
             event_time,
+            time_corrected_from: bounded.corrected_from,
             cause,
         };
+        if bounded.corrected_from.is_some() {
+            let bytes =
+                serde_json::to_vec(&update).map_err(|e| StoreError::Decode(e.to_string()))?;
+            ctx.emit_with_headers(
+                outputs::NEXT,
+                Some(profile_id.into_bytes()),
+                bytes,
+                vec![(TIME_CORRECTED_HEADER.to_owned(), b"1".to_vec())],
+            );
+            return Ok(());
+        }
         emit_json(ctx, outputs::NEXT, &profile_id, &update)
     }
 
@@ -1370,6 +1403,7 @@ impl TraitsOperator {
             event: None,
             traits,
             event_time: current.clock,
+            time_corrected_from: None,
             cause,
         };
         emit_json(ctx, outputs::NEXT, &into, &update)
@@ -1394,7 +1428,7 @@ impl Operator for TraitsOperator {
                         json!({"error": "empty profile_id"}),
                     ));
                 }
-                self.on_event(ctx, profile_id, identifiers, event)
+                self.on_event(ctx, profile_id, identifiers, event, record.timestamp_ms)
             }
             ProfileRecord::Merged {
                 from,
@@ -1446,6 +1480,7 @@ impl Operator for TraitsOperator {
             event: None,
             traits,
             event_time: now,
+            time_corrected_from: None,
             cause: Cause {
                 message_id: None,
                 tick: Some(now),
@@ -1539,6 +1574,87 @@ last_product: {last: {event: Product Viewed, property: properties.sku}}
 categories: {unique_list: {event: Product Viewed, property: properties.category, limit: 2}}
 "#;
 
+    /// One event dated a year ahead (a wrong device clock) must not move the
+    /// profile's clock: before the bound it pruned `orders_30d` to nothing.
+    #[test]
+    fn a_future_dated_event_does_not_prune_the_windows_of_its_profile() -> TestResult {
+        let mut h = harness(DESIGN_TRAITS)?;
+        h.tick(100 * DAY)?;
+        let out = send(
+            &mut h,
+            "p1",
+            track("Order Completed", 100 * DAY, json!({"revenue": 5})),
+        )?;
+        assert_eq!(changed(&out)?.get("orders_30d"), Some(&json!(1)));
+        let year_ahead = 465 * DAY;
+        let out = send(&mut h, "p1", track("Page Viewed", year_ahead, json!({})))?;
+        assert!(
+            !changed(&out)?.contains_key("orders_30d"),
+            "the order is still in its window: {:?}",
+            changed(&out)?
+        );
+        match updates(&out)?.first() {
+            Some(ProfileUpdate::Update {
+                event_time,
+                time_corrected_from,
+                ..
+            }) => {
+                assert_eq!(*event_time, 100 * DAY, "taken to happen at stream time");
+                assert_eq!(*time_corrected_from, Some(year_ahead));
+            }
+            other => return Err(format!("expected an update, got {other:?}").into()),
+        }
+        assert!(out
+            .iter()
+            .any(|e| e.headers.iter().any(|(k, _)| k == TIME_CORRECTED_HEADER)));
+        // A late event inside the window still counts; within the tolerance
+        // a slightly-ahead clock is kept as is.
+        let out = send(
+            &mut h,
+            "p1",
+            track("Order Completed", 80 * DAY, json!({"revenue": 5})),
+        )?;
+        assert_eq!(changed(&out)?.get("orders_30d"), Some(&json!(2)));
+        let out = send(
+            &mut h,
+            "p1",
+            track(
+                "Order Completed",
+                100 * DAY + 1_800_000,
+                json!({"revenue": 5}),
+            ),
+        )?;
+        assert_eq!(changed(&out)?.get("orders_30d"), Some(&json!(3)));
+        // The window then slides with stream time as before.
+        let out = h.tick(111 * DAY)?;
+        assert_eq!(changed(&out)?.get("orders_30d"), Some(&json!(2)));
+        Ok(())
+    }
+
+    #[test]
+    fn a_future_dated_event_can_be_dead_lettered_instead() -> TestResult {
+        let set = Arc::new(
+            TraitSet::new(&serde_yaml::from_str(DESIGN_TRAITS)?)?.with_event_time(
+                crate::event_time::EventTimeConfig {
+                    beyond: crate::event_time::FutureTimePolicy::DeadLetter,
+                    ..Default::default()
+                },
+            ),
+        );
+        let mut h = OperatorHarness::new(TraitsOperator::new(set));
+        h.tick(100 * DAY)?;
+        let bytes = event_record("p1", track("Order Completed", 465 * DAY, json!({})))?;
+        match h.process(Some(b"p1"), &bytes, &[]) {
+            Err(OperatorError::Rejected { reason, .. }) => assert_eq!(reason, "future_event_time"),
+            other => return Err(format!("expected a dead letter, got {other:?}").into()),
+        }
+        assert!(
+            cdp_pipeline::store::StateBackend::scan_prefix(&h.state, b"profile/")?.is_empty(),
+            "nothing stored"
+        );
+        Ok(())
+    }
+
     #[test]
     fn counters_and_aggregations_follow_the_events() -> TestResult {
         let mut h = harness(DESIGN_TRAITS)?;
@@ -1594,6 +1710,7 @@ categories: {unique_list: {event: Product Viewed, property: properties.category,
                 event_time,
                 cause,
                 identifiers,
+                ..
             } => {
                 assert_eq!(profile_id, "p1");
                 assert!(traits.is_empty());

@@ -145,6 +145,12 @@ counter!(
     []
 );
 counter!(
+    EVENT_TIMES_CORRECTED,
+    "cdp_event_times_corrected_total",
+    "Events whose time was too far ahead of stream time and was replaced by it (event_time.max_future)",
+    ["stage"]
+);
+counter!(
     AUDIENCE_CHANGES,
     "cdp_audience_changes_total",
     "Audience changes emitted; size = entered - exited",
