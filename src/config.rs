@@ -2,18 +2,18 @@
 //! checked across sections (schemas compile, tracking plans and audiences
 //! exist, no audience cycles) before any stage starts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
 use cdp_connectors::collector::CollectorConfig;
 use cdp_connectors::destinations::{self, DestinationConfig};
 use cdp_operators::audiences::{AudienceDef, AudienceSet};
-use cdp_operators::config::SourceConfig;
+use cdp_operators::config::{KnownNames, SourceConfig};
 use cdp_operators::event_time::EventTimeConfig;
 use cdp_operators::identity::{IdentityConfig, IdentityRules};
 use cdp_operators::traits::{TraitDef, TraitSet};
-use cdp_operators::validate::{TrackingPlan, Validator, DEFAULT_DEDUPE_WINDOW};
+use cdp_operators::validate::{TrackingPlan, UnplannedEvents, Validator, DEFAULT_DEDUPE_WINDOW};
 use cdp_pipeline::{KafkaConfig, Span};
 use serde::Deserialize;
 
@@ -42,6 +42,11 @@ pub struct Config {
     /// The bound on event times ahead of the stream (traits, audiences).
     #[serde(default)]
     pub event_time: EventTimeConfig,
+    /// Profile traits `identify` calls set that conditions may reference,
+    /// besides computed traits and the properties of tracking plans'
+    /// `identify` schemas (a trait name no list knows is a config error).
+    #[serde(default)]
+    pub profile_traits: Vec<String>,
     /// Computed traits by name.
     #[serde(default)]
     pub traits: BTreeMap<String, TraitDef>,
@@ -135,8 +140,9 @@ impl Config {
         let validator = Validator::new(&self.sources, &self.tracking_plans, self.dedupe_window)?;
         let identity = IdentityRules::new(&self.identity)?;
         let traits = TraitSet::new(&self.traits)?.with_event_time(self.event_time);
-        let audiences =
-            AudienceSet::new(&self.audiences, &traits.names())?.with_event_time(self.event_time);
+        let known = self.known_names(&traits.names());
+        traits.check_names(&known)?;
+        let audiences = AudienceSet::new(&self.audiences, &known)?.with_event_time(self.event_time);
         destinations::check(&self.destinations)?;
         for (i, d) in self.destinations.iter().enumerate() {
             for (j, a) in d.audiences.iter().enumerate() {
@@ -156,6 +162,54 @@ impl Config {
             audiences: Arc::new(audiences),
             config: self,
         })
+    }
+}
+
+impl Config {
+    /// The trait and event names conditions may use. Traits: computed ones,
+    /// `profile_traits`, and the properties of every plan's `identify`
+    /// schema. Events: only when every source has a tracking plan that
+    /// blocks unplanned events are they known (the planned ones, plus
+    /// `Page Viewed` and `Screen Viewed`, which page and screen calls count
+    /// as); otherwise any event name can arrive and none is refused.
+    fn known_names(&self, computed: &BTreeSet<String>) -> KnownNames {
+        let mut traits = computed.clone();
+        traits.extend(self.profile_traits.iter().cloned());
+        for plan in self.tracking_plans.values() {
+            if let Some(props) = plan
+                .identify
+                .as_ref()
+                .and_then(|s| s.get("properties"))
+                .and_then(serde_json::Value::as_object)
+            {
+                traits.extend(props.keys().cloned());
+            }
+        }
+        let plans: Option<Vec<&TrackingPlan>> = self
+            .sources
+            .iter()
+            .map(|s| {
+                s.tracking_plan
+                    .as_ref()
+                    .and_then(|p| self.tracking_plans.get(p))
+                    .filter(|p| p.unplanned_events == UnplannedEvents::Block)
+            })
+            .collect();
+        let events = plans.filter(|p| !p.is_empty()).map(|plans| {
+            let mut events: BTreeSet<String> = ["Page Viewed", "Screen Viewed"]
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            for plan in plans {
+                events.extend(plan.events.keys().cloned());
+                events.extend(plan.event_versions.keys().cloned());
+            }
+            events
+        });
+        KnownNames {
+            traits: Some(traits),
+            events,
+        }
     }
 }
 
@@ -223,6 +277,73 @@ mod tests {
             Ok(_) => String::new(),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn unknown_trait_and_event_names_in_conditions_are_named_by_their_path() {
+        // A trait no list knows: a typo that would silently never match.
+        let text = DEMO_CONFIG.replace(
+            "- {trait: revenue_total, gte: 500}",
+            "- {trait: revenue_totl, gte: 500}",
+        );
+        assert_ne!(text, DEMO_CONFIG);
+        assert!(
+            load_error(&text).starts_with(
+                r#"audiences.big_spenders.where.all[0].trait: unknown trait "revenue_totl""#
+            ),
+            "{}",
+            load_error(&text)
+        );
+        // Identify traits are known from a plan's identify schema or from
+        // `profile_traits`.
+        let plan_trait = DEMO_CONFIG.replace(
+            "- {trait: revenue_total, gte: 500}",
+            "- {trait: email, exists: true}",
+        );
+        assert_eq!(load_error(&plan_trait), "");
+        let declared = format!(
+            "profile_traits: [plan]\n{}",
+            DEMO_CONFIG.replace(
+                "- {trait: revenue_total, gte: 500}",
+                "- {trait: plan, eq: pro}"
+            )
+        );
+        assert_eq!(load_error(&declared), "");
+        // Events are known once every source's plan blocks unplanned ones.
+        let blocking = DEMO_CONFIG.replace("unplanned_events: allow", "unplanned_events: block");
+        assert!(
+            load_error(&blocking).starts_with(
+                r#"traits.categories.unique_list.event: unknown event "Product Viewed""#
+            ),
+            "{}",
+            load_error(&blocking)
+        );
+        let planned = blocking.replace(
+            "    events:\n",
+            "    events:\n      Product Viewed: {type: object}\n",
+        );
+        assert_eq!(load_error(&planned), "");
+        let typo = planned.replace(
+            "{sequence: [{event: Product Viewed}, {event: Order Completed}]",
+            "{sequence: [{event: Product Viewed}, {event: Order Complete}]",
+        );
+        assert!(
+            load_error(&typo).starts_with(
+                r#"audiences.browsed_then_bought.where.sequence[1].event: unknown event "Order Complete""#
+            ),
+            "{}",
+            load_error(&typo)
+        );
+        // An unknown audience was already refused.
+        let audience =
+            DEMO_CONFIG.replace("- {audience: big_spenders}", "- {audience: big_spender}");
+        assert!(
+            load_error(&audience).starts_with(
+                r#"audiences.lapsing.where.all[0].audience: unknown audience "big_spender""#
+            ),
+            "{}",
+            load_error(&audience)
+        );
     }
 
     #[test]

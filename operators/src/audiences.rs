@@ -36,7 +36,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, KnownNames};
 use crate::event_time::{EventTimeConfig, FutureTimePolicy};
 use crate::messages::{
     self, outputs, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
@@ -571,6 +571,7 @@ pub struct AudienceSet {
 struct Compiler {
     filters: Vec<EventFilter>,
     windows: BTreeSet<(usize, i64)>,
+    known: KnownNames,
 }
 
 impl Compiler {
@@ -659,6 +660,7 @@ impl Compiler {
                         "must not be empty",
                     ));
                 }
+                self.known.check_trait(&format!("{path}.trait"), &t.name)?;
                 traits.insert(t.name.clone());
                 Compiled::Trait {
                     name: t.name.clone(),
@@ -672,6 +674,7 @@ impl Compiler {
                         "must not be empty",
                     ));
                 }
+                self.known.check_event(&format!("{path}.event"), &e.event)?;
                 check_where(&e.r#where, path)?;
                 let within = within(e.within, format!("{path}.within"))?;
                 let retention = within.map_or(Retention::CountOnly, Retention::Window);
@@ -713,6 +716,8 @@ impl Compiler {
                     if step.event.is_empty() {
                         return Err(ConfigError::new(format!("{at}.event"), "must not be empty"));
                     }
+                    self.known
+                        .check_event(&format!("{at}.event"), &step.event)?;
                     check_where(&step.r#where, &at)?;
                     steps.push(
                         self.filter(&step.event, &step.r#where, Retention::All)
@@ -729,19 +734,18 @@ impl Compiler {
 }
 
 impl AudienceSet {
-    /// Check the `audiences` section. `traits` names the computed traits;
-    /// trait conditions may also name identify traits (any name), so trait
-    /// names are not checked. Audience references must exist and must not
-    /// form a cycle (`audiences.a: cycle a -> b -> a`).
+    /// Check the `audiences` section. Trait and event names must be
+    /// `known` (`audiences.vip.where.all[1].trait: unknown trait "ltv"`);
+    /// audience references must exist and must not form a cycle
+    /// (`audiences.a: cycle a -> b -> a`).
     pub fn new(
         defs: &BTreeMap<String, AudienceDef>,
-        traits: &BTreeSet<String>,
+        known: &KnownNames,
     ) -> Result<Self, ConfigError> {
-        // Any name may be an identify trait: nothing to check against.
-        let _ = traits;
         let mut compiler = Compiler {
             filters: Vec::new(),
             windows: BTreeSet::new(),
+            known: known.clone(),
         };
         let mut compiled = BTreeMap::new();
         let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -1388,7 +1392,7 @@ browsed_then_bought:
     }
 
     fn harness(yaml: &str) -> Result<OperatorHarness<AudiencesOperator>, Box<dyn Error>> {
-        let set = AudienceSet::new(&defs(yaml)?, &BTreeSet::new())?;
+        let set = AudienceSet::new(&defs(yaml)?, &KnownNames::anything())?;
         Ok(OperatorHarness::new(AudiencesOperator::new(Arc::new(set))))
     }
 
@@ -1453,7 +1457,7 @@ browsed_then_bought:
 
     #[test]
     fn the_design_audiences_load_in_dependency_order() -> TestResult {
-        let set = AudienceSet::new(&defs(DESIGN_AUDIENCES)?, &BTreeSet::new())?;
+        let set = AudienceSet::new(&defs(DESIGN_AUDIENCES)?, &KnownNames::anything())?;
         let order = set.order();
         let pos = |n: &str| order.iter().position(|o| o == n);
         assert!(pos("big_spenders") < pos("lapsing"));
@@ -1634,23 +1638,23 @@ browsed_then_bought:
              b: {where: {not: {audience: a}}}\n\
              c: {where: {audience: a}}",
         )?;
-        let err = AudienceSet::new(&cyclic, &BTreeSet::new())
+        let err = AudienceSet::new(&cyclic, &KnownNames::anything())
             .err()
             .ok_or("expected an error")?;
         assert_eq!(err.to_string(), "audiences.a: cycle a -> b -> a");
         let own = defs("s: {where: {any: [{audience: s}]}}")?;
-        let err = AudienceSet::new(&own, &BTreeSet::new())
+        let err = AudienceSet::new(&own, &KnownNames::anything())
             .err()
             .ok_or("expected an error")?;
         assert_eq!(err.to_string(), "audiences.s: cycle s -> s");
         let unknown = defs("x: {where: {all: [{trait: t, gt: 1}, {any: [{audience: nope}]}]}}")?;
-        let err = AudienceSet::new(&unknown, &BTreeSet::new())
+        let err = AudienceSet::new(&unknown, &KnownNames::anything())
             .err()
             .ok_or("expected an error")?;
         assert_eq!(err.path, "audiences.x.where.all[1].any[0].audience");
         assert_eq!(err.message, "unknown audience \"nope\"");
         let zero = defs("z: {where: {event: E, within: 0d}}")?;
-        let err = AudienceSet::new(&zero, &BTreeSet::new())
+        let err = AudienceSet::new(&zero, &KnownNames::anything())
             .err()
             .ok_or("expected an error")?;
         assert_eq!(err.path, "audiences.z.where.within");

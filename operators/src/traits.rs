@@ -44,7 +44,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, KnownNames};
 use crate::event_time::{EventTimeConfig, TIME_CORRECTED_HEADER};
 use crate::messages::{self, outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate};
 
@@ -376,8 +376,10 @@ pub enum TraitDef {
     First(FirstLastDef),
     /// The property value of the latest matching event (by event time).
     Last(FirstLastDef),
-    /// The distinct property values, sorted.
+    /// The `limit` most recently seen distinct property values, sorted.
     UniqueList(UniqueListDef),
+    /// How many distinct property values (Segment's unique list count).
+    UniqueCount(UniqueCountDef),
 }
 
 const TRAIT_TYPES: &[&str] = &[
@@ -387,6 +389,7 @@ const TRAIT_TYPES: &[&str] = &[
     "first",
     "last",
     "unique_list",
+    "unique_count",
 ];
 
 impl<'de> Deserialize<'de> for TraitDef {
@@ -412,6 +415,7 @@ impl<'de> Deserialize<'de> for TraitDef {
                     "first" => TraitDef::First(map.next_value()?),
                     "last" => TraitDef::Last(map.next_value()?),
                     "unique_list" => TraitDef::UniqueList(map.next_value()?),
+                    "unique_count" => TraitDef::UniqueCount(map.next_value()?),
                     other => return Err(de::Error::unknown_variant(other, TRAIT_TYPES)),
                 };
                 if let Some(extra) = map.next_key::<String>()? {
@@ -502,10 +506,11 @@ pub struct FirstLastDef {
     pub r#where: Vec<PropertyCondition>,
 }
 
-/// `unique_list`: the distinct values, sorted by their JSON text. To stay
-/// exactly mergeable it keeps the `limit` *smallest* values (not the first
-/// `limit` seen): the smallest `limit` of a union is the smallest `limit`
-/// of the two kept sets.
+/// `unique_list`: the `limit` distinct values seen most recently (by event
+/// time of their latest occurrence; ties by value), emitted sorted by their
+/// JSON text so a repeat of a kept value changes nothing. Exactly
+/// mergeable: a value among the `limit` most recent of a union is among
+/// the `limit` most recent of the side its latest occurrence came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UniqueListDef {
@@ -524,6 +529,34 @@ pub struct UniqueListDef {
     pub r#where: Vec<PropertyCondition>,
 }
 
+/// `unique_count`: how many distinct values (Segment's unique list count).
+/// It counts up to `limit` and stays there: to be exactly mergeable it
+/// keeps the `limit` smallest values (by JSON text), and a union with more
+/// than `limit` distinct values has more than `limit` on one side at least
+/// or more than `limit` in the union of the kept ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UniqueCountDef {
+    /// Event name to look at.
+    pub event: String,
+    /// Dotted path of the value, e.g. `properties.sku`.
+    pub property: String,
+    /// Largest count reported (default 1000); values kept per profile.
+    #[serde(default = "default_count_limit")]
+    pub limit: usize,
+    /// Sliding window, e.g. `30d`; all time when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub within: Option<Span>,
+    /// Property conditions every counted event must meet.
+    #[serde(default, rename = "where", skip_serializing_if = "Vec::is_empty")]
+    pub r#where: Vec<PropertyCondition>,
+}
+
+/// Default `limit` of a unique count.
+const fn default_count_limit() -> usize {
+    1000
+}
+
 impl TraitDef {
     fn kind(&self) -> &'static str {
         match self {
@@ -533,6 +566,7 @@ impl TraitDef {
             TraitDef::First(_) => "first",
             TraitDef::Last(_) => "last",
             TraitDef::UniqueList(_) => "unique_list",
+            TraitDef::UniqueCount(_) => "unique_count",
         }
     }
 
@@ -543,6 +577,7 @@ impl TraitDef {
             TraitDef::MostFrequent(d) => &d.event,
             TraitDef::First(d) | TraitDef::Last(d) => &d.event,
             TraitDef::UniqueList(d) => &d.event,
+            TraitDef::UniqueCount(d) => &d.event,
         }
     }
 
@@ -553,6 +588,7 @@ impl TraitDef {
             TraitDef::MostFrequent(d) => Some(&d.property),
             TraitDef::First(d) | TraitDef::Last(d) => Some(&d.property),
             TraitDef::UniqueList(d) => Some(&d.property),
+            TraitDef::UniqueCount(d) => Some(&d.property),
         }
     }
 
@@ -564,6 +600,7 @@ impl TraitDef {
             TraitDef::MostFrequent(d) => d.within,
             TraitDef::First(_) | TraitDef::Last(_) => None,
             TraitDef::UniqueList(d) => d.within,
+            TraitDef::UniqueCount(d) => d.within,
         }
         .map(|s| s.millis())
     }
@@ -575,12 +612,14 @@ impl TraitDef {
             TraitDef::MostFrequent(d) => &d.r#where,
             TraitDef::First(d) | TraitDef::Last(d) => &d.r#where,
             TraitDef::UniqueList(d) => &d.r#where,
+            TraitDef::UniqueCount(d) => &d.r#where,
         }
     }
 
     fn limit(&self) -> usize {
         match self {
             TraitDef::UniqueList(d) => d.limit,
+            TraitDef::UniqueCount(d) => d.limit,
             _ => usize::MAX,
         }
     }
@@ -670,6 +709,15 @@ impl TraitSet {
         self
     }
 
+    /// Check each trait's event name against the `known` ones
+    /// (`traits.orders.event_counter.event: unknown event "Ordr Completed"`).
+    pub fn check_names(&self, known: &KnownNames) -> Result<(), ConfigError> {
+        for (name, def) in &self.defs {
+            known.check_event(&format!("traits.{name}.{}.event", def.kind()), def.event())?;
+        }
+        Ok(())
+    }
+
     /// Names of the computed traits.
     pub fn names(&self) -> BTreeSet<String> {
         self.defs.keys().cloned().collect()
@@ -753,8 +801,11 @@ enum TraitState {
     First { at: Option<(i64, String)> },
     /// Latest `(event time, value)`.
     Last { at: Option<(i64, String)> },
+    /// Distinct value → event time of its latest occurrence: the `limit`
+    /// most recent (ties: the larger value).
+    UniqueList { latest: BTreeMap<String, i64> },
     /// The `limit` smallest distinct values.
-    UniqueList { values: BTreeSet<String> },
+    UniqueCount { values: BTreeSet<String> },
     /// Any windowed trait: one `(event time, value)` per event still in the
     /// window, sorted. The value is folded from the entries on demand.
     Window { entries: Vec<(i64, String)> },
@@ -787,6 +838,9 @@ impl TraitState {
             TraitDef::First(_) => TraitState::First { at: None },
             TraitDef::Last(_) => TraitState::Last { at: None },
             TraitDef::UniqueList(_) => TraitState::UniqueList {
+                latest: BTreeMap::new(),
+            },
+            TraitDef::UniqueCount(_) => TraitState::UniqueCount {
                 values: BTreeSet::new(),
             },
         }
@@ -833,7 +887,12 @@ impl TraitState {
                     *at = Some(candidate);
                 }
             }
-            TraitState::UniqueList { values } => {
+            TraitState::UniqueList { latest } => {
+                let t = latest.entry(text.to_owned()).or_insert(time);
+                *t = (*t).max(time);
+                keep_most_recent(latest, def.limit());
+            }
+            TraitState::UniqueCount { values } => {
                 values.insert(text.to_owned());
                 truncate(values, def.limit());
             }
@@ -893,10 +952,19 @@ impl TraitState {
                     (x, y) => x.clone().or_else(|| y.clone()),
                 },
             },
-            (TraitState::UniqueList { values: a }, TraitState::UniqueList { values: b }) => {
+            (TraitState::UniqueList { latest: a }, TraitState::UniqueList { latest: b }) => {
+                let mut latest = a.clone();
+                for (value, t) in b {
+                    let mine = latest.entry(value.clone()).or_insert(*t);
+                    *mine = (*mine).max(*t);
+                }
+                keep_most_recent(&mut latest, def.limit());
+                TraitState::UniqueList { latest }
+            }
+            (TraitState::UniqueCount { values: a }, TraitState::UniqueCount { values: b }) => {
                 let mut values: BTreeSet<String> = a.union(b).cloned().collect();
                 truncate(&mut values, def.limit());
-                TraitState::UniqueList { values }
+                TraitState::UniqueCount { values }
             }
             (TraitState::Window { entries: a }, TraitState::Window { entries: b }) => {
                 let mut entries: Vec<(i64, String)> = a.iter().chain(b).cloned().collect();
@@ -950,13 +1018,14 @@ impl TraitState {
             TraitState::First { at } | TraitState::Last { at } => {
                 at.as_ref().map_or(Value::Null, |(_, v)| parse_text(v))
             }
-            TraitState::UniqueList { values } => Value::Array(
-                values
-                    .iter()
+            TraitState::UniqueList { latest } => Value::Array(
+                latest
+                    .keys()
                     .take(def.limit())
                     .map(|v| parse_text(v))
                     .collect(),
             ),
+            TraitState::UniqueCount { values } => json!(values.len().min(def.limit())),
             TraitState::Window { entries } => {
                 let horizon = def.window().map_or(i64::MIN, |w| now.saturating_sub(w));
                 let mut acc = Self::all_time(def);
@@ -984,6 +1053,20 @@ fn merge_opt(a: Option<f64>, b: Option<f64>, f: fn(f64, f64) -> f64) -> Option<f
     match (a, b) {
         (Some(x), Some(y)) => Some(f(x, y)),
         (x, y) => x.or(y),
+    }
+}
+
+/// Drop the least recent values (smallest `(time, value)`) beyond `limit`.
+fn keep_most_recent(latest: &mut BTreeMap<String, i64>, limit: usize) {
+    while latest.len() > limit {
+        let oldest = latest
+            .iter()
+            .min_by(|(v1, t1), (v2, t2)| (t1, v1).cmp(&(t2, v2)))
+            .map(|(v, _)| v.clone());
+        match oldest {
+            Some(v) => latest.remove(&v),
+            None => return,
+        };
     }
 }
 
@@ -1731,6 +1814,42 @@ categories: {unique_list: {event: Product Viewed, property: properties.category,
     }
 
     #[test]
+    fn unique_list_keeps_the_most_recent_and_unique_count_counts_distinct_values() -> TestResult {
+        let mut h = harness(
+            "recent: {unique_list: {event: V, property: properties.c, limit: 2}}\n\
+             skus: {unique_count: {event: V, property: properties.c}}\n\
+             skus_3: {unique_count: {event: V, property: properties.c, limit: 3}}\n\
+             skus_w: {unique_count: {event: V, property: properties.c, within: 12d}}",
+        )?;
+        let mut seen = BTreeMap::new();
+        for (t, c) in [
+            (DAY, "z"),
+            (2 * DAY, "a"),
+            (3 * DAY, "m"),
+            (4 * DAY, "z"),
+            (15 * DAY, "b"),
+        ] {
+            let out = send(&mut h, "p", track("V", t, json!({"c": c})))?;
+            seen.extend(changed(&out)?);
+        }
+        // "z" seen again at day 4 and "b" at day 15 are the two most recent,
+        // even though "a" and "m" sort first.
+        assert_eq!(seen.get("recent"), Some(&json!(["b", "z"])));
+        assert_eq!(seen.get("skus"), Some(&json!(4)));
+        assert_eq!(
+            seen.get("skus_3"),
+            Some(&json!(3)),
+            "counts up to its limit"
+        );
+        assert_eq!(
+            seen.get("skus_w"),
+            Some(&json!(2)),
+            "z (day 4) and b (day 15) within 12d"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn value_traits_use_event_time_not_arrival() -> TestResult {
         let mut h = harness(DESIGN_TRAITS)?;
         let viewed = |t: i64, cat: &str, sku: &str| {
@@ -1763,8 +1882,8 @@ categories: {unique_list: {event: Product Viewed, property: properties.category,
         assert_eq!(values.get("favorite_category"), Some(&json!("hats")));
         assert_eq!(
             values.get("categories"),
-            Some(&json!(["bags", "hats"])),
-            "limit 2 keeps the smallest"
+            Some(&json!(["hats", "shoes"])),
+            "limit 2 keeps the two most recent by event time (bags, the last to arrive, is the oldest)"
         );
         assert_eq!(values.get("first_campaign"), Some(&json!("early")));
         assert_eq!(all.get("first_campaign"), Some(&json!("early")));
@@ -2052,6 +2171,8 @@ categories: {unique_list: {event: Product Viewed, property: properties.category,
             "{last: {event: E, property: v}}",
             "{unique_list: {event: E, property: v, limit: 3}}",
             "{unique_list: {event: E, property: v, limit: 3, within: 30ms}}",
+            "{unique_count: {event: E, property: v, limit: 4}}",
+            "{unique_count: {event: E, property: v, within: 30ms}}",
         ]
         .iter()
         .map(|y| serde_yaml::from_str(y))
@@ -2094,6 +2215,8 @@ categories: {unique_list: {event: Product Viewed, property: properties.category,
                               last: {last: {event: E, property: properties.v}}\n\
                               uniq: {unique_list: {event: E, property: properties.v, limit: 3}}\n\
                               uniq_w: {unique_list: {event: E, property: properties.v, limit: 3, within: 30ms}}\n\
+                              ucount: {unique_count: {event: E, property: properties.v, limit: 4}}\n\
+                              ucount_w: {unique_count: {event: E, property: properties.v, within: 30ms}}\n\
                               other: {event_counter: {event: E, where: [{property: properties.flag, eq: true}]}}";
 
     /// Downstream view of profile `id`: its `Update`s applied in order.
