@@ -200,18 +200,27 @@ fn audience_change_observer() -> cdp_pipeline::runtime::Observer {
     })
 }
 
-/// Counts `cdp_event_times_corrected_total{stage="traits"}`: events
-/// whose time was beyond `event_time.max_future` (a header says so, so
-/// no record is parsed again).
+/// Counts `cdp_event_times_corrected_total{stage="traits"}` (events whose
+/// time was beyond `event_time.max_future`) and
+/// `cdp_state_limit_hits_total{stage="traits", kind}`: headers say so, so
+/// no record is parsed again.
 fn traits_observer() -> cdp_pipeline::runtime::Observer {
     let corrected = metrics::EVENT_TIMES_CORRECTED.with_label_values(&["traits"]);
     Arc::new(move |e: &cdp_pipeline::Emitted| {
-        if e.output == outputs::NEXT
-            && e.headers
-                .iter()
-                .any(|(k, _)| k == cdp_operators::event_time::TIME_CORRECTED_HEADER)
-        {
-            corrected.inc();
+        if e.output != outputs::NEXT {
+            return;
+        }
+        for (k, v) in &e.headers {
+            if k == cdp_operators::event_time::TIME_CORRECTED_HEADER {
+                corrected.inc();
+            } else if k == cdp_operators::traits::STATE_LIMIT_HEADER {
+                // Kinds are trait type names: a small fixed set.
+                for kind in String::from_utf8_lossy(v).split(',') {
+                    metrics::STATE_LIMIT_HITS
+                        .with_label_values(&["traits", kind])
+                        .inc();
+                }
+            }
         }
     })
 }

@@ -19,10 +19,12 @@
 //! - Values depend on event time, never on arrival order: `first`/`last`
 //!   are by `(event time, value)`, ties of most-frequent go to the smallest
 //!   value. Only identify traits break an event-time tie by arrival.
-//! - Windows are exact and sliding: a windowed trait keeps one entry per
-//!   matching event inside its window and a timer recomputes it when the
-//!   oldest entry expires (event time `t` is in the window at `now` iff
-//!   `t > now - within`).
+//! - Windows slide in time buckets of at most 1/30 of the window (see
+//!   [`bucket_width`]): state per windowed trait is at most 31 bucket
+//!   states whatever the traffic; a value counts every event in the window
+//!   and at most one bucket width more at its old edge; a timer recomputes
+//!   it when the oldest bucket leaves. `most_frequent` and `unique_count`
+//!   keep at most `limit` values per profile (drops are counted).
 //! - Time is stream time ([`Context::now`]) and event time only. A profile's
 //!   evaluation clock is `max(clock, stream time, event time)`: it never
 //!   goes backwards, so pruning a window never loses an entry a later
@@ -50,6 +52,10 @@ use crate::messages::{self, outputs, Cause, Identifiers, ProfileRecord, ProfileU
 
 /// The `stage` this operator writes on its transfers.
 const STAGE: &str = "traits";
+
+/// Header on an update whose event made a per-profile limit drop state:
+/// the trait kinds, comma-separated (`most_frequent,unique_count`).
+pub const STATE_LIMIT_HEADER: &str = "cdp-state-limit";
 
 /// Default `limit` of a unique list.
 const fn default_limit() -> usize {
@@ -477,7 +483,12 @@ pub struct AggregationDef {
     pub r#where: Vec<PropertyCondition>,
 }
 
-/// `most_frequent`: the value seen most often.
+/// `most_frequent`: the value seen most often. A profile keeps the counts
+/// of at most `limit` distinct values: past it, the least frequent value
+/// (ties: the largest) is dropped with its count, so the result is exact
+/// while a profile has at most `limit` distinct values, and afterwards
+/// still right whenever the winner's lead exceeds the dropped counts
+/// (`cdp_state_limit_hits_total{kind="most_frequent"}` counts the drops).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MostFrequentDef {
@@ -485,6 +496,9 @@ pub struct MostFrequentDef {
     pub event: String,
     /// Dotted path of the value, e.g. `properties.category`.
     pub property: String,
+    /// Most distinct values counted per profile (default 1000).
+    #[serde(default = "default_count_limit")]
+    pub limit: usize,
     /// Sliding window, e.g. `30d`; all time when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub within: Option<Span>,
@@ -620,6 +634,7 @@ impl TraitDef {
         match self {
             TraitDef::UniqueList(d) => d.limit,
             TraitDef::UniqueCount(d) => d.limit,
+            TraitDef::MostFrequent(d) => d.limit,
             _ => usize::MAX,
         }
     }
@@ -806,9 +821,63 @@ enum TraitState {
     UniqueList { latest: BTreeMap<String, i64> },
     /// The `limit` smallest distinct values.
     UniqueCount { values: BTreeSet<String> },
-    /// Any windowed trait: one `(event time, value)` per event still in the
-    /// window, sorted. The value is folded from the entries on demand.
-    Window { entries: Vec<(i64, String)> },
+    /// Any windowed trait: the all-time state of each time bucket (start →
+    /// state) still in the window; see [`bucket_width`]. The value is the
+    /// merge of the buckets in the window, folded on demand.
+    Window {
+        #[serde(with = "bucket_pairs")]
+        buckets: BTreeMap<i64, TraitState>,
+    },
+}
+
+/// Buckets as `[[start, state], ...]`: JSON object keys are strings, and
+/// an internally tagged enum cannot turn them back into numbers.
+mod bucket_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::TraitState;
+
+    pub fn serialize<S: Serializer>(
+        buckets: &BTreeMap<i64, TraitState>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(buckets.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<i64, TraitState>, D::Error> {
+        Ok(Vec::<(i64, TraitState)>::deserialize(d)?
+            .into_iter()
+            .collect())
+    }
+}
+
+/// Buckets per window: a windowed trait keeps at most this many (+1)
+/// bucket states, whatever the traffic.
+pub const BUCKETS_PER_WINDOW: i64 = 30;
+
+/// Width of a window's time buckets: at most 1/30 of the window (1 ms at
+/// least). An event at `t` falls in the bucket starting at `t - t mod
+/// width`, and a bucket counts at `now` while its last instant is inside
+/// the window. So a windowed value counts every event of the window and,
+/// at most, events up to one bucket width older: a `30d` counter may still
+/// count an event 30 days and a few hours old, never miss a recent one.
+/// Windows whose length is a multiple of 30 ms with events on bucket
+/// boundaries, and windows under 60 ms, are exact.
+pub fn bucket_width(window: i64) -> i64 {
+    (window / BUCKETS_PER_WINDOW).max(1)
+}
+
+fn bucket_start(t: i64, width: i64) -> i64 {
+    t.div_euclid(width).saturating_mul(width)
+}
+
+/// Whether the bucket starting at `start` still counts at `now`.
+fn bucket_counts(start: i64, width: i64, window: i64, now: i64) -> bool {
+    start.saturating_add(width - 1) > now.saturating_sub(window)
 }
 
 impl TraitState {
@@ -816,7 +885,7 @@ impl TraitState {
     fn empty(def: &TraitDef) -> Self {
         if def.window().is_some() {
             TraitState::Window {
-                entries: Vec::new(),
+                buckets: BTreeMap::new(),
             }
         } else {
             Self::all_time(def)
@@ -853,7 +922,8 @@ impl TraitState {
     }
 
     /// Record one event's value (JSON text, see [`TraitDef::extract`]).
-    fn add(&mut self, def: &TraitDef, time: i64, text: &str) {
+    /// Returns whether a per-profile limit dropped something.
+    fn add(&mut self, def: &TraitDef, time: i64, text: &str) -> bool {
         match self {
             TraitState::Counter { count } => *count = count.saturating_add(1),
             TraitState::Aggregation {
@@ -862,9 +932,11 @@ impl TraitState {
                 min,
                 max,
             } => {
-                let Ok(x) = text.parse::<f64>() else { return };
+                let Ok(x) = text.parse::<f64>() else {
+                    return false;
+                };
                 if !x.is_finite() {
-                    return;
+                    return false;
                 }
                 *count = count.saturating_add(1);
                 *sum = sum.saturating_add(to_units(x));
@@ -874,6 +946,7 @@ impl TraitState {
             TraitState::MostFrequent { counts } => {
                 let c = counts.entry(text.to_owned()).or_insert(0);
                 *c = c.saturating_add(1);
+                return keep_most_frequent(counts, def.limit());
             }
             TraitState::First { at } => {
                 let candidate = (time, text.to_owned());
@@ -894,14 +967,17 @@ impl TraitState {
             }
             TraitState::UniqueCount { values } => {
                 values.insert(text.to_owned());
-                truncate(values, def.limit());
+                return truncate(values, def.limit());
             }
-            TraitState::Window { entries } => {
-                let entry = (time, text.to_owned());
-                let i = entries.partition_point(|e| *e <= entry);
-                entries.insert(i, entry);
+            TraitState::Window { buckets } => {
+                let width = def.window().map_or(1, bucket_width);
+                return buckets
+                    .entry(bucket_start(time, width))
+                    .or_insert_with(|| Self::all_time(def))
+                    .add(def, time, text);
             }
         }
+        false
     }
 
     /// The state of the union of both states' events. Commutative and
@@ -938,6 +1014,7 @@ impl TraitState {
                     let c = counts.entry(value.clone()).or_insert(0);
                     *c = c.saturating_add(*n);
                 }
+                keep_most_frequent(&mut counts, def.limit());
                 TraitState::MostFrequent { counts }
             }
             (TraitState::First { at: a }, TraitState::First { at: b }) => TraitState::First {
@@ -966,20 +1043,26 @@ impl TraitState {
                 truncate(&mut values, def.limit());
                 TraitState::UniqueCount { values }
             }
-            (TraitState::Window { entries: a }, TraitState::Window { entries: b }) => {
-                let mut entries: Vec<(i64, String)> = a.iter().chain(b).cloned().collect();
-                entries.sort();
-                TraitState::Window { entries }
+            (TraitState::Window { buckets: a }, TraitState::Window { buckets: b }) => {
+                let mut buckets = a.clone();
+                for (start, theirs) in b {
+                    let merged = match buckets.get(start) {
+                        Some(mine) => mine.merge(def, theirs),
+                        None => theirs.clone(),
+                    };
+                    buckets.insert(*start, merged);
+                }
+                TraitState::Window { buckets }
             }
             _ => self.clone(),
         }
     }
 
-    /// Drop window entries that are out of the window at `now`.
+    /// Drop buckets that are out of the window at `now`.
     fn prune(&mut self, def: &TraitDef, now: i64) {
-        if let (TraitState::Window { entries }, Some(w)) = (self, def.window()) {
-            let horizon = now.saturating_sub(w);
-            entries.retain(|(t, _)| *t > horizon);
+        if let (TraitState::Window { buckets }, Some(w)) = (self, def.window()) {
+            let width = bucket_width(w);
+            buckets.retain(|start, _| bucket_counts(*start, width, w, now));
         }
     }
 
@@ -1026,11 +1109,15 @@ impl TraitState {
                     .collect(),
             ),
             TraitState::UniqueCount { values } => json!(values.len().min(def.limit())),
-            TraitState::Window { entries } => {
-                let horizon = def.window().map_or(i64::MIN, |w| now.saturating_sub(w));
+            TraitState::Window { buckets } => {
                 let mut acc = Self::all_time(def);
-                for (t, text) in entries.iter().filter(|(t, _)| *t > horizon) {
-                    acc.add(def, *t, text);
+                for (start, state) in buckets {
+                    let counts = def
+                        .window()
+                        .is_none_or(|w| bucket_counts(*start, bucket_width(w), w, now));
+                    if counts {
+                        acc = acc.merge(def, state);
+                    }
                 }
                 acc.value(def, now)
             }
@@ -1041,9 +1128,10 @@ impl TraitState {
     /// entry is still inside).
     fn next_expiry(&self, def: &TraitDef) -> Option<i64> {
         match (self, def.window()) {
-            (TraitState::Window { entries }, Some(w)) => {
-                entries.first().map(|(t, _)| t.saturating_add(w))
-            }
+            (TraitState::Window { buckets }, Some(w)) => buckets
+                .keys()
+                .next()
+                .map(|start| start.saturating_add(bucket_width(w) - 1).saturating_add(w)),
             _ => None,
         }
     }
@@ -1070,10 +1158,30 @@ fn keep_most_recent(latest: &mut BTreeMap<String, i64>, limit: usize) {
     }
 }
 
-fn truncate(values: &mut BTreeSet<String>, limit: usize) {
+/// Keep the `limit` smallest values; whether any was dropped.
+fn truncate(values: &mut BTreeSet<String>, limit: usize) -> bool {
+    let dropped = values.len() > limit;
     while values.len() > limit {
         values.pop_last();
     }
+    dropped
+}
+
+/// Drop the least frequent values (ties: the largest) beyond `limit`;
+/// whether any was dropped.
+fn keep_most_frequent(counts: &mut BTreeMap<String, u64>, limit: usize) -> bool {
+    let dropped = counts.len() > limit;
+    while counts.len() > limit {
+        let least = counts
+            .iter()
+            .min_by(|(v1, n1), (v2, n2)| n1.cmp(n2).then_with(|| v2.cmp(v1)))
+            .map(|(v, _)| v.clone());
+        match least {
+            Some(v) => counts.remove(&v),
+            None => break,
+        };
+    }
+    dropped
 }
 
 // ---------------------------------------------------------------------------
@@ -1117,7 +1225,15 @@ impl ProfileState {
             .retain(|name, state| set.defs.get(name).is_some_and(|def| state.fits(def)));
     }
 
-    fn apply_event(&mut self, set: &TraitSet, event: &Value, event_time: i64) {
+    /// Apply one event; returns the kinds of the traits whose per-profile
+    /// limit dropped something.
+    fn apply_event(
+        &mut self,
+        set: &TraitSet,
+        event: &Value,
+        event_time: i64,
+    ) -> BTreeSet<&'static str> {
+        let mut limited = BTreeSet::new();
         for (name, def) in &set.defs {
             if !def.selects(event) {
                 continue;
@@ -1125,10 +1241,14 @@ impl ProfileState {
             let Some(text) = def.extract(event) else {
                 continue;
             };
-            self.computed
+            let dropped = self
+                .computed
                 .entry(name.clone())
                 .or_insert_with(|| TraitState::empty(def))
                 .add(def, event_time, &text);
+            if dropped {
+                limited.insert(def.kind());
+            }
         }
         if event.get("type").and_then(Value::as_str) == Some("identify") {
             // RudderStack SDKs send identify traits in `context.traits`,
@@ -1156,6 +1276,7 @@ impl ProfileState {
                 }
             }
         }
+        limited
     }
 
     /// Fold `other` (a merged-away profile) into this one.
@@ -1373,7 +1494,7 @@ impl TraitsOperator {
         let event_time = bounded.time;
         let mut state = self.load(ctx, &profile_id)?.unwrap_or_default();
         state.clock = state.clock.max(ctx.now()).max(event_time);
-        state.apply_event(&self.set, &event, event_time);
+        let limited = state.apply_event(&self.set, &event, event_time);
         // Identifiers only grow: a record from a partition that has not
         // seen the latest link must not take identifiers away.
         state.identifiers = union_identifiers(&state.identifiers, &identifiers);
@@ -1394,18 +1515,18 @@ impl TraitsOperator {
             time_corrected_from: bounded.corrected_from,
             cause,
         };
+        // What the stage counts (a header, so no record is parsed again).
+        let mut headers = Vec::new();
         if bounded.corrected_from.is_some() {
-            let bytes =
-                serde_json::to_vec(&update).map_err(|e| StoreError::Decode(e.to_string()))?;
-            ctx.emit_with_headers(
-                outputs::NEXT,
-                Some(profile_id.into_bytes()),
-                bytes,
-                vec![(TIME_CORRECTED_HEADER.to_owned(), b"1".to_vec())],
-            );
-            return Ok(());
+            headers.push((TIME_CORRECTED_HEADER.to_owned(), b"1".to_vec()));
         }
-        emit_json(ctx, outputs::NEXT, &profile_id, &update)
+        if !limited.is_empty() {
+            let kinds: Vec<&str> = limited.into_iter().collect();
+            headers.push((STATE_LIMIT_HEADER.to_owned(), kinds.join(",").into_bytes()));
+        }
+        let bytes = serde_json::to_vec(&update).map_err(|e| StoreError::Decode(e.to_string()))?;
+        ctx.emit_with_headers(outputs::NEXT, Some(profile_id.into_bytes()), bytes, headers);
+        Ok(())
     }
 
     fn on_merged(
@@ -1825,7 +1946,7 @@ categories: {unique_list: {event: Product Viewed, property: properties.category,
         for (t, c) in [
             (DAY, "z"),
             (2 * DAY, "a"),
-            (3 * DAY, "m"),
+            (2 * DAY + 3_600_000, "m"),
             (4 * DAY, "z"),
             (15 * DAY, "b"),
         ] {
@@ -1943,15 +2064,88 @@ categories: {unique_list: {event: Product Viewed, property: properties.category,
         Ok(())
     }
 
+    /// Every trait type over `n` events of one profile (10k distinct
+    /// values, one event every 5 min, a tick every 100 events): returns the
+    /// largest stored profile state and the largest emitted record.
+    fn one_busy_profile(n: usize) -> Result<(usize, usize), Box<dyn Error>> {
+        let mut h = harness(
+            "orders_30d: {event_counter: {event: E, within: 30d}}\n\
+             orders: {event_counter: {event: E}}\n\
+             revenue_7d: {aggregation: {event: E, property: properties.r, function: sum, within: 7d}}\n\
+             revenue_max: {aggregation: {event: E, property: properties.r, function: max}}\n\
+             favorite: {most_frequent: {event: E, property: properties.c, limit: 100}}\n\
+             favorite_1d: {most_frequent: {event: E, property: properties.c, within: 1d, limit: 10}}\n\
+             recent: {unique_list: {event: E, property: properties.c, limit: 10}}\n\
+             distinct: {unique_count: {event: E, property: properties.c, limit: 100}}\n\
+             first_c: {first: {event: E, property: properties.c}}\n\
+             last_c: {last: {event: E, property: properties.c}}",
+        )?;
+        let (mut state_max, mut record_max) = (0, 0);
+        let mut limited = 0;
+        for i in 0..n {
+            let t = 1_000_000 + i as i64 * 300_000;
+            if i % 100 == 0 {
+                h.tick(t)?;
+            }
+            let event = json!({"type": "track", "event": "E", "timestamp": rfc3339_ms(t),
+                               "properties": {"r": i % 7, "c": format!("c{}", (i * 7919) % 10_000)}});
+            let out = send(&mut h, "p", event)?;
+            limited += out
+                .iter()
+                .filter(|e| e.headers.iter().any(|(k, _)| k == STATE_LIMIT_HEADER))
+                .count();
+            record_max = out
+                .iter()
+                .map(|e| e.value.len())
+                .fold(record_max, usize::max);
+            if i % 97 == 0 || i + 1 == n {
+                let stored = h
+                    .state
+                    .map
+                    .get(profile_key("p").as_slice())
+                    .map_or(0, Vec::len);
+                state_max = state_max.max(stored);
+            }
+        }
+        assert!(limited > 0, "the most_frequent limit was hit and said so");
+        eprintln!("{n} events: state {state_max} bytes, largest record {record_max} bytes");
+        Ok((state_max, record_max))
+    }
+
+    /// A bot sending 12k events (six weeks, every window full) to one
+    /// profile: its state stays bounded (windows in buckets, most_frequent
+    /// and unique_count capped). The 1M-event run is below.
+    #[test]
+    fn a_profile_with_many_events_keeps_its_state_under_the_bound() -> TestResult {
+        let (state, record) = one_busy_profile(12_000)?;
+        assert!(state < 16 * 1024, "profile state {state} bytes");
+        assert!(record < 8 * 1024, "largest record {record} bytes");
+        Ok(())
+    }
+
+    /// The same with 1M events (slow in a debug build: run with
+    /// `cargo nextest run --release -p cdp-operators --run-ignored all million`).
+    #[test]
+    #[ignore]
+    fn a_profile_with_a_million_events_keeps_its_state_under_the_bound() -> TestResult {
+        let (state, record) = one_busy_profile(1_000_000)?;
+        assert!(state < 16 * 1024, "profile state {state} bytes");
+        assert!(record < 8 * 1024, "largest record {record} bytes");
+        Ok(())
+    }
+
     #[test]
     fn windows_slide_with_stream_time() -> TestResult {
         let mut h = harness("orders_30d: {event_counter: {event: Order Completed, within: 30d}}")?;
         send(&mut h, "p", track("Order Completed", DAY, json!({})))?;
         let out = send(&mut h, "p", track("Order Completed", 10 * DAY, json!({})))?;
         assert_eq!(changed(&out)?.get("orders_30d"), Some(&json!(2)));
-        // The first order leaves the window at day 31 exactly.
-        assert!(h.tick(31 * DAY - 1)?.is_empty());
-        let out = h.tick(31 * DAY)?;
+        // The first order's bucket (day 1; a 30d window has buckets of one
+        // day) leaves the window when its last instant does: at day 32 less
+        // 1 ms. A window counts at most one bucket width (1/30) more.
+        let leaves = 32 * DAY - 1;
+        assert!(h.tick(leaves - 1)?.is_empty());
+        let out = h.tick(leaves)?;
         let ups = updates(&out)?;
         assert_eq!(ups.len(), 1);
         match &ups[0] {
@@ -1964,8 +2158,8 @@ categories: {unique_list: {event: Product Viewed, property: properties.category,
             } => {
                 assert_eq!(traits.get("orders_30d"), Some(&json!(1)));
                 assert!(event.is_none());
-                assert_eq!(cause.tick, Some(31 * DAY));
-                assert_eq!(*event_time, 31 * DAY);
+                assert_eq!(cause.tick, Some(leaves));
+                assert_eq!(*event_time, leaves);
             }
             other => return Err(format!("unexpected {other:?}").into()),
         }

@@ -151,6 +151,12 @@ counter!(
     ["stage"]
 );
 counter!(
+    STATE_LIMIT_HITS,
+    "cdp_state_limit_hits_total",
+    "Events that made a per-profile state limit drop something, by trait kind (most_frequent, unique_count)",
+    ["stage", "kind"]
+);
+counter!(
     AUDIENCE_CHANGES,
     "cdp_audience_changes_total",
     "Audience changes emitted; size = entered - exited",
