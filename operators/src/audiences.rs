@@ -1858,6 +1858,7 @@ plan: {where: {not: {trait: plan, in: [pro, team]}}}
             let mut events = Vec::new();
             let mut last_time = now;
             let mut members = BTreeSet::new();
+            let mut exists = false;
             for op in &ops {
                 let out = match op {
                     Op::Tick(dt) => {
@@ -1886,16 +1887,20 @@ plan: {where: {not: {trait: plan, in: [pro, team]}}}
                         AudienceAction::Exited => prop_assert!(members.remove(&c.audience), "exited while out"),
                     }
                 }
+                // After every record, not only at the end: the change
+                // stream so far replays into the batch memberships. A
+                // profile exists for this stage from its first update on.
+                exists |= matches!(op, Op::Update { .. });
+                let at = now.max(last_time);
+                let expected: BTreeSet<String> = all
+                    .iter()
+                    .filter(|(_, d)| exists && batch_holds(&d.r#where, &all, &traits, &events, at))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                if exists {
+                    prop_assert_eq!(&members, &expected, "at {} after {:?}", at, op);
+                }
             }
-            // A profile exists for this stage from its first update on.
-            let exists = ops.iter().any(|op| matches!(op, Op::Update { .. }));
-            let at = now.max(last_time);
-            let expected: BTreeSet<String> = all
-                .iter()
-                .filter(|(_, d)| exists && batch_holds(&d.r#where, &all, &traits, &events, at))
-                .map(|(n, _)| n.clone())
-                .collect();
-            prop_assert_eq!(members, expected, "at {}", at);
         }
     }
 }
