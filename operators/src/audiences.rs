@@ -17,9 +17,11 @@
 //!   event times are bounded by stream time plus `event_time.max_future`
 //!   ([`crate::event_time`]).
 //! - Event history per *filter* (event name + property conditions, shared by
-//!   every condition using the same filter): an all-time count, plus event
-//!   times for windowed conditions (kept for the longest window) and for
-//!   sequences (kept in full, at most [`MAX_SEQUENCE_TIMES`] per filter).
+//!   every condition using the same filter): an all-time count, plus, for
+//!   windowed conditions, event counts in time buckets 1/30 of the shortest
+//!   window (at most 31 per window: a window counts at most one bucket
+//!   width more at its old edge), and for sequences exact event times (at
+//!   most [`MAX_SEQUENCE_TIMES`] per filter).
 //! - Merges: the merged-away profile exits every audience it was in, its
 //!   state travels to the survivor (which then enters what it qualifies
 //!   for), and late updates for it are redirected.
@@ -41,7 +43,7 @@ use crate::event_time::{EventTimeConfig, FutureTimePolicy};
 use crate::messages::{
     self, outputs, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
 };
-use crate::traits::keyed_comparison_schema;
+use crate::traits::{bucket_width, keyed_comparison_schema};
 use crate::traits::{
     emit_json, profile_key, redirect_key, redirect_of, reschedule, set_comparison, to_json_value,
     union_identifiers, Comparison, PropertyCondition, COMPARISONS,
@@ -517,6 +519,10 @@ struct EventFilter {
     event: String,
     conditions: Vec<PropertyCondition>,
     retention: Retention,
+    /// Width of the time buckets its windowed counts are kept in: 1/30 of
+    /// the shortest window using the filter (see
+    /// [`crate::traits::bucket_width`]); `None` when no window uses it.
+    width: Option<i64>,
 }
 
 impl EventFilter {
@@ -583,11 +589,19 @@ impl Compiler {
     ) -> Result<usize, String> {
         let key = serde_json::to_string(&json!({"event": event, "where": conditions}))
             .map_err(|e| e.to_string())?;
+        let width = match retention {
+            Retention::Window(w) => Some(bucket_width(w)),
+            _ => None,
+        };
         if let Some(i) = self.filters.iter().position(|f| f.key == key) {
             let f = &mut self.filters[i];
             f.retention = match (f.retention, retention) {
                 (Retention::Window(a), Retention::Window(b)) => Retention::Window(a.max(b)),
                 (a, b) => a.max(b),
+            };
+            f.width = match (f.width, width) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             return Ok(i);
         }
@@ -596,6 +610,7 @@ impl Compiler {
             event: event.to_owned(),
             conditions: conditions.to_vec(),
             retention,
+            width,
         });
         Ok(self.filters.len() - 1)
     }
@@ -867,29 +882,64 @@ fn topological_order(
 struct FilterHistory {
     /// Every matching event, all time.
     count: u64,
-    /// Event times, sorted, as far back as the filter's retention needs.
+    /// Event times, sorted, as far back as the filter's retention needs
+    /// (sequences; windows in states written before buckets).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     times: Vec<i64>,
+    /// For windows: `(bucket start, events)`, sorted, at most 31 per
+    /// window: what keeps a busy profile's state bounded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    buckets: Vec<(i64, u64)>,
+}
+
+/// Whether the bucket starting at `start` still counts at `now`: while its
+/// last instant is inside the window `(now - w, ∞)`.
+fn bucket_counts(start: i64, width: i64, w: i64, now: i64) -> bool {
+    start.saturating_add(width - 1) > now.saturating_sub(w)
 }
 
 impl FilterHistory {
-    fn record(&mut self, time: i64, retention: Retention, clock: i64) {
+    fn record(&mut self, time: i64, filter: &EventFilter, clock: i64) {
         self.count = self.count.saturating_add(1);
-        let keep = match retention {
-            Retention::CountOnly => false,
-            Retention::Window(w) => time > clock.saturating_sub(w),
-            Retention::All => true,
-        };
-        if keep {
-            let i = self.times.partition_point(|t| *t <= time);
-            self.times.insert(i, time);
+        match (filter.retention, filter.width) {
+            (Retention::CountOnly, _) => {}
+            (Retention::Window(w), Some(width)) => {
+                let start = time.div_euclid(width).saturating_mul(width);
+                if bucket_counts(start, width, w, clock) {
+                    let i = self.buckets.partition_point(|b| b.0 < start);
+                    match self.buckets.get_mut(i) {
+                        Some(b) if b.0 == start => b.1 = b.1.saturating_add(1),
+                        _ => self.buckets.insert(i, (start, 1)),
+                    }
+                }
+            }
+            (Retention::Window(_), None) | (Retention::All, _) => {
+                let i = self.times.partition_point(|t| *t <= time);
+                self.times.insert(i, time);
+            }
         }
     }
 
-    fn prune(&mut self, retention: Retention, clock: i64) {
-        match retention {
-            Retention::CountOnly => self.times.clear(),
+    fn prune(&mut self, filter: &EventFilter, clock: i64) {
+        match filter.retention {
+            Retention::CountOnly => {
+                self.times.clear();
+                self.buckets.clear();
+            }
             Retention::Window(w) => {
+                if let Some(width) = filter.width {
+                    // Times kept before buckets existed move into buckets.
+                    for t in std::mem::take(&mut self.times) {
+                        let start = t.div_euclid(width).saturating_mul(width);
+                        let i = self.buckets.partition_point(|b| b.0 < start);
+                        match self.buckets.get_mut(i) {
+                            Some(b) if b.0 == start => b.1 = b.1.saturating_add(1),
+                            _ => self.buckets.insert(i, (start, 1)),
+                        }
+                    }
+                    self.buckets
+                        .retain(|(start, _)| bucket_counts(*start, width, w, clock));
+                }
                 let horizon = clock.saturating_sub(w);
                 let cut = self.times.partition_point(|t| *t <= horizon);
                 self.times.drain(..cut);
@@ -901,10 +951,39 @@ impl FilterHistory {
         }
     }
 
-    /// Events with time in the window `(now - w, ∞)`.
-    fn count_within(&self, now: i64, w: i64) -> u64 {
+    /// Events with time in the window `(now - w, ∞)`; bucketed events by
+    /// their bucket's last instant.
+    fn count_within(&self, now: i64, w: i64, width: Option<i64>) -> u64 {
         let horizon = now.saturating_sub(w);
-        (self.times.len() - self.times.partition_point(|t| *t <= horizon)) as u64
+        let exact = (self.times.len() - self.times.partition_point(|t| *t <= horizon)) as u64;
+        let bucketed: u64 = width.map_or(0, |width| {
+            self.buckets
+                .iter()
+                .filter(|(start, _)| bucket_counts(*start, width, w, now))
+                .map(|(_, n)| *n)
+                .sum()
+        });
+        exact.saturating_add(bucketed)
+    }
+
+    /// When the oldest event still counted in a window of `w` at `now`
+    /// stops counting.
+    fn next_expiry(&self, now: i64, w: i64, width: Option<i64>) -> Option<i64> {
+        let horizon = now.saturating_sub(w);
+        let exact = self
+            .times
+            .get(self.times.partition_point(|t| *t <= horizon))
+            .map(|t| t.saturating_add(w));
+        let bucketed = width.and_then(|width| {
+            self.buckets
+                .iter()
+                .find(|(start, _)| bucket_counts(*start, width, w, now))
+                .map(|(start, _)| start.saturating_add(width - 1).saturating_add(w))
+        });
+        match (exact, bucketed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -938,7 +1017,7 @@ impl AudienceProfile {
                 self.events
                     .entry(f.key.clone())
                     .or_default()
-                    .record(time, f.retention, self.clock);
+                    .record(time, f, self.clock);
             }
         }
     }
@@ -950,7 +1029,7 @@ impl AudienceProfile {
             .retain(|key, _| set.filters.iter().any(|f| f.key == *key));
         for f in &set.filters {
             if let Some(h) = self.events.get_mut(&f.key) {
-                h.prune(f.retention, clock);
+                h.prune(f, clock);
             }
         }
     }
@@ -968,6 +1047,13 @@ impl AudienceProfile {
             mine.count = mine.count.saturating_add(theirs.count);
             mine.times.extend(theirs.times);
             mine.times.sort_unstable();
+            for (start, n) in theirs.buckets {
+                let i = mine.buckets.partition_point(|b| b.0 < start);
+                match mine.buckets.get_mut(i) {
+                    Some(b) if b.0 == start => b.1 = b.1.saturating_add(n),
+                    _ => mine.buckets.insert(i, (start, n)),
+                }
+            }
         }
     }
 
@@ -992,7 +1078,9 @@ impl AudienceProfile {
                 let n = match (h, within) {
                     (None, _) => 0,
                     (Some(h), None) => h.count,
-                    (Some(h), Some(w)) => h.count_within(now, *w),
+                    (Some(h), Some(w)) => {
+                        h.count_within(now, *w, set.filters.get(*filter).and_then(|f| f.width))
+                    }
                 };
                 count.matches(n)
             }
@@ -1031,9 +1119,7 @@ impl AudienceProfile {
             .iter()
             .filter_map(|(filter, w)| {
                 let h = self.history(set, *filter)?;
-                let horizon = now.saturating_sub(*w);
-                let i = h.times.partition_point(|t| *t <= horizon);
-                h.times.get(i).map(|t| t.saturating_add(*w))
+                h.next_expiry(now, *w, set.filters.get(*filter).and_then(|f| f.width))
             })
             .min()
     }
@@ -1498,11 +1584,45 @@ browsed_then_bought:
             465 * DAY,
         )?;
         assert!(c.is_empty(), "no change: {:?}", summary(&c));
-        let c = h.tick(114 * DAY + 1)?;
+        // The order's bucket (14d / 30 wide) has left the window by day 115.
+        let c = h.tick(115 * DAY)?;
         assert_eq!(
             summary(&changes(&c)?),
             vec![exited("active"), entered("quiet")]
         );
+        Ok(())
+    }
+
+    /// A bot's events keep at most 31 buckets per windowed filter, not one
+    /// time per event, and windowed counts stay right.
+    #[test]
+    fn windowed_event_history_is_kept_in_buckets() -> TestResult {
+        let mut h = harness("busy: {where: {event: A, count: {gte: 3000}, within: 1d}}")?;
+        h.tick(DAY)?;
+        let mut entered_at = None;
+        for i in 0..5_000i64 {
+            let t = DAY + i * 20_000;
+            let c = send(&mut h, "p", Some(("A", json!({}))), json!({}), t)?;
+            if !c.is_empty() && entered_at.is_none() {
+                entered_at = Some(i);
+            }
+        }
+        // 3000 events 20 s apart span 16.7 hours: in the window.
+        assert_eq!(entered_at, Some(2_999));
+        let stored = h
+            .state
+            .map
+            .get(profile_key("p").as_slice())
+            .ok_or("no profile")?;
+        let profile: AudienceProfile = serde_json::from_slice(stored)?;
+        let history = profile.events.values().next().ok_or("no history")?;
+        assert!(history.times.is_empty());
+        assert!(
+            history.buckets.len() <= 31,
+            "{} buckets",
+            history.buckets.len()
+        );
+        assert!(stored.len() < 2048, "{} bytes", stored.len());
         Ok(())
     }
 
@@ -1543,8 +1663,11 @@ browsed_then_bought:
         assert_eq!(summary(&c), vec![entered("lapsing")]);
         assert_eq!(c[0].cause.tick, Some(16 * DAY));
         assert_eq!(c[0].event_time, rfc3339_ms(16 * DAY));
-        // At day 31 the first order leaves the 30-day window: both exit.
-        let c = changes(&h.tick(31 * DAY)?)?;
+        // The first order's bucket (day 1: a 30d window keeps buckets of a
+        // day) leaves the window when its last instant does, at day 32 less
+        // 1 ms: both exit.
+        assert!(changes(&h.tick(32 * DAY - 2)?)?.is_empty());
+        let c = changes(&h.tick(32 * DAY - 1)?)?;
         assert_eq!(summary(&c), vec![exited("big_spenders"), exited("lapsing")]);
         assert!(changes(&h.tick(400 * DAY)?)?.is_empty());
         Ok(())
