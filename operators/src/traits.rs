@@ -1440,11 +1440,67 @@ impl TraitsOperator {
     }
 
     fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<ProfileState>, OperatorError> {
-        let state: Option<ProfileState> = ctx.get_json(&profile_key(id))?;
-        Ok(state.map(|mut s| {
-            s.conform(&self.set);
-            s
-        }))
+        let Some(bytes) = ctx.get(&profile_key(id))? else {
+            return Ok(None);
+        };
+        let mut state: ProfileState = match serde_json::from_slice(&bytes) {
+            Ok(state) => state,
+            // A state written before windows had buckets and unique lists
+            // kept times: rewrite it once rather than stop the stage.
+            Err(_) => self.upgrade(id, &bytes)?,
+        };
+        state.conform(&self.set);
+        Ok(Some(state))
+    }
+
+    /// Read a profile state of an older layout: window `entries` (one per
+    /// event) become buckets, a unique list's `values` become its most
+    /// recent values (all as old as can be).
+    fn upgrade(&self, id: &str, bytes: &[u8]) -> Result<ProfileState, OperatorError> {
+        let decode = |e: serde_json::Error| {
+            OperatorError::Store(StoreError::Decode(format!("profile/{id}: {e}")))
+        };
+        let mut value: Value = serde_json::from_slice(bytes).map_err(decode)?;
+        if let Some(computed) = value.get_mut("computed").and_then(Value::as_object_mut) {
+            for (name, state) in computed.iter_mut() {
+                let Some(def) = self.set.defs.get(name) else {
+                    continue;
+                };
+                let kind = state
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let upgraded = match kind {
+                    "window" => {
+                        let entries: Vec<(i64, String)> = state
+                            .get("entries")
+                            .cloned()
+                            .and_then(|e| serde_json::from_value(e).ok())
+                            .unwrap_or_default();
+                        let mut fresh = TraitState::empty(def);
+                        for (t, text) in &entries {
+                            fresh.add(def, *t, text);
+                        }
+                        Some(fresh)
+                    }
+                    "unique_list" if state.get("latest").is_none() => {
+                        let values: Vec<String> = state
+                            .get("values")
+                            .cloned()
+                            .and_then(|v| serde_json::from_value(v).ok())
+                            .unwrap_or_default();
+                        Some(TraitState::UniqueList {
+                            latest: values.into_iter().map(|v| (v, i64::MIN)).collect(),
+                        })
+                    }
+                    _ => None,
+                };
+                if let Some(fresh) = upgraded {
+                    *state = to_json_value(&fresh)?;
+                }
+            }
+        }
+        serde_json::from_value(value).map_err(decode)
     }
 
     /// Prune, diff, reschedule and store; returns the changed traits.
@@ -1966,6 +2022,38 @@ categories: {unique_list: {event: Product Viewed, property: properties.category,
             seen.get("skus_w"),
             Some(&json!(2)),
             "z (day 4) and b (day 15) within 12d"
+        );
+        Ok(())
+    }
+
+    /// A profile stored by the previous layout (one window entry per event,
+    /// a unique list of values) loads and keeps its values.
+    #[test]
+    fn states_of_the_previous_layout_are_upgraded_on_load() -> TestResult {
+        let mut h = harness(DESIGN_TRAITS)?;
+        h.tick(10 * DAY)?;
+        let old = json!({
+            "identifiers": {"user_id": ["u_p"]}, "clock": 10 * DAY,
+            "computed": {
+                "orders_30d": {"kind": "window", "entries": [[9 * DAY, ""], [10 * DAY, ""]]},
+                "categories": {"kind": "unique_list", "values": ["\"bags\""]}
+            },
+            "emitted": {"orders_30d": 2, "categories": ["bags"]}
+        });
+        h.state
+            .map
+            .insert(profile_key("p"), serde_json::to_vec(&old)?);
+        let out = send(
+            &mut h,
+            "p",
+            track("Product Viewed", 10 * DAY, json!({"category": "hats"})),
+        )?;
+        let values = changed(&out)?;
+        assert_eq!(values.get("categories"), Some(&json!(["bags", "hats"])));
+        let out = send(&mut h, "p", track("Order Completed", 10 * DAY, json!({})))?;
+        assert_eq!(
+            super::tests::changed(&out)?.get("orders_30d"),
+            Some(&json!(3))
         );
         Ok(())
     }
