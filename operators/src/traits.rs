@@ -1632,12 +1632,19 @@ impl TraitsOperator {
         state: Value,
         cause: Cause,
     ) -> Result<(), OperatorError> {
-        let mut incoming: ProfileState = serde_json::from_value(state.clone()).map_err(|e| {
-            OperatorError::rejected(
-                "invalid_transfer",
-                json!({"from": from, "into": into, "error": e.to_string()}),
-            )
-        })?;
+        let mut incoming: ProfileState = match serde_json::from_value(state.clone()) {
+            Ok(incoming) => incoming,
+            // A transfer written by the previous layout: upgrade it too.
+            Err(e) => serde_json::to_vec(&state)
+                .ok()
+                .and_then(|bytes| self.upgrade(&from, &bytes).ok())
+                .ok_or_else(|| {
+                    OperatorError::rejected(
+                        "invalid_transfer",
+                        json!({"from": from, "into": into, "error": e.to_string()}),
+                    )
+                })?,
+        };
         if let Some(survivor) = redirect_of(ctx, &into)? {
             // `into` was itself merged away meanwhile: pass the state on.
             let forwarded = ProfileRecord::Transfer {
