@@ -138,6 +138,10 @@ enum Step {
     Event { profile: usize, offset: i64, v: i64 },
     /// Merge profile 0 (`a`) or 2 (`c`) into `b`.
     Merge(usize),
+    /// Stream time moves to just around (`delta` ms from) the moment an
+    /// absorbed event (the `pick`-th, modulo) stops counting in the 90 s or
+    /// the 300 s window: where off-by-one errors live.
+    Edge { pick: usize, long: bool, delta: i64 },
 }
 
 fn arb_step() -> impl Strategy<Value = Step> {
@@ -150,6 +154,8 @@ fn arb_step() -> impl Strategy<Value = Step> {
              ], -3i64..6)
             .prop_map(|(profile, offset, v)| Step::Event { profile, offset, v }),
         1 => prop::sample::select(vec![0usize, 2]).prop_map(Step::Merge),
+        2 => (any::<usize>(), any::<bool>(), -1i64..=1)
+            .prop_map(|(pick, long, delta)| Step::Edge { pick, long, delta }),
     ]
 }
 
@@ -236,8 +242,20 @@ proptest! {
         run.h.tick(now).map_err(|e| fail(e.to_string()))?;
         for (n, step) in steps.iter().enumerate() {
             match step {
-                Step::Tick(dt) => {
-                    now += dt;
+                Step::Tick(_) | Step::Edge { .. } => {
+                    let target = match step {
+                        Step::Edge { pick, long, delta } => {
+                            let all: Vec<i64> = events.values().flatten().map(|e| e.0).collect();
+                            let w: i64 = if *long { 300_000 } else { 90_000 };
+                            let width = w / 30;
+                            all.get(pick % all.len().max(1)).map_or(now, |t| {
+                                t.div_euclid(width) * width + width - 1 + w + delta
+                            })
+                        }
+                        Step::Tick(dt) => now + dt,
+                        _ => now,
+                    };
+                    now = now.max(target);
                     let out = run.h.tick(now).map_err(|e| fail(e.to_string()))?;
                     run.apply(&out).map_err(fail)?;
                     for c in clock.values_mut() {
