@@ -203,6 +203,32 @@ impl Pipeline {
         self.spawn(name, &stage)
     }
 
+    /// Send a signal (`STOP`, `CONT`) to a process.
+    fn signal(
+        &self,
+        name: &str,
+        signal: &str,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let pid = self
+            .procs
+            .get(name)
+            .map(|(c, _)| c.id())
+            .ok_or("no such process")?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        assert!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
+    }
+
+    /// Whether a process has exited (by itself).
+    fn exited(&mut self, name: &str) -> bool {
+        self.procs
+            .get_mut(name)
+            .is_some_and(|(c, _)| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
     fn reader(&self) -> Result<ChangeReader, Box<dyn std::error::Error + Send + Sync>> {
         ChangeReader::new(
             &self.factory,
@@ -598,6 +624,73 @@ fn one_person_is_one_profile_across_partitions_and_a_killed_identity() -> TestRe
     assert!(
         stray.is_empty(),
         "changes for anonymous-only profiles: {stray:?}"
+    );
+    Ok(())
+}
+
+/// A zombie: `traits-0` is paused (SIGSTOP) past `session.timeout.ms`,
+/// `traits-1` takes its partitions and commits batches on them, then
+/// `traits-0` resumes (SIGCONT) in whatever state it was paused. It must
+/// not corrupt state: it finds itself fenced and stops (then is restarted,
+/// as an orchestrator would) or rejoins the group and claims anew. The
+/// audience changes equal those of a clean run.
+#[test]
+fn a_zombie_paused_past_its_session_changes_nothing_downstream() -> TestResult {
+    let Some(brokers) = brokers() else {
+        return Ok(());
+    };
+    let visitors: Vec<String> = (0..8).map(|i| format!("z{i}")).collect();
+    let start = recent_start();
+
+    let mut clean = Pipeline::new(&brokers)?;
+    clean.spawn_all()?;
+    for v in &visitors {
+        send(clean.collector, v, start)?;
+    }
+    let mut reader = clean.reader()?;
+    let ok = reader.read_until(Duration::from_secs(120), all_entered(&visitors));
+    assert!(
+        ok,
+        "clean run incomplete: {:?}\n{}",
+        reader.changes,
+        clean.logs()
+    );
+    reader.settle(Duration::from_secs(3));
+    let expected = by_profile(&reader.changes);
+    drop(clean);
+
+    let mut p = Pipeline::new(&brokers)?;
+    p.spawn_all()?;
+    for v in &visitors[..4] {
+        send(p.collector, v, start)?;
+    }
+    p.signal("traits-0", "STOP")?;
+    // Past session.timeout.ms (6 s): the group gives its partitions to
+    // traits-1, which claims them and processes the rest of the traffic.
+    std::thread::sleep(Duration::from_secs(10));
+    for v in &visitors[4..] {
+        send(p.collector, v, start)?;
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    p.signal("traits-0", "CONT")?;
+    std::thread::sleep(Duration::from_secs(5));
+    if p.exited("traits-0") {
+        p.restart("traits-0")?;
+    }
+    let mut reader = p.reader()?;
+    let ok = reader.read_until(Duration::from_secs(180), all_entered(&visitors));
+    assert!(
+        ok,
+        "zombie run incomplete: {:?}\n{}",
+        reader.changes,
+        p.logs()
+    );
+    reader.settle(Duration::from_secs(5));
+    assert_eq!(
+        by_profile(&reader.changes),
+        expected,
+        "audience changes differ after a zombie\n{}",
+        p.logs()
     );
     Ok(())
 }
