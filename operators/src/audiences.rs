@@ -1291,6 +1291,7 @@ impl AudiencesOperator {
         ctx: &mut Context<'_>,
         from: String,
         into: String,
+        identifiers: Identifiers,
         cause: Cause,
     ) -> Result<(), OperatorError> {
         let Some(mut profile) = self.load(ctx, &from)? else {
@@ -1313,6 +1314,11 @@ impl AudiencesOperator {
             ctx.cancel_timer(at, from.as_bytes());
         }
         profile.members.clear();
+        // The merged profile's identifiers (every one the survivor has
+        // after the merge) travel with the state, so a membership the
+        // transfer completes names them all, even if the merging event's
+        // own update reaches the survivor later.
+        profile.identifiers = union_identifiers(&profile.identifiers, &identifiers);
         let transfer = ProfileUpdate::Transfer {
             stage: STAGE.to_owned(),
             from: from.clone(),
@@ -1396,7 +1402,10 @@ impl Operator for AudiencesOperator {
                 )
             }
             ProfileUpdate::Merged {
-                from, into, cause, ..
+                from,
+                into,
+                identifiers,
+                cause,
             } => {
                 if from.is_empty() || into.is_empty() || from == into {
                     return Err(OperatorError::rejected(
@@ -1404,7 +1413,7 @@ impl Operator for AudiencesOperator {
                         json!({"from": from, "into": into, "error": "a merge needs two different profile ids"}),
                     ));
                 }
-                self.on_merged(ctx, from, into, cause)
+                self.on_merged(ctx, from, into, identifiers, cause)
             }
             ProfileUpdate::Transfer {
                 stage,
@@ -1714,10 +1723,13 @@ browsed_then_bought:
         let c = send(&mut h, "a", None, json!({"revenue_total": 500}), 2 * DAY)?;
         assert_eq!(summary(&c), vec![entered("big_spenders")]);
 
+        // Identity names every identifier of the merged profile, including
+        // one (the email) whose own update has not reached `b` yet.
+        let merged_ids = Identifiers::from([("email".to_string(), vec!["ab@x.com".to_string()])]);
         let merged = serde_json::to_vec(&ProfileUpdate::Merged {
             from: "a".into(),
             into: "b".into(),
-            identifiers: Identifiers::new(),
+            identifiers: merged_ids,
             cause: Cause {
                 message_id: Some("m-merge".into()),
                 tick: None,
@@ -1741,6 +1753,11 @@ browsed_then_bought:
         assert_eq!(c[0].profile_id, "b");
         assert_eq!(c[0].traits.get("revenue_total"), Some(&json!(700)));
         assert_eq!(c[0].identifiers.get("user_id").map(Vec::len), Some(2));
+        assert_eq!(
+            c[0].identifiers.get("email"),
+            Some(&vec!["ab@x.com".to_string()]),
+            "the change names every identifier of the merged profile"
+        );
 
         // A late update for `a` is forwarded to `b`.
         let bytes = update("a", order(1), json!({}), 3 * DAY)?;
