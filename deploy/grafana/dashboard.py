@@ -89,6 +89,16 @@ panel("Dead letters / s by stage and reason", [(f'sum by (stage, reason) (rate(c
 panel("Validation failures / s by source and event", [(f'topk(10, sum by (source, event, reason) (rate(cdp_validation_failures_total{{{NS}}}[$__rate_interval])))', "{{source}} {{event}} {{reason}}")], "ops", w=12,
       desc="Which producing team and event to talk to.")
 endrow()
+row("Identity and profile state")
+panel("Identifiers refused / s by type and rule", [(f'sum by (type, reason) (rate(cdp_identity_dropped_identifiers_total{{{NS}}}[$__rate_interval]))', "{{type}} {{reason}}")], "ops", w=6, stack=True,
+      desc="Identifiers identity kept off a profile: blocked values/patterns, wrong types, limits, max_merges. Each is also on the profile's audit trail in <p>.profiles.")
+panel("Profile merges / s", [(f'sum(rate(cdp_identity_merges_total{{{NS}}}[$__rate_interval]))', "merges")], "ops", w=6,
+      desc="Profiles identity merged into another (logins joining devices).")
+panel("Event times corrected / s", [(f'sum by (stage) (rate(cdp_event_times_corrected_total{{{NS}}}[$__rate_interval]))', "{{stage}}")], "ops", w=6,
+      desc="Events dated further ahead of stream time than event_time.max_future (wrong device clocks).")
+panel("State limits hit / s", [(f'sum by (stage, kind) (rate(cdp_state_limit_hits_total{{{NS}}}[$__rate_interval]))', "{{stage}} {{kind}}")], "ops", w=6,
+      desc="Per-profile state bounds reached (most_frequent, unique_count limits): values dropped by the documented rule.")
+endrow()
 row("Audiences and delivery")
 panel("Audience sizes", [(f'sum by (audience) (cdp_audience_changes_total{{{NS},action="entered"}}) - sum by (audience) (cdp_audience_changes_total{{{NS},action="exited"}})', "{{audience}}")], "short",
       desc="entered − exited since the counters started. Counters restart with pods: a size from a fresh pod counts changes since its start only.")
