@@ -1,0 +1,316 @@
+//! The audiences operator: dispatch of records and timers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cdp_pipeline::operator::{Context, Operator, OperatorError, Record};
+use serde_json::{json, Value};
+
+use super::compile::AudienceSet;
+use super::profile::AudienceProfile;
+use super::STAGE;
+use crate::messages::{
+    self, outputs, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
+};
+use crate::traits::{
+    emit_json, profile_key, redirect_key, redirect_of, reschedule, to_json_value, union_identifiers,
+};
+
+/// The audiences operator of one task.
+pub struct AudiencesOperator {
+    set: Arc<AudienceSet>,
+}
+
+/// What caused an evaluation, for the changes it emits.
+struct Trigger {
+    cause: Cause,
+    event_time: i64,
+}
+
+impl AudiencesOperator {
+    pub fn new(set: Arc<AudienceSet>) -> Self {
+        AudiencesOperator { set }
+    }
+
+    fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<AudienceProfile>, OperatorError> {
+        Ok(ctx.get_json(&profile_key(id))?)
+    }
+
+    fn change(
+        &self,
+        ctx: &Context<'_>,
+        id: &str,
+        profile: &AudienceProfile,
+        audience: &str,
+        action: AudienceAction,
+        trigger: &Trigger,
+    ) -> AudienceChange {
+        let traits = self
+            .set
+            .audiences
+            .get(audience)
+            .map(|a| {
+                a.traits
+                    .iter()
+                    .filter_map(|t| profile.traits.get(t).map(|v| (t.clone(), v.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        AudienceChange {
+            kind: "audience_change".to_owned(),
+            audience: audience.to_owned(),
+            action,
+            profile_id: id.to_owned(),
+            identifiers: profile.identifiers.clone(),
+            traits,
+            event_time: messages::rfc3339_ms(trigger.event_time),
+            emitted_at: messages::rfc3339_ms(ctx.processing_time()),
+            cause: trigger.cause.clone(),
+        }
+    }
+
+    /// Prune, re-evaluate at the profile's clock, emit the changes in
+    /// evaluation order, reschedule the timer and store the profile.
+    fn settle(
+        &self,
+        ctx: &mut Context<'_>,
+        id: &str,
+        mut profile: AudienceProfile,
+        trigger: &Trigger,
+    ) -> Result<(), OperatorError> {
+        profile.prune(&self.set);
+        let now = profile.clock;
+        let members = profile.evaluate(&self.set, now);
+        let mut changes = Vec::new();
+        for name in &self.set.order {
+            let action = match (profile.members.contains(name), members.contains(name)) {
+                (false, true) => AudienceAction::Entered,
+                (true, false) => AudienceAction::Exited,
+                _ => continue,
+            };
+            changes.push(self.change(ctx, id, &profile, name, action, trigger));
+        }
+        profile.members = members;
+        let next = profile.next_change(&self.set, now);
+        reschedule(ctx, id, &mut profile.timer, next);
+        ctx.put_json(&profile_key(id), &profile)?;
+        for change in &changes {
+            emit_json(ctx, outputs::NEXT, id, change)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_update(
+        &self,
+        ctx: &mut Context<'_>,
+        profile_id: String,
+        identifiers: Identifiers,
+        event: Option<Value>,
+        traits: BTreeMap<String, Value>,
+        event_time: i64,
+        record_time: Option<i64>,
+        cause: Cause,
+    ) -> Result<(), OperatorError> {
+        if let Some(survivor) = redirect_of(ctx, &profile_id)? {
+            let forwarded = ProfileUpdate::Update {
+                profile_id: survivor.clone(),
+                identifiers,
+                event,
+                traits,
+                event_time,
+                time_corrected_from: None,
+                cause,
+            };
+            return emit_json(ctx, outputs::SELF, &survivor, &forwarded);
+        }
+        // Traits bounded the event time already; bound it again against
+        // this stage's stream time for producers that write here directly.
+        let event_time = self
+            .set
+            .event_time
+            .bound(event_time, ctx.now(), record_time)?
+            .time;
+        let mut profile = self.load(ctx, &profile_id)?.unwrap_or_default();
+        profile.clock = profile.clock.max(ctx.now()).max(event_time);
+        // Identifiers only grow: a record from a partition that has not
+        // seen the latest link must not take identifiers away.
+        profile.identifiers = union_identifiers(&profile.identifiers, &identifiers);
+        for (name, value) in traits {
+            if value.is_null() {
+                profile.traits.remove(&name);
+            } else {
+                profile.traits.insert(name, value);
+            }
+        }
+        if let Some(event) = &event {
+            profile.record_event(&self.set, event, event_time);
+        }
+        self.settle(ctx, &profile_id, profile, &Trigger { cause, event_time })
+    }
+
+    fn on_merged(
+        &self,
+        ctx: &mut Context<'_>,
+        from: String,
+        into: String,
+        identifiers: Identifiers,
+        cause: Cause,
+    ) -> Result<(), OperatorError> {
+        let Some(mut profile) = self.load(ctx, &from)? else {
+            ctx.put(&redirect_key(&from), into.as_bytes().to_vec());
+            return Ok(());
+        };
+        let trigger = Trigger {
+            cause: cause.clone(),
+            event_time: profile.clock.max(ctx.now()),
+        };
+        // The merged-away profile leaves every audience it was in.
+        let exits: Vec<AudienceChange> = self
+            .set
+            .order
+            .iter()
+            .filter(|name| profile.members.contains(*name))
+            .map(|name| self.change(ctx, &from, &profile, name, AudienceAction::Exited, &trigger))
+            .collect();
+        if let Some(at) = profile.timer.take() {
+            ctx.cancel_timer(at, from.as_bytes());
+        }
+        profile.members.clear();
+        // The merged profile's identifiers (every one the survivor has
+        // after the merge) travel with the state, so a membership the
+        // transfer completes names them all, even if the merging event's
+        // own update reaches the survivor later.
+        profile.identifiers = union_identifiers(&profile.identifiers, &identifiers);
+        let transfer = ProfileUpdate::Transfer {
+            stage: STAGE.to_owned(),
+            from: from.clone(),
+            into: into.clone(),
+            state: to_json_value(&profile)?,
+            cause,
+        };
+        ctx.delete(&profile_key(&from));
+        ctx.put(&redirect_key(&from), into.as_bytes().to_vec());
+        for change in &exits {
+            emit_json(ctx, outputs::NEXT, &from, change)?;
+        }
+        emit_json(ctx, outputs::SELF, &into, &transfer)
+    }
+
+    fn on_transfer(
+        &self,
+        ctx: &mut Context<'_>,
+        from: String,
+        into: String,
+        state: Value,
+        cause: Cause,
+    ) -> Result<(), OperatorError> {
+        let incoming: AudienceProfile = serde_json::from_value(state.clone()).map_err(|e| {
+            OperatorError::rejected(
+                "invalid_transfer",
+                json!({"from": from, "into": into, "error": e.to_string()}),
+            )
+        })?;
+        if let Some(survivor) = redirect_of(ctx, &into)? {
+            let forwarded = ProfileUpdate::Transfer {
+                stage: STAGE.to_owned(),
+                from,
+                into: survivor.clone(),
+                state,
+                cause,
+            };
+            return emit_json(ctx, outputs::SELF, &survivor, &forwarded);
+        }
+        let mut profile = self.load(ctx, &into)?.unwrap_or_default();
+        profile.merge(incoming);
+        profile.clock = profile.clock.max(ctx.now());
+        let trigger = Trigger {
+            cause,
+            event_time: profile.clock,
+        };
+        self.settle(ctx, &into, profile, &trigger)
+    }
+}
+
+impl Operator for AudiencesOperator {
+    fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        let input: ProfileUpdate = serde_json::from_slice(record.value).map_err(|e| {
+            OperatorError::rejected("invalid_record", json!({"error": e.to_string()}))
+        })?;
+        match input {
+            ProfileUpdate::Update {
+                profile_id,
+                identifiers,
+                event,
+                traits,
+                event_time,
+                cause,
+                ..
+            } => {
+                if profile_id.is_empty() {
+                    return Err(OperatorError::rejected(
+                        "invalid_record",
+                        json!({"error": "empty profile_id"}),
+                    ));
+                }
+                self.on_update(
+                    ctx,
+                    profile_id,
+                    identifiers,
+                    event,
+                    traits,
+                    event_time,
+                    record.timestamp_ms,
+                    cause,
+                )
+            }
+            ProfileUpdate::Merged {
+                from,
+                into,
+                identifiers,
+                cause,
+            } => {
+                if from.is_empty() || into.is_empty() || from == into {
+                    return Err(OperatorError::rejected(
+                        "invalid_merge",
+                        json!({"from": from, "into": into, "error": "a merge needs two different profile ids"}),
+                    ));
+                }
+                self.on_merged(ctx, from, into, identifiers, cause)
+            }
+            ProfileUpdate::Transfer {
+                stage,
+                from,
+                into,
+                state,
+                cause,
+            } => {
+                if stage != STAGE {
+                    return Ok(());
+                }
+                self.on_transfer(ctx, from, into, state, cause)
+            }
+        }
+    }
+
+    fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        let Ok(id) = std::str::from_utf8(key) else {
+            return Ok(());
+        };
+        let Some(mut profile) = self.load(ctx, id)? else {
+            return Ok(());
+        };
+        // The runtime removed the timer that fired.
+        profile.timer = None;
+        let now = ctx.now();
+        profile.clock = profile.clock.max(now);
+        let trigger = Trigger {
+            cause: Cause {
+                message_id: None,
+                tick: Some(now),
+            },
+            event_time: now,
+        };
+        self.settle(ctx, id, profile, &trigger)
+    }
+}

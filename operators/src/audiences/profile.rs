@@ -1,0 +1,178 @@
+//! Everything the audiences stage keeps for one profile, and its evaluation.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::compile::{AudienceSet, Compiled};
+use super::history::FilterHistory;
+use crate::messages::{self, Identifiers};
+use crate::traits::union_identifiers;
+/// Everything the audiences stage keeps for one profile, under `profile/<id>`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(super) struct AudienceProfile {
+    #[serde(default)]
+    pub(super) identifiers: Identifiers,
+    /// Time of the last evaluation; never goes backwards.
+    #[serde(default)]
+    pub(super) clock: i64,
+    /// Current trait values (computed and identify).
+    #[serde(default)]
+    pub(super) traits: BTreeMap<String, Value>,
+    /// Filter key → history.
+    #[serde(default)]
+    pub(super) events: BTreeMap<String, FilterHistory>,
+    /// Audiences the profile is in.
+    #[serde(default)]
+    pub(super) members: BTreeSet<String>,
+    /// The timer set for the next time-driven change.
+    #[serde(default)]
+    pub(super) timer: Option<i64>,
+}
+
+impl AudienceProfile {
+    pub(super) fn record_event(&mut self, set: &AudienceSet, event: &Value, time: i64) {
+        let name = messages::event_name(event);
+        for f in &set.filters {
+            if f.selects(name, event) {
+                self.events
+                    .entry(f.key.clone())
+                    .or_default()
+                    .record(time, f, self.clock);
+            }
+        }
+    }
+
+    pub(super) fn prune(&mut self, set: &AudienceSet) {
+        let clock = self.clock;
+        // Histories of filters no longer configured go too.
+        self.events
+            .retain(|key, _| set.filters.iter().any(|f| f.key == *key));
+        for f in &set.filters {
+            if let Some(h) = self.events.get_mut(&f.key) {
+                h.prune(f, clock);
+            }
+        }
+    }
+
+    /// Fold a merged-away profile into this one (the survivor's trait
+    /// values win where both have one).
+    pub(super) fn merge(&mut self, other: AudienceProfile) {
+        self.identifiers = union_identifiers(&self.identifiers, &other.identifiers);
+        self.clock = self.clock.max(other.clock);
+        for (name, value) in other.traits {
+            self.traits.entry(name).or_insert(value);
+        }
+        for (key, theirs) in other.events {
+            let mine = self.events.entry(key).or_default();
+            mine.count = mine.count.saturating_add(theirs.count);
+            mine.times.extend(theirs.times);
+            mine.times.sort_unstable();
+            for (start, n) in theirs.buckets {
+                let i = mine.buckets.partition_point(|b| b.0 < start);
+                match mine.buckets.get_mut(i) {
+                    Some(b) if b.0 == start => b.1 = b.1.saturating_add(n),
+                    _ => mine.buckets.insert(i, (start, n)),
+                }
+            }
+        }
+    }
+
+    pub(super) fn history(&self, set: &AudienceSet, filter: usize) -> Option<&FilterHistory> {
+        set.filters
+            .get(filter)
+            .and_then(|f| self.events.get(&f.key))
+    }
+
+    pub(super) fn holds(
+        &self,
+        set: &AudienceSet,
+        c: &Compiled,
+        now: i64,
+        members: &BTreeSet<String>,
+    ) -> bool {
+        match c {
+            Compiled::All(cs) => cs.iter().all(|c| self.holds(set, c, now, members)),
+            Compiled::Any(cs) => cs.iter().any(|c| self.holds(set, c, now, members)),
+            Compiled::Not(c) => !self.holds(set, c, now, members),
+            Compiled::Trait { name, op } => op.matches(self.traits.get(name)),
+            Compiled::Event {
+                filter,
+                count,
+                within,
+            } => {
+                let h = self.history(set, *filter);
+                let n = match (h, within) {
+                    (None, _) => 0,
+                    (Some(h), None) => h.count,
+                    (Some(h), Some(w)) => {
+                        h.count_within(now, *w, set.filters.get(*filter).and_then(|f| f.width))
+                    }
+                };
+                count.matches(n)
+            }
+            Compiled::Audience(name) => members.contains(name),
+            Compiled::Sequence { steps, within } => {
+                let empty = Vec::new();
+                let times: Vec<&[i64]> = steps
+                    .iter()
+                    .map(|f| {
+                        self.history(set, *f)
+                            .map_or(empty.as_slice(), |h| h.times.as_slice())
+                    })
+                    .collect();
+                sequence_holds(&times, *within)
+            }
+        }
+    }
+
+    /// Memberships at `now`, every audience in topological order.
+    pub(super) fn evaluate(&self, set: &AudienceSet, now: i64) -> BTreeSet<String> {
+        let mut members = BTreeSet::new();
+        for name in &set.order {
+            if let Some(a) = set.audiences.get(name) {
+                if self.holds(set, &a.condition, now, &members) {
+                    members.insert(name.clone());
+                }
+            }
+        }
+        members
+    }
+
+    /// The earliest time after `now` at which a windowed event condition can
+    /// change: when its oldest event in the window ages out.
+    pub(super) fn next_change(&self, set: &AudienceSet, now: i64) -> Option<i64> {
+        set.windows
+            .iter()
+            .filter_map(|(filter, w)| {
+                let h = self.history(set, *filter)?;
+                h.next_expiry(now, *w, set.filters.get(*filter).and_then(|f| f.width))
+            })
+            .min()
+    }
+}
+
+/// Whether events happened in the order of `steps` (each step's times
+/// sorted), strictly increasing in time, with the last at most `within`
+/// after the first. For each first-step time the earliest continuation is
+/// the best one, so a greedy scan is exact.
+pub(super) fn sequence_holds(steps: &[&[i64]], within: Option<i64>) -> bool {
+    let Some((first, rest)) = steps.split_first() else {
+        return false;
+    };
+    for &start in first.iter() {
+        let mut at = start;
+        for times in rest {
+            match times.get(times.partition_point(|t| *t <= at)) {
+                Some(&t) => at = t,
+                // No continuation now; a later start cannot have one either.
+                None => return false,
+            }
+        }
+        if within.is_none_or(|w| at.saturating_sub(start) <= w) {
+            return true;
+        }
+    }
+    false
+}

@@ -1,0 +1,408 @@
+//! The traits operator: dispatch of records and timers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cdp_pipeline::operator::{Context, Operator, OperatorError, Record};
+use cdp_pipeline::store::StoreError;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::config::TraitSet;
+use super::profile::ProfileState;
+use super::state::TraitState;
+use super::{STAGE, STATE_LIMIT_HEADER};
+use crate::event_time::TIME_CORRECTED_HEADER;
+use crate::messages::{self, outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate};
+
+pub(crate) fn profile_key(id: &str) -> Vec<u8> {
+    format!("profile/{id}").into_bytes()
+}
+
+pub(crate) fn redirect_key(id: &str) -> Vec<u8> {
+    format!("redirect/{id}").into_bytes()
+}
+
+/// The profile `id` was merged into, if it was.
+pub(crate) fn redirect_of(ctx: &Context<'_>, id: &str) -> Result<Option<String>, OperatorError> {
+    Ok(ctx
+        .get(&redirect_key(id))?
+        .map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
+/// Emit `value` as JSON, keyed by a profile id.
+pub(crate) fn emit_json<T: Serialize>(
+    ctx: &mut Context<'_>,
+    output: &'static str,
+    key: &str,
+    value: &T,
+) -> Result<(), OperatorError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Decode(e.to_string()))?;
+    ctx.emit(output, Some(key.as_bytes().to_vec()), bytes);
+    Ok(())
+}
+
+/// Both profiles' identifiers: `a`'s first, then `b`'s new ones.
+pub(crate) fn union_identifiers(a: &Identifiers, b: &Identifiers) -> Identifiers {
+    let mut out = a.clone();
+    for (kind, values) in b {
+        let mine = out.entry(kind.clone()).or_default();
+        for v in values {
+            if !mine.contains(v) {
+                mine.push(v.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Move a profile's timer from `current` to `next` (either may be none).
+pub(crate) fn reschedule(
+    ctx: &mut Context<'_>,
+    id: &str,
+    current: &mut Option<i64>,
+    next: Option<i64>,
+) {
+    if *current == next {
+        return;
+    }
+    if let Some(old) = *current {
+        ctx.cancel_timer(old, id.as_bytes());
+    }
+    if let Some(at) = next {
+        ctx.set_timer(at, id.as_bytes());
+    }
+    *current = next;
+}
+
+pub(crate) fn to_json_value<T: Serialize>(value: &T) -> Result<Value, OperatorError> {
+    serde_json::to_value(value).map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))
+}
+
+/// The traits operator of one task.
+pub struct TraitsOperator {
+    set: Arc<TraitSet>,
+}
+
+impl TraitsOperator {
+    pub fn new(set: Arc<TraitSet>) -> Self {
+        TraitsOperator { set }
+    }
+
+    fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<ProfileState>, OperatorError> {
+        let Some(bytes) = ctx.get(&profile_key(id))? else {
+            return Ok(None);
+        };
+        let mut state: ProfileState = match serde_json::from_slice(&bytes) {
+            Ok(state) => state,
+            // A state written before windows had buckets and unique lists
+            // kept times: rewrite it once rather than stop the stage.
+            Err(_) => self.upgrade(id, &bytes)?,
+        };
+        state.conform(&self.set);
+        Ok(Some(state))
+    }
+
+    /// Read a profile state of an older layout: window `entries` (one per
+    /// event) become buckets, a unique list's `values` become its most
+    /// recent values (all as old as can be).
+    fn upgrade(&self, id: &str, bytes: &[u8]) -> Result<ProfileState, OperatorError> {
+        let decode = |e: serde_json::Error| {
+            OperatorError::Store(StoreError::Decode(format!("profile/{id}: {e}")))
+        };
+        let mut value: Value = serde_json::from_slice(bytes).map_err(decode)?;
+        if let Some(computed) = value.get_mut("computed").and_then(Value::as_object_mut) {
+            for (name, state) in computed.iter_mut() {
+                let Some(def) = self.set.defs.get(name) else {
+                    continue;
+                };
+                let kind = state
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let upgraded = match kind {
+                    "window" => {
+                        let entries: Vec<(i64, String)> = state
+                            .get("entries")
+                            .cloned()
+                            .and_then(|e| serde_json::from_value(e).ok())
+                            .unwrap_or_default();
+                        let mut fresh = TraitState::empty(def);
+                        for (t, text) in &entries {
+                            fresh.add(def, *t, text);
+                        }
+                        Some(fresh)
+                    }
+                    "unique_list" if state.get("latest").is_none() => {
+                        let values: Vec<String> = state
+                            .get("values")
+                            .cloned()
+                            .and_then(|v| serde_json::from_value(v).ok())
+                            .unwrap_or_default();
+                        Some(TraitState::UniqueList {
+                            latest: values.into_iter().map(|v| (v, i64::MIN)).collect(),
+                        })
+                    }
+                    _ => None,
+                };
+                if let Some(fresh) = upgraded {
+                    *state = to_json_value(&fresh)?;
+                }
+            }
+        }
+        serde_json::from_value(value).map_err(decode)
+    }
+
+    /// Prune, diff, reschedule and store; returns the changed traits.
+    fn settle(
+        &self,
+        ctx: &mut Context<'_>,
+        id: &str,
+        state: &mut ProfileState,
+    ) -> Result<BTreeMap<String, Value>, OperatorError> {
+        let changed = state.refresh(&self.set, state.clock);
+        let next = state.next_expiry(&self.set);
+        reschedule(ctx, id, &mut state.timer, next);
+        ctx.put_json(&profile_key(id), state)?;
+        Ok(changed)
+    }
+
+    fn on_event(
+        &self,
+        ctx: &mut Context<'_>,
+        profile_id: String,
+        identifiers: Identifiers,
+        event: Value,
+        record_time: Option<i64>,
+    ) -> Result<(), OperatorError> {
+        if !event.is_object() {
+            return Err(OperatorError::rejected(
+                "invalid_event",
+                json!({"profile_id": profile_id, "error": "event is not a JSON object"}),
+            ));
+        }
+        if let Some(survivor) = redirect_of(ctx, &profile_id)? {
+            let forwarded = ProfileRecord::Event {
+                profile_id: survivor.clone(),
+                identifiers,
+                event,
+                dropped: Vec::new(),
+            };
+            return emit_json(ctx, outputs::SELF, &survivor, &forwarded);
+        }
+        // An event without a time happened "now" in stream time; one too
+        // far ahead of the stream is bounded (see `event_time`).
+        let own_time = messages::event_time_ms(&event).unwrap_or_else(|| ctx.now());
+        let bounded = self
+            .set
+            .event_time
+            .bound(own_time, ctx.now(), record_time)?;
+        let event_time = bounded.time;
+        let mut state = self.load(ctx, &profile_id)?.unwrap_or_default();
+        state.clock = state.clock.max(ctx.now()).max(event_time);
+        let limited = state.apply_event(&self.set, &event, event_time);
+        // Identifiers only grow: a record from a partition that has not
+        // seen the latest link must not take identifiers away.
+        state.identifiers = union_identifiers(&state.identifiers, &identifiers);
+        let traits = self.settle(ctx, &profile_id, &mut state)?;
+        let cause = Cause {
+            message_id: event
+                .get("messageId")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            tick: None,
+        };
+        let update = ProfileUpdate::Update {
+            profile_id: profile_id.clone(),
+            identifiers: state.identifiers,
+            event: Some(event),
+            traits,
+            event_time,
+            time_corrected_from: bounded.corrected_from,
+            cause,
+        };
+        // What the stage counts (a header, so no record is parsed again).
+        let mut headers = Vec::new();
+        if bounded.corrected_from.is_some() {
+            headers.push((TIME_CORRECTED_HEADER.to_owned(), b"1".to_vec()));
+        }
+        if !limited.is_empty() {
+            let kinds: Vec<&str> = limited.into_iter().collect();
+            headers.push((STATE_LIMIT_HEADER.to_owned(), kinds.join(",").into_bytes()));
+        }
+        let bytes = serde_json::to_vec(&update).map_err(|e| StoreError::Decode(e.to_string()))?;
+        ctx.emit_with_headers(outputs::NEXT, Some(profile_id.into_bytes()), bytes, headers);
+        Ok(())
+    }
+
+    fn on_merged(
+        &self,
+        ctx: &mut Context<'_>,
+        from: String,
+        into: String,
+        identifiers: Identifiers,
+        cause: Cause,
+    ) -> Result<(), OperatorError> {
+        let transfer = match self.load(ctx, &from)? {
+            Some(mut state) => {
+                if let Some(at) = state.timer.take() {
+                    ctx.cancel_timer(at, from.as_bytes());
+                }
+                state.emitted.clear();
+                state.identifiers = union_identifiers(&state.identifiers, &identifiers);
+                Some(ProfileRecord::Transfer {
+                    stage: STAGE.to_owned(),
+                    from: from.clone(),
+                    into: into.clone(),
+                    state: to_json_value(&state)?,
+                    cause: cause.clone(),
+                })
+            }
+            None => None,
+        };
+        ctx.delete(&profile_key(&from));
+        ctx.put(&redirect_key(&from), into.as_bytes().to_vec());
+        if let Some(transfer) = transfer {
+            emit_json(ctx, outputs::SELF, &into, &transfer)?;
+        }
+        let merged = ProfileUpdate::Merged {
+            from: from.clone(),
+            into,
+            identifiers,
+            cause,
+        };
+        emit_json(ctx, outputs::NEXT, &from, &merged)
+    }
+
+    fn on_transfer(
+        &self,
+        ctx: &mut Context<'_>,
+        from: String,
+        into: String,
+        state: Value,
+        cause: Cause,
+    ) -> Result<(), OperatorError> {
+        let mut incoming: ProfileState = match serde_json::from_value(state.clone()) {
+            Ok(incoming) => incoming,
+            // A transfer written by the previous layout: upgrade it too.
+            Err(e) => serde_json::to_vec(&state)
+                .ok()
+                .and_then(|bytes| self.upgrade(&from, &bytes).ok())
+                .ok_or_else(|| {
+                    OperatorError::rejected(
+                        "invalid_transfer",
+                        json!({"from": from, "into": into, "error": e.to_string()}),
+                    )
+                })?,
+        };
+        if let Some(survivor) = redirect_of(ctx, &into)? {
+            // `into` was itself merged away meanwhile: pass the state on.
+            let forwarded = ProfileRecord::Transfer {
+                stage: STAGE.to_owned(),
+                from,
+                into: survivor.clone(),
+                state,
+                cause,
+            };
+            return emit_json(ctx, outputs::SELF, &survivor, &forwarded);
+        }
+        incoming.conform(&self.set);
+        let mut current = self.load(ctx, &into)?.unwrap_or_default();
+        current.merge(&self.set, incoming);
+        current.clock = current.clock.max(ctx.now());
+        let traits = self.settle(ctx, &into, &mut current)?;
+        if traits.is_empty() {
+            return Ok(());
+        }
+        let update = ProfileUpdate::Update {
+            profile_id: into.clone(),
+            identifiers: current.identifiers,
+            event: None,
+            traits,
+            event_time: current.clock,
+            time_corrected_from: None,
+            cause,
+        };
+        emit_json(ctx, outputs::NEXT, &into, &update)
+    }
+}
+
+impl Operator for TraitsOperator {
+    fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        let input: ProfileRecord = serde_json::from_slice(record.value).map_err(|e| {
+            OperatorError::rejected("invalid_record", json!({"error": e.to_string()}))
+        })?;
+        match input {
+            ProfileRecord::Event {
+                profile_id,
+                identifiers,
+                event,
+                ..
+            } => {
+                if profile_id.is_empty() {
+                    return Err(OperatorError::rejected(
+                        "invalid_record",
+                        json!({"error": "empty profile_id"}),
+                    ));
+                }
+                self.on_event(ctx, profile_id, identifiers, event, record.timestamp_ms)
+            }
+            ProfileRecord::Merged {
+                from,
+                into,
+                identifiers,
+                cause,
+            } => {
+                if from.is_empty() || into.is_empty() || from == into {
+                    return Err(OperatorError::rejected(
+                        "invalid_merge",
+                        json!({"from": from, "into": into, "error": "a merge needs two different profile ids"}),
+                    ));
+                }
+                self.on_merged(ctx, from, into, identifiers, cause)
+            }
+            ProfileRecord::Transfer {
+                stage,
+                from,
+                into,
+                state,
+                cause,
+            } => {
+                if stage != STAGE {
+                    return Ok(());
+                }
+                self.on_transfer(ctx, from, into, state, cause)
+            }
+        }
+    }
+
+    fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        let Ok(id) = std::str::from_utf8(key) else {
+            return Ok(());
+        };
+        let Some(mut state) = self.load(ctx, id)? else {
+            return Ok(());
+        };
+        // The runtime removed the timer that fired.
+        state.timer = None;
+        let now = ctx.now();
+        state.clock = state.clock.max(now);
+        let traits = self.settle(ctx, id, &mut state)?;
+        if traits.is_empty() {
+            return Ok(());
+        }
+        let update = ProfileUpdate::Update {
+            profile_id: id.to_owned(),
+            identifiers: state.identifiers,
+            event: None,
+            traits,
+            event_time: now,
+            time_corrected_from: None,
+            cause: Cause {
+                message_id: None,
+                tick: Some(now),
+            },
+        };
+        emit_json(ctx, outputs::NEXT, id, &update)
+    }
+}

@@ -1,0 +1,180 @@
+//! Everything the traits stage keeps for one profile, and its evaluation.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::config::TraitSet;
+use super::operator::union_identifiers;
+use super::state::TraitState;
+use crate::messages::{self, Identifiers};
+
+/// A profile trait set by `identify`, with the event time that set it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(super) struct StampedValue {
+    pub(super) time: i64,
+    pub(super) value: Value,
+}
+
+/// Everything the traits stage keeps for one profile, under `profile/<id>`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(super) struct ProfileState {
+    /// The profile's identifiers, as of its latest event.
+    #[serde(default)]
+    pub(super) identifiers: Identifiers,
+    /// Time of the last evaluation; never goes backwards.
+    #[serde(default)]
+    pub(super) clock: i64,
+    /// Computed trait name → state.
+    #[serde(default)]
+    pub(super) computed: BTreeMap<String, TraitState>,
+    /// Identify traits: last write wins by event time (ties: by arrival).
+    #[serde(default)]
+    pub(super) profile_traits: BTreeMap<String, StampedValue>,
+    /// The non-null values last sent downstream, to emit only changes.
+    #[serde(default)]
+    pub(super) emitted: BTreeMap<String, Value>,
+    /// The timer set for this profile's next window expiry.
+    #[serde(default)]
+    pub(super) timer: Option<i64>,
+}
+
+impl ProfileState {
+    /// Drop states of traits no longer configured or of another type.
+    pub(super) fn conform(&mut self, set: &TraitSet) {
+        self.computed
+            .retain(|name, state| set.defs.get(name).is_some_and(|def| state.fits(def)));
+    }
+
+    /// Apply one event; returns the kinds of the traits whose per-profile
+    /// limit dropped something.
+    pub(super) fn apply_event(
+        &mut self,
+        set: &TraitSet,
+        event: &Value,
+        event_time: i64,
+    ) -> BTreeSet<&'static str> {
+        let mut limited = BTreeSet::new();
+        for (name, def) in &set.defs {
+            if !def.selects(event) {
+                continue;
+            }
+            let Some(text) = def.extract(event) else {
+                continue;
+            };
+            let dropped = self
+                .computed
+                .entry(name.clone())
+                .or_insert_with(|| TraitState::empty(def))
+                .add(def, event_time, &text);
+            if dropped {
+                limited.insert(def.kind());
+            }
+        }
+        if event.get("type").and_then(Value::as_str) == Some("identify") {
+            // RudderStack SDKs send identify traits in `context.traits`,
+            // Segment's in `traits`; the top-level ones win a clash.
+            let places = [
+                messages::lookup(event, "context.traits"),
+                event.get("traits"),
+            ];
+            for traits in places.into_iter().flatten().filter_map(Value::as_object) {
+                for (name, value) in traits {
+                    if self
+                        .profile_traits
+                        .get(name)
+                        .is_some_and(|s| s.time > event_time)
+                    {
+                        continue;
+                    }
+                    self.profile_traits.insert(
+                        name.clone(),
+                        StampedValue {
+                            time: event_time,
+                            value: value.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        limited
+    }
+
+    /// Fold `other` (a merged-away profile) into this one.
+    pub(super) fn merge(&mut self, set: &TraitSet, other: ProfileState) {
+        self.identifiers = union_identifiers(&self.identifiers, &other.identifiers);
+        self.clock = self.clock.max(other.clock);
+        for (name, def) in &set.defs {
+            let merged = match (self.computed.remove(name), other.computed.get(name)) {
+                (Some(a), Some(b)) => a.merge(def, b),
+                (Some(a), None) => a,
+                (None, Some(b)) => b.clone(),
+                (None, None) => continue,
+            };
+            self.computed.insert(name.clone(), merged);
+        }
+        for (name, theirs) in other.profile_traits {
+            // Ties keep the survivor's value.
+            if self
+                .profile_traits
+                .get(&name)
+                .is_some_and(|mine| mine.time >= theirs.time)
+            {
+                continue;
+            }
+            self.profile_traits.insert(name, theirs);
+        }
+    }
+
+    /// Every non-null trait value at `now`. Computed traits shadow identify
+    /// traits of the same name.
+    pub(super) fn values(&self, set: &TraitSet, now: i64) -> BTreeMap<String, Value> {
+        let mut out: BTreeMap<String, Value> = self
+            .profile_traits
+            .iter()
+            .filter(|(name, s)| !s.value.is_null() && !set.defs.contains_key(*name))
+            .map(|(name, s)| (name.clone(), s.value.clone()))
+            .collect();
+        for (name, def) in &set.defs {
+            let value = match self.computed.get(name) {
+                Some(state) => state.value(def, now),
+                None => TraitState::empty(def).value(def, now),
+            };
+            if !value.is_null() {
+                out.insert(name.clone(), value);
+            }
+        }
+        out
+    }
+
+    /// Prune windows at `now` and return the traits whose value differs from
+    /// what was last emitted (`null`: no value any more).
+    pub(super) fn refresh(&mut self, set: &TraitSet, now: i64) -> BTreeMap<String, Value> {
+        for (name, def) in &set.defs {
+            if let Some(state) = self.computed.get_mut(name) {
+                state.prune(def, now);
+            }
+        }
+        let current = self.values(set, now);
+        let mut changed: BTreeMap<String, Value> = current
+            .iter()
+            .filter(|(name, value)| self.emitted.get(*name) != Some(*value))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        for name in self.emitted.keys() {
+            if !current.contains_key(name) {
+                changed.insert(name.clone(), Value::Null);
+            }
+        }
+        self.emitted = current;
+        changed
+    }
+
+    pub(super) fn next_expiry(&self, set: &TraitSet) -> Option<i64> {
+        set.defs
+            .iter()
+            .filter_map(|(name, def)| self.computed.get(name).and_then(|s| s.next_expiry(def)))
+            .min()
+    }
+}

@@ -1,0 +1,425 @@
+//! Mergeable state of one computed trait.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::config::{AggregateFunction, TraitDef};
+use super::window::{bucket_counts, bucket_start, bucket_width};
+
+/// Fixed-point scale of aggregation sums: 10⁻⁹ units.
+const UNITS: f64 = 1e9;
+const UNITS_INT: i128 = 1_000_000_000;
+
+/// A value in fixed-point units. Rounding happens once per value, before
+/// any addition, so sums are exact, commutative and associative. Values are
+/// clamped to ±10¹⁸.
+fn to_units(x: f64) -> i128 {
+    (x.clamp(-1e18, 1e18) * UNITS).round() as i128
+}
+
+fn units_to_f64(u: i128) -> f64 {
+    u as f64 / UNITS
+}
+
+/// A JSON number, integral when the float is.
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9.0e15 {
+        json!(x as i64)
+    } else {
+        serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+    }
+}
+
+fn units_value(u: i128) -> Value {
+    if u % UNITS_INT == 0 {
+        if let Ok(whole) = i64::try_from(u / UNITS_INT) {
+            return json!(whole);
+        }
+    }
+    number(units_to_f64(u))
+}
+
+/// JSON text back to the value it was made from.
+fn parse_text(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+/// `i128` as a decimal string: JSON numbers (and `serde_json::Value`) stop
+/// at 64 bits.
+mod units_text {
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &i128, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i128, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// The state of one computed trait of one profile. Values are kept as
+/// their JSON text so they order and compare exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(super) enum TraitState {
+    /// All-time event counter.
+    Counter { count: u64 },
+    /// All-time aggregation: enough for every function.
+    Aggregation {
+        count: u64,
+        #[serde(with = "units_text")]
+        sum: i128,
+        min: Option<f64>,
+        max: Option<f64>,
+    },
+    /// All-time value → number of events.
+    MostFrequent { counts: BTreeMap<String, u64> },
+    /// Earliest `(event time, value)`.
+    First { at: Option<(i64, String)> },
+    /// Latest `(event time, value)`.
+    Last { at: Option<(i64, String)> },
+    /// Distinct value → event time of its latest occurrence: the `limit`
+    /// most recent (ties: the larger value).
+    UniqueList { latest: BTreeMap<String, i64> },
+    /// The `limit` smallest distinct values.
+    UniqueCount { values: BTreeSet<String> },
+    /// Any windowed trait: the all-time state of each time bucket (start →
+    /// state) still in the window; see [`bucket_width`]. The value is the
+    /// merge of the buckets in the window, folded on demand.
+    Window {
+        #[serde(with = "bucket_pairs")]
+        buckets: BTreeMap<i64, TraitState>,
+    },
+}
+
+/// Buckets as `[[start, state], ...]`: JSON object keys are strings, and
+/// an internally tagged enum cannot turn them back into numbers.
+mod bucket_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::TraitState;
+
+    pub fn serialize<S: Serializer>(
+        buckets: &BTreeMap<i64, TraitState>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(buckets.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<i64, TraitState>, D::Error> {
+        Ok(Vec::<(i64, TraitState)>::deserialize(d)?
+            .into_iter()
+            .collect())
+    }
+}
+
+impl TraitState {
+    /// The state of no events.
+    pub(super) fn empty(def: &TraitDef) -> Self {
+        if def.window().is_some() {
+            TraitState::Window {
+                buckets: BTreeMap::new(),
+            }
+        } else {
+            Self::all_time(def)
+        }
+    }
+
+    pub(super) fn all_time(def: &TraitDef) -> Self {
+        match def {
+            TraitDef::EventCounter(_) => TraitState::Counter { count: 0 },
+            TraitDef::Aggregation(_) => TraitState::Aggregation {
+                count: 0,
+                sum: 0,
+                min: None,
+                max: None,
+            },
+            TraitDef::MostFrequent(_) => TraitState::MostFrequent {
+                counts: BTreeMap::new(),
+            },
+            TraitDef::First(_) => TraitState::First { at: None },
+            TraitDef::Last(_) => TraitState::Last { at: None },
+            TraitDef::UniqueList(_) => TraitState::UniqueList {
+                latest: BTreeMap::new(),
+            },
+            TraitDef::UniqueCount(_) => TraitState::UniqueCount {
+                values: BTreeSet::new(),
+            },
+        }
+    }
+
+    /// Whether this state belongs to `def` (a config change may alter a
+    /// trait's type; its old state is then dropped).
+    pub(super) fn fits(&self, def: &TraitDef) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(&Self::empty(def))
+    }
+
+    /// Record one event's value (JSON text, see [`TraitDef::extract`]).
+    /// Returns whether a per-profile limit dropped something.
+    pub(super) fn add(&mut self, def: &TraitDef, time: i64, text: &str) -> bool {
+        match self {
+            TraitState::Counter { count } => *count = count.saturating_add(1),
+            TraitState::Aggregation {
+                count,
+                sum,
+                min,
+                max,
+            } => {
+                let Ok(x) = text.parse::<f64>() else {
+                    return false;
+                };
+                if !x.is_finite() {
+                    return false;
+                }
+                *count = count.saturating_add(1);
+                *sum = sum.saturating_add(to_units(x));
+                *min = Some(min.map_or(x, |m| m.min(x)));
+                *max = Some(max.map_or(x, |m| m.max(x)));
+            }
+            TraitState::MostFrequent { counts } => {
+                let c = counts.entry(text.to_owned()).or_insert(0);
+                *c = c.saturating_add(1);
+                return keep_most_frequent(counts, def.limit());
+            }
+            TraitState::First { at } => {
+                let candidate = (time, text.to_owned());
+                if at.as_ref().is_none_or(|a| candidate < *a) {
+                    *at = Some(candidate);
+                }
+            }
+            TraitState::Last { at } => {
+                let candidate = (time, text.to_owned());
+                if at.as_ref().is_none_or(|a| candidate > *a) {
+                    *at = Some(candidate);
+                }
+            }
+            TraitState::UniqueList { latest } => {
+                let t = latest.entry(text.to_owned()).or_insert(time);
+                *t = (*t).max(time);
+                keep_most_recent(latest, def.limit());
+            }
+            TraitState::UniqueCount { values } => {
+                values.insert(text.to_owned());
+                return truncate(values, def.limit());
+            }
+            TraitState::Window { buckets } => {
+                let width = def.window().map_or(1, bucket_width);
+                return buckets
+                    .entry(bucket_start(time, width))
+                    .or_insert_with(|| Self::all_time(def))
+                    .add(def, time, text);
+            }
+        }
+        false
+    }
+
+    /// The state of the union of both states' events. Commutative and
+    /// associative; a state of another type than `self` is ignored.
+    pub(super) fn merge(&self, def: &TraitDef, other: &TraitState) -> TraitState {
+        match (self, other) {
+            (TraitState::Counter { count: a }, TraitState::Counter { count: b }) => {
+                TraitState::Counter {
+                    count: a.saturating_add(*b),
+                }
+            }
+            (
+                TraitState::Aggregation {
+                    count: c1,
+                    sum: s1,
+                    min: lo1,
+                    max: hi1,
+                },
+                TraitState::Aggregation {
+                    count: c2,
+                    sum: s2,
+                    min: lo2,
+                    max: hi2,
+                },
+            ) => TraitState::Aggregation {
+                count: c1.saturating_add(*c2),
+                sum: s1.saturating_add(*s2),
+                min: merge_opt(*lo1, *lo2, f64::min),
+                max: merge_opt(*hi1, *hi2, f64::max),
+            },
+            (TraitState::MostFrequent { counts: a }, TraitState::MostFrequent { counts: b }) => {
+                let mut counts = a.clone();
+                for (value, n) in b {
+                    let c = counts.entry(value.clone()).or_insert(0);
+                    *c = c.saturating_add(*n);
+                }
+                keep_most_frequent(&mut counts, def.limit());
+                TraitState::MostFrequent { counts }
+            }
+            (TraitState::First { at: a }, TraitState::First { at: b }) => TraitState::First {
+                at: match (a, b) {
+                    (Some(x), Some(y)) => Some(x.min(y).clone()),
+                    (x, y) => x.clone().or_else(|| y.clone()),
+                },
+            },
+            (TraitState::Last { at: a }, TraitState::Last { at: b }) => TraitState::Last {
+                at: match (a, b) {
+                    (Some(x), Some(y)) => Some(x.max(y).clone()),
+                    (x, y) => x.clone().or_else(|| y.clone()),
+                },
+            },
+            (TraitState::UniqueList { latest: a }, TraitState::UniqueList { latest: b }) => {
+                let mut latest = a.clone();
+                for (value, t) in b {
+                    let mine = latest.entry(value.clone()).or_insert(*t);
+                    *mine = (*mine).max(*t);
+                }
+                keep_most_recent(&mut latest, def.limit());
+                TraitState::UniqueList { latest }
+            }
+            (TraitState::UniqueCount { values: a }, TraitState::UniqueCount { values: b }) => {
+                let mut values: BTreeSet<String> = a.union(b).cloned().collect();
+                truncate(&mut values, def.limit());
+                TraitState::UniqueCount { values }
+            }
+            (TraitState::Window { buckets: a }, TraitState::Window { buckets: b }) => {
+                let mut buckets = a.clone();
+                for (start, theirs) in b {
+                    let merged = match buckets.get(start) {
+                        Some(mine) => mine.merge(def, theirs),
+                        None => theirs.clone(),
+                    };
+                    buckets.insert(*start, merged);
+                }
+                TraitState::Window { buckets }
+            }
+            _ => self.clone(),
+        }
+    }
+
+    /// Drop buckets that are out of the window at `now`.
+    pub(super) fn prune(&mut self, def: &TraitDef, now: i64) {
+        if let (TraitState::Window { buckets }, Some(w)) = (self, def.window()) {
+            let width = bucket_width(w);
+            buckets.retain(|start, _| bucket_counts(*start, width, w, now));
+        }
+    }
+
+    /// The trait's value at `now` (`null` when it has none).
+    pub(super) fn value(&self, def: &TraitDef, now: i64) -> Value {
+        match self {
+            TraitState::Counter { count } => json!(count),
+            TraitState::Aggregation {
+                count,
+                sum,
+                min,
+                max,
+            } => match def {
+                TraitDef::Aggregation(a) => match a.function {
+                    AggregateFunction::Sum => units_value(*sum),
+                    AggregateFunction::Avg if *count > 0 => {
+                        number(units_to_f64(*sum) / *count as f64)
+                    }
+                    AggregateFunction::Avg => Value::Null,
+                    AggregateFunction::Min => min.map_or(Value::Null, number),
+                    AggregateFunction::Max => max.map_or(Value::Null, number),
+                },
+                _ => Value::Null,
+            },
+            TraitState::MostFrequent { counts } => {
+                // Ascending key order and a strict `>`: ties go to the
+                // smallest value.
+                let mut best: Option<(&String, u64)> = None;
+                for (value, n) in counts {
+                    if best.is_none_or(|(_, m)| *n > m) {
+                        best = Some((value, *n));
+                    }
+                }
+                best.map_or(Value::Null, |(v, _)| parse_text(v))
+            }
+            TraitState::First { at } | TraitState::Last { at } => {
+                at.as_ref().map_or(Value::Null, |(_, v)| parse_text(v))
+            }
+            TraitState::UniqueList { latest } => Value::Array(
+                latest
+                    .keys()
+                    .take(def.limit())
+                    .map(|v| parse_text(v))
+                    .collect(),
+            ),
+            TraitState::UniqueCount { values } => json!(values.len().min(def.limit())),
+            TraitState::Window { buckets } => {
+                let mut acc = Self::all_time(def);
+                for (start, state) in buckets {
+                    let counts = def
+                        .window()
+                        .is_none_or(|w| bucket_counts(*start, bucket_width(w), w, now));
+                    if counts {
+                        acc = acc.merge(def, state);
+                    }
+                }
+                acc.value(def, now)
+            }
+        }
+    }
+
+    /// When the oldest window entry leaves the window (after a prune, every
+    /// entry is still inside).
+    pub(super) fn next_expiry(&self, def: &TraitDef) -> Option<i64> {
+        match (self, def.window()) {
+            (TraitState::Window { buckets }, Some(w)) => buckets
+                .keys()
+                .next()
+                .map(|start| start.saturating_add(bucket_width(w) - 1).saturating_add(w)),
+            _ => None,
+        }
+    }
+}
+
+fn merge_opt(a: Option<f64>, b: Option<f64>, f: fn(f64, f64) -> f64) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(f(x, y)),
+        (x, y) => x.or(y),
+    }
+}
+
+/// Drop the least recent values (smallest `(time, value)`) beyond `limit`.
+fn keep_most_recent(latest: &mut BTreeMap<String, i64>, limit: usize) {
+    while latest.len() > limit {
+        let oldest = latest
+            .iter()
+            .min_by(|(v1, t1), (v2, t2)| (t1, v1).cmp(&(t2, v2)))
+            .map(|(v, _)| v.clone());
+        match oldest {
+            Some(v) => latest.remove(&v),
+            None => return,
+        };
+    }
+}
+
+/// Keep the `limit` smallest values; whether any was dropped.
+fn truncate(values: &mut BTreeSet<String>, limit: usize) -> bool {
+    let dropped = values.len() > limit;
+    while values.len() > limit {
+        values.pop_last();
+    }
+    dropped
+}
+
+/// Drop the least frequent values (ties: the largest) beyond `limit`;
+/// whether any was dropped.
+fn keep_most_frequent(counts: &mut BTreeMap<String, u64>, limit: usize) -> bool {
+    let dropped = counts.len() > limit;
+    while counts.len() > limit {
+        let least = counts
+            .iter()
+            .min_by(|(v1, n1), (v2, n2)| n1.cmp(n2).then_with(|| v2.cmp(v1)))
+            .map(|(v, _)| v.clone());
+        match least {
+            Some(v) => counts.remove(&v),
+            None => break,
+        };
+    }
+    dropped
+}
