@@ -17,14 +17,13 @@
 //!   against the changelog's end every few seconds.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureRecord;
 use rdkafka::Offset;
 
-use super::{
-    await_deliveries, enqueue, epoch_header, produce_acked, Outgoing, RuntimeError, Shared, Task,
-};
+use super::produce::{await_deliveries, enqueue, epoch_header, produce_acked, Outgoing};
+use super::{RuntimeError, Shared, Task};
 use crate::changelog::{self, claim_key, commit_key, Claim, Foreign, Marker, RecordKind, Restorer};
 use crate::metrics;
 use crate::store::{Changes, StateBackend, StoreError, TaskMeta, TaskStore};
@@ -316,6 +315,20 @@ pub(super) fn check_idle(shared: &Shared, task: &mut Task) -> Result<(), Runtime
             Ok(())
         }
     }
+}
+
+/// How often an idle task looks for foreign writes in its changelog.
+pub(super) const OWNERSHIP_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Look for other writers in every owned changelog partition (see
+/// the module docs): a newer owner stops the stage, a zombie's writes are
+/// repaired.
+pub(super) fn check_ownership(shared: &Shared) -> Result<(), RuntimeError> {
+    let mut tasks = shared.tasks.lock().map_err(|_| RuntimeError::Poisoned)?;
+    for task in tasks.values_mut() {
+        check_idle(shared, task)?;
+    }
+    Ok(())
 }
 
 fn wipe(path: &Path) -> Result<(), RuntimeError> {

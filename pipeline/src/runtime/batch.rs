@@ -1,0 +1,521 @@
+//! One batch through the effectively-once cycle (see the module docs of
+//! [`super`]): process, produce and await, mark, commit.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::join_all;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::produce::{epoch_header, produce_acked, Outgoing};
+use super::rebalance::StageContext;
+use super::settle::settle;
+use super::{now_ms, ownership, OutputTarget, RuntimeError, Shared, Task, DEAD_LETTERS};
+use crate::changelog::{self, commit_key, Marker};
+use crate::envelope::{self, Position};
+use crate::kafka::Guarantee;
+use crate::metrics;
+use crate::operator::{fire_due_timers_from, Context, Emitted, Record};
+use crate::sink::{Sink, SinkRecord};
+use crate::store::{Changes, StoreError, TaskMeta};
+use crate::trust::{self, TickVerdict};
+
+/// Records for one sink in one batch, with where each came from
+/// (`(task batch index, output index)`).
+type SinkBatch = (Arc<dyn Sink>, Vec<SinkRecord>, Vec<(usize, usize)>);
+
+/// A task's results for one batch, between processing and commit.
+struct TaskBatch {
+    partition: i32,
+    meta: TaskMeta,
+    outputs: Vec<(Position, Emitted)>,
+    changes: Changes,
+}
+
+/// The id a sink's receiver dedupes on: the record's origin, lineage and
+/// position without the epoch, so a replay by a new owner (a higher epoch)
+/// of the same input offset carries the same id, while a reset stage (a new
+/// lineage, offsets from the start again) never reuses an old one.
+fn delivery_id(origin: &str, pos: &Position) -> String {
+    format!("{origin}/{}/{}/{}", pos.lineage, pos.offset, pos.index)
+}
+
+fn owned_headers(m: &OwnedMessage) -> Vec<(String, Vec<u8>)> {
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_string(),
+                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn to_owned_headers(pairs: &[(String, Vec<u8>)]) -> OwnedHeaders {
+    pairs
+        .iter()
+        .fold(OwnedHeaders::new_with_capacity(pairs.len()), |h, (k, v)| {
+            h.insert(Header {
+                key: k.as_str(),
+                value: Some(v.as_slice()),
+            })
+        })
+}
+
+pub(super) fn process_batch(
+    shared: &Shared,
+    consumer: &BaseConsumer<StageContext>,
+    batch: Vec<OwnedMessage>,
+) -> Result<(), RuntimeError> {
+    let started = Instant::now();
+    let stage = shared.spec.name;
+    let processing_time = now_ms();
+    let dedupe = shared.guarantee == Guarantee::EffectivelyOnce;
+    let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
+    for m in batch {
+        by_partition.entry(m.partition()).or_default().push(m);
+    }
+    let mut tasks = shared.tasks.lock().map_err(|_| RuntimeError::Poisoned)?;
+    let mut work: Vec<TaskBatch> = Vec::new();
+    for (partition, messages) in by_partition {
+        // Records fetched before a revoke or re-assignment are not ours.
+        let Some(task) = tasks.get_mut(&partition) else {
+            continue;
+        };
+        let mut meta = task.meta.clone();
+        let mut outputs = Vec::new();
+        let mut consumed = false;
+        for m in messages {
+            if m.offset() < meta.input_offset {
+                continue; // fetched before the seek to our committed offset
+            }
+            consumed = true;
+            meta.input_offset = m.offset() + 1;
+            metrics::RECORDS_IN.with_label_values(&[stage]).inc();
+            let mut headers = owned_headers(&m);
+            let mut emitted = Vec::new();
+            let verdict = trust::judge_tick(
+                &headers,
+                &task.origin,
+                meta.epoch,
+                meta.tick_epoch,
+                processing_time,
+            );
+            let result = match verdict {
+                TickVerdict::Reject(reason) => {
+                    metrics::TICKS_REJECTED
+                        .with_label_values(&[stage, reason])
+                        .inc();
+                    tracing::debug!(
+                        stage,
+                        partition,
+                        offset = m.offset(),
+                        reason,
+                        "tick ignored"
+                    );
+                    continue;
+                }
+                TickVerdict::Accept { time, epoch } => {
+                    meta.tick_epoch = epoch;
+                    meta.stream_time = meta.stream_time.max(time);
+                    fire_due_timers_from(
+                        task.operator.as_mut(),
+                        &mut task.store,
+                        &mut emitted,
+                        meta.stream_time,
+                        processing_time,
+                        partition,
+                        &mut task.timer_floor,
+                    )
+                }
+                TickVerdict::NotATick => {
+                    if shared.external_input {
+                        trust::strip_external(&mut headers);
+                    }
+                    if dedupe {
+                        if let Some((origin, pos)) = Position::from_headers(&headers) {
+                            if meta
+                                .dedupe
+                                .get(&origin)
+                                .is_some_and(|seen| !pos.is_new_after(seen))
+                            {
+                                metrics::DUPLICATES_DROPPED
+                                    .with_label_values(&[stage])
+                                    .inc();
+                                continue;
+                            }
+                            meta.dedupe.insert(origin, pos);
+                        }
+                    }
+                    let record = Record {
+                        key: m.key(),
+                        value: m.payload().unwrap_or_default(),
+                        partition,
+                        offset: m.offset(),
+                        timestamp_ms: m.timestamp().to_millis(),
+                        headers: &headers,
+                    };
+                    let mut ctx = Context::new(
+                        &mut task.store,
+                        &mut emitted,
+                        meta.stream_time,
+                        processing_time,
+                        partition,
+                    );
+                    let result = task.operator.process(&record, &mut ctx);
+                    if let Some(set) = ctx.take_earliest_timer_set() {
+                        if set < task.timer_floor {
+                            task.timer_floor = set;
+                        }
+                    }
+                    result
+                }
+            };
+            let observer = if verdict == TickVerdict::NotATick {
+                shared.on_input.as_ref()
+            } else {
+                None
+            };
+            settle(stage, &m, headers, result, &mut emitted, observer)?;
+            for (index, e) in emitted.into_iter().enumerate() {
+                let pos = Position {
+                    epoch: meta.epoch,
+                    offset: m.offset(),
+                    index: index as u32,
+                    lineage: meta.lineage,
+                };
+                outputs.push((pos, e));
+            }
+        }
+        if !consumed {
+            continue;
+        }
+        let changes = task.store.take_changes();
+        if outputs.is_empty() && changes.is_empty() {
+            // Nothing to make durable (typically an idle partition's ticks):
+            // move on in memory only. Replaying these records after a crash
+            // yields nothing again, so an idle task costs no writes.
+            task.meta = meta;
+            continue;
+        }
+        work.push(TaskBatch {
+            partition,
+            meta,
+            outputs,
+            changes,
+        });
+    }
+    if work.is_empty() {
+        return Ok(());
+    }
+
+    // Sinks first: each retries on its own within its deadline and hands
+    // back what it gave up on, which becomes a dead letter below.
+    let mut sink_batches: BTreeMap<String, SinkBatch> = BTreeMap::new();
+    for (wi, w) in work.iter().enumerate() {
+        let Some(task) = tasks.get(&w.partition) else {
+            continue;
+        };
+        for (oi, (pos, e)) in w.outputs.iter().enumerate() {
+            if e.output == DEAD_LETTERS {
+                continue;
+            }
+            if let Some(OutputTarget::Sink(sink)) = shared.spec.outputs.get(e.output) {
+                let entry = sink_batches
+                    .entry(e.output.to_string())
+                    .or_insert_with(|| (sink.clone(), Vec::new(), Vec::new()));
+                entry.1.push(SinkRecord {
+                    delivery_id: delivery_id(&task.origin, pos),
+                    key: e.key.clone(),
+                    value: e.value.clone(),
+                });
+                entry.2.push((wi, oi));
+            }
+        }
+    }
+    let sink_futures = sink_batches
+        .values()
+        .map(|(sink, records, _)| sink.deliver(records.clone()))
+        .collect::<Vec<_>>();
+    let sink_results = shared.handle.block_on(join_all(sink_futures));
+
+    // Phase 1: outputs, changelog records and the dead letters of failed
+    // deliveries, all acknowledged.
+    let mut outgoing: Vec<Outgoing<'_>> = Vec::new();
+    for w in &work {
+        let Some(task) = tasks.get(&w.partition) else {
+            continue;
+        };
+        for (pos, e) in &w.outputs {
+            let topic = if e.output == DEAD_LETTERS {
+                shared.dead_letter_topic.as_str()
+            } else {
+                match shared.spec.outputs.get(e.output) {
+                    Some(OutputTarget::Topic(t)) => t.as_str(),
+                    Some(OutputTarget::Sink(_)) => continue,
+                    None => return Err(RuntimeError::UnknownOutput(e.output.to_string())),
+                }
+            };
+            let mut headers = e.headers.clone();
+            headers.extend(pos.to_headers(&task.origin));
+            outgoing.push(Outgoing {
+                topic,
+                partition: None,
+                key: e.key.as_deref(),
+                payload: Some(e.value.as_slice()),
+                headers: to_owned_headers(&headers),
+            });
+            metrics::RECORDS_OUT
+                .with_label_values(&[stage, e.output])
+                .inc();
+        }
+        for (k, v) in &w.changes {
+            outgoing.push(Outgoing {
+                topic: &shared.changelog_topic,
+                partition: Some(w.partition),
+                key: Some(k.as_slice()),
+                payload: v.as_deref(),
+                headers: epoch_header(w.meta.epoch),
+            });
+        }
+    }
+    for ((name, (_, records, origins)), results) in sink_batches.iter().zip(&sink_results) {
+        for ((record, (wi, oi)), result) in records.iter().zip(origins).zip(results) {
+            metrics::RECORDS_OUT
+                .with_label_values(&[stage, work[*wi].outputs[*oi].1.output])
+                .inc();
+            if let Err(reason) = result {
+                metrics::DEAD_LETTERS
+                    .with_label_values(&[stage, "delivery_failed"])
+                    .inc();
+                tracing::warn!(stage, destination = %name, delivery_id = %record.delivery_id, %reason, "delivery failed; sent to dead letters");
+                let headers = to_owned_headers(&[
+                    (envelope::DLQ_STAGE.into(), stage.as_bytes().to_vec()),
+                    (envelope::DLQ_REASON.into(), b"delivery_failed".to_vec()),
+                    (
+                        "cdp-dlq-detail".into(),
+                        serde_json::json!({"destination": name, "error": reason})
+                            .to_string()
+                            .into_bytes(),
+                    ),
+                    (
+                        "cdp-delivery-id".into(),
+                        record.delivery_id.clone().into_bytes(),
+                    ),
+                ]);
+                outgoing.push(Outgoing {
+                    topic: &shared.dead_letter_topic,
+                    partition: None,
+                    key: record.key.as_deref(),
+                    payload: Some(record.value.as_slice()),
+                    headers,
+                });
+            }
+        }
+    }
+    let acks = produce_acked(shared, "batch", &outgoing)?;
+    // Where our changelog records landed, per partition: any other offset
+    // in between is someone else's write (see `ownership`).
+    let mut changelog_offsets: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    for (record, (partition, offset)) in outgoing.iter().zip(&acks.offsets) {
+        if record.topic == shared.changelog_topic {
+            changelog_offsets
+                .entry(*partition)
+                .or_default()
+                .push(*offset);
+        }
+    }
+    drop(outgoing);
+    if let Some(crash_at) = shared.chaos_crash_after_produce {
+        let has_outputs = work.iter().any(|w| !w.outputs.is_empty());
+        if has_outputs && shared.batches_with_outputs.fetch_add(1, Ordering::SeqCst) + 1 >= crash_at
+        {
+            // The worst moment to die: outputs acknowledged, nothing committed.
+            tracing::error!(stage, "chaos: aborting after produce, before commit");
+            std::process::abort();
+        }
+    }
+
+    // Phase 2: one commit marker per task.
+    let markers = work
+        .iter()
+        .map(|w| {
+            serde_json::to_vec(&Marker::commit(&w.meta))
+                .map_err(|e| StoreError::Decode(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let marker_keys: Vec<Vec<u8>> = work.iter().map(|w| commit_key(w.meta.epoch)).collect();
+    let marker_records: Vec<Outgoing<'_>> = work
+        .iter()
+        .zip(&markers)
+        .zip(&marker_keys)
+        .map(|((w, marker), key)| Outgoing {
+            topic: &shared.changelog_topic,
+            partition: Some(w.partition),
+            key: Some(key.as_slice()),
+            payload: Some(marker.as_slice()),
+            headers: epoch_header(w.meta.epoch),
+        })
+        .collect();
+    let marker_acks = produce_acked(shared, "marker", &marker_records)?;
+    let marker_offsets = marker_acks.offsets;
+    drop(marker_records);
+
+    // Phase 3: state + progress + positions, atomically — unless someone
+    // else wrote to the changelog partition meanwhile.
+    let mut offsets = TopicPartitionList::new();
+    let mut fenced = None;
+    for (mut w, (_, marker_offset)) in work.into_iter().zip(marker_offsets) {
+        let Some(task) = tasks.get_mut(&w.partition) else {
+            continue;
+        };
+        let mut mine = changelog_offsets.remove(&w.partition).unwrap_or_default();
+        mine.push(marker_offset);
+        if !changelog::gaps(task.log_end, marker_offset, &mine).is_empty() {
+            // A failed round of ours, or the client's own retry across a
+            // broker restart that lost its idempotence state, may have
+            // landed copies whose acks we never saw: ours if they are this
+            // batch's records under our epoch, not another owner's writes.
+            mine.extend(own_unacked_writes(shared, task, &w, marker_offset, &mine)?);
+        }
+        let foreign = ownership::check_writes(
+            shared,
+            w.partition,
+            w.meta.epoch,
+            task.log_end,
+            &mine,
+            marker_offset,
+        )?;
+        if let changelog::Foreign::Fenced { epoch } = foreign {
+            // Another owner claimed: this batch is not ours to commit.
+            tracing::error!(
+                stage,
+                partition = w.partition,
+                epoch = w.meta.epoch,
+                claimed_by = epoch,
+                "fenced: another owner claimed this partition; not committing"
+            );
+            metrics::FENCED.with_label_values(&[stage]).inc();
+            fenced.get_or_insert(RuntimeError::Fenced {
+                stage,
+                partition: w.partition,
+                epoch: w.meta.epoch,
+                by: epoch,
+            });
+            continue;
+        }
+        w.meta.changelog_offset = marker_offset;
+        task.store.commit(&w.changes, &w.meta)?;
+        task.meta = w.meta;
+        task.log_end = marker_offset + 1;
+        ownership::handle_foreign(shared, task, foreign)?;
+        metrics::COMMITS.with_label_values(&[stage]).inc();
+        if let Some(observe) = &shared.spec.observer {
+            for (_, e) in &w.outputs {
+                observe(e);
+            }
+        }
+        let _ = offsets.add_partition_offset(
+            &shared.spec.input_topic,
+            task.partition,
+            Offset::Offset(task.meta.input_offset),
+        );
+    }
+    // The group offset only feeds lag dashboards; the store is the truth.
+    if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
+        tracing::debug!(stage, error = %e, "group offset commit failed");
+    }
+    if let Some(e) = fenced {
+        // Stop the stage: the orchestrator restarts it, and the restore
+        // then starts from the last batch this task did commit.
+        return Err(e);
+    }
+    metrics::BATCH_SECONDS
+        .with_label_values(&[stage])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Offsets in the task's changelog partition, since its last known end, of
+/// records that a failed produce round of this batch wrote without an ack:
+/// same epoch, and a key and value the batch wrote (a state change or its
+/// commit marker).
+fn own_unacked_writes(
+    shared: &Shared,
+    task: &Task,
+    w: &TaskBatch,
+    marker_offset: i64,
+    acked: &[i64],
+) -> Result<Vec<i64>, RuntimeError> {
+    let marker = serde_json::to_vec(&Marker::commit(&w.meta))
+        .map_err(|e| StoreError::Decode(e.to_string()))?;
+    let marker_key = commit_key(w.meta.epoch);
+    let records = changelog::read_range(
+        &shared.restore_consumer,
+        &shared.changelog_topic,
+        w.partition,
+        task.log_end,
+        marker_offset,
+    )?;
+    Ok(records
+        .into_iter()
+        .filter(|r| r.epoch == w.meta.epoch && !acked.contains(&r.offset))
+        .filter(|r| {
+            let ours = if r.key == marker_key {
+                Some(&marker)
+            } else {
+                w.changes.get(&r.key).and_then(Option::as_ref)
+            };
+            match (&r.value, ours) {
+                (Some(v), Some(o)) => v == o,
+                (None, None) => w.changes.get(&r.key).is_some_and(Option::is_none),
+                _ => false,
+            }
+        })
+        .map(|r| r.offset)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_ids_are_the_same_when_a_new_owner_replays_the_same_input() {
+        let first = Position {
+            epoch: 3,
+            offset: 42,
+            index: 1,
+            lineage: 7,
+        };
+        let replayed = Position { epoch: 4, ..first };
+        assert_eq!(
+            delivery_id("deliver:0", &first),
+            delivery_id("deliver:0", &replayed)
+        );
+        assert_eq!(delivery_id("deliver:0", &first), "deliver:0/7/42/1");
+        assert_ne!(
+            delivery_id("deliver:0", &first),
+            delivery_id(
+                "deliver:0",
+                &Position {
+                    lineage: 8,
+                    ..first
+                }
+            ),
+            "a reset stage's outputs are new"
+        );
+        assert_ne!(
+            delivery_id("deliver:0", &first),
+            delivery_id("deliver:0", &Position { index: 2, ..first })
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! What one record's operator result becomes: its outputs, or a dead letter.
+
+use rdkafka::message::{Message, OwnedMessage};
+
+use super::{InputObserver, InputOutcome, RuntimeError, DEAD_LETTERS};
+use crate::envelope;
+use crate::metrics;
+use crate::operator::{Emitted, OperatorError};
+
+/// Turn an operator's result for one record into what the batch produces:
+/// its outputs, or a dead letter in their place when it was rejected. Tells
+/// `observer` (given for input records, not ticks) what became of it. A
+/// store error is fatal for the batch and observed by no one.
+pub(super) fn settle(
+    stage: &'static str,
+    m: &OwnedMessage,
+    headers: Vec<(String, Vec<u8>)>,
+    result: Result<(), OperatorError>,
+    emitted: &mut Vec<Emitted>,
+    observer: Option<&InputObserver>,
+) -> Result<(), RuntimeError> {
+    match result {
+        Ok(()) => {
+            if let Some(observe) = observer {
+                observe(&headers, &InputOutcome::Processed(emitted));
+            }
+        }
+        Err(OperatorError::Rejected { reason, detail }) => {
+            metrics::DEAD_LETTERS
+                .with_label_values(&[stage, reason])
+                .inc();
+            tracing::debug!(
+                stage,
+                partition = m.partition(),
+                offset = m.offset(),
+                reason,
+                "dead letter"
+            );
+            if let Some(observe) = observer {
+                observe(
+                    &headers,
+                    &InputOutcome::DeadLetter {
+                        reason,
+                        detail: &detail,
+                    },
+                );
+            }
+            emitted.clear();
+            emitted.push(dead_letter(stage, m, headers, reason, &detail));
+        }
+        Err(OperatorError::Store(e)) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// A dead letter: the original bytes and headers, plus why.
+fn dead_letter(
+    stage: &str,
+    m: &OwnedMessage,
+    headers: Vec<(String, Vec<u8>)>,
+    reason: &'static str,
+    detail: &serde_json::Value,
+) -> Emitted {
+    let mut headers = headers;
+    headers.retain(|(k, _)| !k.starts_with("cdp-dlq-"));
+    headers.push((envelope::DLQ_STAGE.into(), stage.as_bytes().to_vec()));
+    headers.push((envelope::DLQ_REASON.into(), reason.as_bytes().to_vec()));
+    headers.push(("cdp-dlq-detail".into(), detail.to_string().into_bytes()));
+    headers.push((
+        "cdp-dlq-input".into(),
+        format!("{}[{}]@{}", m.topic(), m.partition(), m.offset()).into_bytes(),
+    ));
+    Emitted {
+        output: DEAD_LETTERS,
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        headers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+    use rdkafka::Timestamp;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    type Seen = Arc<Mutex<Vec<(Vec<(String, Vec<u8>)>, String)>>>;
+
+    /// An observer that records `(headers, "processed:N" | "dead:reason")`.
+    fn recorder() -> (InputObserver, Seen) {
+        let seen: Seen = Arc::default();
+        let sink = seen.clone();
+        let observer: InputObserver = Arc::new(move |headers, outcome| {
+            let what = match outcome {
+                InputOutcome::Processed(out) => format!("processed:{}", out.len()),
+                InputOutcome::DeadLetter { reason, detail } => format!("dead:{reason}:{detail}"),
+            };
+            if let Ok(mut seen) = sink.lock() {
+                seen.push((headers.to_vec(), what));
+            }
+        });
+        (observer, seen)
+    }
+
+    fn message() -> OwnedMessage {
+        OwnedMessage::new(
+            Some(b"payload".to_vec()),
+            Some(b"k".to_vec()),
+            "t.raw".into(),
+            Timestamp::NotAvailable,
+            3,
+            42,
+            None,
+        )
+    }
+
+    fn emitted(value: &[u8]) -> Emitted {
+        Emitted {
+            output: "next",
+            key: None,
+            value: value.to_vec(),
+            headers: Vec::new(),
+        }
+    }
+
+    fn source() -> Vec<(String, Vec<u8>)> {
+        vec![("cdp-source".to_string(), b"web".to_vec())]
+    }
+
+    #[test]
+    fn the_observer_sees_processed_records_with_their_outputs() -> Result<(), RuntimeError> {
+        let (observer, seen) = recorder();
+        let mut out = vec![emitted(b"a")];
+        settle("s", &message(), source(), Ok(()), &mut out, Some(&observer))?;
+        let mut none = Vec::new();
+        settle(
+            "s",
+            &message(),
+            source(),
+            Ok(()),
+            &mut none,
+            Some(&observer),
+        )?;
+        assert_eq!(out, vec![emitted(b"a")], "outputs are left alone");
+        let seen = seen.lock().map_err(|_| RuntimeError::Poisoned)?;
+        assert_eq!(
+            *seen,
+            vec![
+                (source(), "processed:1".to_string()),
+                (source(), "processed:0".to_string())
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_rejection_becomes_one_dead_letter_and_is_observed() -> Result<(), RuntimeError> {
+        let (observer, seen) = recorder();
+        let mut out = vec![emitted(b"partial")];
+        let rejected = Err(OperatorError::rejected(
+            "bad_value",
+            serde_json::json!({"why": 1}),
+        ));
+        settle(
+            "s",
+            &message(),
+            source(),
+            rejected,
+            &mut out,
+            Some(&observer),
+        )?;
+        assert_eq!(out.len(), 1, "partial outputs are dropped");
+        assert_eq!(out[0].output, DEAD_LETTERS);
+        assert_eq!(out[0].value, b"payload".to_vec(), "the original bytes");
+        let header = |name: &str| {
+            out[0]
+                .headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(header("cdp-source").as_deref(), Some("web"));
+        assert_eq!(header(envelope::DLQ_REASON).as_deref(), Some("bad_value"));
+        assert_eq!(header("cdp-dlq-input").as_deref(), Some("t.raw[3]@42"));
+        let seen = seen.lock().map_err(|_| RuntimeError::Poisoned)?;
+        assert_eq!(
+            *seen,
+            vec![(source(), "dead:bad_value:{\"why\":1}".to_string())]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn ticks_and_store_errors_are_not_observed() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let observer: InputObserver = Arc::new(move |_, _| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let mut out = Vec::new();
+        // The loop passes no observer for ticks.
+        let tick = settle("s", &message(), Vec::new(), Ok(()), &mut out, None);
+        assert!(tick.is_ok());
+        let failed = settle(
+            "s",
+            &message(),
+            source(),
+            Err(OperatorError::Store(StoreError::Decode("x".into()))),
+            &mut out,
+            Some(&observer),
+        );
+        assert!(matches!(failed, Err(RuntimeError::Store(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+}

@@ -1,0 +1,198 @@
+//! The stage's poll loop: set-up, the loop turn and leaving the group.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedMessage;
+
+use super::batch::process_batch;
+use super::gauges::update_gauges;
+use super::ownership::{check_ownership, OWNERSHIP_CHECK_EVERY};
+use super::rebalance::StageContext;
+use super::ticks::send_ticks;
+use super::{InputObserver, RuntimeError, Shared, StageSpec};
+use crate::kafka::ClientFactory;
+use crate::service::{ReadyFlag, Shutdown};
+
+/// Runs one stage until shutdown or a fatal error.
+pub struct StageRuntime {
+    spec: StageSpec,
+    factory: ClientFactory,
+    instance_id: Option<String>,
+    ready: ReadyFlag,
+    on_input: Option<InputObserver>,
+    external_input: bool,
+}
+
+impl StageRuntime {
+    pub fn new(
+        spec: StageSpec,
+        factory: ClientFactory,
+        instance_id: Option<String>,
+        ready: ReadyFlag,
+    ) -> Self {
+        StageRuntime {
+            spec,
+            factory,
+            instance_id,
+            ready,
+            on_input: None,
+            external_input: false,
+        }
+    }
+
+    /// The input topic is written by producers outside the pipeline
+    /// (`<p>.raw`): its records' runtime headers are not trusted (see
+    /// [`crate::trust`]).
+    pub fn with_external_input(mut self) -> Self {
+        self.external_input = true;
+        self
+    }
+
+    /// Call `observer` with the outcome of every input record (see
+    /// [`InputObserver`]).
+    pub fn with_input_observer(mut self, observer: InputObserver) -> Self {
+        self.on_input = Some(observer);
+        self
+    }
+
+    /// Spawn the stage on its own named thread. Needs a tokio runtime
+    /// handle for awaiting deliveries and sinks.
+    pub fn spawn(
+        self,
+        handle: tokio::runtime::Handle,
+        shutdown: Shutdown,
+    ) -> std::io::Result<std::thread::JoinHandle<Result<(), RuntimeError>>> {
+        std::thread::Builder::new()
+            .name(format!("stage-{}", self.spec.name))
+            .spawn(move || {
+                let name = self.spec.name;
+                let ready = self.ready.clone();
+                let result = self.run(handle, shutdown.clone());
+                if let Err(e) = &result {
+                    tracing::error!(stage = name, error = %e, "stage stopped");
+                    ready.fail(&e.to_string());
+                    // One stage failing takes the process down cleanly so the
+                    // orchestrator restarts it and the batch replays.
+                    shutdown.trigger();
+                }
+                result
+            })
+    }
+
+    /// Run on the current thread (which must not be a tokio worker).
+    pub fn run(
+        self,
+        handle: tokio::runtime::Handle,
+        shutdown: Shutdown,
+    ) -> Result<(), RuntimeError> {
+        let cfg = self.factory.config().clone();
+        let topics = self.factory.topics();
+        let name = self.spec.name;
+        let input_topic = self.spec.input_topic.clone();
+        let shared = Arc::new(Shared {
+            producer: RwLock::new(self.factory.producer()?),
+            factory: self.factory.clone(),
+            shutdown: shutdown.clone(),
+            external_input: self.external_input,
+            restore_consumer: self.factory.restore_consumer()?,
+            changelog_topic: topics.changelog(name),
+            dead_letter_topic: topics.invalid(),
+            state_dir: PathBuf::from(&cfg.state_dir),
+            guarantee: cfg.guarantee,
+            tasks: Mutex::new(BTreeMap::new()),
+            failure: Mutex::new(None),
+            ready: self.ready.clone(),
+            handle,
+            chaos_crash_after_produce: std::env::var("CDP_CHAOS_CRASH_AFTER_PRODUCE")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            batches_with_outputs: AtomicU64::new(0),
+            spec: self.spec,
+            on_input: self.on_input,
+        });
+        let group = format!("{}.{name}", cfg.topic_prefix);
+        let consumer = self.factory.stage_consumer(
+            &group,
+            self.instance_id.as_deref(),
+            StageContext {
+                shared: shared.clone(),
+            },
+        )?;
+        consumer.subscribe(&[&input_topic])?;
+        tracing::info!(stage = name, topic = %input_topic, %group, "stage started");
+        let tick_every = cfg.tick_interval.to_std();
+        let mut last_gauges = Instant::now();
+        let mut last_ownership_check = Instant::now();
+        while !shutdown.is_triggered() {
+            if let Some(e) = shared
+                .failure
+                .lock()
+                .map_err(|_| RuntimeError::Poisoned)?
+                .take()
+            {
+                return Err(e);
+            }
+            if let Some((code, reason)) = consumer.client().fatal_error() {
+                tracing::error!(stage = name, ?code, %reason, "fatal consumer error; exiting so the orchestrator restarts the stage");
+                return Err(RuntimeError::Fatal {
+                    client: "consumer",
+                    reason,
+                });
+            }
+            let batch = poll_batch(name, &consumer, cfg.max_batch)?;
+            if !batch.is_empty() {
+                process_batch(&shared, &consumer, batch)?;
+            }
+            if shared.spec.ticks {
+                send_ticks(&shared, tick_every)?;
+            }
+            if last_gauges.elapsed() > Duration::from_secs(10) {
+                update_gauges(&shared, &consumer);
+                last_gauges = Instant::now();
+            }
+            if last_ownership_check.elapsed() > OWNERSHIP_CHECK_EVERY {
+                check_ownership(&shared)?;
+                last_ownership_check = Instant::now();
+            }
+        }
+        tracing::info!(stage = name, "leaving consumer group");
+        consumer.unsubscribe();
+        // Serve the revoke callback so tasks close before the process exits.
+        for _ in 0..5 {
+            let _ = consumer.poll(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+}
+
+/// Poll up to `max` records: wait briefly for the first, then take what is
+/// already fetched. A broker that is away shows up as errors here that the
+/// client recovers from by itself.
+fn poll_batch(
+    stage: &'static str,
+    consumer: &BaseConsumer<StageContext>,
+    max: usize,
+) -> Result<Vec<OwnedMessage>, RuntimeError> {
+    let mut out = Vec::new();
+    let mut timeout = Duration::from_millis(100);
+    while out.len() < max {
+        match consumer.poll(timeout) {
+            None => break,
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(e)) => {
+                // A fatal error is checked by the caller before every poll.
+                tracing::warn!(stage, error = %e, "consumer error");
+                break;
+            }
+        }
+        timeout = Duration::ZERO;
+    }
+    Ok(out)
+}
