@@ -9,5 +9,6 @@ pub mod config;
 pub mod event_time;
 pub mod identity;
 pub mod messages;
+mod profile_keyed;
 pub mod traits;
 pub mod validate;

@@ -12,8 +12,9 @@ use super::STAGE;
 use crate::messages::{
     self, outputs, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
 };
-use crate::traits::{
-    emit_json, profile_key, redirect_key, redirect_of, reschedule, to_json_value, union_identifiers,
+use crate::profile_keyed::{
+    check_merge, check_profile_id, emit_json, pass_on_transfer, profile_key, redirect, redirect_of,
+    reschedule, retire, send_transfer, to_json_value, union_identifiers, StageInput,
 };
 
 /// The audiences operator of one task.
@@ -158,7 +159,7 @@ impl AudiencesOperator {
         cause: Cause,
     ) -> Result<(), OperatorError> {
         let Some(mut profile) = self.load(ctx, &from)? else {
-            ctx.put(&redirect_key(&from), into.as_bytes().to_vec());
+            redirect(ctx, &from, &into);
             return Ok(());
         };
         let trigger = Trigger {
@@ -173,28 +174,25 @@ impl AudiencesOperator {
             .filter(|name| profile.members.contains(*name))
             .map(|name| self.change(ctx, &from, &profile, name, AudienceAction::Exited, &trigger))
             .collect();
-        if let Some(at) = profile.timer.take() {
-            ctx.cancel_timer(at, from.as_bytes());
-        }
+        reschedule(ctx, &from, &mut profile.timer, None);
         profile.members.clear();
         // The merged profile's identifiers (every one the survivor has
         // after the merge) travel with the state, so a membership the
         // transfer completes names them all, even if the merging event's
         // own update reaches the survivor later.
         profile.identifiers = union_identifiers(&profile.identifiers, &identifiers);
-        let transfer = ProfileUpdate::Transfer {
-            stage: STAGE.to_owned(),
-            from: from.clone(),
-            into: into.clone(),
-            state: to_json_value(&profile)?,
+        let transfer = ProfileUpdate::transfer(
+            STAGE,
+            from.clone(),
+            into.clone(),
+            to_json_value(&profile)?,
             cause,
-        };
-        ctx.delete(&profile_key(&from));
-        ctx.put(&redirect_key(&from), into.as_bytes().to_vec());
+        );
+        retire(ctx, &from, &into);
         for change in &exits {
             emit_json(ctx, outputs::NEXT, &from, change)?;
         }
-        emit_json(ctx, outputs::SELF, &into, &transfer)
+        send_transfer(ctx, &into, &transfer)
     }
 
     fn on_transfer(
@@ -211,15 +209,8 @@ impl AudiencesOperator {
                 json!({"from": from, "into": into, "error": e.to_string()}),
             )
         })?;
-        if let Some(survivor) = redirect_of(ctx, &into)? {
-            let forwarded = ProfileUpdate::Transfer {
-                stage: STAGE.to_owned(),
-                from,
-                into: survivor.clone(),
-                state,
-                cause,
-            };
-            return emit_json(ctx, outputs::SELF, &survivor, &forwarded);
+        if pass_on_transfer::<ProfileUpdate>(ctx, STAGE, &from, &into, &state, &cause)? {
+            return Ok(());
         }
         let mut profile = self.load(ctx, &into)?.unwrap_or_default();
         profile.merge(incoming);
@@ -247,12 +238,7 @@ impl Operator for AudiencesOperator {
                 cause,
                 ..
             } => {
-                if profile_id.is_empty() {
-                    return Err(OperatorError::rejected(
-                        "invalid_record",
-                        json!({"error": "empty profile_id"}),
-                    ));
-                }
+                check_profile_id(&profile_id)?;
                 self.on_update(
                     ctx,
                     profile_id,
@@ -270,12 +256,7 @@ impl Operator for AudiencesOperator {
                 identifiers,
                 cause,
             } => {
-                if from.is_empty() || into.is_empty() || from == into {
-                    return Err(OperatorError::rejected(
-                        "invalid_merge",
-                        json!({"from": from, "into": into, "error": "a merge needs two different profile ids"}),
-                    ));
-                }
+                check_merge(&from, &into)?;
                 self.on_merged(ctx, from, into, identifiers, cause)
             }
             ProfileUpdate::Transfer {

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::compile::{AudienceSet, Compiled};
 use super::history::FilterHistory;
 use crate::messages::{self, Identifiers};
-use crate::traits::union_identifiers;
+use crate::profile_keyed::union_identifiers;
 /// Everything the audiences stage keeps for one profile, under `profile/<id>`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub(super) struct AudienceProfile {

@@ -13,7 +13,8 @@ use crate::config::KnownNames;
 use crate::messages::{
     self, outputs, rfc3339_ms, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
 };
-use crate::traits::{profile_key, PropertyCondition};
+use crate::profile_keyed::profile_key;
+use crate::traits::PropertyCondition;
 
 type TestResult = Result<(), Box<dyn Error>>;
 const DAY: i64 = 86_400_000;

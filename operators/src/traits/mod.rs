@@ -51,9 +51,6 @@ pub use config::{
     TraitSet, UniqueCountDef, UniqueListDef,
 };
 pub use operator::TraitsOperator;
-pub(crate) use operator::{
-    emit_json, profile_key, redirect_key, redirect_of, reschedule, to_json_value, union_identifiers,
-};
 pub use window::{bucket_width, BUCKETS_PER_WINDOW};
 
 /// The `stage` this operator writes on its transfers.

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use cdp_pipeline::operator::{Context, Operator, OperatorError, Record};
 use cdp_pipeline::store::StoreError;
-use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::config::TraitSet;
@@ -14,70 +13,10 @@ use super::state::TraitState;
 use super::{STAGE, STATE_LIMIT_HEADER};
 use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{self, outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate};
-
-pub(crate) fn profile_key(id: &str) -> Vec<u8> {
-    format!("profile/{id}").into_bytes()
-}
-
-pub(crate) fn redirect_key(id: &str) -> Vec<u8> {
-    format!("redirect/{id}").into_bytes()
-}
-
-/// The profile `id` was merged into, if it was.
-pub(crate) fn redirect_of(ctx: &Context<'_>, id: &str) -> Result<Option<String>, OperatorError> {
-    Ok(ctx
-        .get(&redirect_key(id))?
-        .map(|v| String::from_utf8_lossy(&v).into_owned()))
-}
-
-/// Emit `value` as JSON, keyed by a profile id.
-pub(crate) fn emit_json<T: Serialize>(
-    ctx: &mut Context<'_>,
-    output: &'static str,
-    key: &str,
-    value: &T,
-) -> Result<(), OperatorError> {
-    let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Decode(e.to_string()))?;
-    ctx.emit(output, Some(key.as_bytes().to_vec()), bytes);
-    Ok(())
-}
-
-/// Both profiles' identifiers: `a`'s first, then `b`'s new ones.
-pub(crate) fn union_identifiers(a: &Identifiers, b: &Identifiers) -> Identifiers {
-    let mut out = a.clone();
-    for (kind, values) in b {
-        let mine = out.entry(kind.clone()).or_default();
-        for v in values {
-            if !mine.contains(v) {
-                mine.push(v.clone());
-            }
-        }
-    }
-    out
-}
-
-/// Move a profile's timer from `current` to `next` (either may be none).
-pub(crate) fn reschedule(
-    ctx: &mut Context<'_>,
-    id: &str,
-    current: &mut Option<i64>,
-    next: Option<i64>,
-) {
-    if *current == next {
-        return;
-    }
-    if let Some(old) = *current {
-        ctx.cancel_timer(old, id.as_bytes());
-    }
-    if let Some(at) = next {
-        ctx.set_timer(at, id.as_bytes());
-    }
-    *current = next;
-}
-
-pub(crate) fn to_json_value<T: Serialize>(value: &T) -> Result<Value, OperatorError> {
-    serde_json::to_value(value).map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))
-}
+use crate::profile_keyed::{
+    check_merge, check_profile_id, emit_json, pass_on_transfer, profile_key, redirect_of,
+    reschedule, retire, send_transfer, to_json_value, union_identifiers, StageInput,
+};
 
 /// The traits operator of one task.
 pub struct TraitsOperator {
@@ -245,25 +184,22 @@ impl TraitsOperator {
     ) -> Result<(), OperatorError> {
         let transfer = match self.load(ctx, &from)? {
             Some(mut state) => {
-                if let Some(at) = state.timer.take() {
-                    ctx.cancel_timer(at, from.as_bytes());
-                }
+                reschedule(ctx, &from, &mut state.timer, None);
                 state.emitted.clear();
                 state.identifiers = union_identifiers(&state.identifiers, &identifiers);
-                Some(ProfileRecord::Transfer {
-                    stage: STAGE.to_owned(),
-                    from: from.clone(),
-                    into: into.clone(),
-                    state: to_json_value(&state)?,
-                    cause: cause.clone(),
-                })
+                Some(ProfileRecord::transfer(
+                    STAGE,
+                    from.clone(),
+                    into.clone(),
+                    to_json_value(&state)?,
+                    cause.clone(),
+                ))
             }
             None => None,
         };
-        ctx.delete(&profile_key(&from));
-        ctx.put(&redirect_key(&from), into.as_bytes().to_vec());
+        retire(ctx, &from, &into);
         if let Some(transfer) = transfer {
-            emit_json(ctx, outputs::SELF, &into, &transfer)?;
+            send_transfer(ctx, &into, &transfer)?;
         }
         let merged = ProfileUpdate::Merged {
             from: from.clone(),
@@ -295,16 +231,8 @@ impl TraitsOperator {
                     )
                 })?,
         };
-        if let Some(survivor) = redirect_of(ctx, &into)? {
-            // `into` was itself merged away meanwhile: pass the state on.
-            let forwarded = ProfileRecord::Transfer {
-                stage: STAGE.to_owned(),
-                from,
-                into: survivor.clone(),
-                state,
-                cause,
-            };
-            return emit_json(ctx, outputs::SELF, &survivor, &forwarded);
+        if pass_on_transfer::<ProfileRecord>(ctx, STAGE, &from, &into, &state, &cause)? {
+            return Ok(());
         }
         incoming.conform(&self.set);
         let mut current = self.load(ctx, &into)?.unwrap_or_default();
@@ -339,12 +267,7 @@ impl Operator for TraitsOperator {
                 event,
                 ..
             } => {
-                if profile_id.is_empty() {
-                    return Err(OperatorError::rejected(
-                        "invalid_record",
-                        json!({"error": "empty profile_id"}),
-                    ));
-                }
+                check_profile_id(&profile_id)?;
                 self.on_event(ctx, profile_id, identifiers, event, record.timestamp_ms)
             }
             ProfileRecord::Merged {
@@ -353,12 +276,7 @@ impl Operator for TraitsOperator {
                 identifiers,
                 cause,
             } => {
-                if from.is_empty() || into.is_empty() || from == into {
-                    return Err(OperatorError::rejected(
-                        "invalid_merge",
-                        json!({"from": from, "into": into, "error": "a merge needs two different profile ids"}),
-                    ));
-                }
+                check_merge(&from, &into)?;
                 self.on_merged(ctx, from, into, identifiers, cause)
             }
             ProfileRecord::Transfer {

@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::config::TraitSet;
-use super::operator::union_identifiers;
 use super::state::TraitState;
 use crate::messages::{self, Identifiers};
+use crate::profile_keyed::union_identifiers;
 
 /// A profile trait set by `identify`, with the event time that set it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ use super::state::TraitState;
 use super::*;
 use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{outputs, rfc3339_ms, Cause, Identifiers, ProfileRecord, ProfileUpdate};
+use crate::profile_keyed::profile_key;
 
 type TestResult = Result<(), Box<dyn Error>>;
 const DAY: i64 = 86_400_000;

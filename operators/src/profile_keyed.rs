@@ -1,0 +1,178 @@
+//! The skeleton both profile-keyed stages (traits, audiences) share.
+//!
+//! A stage keeps one state per profile under `profile/<id>`. When identity
+//! merges `from` into `into`, the stage drops `from`'s state, writes a
+//! redirect `redirect/<from>` → `into`, and sends the state to `into`'s
+//! partition as a `transfer` through its own input topic
+//! ([`outputs::SELF`], keyed by `into`), where it is merged into the
+//! survivor's. Late records for `from` (and transfers to an `into` that was
+//! itself merged away meanwhile) follow the redirect to the survivor.
+
+use cdp_pipeline::operator::{Context, OperatorError};
+use cdp_pipeline::store::StoreError;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::messages::{outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate};
+
+pub(crate) fn profile_key(id: &str) -> Vec<u8> {
+    format!("profile/{id}").into_bytes()
+}
+
+pub(crate) fn redirect_key(id: &str) -> Vec<u8> {
+    format!("redirect/{id}").into_bytes()
+}
+
+/// The profile `id` was merged into, if it was.
+pub(crate) fn redirect_of(ctx: &Context<'_>, id: &str) -> Result<Option<String>, OperatorError> {
+    Ok(ctx
+        .get(&redirect_key(id))?
+        .map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
+/// Emit `value` as JSON, keyed by a profile id.
+pub(crate) fn emit_json<T: Serialize>(
+    ctx: &mut Context<'_>,
+    output: &'static str,
+    key: &str,
+    value: &T,
+) -> Result<(), OperatorError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Decode(e.to_string()))?;
+    ctx.emit(output, Some(key.as_bytes().to_vec()), bytes);
+    Ok(())
+}
+
+/// Both profiles' identifiers: `a`'s first, then `b`'s new ones.
+pub(crate) fn union_identifiers(a: &Identifiers, b: &Identifiers) -> Identifiers {
+    let mut out = a.clone();
+    for (kind, values) in b {
+        let mine = out.entry(kind.clone()).or_default();
+        for v in values {
+            if !mine.contains(v) {
+                mine.push(v.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Move a profile's timer from `current` to `next` (either may be none).
+pub(crate) fn reschedule(
+    ctx: &mut Context<'_>,
+    id: &str,
+    current: &mut Option<i64>,
+    next: Option<i64>,
+) {
+    if *current == next {
+        return;
+    }
+    if let Some(old) = *current {
+        ctx.cancel_timer(old, id.as_bytes());
+    }
+    if let Some(at) = next {
+        ctx.set_timer(at, id.as_bytes());
+    }
+    *current = next;
+}
+
+pub(crate) fn to_json_value<T: Serialize>(value: &T) -> Result<Value, OperatorError> {
+    serde_json::to_value(value).map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))
+}
+
+/// The input record of a profile-keyed stage ([`ProfileRecord`] for
+/// traits, [`ProfileUpdate`] for audiences): both carry transfers alike.
+pub(crate) trait StageInput: Serialize {
+    /// The transfer of `from`'s state (as written by `stage`) to `into`.
+    fn transfer(stage: &str, from: String, into: String, state: Value, cause: Cause) -> Self;
+}
+
+impl StageInput for ProfileRecord {
+    fn transfer(stage: &str, from: String, into: String, state: Value, cause: Cause) -> Self {
+        ProfileRecord::Transfer {
+            stage: stage.to_owned(),
+            from,
+            into,
+            state,
+            cause,
+        }
+    }
+}
+
+impl StageInput for ProfileUpdate {
+    fn transfer(stage: &str, from: String, into: String, state: Value, cause: Cause) -> Self {
+        ProfileUpdate::Transfer {
+            stage: stage.to_owned(),
+            from,
+            into,
+            state,
+            cause,
+        }
+    }
+}
+
+/// Refuse a record with an empty profile id.
+pub(crate) fn check_profile_id(id: &str) -> Result<(), OperatorError> {
+    if id.is_empty() {
+        return Err(OperatorError::rejected(
+            "invalid_record",
+            json!({"error": "empty profile_id"}),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuse a merge that does not name two different profile ids.
+pub(crate) fn check_merge(from: &str, into: &str) -> Result<(), OperatorError> {
+    if from.is_empty() || into.is_empty() || from == into {
+        return Err(OperatorError::rejected(
+            "invalid_merge",
+            json!({"from": from, "into": into, "error": "a merge needs two different profile ids"}),
+        ));
+    }
+    Ok(())
+}
+
+/// Redirect merged-away `from` to `into`: its late records go there.
+pub(crate) fn redirect(ctx: &mut Context<'_>, from: &str, into: &str) {
+    ctx.put(&redirect_key(from), into.as_bytes().to_vec());
+}
+
+/// Retire merged-away `from`: drop its state and redirect it to `into`.
+pub(crate) fn retire(ctx: &mut Context<'_>, from: &str, into: &str) {
+    ctx.delete(&profile_key(from));
+    redirect(ctx, from, into);
+}
+
+/// Write `transfer` to the stage's own input, keyed by its survivor `into`.
+pub(crate) fn send_transfer<R: StageInput>(
+    ctx: &mut Context<'_>,
+    into: &str,
+    transfer: &R,
+) -> Result<(), OperatorError> {
+    emit_json(ctx, outputs::SELF, into, transfer)
+}
+
+/// A transfer to `into` when `into` was itself merged away meanwhile: pass
+/// it on to the survivor and return `true`; `false` when `into` is live and
+/// the state is to be merged here.
+pub(crate) fn pass_on_transfer<R: StageInput>(
+    ctx: &mut Context<'_>,
+    stage: &str,
+    from: &str,
+    into: &str,
+    state: &Value,
+    cause: &Cause,
+) -> Result<bool, OperatorError> {
+    let Some(survivor) = redirect_of(ctx, into)? else {
+        return Ok(false);
+    };
+    let forwarded = R::transfer(
+        stage,
+        from.to_owned(),
+        survivor.clone(),
+        state.clone(),
+        cause.clone(),
+    );
+    send_transfer(ctx, &survivor, &forwarded)?;
+    Ok(true)
+}
