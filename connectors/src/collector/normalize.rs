@@ -1,0 +1,306 @@
+//! Batch splitting and per-event normalization: merge batch-level fields,
+//! check what the edge must check, enrich.
+
+use std::borrow::Cow;
+
+use cdp_operators::messages::{parse_time_ms, rfc3339_ms};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use super::error::CollectError;
+use super::parse::{identifier, is_null, raw_string, string, BatchField, Fields, Node};
+use super::{at, CollectorConfig, EventType, Item, Prepared};
+
+/// Split a batch request into its items, merging batch-level `context`,
+/// `integrations` and `sentAt` into each, and enforcing the count and
+/// per-event size limits.
+pub(super) fn split_batch<'a>(
+    mut doc: Fields<'a>,
+    batch: Option<BatchField<'a>>,
+    cfg: &CollectorConfig,
+    events: &mut usize,
+) -> Result<Vec<Item<'a>>, CollectError> {
+    let batch = match batch {
+        Some(BatchField::Items(batch)) => batch,
+        Some(BatchField::NotAnArray) => {
+            return Err(CollectError::invalid(
+                "batch",
+                "invalid_batch",
+                "expected an array",
+            ))
+        }
+        None => return Err(CollectError::invalid("batch", "invalid_batch", "required")),
+    };
+    *events = batch.len().max(1);
+    if batch.len() > cfg.max_batch_events {
+        return Err(CollectError::TooManyEvents {
+            count: batch.len(),
+            limit: cfg.max_batch_events,
+        });
+    }
+    let context = doc.remove("context");
+    let integrations = doc.remove("integrations");
+    let sent_at = doc.remove("sentAt");
+    let mut items = Vec::with_capacity(batch.len());
+    for (i, item) in batch.into_iter().enumerate() {
+        let Node::Object(mut item) = item else {
+            return Err(CollectError::invalid(
+                at(Some(i)),
+                "not_an_object",
+                "expected a JSON object",
+            ));
+        };
+        if item.json_len() > cfg.max_event_bytes {
+            return Err(CollectError::EventTooLarge {
+                at: at(Some(i)),
+                limit: cfg.max_event_bytes,
+            });
+        }
+        if item
+            .get("type")
+            .and_then(string)
+            .and_then(|t| EventType::parse(&t))
+            .is_none()
+        {
+            return Err(CollectError::invalid(
+                format!("{}.type", at(Some(i))),
+                "invalid_type",
+                "expected identify, track, page, screen, group or alias",
+            ));
+        }
+        merge_missing(&mut item, "context", context.as_ref())?;
+        merge_missing(&mut item, "integrations", integrations.as_ref())?;
+        merge_missing(&mut item, "sentAt", sent_at.as_ref())?;
+        items.push(Item {
+            index: Some(i),
+            fields: item,
+        });
+    }
+    Ok(items)
+}
+
+/// Give `item[field]` the batch-level value where the item lacks it; for
+/// objects, key by key (the item's own keys win).
+fn merge_missing<'a>(
+    item: &mut Fields<'a>,
+    field: &'static str,
+    batch_value: Option<&Cow<'a, RawValue>>,
+) -> Result<(), CollectError> {
+    let Some(batch_value) = batch_value else {
+        return Ok(());
+    };
+    let own = item.get(field);
+    if own.is_none_or(is_null) {
+        item.set(field, batch_value.clone());
+        return Ok(());
+    }
+    let both_objects =
+        own.is_some_and(|v| v.get().starts_with('{')) && batch_value.get().starts_with('{');
+    if !both_objects {
+        return Ok(());
+    }
+    // The rare case (a batch-level and an item-level object): merge as trees.
+    let parse = |v: &str| {
+        serde_json::from_str::<Map<String, Value>>(v)
+            .map_err(|e| CollectError::Internal(e.to_string()))
+    };
+    let mut merged = parse(own.map_or("{}", RawValue::get))?;
+    for (k, v) in parse(batch_value.get())? {
+        merged.entry(k).or_insert(v);
+    }
+    let merged = serde_json::value::to_raw_value(&merged)
+        .map_err(|e| CollectError::Internal(e.to_string()))?;
+    item.set(field, Cow::Owned(merged));
+    Ok(())
+}
+
+/// Check what the edge must check, then set `receivedAt`, `messageId` and
+/// the skew-corrected `timestamp`. The key is the anonymousId if present,
+/// else the userId, so one visitor's events share a partition.
+pub(super) fn enrich<'a>(
+    mut event: Fields<'a>,
+    received_ms: i64,
+    received_at: &'a RawValue,
+    index: Option<usize>,
+) -> Result<Prepared, CollectError> {
+    let key = identifier(event.get("anonymousId"))
+        .or_else(|| identifier(event.get("userId")))
+        .map(Cow::into_owned)
+        .ok_or_else(|| {
+            CollectError::invalid(at(index), "missing_id", "userId or anonymousId is required")
+        })?;
+    let is_track = event
+        .get("type")
+        .and_then(string)
+        .is_some_and(|t| t == EventType::Track.as_str());
+    let has_event_name = event
+        .get("event")
+        .and_then(string)
+        .is_some_and(|e| !e.is_empty());
+    if is_track && !has_event_name {
+        return Err(CollectError::invalid(
+            at(index),
+            "missing_event",
+            "a track call needs an event name",
+        ));
+    }
+    // The write key is a credential: never let it reach the topic.
+    event.remove("writeKey");
+    if identifier(event.get("messageId")).is_none() {
+        let id = format!("api-{}", uuid::Uuid::new_v4());
+        event.set("messageId", raw_string(&id)?);
+    }
+    event.set("receivedAt", Cow::Borrowed(received_at));
+
+    let time_of = |field: &str, event: &Fields<'a>| {
+        event.get_cow(field).and_then(|raw| {
+            let ms = string(&raw).and_then(|s| parse_time_ms(&s))?;
+            Some((raw, ms))
+        })
+    };
+    let sent_ms = time_of("sentAt", &event).map(|(_, ms)| ms);
+    // RudderStack SDKs send `originalTimestamp` instead of `timestamp`.
+    let client = match event.get("timestamp").and_then(string) {
+        Some(_) => time_of("timestamp", &event),
+        None => time_of("originalTimestamp", &event),
+    };
+    match (client, sent_ms) {
+        (Some((original, client_ms)), Some(sent_ms)) => {
+            let corrected = received_ms.saturating_sub(sent_ms.saturating_sub(client_ms));
+            event.set("timestamp", raw_string(&rfc3339_ms(corrected))?);
+            event.set("originalTimestamp", original);
+        }
+        // A timestamp without sentAt (or unparsable) is kept as sent; the
+        // validate stage judges its format. No timestamp: receivedAt.
+        _ => {
+            if event.get("timestamp").is_none_or(is_null) {
+                event.set("timestamp", Cow::Borrowed(received_at));
+            }
+        }
+    }
+    let payload = event
+        .to_json()
+        .map_err(|e| CollectError::Internal(e.to_string()))?;
+    Ok(Prepared { key, payload })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    use crate::collector::testkit::*;
+
+    /// Enrich one event given as JSON text, as the collector would.
+    fn enrich_text(text: &str, received_ms: i64) -> Result<Prepared, BoxError> {
+        let fields: Fields = serde_json::from_str(text)?;
+        let received_at = raw_string(&rfc3339_ms(received_ms)).map_err(|e| e.to_string())?;
+        Ok(enrich(fields, received_ms, &received_at, None).map_err(|e| e.to_string())?)
+    }
+
+    #[test]
+    fn skew_correction_and_defaults() -> TestResult {
+        let received = parse_time_ms("2026-01-01T12:00:00.000Z").ok_or("time")?;
+        let run = |v: Value| enrich_text(&v.to_string(), received);
+        let decode = |p: Prepared| serde_json::from_slice::<Value>(&p.payload);
+
+        // Client clock 1h behind: sentAt and timestamp both from that clock.
+        let skewed = json!({"type": "track", "event": "E", "userId": "u",
+            "timestamp": "2026-01-01T10:59:50.000Z", "sentAt": "2026-01-01T11:00:00.000Z"});
+        let v = decode(run(skewed)?)?;
+        assert_eq!(str_field(&v, "timestamp"), "2026-01-01T11:59:50.000Z");
+        assert_eq!(
+            str_field(&v, "originalTimestamp"),
+            "2026-01-01T10:59:50.000Z"
+        );
+
+        // RudderStack style: originalTimestamp + sentAt.
+        let rudder = json!({"type": "page", "anonymousId": "a",
+            "originalTimestamp": "2026-01-01T11:00:00.000Z", "sentAt": "2026-01-01T11:00:01.000Z"});
+        let v = decode(run(rudder)?)?;
+        assert_eq!(str_field(&v, "timestamp"), "2026-01-01T11:59:59.000Z");
+
+        // Timestamp without sentAt is kept; none at all becomes receivedAt.
+        let kept = json!({"type": "identify", "userId": 42, "timestamp": "2025-05-05T00:00:00Z", "messageId": "m"});
+        let p = run(kept)?;
+        assert_eq!(p.key, "42");
+        let v = decode(p)?;
+        assert_eq!(str_field(&v, "timestamp"), "2025-05-05T00:00:00Z");
+        assert_eq!(str_field(&v, "messageId"), "m");
+        let bare = json!({"type": "identify", "userId": "u", "anonymousId": ""});
+        let p = run(bare)?;
+        assert_eq!(p.key, "u", "an empty anonymousId does not count");
+        let v = decode(p)?;
+        assert_eq!(str_field(&v, "timestamp"), "2026-01-01T12:00:00.000Z");
+        assert_eq!(str_field(&v, "receivedAt"), "2026-01-01T12:00:00.000Z");
+        // A null timestamp counts as none; an unparsable one is kept.
+        let null = json!({"type": "identify", "userId": "u", "timestamp": null, "sentAt": "x"});
+        let v = decode(run(null)?)?;
+        assert_eq!(str_field(&v, "timestamp"), "2026-01-01T12:00:00.000Z");
+        let odd = json!({"type": "identify", "userId": "u", "timestamp": "yesterday",
+            "sentAt": "2026-01-01T11:00:00.000Z"});
+        let v = decode(run(odd)?)?;
+        assert_eq!(str_field(&v, "timestamp"), "yesterday");
+        Ok(())
+    }
+
+    #[test]
+    fn events_are_copied_through_verbatim_with_their_field_order() -> TestResult {
+        let received = parse_time_ms("2026-01-01T12:00:00.000Z").ok_or("time")?;
+        // Whitespace, escapes in keys and values, unicode, deep nesting,
+        // numbers that a float would round, and a key sent twice.
+        let text = r#" { "userId" : "u\"1\u00e9" , "type":"track", "event": "Caf\u00e9 \u2615",
+            "properties": {"big": 12345678901234567890123, "nested": [ {"a": [1, 2.50, null]} ],
+            "q\"k": "v"}, "weird\nkey": true, "event": "Second", "writeKey": "wk_secret",
+            "messageId": 7 } "#;
+        let p = enrich_text(text, received)?;
+        assert_eq!(p.key, "u\"1é");
+        let out = std::str::from_utf8(&p.payload)?;
+        // Nested values are the client's own text, byte for byte.
+        assert!(
+            out.contains(r#""properties":{"big": 12345678901234567890123, "nested": [ {"a": [1, 2.50, null]} ],
+            "q\"k": "v"}"#),
+            "{out}"
+        );
+        let v: Value = serde_json::from_slice(&p.payload)?;
+        let keys: Vec<&str> = v
+            .as_object()
+            .ok_or("object")?
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "userId",
+                "type",
+                "event",
+                "properties",
+                "weird\nkey",
+                "messageId",
+                "receivedAt",
+                "timestamp"
+            ]
+        );
+        assert_eq!(
+            str_field(&v, "event"),
+            "Second",
+            "the last of a repeated key wins"
+        );
+        assert!(v.get("writeKey").is_none());
+        assert_eq!(v["messageId"], json!(7), "a numeric messageId is kept");
+        assert_eq!(v["weird\nkey"], json!(true));
+        assert_eq!(v.pointer("/properties/q\"k"), Some(&json!("v")));
+
+        // `set` leaves one occurrence, in place of the last.
+        let mut fields: Fields = serde_json::from_str(r#"{"a": 1, "b": 2, "a": 3, "c": 4}"#)?;
+        fields.set("a", raw_string("x").map_err(|e| e.to_string())?);
+        assert_eq!(
+            std::str::from_utf8(&fields.to_json()?)?,
+            r#"{"b":2,"a":"x","c":4}"#
+        );
+        assert_eq!(fields.json_len(), fields.to_json()?.len());
+        assert!(serde_json::from_str::<Fields>("[1]").is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,719 @@
+//! The HTTP routes and their handlers: authenticate, read, check, enrich
+//! and produce one request.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use cdp_operators::messages::rfc3339_ms;
+use cdp_pipeline::{metrics, ReadyFlag, Shutdown};
+use serde_json::json;
+use tower_http::cors::CorsLayer;
+use tower_http::decompression::RequestDecompressionLayer;
+
+use super::body::{lone_surrogate, read_body, ReadError};
+use super::error::CollectError;
+use super::normalize::{enrich, split_batch};
+use super::parse::{raw_string, string, BatchDoc, Doc, SingleDoc};
+use super::{Call, Collector, EventType, Item, RETRY_AFTER_SECS};
+
+impl Collector {
+    /// The HTTP API with its CORS, gzip and metrics layers.
+    pub fn router(&self) -> Router {
+        let mut router = Router::new();
+        for kind in EventType::ALL {
+            let handler = post(
+                move |State(c): State<Collector>, headers: HeaderMap, body: Body| async move {
+                    c.respond(Call::Single(kind), &headers, body).await
+                },
+            );
+            let name = kind.as_str();
+            // analytics.js posts to the first letter: `/v1/t` for a track.
+            router = router
+                .route(&format!("/v1/{name}"), handler.clone())
+                .route(&format!("/v1/{}", &name[..1]), handler);
+        }
+        let batch = |State(c): State<Collector>, headers: HeaderMap, body: Body| async move {
+            c.respond(Call::Batch, &headers, body).await
+        };
+        router
+            .route("/v1/batch", post(batch))
+            .route("/v1/import", post(batch))
+            .route("/v1/b", post(batch))
+            .route("/v1/projects/{write_key}/settings", get(settings))
+            // Decompression sits inside the handlers' reach, so the size
+            // limits apply to the decompressed body (no gzip bombs).
+            .layer(RequestDecompressionLayer::new())
+            .layer(axum::middleware::from_fn(record_metrics))
+            .layer(CorsLayer::permissive())
+            .with_state(self.clone())
+    }
+
+    /// Bind `config.listen` and serve until shutdown.
+    pub async fn serve(self, shutdown: Shutdown, ready: ReadyFlag) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.inner.config.listen).await?;
+        self.serve_on(listener, shutdown, ready).await
+    }
+
+    /// Serve on a bound listener until shutdown. Ready once listening; not
+    /// ready as soon as shutdown starts. In-flight requests finish (they are
+    /// waiting for acks) before this returns.
+    pub async fn serve_on(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: Shutdown,
+        ready: ReadyFlag,
+    ) -> std::io::Result<()> {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, topic = %self.inner.raw_topic, "collector listening");
+        let probe = tokio::spawn(self.clone().watch_broker(shutdown.clone(), ready.clone()));
+        let draining = ready.clone();
+        let listener = crate::limits::CappedListener::new(
+            listener,
+            self.inner.config.max_connections,
+            RETRY_AFTER_SECS,
+        );
+        let result = axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move {
+                shutdown.wait().await;
+                draining.set(false);
+                tracing::info!("collector draining");
+            })
+            .await;
+        ready.set(false);
+        probe.abort();
+        result
+    }
+
+    fn source_of(&self, write_key: &str) -> Result<&str, CollectError> {
+        self.inner
+            .sources
+            .get(write_key)
+            .map(String::as_str)
+            .ok_or(CollectError::Unauthorized("unknown write key"))
+    }
+
+    async fn respond(&self, call: Call, headers: &HeaderMap, body: Body) -> Response {
+        let mut events = 1;
+        match self.collect(call, headers, body, &mut events).await {
+            Ok(()) => (StatusCode::OK, Json(json!({"success": true}))).into_response(),
+            Err(e) => {
+                metrics::EVENTS_REJECTED
+                    .with_label_values(&[e.reason()])
+                    .inc_by(events as u64);
+                match &e {
+                    CollectError::Broker(_) | CollectError::Internal(_) => {
+                        tracing::warn!(error = %e, events, "collector request failed")
+                    }
+                    _ => {
+                        tracing::debug!(error = %e, reason = e.reason(), "collector request refused")
+                    }
+                }
+                e.into_response()
+            }
+        }
+    }
+
+    /// Authenticate, read, check, enrich and produce one request. `events`
+    /// is set to the number of events once known, for the reject metric.
+    async fn collect(
+        &self,
+        call: Call,
+        headers: &HeaderMap,
+        body: Body,
+        events: &mut usize,
+    ) -> Result<(), CollectError> {
+        let cfg = &self.inner.config;
+        let header_source = match basic_auth_user(headers)? {
+            Some(key) => Some(self.source_of(&key)?),
+            None => None,
+        };
+        let limit = match call {
+            Call::Single(_) => cfg.max_event_bytes,
+            Call::Batch => cfg.max_batch_bytes,
+        };
+        let read = tokio::time::timeout(cfg.body_timeout.to_std(), read_body(body, limit));
+        let bytes = read
+            .await
+            .map_err(|_| CollectError::BodyTimeout(cfg.body_timeout.millis()))?
+            .map_err(|e| match (e, call) {
+                (ReadError::TooLarge, Call::Single(_)) => CollectError::EventTooLarge {
+                    at: "body".into(),
+                    limit,
+                },
+                (ReadError::TooLarge, Call::Batch) => CollectError::BodyTooLarge { limit },
+                (ReadError::Stream(msg), _) => CollectError::UnreadableBody(msg),
+            })?;
+        // Held until the response: bounds the memory of requests waiting
+        // for the broker. Refusing at once beats queueing unboundedly.
+        let _permit = self
+            .inner
+            .budget
+            .try_acquire_many(u32::try_from(bytes.len()).unwrap_or(u32::MAX))
+            .map_err(|_| CollectError::Overloaded)?;
+
+        // One pass over the body: the top-level fields of every event,
+        // each value left as the raw JSON text of the body.
+        let parsed = match call {
+            Call::Single(_) => serde_json::from_slice::<SingleDoc>(&bytes).map(|d| d.0),
+            Call::Batch => serde_json::from_slice::<BatchDoc>(&bytes).map(|d| d.0),
+        }
+        .map_err(|e| CollectError::InvalidJson(e.to_string()))?;
+        // Skipped values are checked for syntax but not for unpaired UTF-16
+        // surrogate escapes, which every later stage's parser refuses.
+        if let Some(at) = lone_surrogate(&bytes) {
+            return Err(CollectError::InvalidJson(format!(
+                "lone surrogate in a \\u escape at byte {at}"
+            )));
+        }
+        let Doc::Object {
+            fields: mut doc,
+            batch,
+        } = parsed
+        else {
+            return Err(CollectError::invalid(
+                "body",
+                "not_an_object",
+                "expected a JSON object",
+            ));
+        };
+        let body_key = doc.remove("writeKey");
+        let source = match (header_source, body_key.as_deref().and_then(string)) {
+            (Some(source), _) => source,
+            (None, Some(key)) => self.source_of(&key)?,
+            (None, None) => {
+                return Err(CollectError::Unauthorized(
+                    "missing write key: send it as the Basic-auth user name or as writeKey",
+                ))
+            }
+        };
+
+        let items: Vec<Item> = match call {
+            Call::Single(kind) => {
+                doc.set("type", raw_string(kind.as_str())?);
+                vec![Item {
+                    index: None,
+                    fields: doc,
+                }]
+            }
+            Call::Batch => split_batch(doc, batch, cfg, events)?,
+        };
+        let received_ms = chrono::Utc::now().timestamp_millis();
+        let received_at = raw_string(&rfc3339_ms(received_ms))?;
+        let prepared = items
+            .into_iter()
+            .map(|item| enrich(item.fields, received_ms, &received_at, item.index))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.produce(source, &prepared).await?;
+        metrics::EVENTS_ACCEPTED
+            .with_label_values(&[source])
+            .inc_by(prepared.len() as u64);
+        Ok(())
+    }
+}
+
+/// `GET /v1/projects/{writeKey}/settings`: what analytics.js needs to send
+/// its events here instead of to Segment.
+async fn settings(
+    State(c): State<Collector>,
+    Path(write_key): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if c.source_of(&write_key).is_err() {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"success": false, "error": "unknown write key"})),
+        )
+            .into_response();
+    }
+    let host = ["x-forwarded-host", "host"]
+        .iter()
+        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+        .map(str::to_string)
+        .unwrap_or_else(|| c.inner.config.listen.to_string());
+    Json(json!({
+        "integrations": {"Segment.io": {"apiKey": write_key, "apiHost": format!("{host}/v1")}},
+        "plan": {"track": {"__default": {"enabled": true}}}
+    }))
+    .into_response()
+}
+
+/// Count and time every request by matched route and status.
+async fn record_metrics(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    metrics::HTTP_SECONDS
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    metrics::HTTP_REQUESTS
+        .with_label_values(&[&route, response.status().as_str()])
+        .inc();
+    response
+}
+
+/// The write key from `Authorization: Basic base64(key:)`, if the header is
+/// there. A malformed header is a 401, not a fallback to the body.
+fn basic_auth_user(headers: &HeaderMap) -> Result<Option<String>, CollectError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let malformed =
+        CollectError::Unauthorized("malformed Authorization header: expected Basic auth");
+    let value = value
+        .to_str()
+        .map_err(|_| CollectError::Unauthorized("malformed Authorization header"))?;
+    let Some((scheme, encoded)) = value.trim().split_once(' ') else {
+        return Err(malformed);
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(malformed);
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or(malformed)?;
+    let user = decoded
+        .split_once(':')
+        .map_or(decoded.as_str(), |(user, _)| user);
+    Ok((!user.is_empty()).then(|| user.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use cdp_operators::messages::parse_time_ms;
+    use std::io::Write as _;
+    use std::time::Duration;
+
+    use crate::collector::testkit::*;
+    use crate::collector::CollectorConfig;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn track_is_acknowledged_enriched_and_keyed_by_anonymous_id() -> TestResult {
+        let env = start().await?;
+        let before = metrics::HTTP_REQUESTS
+            .with_label_values(&["/v1/track", "200"])
+            .get();
+        let response = env
+            .authed("/v1/track")
+            .json(&json!({
+                "userId": "u_42", "anonymousId": "anon-1", "event": "Order Completed",
+                "properties": {"revenue": 12},
+                "timestamp": "2020-01-01T00:00:00.000Z", "sentAt": "2020-01-01T00:00:10.000Z"
+            }))
+            .send()
+            .await?;
+        assert_eq!(
+            json_body(response).await?,
+            (StatusCode::OK, json!({"success": true}))
+        );
+        let records = env.consume(1).await?;
+        let r = &records[0];
+        assert_eq!(r.key.as_deref(), Some("anon-1"));
+        assert_eq!(r.source.as_deref(), Some("web"));
+        assert_eq!(str_field(&r.value, "type"), "track");
+        assert_eq!(str_field(&r.value, "event"), "Order Completed");
+        assert!(str_field(&r.value, "messageId").starts_with("api-"));
+        assert_eq!(
+            str_field(&r.value, "originalTimestamp"),
+            "2020-01-01T00:00:00.000Z"
+        );
+        let received = parse_time_ms(str_field(&r.value, "receivedAt")).ok_or("receivedAt")?;
+        let timestamp = parse_time_ms(str_field(&r.value, "timestamp")).ok_or("timestamp")?;
+        assert_eq!(
+            received - timestamp,
+            10_000,
+            "timestamp = receivedAt - (sentAt - timestamp)"
+        );
+        assert!((chrono::Utc::now().timestamp_millis() - received).abs() < 60_000);
+        assert!(r.value.get("writeKey").is_none());
+        assert!(
+            metrics::HTTP_REQUESTS
+                .with_label_values(&["/v1/track", "200"])
+                .get()
+                > before
+        );
+        env.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batch_merges_context_and_takes_the_write_key_from_the_body() -> TestResult {
+        let env = start().await?;
+        let response = env
+            .post("/v1/batch")
+            .json(&json!({
+                "writeKey": WRITE_KEY,
+                "context": {"library": {"name": "analytics-node"}, "ip": "1.2.3.4"},
+                "integrations": {"All": true},
+                "batch": [
+                    {"type": "identify", "userId": "u_1", "traits": {"email": "a@example.com"}, "messageId": "m-1"},
+                    {"type": "page", "userId": "u_2", "name": "Home", "context": {"ip": "9.9.9.9"}, "messageId": "m-2"}
+                ]
+            }))
+            .send()
+            .await?;
+        assert_eq!(json_body(response).await?.0, StatusCode::OK);
+        let mut records = env.consume(2).await?;
+        records
+            .sort_by(|a, b| str_field(&a.value, "messageId").cmp(str_field(&b.value, "messageId")));
+        let (first, second) = (&records[0].value, &records[1].value);
+        assert_eq!(
+            records[0].key.as_deref(),
+            Some("u_1"),
+            "userId keys when anonymousId is absent"
+        );
+        assert_eq!(
+            first["context"],
+            json!({"library": {"name": "analytics-node"}, "ip": "1.2.3.4"})
+        );
+        assert_eq!(first["integrations"], json!({"All": true}));
+        assert_eq!(
+            second["context"],
+            json!({"ip": "9.9.9.9", "library": {"name": "analytics-node"}})
+        );
+        assert_eq!(str_field(second, "type"), "page");
+        // No client timestamp: the event happened when it was received.
+        assert_eq!(
+            str_field(first, "timestamp"),
+            str_field(first, "receivedAt")
+        );
+        assert!(records
+            .iter()
+            .all(|r| r.value.get("writeKey").is_none() && r.source.as_deref() == Some("web")));
+        env.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_unauthenticated_and_incomplete_requests_are_refused() -> TestResult {
+        let env = start().await?;
+        let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
+            (
+                env.authed("/v1/track").body("{not json"),
+                StatusCode::BAD_REQUEST,
+                "invalid JSON",
+            ),
+            (
+                env.authed("/v1/track").body("[1]"),
+                StatusCode::BAD_REQUEST,
+                "expected a JSON object",
+            ),
+            (
+                env.authed("/v1/identify").json(&json!({"traits": {}})),
+                StatusCode::BAD_REQUEST,
+                "userId or anonymousId",
+            ),
+            (
+                env.authed("/v1/track").json(&json!({"userId": "u"})),
+                StatusCode::BAD_REQUEST,
+                "event name",
+            ),
+            (
+                env.authed("/v1/batch")
+                    .json(&json!({"batch": [{"userId": "u"}]})),
+                StatusCode::BAD_REQUEST,
+                "batch[0].type",
+            ),
+            (
+                env.post("/v1/track")
+                    .basic_auth("wk_nope", Some(""))
+                    .json(&json!({"userId": "u", "event": "E"})),
+                StatusCode::UNAUTHORIZED,
+                "unknown write key",
+            ),
+            (
+                env.post("/v1/track")
+                    .json(&json!({"userId": "u", "event": "E"})),
+                StatusCode::UNAUTHORIZED,
+                "missing write key",
+            ),
+            (
+                env.post("/v1/track")
+                    .json(&json!({"userId": "u", "event": "E", "writeKey": "wk_nope"})),
+                StatusCode::UNAUTHORIZED,
+                "unknown write key",
+            ),
+        ];
+        for (request, status, reason) in cases {
+            let (got, body) = json_body(request.send().await?).await?;
+            assert_eq!(got, status, "{body}");
+            assert_eq!(body["success"], json!(false));
+            assert!(
+                str_field(&body, "error").contains(reason),
+                "{body} should mention {reason}"
+            );
+            // SDKs log `code` and `message` from a failed request.
+            assert_eq!(body["message"], body["error"], "{body}");
+            assert!(!str_field(&body, "code").is_empty(), "{body}");
+        }
+        // Nothing refused reached the topic: the one good event is the first record.
+        let ok = env
+            .authed("/v1/screen")
+            .json(&json!({"anonymousId": "a", "name": "Home"}))
+            .send()
+            .await?;
+        assert_eq!(ok.status().as_u16(), 200);
+        let records = env.consume(1).await?;
+        assert_eq!(str_field(&records[0].value, "type"), "screen");
+        env.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_batch_is_refused_whole_and_bad_encodings_and_auth_headers_too() -> TestResult {
+        let env = start().await?;
+        let good = json!({"type": "track", "userId": "u", "event": "Fine"});
+        let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
+            (
+                env.authed("/v1/batch")
+                    .json(&json!({"batch": {"type": "track"}})),
+                StatusCode::BAD_REQUEST,
+                "batch: expected an array",
+            ),
+            (
+                env.authed("/v1/batch").json(&json!({"events": []})),
+                StatusCode::BAD_REQUEST,
+                "batch: required",
+            ),
+            (
+                env.authed("/v1/batch")
+                    .json(&json!({"batch": [good.clone(), "track"]})),
+                StatusCode::BAD_REQUEST,
+                "batch[1]: expected a JSON object",
+            ),
+            // One bad item refuses the request: the good ones before it
+            // are not written either, so a fixed retry never duplicates.
+            (
+                env.authed("/v1/batch").json(&json!({"batch": [
+                    good.clone(), good.clone(), {"type": "track", "event": "No Id"}
+                ]})),
+                StatusCode::BAD_REQUEST,
+                "batch[2]: userId or anonymousId",
+            ),
+            (
+                env.authed("/v1/track")
+                    .body(r#"{"userId": "u", "event": "E", "properties": {"p": "\ud800"}}"#),
+                StatusCode::BAD_REQUEST,
+                "lone surrogate",
+            ),
+            (
+                env.authed("/v1/track")
+                    .header("content-encoding", "gzip")
+                    .body("this is not gzip"),
+                StatusCode::BAD_REQUEST,
+                "cannot read the request body",
+            ),
+            (
+                env.post("/v1/track")
+                    .header("authorization", "Bearer wk_web_123")
+                    .json(&good),
+                StatusCode::UNAUTHORIZED,
+                "malformed Authorization",
+            ),
+            (
+                env.post("/v1/track")
+                    .header("authorization", "Basic %%%")
+                    .json(&good),
+                StatusCode::UNAUTHORIZED,
+                "malformed Authorization",
+            ),
+        ];
+        for (request, status, reason) in cases {
+            let (got, body) = json_body(request.send().await?).await?;
+            assert_eq!(got, status, "{body}");
+            assert_eq!(body["success"], json!(false));
+            assert!(
+                str_field(&body, "error").contains(reason),
+                "{body} should mention {reason}"
+            );
+        }
+        let ok = env
+            .authed("/v1/track")
+            .json(&json!({"userId": "u", "event": "Last"}))
+            .send()
+            .await?;
+        assert_eq!(ok.status().as_u16(), 200);
+        let records = env.consume(1).await?;
+        assert_eq!(
+            str_field(&records[0].value, "event"),
+            "Last",
+            "nothing of a refused request reached the topic"
+        );
+        env.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gzip_bodies_are_accepted() -> TestResult {
+        let env = start().await?;
+        let body = json!({"batch": [{"type": "track", "anonymousId": "a-9", "event": "Zipped"}]});
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(body.to_string().as_bytes())?;
+        let response = env
+            .authed("/v1/import")
+            .header("content-encoding", "gzip")
+            .header("content-type", "application/json")
+            .body(gz.finish()?)
+            .send()
+            .await?;
+        assert_eq!(json_body(response).await?.0, StatusCode::OK);
+        let records = env.consume(1).await?;
+        assert_eq!(str_field(&records[0].value, "event"), "Zipped");
+        assert_eq!(records[0].key.as_deref(), Some("a-9"));
+        env.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn analytics_js_one_letter_paths_with_text_plain_bodies() -> TestResult {
+        let env = start().await?;
+        // analytics.js posts `text/plain` (no CORS preflight) with the write
+        // key in the body, to `/v1/` plus the type's first letter.
+        let calls = [
+            ("/v1/i", json!({"userId": "u", "traits": {"plan": "pro"}})),
+            ("/v1/t", json!({"userId": "u", "event": "Clicked"})),
+            ("/v1/p", json!({"userId": "u", "name": "Home"})),
+            ("/v1/s", json!({"userId": "u", "name": "Feed"})),
+            ("/v1/g", json!({"userId": "u", "groupId": "g1"})),
+            ("/v1/a", json!({"userId": "u", "previousId": "a1"})),
+            (
+                "/v1/b",
+                json!({"batch": [{"type": "track", "userId": "u", "event": "Batched"}]}),
+            ),
+        ];
+        for (path, mut body) in calls {
+            body["writeKey"] = json!(WRITE_KEY);
+            let response = env
+                .post(path)
+                .header("content-type", "text/plain")
+                .body(body.to_string())
+                .send()
+                .await?;
+            assert_eq!(json_body(response).await?.0, StatusCode::OK, "{path}");
+        }
+        // One key, one partition: the order of the calls.
+        let records = env.consume(7).await?;
+        let kinds: Vec<&str> = records
+            .iter()
+            .map(|r| str_field(&r.value, "type"))
+            .collect();
+        assert_eq!(
+            kinds,
+            ["identify", "track", "page", "screen", "group", "alias", "track"]
+        );
+        assert_eq!(str_field(&records[6].value, "event"), "Batched");
+        env.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settings_cors_and_unknown_routes() -> TestResult {
+        let env = start().await?;
+        let response = env
+            .http
+            .get(format!("{}/v1/projects/{WRITE_KEY}/settings", env.base))
+            .send()
+            .await?;
+        let (status, body) = json_body(response).await?;
+        assert_eq!(status, StatusCode::OK);
+        let host = env.base.trim_start_matches("http://");
+        assert_eq!(
+            body,
+            json!({"integrations": {"Segment.io": {"apiKey": WRITE_KEY, "apiHost": format!("{host}/v1")}},
+                   "plan": {"track": {"__default": {"enabled": true}}}})
+        );
+        let unknown = env
+            .http
+            .get(format!("{}/v1/projects/wk_nope/settings", env.base))
+            .send()
+            .await?;
+        assert_eq!(unknown.status().as_u16(), 404);
+
+        let preflight = env
+            .http
+            .request(reqwest::Method::OPTIONS, format!("{}/v1/track", env.base))
+            .header("origin", "https://shop.example.com")
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "content-type,authorization",
+            )
+            .send()
+            .await?;
+        assert!(preflight.status().is_success());
+        assert_eq!(
+            preflight
+                .headers()
+                .get("access-control-allow-origin")
+                .and_then(|v| v.to_str().ok()),
+            Some("*")
+        );
+        let missing = env.authed("/v1/nothing").body("{}").send().await?;
+        assert_eq!(missing.status().as_u16(), 404);
+        env.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_past_the_cap_get_503_with_retry_after() -> TestResult {
+        let config = CollectorConfig {
+            max_connections: 1,
+            ..Default::default()
+        };
+        let env = start_with(config, &[]).await?;
+        let addr = env.base.trim_start_matches("http://").to_string();
+        // A slow client holds the only slot.
+        let held = tokio::net::TcpStream::connect(&addr).await?;
+        let answer = raw_exchange(
+            &env,
+            b"GET /v1/projects/x/settings HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await?;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("retry-after: "), "{answer}");
+        assert!(answer.contains("too_many_connections"), "{answer}");
+        drop(held);
+        // The slot frees once the slow client goes away.
+        let mut ok = false;
+        for _ in 0..50 {
+            let fresh = reqwest::Client::new();
+            let r = fresh
+                .post(format!("{}/v1/track", env.base))
+                .basic_auth(WRITE_KEY, Some(""))
+                .json(&json!({"userId": "u", "event": "After"}))
+                .send()
+                .await?;
+            if r.status().as_u16() == 200 {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ok, "the freed slot must take a new connection");
+        env.stop().await
+    }
+
+    #[test]
+    fn basic_auth_takes_the_user_name() -> TestResult {
+        let mut headers = HeaderMap::new();
+        assert_eq!(basic_auth_user(&headers)?, None);
+        let encoded = base64::engine::general_purpose::STANDARD.encode("wk_1:");
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {encoded}"))?,
+        );
+        assert_eq!(basic_auth_user(&headers)?, Some("wk_1".to_string()));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert!(basic_auth_user(&headers).is_err());
+        Ok(())
+    }
+}
