@@ -119,6 +119,16 @@ async fn produce(
     Ok(())
 }
 
+/// Produce `k0: x` into partition 0 of `t.in`, the partition the
+/// ownership tests fence and repair.
+async fn produce_to_p0(p: &FutureProducer) -> TestResult {
+    let record = FutureRecord::to("t.in").partition(0).key("k0").payload("x");
+    p.send(record, Duration::from_secs(5))
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
 fn read_all(
     factory: &ClientFactory,
     topic: &str,
@@ -390,17 +400,8 @@ async fn a_fenced_owner_does_not_commit_and_later_restores_the_new_owners_batche
 
     let dir = tempfile::tempdir()?;
     let s = setup(&dir.path().display().to_string())?;
-    let to_p0 = |value: &'static str| {
-        FutureRecord::to("t.in")
-            .partition(0)
-            .key("k0")
-            .payload(value)
-    };
     for _ in 0..2 {
-        s.producer
-            .send(to_p0("x"), Duration::from_secs(5))
-            .await
-            .map_err(|(e, _)| e)?;
+        produce_to_p0(&s.producer).await?;
     }
     let shutdown = Shutdown::default();
     let join = start(
@@ -447,10 +448,7 @@ async fn a_fenced_owner_does_not_commit_and_later_restores_the_new_owners_batche
             .map_err(|(e, _)| e)?;
     }
     // The old owner gets one more record: it must find itself fenced.
-    s.producer
-        .send(to_p0("x"), Duration::from_secs(5))
-        .await
-        .map_err(|(e, _)| e)?;
+    produce_to_p0(&s.producer).await?;
     let result = ended(join, Duration::from_secs(30)).await;
     assert!(
         matches!(&result, Some(Err(e)) if e.contains("fenced")),
@@ -652,12 +650,8 @@ async fn two_claimers_of_one_changelog_never_share_an_epoch() -> TestResult {
 async fn an_idle_owner_repairs_what_a_zombie_wrote_into_its_changelog() -> TestResult {
     let dir = tempfile::tempdir()?;
     let s = setup(&dir.path().display().to_string())?;
-    let to_p0 = || FutureRecord::to("t.in").partition(0).key("k0").payload("x");
     for _ in 0..2 {
-        s.producer
-            .send(to_p0(), Duration::from_secs(5))
-            .await
-            .map_err(|(e, _)| e)?;
+        produce_to_p0(&s.producer).await?;
     }
     let shutdown = Shutdown::default();
     let join = start(
@@ -711,10 +705,7 @@ async fn an_idle_owner_repairs_what_a_zombie_wrote_into_its_changelog() -> TestR
         "the owner (epoch 1) wrote the committed count again after the zombie's record"
     );
     // And it goes on owning the partition.
-    s.producer
-        .send(to_p0(), Duration::from_secs(5))
-        .await
-        .map_err(|(e, _)| e)?;
+    produce_to_p0(&s.producer).await?;
     let out = read_until(&s.factory, "t.out", |o| counts(o, "k0").len() >= 3).await?;
     shutdown.trigger();
     join.join().map_err(|_| "stage panicked")??;
