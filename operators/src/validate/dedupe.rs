@@ -1,0 +1,94 @@
+//! Step 5: a `messageId` already seen from the same source within the
+//! dedupe window is dropped; step 6 emits the rest.
+
+use cdp_pipeline::envelope::SOURCE;
+use cdp_pipeline::{Context, OperatorError, Record, Span};
+use serde::{Deserialize, Serialize};
+
+use crate::messages::outputs;
+
+use super::ValidateOperator;
+
+/// How long a `messageId` is remembered per source unless configured.
+pub const DEFAULT_DEDUPE_WINDOW: Span = Span::from_secs(24 * 3600);
+
+/// State key prefix of remembered message ids: `dedupe/<source>/<messageId>`.
+const DEDUPE_PREFIX: &str = "dedupe/";
+
+/// What the store remembers per `dedupe/<source>/<messageId>`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct DedupeEntry {
+    /// Event time (ms) of the first event with this id, if it had one.
+    event_time: Option<i64>,
+    /// Stream time (ms) at which the id is forgotten.
+    expires_at: i64,
+}
+
+fn dedupe_key(source: &str, message_id: &str) -> Vec<u8> {
+    format!("{DEDUPE_PREFIX}{source}/{message_id}").into_bytes()
+}
+
+impl ValidateOperator {
+    /// Steps 5–6 for an event that passed: drop a repeated `messageId`,
+    /// else remember it and emit `encode()`.
+    pub(super) fn dedupe_and_emit(
+        &self,
+        record: &Record<'_>,
+        ctx: &mut Context<'_>,
+        source: &str,
+        message_id: Option<&str>,
+        event_time: Option<i64>,
+        encode: impl FnOnce() -> Result<Vec<u8>, OperatorError>,
+    ) -> Result<(), OperatorError> {
+        let window = self.validator.dedupe_window.millis();
+        let key = match message_id {
+            Some(message_id) if window > 0 => {
+                let key = dedupe_key(source, message_id);
+                if ctx.get(&key)?.is_some() {
+                    return Ok(());
+                }
+                Some(key)
+            }
+            _ => None,
+        };
+        let value = encode()?;
+        if let Some(key) = key {
+            // Stream time when the task has seen a tick; before that the
+            // event's own time (then the broker's), so replays agree.
+            let base = if ctx.now() > 0 {
+                ctx.now()
+            } else {
+                event_time.or(record.timestamp_ms).unwrap_or(0)
+            };
+            let entry = DedupeEntry {
+                event_time,
+                expires_at: base.saturating_add(window),
+            };
+            ctx.put_json(&key, &entry)?;
+            ctx.set_timer(entry.expires_at, &key);
+        }
+        ctx.emit_with_headers(
+            outputs::NEXT,
+            record.key.map(<[u8]>::to_vec),
+            value,
+            vec![(SOURCE.to_string(), source.as_bytes().to_vec())],
+        );
+        Ok(())
+    }
+}
+
+/// Forget a remembered `messageId` whose window has passed.
+pub(super) fn on_timer(key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+    if !key.starts_with(DEDUPE_PREFIX.as_bytes()) {
+        return Ok(());
+    }
+    let entry = ctx
+        .get(key)?
+        .and_then(|bytes| serde_json::from_slice::<DedupeEntry>(&bytes).ok());
+    match entry {
+        // Re-armed by a later event after an earlier expiry: keep it.
+        Some(entry) if entry.expires_at > ctx.now() => {}
+        _ => ctx.delete(key),
+    }
+    Ok(())
+}
