@@ -11,7 +11,8 @@ use super::plan::{
     field_violations, plan_violation, resolve, unplanned_event, CompiledPlan, Resolved,
 };
 use super::spec::{
-    call_type, counted_name, spec_check, spec_violation, Member, Shape, Violation, TRAITS_LIMIT,
+    call_type, counted_name, normalized_name, spec_check, spec_violation, Member, Shape, Violation,
+    TRAITS_LIMIT,
 };
 use super::stream::Stream;
 
@@ -45,11 +46,7 @@ impl Validator {
             ));
         }
         let kind = kind.unwrap_or_default();
-        let normalized = match kind {
-            "page" => Some("Page Viewed"),
-            "screen" => Some("Screen Viewed"),
-            _ => None,
-        };
+        let normalized = normalized_name(kind);
         let mut event = None;
         if let Some(name) = normalized {
             match get("event") {
@@ -114,8 +111,9 @@ pub(super) fn wants_body(
         ("track", "properties") => event
             .and_then(Value::as_str)
             .is_none_or(|name| plan.events.contains_key(name)),
-        ("page", "properties") => plan.events.contains_key("Page Viewed"),
-        ("screen", "properties") => plan.events.contains_key("Screen Viewed"),
+        ("page" | "screen", "properties") => {
+            normalized_name(kind).is_some_and(|name| plan.events.contains_key(name))
+        }
         ("identify", "traits") => plan.identify.is_some(),
         ("group", "traits") => plan.group.is_some(),
         _ => false,

@@ -63,7 +63,7 @@ pub use spec::{
 use envelope::Envelope;
 use fast::{with_event_first, Fast};
 use plan::apply_plan;
-use spec::{call_type, counted_name, event_time_of, spec_violation, Member};
+use spec::{call_type, counted_name, event_time_of, normalized_name, spec_violation, Member};
 
 impl Validator {
     /// Steps 2–4 for one parsed event of `source`: the spec check,
@@ -99,11 +99,7 @@ impl Validator {
             ));
         }
         let kind = kind.unwrap_or_default();
-        let normalized = match kind {
-            "page" => Some("Page Viewed"),
-            "screen" => Some("Screen Viewed"),
-            _ => None,
-        };
+        let normalized = normalized_name(kind);
         let mut changed = false;
         if let Some(name) = normalized {
             if map.get("event").and_then(Value::as_str) != Some(name) {

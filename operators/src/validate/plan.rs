@@ -133,17 +133,15 @@ pub(super) fn unescape_pointer_segment(s: &str) -> String {
 
 /// Every violation of `schema` by `instance`, which sits at JSON pointer
 /// `base` in the event. With `omittable`, each violation names the key of
-/// `instance` whose removal drops the offending value.
+/// `instance` whose removal drops the offending value. Callers check
+/// `is_valid` first: the common case, and much cheaper than collecting
+/// errors.
 fn schema_violations(
     schema: &jsonschema::Validator,
     base: &str,
     instance: &Value,
     omittable: bool,
 ) -> Vec<SchemaViolation> {
-    // The common case, and much cheaper than collecting errors.
-    if schema.is_valid(instance) {
-        return Vec::new();
-    }
     let mut out = Vec::new();
     for error in schema.iter_errors(instance) {
         let at = error.instance_path.as_str();
@@ -264,7 +262,7 @@ struct PlanSchemas<'p> {
 impl PlanSchemas<'_> {
     fn violations(&self, event: &Value) -> Vec<SchemaViolation> {
         let mut out = Vec::new();
-        if let Some(common) = self.common {
+        if let Some(common) = self.common.filter(|common| !common.is_valid(event)) {
             out.extend(schema_violations(common, "", event, false));
         }
         if let Some((field, schema)) = self.field {

@@ -85,13 +85,21 @@ pub(super) fn call_type(member: Member<'_>) -> Option<&'static str> {
     EVENT_TYPES.iter().copied().find(|k| *k == t)
 }
 
+/// The event name a `page` / `screen` call is normalized to (step 3).
+pub(super) fn normalized_name(kind: &str) -> Option<&'static str> {
+    match kind {
+        "page" => Some("Page Viewed"),
+        "screen" => Some("Screen Viewed"),
+        _ => None,
+    }
+}
+
 /// The event name a call counts as (see [`messages::event_name`]).
 pub(super) fn counted_name<'a>(kind: Option<&str>, event: Member<'a>) -> Option<&'a str> {
     match kind {
         Some("track") => event.as_str(),
-        Some("page") => Some("Page Viewed"),
-        Some("screen") => Some("Screen Viewed"),
-        _ => None,
+        Some(kind) => normalized_name(kind),
+        None => None,
     }
 }
 
