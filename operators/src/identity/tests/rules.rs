@@ -1,0 +1,159 @@
+use super::*;
+use crate::identity::graph::derived_profile_id;
+
+#[test]
+fn shared_config_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<IdentityRules>();
+    assert_send_sync::<IdentityOperator>();
+}
+
+#[test]
+fn default_config_is_designs_example() -> TestResult {
+    let yaml = r#"
+identifiers:
+  user_id: {limit: 1, priority: 1}
+  email: {limit: 5, priority: 2}
+  anonymous_id: {limit: 1000, priority: 3}
+blocked_values: ["null", "undefined", "anonymous", "0", "-1", ""]
+blocked_patterns: ["^[0-]*$"]
+max_merges: 100
+"#;
+    let parsed: IdentityConfig = serde_yaml::from_str(yaml)?;
+    assert_eq!(parsed, IdentityConfig::default());
+    assert_eq!(
+        serde_yaml::from_str::<IdentityConfig>("{}")?,
+        IdentityConfig::default()
+    );
+    assert!(serde_yaml::from_str::<IdentityConfig>(
+        "identifiers: {email: {limit: 1, priority: 1, x: 2}}"
+    )
+    .is_err());
+    Ok(())
+}
+
+#[test]
+fn config_errors_name_the_path() {
+    let mut cfg = IdentityConfig {
+        blocked_patterns: vec!["(".into()],
+        ..IdentityConfig::default()
+    };
+    assert_eq!(
+        IdentityRules::new(&cfg).err().map(|e| e.path),
+        Some("identity.blocked_patterns[0]".to_string())
+    );
+    cfg.blocked_patterns.clear();
+    cfg.identifiers
+        .insert("email".into(), IdentifierRule::new(0, 2));
+    assert_eq!(
+        IdentityRules::new(&cfg).err().map(|e| e.path),
+        Some("identity.identifiers.email.limit".to_string())
+    );
+}
+
+#[test]
+fn profile_ids_derive_from_the_strongest_identifier() -> TestResult {
+    let mut h = harness(&IdentityConfig::default())?;
+    let out = send(
+        &mut h,
+        &json!({"type": "identify", "userId": "u1", "anonymousId": "a1"}),
+    )?;
+    let (profile, identifiers) = resolved(&out)?;
+    assert_eq!(profile, derived_profile_id("user_id", "u1"));
+    assert_eq!(profile.len(), "prof_".len() + 20);
+    assert_eq!(
+        identifiers,
+        ids(&[("anonymous_id", &["a1"]), ("user_id", &["u1"])])
+    );
+    let emitted = h.process(None, br#"{"type":"track","event":"X","userId":"u1"}"#, &[])?;
+    assert_eq!(emitted.len(), 1);
+    assert_eq!(emitted[0].key.as_deref(), Some(profile.as_bytes()));
+    assert_eq!(emitted[0].output, outputs::NEXT);
+    Ok(())
+}
+
+#[test]
+fn source_header_passes_through() -> TestResult {
+    let mut h = harness(&IdentityConfig::default())?;
+    let headers = vec![(SOURCE.to_string(), b"web".to_vec())];
+    let out = h.process(
+        None,
+        br#"{"type":"track","event":"X","userId":"u1"}"#,
+        &headers,
+    )?;
+    // The event, then the new profile's snapshot (headers are the event's).
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0].output, outputs::NEXT);
+    assert_eq!(out[0].headers, headers);
+    assert_eq!(out[1].output, outputs::PROFILES);
+    assert!(out[1].headers.is_empty());
+    Ok(())
+}
+
+#[test]
+fn blocked_values_and_patterns_are_ignored() -> TestResult {
+    let mut h = harness(&IdentityConfig::default())?;
+    let out = send(
+        &mut h,
+        &json!({"type": "identify", "userId": "NULL", "anonymousId": " a1 "}),
+    )?;
+    assert_eq!(resolved(&out)?.1, ids(&[("anonymous_id", &["a1"])]));
+    for user in [
+        json!("undefined"),
+        json!("000"),
+        json!("-0-"),
+        json!(0),
+        json!(""),
+        json!(true),
+    ] {
+        let r = h.process(
+            None,
+            &serde_json::to_vec(&json!({"type": "track", "event": "X", "userId": user}))?,
+            &[],
+        );
+        assert!(
+            matches!(
+                r,
+                Err(OperatorError::Rejected {
+                    reason: "no_identifier",
+                    ..
+                })
+            ),
+            "{user}"
+        );
+    }
+    assert_eq!(live_profiles(&h).len(), 1, "rejections write no state");
+    Ok(())
+}
+
+#[test]
+fn emails_are_case_insensitive_and_numbers_become_strings() -> TestResult {
+    let mut h = harness(&IdentityConfig::default())?;
+    let event = json!({"type": "identify", "userId": 42,
+        "traits": {"email": "a@example.com"}, "context": {"traits": {"email": " A@Example.COM "}}});
+    let (profile, identifiers) = resolved(&send(&mut h, &event)?)?;
+    assert_eq!(
+        identifiers,
+        ids(&[("email", &["a@example.com"]), ("user_id", &["42"])])
+    );
+    let again = json!({"type": "track", "event": "X", "anonymousId": "z", "context": {"traits": {"email": "A@EXAMPLE.com"}}});
+    assert_eq!(resolved(&send(&mut h, &again)?)?.0, profile);
+    Ok(())
+}
+
+#[test]
+fn unconfigured_types_are_ignored_and_external_ids_are_typed() -> TestResult {
+    let mut cfg = IdentityConfig::default();
+    cfg.identifiers
+        .insert("crm_id".into(), IdentifierRule::new(1, 4));
+    let mut h = harness(&cfg)?;
+    let event = json!({"type": "track", "event": "X", "userId": "u1",
+        "context": {"device": {"id": "d1"}, "traits": {"phone": "555"},
+                    "externalIds": [{"id": "c1", "type": "crm_id"}, {"id": "z", "type": "other"}, 5]}});
+    let (_, identifiers) = resolved(&send(&mut h, &event)?)?;
+    assert_eq!(
+        identifiers,
+        ids(&[("crm_id", &["c1"]), ("user_id", &["u1"])])
+    );
+    Ok(())
+}
