@@ -5,8 +5,8 @@
 //! needs only the identifier fields, `type`, `messageId` and the event time.
 //! [`EventFields::parse`] reads just those (everything else is skipped by
 //! the parser, not allocated); an event whose shape the typed parse does not
-//! take (`context` that is not an object, a repeated key) goes through
-//! [`EventFields::from_value`], which reads the same fields from a full
+//! take (`context` that is not an object, a repeated top-level key) goes
+//! through [`EventFields::from_value`], which reads the same fields from a full
 //! parse, so both paths give the same answer.
 
 use serde::de::{IgnoredAny, MapAccess, Visitor};
@@ -122,14 +122,10 @@ impl<'de, T: FromObject> Deserialize<'de> for Object<T> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Object<T>, A::Error> {
                 let mut out = T::default();
-                let mut seen: Vec<String> = Vec::new();
+                // A repeated key overwrites, as in the full parse: the last
+                // one wins on both paths.
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    // A repeated key: the full parse decides which one wins.
-                    if seen.iter().any(|k| *k == *key) {
-                        return Err(serde::de::Error::custom("repeated key"));
-                    }
                     out.field(&key, &mut map)?;
-                    seen.push(key.into_owned());
                 }
                 Ok(Object(out))
             }
@@ -258,6 +254,13 @@ mod tests {
             assert!(EventFields::parse(&bytes).is_none(), "{odd}");
         }
         assert!(EventFields::parse(br#"{"userId": "a", "userId": "b"}"#).is_none());
+        // Inside nested objects a repeated key overwrites on both paths.
+        let nested = br#"{"userId": "u", "context": {"device": {"id": "a"}, "device": {"id": "b", "id": null},
+            "traits": {"email": "x@y.z"}, "traits": {"phone": "5"}}}"#;
+        let full: Value = serde_json::from_slice(nested).unwrap_or_default();
+        assert!(
+            EventFields::parse(nested).is_some_and(|t| same(&t, &EventFields::from_value(&full)))
+        );
     }
 
     fn arb_leaf() -> impl Strategy<Value = Value> {
