@@ -9,13 +9,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cdp_pipeline::{ClientFactory, KafkaConfig};
-use common::{by_profile, entered, ChangeReader, TestResult};
+use common::{by_profile, entered, free_port, unique, wait_ready, ChangeReader, TestResult};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -33,10 +33,6 @@ fn tansu_bin() -> Option<PathBuf> {
             None
         }
     }
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A tansu broker on a fixed port whose data lives in one SQLite file.
@@ -241,20 +237,6 @@ impl Drop for Chain {
     }
 }
 
-fn wait_ready(admin: &str, timeout: Duration) -> Result<(), BoxError> {
-    let deadline = Instant::now() + timeout;
-    let client = reqwest::blocking::Client::new();
-    while Instant::now() < deadline {
-        if let Ok(r) = client.get(format!("http://{admin}/readyz")).send() {
-            if r.status().is_success() {
-                return Ok(());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Err(format!("{admin} not ready after {timeout:?}").into())
-}
-
 /// Send a visitor's journey, retrying each call (as an SDK does on a 503)
 /// until it is acknowledged; how many 503s it got.
 fn send(collector: SocketAddr, visitor: &str, start_ms: i64) -> Result<usize, BoxError> {
@@ -289,14 +271,6 @@ fn send(collector: SocketAddr, visitor: &str, start_ms: i64) -> Result<usize, Bo
         }
     }
     Ok(refused)
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{prefix}{}x{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 #[test]

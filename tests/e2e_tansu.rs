@@ -7,13 +7,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cdp_pipeline::{ClientFactory, KafkaConfig};
-use common::{by_profile, entered, ChangeReader, TestResult};
+use common::{by_profile, entered, free_port, unique, wait_ready, ChangeReader, TestResult};
 
 const PARTITIONS: i32 = 4;
 
@@ -29,18 +29,6 @@ fn brokers() -> Option<String> {
             None
         }
     }
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{prefix}{}x{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 /// A whole pipeline of `cdp` processes sharing one config.
@@ -271,23 +259,6 @@ impl Drop for Pipeline {
     }
 }
 
-fn wait_ready(
-    admin: &str,
-    timeout: Duration,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let deadline = Instant::now() + timeout;
-    let client = reqwest::blocking::Client::new();
-    while Instant::now() < deadline {
-        if let Ok(r) = client.get(format!("http://{admin}/readyz")).send() {
-            if r.status().is_success() {
-                return Ok(());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Err(format!("{admin} not ready after {timeout:?}").into())
-}
-
 fn send(
     collector: SocketAddr,
     visitor: &str,
@@ -400,6 +371,30 @@ fn six_stages_as_processes_with_two_identity_and_traits_instances() -> TestResul
     Ok(())
 }
 
+/// The audience changes of `visitors` through a whole chain with no fault:
+/// the reference the fault tests compare with.
+fn clean_run(
+    brokers: &str,
+    visitors: &[String],
+    start: i64,
+) -> Result<BTreeMap<String, Vec<common::Change>>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut clean = Pipeline::new(brokers)?;
+    clean.spawn_all()?;
+    for v in visitors {
+        send(clean.collector, v, start)?;
+    }
+    let mut reader = clean.reader()?;
+    let ok = reader.read_until(Duration::from_secs(120), all_entered(visitors));
+    assert!(
+        ok,
+        "clean run incomplete: {:?}\n{}",
+        reader.changes,
+        clean.logs()
+    );
+    reader.settle(Duration::from_secs(3));
+    Ok(by_profile(&reader.changes))
+}
+
 #[test]
 fn kill_9_of_stateful_stages_changes_nothing_downstream() -> TestResult {
     let Some(brokers) = brokers() else {
@@ -409,22 +404,7 @@ fn kill_9_of_stateful_stages_changes_nothing_downstream() -> TestResult {
     let start = recent_start();
 
     // The reference: the same input without crashes.
-    let mut clean = Pipeline::new(&brokers)?;
-    clean.spawn_all()?;
-    for v in &visitors {
-        send(clean.collector, v, start)?;
-    }
-    let mut reader = clean.reader()?;
-    let ok = reader.read_until(Duration::from_secs(120), all_entered(&visitors));
-    assert!(
-        ok,
-        "clean run incomplete: {:?}\n{}",
-        reader.changes,
-        clean.logs()
-    );
-    reader.settle(Duration::from_secs(3));
-    let expected = by_profile(&reader.changes);
-    drop(clean);
+    let expected = clean_run(&brokers, &visitors, start)?;
 
     // Same input, while stateful stages are killed with SIGKILL and restarted.
     let mut p = Pipeline::new(&brokers)?;
@@ -642,22 +622,7 @@ fn a_zombie_paused_past_its_session_changes_nothing_downstream() -> TestResult {
     let visitors: Vec<String> = (0..8).map(|i| format!("z{i}")).collect();
     let start = recent_start();
 
-    let mut clean = Pipeline::new(&brokers)?;
-    clean.spawn_all()?;
-    for v in &visitors {
-        send(clean.collector, v, start)?;
-    }
-    let mut reader = clean.reader()?;
-    let ok = reader.read_until(Duration::from_secs(120), all_entered(&visitors));
-    assert!(
-        ok,
-        "clean run incomplete: {:?}\n{}",
-        reader.changes,
-        clean.logs()
-    );
-    reader.settle(Duration::from_secs(3));
-    let expected = by_profile(&reader.changes);
-    drop(clean);
+    let expected = clean_run(&brokers, &visitors, start)?;
 
     let mut p = Pipeline::new(&brokers)?;
     p.spawn_all()?;

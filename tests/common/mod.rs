@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cdp_operators::messages::AudienceChange;
 use cdp_pipeline::envelope::Position;
@@ -174,4 +174,38 @@ pub fn murmur2(data: &[u8]) -> i32 {
 /// The partition Kafka's default partitioner picks for `key`.
 pub fn partition_of(key: &str, partitions: i32) -> i32 {
     (murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A name no other test run uses (topic prefixes, groups).
+pub fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}{}x{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// Wait until a process's `/readyz` answers 200.
+pub fn wait_ready(
+    admin: &str,
+    timeout: Duration,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let deadline = Instant::now() + timeout;
+    let client = reqwest::blocking::Client::new();
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(format!("http://{admin}/readyz")).send() {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("{admin} not ready after {timeout:?}").into())
 }
