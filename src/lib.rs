@@ -4,4 +4,6 @@
 pub mod config;
 pub mod demo;
 pub mod dev;
+pub mod loadgen;
+pub mod passthrough;
 pub mod stages;

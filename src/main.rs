@@ -76,6 +76,25 @@ enum Command {
         #[command(subcommand)]
         command: TopicsCommand,
     },
+    /// Send a realistic synthetic workload (benchmarks, sizing).
+    Loadgen(LoadgenArgs),
+    /// A bare consume→produce hop: the transport limit for benchmarks.
+    Passthrough {
+        #[command(flatten)]
+        common: Common,
+        /// Input topic (full name).
+        #[arg(long)]
+        from: String,
+        /// Output topic (full name).
+        #[arg(long)]
+        to: String,
+        /// Stop after forwarding this many records.
+        #[arg(long)]
+        expect: u64,
+        /// Or after this long without records, once records flowed.
+        #[arg(long, default_value = "10s")]
+        idle: cdp_pipeline::Span,
+    },
     /// Config file tools.
     Config {
         #[command(subcommand)]
@@ -98,6 +117,47 @@ enum ConfigCommand {
     Check { file: PathBuf },
     /// Print the JSON Schema of the config file (for editor completion).
     Schema,
+}
+
+#[derive(Args)]
+struct LoadgenArgs {
+    #[command(flatten)]
+    common: Common,
+    /// `raw` (produce to `<p>.raw`) or the collector's base URL
+    /// (`http://127.0.0.1:8088`, batches to `/v1/batch`).
+    #[arg(long, default_value = "raw")]
+    to: String,
+    /// Source id (`sources[].id`); its write key authenticates over HTTP.
+    /// Defaults to the config's first source.
+    #[arg(long)]
+    source: Option<String>,
+    /// Seed: one seed, one exact stream of events.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Distinct people; the run ends when all are done.
+    #[arg(long, default_value_t = 10_000)]
+    people: u64,
+    /// People active at once (their events interleave).
+    #[arg(long, default_value_t = 1000)]
+    concurrent: usize,
+    /// Stop after this many events.
+    #[arg(long)]
+    events: Option<u64>,
+    /// Stop after this long (`30s`, `5m`).
+    #[arg(long)]
+    duration: Option<cdp_pipeline::Span>,
+    /// Events per second; 0 sends as fast as the receiver takes them.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Events per HTTP batch.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// HTTP batches in flight.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Print the summary as one JSON line on stdout too.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -285,6 +345,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 )
             }
         }
+        Command::Loadgen(args) => loadgen(args).await,
+        Command::Passthrough {
+            common,
+            from,
+            to,
+            expect,
+            idle,
+        } => {
+            let compiled = common.load()?;
+            let factory = ClientFactory::new(compiled.config.kafka.clone())?;
+            let opts = cdp::passthrough::HopOptions {
+                from,
+                to,
+                expect,
+                idle: idle.to_std(),
+            };
+            let report =
+                tokio::task::spawn_blocking(move || cdp::passthrough::run_hop(&factory, &opts))
+                    .await??;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         Command::Config {
             command: ConfigCommand::Check { file },
         } => {
@@ -311,6 +393,55 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
+    use cdp::loadgen::{self, workload::WorkloadSpec, LoadgenOptions, Target};
+    let compiled = args.common.load()?;
+    let sources = &compiled.config.sources;
+    let source = match &args.source {
+        Some(id) => sources.iter().find(|s| &s.id == id),
+        None => sources.first(),
+    }
+    .context("no such source in the config (sources[].id)")?;
+    let target = if args.to == "raw" {
+        Target::Raw {
+            factory: ClientFactory::new(compiled.config.kafka.clone())?,
+            source: source.id.clone(),
+        }
+    } else if args.to.starts_with("http://") || args.to.starts_with("https://") {
+        Target::Http {
+            url: args.to.clone(),
+            write_key: source.write_key.clone(),
+        }
+    } else {
+        anyhow::bail!(
+            "--to: expected `raw` or a collector URL (http://host:port), got {:?}",
+            args.to
+        );
+    };
+    let summary = loadgen::run(LoadgenOptions {
+        workload: WorkloadSpec {
+            seed: args.seed,
+            people: args.people,
+            concurrent: args.concurrent,
+        },
+        events: args.events,
+        duration: args.duration.map(|d| d.to_std()),
+        rate: (args.rate > 0.0).then_some(args.rate),
+        target,
+        batch: args.batch,
+        concurrency: args.concurrency,
+    })
+    .await?;
+    eprint!("{summary}");
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    if summary.failed > 0 {
+        anyhow::bail!("{} events failed", summary.failed);
+    }
+    Ok(())
 }
 
 /// Shutdown on signals and the admin endpoint, for a single-stage process.

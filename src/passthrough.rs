@@ -1,0 +1,124 @@
+//! `cdp passthrough`: one bare consume→produce hop, the transport limit a
+//! stage is measured against. It uses the stages' own consumer and producer
+//! settings (the one client factory) and their batch discipline — poll up
+//! to `kafka.max_batch` records, produce them to the same key (so the same
+//! partitioning), wait for every acknowledgement, then commit the group
+//! offset — but no state, no changelog, no processing. At-least-once: a
+//! crash re-sends the last batch; fine for a benchmark, not for data.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cdp_pipeline::ClientFactory;
+use futures::future::join_all;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+use serde::Serialize;
+
+#[derive(Debug, Clone)]
+pub struct HopOptions {
+    /// Input topic (full name).
+    pub from: String,
+    /// Output topic (full name).
+    pub to: String,
+    /// Stop after forwarding this many records.
+    pub expect: u64,
+    /// Or after this long without a record, once records flowed.
+    pub idle: Duration,
+}
+
+/// What a hop did, printed as one JSON line.
+#[derive(Debug, Clone, Serialize)]
+pub struct HopReport {
+    pub from: String,
+    pub to: String,
+    pub records: u64,
+    /// Wall-clock ms of the first record consumed and of the last record
+    /// acknowledged.
+    pub first_ms: i64,
+    pub last_ms: i64,
+    pub events_per_sec: f64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Forward records until `expect` or idle; blocking (run it on its own
+/// thread).
+pub fn run_hop(factory: &ClientFactory, opts: &HopOptions) -> anyhow::Result<HopReport> {
+    let group = format!(
+        "{}.passthrough-{}",
+        factory.config().topic_prefix,
+        opts.from
+    );
+    let consumer: BaseConsumer = factory.stage_consumer(&group, None, DefaultConsumerContext)?;
+    consumer.subscribe(&[&opts.from])?;
+    let producer = factory.producer()?;
+    let max = factory.config().max_batch.max(1);
+    let (mut records, mut first_ms, mut last_ms) = (0u64, 0i64, 0i64);
+    let mut last_record = Instant::now();
+    while records < opts.expect && !(records > 0 && last_record.elapsed() > opts.idle) {
+        let mut batch = Vec::new();
+        let mut timeout = Duration::from_millis(100);
+        while batch.len() < max {
+            match consumer.poll(timeout) {
+                None => break,
+                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    break;
+                }
+            }
+            timeout = Duration::ZERO;
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if first_ms == 0 {
+            first_ms = now_ms();
+        }
+        last_record = Instant::now();
+        let mut sends = Vec::with_capacity(batch.len());
+        for m in &batch {
+            let mut r = FutureRecord::to(&opts.to).payload(m.payload().unwrap_or_default());
+            if let Some(k) = m.key() {
+                r = r.key(k);
+            }
+            if let Some(h) = m.headers() {
+                r = r.headers(h.clone());
+            }
+            match producer.send_result(r) {
+                Ok(d) => sends.push(d),
+                Err((e, _)) => anyhow::bail!("producing to {}: {e}", opts.to),
+            }
+        }
+        for d in futures::executor::block_on(join_all(sends)) {
+            match d {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => anyhow::bail!("producing to {}: {e}", opts.to),
+                Err(_) => anyhow::bail!("producing to {}: delivery canceled", opts.to),
+            }
+        }
+        records += batch.len() as u64;
+        last_ms = now_ms();
+        for m in &batch {
+            consumer.store_offset(m.topic(), m.partition(), m.offset() + 1)?;
+        }
+        consumer.commit_consumer_state(CommitMode::Async)?;
+    }
+    let secs = ((last_ms - first_ms) as f64 / 1000.0).max(1e-3);
+    Ok(HopReport {
+        from: opts.from.clone(),
+        to: opts.to.clone(),
+        records,
+        first_ms,
+        last_ms,
+        events_per_sec: records as f64 / secs,
+    })
+}
