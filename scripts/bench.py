@@ -1,0 +1,411 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark on one tansu broker: the bare pass-through chain
+next to the whole cdp chain, in one run.
+
+Phases (each stage and hop its own process, tansu's memory engine on
+loopback, `--partitions` partitions, `<p>.valid` one partition as always):
+
+1. pass-through: `cdp loadgen` writes EVENTS events to `pt.raw`; four
+   `cdp passthrough` hops (raw → valid(1 partition) → identified → traits →
+   audiences, the same topology as the stages that see every event) drain
+   them. Their rate is the transport limit of this box and broker.
+2. drain: the same EVENTS events (same seed) to `bench.raw`; validate,
+   identity, traits, audiences and deliver start and drain them. The
+   sustained rate is EVENTS / (last audiences input − first validate input).
+3. latency at 50% and 100% of the sustained rate: `cdp loadgen --rate` for
+   PHASE seconds with fresh people; event → audience change latency is
+   `emitted_at − event_time` of every change an event caused (deliver's
+   stdout destination prints them; loadgen stamps each event's `timestamp`
+   with its send time).
+
+Prints a table and writes it as JSON (`--out`). Reports CPU seconds and RSS
+per process and RocksDB bytes per profile. Run through `scripts/bench.sh`
+(builds the release binary and finds tansu), or directly:
+
+    python3 scripts/bench.py --cdp target/release/cdp --tansu ~/.cache/cdp/tansu/bin/tansu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime
+
+STAGES = ["validate", "identity", "traits", "audiences", "deliver"]
+# The stages every event passes through (deliver sees only changes).
+HOPS = [("raw", "valid"), ("valid", "identified"), ("identified", "traits"), ("traits", "audiences")]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def config_text(demo: str, brokers: str, prefix: str, partitions: int, collector: int) -> str:
+    return (
+        demo.replace("brokers: localhost:9092", f"brokers: {brokers}")
+        .replace("topic_prefix: cdp", f"topic_prefix: {prefix}")
+        .replace("partitions: 4", f"partitions: {partitions}")
+        .replace("tick_interval: 1s", "tick_interval: 1s\n  replication_factor: 1")
+        .replace(
+            "destinations: []",
+            f"destinations:\n  - {{id: out, type: stdout}}\ncollector:\n  listen: 127.0.0.1:{collector}",
+        )
+    )
+
+
+def cpu_secs(pid: int) -> float:
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def rss_mb(pid: int) -> dict:
+    out = {}
+    try:
+        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, kb = line.split()[:2]
+                out[key.rstrip(":").lower()] = round(int(kb) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
+def du_bytes(path: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def parse_ms(t: str) -> float:
+    return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() * 1000
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.cdp = args.cdp
+        self.work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="cdp-bench-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.admins: dict[str, str] = {}
+        self.result: dict = {"machine": machine(), "settings": vars(args).copy()}
+
+    # -- processes -------------------------------------------------------
+    def start_tansu(self) -> None:
+        port = free_port()
+        self.brokers = f"127.0.0.1:{port}"
+        logf = open(self.work / "tansu.log", "w")
+        self.procs["tansu"] = subprocess.Popen(
+            [self.args.tansu, "broker", "--listener-url", f"tcp://{self.brokers}",
+             "--advertised-listener-url", f"tcp://{self.brokers}", "--storage-engine", "memory://tansu/"],
+            stdout=logf, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit("bench: tansu did not start; see " + str(self.work / "tansu.log"))
+
+    def write_config(self, prefix: str) -> pathlib.Path:
+        text = (pathlib.Path(__file__).resolve().parent.parent / "deploy" / "demo-config.yaml").read_text()
+        path = self.work / f"{prefix}.yaml"
+        path.write_text(config_text(text, self.brokers, prefix, self.args.partitions, free_port()))
+        subprocess.run([self.cdp, "topics", "create", "--config", str(path)], check=True,
+                       stdout=subprocess.DEVNULL)
+        return path
+
+    def loadgen(self, config: pathlib.Path, seed: int, *extra: str) -> dict:
+        out = subprocess.run(
+            [self.cdp, "loadgen", "--config", str(config), "--to", "raw", "--seed", str(seed),
+             "--concurrent", "2000", "--json", *extra],
+            capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise SystemExit(f"bench: loadgen failed: {out.stderr}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def start_stage(self, config: pathlib.Path, stage: str) -> None:
+        admin = f"127.0.0.1:{free_port()}"
+        self.admins[stage] = admin
+        args = [self.cdp, stage, "--config", str(config), "--admin-listen", admin,
+                "--state-dir", str(self.work / "state" / stage)]
+        out = open(self.work / f"{stage}.out", "w")
+        err = open(self.work / f"{stage}.log", "w")
+        env = dict(os.environ, CDP_LOG="info,librdkafka=warn")
+        self.procs[stage] = subprocess.Popen(args, stdout=out, stderr=err, env=env)
+
+    def wait_ready(self, stage: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://{self.admins[stage]}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.procs[stage].poll() is not None:
+                raise SystemExit(f"bench: {stage} exited; see {self.work}/{stage}.log")
+            time.sleep(0.2)
+        raise SystemExit(f"bench: {stage} not ready after {timeout} s")
+
+    def data_in(self, stage: str) -> float:
+        """Input records a stage consumed, ticks aside."""
+        try:
+            with urllib.request.urlopen(f"http://{self.admins[stage]}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return -1
+        total = 0.0
+        for name, sign in (("cdp_records_in_total", 1), ("cdp_ticks_total", -1)):
+            m = re.search(rf'^{name}{{stage="{stage}"}} (\S+)$', text, re.M)
+            if m:
+                total += sign * float(m.group(1))
+        return total
+
+    def stop_all(self) -> None:
+        for name, p in reversed(list(self.procs.items())):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    # -- phases ----------------------------------------------------------
+    def passthrough(self) -> dict:
+        a = self.args
+        config = self.write_config("pt")
+        log(f"pass-through: loading {a.events} events into pt.raw")
+        load = self.loadgen(config, 1, "--people", str(a.events), "--events", str(a.events))
+        log(f"pass-through: {len(HOPS)} hops draining them")
+        hops = []
+        for src, dst in HOPS:
+            p = subprocess.Popen(
+                [self.cdp, "passthrough", "--config", str(config), "--from", f"pt.{src}",
+                 "--to", f"pt.{dst}", "--expect", str(load["sent"]), "--idle", "20s"],
+                stdout=subprocess.PIPE, stderr=open(self.work / f"pt-{src}.log", "w"), text=True)
+            hops.append(p)
+        reports = []
+        for p in hops:
+            _, status, usage = os.wait4(p.pid, 0)
+            out = p.stdout.read() if p.stdout else ""
+            p.returncode = os.waitstatus_to_exitcode(status)
+            if p.returncode != 0:
+                raise SystemExit(f"bench: a pass-through hop failed; see {self.work}/pt-*.log")
+            r = json.loads(out.strip().splitlines()[-1])
+            r["cpu_secs"] = round(usage.ru_utime + usage.ru_stime, 1)
+            r["max_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+            reports.append(r)
+        first = min(r["first_ms"] for r in reports)
+        last = max(r["last_ms"] for r in reports)
+        rate = load["sent"] / max((last - first) / 1000, 1e-3)
+        log(f"pass-through: {rate:.0f} events/s")
+        return {"events": load["sent"], "events_per_sec": round(rate), "hops": reports,
+                "broker_cpu_secs": round(cpu_secs(self.procs["tansu"].pid), 1)}
+
+    def watch(self, expect_validate: float, idle_secs: float, timeout: float) -> dict:
+        """Poll every stage's input counter until validate has seen
+        `expect_validate` records and every stage has been idle (no more
+        than a few ticks' worth of change) for `idle_secs`."""
+        samples: dict[str, list[tuple[float, float]]] = {s: [] for s in STAGES[:4]}
+        slack = 2 * self.args.partitions
+        start = time.time()
+        while time.time() - start < timeout:
+            now = time.time()
+            for s in samples:
+                samples[s].append((now, self.data_in(s)))
+            if samples["validate"][-1][1] >= expect_validate and all(
+                self._idle(v, idle_secs, slack) for v in samples.values()):
+                break
+            time.sleep(0.25)
+        out = {}
+        for s, v in samples.items():
+            final = v[-1][1]
+            base = v[0][1]
+            moving = [t for t, x in v if x > base]
+            if not moving:
+                out[s] = {"records": 0}
+                continue
+            t_first = moving[0] - 0.125
+            t_end = next(t for t, x in v if x >= final - slack)
+            out[s] = {"records": int(final - base), "first": t_first, "end": t_end,
+                      "events_per_sec": round((final - base) / max(t_end - t_first, 1e-3))}
+        return out
+
+    @staticmethod
+    def _idle(v: list[tuple[float, float]], secs: float, slack: float) -> bool:
+        if not v or v[-1][0] - v[0][0] < secs:
+            return False
+        recent = [x for t, x in v if t >= v[-1][0] - secs]
+        return recent[-1] - recent[0] <= slack
+
+    def chain(self) -> dict:
+        a = self.args
+        config = self.write_config("bench")
+        self.chain_config = config
+        log(f"chain: loading {a.events} events into bench.raw")
+        load = self.loadgen(config, 1, "--people", str(a.events), "--events", str(a.events))
+        self.loads = [load]
+        log("chain: starting the stages")
+        for s in STAGES:
+            self.start_stage(config, s)
+        for s in STAGES:
+            self.wait_ready(s)
+        cpu0 = {s: cpu_secs(self.procs[s].pid) for s in STAGES + ["tansu"]}
+        w = self.watch(load["sent"], idle_secs=4, timeout=a.timeout)
+        first = w["validate"].get("first", 0)
+        end = w["audiences"].get("end", first)
+        rate = load["sent"] / max(end - first, 1e-3)
+        log(f"chain: {rate:.0f} events/s end to end")
+        stages = {}
+        for s in STAGES:
+            stages[s] = {
+                "events_per_sec": w.get(s, {}).get("events_per_sec"),
+                "records": w.get(s, {}).get("records"),
+                "cpu_secs": round(cpu_secs(self.procs[s].pid) - cpu0[s], 1),
+                **rss_mb(self.procs[s].pid),
+            }
+        return {"events": load["sent"], "events_per_sec": round(rate), "stages": stages,
+                "broker_cpu_secs": round(cpu_secs(self.procs["tansu"].pid) - cpu0["tansu"], 1),
+                "loadgen": load}
+
+    def latency(self, rate: float, seed: int) -> dict:
+        a = self.args
+        changes = self.work / "deliver.out"
+        skip = changes.read_text().count("\n") if changes.exists() else 0
+        log(f"latency: {rate:.0f} events/s for {a.phase_secs} s")
+        load = self.loadgen(self.chain_config, seed, "--people", "1000000000", "--rate",
+                            str(rate), "--duration", f"{a.phase_secs}s")
+        self.loads.append(load)
+        sent_end = time.time()
+        before = self.data_in("validate")
+        w = self.watch(before, idle_secs=3, timeout=a.timeout)
+        drained_after = max(w["audiences"].get("end", sent_end) - sent_end, 0)
+        lat = []
+        for line in changes.read_text().splitlines()[skip:]:
+            try:
+                c = json.loads(line)
+            except ValueError:
+                continue
+            if c.get("type") != "audience_change" or not c.get("cause", {}).get("message_id"):
+                continue
+            lat.append(parse_ms(c["emitted_at"]) - parse_ms(c["event_time"]))
+        lat.sort()
+        return {"target_rate": round(rate), "sent": load["sent"],
+                "achieved_rate": round(load["events_per_sec"]), "changes": len(lat),
+                "p50_ms": round(percentile(lat, 50), 1), "p99_ms": round(percentile(lat, 99), 1),
+                "max_ms": round(lat[-1], 1) if lat else None,
+                "drained_secs_after_send": round(drained_after, 1),
+                "rss_mb": {s: rss_mb(self.procs[s].pid).get("vmrss") for s in STAGES}}
+
+    def state(self) -> dict:
+        profiles = sum(l["workload"]["expected_profiles"] for l in self.loads)
+        out = {"profiles": profiles}
+        for s in STAGES:
+            b = du_bytes(self.work / "state" / s)
+            out[s] = {"bytes": b, "bytes_per_profile": round(b / max(profiles, 1), 1)}
+        return out
+
+    def run(self) -> dict:
+        self.start_tansu()
+        try:
+            self.result["passthrough"] = self.passthrough()
+            self.result["chain"] = self.chain()
+            sustained = self.result["chain"]["events_per_sec"]
+            self.result["latency"] = {
+                "50%": self.latency(sustained * 0.5, 2),
+                "100%": self.latency(sustained, 3),
+            }
+            self.result["state"] = self.state()
+            self.result["ratio"] = round(sustained / self.result["passthrough"]["events_per_sec"], 3)
+        finally:
+            self.stop_all()
+        return self.result
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg": os.getloadavg(),
+            "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def table(r: dict) -> str:
+    pt, ch = r["passthrough"], r["chain"]
+    rows = [f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, load {r['machine']['load_avg'][0]:.2f} at start",
+            f"events: {ch['events']}, partitions: {r['settings']['partitions']}", "",
+            f"{'':28}{'events/s':>10}{'cpu s':>8}{'rss MB':>8}",
+            f"{'pass-through chain':28}{pt['events_per_sec']:>10}"]
+    for h in pt["hops"]:
+        rows.append(f"{'  ' + h['from'] + ' -> ' + h['to']:28}{round(h['events_per_sec']):>10}{h['cpu_secs']:>8}{h['max_rss_mb']:>8}")
+    rows.append(f"{'  broker (tansu)':28}{'':>10}{pt['broker_cpu_secs']:>8}")
+    rows.append(f"{'whole chain':28}{ch['events_per_sec']:>10}")
+    for s, v in ch["stages"].items():
+        rows.append(f"{'  ' + s:28}{str(v.get('events_per_sec') or '-'):>10}{v['cpu_secs']:>8}{str(v.get('vmrss', '-')):>8}")
+    rows.append(f"{'  broker (tansu)':28}{'':>10}{ch['broker_cpu_secs']:>8}")
+    rows.append(f"chain / pass-through: {r['ratio']:.2f}")
+    rows.append("")
+    rows.append(f"{'latency event -> change':28}{'rate':>8}{'changes':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
+    for k, v in r["latency"].items():
+        rows.append(f"{'  at ' + k + ' of sustained':28}{v['achieved_rate']:>8}{v['changes']:>9}{v['p50_ms']:>9}{v['p99_ms']:>9}{str(v['max_ms']):>9}")
+    st = r["state"]
+    rows.append("")
+    rows.append(f"RocksDB bytes per profile ({st['profiles']} profiles): " + ", ".join(
+        f"{s} {st[s]['bytes_per_profile']}" for s in STAGES if st[s]["bytes"]))
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cdp", required=True, help="the cdp binary (a release build)")
+    ap.add_argument("--tansu", required=True, help="the tansu binary")
+    ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--phase-secs", type=int, default=30, help="length of each latency phase")
+    ap.add_argument("--timeout", type=float, default=600, help="longest wait for a drain")
+    ap.add_argument("--workdir", help="keep configs, logs and state here")
+    ap.add_argument("--out", default="bench-result.json")
+    args = ap.parse_args()
+    result = Bench(args).run()
+    pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
