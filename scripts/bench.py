@@ -59,12 +59,17 @@ def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-def config_text(demo: str, brokers: str, prefix: str, partitions: int, collector: int) -> str:
+def config_text(demo: str, brokers: str, prefix: str, partitions: int, collector: int,
+                max_batch: int, properties: list[str]) -> str:
+    props = "".join(f"\n    {k}: \"{v}\"" for k, v in (p.split("=", 1) for p in properties))
+    kafka_extra = f"\n  replication_factor: 1\n  max_batch: {max_batch}"
+    if props:
+        kafka_extra += "\n  properties:" + props
     return (
         demo.replace("brokers: localhost:9092", f"brokers: {brokers}")
         .replace("topic_prefix: cdp", f"topic_prefix: {prefix}")
         .replace("partitions: 4", f"partitions: {partitions}")
-        .replace("tick_interval: 1s", "tick_interval: 1s\n  replication_factor: 1")
+        .replace("tick_interval: 1s", "tick_interval: 1s" + kafka_extra)
         .replace(
             "destinations: []",
             f"destinations:\n  - {{id: out, type: stdout}}\ncollector:\n  listen: 127.0.0.1:{collector}",
@@ -138,7 +143,8 @@ class Bench:
     def write_config(self, prefix: str) -> pathlib.Path:
         text = (pathlib.Path(__file__).resolve().parent.parent / "deploy" / "demo-config.yaml").read_text()
         path = self.work / f"{prefix}.yaml"
-        path.write_text(config_text(text, self.brokers, prefix, self.args.partitions, free_port()))
+        path.write_text(config_text(text, self.brokers, prefix, self.args.partitions, free_port(),
+                                    self.args.max_batch, self.args.property))
         subprocess.run([self.cdp, "topics", "create", "--config", str(path)], check=True,
                        stdout=subprocess.DEVNULL)
         return path
@@ -281,7 +287,10 @@ class Bench:
         for s in STAGES:
             self.wait_ready(s)
         cpu0 = {s: cpu_secs(self.procs[s].pid) for s in STAGES + ["tansu"]}
+        perf = self.start_perf(a.perf) if a.perf else None
         w = self.watch(load["sent"], idle_secs=4, timeout=a.timeout)
+        if perf:
+            self.stop_perf(perf, a.perf)
         first = w["validate"].get("first", 0)
         end = w["audiences"].get("end", first)
         rate = load["sent"] / max(end - first, 1e-3)
@@ -297,6 +306,24 @@ class Bench:
         return {"events": load["sent"], "events_per_sec": round(rate), "stages": stages,
                 "broker_cpu_secs": round(cpu_secs(self.procs["tansu"].pid) - cpu0["tansu"], 1),
                 "loadgen": load}
+
+    def start_perf(self, stage: str) -> subprocess.Popen:
+        data = self.work / f"perf-{stage}.data"
+        return subprocess.Popen(["perf", "record", "-F", "499", "-o", str(data), "-p",
+                                 str(self.procs[stage].pid)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop_perf(self, perf: subprocess.Popen, stage: str) -> None:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(timeout=60)
+        data = self.work / f"perf-{stage}.data"
+        report = subprocess.run(["perf", "report", "--stdio", "--no-children", "--sort", "dso,symbol", "--fields", "overhead,dso,sym",
+                                 "--percent-limit", "0.5", "-i", str(data)],
+                                capture_output=True, text=True, check=False).stdout
+        path = self.work / f"perf-{stage}.txt"
+        path.write_text(report)
+        self.result["profile"] = {"stage": stage, "report": str(path)}
+        log(f"profile of {stage}: {path}")
 
     def latency(self, rate: float, seed: int) -> dict:
         a = self.args
@@ -368,7 +395,7 @@ def machine() -> dict:
 def table(r: dict) -> str:
     pt, ch = r["passthrough"], r["chain"]
     rows = [f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, load {r['machine']['load_avg'][0]:.2f} at start",
-            f"events: {ch['events']}, partitions: {r['settings']['partitions']}", "",
+            f"events: {ch['events']}, partitions: {r['settings']['partitions']}, max_batch: {r['settings']['max_batch']}, properties: {r['settings']['property']}", "",
             f"{'':28}{'events/s':>10}{'cpu s':>8}{'rss MB':>8}",
             f"{'pass-through chain':28}{pt['events_per_sec']:>10}"]
     for h in pt["hops"]:
@@ -398,7 +425,11 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--phase-secs", type=int, default=30, help="length of each latency phase")
     ap.add_argument("--timeout", type=float, default=600, help="longest wait for a drain")
+    ap.add_argument("--max-batch", type=int, default=1000, help="kafka.max_batch of stages and hops")
+    ap.add_argument("--property", action="append", default=[], metavar="K=V",
+                    help="a kafka.properties entry for stages and hops, e.g. producer.linger.ms=0")
     ap.add_argument("--workdir", help="keep configs, logs and state here")
+    ap.add_argument("--perf", metavar="STAGE", help="profile this stage with `perf record` during the drain")
     ap.add_argument("--out", default="bench-result.json")
     args = ap.parse_args()
     result = Bench(args).run()
