@@ -238,17 +238,19 @@ class Bench:
         return {"events": load["sent"], "events_per_sec": round(rate), "hops": reports,
                 "broker_cpu_secs": round(cpu_secs(self.procs["tansu"].pid), 1)}
 
-    def watch(self, expect_validate: float, idle_secs: float, timeout: float) -> dict:
+    def watch(self, expect_validate: float, idle_secs: float, timeout: float,
+              from_zero: bool = False) -> dict:
         """Poll every stage's input counter until validate has seen
         `expect_validate` records and every stage has been idle (no more
-        than a few ticks' worth of change) for `idle_secs`."""
+        than a few ticks' worth of change) for `idle_secs`. Counts from the
+        first sample, or from zero (a stage not answering yet counts 0)."""
         samples: dict[str, list[tuple[float, float]]] = {s: [] for s in STAGES[:4]}
         slack = 2 * self.args.partitions
         start = time.time()
         while time.time() - start < timeout:
             now = time.time()
             for s in samples:
-                samples[s].append((now, self.data_in(s)))
+                samples[s].append((now, max(self.data_in(s), 0)))
             if samples["validate"][-1][1] >= expect_validate and all(
                 self._idle(v, idle_secs, slack) for v in samples.values()):
                 break
@@ -256,7 +258,7 @@ class Bench:
         out = {}
         for s, v in samples.items():
             final = v[-1][1]
-            base = v[0][1]
+            base = 0 if from_zero else v[0][1]
             moving = [t for t, x in v if x > base]
             if not moving:
                 out[s] = {"records": 0}
@@ -284,11 +286,13 @@ class Bench:
         log("chain: starting the stages")
         for s in STAGES:
             self.start_stage(config, s)
-        for s in STAGES:
-            self.wait_ready(s)
+        # Watched from the start: a stage starts draining as soon as it is
+        # ready, before the others are.
         cpu0 = {s: cpu_secs(self.procs[s].pid) for s in STAGES + ["tansu"]}
         perf = self.start_perf(a.perf) if a.perf else None
-        w = self.watch(load["sent"], idle_secs=4, timeout=a.timeout)
+        w = self.watch(load["sent"], idle_secs=4, timeout=a.timeout, from_zero=True)
+        for s in STAGES:
+            self.wait_ready(s)
         if perf:
             self.stop_perf(perf, a.perf)
         first = w["validate"].get("first", 0)
