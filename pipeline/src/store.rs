@@ -7,9 +7,18 @@
 //! So local state, progress and dedupe positions always move together.
 //! RocksDB's WAL is not fsynced: a process crash keeps it, a machine crash
 //! may lose the tail, and the changelog then restores it.
+//!
+//! Memory: every task's database of a process shares one block cache and
+//! one memtable budget ([`shared_memory`]), so a stage's RocksDB memory is
+//! bounded by those two numbers whatever the number of tasks it owns or of
+//! profiles it keeps. Tables carry Bloom filters: most lookups of the
+//! stateful stages are for keys that do not exist yet (a new `messageId` in
+//! validate's dedupe, a new anonymous id in identity), and a filter answers
+//! those without reading a data block.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -136,9 +145,47 @@ pub struct TaskStore {
     overlay: Changes,
 }
 
+/// Block cache shared by every task of a process (data, index and filter
+/// blocks).
+const BLOCK_CACHE_BYTES: usize = 64 << 20;
+/// Memtables of every task of a process together; past it RocksDB flushes
+/// the largest. Without it each database may hold 2 × 64 MiB.
+const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;
+/// One task's memtable before it is flushed.
+const MEMTABLE_BYTES: usize = 16 << 20;
+/// Bloom filter bits per key: ~1% false positives.
+const BLOOM_BITS_PER_KEY: f64 = 10.0;
+
+/// The process-wide block cache and memtable budget.
+fn shared_memory() -> &'static (rocksdb::Cache, rocksdb::WriteBufferManager) {
+    static SHARED: OnceLock<(rocksdb::Cache, rocksdb::WriteBufferManager)> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        (
+            rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES),
+            rocksdb::WriteBufferManager::new_write_buffer_manager(MEMTABLE_BUDGET_BYTES, false),
+        )
+    })
+}
+
+fn db_options() -> rocksdb::Options {
+    let (cache, memtables) = shared_memory();
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_bloom_filter(BLOOM_BITS_PER_KEY, false);
+    // Index and filter blocks live in (and are bounded by) the shared
+    // cache; L0's stay pinned, as every lookup consults them.
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    let mut opts = rocksdb::Options::default();
+    opts.set_block_based_table_factory(&table);
+    opts.set_write_buffer_manager(memtables);
+    opts.set_write_buffer_size(MEMTABLE_BYTES);
+    opts
+}
+
 impl TaskStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let mut opts = rocksdb::Options::default();
+        let mut opts = db_options();
         opts.create_if_missing(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let db = rocksdb::DB::open(&opts, path).map_err(|source| StoreError::RocksDb {
