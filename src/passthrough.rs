@@ -122,3 +122,97 @@ pub fn run_hop(factory: &ClientFactory, opts: &HopOptions) -> anyhow::Result<Hop
         events_per_sec: records as f64 / secs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cdp_pipeline::KafkaConfig;
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::message::{Header, Headers, OwnedHeaders};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::{Offset, TopicPartitionList};
+
+    type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hop_forwards_keys_payloads_and_headers_to_the_same_partitions() -> TestResult {
+        let cluster = MockCluster::new(1)?;
+        let factory = ClientFactory::new(KafkaConfig {
+            brokers: cluster.bootstrap_servers(),
+            topic_prefix: "hop".into(),
+            max_batch: 7,
+            ..KafkaConfig::default()
+        })?;
+        cluster.create_topic("hop.in", 3, 1)?;
+        cluster.create_topic("hop.out", 3, 1)?;
+        let producer = factory.producer()?;
+        for i in 0..40 {
+            let key = format!("k{}", i % 9);
+            let payload = format!("{{\"n\":{i}}}");
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "cdp-source",
+                value: Some("web"),
+            });
+            producer
+                .send(
+                    FutureRecord::to("hop.in")
+                        .key(&key)
+                        .payload(&payload)
+                        .headers(headers),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+        }
+        let opts = HopOptions {
+            from: "hop.in".into(),
+            to: "hop.out".into(),
+            expect: 40,
+            idle: Duration::from_secs(10),
+        };
+        let f = factory.clone();
+        let report = tokio::task::spawn_blocking(move || run_hop(&f, &opts)).await??;
+        assert_eq!(report.records, 40);
+        assert!(report.first_ms > 0 && report.last_ms >= report.first_ms);
+
+        let read = |topic: &'static str| {
+            let f = factory.clone();
+            move || -> Result<Vec<(i32, String, String, String)>, rdkafka::error::KafkaError> {
+                let c: BaseConsumer = f
+                    .plain_consumer("hop-test")
+                    .map_err(|_| rdkafka::error::KafkaError::Canceled)?;
+                let mut tpl = TopicPartitionList::new();
+                for p in 0..3 {
+                    tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+                }
+                c.assign(&tpl)?;
+                let deadline = Instant::now() + Duration::from_secs(15);
+                let mut out = Vec::new();
+                while out.len() < 40 && Instant::now() < deadline {
+                    if let Some(m) = c.poll(Duration::from_millis(200)) {
+                        let m = m?;
+                        let header = m
+                            .headers()
+                            .and_then(|h| h.iter().next())
+                            .and_then(|h| h.value)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                            .unwrap_or_default();
+                        out.push((
+                            m.partition(),
+                            String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                            String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+                            header,
+                        ));
+                    }
+                }
+                out.sort();
+                Ok(out)
+            }
+        };
+        let input = tokio::task::spawn_blocking(read("hop.in")).await??;
+        let output = tokio::task::spawn_blocking(read("hop.out")).await??;
+        assert_eq!(input.len(), 40);
+        assert_eq!(input, output);
+        Ok(())
+    }
+}
