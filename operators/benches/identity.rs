@@ -16,15 +16,16 @@
 //!
 //! Run: `cargo bench -p cdp-operators --bench identity`.
 
+mod support;
+
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cdp_operators::identity::{IdentityConfig, IdentityOperator, IdentityRules};
-use cdp_pipeline::store::{TaskMeta, TaskStore};
-use cdp_pipeline::{Context, Operator, Record};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use serde_json::{json, Value};
+use support::{encode, mix, Task};
 
 /// Events per measured iteration (one committed batch).
 const BATCH: usize = 1000;
@@ -69,105 +70,28 @@ fn login(anonymous: String, user: String, n: usize) -> Value {
     })
 }
 
-struct Bench {
-    store: TaskStore,
-    operator: IdentityOperator,
-    meta: TaskMeta,
-    dir: tempfile::TempDir,
-}
-
-impl Bench {
-    /// Run `events` as one batch and commit it.
-    fn batch(&mut self, events: &[Vec<u8>]) -> usize {
-        let mut out = Vec::new();
-        for (i, value) in events.iter().enumerate() {
-            let record = Record {
-                key: None,
-                value,
-                partition: 0,
-                offset: self.meta.input_offset + i as i64,
-                timestamp_ms: None,
-                headers: &[],
-            };
-            let mut ctx = Context::new(&mut self.store, &mut out, 0, 0, 0);
-            if let Err(e) = self.operator.process(&record, &mut ctx) {
-                panic!("identity refused a benchmark event: {e}");
-            }
-        }
-        self.meta.input_offset += events.len() as i64;
-        let changes = self.store.take_changes();
-        if let Err(e) = self.store.commit(&changes, &self.meta) {
-            panic!("commit: {e}");
-        }
-        out.len()
-    }
-}
-
-fn encode(events: Vec<Value>) -> Vec<Vec<u8>> {
-    events
-        .iter()
-        .map(|e| serde_json::to_vec(e).unwrap_or_default())
-        .collect()
-}
-
 /// The graph of 1M identifiers, loaded through the operator itself.
-fn loaded() -> Bench {
-    let dir = match tempfile::tempdir() {
-        Ok(d) => d,
-        Err(e) => panic!("tempdir: {e}"),
-    };
-    let store = match TaskStore::open(dir.path()) {
-        Ok(s) => s,
-        Err(e) => panic!("open: {e}"),
-    };
+fn loaded() -> Task<IdentityOperator> {
     let rules = match IdentityRules::new(&IdentityConfig::default()) {
         Ok(r) => r,
         Err(e) => panic!("rules: {e}"),
     };
-    let mut bench = Bench {
-        store,
-        operator: IdentityOperator::new(Arc::new(rules)),
-        meta: TaskMeta::default(),
-        dir,
-    };
+    let mut task = Task::new(IdentityOperator::new(Arc::new(rules)));
     let load: Vec<Value> = (0..KNOWN_USERS)
         .map(|i| json!({"type": "identify", "anonymousId": format!("a-{i}"), "userId": format!("u-{i}")}))
         .chain((0..ANONYMOUS_ONLY).map(|i| json!({"type": "page", "anonymousId": format!("o-{i}")})))
         .collect();
     for chunk in load.chunks(BATCH) {
-        bench.batch(&encode(chunk.to_vec()));
+        task.batch(&encode(chunk));
     }
-    if let Err(e) = bench.store.flush() {
-        panic!("flush: {e}");
-    }
-    // What the state takes on disk: every SST file after the flush
-    // (compressed, as RocksDB keeps it).
-    let bytes: u64 = std::fs::read_dir(bench.dir.path())
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter(|e| e.path().extension().is_some_and(|x| x == "sst"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
+    let bytes = task.bytes_on_disk();
     let profiles = KNOWN_USERS + ANONYMOUS_ONLY;
     eprintln!(
         "identity graph: {profiles} profiles, {} identifiers, {bytes} bytes of SST files on disk = {:.0} bytes/profile",
         2 * KNOWN_USERS + ANONYMOUS_ONLY,
         bytes as f64 / profiles as f64
     );
-    bench
-}
-
-/// A deterministic pseudo-random sequence (no `rand` dependency needed).
-fn mix(n: usize) -> usize {
-    let mut x = n as u64 ^ 0x9e37_79b9_7f4a_7c15;
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x as usize
+    task
 }
 
 /// Counters shared across iterations: every new visitor is new, every
@@ -197,7 +121,7 @@ fn known(n: usize) -> Value {
 
 fn realistic_batch(round: usize) -> Vec<Vec<u8>> {
     encode(
-        (0..BATCH)
+        &(0..BATCH)
             .map(|k| {
                 let n = round * BATCH + k;
                 match mix(n.wrapping_add(7)) % 100 {
@@ -206,13 +130,13 @@ fn realistic_batch(round: usize) -> Vec<Vec<u8>> {
                     _ => merge(n),
                 }
             })
-            .collect(),
+            .collect::<Vec<_>>(),
     )
 }
 
 fn mutation_batch(round: usize) -> Vec<Vec<u8>> {
     encode(
-        (0..BATCH)
+        &(0..BATCH)
             .map(|k| {
                 let n = round * BATCH + k;
                 if n.is_multiple_of(5) {
@@ -221,7 +145,7 @@ fn mutation_batch(round: usize) -> Vec<Vec<u8>> {
                     new_visitor(n)
                 }
             })
-            .collect(),
+            .collect::<Vec<_>>(),
     )
 }
 
