@@ -103,7 +103,8 @@ fn update(n: usize, p: usize, at: i64) -> ProfileUpdate {
         .as_object()
         .map(|m| m.clone().into_iter().collect())
         .unwrap_or_default();
-    let identifiers: Identifiers = BTreeMap::from([("anonymous_id".into(), vec![format!("a-{p}")])]);
+    let identifiers: Identifiers =
+        BTreeMap::from([("anonymous_id".into(), vec![format!("a-{p}")])]);
     ProfileUpdate::Update {
         profile_id: format!("p-{p}"),
         identifiers,

@@ -94,7 +94,8 @@ fn event(n: usize, p: usize, at: i64) -> Value {
 }
 
 fn record(n: usize, p: usize, at: i64) -> ProfileRecord {
-    let identifiers: Identifiers = BTreeMap::from([("anonymous_id".into(), vec![format!("a-{p}")])]);
+    let identifiers: Identifiers =
+        BTreeMap::from([("anonymous_id".into(), vec![format!("a-{p}")])]);
     ProfileRecord::Event {
         profile_id: format!("p-{p}"),
         identifiers,
