@@ -116,6 +116,7 @@ fn update(n: usize, p: usize, at: i64) -> ProfileUpdate {
             message_id: Some(format!("m-{n}")),
             tick: None,
         },
+        merged_from: Vec::new(),
     }
 }
 

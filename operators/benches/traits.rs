@@ -101,6 +101,7 @@ fn record(n: usize, p: usize, at: i64) -> ProfileRecord {
         identifiers,
         event: event(n, p, at),
         dropped: Vec::new(),
+        merged_from: Vec::new(),
     }
 }
 

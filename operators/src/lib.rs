@@ -10,5 +10,6 @@ pub mod event_time;
 pub mod identity;
 pub mod messages;
 mod profile_keyed;
+pub use profile_keyed::MAX_HELD_INPUTS;
 pub mod traits;
 pub mod validate;

@@ -41,6 +41,11 @@ pub enum ProfileRecord {
         /// them in `cdp_identity_dropped_identifiers_total`).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         dropped: Vec<DroppedIdentifier>,
+        /// The profiles this event merged into `profile_id`. Every
+        /// profile-keyed stage folds in their transferred states before it
+        /// evaluates the event (see [`crate::profile_keyed`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        merged_from: Vec<String>,
     },
     /// Profile `from` was merged into `into` (keyed by `from`).
     Merged {
@@ -48,6 +53,11 @@ pub enum ProfileRecord {
         into: String,
         identifiers: Identifiers,
         cause: Cause,
+        /// The merging event names `from` in its `merged_from`: the
+        /// survivor waits for this merge's transfer. `false` on records
+        /// written before events carried `merged_from`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        announced: bool,
     },
     /// A stage moving the state of merged-away `from` to the survivor's
     /// partition (keyed by `into`). Written by the stage into its own input
@@ -58,6 +68,10 @@ pub enum ProfileRecord {
         into: String,
         state: Value,
         cause: Cause,
+        /// The survivor's merging event waits for this transfer (see
+        /// `Merged::announced`); otherwise it is folded in on arrival.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        announced: bool,
     },
 }
 
@@ -81,12 +95,18 @@ pub enum ProfileUpdate {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         time_corrected_from: Option<i64>,
         cause: Cause,
+        /// The merging event's `merged_from`, passed on: the audiences
+        /// stage folds in those profiles' states before evaluating.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        merged_from: Vec<String>,
     },
     Merged {
         from: String,
         into: String,
         identifiers: Identifiers,
         cause: Cause,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        announced: bool,
     },
     Transfer {
         stage: String,
@@ -94,6 +114,8 @@ pub enum ProfileUpdate {
         into: String,
         state: Value,
         cause: Cause,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        announced: bool,
     },
 }
 
@@ -273,6 +295,7 @@ mod tests {
             into: "b".into(),
             identifiers: Identifiers::new(),
             cause: Cause::default(),
+            announced: false,
         };
         let v = serde_json::to_value(&r).unwrap_or_default();
         assert_eq!(v["type"], "merged");

@@ -218,6 +218,7 @@ fn event_record(id: &str, t: i64, v: i64, n: usize) -> Result<Vec<u8>, serde_jso
         event: json!({"type": "track", "event": "E", "messageId": format!("m{n}"),
                       "timestamp": rfc3339_ms(t), "properties": {"v": v}}),
         dropped: Vec::new(),
+        merged_from: Vec::new(),
     })
 }
 
@@ -294,6 +295,7 @@ proptest! {
                         into: "b".into(),
                         identifiers: Identifiers::new(),
                         cause: Cause::default(),
+                        announced: false,
                     }).map_err(|e| fail(e.to_string()))?;
                     run.feed(from, record).map_err(fail)?;
                 }

@@ -13,8 +13,9 @@ use crate::messages::{
     self, outputs, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
 };
 use crate::profile_keyed::{
-    check_merge, check_profile_id, emit_json, pass_on_transfer, profile_key, redirect, redirect_of,
-    reschedule, retire, send_transfer, to_json_value, union_identifiers, StageInput,
+    check_merge, check_profile_id, dispatch, emit_json, is_waiting, pass_on_transfer, profile_key,
+    redirect_of, reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage,
+    StageInput,
 };
 
 /// The audiences operator of one task.
@@ -112,6 +113,7 @@ impl AudiencesOperator {
         event_time: i64,
         record_time: Option<i64>,
         cause: Cause,
+        merged_from: Vec<String>,
     ) -> Result<(), OperatorError> {
         if let Some(survivor) = redirect_of(ctx, &profile_id)? {
             let forwarded = ProfileUpdate::Update {
@@ -122,6 +124,7 @@ impl AudiencesOperator {
                 event_time,
                 time_corrected_from: None,
                 cause,
+                merged_from,
             };
             return emit_json(ctx, outputs::SELF, &survivor, &forwarded);
         }
@@ -157,11 +160,11 @@ impl AudiencesOperator {
         into: String,
         identifiers: Identifiers,
         cause: Cause,
+        announced: bool,
     ) -> Result<(), OperatorError> {
-        let Some(mut profile) = self.load(ctx, &from)? else {
-            redirect(ctx, &from, &into);
-            return Ok(());
-        };
+        // A profile never seen here still sends its (empty) state: the
+        // survivor may be waiting for it.
+        let mut profile = self.load(ctx, &from)?.unwrap_or_default();
         let trigger = Trigger {
             cause: cause.clone(),
             event_time: profile.clock.max(ctx.now()),
@@ -187,12 +190,27 @@ impl AudiencesOperator {
             into.clone(),
             to_json_value(&profile)?,
             cause,
+            announced,
         );
         retire(ctx, &from, &into);
         for change in &exits {
             emit_json(ctx, outputs::NEXT, &from, change)?;
         }
         send_transfer(ctx, &into, &transfer)
+    }
+
+    fn incoming(
+        &self,
+        from: &str,
+        into: &str,
+        state: Value,
+    ) -> Result<AudienceProfile, OperatorError> {
+        serde_json::from_value(state).map_err(|e| {
+            OperatorError::rejected(
+                "invalid_transfer",
+                json!({"from": from, "into": into, "error": e.to_string()}),
+            )
+        })
     }
 
     fn on_transfer(
@@ -203,16 +221,17 @@ impl AudiencesOperator {
         state: Value,
         cause: Cause,
     ) -> Result<(), OperatorError> {
-        let incoming: AudienceProfile = serde_json::from_value(state.clone()).map_err(|e| {
-            OperatorError::rejected(
-                "invalid_transfer",
-                json!({"from": from, "into": into, "error": e.to_string()}),
-            )
-        })?;
+        let incoming = self.incoming(&from, &into, state.clone())?;
         if pass_on_transfer::<ProfileUpdate>(ctx, STAGE, &from, &into, &state, &cause)? {
             return Ok(());
         }
-        let mut profile = self.load(ctx, &into)?.unwrap_or_default();
+        let current = self.load(ctx, &into)?;
+        if current.is_none() && incoming.traits.is_empty() && incoming.events.is_empty() {
+            // The (empty) state of a profile never seen here, for a
+            // survivor never seen here either: nothing to evaluate.
+            return Ok(());
+        }
+        let mut profile = current.unwrap_or_default();
         profile.merge(incoming);
         profile.clock = profile.clock.max(ctx.now());
         let trigger = Trigger {
@@ -223,11 +242,17 @@ impl AudiencesOperator {
     }
 }
 
-impl Operator for AudiencesOperator {
-    fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        let input: ProfileUpdate = serde_json::from_slice(record.value).map_err(|e| {
-            OperatorError::rejected("invalid_record", json!({"error": e.to_string()}))
-        })?;
+impl ProfileStage for AudiencesOperator {
+    type Input = ProfileUpdate;
+    const STAGE: &'static str = STAGE;
+
+    fn handle(
+        &self,
+        ctx: &mut Context<'_>,
+        input: ProfileUpdate,
+        record_time: Option<i64>,
+        _limited: bool,
+    ) -> Result<(), OperatorError> {
         match input {
             ProfileUpdate::Update {
                 profile_id,
@@ -236,35 +261,33 @@ impl Operator for AudiencesOperator {
                 traits,
                 event_time,
                 cause,
+                merged_from,
                 ..
-            } => {
-                check_profile_id(&profile_id)?;
-                self.on_update(
-                    ctx,
-                    profile_id,
-                    identifiers,
-                    event,
-                    traits,
-                    event_time,
-                    record.timestamp_ms,
-                    cause,
-                )
-            }
+            } => self.on_update(
+                ctx,
+                profile_id,
+                identifiers,
+                event,
+                traits,
+                event_time,
+                record_time,
+                cause,
+                merged_from,
+            ),
             ProfileUpdate::Merged {
                 from,
                 into,
                 identifiers,
                 cause,
-            } => {
-                check_merge(&from, &into)?;
-                self.on_merged(ctx, from, into, identifiers, cause)
-            }
+                announced,
+            } => self.on_merged(ctx, from, into, identifiers, cause, announced),
             ProfileUpdate::Transfer {
                 stage,
                 from,
                 into,
                 state,
                 cause,
+                ..
             } => {
                 if stage != STAGE {
                     return Ok(());
@@ -272,6 +295,34 @@ impl Operator for AudiencesOperator {
                 self.on_transfer(ctx, from, into, state, cause)
             }
         }
+    }
+
+    fn absorb(
+        &self,
+        ctx: &mut Context<'_>,
+        from: &str,
+        into: &str,
+        state: Value,
+    ) -> Result<(), OperatorError> {
+        let incoming = self.incoming(from, into, state)?;
+        let mut profile = self.load(ctx, into)?.unwrap_or_default();
+        profile.merge(incoming);
+        ctx.put_json(&profile_key(into), &profile)?;
+        Ok(())
+    }
+}
+
+impl Operator for AudiencesOperator {
+    fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        let input: ProfileUpdate = serde_json::from_slice(record.value).map_err(|e| {
+            OperatorError::rejected("invalid_record", json!({"error": e.to_string()}))
+        })?;
+        match &input {
+            ProfileUpdate::Update { profile_id, .. } => check_profile_id(profile_id)?,
+            ProfileUpdate::Merged { from, into, .. } => check_merge(from, into)?,
+            ProfileUpdate::Transfer { .. } => {}
+        }
+        dispatch(&*self, ctx, input, record.timestamp_ms)
     }
 
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
@@ -283,6 +334,11 @@ impl Operator for AudiencesOperator {
         };
         // The runtime removed the timer that fired.
         profile.timer = None;
+        if is_waiting(ctx, id)? {
+            // The held update evaluates (and reschedules) when the wait ends.
+            ctx.put_json(&profile_key(id), &profile)?;
+            return Ok(());
+        }
         let now = ctx.now();
         profile.clock = profile.clock.max(now);
         let trigger = Trigger {

@@ -66,6 +66,7 @@ fn update(
             message_id: Some(format!("m{t}")),
             tick: None,
         },
+        merged_from: Vec::new(),
     };
     Ok(serde_json::to_vec(&record)?)
 }
@@ -288,6 +289,7 @@ fn a_merge_exits_the_merged_profile_and_the_survivor_enters() -> TestResult {
             message_id: Some("m-merge".into()),
             tick: None,
         },
+        announced: false,
     })?;
     let out = h.process(Some(b"a"), &merged, &[])?;
     let c = changes(&out)?;

@@ -18,9 +18,11 @@
 //! `anonymous_id`.
 //!
 //! Outputs: for a merge, one [`ProfileRecord::Merged`] per merged-away
-//! profile (keyed by `from`), then always one [`ProfileRecord::Event`] keyed
-//! by the profile id, with every identifier of the profile after the event,
-//! the identifiers a rule refused, and the `cdp-source` header passed
+//! profile (keyed by `from`, `announced`), then always one
+//! [`ProfileRecord::Event`] keyed by the profile id, with every identifier
+//! of the profile after the event, the identifiers a rule refused, the
+//! profiles it merged away (`merged_from`: later stages fold their states
+//! in before evaluating the event), and the `cdp-source` header passed
 //! through; and, to [`outputs::PROFILES`], a [`ProfileSnapshot`] of every
 //! profile the event changed (created, grown, merged, audited).
 //!
@@ -197,6 +199,7 @@ fn encode_outputs(
             into: resolution.profile_id.clone(),
             identifiers: resolution.profile.identifiers.clone(),
             cause: record_cause.clone(),
+            announced: true,
         };
         out.push((outputs::NEXT, from.clone(), encode(&merged)?, false));
     }
@@ -294,6 +297,11 @@ fn encode_event(
     if !dropped.is_empty() {
         out.extend_from_slice(br#","dropped":"#);
         serde_json::to_writer(&mut out, dropped).map_err(fail)?;
+    }
+    if !resolution.merged.is_empty() {
+        out.extend_from_slice(br#","merged_from":"#);
+        let from: Vec<&String> = resolution.merged.keys().collect();
+        serde_json::to_writer(&mut out, &from).map_err(fail)?;
     }
     out.extend_from_slice(br#","event":"#);
     out.extend_from_slice(event);

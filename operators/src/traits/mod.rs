@@ -33,7 +33,10 @@
 //!   from a wrong device clock cannot drag the clock into the future.
 //! - Merges: on `merged(from, into)` the state of `from` travels to `into`'s
 //!   partition as a `transfer`, and a redirect forwards late records for
-//!   `from` to `into`.
+//!   `from` to `into`. The merging event is evaluated after the transfers
+//!   it names are folded in ([`crate::profile_keyed`]): its update carries
+//!   the changes from before the merge to after it, and its
+//!   `merged_from`, so the audiences stage does the same.
 
 mod comparison;
 mod config;
@@ -59,3 +62,8 @@ const STAGE: &str = "traits";
 /// Header on an update whose event made a per-profile limit drop state:
 /// the trait kinds, comma-separated (`most_frequent,unique_count`).
 pub const STATE_LIMIT_HEADER: &str = "cdp-state-limit";
+
+/// The state-limit kind of an event evaluated before every merge it
+/// waited for was in (more than
+/// [`MAX_HELD_INPUTS`](crate::profile_keyed::MAX_HELD_INPUTS) held).
+const MERGE_WAIT_LIMIT: &str = "merge_wait";

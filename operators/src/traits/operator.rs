@@ -10,12 +10,13 @@ use serde_json::{json, Value};
 use super::config::TraitSet;
 use super::profile::ProfileState;
 use super::state::TraitState;
-use super::{STAGE, STATE_LIMIT_HEADER};
+use super::{MERGE_WAIT_LIMIT, STAGE, STATE_LIMIT_HEADER};
 use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{self, outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::{
-    check_merge, check_profile_id, emit_json, pass_on_transfer, profile_key, redirect_of,
-    reschedule, retire, send_transfer, to_json_value, union_identifiers, StageInput,
+    check_merge, check_profile_id, dispatch, emit_json, is_waiting, pass_on_transfer, profile_key,
+    redirect_of, reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage,
+    StageInput,
 };
 
 /// The traits operator of one task.
@@ -106,13 +107,16 @@ impl TraitsOperator {
         Ok(changed)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_event(
         &self,
         ctx: &mut Context<'_>,
         profile_id: String,
         identifiers: Identifiers,
         event: Value,
+        merged_from: Vec<String>,
         record_time: Option<i64>,
+        merge_limited: bool,
     ) -> Result<(), OperatorError> {
         if !event.is_object() {
             return Err(OperatorError::rejected(
@@ -126,6 +130,7 @@ impl TraitsOperator {
                 identifiers,
                 event,
                 dropped: Vec::new(),
+                merged_from,
             };
             return emit_json(ctx, outputs::SELF, &survivor, &forwarded);
         }
@@ -139,7 +144,10 @@ impl TraitsOperator {
         let event_time = bounded.time;
         let mut state = self.load(ctx, &profile_id)?.unwrap_or_default();
         state.clock = state.clock.max(ctx.now()).max(event_time);
-        let limited = state.apply_event(&self.set, &event, event_time);
+        let mut limited = state.apply_event(&self.set, &event, event_time);
+        if merge_limited {
+            limited.insert(MERGE_WAIT_LIMIT);
+        }
         // Identifiers only grow: a record from a partition that has not
         // seen the latest link must not take identifiers away.
         state.identifiers = union_identifiers(&state.identifiers, &identifiers);
@@ -159,6 +167,7 @@ impl TraitsOperator {
             event_time,
             time_corrected_from: bounded.corrected_from,
             cause,
+            merged_from,
         };
         // What the stage counts (a header, so no record is parsed again).
         let mut headers = Vec::new();
@@ -181,33 +190,57 @@ impl TraitsOperator {
         into: String,
         identifiers: Identifiers,
         cause: Cause,
+        announced: bool,
     ) -> Result<(), OperatorError> {
-        let transfer = match self.load(ctx, &from)? {
-            Some(mut state) => {
-                reschedule(ctx, &from, &mut state.timer, None);
-                state.emitted.clear();
-                state.identifiers = union_identifiers(&state.identifiers, &identifiers);
-                Some(ProfileRecord::transfer(
-                    STAGE,
-                    from.clone(),
-                    into.clone(),
-                    to_json_value(&state)?,
-                    cause.clone(),
-                ))
-            }
-            None => None,
-        };
+        // A profile never seen here still sends its (empty) state: the
+        // survivor may be waiting for it.
+        let mut state = self.load(ctx, &from)?.unwrap_or_default();
+        reschedule(ctx, &from, &mut state.timer, None);
+        state.emitted.clear();
+        state.identifiers = union_identifiers(&state.identifiers, &identifiers);
+        let transfer = ProfileRecord::transfer(
+            STAGE,
+            from.clone(),
+            into.clone(),
+            to_json_value(&state)?,
+            cause.clone(),
+            announced,
+        );
         retire(ctx, &from, &into);
-        if let Some(transfer) = transfer {
-            send_transfer(ctx, &into, &transfer)?;
-        }
+        send_transfer(ctx, &into, &transfer)?;
         let merged = ProfileUpdate::Merged {
             from: from.clone(),
             into,
             identifiers,
             cause,
+            announced,
         };
         emit_json(ctx, outputs::NEXT, &from, &merged)
+    }
+
+    /// A transferred state, read (older layouts upgraded) and fitted to
+    /// the configured traits.
+    fn incoming(
+        &self,
+        from: &str,
+        into: &str,
+        state: &Value,
+    ) -> Result<ProfileState, OperatorError> {
+        let mut incoming: ProfileState = match serde_json::from_value(state.clone()) {
+            Ok(incoming) => incoming,
+            // A transfer written by the previous layout: upgrade it too.
+            Err(e) => serde_json::to_vec(state)
+                .ok()
+                .and_then(|bytes| self.upgrade(from, &bytes).ok())
+                .ok_or_else(|| {
+                    OperatorError::rejected(
+                        "invalid_transfer",
+                        json!({"from": from, "into": into, "error": e.to_string()}),
+                    )
+                })?,
+        };
+        incoming.conform(&self.set);
+        Ok(incoming)
     }
 
     fn on_transfer(
@@ -218,24 +251,17 @@ impl TraitsOperator {
         state: Value,
         cause: Cause,
     ) -> Result<(), OperatorError> {
-        let mut incoming: ProfileState = match serde_json::from_value(state.clone()) {
-            Ok(incoming) => incoming,
-            // A transfer written by the previous layout: upgrade it too.
-            Err(e) => serde_json::to_vec(&state)
-                .ok()
-                .and_then(|bytes| self.upgrade(&from, &bytes).ok())
-                .ok_or_else(|| {
-                    OperatorError::rejected(
-                        "invalid_transfer",
-                        json!({"from": from, "into": into, "error": e.to_string()}),
-                    )
-                })?,
-        };
+        let incoming = self.incoming(&from, &into, &state)?;
         if pass_on_transfer::<ProfileRecord>(ctx, STAGE, &from, &into, &state, &cause)? {
             return Ok(());
         }
-        incoming.conform(&self.set);
-        let mut current = self.load(ctx, &into)?.unwrap_or_default();
+        let current = self.load(ctx, &into)?;
+        if current.is_none() && incoming.computed.is_empty() && incoming.profile_traits.is_empty() {
+            // The (empty) state of a profile never seen here, for a
+            // survivor never seen here either: nothing to show.
+            return Ok(());
+        }
+        let mut current = current.unwrap_or_default();
         current.merge(&self.set, incoming);
         current.clock = current.clock.max(ctx.now());
         let traits = self.settle(ctx, &into, &mut current)?;
@@ -250,8 +276,74 @@ impl TraitsOperator {
             event_time: current.clock,
             time_corrected_from: None,
             cause,
+            merged_from: Vec::new(),
         };
         emit_json(ctx, outputs::NEXT, &into, &update)
+    }
+}
+
+impl ProfileStage for TraitsOperator {
+    type Input = ProfileRecord;
+    const STAGE: &'static str = STAGE;
+
+    fn handle(
+        &self,
+        ctx: &mut Context<'_>,
+        input: ProfileRecord,
+        record_time: Option<i64>,
+        limited: bool,
+    ) -> Result<(), OperatorError> {
+        match input {
+            ProfileRecord::Event {
+                profile_id,
+                identifiers,
+                event,
+                merged_from,
+                ..
+            } => self.on_event(
+                ctx,
+                profile_id,
+                identifiers,
+                event,
+                merged_from,
+                record_time,
+                limited,
+            ),
+            ProfileRecord::Merged {
+                from,
+                into,
+                identifiers,
+                cause,
+                announced,
+            } => self.on_merged(ctx, from, into, identifiers, cause, announced),
+            ProfileRecord::Transfer {
+                stage,
+                from,
+                into,
+                state,
+                cause,
+                ..
+            } => {
+                if stage != STAGE {
+                    return Ok(());
+                }
+                self.on_transfer(ctx, from, into, state, cause)
+            }
+        }
+    }
+
+    fn absorb(
+        &self,
+        ctx: &mut Context<'_>,
+        from: &str,
+        into: &str,
+        state: Value,
+    ) -> Result<(), OperatorError> {
+        let incoming = self.incoming(from, into, &state)?;
+        let mut current = self.load(ctx, into)?.unwrap_or_default();
+        current.merge(&self.set, incoming);
+        ctx.put_json(&profile_key(into), &current)?;
+        Ok(())
     }
 }
 
@@ -260,38 +352,12 @@ impl Operator for TraitsOperator {
         let input: ProfileRecord = serde_json::from_slice(record.value).map_err(|e| {
             OperatorError::rejected("invalid_record", json!({"error": e.to_string()}))
         })?;
-        match input {
-            ProfileRecord::Event {
-                profile_id,
-                identifiers,
-                event,
-                ..
-            } => {
-                check_profile_id(&profile_id)?;
-                self.on_event(ctx, profile_id, identifiers, event, record.timestamp_ms)
-            }
-            ProfileRecord::Merged {
-                from,
-                into,
-                identifiers,
-                cause,
-            } => {
-                check_merge(&from, &into)?;
-                self.on_merged(ctx, from, into, identifiers, cause)
-            }
-            ProfileRecord::Transfer {
-                stage,
-                from,
-                into,
-                state,
-                cause,
-            } => {
-                if stage != STAGE {
-                    return Ok(());
-                }
-                self.on_transfer(ctx, from, into, state, cause)
-            }
+        match &input {
+            ProfileRecord::Event { profile_id, .. } => check_profile_id(profile_id)?,
+            ProfileRecord::Merged { from, into, .. } => check_merge(from, into)?,
+            ProfileRecord::Transfer { .. } => {}
         }
+        dispatch(&*self, ctx, input, record.timestamp_ms)
     }
 
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
@@ -303,6 +369,11 @@ impl Operator for TraitsOperator {
         };
         // The runtime removed the timer that fired.
         state.timer = None;
+        if is_waiting(ctx, id)? {
+            // The held input evaluates (and reschedules) when the wait ends.
+            ctx.put_json(&profile_key(id), &state)?;
+            return Ok(());
+        }
         let now = ctx.now();
         state.clock = state.clock.max(now);
         let traits = self.settle(ctx, id, &mut state)?;
@@ -320,6 +391,7 @@ impl Operator for TraitsOperator {
                 message_id: None,
                 tick: Some(now),
             },
+            merged_from: Vec::new(),
         };
         emit_json(ctx, outputs::NEXT, id, &update)
     }

@@ -47,6 +47,7 @@ fn merge_emits_merged_first_and_the_strongest_profile_survives() -> TestResult {
             message_id: Some("m9".into()),
             tick: None,
         },
+        announced: true,
     };
     let records = decode(&out)?;
     assert_eq!(records.len(), 2);
@@ -56,6 +57,10 @@ fn merge_emits_merged_first_and_the_strongest_profile_survives() -> TestResult {
     assert_eq!(resolved(&records)?, (user.clone(), both));
     assert_eq!(out[1].key.as_deref(), Some(user.as_bytes()));
     assert_eq!(out[1].headers, headers);
+    // The merging event names the profile it merged away.
+    assert!(
+        matches!(&records[1], ProfileRecord::Event { merged_from, .. } if merged_from.as_slice() == std::slice::from_ref(&anon))
+    );
     // The old id's identifiers now resolve to the survivor.
     assert_eq!(
         resolved(&send(

@@ -43,6 +43,7 @@ fn event_record(id: &str, event: Value) -> Result<Vec<u8>, serde_json::Error> {
         identifiers,
         event,
         dropped: Vec::new(),
+        merged_from: Vec::new(),
     })
 }
 
@@ -521,6 +522,7 @@ fn late_events_for_a_merged_profile_are_redirected() -> TestResult {
         into: "b".into(),
         identifiers: Identifiers::new(),
         cause: Cause::default(),
+        announced: false,
     })?;
     h.process(Some(b"a"), &merged, &[])?;
     let out = send(
@@ -565,6 +567,7 @@ fn a_merge_transfers_state_and_emits_the_merged_values() -> TestResult {
             message_id: Some("m-merge".into()),
             tick: None,
         },
+        announced: false,
     })?;
     let out = h.process(Some(b"a"), &merged, &[])?;
     let transfer = out

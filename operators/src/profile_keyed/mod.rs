@@ -7,6 +7,15 @@
 //! ([`outputs::SELF`], keyed by `into`), where it is merged into the
 //! survivor's. Late records for `from` (and transfers to an `into` that was
 //! itself merged away meanwhile) follow the redirect to the survivor.
+//!
+//! Merges are applied before the event that caused them is evaluated
+//! ([`wait`]): the merging event names the merged-away profiles, and the
+//! survivor holds it (and what follows it) until their transfers are in.
+
+mod wait;
+
+pub use wait::MAX_HELD_INPUTS;
+pub(crate) use wait::{dispatch, is_waiting, ProfileStage, Route};
 
 use cdp_pipeline::operator::{Context, OperatorError};
 use cdp_pipeline::store::StoreError;
@@ -81,31 +90,109 @@ pub(crate) fn to_json_value<T: Serialize>(value: &T) -> Result<Value, OperatorEr
 
 /// The input record of a profile-keyed stage ([`ProfileRecord`] for
 /// traits, [`ProfileUpdate`] for audiences): both carry transfers alike.
-pub(crate) trait StageInput: Serialize {
+pub(crate) trait StageInput: Serialize + Sized {
     /// The transfer of `from`'s state (as written by `stage`) to `into`.
-    fn transfer(stage: &str, from: String, into: String, state: Value, cause: Cause) -> Self;
+    fn transfer(
+        stage: &str,
+        from: String,
+        into: String,
+        state: Value,
+        cause: Cause,
+        announced: bool,
+    ) -> Self;
+
+    /// What the skeleton needs to know to route the record.
+    fn route(&self) -> Route<'_>;
 }
 
 impl StageInput for ProfileRecord {
-    fn transfer(stage: &str, from: String, into: String, state: Value, cause: Cause) -> Self {
+    fn transfer(
+        stage: &str,
+        from: String,
+        into: String,
+        state: Value,
+        cause: Cause,
+        announced: bool,
+    ) -> Self {
         ProfileRecord::Transfer {
             stage: stage.to_owned(),
             from,
             into,
             state,
             cause,
+            announced,
+        }
+    }
+
+    fn route(&self) -> Route<'_> {
+        match self {
+            ProfileRecord::Event {
+                profile_id,
+                merged_from,
+                ..
+            } => Route::Profile {
+                id: profile_id,
+                needs: merged_from,
+            },
+            ProfileRecord::Merged { from, .. } => Route::Merged { from },
+            ProfileRecord::Transfer {
+                stage,
+                from,
+                into,
+                announced,
+                ..
+            } => Route::Transfer {
+                stage,
+                from,
+                into,
+                announced: *announced,
+            },
         }
     }
 }
 
 impl StageInput for ProfileUpdate {
-    fn transfer(stage: &str, from: String, into: String, state: Value, cause: Cause) -> Self {
+    fn transfer(
+        stage: &str,
+        from: String,
+        into: String,
+        state: Value,
+        cause: Cause,
+        announced: bool,
+    ) -> Self {
         ProfileUpdate::Transfer {
             stage: stage.to_owned(),
             from,
             into,
             state,
             cause,
+            announced,
+        }
+    }
+
+    fn route(&self) -> Route<'_> {
+        match self {
+            ProfileUpdate::Update {
+                profile_id,
+                merged_from,
+                ..
+            } => Route::Profile {
+                id: profile_id,
+                needs: merged_from,
+            },
+            ProfileUpdate::Merged { from, .. } => Route::Merged { from },
+            ProfileUpdate::Transfer {
+                stage,
+                from,
+                into,
+                announced,
+                ..
+            } => Route::Transfer {
+                stage,
+                from,
+                into,
+                announced: *announced,
+            },
         }
     }
 }
@@ -154,7 +241,9 @@ pub(crate) fn send_transfer<R: StageInput>(
 
 /// A transfer to `into` when `into` was itself merged away meanwhile: pass
 /// it on to the survivor and return `true`; `false` when `into` is live and
-/// the state is to be merged here.
+/// the state is to be merged here. A passed-on transfer is never awaited:
+/// `into` was retired only after the event that named it was evaluated
+/// (see [`wait`]), so the survivor folds it in on arrival.
 pub(crate) fn pass_on_transfer<R: StageInput>(
     ctx: &mut Context<'_>,
     stage: &str,
@@ -172,6 +261,7 @@ pub(crate) fn pass_on_transfer<R: StageInput>(
         survivor.clone(),
         state.clone(),
         cause.clone(),
+        false,
     );
     send_transfer(ctx, &survivor, &forwarded)?;
     Ok(true)

@@ -1,0 +1,283 @@
+//! Merges applied before the event that caused them is evaluated.
+//!
+//! Identity writes a merge as `merged(from → into)` records (keyed by each
+//! `from`, `announced`) and then the merging event (keyed by `into`) with
+//! `merged_from` naming every `from`. A stage sees them on different
+//! partitions: the `from` partition sends its state to `into` as a
+//! `transfer` through the stage's own input topic, which may reach `into`
+//! before or after the event. Evaluating the event on the survivor alone
+//! and then the transfer would show a state that never was (survivor plus
+//! event, without the merged profile): a non-monotone audience
+//! (`revenue_total lt 500` and two orders) would enter and then exit.
+//!
+//! So per profile the skeleton keeps, under `wait/<id>`, a [`Wait`]:
+//! - the announced transfers that arrived before their event (`arrived`);
+//! - the inputs held in arrival order (`queue`): an event whose
+//!   `merged_from` transfers are not all in, and everything for the same
+//!   profile after it (later events, its own `merged` record, so a profile
+//!   is never retired with an event still held).
+//!
+//! When the head's transfers are all in, they are folded into the profile
+//! silently ([`ProfileStage::absorb`]) and the head is handled as usual,
+//! which evaluates and emits once: the changes from before the merge to
+//! after the merge and the event. A merge of a profile the stage never saw
+//! still sends an empty transfer, so nothing waits forever.
+//!
+//! Bounded: at most [`MAX_HELD_INPUTS`] inputs wait per profile. Past it
+//! the oldest is handled without the transfers it still lacks (they are
+//! then folded in whenever they come, `late`), trading a possible flicker
+//! for bounded state; a stage counts it (`merge_wait` state limit).
+//! The wait is state like any other: written through the changelog, so a
+//! crash or replay resumes it exactly.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use cdp_pipeline::operator::{Context, OperatorError};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{redirect_of, StageInput};
+
+/// Most inputs held per profile while it waits for merge transfers.
+pub const MAX_HELD_INPUTS: usize = 1_000;
+
+/// How the skeleton routes an input record.
+pub(crate) enum Route<'a> {
+    /// Something for one profile (an event, an update): held while the
+    /// profile waits, and itself waiting for the transfers of `needs`.
+    Profile { id: &'a str, needs: &'a [String] },
+    /// `from` was merged away.
+    Merged { from: &'a str },
+    /// A stage's state of merged-away `from`, for `into`.
+    Transfer {
+        stage: &'a str,
+        from: &'a str,
+        into: &'a str,
+        announced: bool,
+    },
+}
+
+/// A profile-keyed stage, as the skeleton drives it.
+pub(crate) trait ProfileStage {
+    type Input: StageInput + DeserializeOwned;
+
+    /// The `stage` name this stage writes on its transfers.
+    const STAGE: &'static str;
+
+    /// Handle `input` now. `limited`: a held input handled without every
+    /// transfer it waited for (the stage counts it).
+    fn handle(
+        &self,
+        ctx: &mut Context<'_>,
+        input: Self::Input,
+        record_time: Option<i64>,
+        limited: bool,
+    ) -> Result<(), OperatorError>;
+
+    /// Fold `state`, the transferred state of merged-away `from`, into
+    /// live `into`'s, without output: the input handled next emits.
+    fn absorb(
+        &self,
+        ctx: &mut Context<'_>,
+        from: &str,
+        into: &str,
+        state: Value,
+    ) -> Result<(), OperatorError>;
+}
+
+/// An input held while its profile waits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Held<I> {
+    input: I,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    record_time: Option<i64>,
+}
+
+/// What a profile waits for, under `wait/<id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(bound(deserialize = "I: DeserializeOwned"))]
+struct Wait<I> {
+    #[serde(default = "VecDeque::new")]
+    queue: VecDeque<Held<I>>,
+    /// Announced transfers in before their event: `from` → state.
+    #[serde(default)]
+    arrived: BTreeMap<String, Value>,
+    /// Transfers an input was handled without (over the bound): folded in
+    /// on arrival.
+    #[serde(default)]
+    late: BTreeSet<String>,
+}
+
+impl<I> Default for Wait<I> {
+    fn default() -> Self {
+        Wait {
+            queue: VecDeque::new(),
+            arrived: BTreeMap::new(),
+            late: BTreeSet::new(),
+        }
+    }
+}
+
+impl<I> Wait<I> {
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.arrived.is_empty() && self.late.is_empty()
+    }
+}
+
+fn wait_key(id: &str) -> Vec<u8> {
+    format!("wait/{id}").into_bytes()
+}
+
+fn load<I: DeserializeOwned>(ctx: &Context<'_>, id: &str) -> Result<Wait<I>, OperatorError> {
+    Ok(ctx.get_json(&wait_key(id))?.unwrap_or_default())
+}
+
+fn store<I: Serialize>(
+    ctx: &mut Context<'_>,
+    id: &str,
+    wait: &Wait<I>,
+) -> Result<(), OperatorError> {
+    if wait.is_empty() {
+        ctx.delete(&wait_key(id));
+        Ok(())
+    } else {
+        Ok(ctx.put_json(&wait_key(id), wait)?)
+    }
+}
+
+/// Whether `id` holds inputs: its timers wait for them too (the input
+/// handled when the wait ends evaluates at the then stream time).
+pub(crate) fn is_waiting(ctx: &Context<'_>, id: &str) -> Result<bool, OperatorError> {
+    Ok(ctx.get(&wait_key(id))?.is_some_and(|bytes| {
+        serde_json::from_slice::<Wait<Value>>(&bytes).is_ok_and(|w| !w.queue.is_empty())
+    }))
+}
+
+/// Route one input record of a profile-keyed stage.
+pub(crate) fn dispatch<S: ProfileStage>(
+    stage: &S,
+    ctx: &mut Context<'_>,
+    input: S::Input,
+    record_time: Option<i64>,
+) -> Result<(), OperatorError> {
+    let (id, needs) = match input.route() {
+        Route::Profile { id, needs } => (id.to_owned(), needs.to_vec()),
+        Route::Merged { from } => (from.to_owned(), Vec::new()),
+        Route::Transfer {
+            stage: name,
+            from,
+            into,
+            announced,
+        } => {
+            if name != S::STAGE || !announced || redirect_of(ctx, into)?.is_some() {
+                return stage.handle(ctx, input, record_time, false);
+            }
+            let (from, into) = (from.to_owned(), into.to_owned());
+            let mut wait: Wait<S::Input> = load(ctx, &into)?;
+            if wait.late.remove(&from) {
+                store(ctx, &into, &wait)?;
+                return stage.handle(ctx, input, record_time, false);
+            }
+            let Some(state) = transfer_state::<S>(input) else {
+                return Ok(());
+            };
+            wait.arrived.insert(from, state);
+            return drain(stage, ctx, &into, wait);
+        }
+    };
+    // Records for a retired profile are forwarded by the stage.
+    if redirect_of(ctx, &id)?.is_some() {
+        return stage.handle(ctx, input, record_time, false);
+    }
+    let mut wait: Wait<S::Input> = load(ctx, &id)?;
+    let ready = needs.iter().all(|n| wait.arrived.contains_key(n));
+    if wait.queue.is_empty() && needs.is_empty() {
+        let retires = matches!(input.route(), Route::Merged { .. });
+        stage.handle(ctx, input, record_time, false)?;
+        if retires && !wait.is_empty() {
+            return hand_over(stage, ctx, &id, wait);
+        }
+        return Ok(());
+    }
+    wait.queue.push_back(Held { input, record_time });
+    if !ready || wait.queue.len() > 1 {
+        // Something is still missing: nothing can be handled before it.
+        if wait.queue.len() <= MAX_HELD_INPUTS {
+            return store(ctx, &id, &wait);
+        }
+    }
+    drain(stage, ctx, &id, wait)
+}
+
+/// The state of a transfer record.
+fn transfer_state<S: ProfileStage>(input: S::Input) -> Option<Value> {
+    let mut value = serde_json::to_value(&input).ok()?;
+    value.get_mut("state").map(Value::take)
+}
+
+/// Handle held inputs from the head while their transfers are in (or the
+/// queue is over its bound), then store what still waits.
+fn drain<S: ProfileStage>(
+    stage: &S,
+    ctx: &mut Context<'_>,
+    id: &str,
+    mut wait: Wait<S::Input>,
+) -> Result<(), OperatorError> {
+    loop {
+        let over = wait.queue.len() > MAX_HELD_INPUTS;
+        let Some(head) = wait.queue.front() else {
+            break;
+        };
+        let needs: Vec<String> = match head.input.route() {
+            Route::Profile { needs, .. } => needs.to_vec(),
+            _ => Vec::new(),
+        };
+        let missing = needs.iter().any(|n| !wait.arrived.contains_key(n));
+        if missing && !over {
+            break;
+        }
+        let Some(held) = wait.queue.pop_front() else {
+            break;
+        };
+        for from in &needs {
+            match wait.arrived.remove(from) {
+                Some(state) => stage.absorb(ctx, from, id, state)?,
+                None => {
+                    wait.late.insert(from.clone());
+                }
+            }
+        }
+        let retires = matches!(held.input.route(), Route::Merged { .. });
+        stage.handle(ctx, held.input, held.record_time, missing)?;
+        if retires {
+            return hand_over(stage, ctx, id, wait);
+        }
+    }
+    store(ctx, id, &wait)
+}
+
+/// `id` was just retired: what it still held goes the way of its redirect.
+fn hand_over<S: ProfileStage>(
+    stage: &S,
+    ctx: &mut Context<'_>,
+    id: &str,
+    wait: Wait<S::Input>,
+) -> Result<(), OperatorError> {
+    ctx.delete(&wait_key(id));
+    for held in wait.queue {
+        dispatch(stage, ctx, held.input, held.record_time)?;
+    }
+    for (from, state) in wait.arrived {
+        let transfer = S::Input::transfer(
+            S::STAGE,
+            from,
+            id.to_owned(),
+            state,
+            Default::default(),
+            false,
+        );
+        dispatch(stage, ctx, transfer, None)?;
+    }
+    Ok(())
+}
