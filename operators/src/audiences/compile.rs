@@ -17,7 +17,9 @@ pub(super) enum Retention {
     CountOnly,
     /// Times within the longest window of a condition using the filter.
     Window(i64),
-    /// Every time (sequences).
+    /// The latest [`MAX_SEQUENCE_TIMES`](super::MAX_SEQUENCE_TIMES) times
+    /// (sequence steps; a filter of its own, never shared with a window or
+    /// a count, so those keep buckets).
     All,
 }
 
@@ -59,6 +61,8 @@ pub(super) enum Compiled {
     },
     Audience(String),
     Sequence {
+        /// Canonical text of the condition: the key of its "has held" mark.
+        key: String,
         steps: Vec<usize>,
         within: Option<i64>,
     },
@@ -83,11 +87,14 @@ pub struct AudienceSet {
     pub(super) windows: BTreeSet<(usize, i64)>,
     /// The bound on event times ahead of the stream.
     pub(super) event_time: EventTimeConfig,
+    /// Every sequence condition: `(key, steps, within)`.
+    pub(super) sequences: Vec<(String, Vec<usize>, Option<i64>)>,
 }
 
 struct Compiler {
     filters: Vec<EventFilter>,
     windows: BTreeSet<(usize, i64)>,
+    sequences: Vec<(String, Vec<usize>, Option<i64>)>,
     known: KnownNames,
 }
 
@@ -98,8 +105,15 @@ impl Compiler {
         conditions: &[PropertyCondition],
         retention: Retention,
     ) -> Result<usize, String> {
-        let key = serde_json::to_string(&json!({"event": event, "where": conditions}))
-            .map_err(|e| e.to_string())?;
+        // Sequence steps keep exact (recent) times, windows buckets: a
+        // step never shares its history with a window or a count.
+        let key = match retention {
+            Retention::All => {
+                serde_json::to_string(&json!({"sequence_step": event, "where": conditions}))
+            }
+            _ => serde_json::to_string(&json!({"event": event, "where": conditions})),
+        }
+        .map_err(|e| e.to_string())?;
         let width = match retention {
             Retention::Window(w) => Some(bucket_width(w)),
             _ => None,
@@ -250,10 +264,16 @@ impl Compiler {
                             .map_err(|m| ConfigError::new(at, m))?,
                     );
                 }
-                Compiled::Sequence {
-                    steps,
-                    within: within(s.within, format!("{path}.within"))?,
+                let within = within(s.within, format!("{path}.within"))?;
+                let key = serde_json::to_string(&json!({"steps": steps
+                    .iter()
+                    .filter_map(|i| self.filters.get(*i).map(|f| f.key.as_str()))
+                    .collect::<Vec<_>>(), "within": within}))
+                .map_err(|e| ConfigError::new(path.to_owned(), e.to_string()))?;
+                if !self.sequences.iter().any(|s| s.0 == key) {
+                    self.sequences.push((key.clone(), steps.clone(), within));
                 }
+                Compiled::Sequence { key, steps, within }
             }
         })
     }
@@ -271,6 +291,7 @@ impl AudienceSet {
         let mut compiler = Compiler {
             filters: Vec::new(),
             windows: BTreeSet::new(),
+            sequences: Vec::new(),
             known: known.clone(),
         };
         let mut compiled = BTreeMap::new();
@@ -316,6 +337,7 @@ impl AudienceSet {
             filters: compiler.filters,
             windows: compiler.windows,
             event_time: EventTimeConfig::default(),
+            sequences: compiler.sequences,
         })
     }
 

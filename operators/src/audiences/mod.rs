@@ -20,8 +20,13 @@
 //!   every condition using the same filter): an all-time count, plus, for
 //!   windowed conditions, event counts in time buckets 1/30 of the shortest
 //!   window (at most 31 per window: a window counts at most one bucket
-//!   width more at its old edge), and for sequences exact event times (at
-//!   most [`MAX_SEQUENCE_TIMES`] per filter).
+//!   width more at its old edge). Sequence steps have filters of their
+//!   own (never sharing a window's buckets) keeping the latest
+//!   [`MAX_SEQUENCE_TIMES`] event times each, and a sequence that has held
+//!   is remembered (a sequence has no horizon: once it happened, it holds
+//!   for good). Exact unless a match needs a step time older than the
+//!   latest [`MAX_SEQUENCE_TIMES`] of its step when the match's last event
+//!   arrives (a very late event whose partners were superseded).
 //! - Merges: the merged-away profile exits every audience it was in, its
 //!   state travels to the survivor (which then enters what it qualifies
 //!   for), and late updates for it are redirected.
@@ -46,5 +51,5 @@ pub use operator::AudiencesOperator;
 /// The `stage` this operator writes on its transfers.
 const STAGE: &str = "audiences";
 
-/// Most event times kept per filter that a sequence uses (oldest dropped).
-pub const MAX_SEQUENCE_TIMES: usize = 10_000;
+/// Event times kept per sequence step filter: the latest by time.
+pub const MAX_SEQUENCE_TIMES: usize = 64;

@@ -35,7 +35,11 @@ impl AudiencesOperator {
     }
 
     fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<AudienceProfile>, OperatorError> {
-        Ok(ctx.get_json(&profile_key(id))?)
+        let mut profile: Option<AudienceProfile> = ctx.get_json(&profile_key(id))?;
+        if let Some(p) = profile.as_mut() {
+            p.upgrade_sequence_steps(&self.set);
+        }
+        Ok(profile)
     }
 
     fn change(
@@ -80,6 +84,7 @@ impl AudiencesOperator {
         mut profile: AudienceProfile,
         trigger: &Trigger,
     ) -> Result<(), OperatorError> {
+        profile.remember_sequences(&self.set);
         profile.prune(&self.set);
         let now = profile.clock;
         let members = profile.evaluate(&self.set, now);
@@ -205,12 +210,14 @@ impl AudiencesOperator {
         into: &str,
         state: Value,
     ) -> Result<AudienceProfile, OperatorError> {
-        serde_json::from_value(state).map_err(|e| {
+        let mut incoming: AudienceProfile = serde_json::from_value(state).map_err(|e| {
             OperatorError::rejected(
                 "invalid_transfer",
                 json!({"from": from, "into": into, "error": e.to_string()}),
             )
-        })
+        })?;
+        incoming.upgrade_sequence_steps(&self.set);
+        Ok(incoming)
     }
 
     fn on_transfer(

@@ -3,9 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use super::compile::{AudienceSet, Compiled};
+use super::compile::{AudienceSet, Compiled, Retention};
 use super::history::FilterHistory;
 use crate::messages::{self, Identifiers};
 use crate::profile_keyed::union_identifiers;
@@ -29,6 +29,10 @@ pub(super) struct AudienceProfile {
     /// The timer set for the next time-driven change.
     #[serde(default)]
     pub(super) timer: Option<i64>,
+    /// Keys of the sequence conditions that have held: a sequence, once
+    /// it happened, holds for good (its step times are only the latest).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub(super) sequences: BTreeSet<String>,
 }
 
 impl AudienceProfile {
@@ -54,6 +58,64 @@ impl AudienceProfile {
                 h.prune(f, clock);
             }
         }
+        self.sequences
+            .retain(|key| set.sequences.iter().any(|s| s.0 == *key));
+    }
+
+    /// A state written when sequence steps shared their filter with
+    /// windows keeps exact times under the shared key: give the steps
+    /// their copy before the window moves them into buckets.
+    pub(super) fn upgrade_sequence_steps(&mut self, set: &AudienceSet) {
+        if !self.events.values().any(|h| !h.times.is_empty()) {
+            return;
+        }
+        for f in set.filters.iter().filter(|f| f.retention == Retention::All) {
+            if self.events.contains_key(&f.key) {
+                continue;
+            }
+            let Ok(shared) =
+                serde_json::to_string(&json!({"event": f.event, "where": f.conditions}))
+            else {
+                continue;
+            };
+            let Some(times) = self.events.get(&shared).map(|h| h.times.clone()) else {
+                continue;
+            };
+            if !times.is_empty() {
+                let count = times.len() as u64;
+                let history = FilterHistory {
+                    count,
+                    times,
+                    buckets: Vec::new(),
+                };
+                self.events.insert(f.key.clone(), history);
+            }
+        }
+    }
+
+    /// Mark every sequence that holds on the times kept now: before they
+    /// are pruned, and for good.
+    pub(super) fn remember_sequences(&mut self, set: &AudienceSet) {
+        for (key, steps, within) in &set.sequences {
+            if self.sequences.contains(key) {
+                continue;
+            }
+            if self.sequence_holds(set, steps, *within) {
+                self.sequences.insert(key.clone());
+            }
+        }
+    }
+
+    fn sequence_holds(&self, set: &AudienceSet, steps: &[usize], within: Option<i64>) -> bool {
+        let empty = Vec::new();
+        let times: Vec<&[i64]> = steps
+            .iter()
+            .map(|f| {
+                self.history(set, *f)
+                    .map_or(empty.as_slice(), |h| h.times.as_slice())
+            })
+            .collect();
+        sequence_holds(&times, within)
     }
 
     /// Fold a merged-away profile into this one (the survivor's trait
@@ -61,6 +123,7 @@ impl AudienceProfile {
     pub(super) fn merge(&mut self, other: AudienceProfile) {
         self.identifiers = union_identifiers(&self.identifiers, &other.identifiers);
         self.clock = self.clock.max(other.clock);
+        self.sequences.extend(other.sequences);
         for (name, value) in other.traits {
             self.traits.entry(name).or_insert(value);
         }
@@ -113,16 +176,8 @@ impl AudienceProfile {
                 count.matches(n)
             }
             Compiled::Audience(name) => members.contains(name),
-            Compiled::Sequence { steps, within } => {
-                let empty = Vec::new();
-                let times: Vec<&[i64]> = steps
-                    .iter()
-                    .map(|f| {
-                        self.history(set, *f)
-                            .map_or(empty.as_slice(), |h| h.times.as_slice())
-                    })
-                    .collect();
-                sequence_holds(&times, *within)
+            Compiled::Sequence { key, steps, within } => {
+                self.sequences.contains(key) || self.sequence_holds(set, steps, *within)
             }
         }
     }

@@ -118,8 +118,10 @@ fn the_design_audiences_load_in_dependency_order() -> TestResult {
         "traits flow through audience refs"
     );
     // Both event conditions on Order Completed without `where` share one
-    // filter; the one with `where` has its own.
-    assert_eq!(set.filters.len(), 3);
+    // filter; the one with `where` has its own, and the sequence's two
+    // steps theirs (exact recent times, not a window's buckets).
+    assert_eq!(set.filters.len(), 4);
+    assert_eq!(set.sequences.len(), 1);
     Ok(())
 }
 
@@ -154,6 +156,62 @@ fn a_future_dated_update_does_not_age_out_recent_events() -> TestResult {
         summary(&changes(&c)?),
         vec![exited("active"), entered("quiet")]
     );
+    Ok(())
+}
+
+/// A sequence keeps the latest few times per step, finds a match made by
+/// a late event, and once it held holds for good, however many events
+/// follow (and through a merge).
+#[test]
+fn sequences_keep_few_times_and_hold_for_good() -> TestResult {
+    let mut h = harness("seq: {where: {sequence: [{event: A}, {event: B}], within: 5ms}}")?;
+    h.tick(DAY)?;
+    let b = send(&mut h, "p", Some(("B", json!({}))), json!({}), DAY + 10)?;
+    assert!(b.is_empty());
+    // A late A, 3 ms before the B: the sequence happened.
+    let a = send(&mut h, "p", Some(("A", json!({}))), json!({}), DAY + 7)?;
+    assert_eq!(summary(&a), vec![entered("seq")]);
+    // A flood of both steps, never 5 ms apart in order: the match stays.
+    for i in 0..1_000i64 {
+        let t = DAY + 1_000 + i * 100;
+        let (name, at) = if i % 2 == 0 { ("B", t) } else { ("A", t) };
+        let c = send(&mut h, "p", Some((name, json!({}))), json!({}), at)?;
+        assert!(c.is_empty(), "{:?}", summary(&c));
+    }
+    let stored = h
+        .state
+        .map
+        .get(profile_key("p").as_slice())
+        .ok_or("no profile")?;
+    let profile: AudienceProfile = serde_json::from_slice(stored)?;
+    for history in profile.events.values() {
+        assert!(history.times.len() <= MAX_SEQUENCE_TIMES);
+    }
+    assert_eq!(profile.sequences.len(), 1);
+    assert!(stored.len() < 4096, "{} bytes", stored.len());
+    // Merged into a profile that never matched, the mark travels.
+    let merged = serde_json::to_vec(&ProfileUpdate::Merged {
+        from: "p".into(),
+        into: "q".into(),
+        identifiers: Identifiers::new(),
+        cause: Cause::default(),
+        announced: false,
+    })?;
+    let out = h.process(Some(b"p"), &merged, &[])?;
+    assert_eq!(summary(&changes(&out)?), vec![exited("seq")]);
+    let mut entered_q = Vec::new();
+    for t in out.iter().filter(|e| e.output == outputs::SELF) {
+        entered_q.extend(changes(&h.process(t.key.as_deref(), &t.value, &[])?)?);
+    }
+    assert_eq!(summary(&entered_q), vec![entered("seq")]);
+    let c = send(
+        &mut h,
+        "q",
+        Some(("C", json!({}))),
+        json!({}),
+        DAY + 500_000,
+    )?;
+    assert!(c.is_empty(), "{:?}", summary(&c));
     Ok(())
 }
 
@@ -220,13 +278,16 @@ fn big_spenders_and_lapsing_follow_events_and_time() -> TestResult {
         Some(&vec!["u_p".to_string()])
     );
 
-    // 14 days after the last order the big spender is lapsing, by time alone.
+    // 14 days after the last order's bucket (14d / 30 wide) the big
+    // spender is lapsing, by time alone.
+    let width = crate::traits::bucket_width(14 * DAY);
+    let lapses = (2 * DAY).div_euclid(width) * width + width - 1 + 14 * DAY;
     h.tick(10 * DAY)?;
-    assert!(changes(&h.tick(16 * DAY - 1)?)?.is_empty());
-    let c = changes(&h.tick(16 * DAY)?)?;
+    assert!(changes(&h.tick(lapses - 1)?)?.is_empty());
+    let c = changes(&h.tick(lapses)?)?;
     assert_eq!(summary(&c), vec![entered("lapsing")]);
-    assert_eq!(c[0].cause.tick, Some(16 * DAY));
-    assert_eq!(c[0].event_time, rfc3339_ms(16 * DAY));
+    assert_eq!(c[0].cause.tick, Some(lapses));
+    assert_eq!(c[0].event_time, rfc3339_ms(lapses));
     // The first order's bucket (day 1: a 30d window keeps buckets of a
     // day) leaves the window when its last instant does, at day 32 less
     // 1 ms: both exit.
