@@ -10,9 +10,11 @@
 //! event, without the merged profile): a non-monotone audience
 //! (`revenue_total lt 500` and two orders) would enter and then exit.
 //!
-//! So per profile the skeleton keeps, under `wait/<id>`, a [`Wait`]:
+//! So per profile the skeleton keeps a [`Wait`] (a small header under
+//! `wait/<id>`, each held input and each arrived state under a key of its
+//! own):
 //! - the announced transfers that arrived before their event (`arrived`);
-//! - the inputs held in arrival order (`queue`): an event whose
+//! - the inputs held in arrival order: an event whose
 //!   `merged_from` transfers are not all in, and everything for the same
 //!   profile after it (later events, its own `merged` record, so a profile
 //!   is never retired with an event still held).
@@ -30,7 +32,7 @@
 //! The wait is state like any other: written through the changelog, so a
 //! crash or replay resumes it exactly.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 
 use cdp_pipeline::operator::{Context, OperatorError};
 use serde::de::DeserializeOwned;
@@ -86,7 +88,7 @@ pub(crate) trait ProfileStage {
     ) -> Result<(), OperatorError>;
 }
 
-/// An input held while its profile waits.
+/// An input held while its profile waits, under `wait-held/<id>/<seq>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Held<I> {
     input: I,
@@ -94,34 +96,34 @@ struct Held<I> {
     record_time: Option<i64>,
 }
 
-/// What a profile waits for, under `wait/<id>`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(bound(deserialize = "I: DeserializeOwned"))]
-struct Wait<I> {
-    #[serde(default = "VecDeque::new")]
-    queue: VecDeque<Held<I>>,
-    /// Announced transfers in before their event: `from` → state.
+/// What a profile waits for, under `wait/<id>`: small whatever it holds
+/// (the held inputs and arrived states have a key each, so holding one
+/// more input writes two small records, not the whole queue).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Wait {
+    /// Sequence number of the oldest held input.
     #[serde(default)]
-    arrived: BTreeMap<String, Value>,
+    head: u64,
+    /// Sequence number the next held input gets.
+    #[serde(default)]
+    next: u64,
+    /// Announced transfers in before their event (their states under
+    /// `wait-state/<id>/<from>`).
+    #[serde(default)]
+    arrived: BTreeSet<String>,
     /// Transfers an input was handled without (over the bound): folded in
     /// on arrival.
     #[serde(default)]
     late: BTreeSet<String>,
 }
 
-impl<I> Default for Wait<I> {
-    fn default() -> Self {
-        Wait {
-            queue: VecDeque::new(),
-            arrived: BTreeMap::new(),
-            late: BTreeSet::new(),
-        }
+impl Wait {
+    fn held(&self) -> u64 {
+        self.next.saturating_sub(self.head)
     }
-}
 
-impl<I> Wait<I> {
     fn is_empty(&self) -> bool {
-        self.queue.is_empty() && self.arrived.is_empty() && self.late.is_empty()
+        self.held() == 0 && self.arrived.is_empty() && self.late.is_empty()
     }
 }
 
@@ -129,15 +131,20 @@ fn wait_key(id: &str) -> Vec<u8> {
     format!("wait/{id}").into_bytes()
 }
 
-fn load<I: DeserializeOwned>(ctx: &Context<'_>, id: &str) -> Result<Wait<I>, OperatorError> {
+fn held_key(id: &str, seq: u64) -> Vec<u8> {
+    // Fixed width: keys sort by sequence.
+    format!("wait-held/{id}/{seq:020}").into_bytes()
+}
+
+fn state_key(id: &str, from: &str) -> Vec<u8> {
+    format!("wait-state/{id}/{from}").into_bytes()
+}
+
+fn load(ctx: &Context<'_>, id: &str) -> Result<Wait, OperatorError> {
     Ok(ctx.get_json(&wait_key(id))?.unwrap_or_default())
 }
 
-fn store<I: Serialize>(
-    ctx: &mut Context<'_>,
-    id: &str,
-    wait: &Wait<I>,
-) -> Result<(), OperatorError> {
+fn store(ctx: &mut Context<'_>, id: &str, wait: &Wait) -> Result<(), OperatorError> {
     if wait.is_empty() {
         ctx.delete(&wait_key(id));
         Ok(())
@@ -149,9 +156,7 @@ fn store<I: Serialize>(
 /// Whether `id` holds inputs: its timers wait for them too (the input
 /// handled when the wait ends evaluates at the then stream time).
 pub(crate) fn is_waiting(ctx: &Context<'_>, id: &str) -> Result<bool, OperatorError> {
-    Ok(ctx.get(&wait_key(id))?.is_some_and(|bytes| {
-        serde_json::from_slice::<Wait<Value>>(&bytes).is_ok_and(|w| !w.queue.is_empty())
-    }))
+    Ok(load(ctx, id)?.held() > 0)
 }
 
 /// Route one input record of a profile-keyed stage.
@@ -174,7 +179,7 @@ pub(crate) fn dispatch<S: ProfileStage>(
                 return stage.handle(ctx, input, record_time, false);
             }
             let (from, into) = (from.to_owned(), into.to_owned());
-            let mut wait: Wait<S::Input> = load(ctx, &into)?;
+            let mut wait = load(ctx, &into)?;
             if wait.late.remove(&from) {
                 store(ctx, &into, &wait)?;
                 return stage.handle(ctx, input, record_time, false);
@@ -182,7 +187,8 @@ pub(crate) fn dispatch<S: ProfileStage>(
             let Some(state) = transfer_state::<S>(input) else {
                 return Ok(());
             };
-            wait.arrived.insert(from, state);
+            ctx.put_json(&state_key(&into, &from), &state)?;
+            wait.arrived.insert(from);
             return drain(stage, ctx, &into, wait);
         }
     };
@@ -190,24 +196,26 @@ pub(crate) fn dispatch<S: ProfileStage>(
     if redirect_of(ctx, &id)?.is_some() {
         return stage.handle(ctx, input, record_time, false);
     }
-    let mut wait: Wait<S::Input> = load(ctx, &id)?;
-    let ready = needs.iter().all(|n| wait.arrived.contains_key(n));
-    if wait.queue.is_empty() && needs.is_empty() {
+    let mut wait = load(ctx, &id)?;
+    if wait.is_empty() && needs.is_empty() {
+        // The usual case: nothing waits, nothing to wait for.
+        return stage.handle(ctx, input, record_time, false);
+    }
+    if wait.held() == 0 && needs.iter().all(|n| wait.arrived.contains(n)) {
         let retires = matches!(input.route(), Route::Merged { .. });
+        absorb_needed(stage, ctx, &id, &mut wait, &needs)?;
         stage.handle(ctx, input, record_time, false)?;
-        if retires && !wait.is_empty() {
+        if retires {
             return hand_over(stage, ctx, &id, wait);
         }
-        return Ok(());
+        return store(ctx, &id, &wait);
     }
-    wait.queue.push_back(Held { input, record_time });
-    if !ready || wait.queue.len() > 1 {
-        // Something is still missing: nothing can be handled before it.
-        if wait.queue.len() <= MAX_HELD_INPUTS {
-            return store(ctx, &id, &wait);
-        }
+    ctx.put_json(&held_key(&id, wait.next), &Held { input, record_time })?;
+    wait.next += 1;
+    if wait.held() as usize > MAX_HELD_INPUTS {
+        return drain(stage, ctx, &id, wait);
     }
-    drain(stage, ctx, &id, wait)
+    store(ctx, &id, &wait)
 }
 
 /// The state of a transfer record.
@@ -216,38 +224,56 @@ fn transfer_state<S: ProfileStage>(input: S::Input) -> Option<Value> {
     value.get_mut("state").map(Value::take)
 }
 
+/// Fold in the arrived transfers `needs` names; the missing ones become
+/// `late`. Returns whether any was missing.
+fn absorb_needed<S: ProfileStage>(
+    stage: &S,
+    ctx: &mut Context<'_>,
+    id: &str,
+    wait: &mut Wait,
+    needs: &[String],
+) -> Result<bool, OperatorError> {
+    let mut missing = false;
+    for from in needs {
+        if wait.arrived.remove(from) {
+            let key = state_key(id, from);
+            let state: Option<Value> = ctx.get_json(&key)?;
+            ctx.delete(&key);
+            stage.absorb(ctx, from, id, state.unwrap_or_default())?;
+        } else {
+            wait.late.insert(from.clone());
+            missing = true;
+        }
+    }
+    Ok(missing)
+}
+
 /// Handle held inputs from the head while their transfers are in (or the
 /// queue is over its bound), then store what still waits.
 fn drain<S: ProfileStage>(
     stage: &S,
     ctx: &mut Context<'_>,
     id: &str,
-    mut wait: Wait<S::Input>,
+    mut wait: Wait,
 ) -> Result<(), OperatorError> {
-    loop {
-        let over = wait.queue.len() > MAX_HELD_INPUTS;
-        let Some(head) = wait.queue.front() else {
-            break;
+    while wait.held() > 0 {
+        let over = wait.held() as usize > MAX_HELD_INPUTS;
+        let key = held_key(id, wait.head);
+        let Some(held) = ctx.get_json::<Held<S::Input>>(&key)? else {
+            // Not there (cannot happen: written with the header): skip.
+            wait.head += 1;
+            continue;
         };
-        let needs: Vec<String> = match head.input.route() {
+        let needs: Vec<String> = match held.input.route() {
             Route::Profile { needs, .. } => needs.to_vec(),
             _ => Vec::new(),
         };
-        let missing = needs.iter().any(|n| !wait.arrived.contains_key(n));
-        if missing && !over {
+        if !over && !needs.iter().all(|n| wait.arrived.contains(n)) {
             break;
         }
-        let Some(held) = wait.queue.pop_front() else {
-            break;
-        };
-        for from in &needs {
-            match wait.arrived.remove(from) {
-                Some(state) => stage.absorb(ctx, from, id, state)?,
-                None => {
-                    wait.late.insert(from.clone());
-                }
-            }
-        }
+        ctx.delete(&key);
+        wait.head += 1;
+        let missing = absorb_needed(stage, ctx, id, &mut wait, &needs)?;
         let retires = matches!(held.input.route(), Route::Merged { .. });
         stage.handle(ctx, held.input, held.record_time, missing)?;
         if retires {
@@ -262,18 +288,25 @@ fn hand_over<S: ProfileStage>(
     stage: &S,
     ctx: &mut Context<'_>,
     id: &str,
-    wait: Wait<S::Input>,
+    wait: Wait,
 ) -> Result<(), OperatorError> {
     ctx.delete(&wait_key(id));
-    for held in wait.queue {
-        dispatch(stage, ctx, held.input, held.record_time)?;
+    for seq in wait.head..wait.next {
+        let key = held_key(id, seq);
+        if let Some(held) = ctx.get_json::<Held<S::Input>>(&key)? {
+            ctx.delete(&key);
+            dispatch(stage, ctx, held.input, held.record_time)?;
+        }
     }
-    for (from, state) in wait.arrived {
+    for from in wait.arrived {
+        let key = state_key(id, &from);
+        let state: Option<Value> = ctx.get_json(&key)?;
+        ctx.delete(&key);
         let transfer = S::Input::transfer(
             S::STAGE,
             from,
             id.to_owned(),
-            state,
+            state.unwrap_or_default(),
             Default::default(),
             false,
         );

@@ -692,4 +692,5 @@ fn comparisons_follow_the_documented_rules() {
     assert_eq!(Comparison::from_key("nope", json!(1)), Ok(None));
 }
 
+mod merge_wait;
 mod proptests;
