@@ -58,6 +58,13 @@ pub struct KafkaConfig {
     /// Most records one task processes per batch (one commit per batch).
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// Largest record (key, value and headers) a stage produces, checked
+    /// before it is produced. An output over it goes to the dead-letter
+    /// topic with reason `record_too_large` in place of its input's
+    /// outputs; a state (changelog) record over it stops the stage naming
+    /// the key. Keep it at or below the broker's `message.max.bytes`.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
     /// Where task state lives (RocksDB, one directory per task).
     #[serde(default = "default_state_dir")]
     pub state_dir: String,
@@ -106,6 +113,11 @@ const fn default_tick() -> Span {
 const fn default_max_batch() -> usize {
     1000
 }
+const fn default_max_record_bytes() -> usize {
+    // Kafka's default `message.max.bytes` (1048588) less room for the
+    // record batch overhead.
+    1_000_000
+}
 fn default_state_dir() -> String {
     "/var/lib/cdp".into()
 }
@@ -123,6 +135,7 @@ impl Default for KafkaConfig {
             guarantee: Guarantee::default(),
             tick_interval: default_tick(),
             max_batch: default_max_batch(),
+            max_record_bytes: default_max_record_bytes(),
             state_dir: default_state_dir(),
             changelog_min_compaction_lag: default_compaction_lag(),
             properties: BTreeMap::new(),

@@ -13,7 +13,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::produce::{epoch_header, produce_acked, Outgoing};
 use super::rebalance::StageContext;
-use super::settle::settle;
+use super::settle::{check_sizes, settle};
 use super::{now_ms, ownership, OutputTarget, RuntimeError, Shared, Task, DEAD_LETTERS};
 use crate::changelog::{self, commit_key, Marker};
 use crate::envelope::{self, Position};
@@ -184,6 +184,7 @@ pub(super) fn process_batch(
             } else {
                 None
             };
+            let result = check_sizes(result, &emitted, shared.max_record_bytes);
             settle(stage, &m, headers, result, &mut emitted, observer)?;
             for (index, e) in emitted.into_iter().enumerate() {
                 let pos = Position {
@@ -199,6 +200,19 @@ pub(super) fn process_batch(
             continue;
         }
         let changes = task.store.take_changes();
+        if let Some((key, bytes)) = changes
+            .iter()
+            .map(|(k, v)| (k, k.len() + v.as_ref().map_or(0, Vec::len)))
+            .find(|(_, bytes)| *bytes > shared.max_record_bytes)
+        {
+            return Err(RuntimeError::StateTooLarge {
+                stage,
+                partition,
+                key: String::from_utf8_lossy(key).into_owned(),
+                bytes,
+                limit: shared.max_record_bytes,
+            });
+        }
         if outputs.is_empty() && changes.is_empty() {
             // Nothing to make durable (typically an idle partition's ticks):
             // move on in memory only. Replaying these records after a crash

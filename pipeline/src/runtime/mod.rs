@@ -125,6 +125,16 @@ pub enum RuntimeError {
     },
     #[error("{stage}[{partition}]: every claim of the changelog was voided by concurrent writes")]
     ClaimContended { stage: &'static str, partition: i32 },
+    /// A state record over `kafka.max_record_bytes`: operators keep their
+    /// state bounded well below it, so this is a bug or a tiny limit.
+    #[error("{stage}[{partition}]: state record {key} is {bytes} bytes, over kafka.max_record_bytes ({limit}); not produced")]
+    StateTooLarge {
+        stage: &'static str,
+        partition: i32,
+        key: String,
+        bytes: usize,
+        limit: usize,
+    },
 }
 
 impl RuntimeError {
@@ -164,6 +174,8 @@ struct Shared {
     dead_letter_topic: String,
     state_dir: PathBuf,
     guarantee: Guarantee,
+    /// `kafka.max_record_bytes`: checked before anything is produced.
+    max_record_bytes: usize,
     tasks: Mutex<BTreeMap<i32, Task>>,
     failure: Mutex<Option<RuntimeError>>,
     ready: ReadyFlag,

@@ -53,6 +53,40 @@ pub(super) fn settle(
     Ok(())
 }
 
+/// An operator's `Ok` becomes a rejection (`record_too_large`) when one of
+/// its outputs (key, value and headers) is over `limit` bytes: checked
+/// before anything is produced, so an oversized output is a dead letter
+/// rather than a broker refusal that stops the stage on every replay. The
+/// state the operator wrote for the record stays.
+pub(super) fn check_sizes(
+    result: Result<(), OperatorError>,
+    emitted: &[Emitted],
+    limit: usize,
+) -> Result<(), OperatorError> {
+    result?;
+    match emitted
+        .iter()
+        .map(|e| (e.output, emitted_size(e)))
+        .find(|(_, bytes)| *bytes > limit)
+    {
+        Some((output, bytes)) => Err(OperatorError::rejected(
+            "record_too_large",
+            serde_json::json!({"output": output, "bytes": bytes, "limit": limit}),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// What a record weighs against `kafka.max_record_bytes`.
+pub(super) fn emitted_size(e: &Emitted) -> usize {
+    e.key.as_ref().map_or(0, Vec::len)
+        + e.value.len()
+        + e.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
 /// A dead letter: the original bytes and headers, plus why.
 fn dead_letter(
     stage: &str,
@@ -189,6 +223,32 @@ mod tests {
             *seen,
             vec![(source(), "dead:bad_value:{\"why\":1}".to_string())]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn an_output_over_the_record_limit_becomes_a_dead_letter() -> Result<(), RuntimeError> {
+        let small = vec![emitted(b"0123456789")];
+        assert!(check_sizes(Ok(()), &small, 10).is_ok());
+        let mut big = vec![emitted(b"0123456789"), emitted(b"0123456789x")];
+        let result = check_sizes(Ok(()), &big, 10);
+        match &result {
+            Err(OperatorError::Rejected { reason, detail }) => {
+                assert_eq!(*reason, "record_too_large");
+                assert_eq!(detail["bytes"], 11);
+                assert_eq!(detail["limit"], 10);
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        settle("s", &message(), source(), result, &mut big, None)?;
+        assert_eq!(big.len(), 1, "one dead letter in place of the outputs");
+        assert_eq!(big[0].output, DEAD_LETTERS);
+        // A rejection stays what it was.
+        let rejected = Err(OperatorError::rejected("bad", serde_json::json!({})));
+        assert!(matches!(
+            check_sizes(rejected, &[], 10),
+            Err(OperatorError::Rejected { reason: "bad", .. })
+        ));
         Ok(())
     }
 

@@ -105,6 +105,7 @@ impl StageRuntime {
             dead_letter_topic: topics.invalid(),
             state_dir: PathBuf::from(&cfg.state_dir),
             guarantee: cfg.guarantee,
+            max_record_bytes: cfg.max_record_bytes,
             tasks: Mutex::new(BTreeMap::new()),
             failure: Mutex::new(None),
             ready: self.ready.clone(),
