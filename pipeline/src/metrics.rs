@@ -153,7 +153,7 @@ counter!(
 counter!(
     STATE_LIMIT_HITS,
     "cdp_state_limit_hits_total",
-    "Events that made a per-profile state limit drop something, by trait kind (most_frequent, unique_count)",
+    "Events that made a per-profile state limit drop something, by kind (most_frequent, unique_count; merge_wait: evaluated before every merge transfer it waited for was in)",
     ["stage", "kind"]
 );
 counter!(
