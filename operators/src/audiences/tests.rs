@@ -659,3 +659,51 @@ proptest! {
         }
     }
 }
+
+/// The merging event's update (traits after the merge, `merged_from:
+/// [a]`) is held until `a`'s history is in, then evaluated once, as the
+/// event: `b` enters on three orders with the event as the cause. A tick
+/// while `b` waits does nothing.
+#[test]
+fn an_update_naming_a_merge_waits_for_its_transfer() -> TestResult {
+    let mut h = harness(
+        "cheap_repeat: {where: {all: [{trait: revenue_total, lt: 500}, \
+         {event: Order Completed, count: {gte: 3}}]}}",
+    )?;
+    let order = |rev: i64| Some(("Order Completed", json!({"revenue": rev})));
+    assert!(send(&mut h, "b", order(150), json!({"revenue_total": 150}), DAY)?.is_empty());
+    assert!(send(&mut h, "a", order(100), json!({"revenue_total": 100}), DAY)?.is_empty());
+    let merged = serde_json::to_vec(&ProfileUpdate::Merged {
+        from: "a".into(),
+        into: "b".into(),
+        identifiers: Identifiers::new(),
+        cause: Cause::default(),
+        announced: true,
+    })?;
+    let out = h.process(Some(b"a"), &merged, &[])?;
+    let transfer = out
+        .iter()
+        .find(|e| e.output == outputs::SELF)
+        .ok_or("no transfer")?
+        .value
+        .clone();
+    let mut update: ProfileUpdate = serde_json::from_slice(&update(
+        "b",
+        order(50),
+        json!({"revenue_total": 300}),
+        DAY + 1,
+    )?)?;
+    if let ProfileUpdate::Update { merged_from, .. } = &mut update {
+        merged_from.push("a".into());
+    }
+    let out = h.process(Some(b"b"), &serde_json::to_vec(&update)?, &[])?;
+    assert!(out.is_empty(), "held: {out:?}");
+    assert!(h.state.map.contains_key(b"wait/b".as_slice()));
+    assert!(h.tick(DAY + 2)?.is_empty());
+    let c = changes(&h.process(Some(b"b"), &transfer, &[])?)?;
+    assert_eq!(summary(&c), vec![entered("cheap_repeat")]);
+    let event_id = format!("m{}", DAY + 1);
+    assert_eq!(c[0].cause.message_id.as_deref(), Some(event_id.as_str()));
+    assert!(h.state.map.keys().all(|k| !k.starts_with(b"wait")));
+    Ok(())
+}
