@@ -13,9 +13,8 @@ use crate::messages::{
     self, outputs, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
 };
 use crate::profile_keyed::{
-    check_merge, check_profile_id, dispatch, emit_json, is_waiting, pass_on_transfer, profile_key,
-    redirect_of, reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage,
-    StageInput,
+    decode, dispatch, emit_json, is_waiting, pass_on_transfer, profile_key, redirect_of,
+    reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage, StageInput,
 };
 
 /// The audiences operator of one task.
@@ -321,14 +320,7 @@ impl ProfileStage for AudiencesOperator {
 
 impl Operator for AudiencesOperator {
     fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        let input: ProfileUpdate = serde_json::from_slice(record.value).map_err(|e| {
-            OperatorError::rejected("invalid_record", json!({"error": e.to_string()}))
-        })?;
-        match &input {
-            ProfileUpdate::Update { profile_id, .. } => check_profile_id(profile_id)?,
-            ProfileUpdate::Merged { from, into, .. } => check_merge(from, into)?,
-            ProfileUpdate::Transfer { .. } => {}
-        }
+        let input: ProfileUpdate = decode(record.value)?;
         dispatch(&*self, ctx, input, record.timestamp_ms)
     }
 

@@ -19,6 +19,7 @@ pub(crate) use wait::{dispatch, is_waiting, ProfileStage, Route};
 
 use cdp_pipeline::operator::{Context, OperatorError};
 use cdp_pipeline::store::StoreError;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -103,102 +104,85 @@ pub(crate) trait StageInput: Serialize + Sized {
 
     /// What the skeleton needs to know to route the record.
     fn route(&self) -> Route<'_>;
+
+    /// Refuse what no stage can apply (an empty profile id, a self-merge).
+    fn check(&self) -> Result<(), OperatorError>;
 }
 
-impl StageInput for ProfileRecord {
-    fn transfer(
-        stage: &str,
-        from: String,
-        into: String,
-        state: Value,
-        cause: Cause,
-        announced: bool,
-    ) -> Self {
-        ProfileRecord::Transfer {
-            stage: stage.to_owned(),
-            from,
-            into,
-            state,
-            cause,
-            announced,
-        }
-    }
+/// [`StageInput`] for a stage's input enum, whose profile variant is
+/// `$profile`: both enums carry `merged` and `transfer` records alike.
+macro_rules! stage_input {
+    ($input:ident, $profile:ident) => {
+        impl StageInput for $input {
+            fn transfer(
+                stage: &str,
+                from: String,
+                into: String,
+                state: Value,
+                cause: Cause,
+                announced: bool,
+            ) -> Self {
+                $input::Transfer {
+                    stage: stage.to_owned(),
+                    from,
+                    into,
+                    state,
+                    cause,
+                    announced,
+                }
+            }
 
-    fn route(&self) -> Route<'_> {
-        match self {
-            ProfileRecord::Event {
-                profile_id,
-                merged_from,
-                ..
-            } => Route::Profile {
-                id: profile_id,
-                needs: merged_from,
-            },
-            ProfileRecord::Merged { from, .. } => Route::Merged { from },
-            ProfileRecord::Transfer {
-                stage,
-                from,
-                into,
-                announced,
-                ..
-            } => Route::Transfer {
-                stage,
-                from,
-                into,
-                announced: *announced,
-            },
+            fn route(&self) -> Route<'_> {
+                match self {
+                    $input::$profile {
+                        profile_id,
+                        merged_from,
+                        ..
+                    } => Route::Profile {
+                        id: profile_id,
+                        needs: merged_from,
+                    },
+                    $input::Merged { from, .. } => Route::Merged { from },
+                    $input::Transfer {
+                        stage,
+                        from,
+                        into,
+                        announced,
+                        ..
+                    } => Route::Transfer {
+                        stage,
+                        from,
+                        into,
+                        announced: *announced,
+                    },
+                }
+            }
+
+            fn check(&self) -> Result<(), OperatorError> {
+                match self {
+                    $input::$profile { profile_id, .. } => check_profile_id(profile_id),
+                    $input::Merged { from, into, .. } => check_merge(from, into),
+                    $input::Transfer { .. } => Ok(()),
+                }
+            }
         }
-    }
+    };
 }
 
-impl StageInput for ProfileUpdate {
-    fn transfer(
-        stage: &str,
-        from: String,
-        into: String,
-        state: Value,
-        cause: Cause,
-        announced: bool,
-    ) -> Self {
-        ProfileUpdate::Transfer {
-            stage: stage.to_owned(),
-            from,
-            into,
-            state,
-            cause,
-            announced,
-        }
-    }
+stage_input!(ProfileRecord, Event);
+stage_input!(ProfileUpdate, Update);
 
-    fn route(&self) -> Route<'_> {
-        match self {
-            ProfileUpdate::Update {
-                profile_id,
-                merged_from,
-                ..
-            } => Route::Profile {
-                id: profile_id,
-                needs: merged_from,
-            },
-            ProfileUpdate::Merged { from, .. } => Route::Merged { from },
-            ProfileUpdate::Transfer {
-                stage,
-                from,
-                into,
-                announced,
-                ..
-            } => Route::Transfer {
-                stage,
-                from,
-                into,
-                announced: *announced,
-            },
-        }
-    }
+/// Parse a stage's input record and refuse an empty profile id or a merge
+/// of a profile into itself.
+pub(crate) fn decode<I: StageInput + DeserializeOwned>(value: &[u8]) -> Result<I, OperatorError> {
+    let input: I = serde_json::from_slice(value)
+        .map_err(|e| OperatorError::rejected("invalid_record", json!({"error": e.to_string()})))?;
+    input.check()?;
+    Ok(input)
 }
 
 /// Refuse a record with an empty profile id.
-pub(crate) fn check_profile_id(id: &str) -> Result<(), OperatorError> {
+fn check_profile_id(id: &str) -> Result<(), OperatorError> {
     if id.is_empty() {
         return Err(OperatorError::rejected(
             "invalid_record",
@@ -209,7 +193,7 @@ pub(crate) fn check_profile_id(id: &str) -> Result<(), OperatorError> {
 }
 
 /// Refuse a merge that does not name two different profile ids.
-pub(crate) fn check_merge(from: &str, into: &str) -> Result<(), OperatorError> {
+fn check_merge(from: &str, into: &str) -> Result<(), OperatorError> {
     if from.is_empty() || into.is_empty() || from == into {
         return Err(OperatorError::rejected(
             "invalid_merge",

@@ -14,9 +14,8 @@ use super::{MERGE_WAIT_LIMIT, STAGE, STATE_LIMIT_HEADER};
 use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{self, outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::{
-    check_merge, check_profile_id, dispatch, emit_json, is_waiting, pass_on_transfer, profile_key,
-    redirect_of, reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage,
-    StageInput,
+    decode, dispatch, emit_json, is_waiting, pass_on_transfer, profile_key, redirect_of,
+    reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage, StageInput,
 };
 
 /// The traits operator of one task.
@@ -349,14 +348,7 @@ impl ProfileStage for TraitsOperator {
 
 impl Operator for TraitsOperator {
     fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        let input: ProfileRecord = serde_json::from_slice(record.value).map_err(|e| {
-            OperatorError::rejected("invalid_record", json!({"error": e.to_string()}))
-        })?;
-        match &input {
-            ProfileRecord::Event { profile_id, .. } => check_profile_id(profile_id)?,
-            ProfileRecord::Merged { from, into, .. } => check_merge(from, into)?,
-            ProfileRecord::Transfer { .. } => {}
-        }
+        let input: ProfileRecord = decode(record.value)?;
         dispatch(&*self, ctx, input, record.timestamp_ms)
     }
 
