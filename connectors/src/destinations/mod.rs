@@ -1,0 +1,171 @@
+//! Destinations: where audience changes go besides the `<p>.audiences` topic.
+//!
+//! Each destination of the `destinations` config section becomes one
+//! [`Sink`] the deliver stage hands records to:
+//!
+//! - [`WebhookSink`] POSTs each change as JSON, signed with HMAC-SHA256 when a
+//!   secret is configured, and carries the runtime's delivery id so a
+//!   receiver can drop the repeats an at-least-once delivery may make.
+//!   Network errors, 5xx and 429 are retried with exponential backoff up to
+//!   `max_attempts`; any other 4xx fails at once. A record it gives up on is
+//!   returned as `Err(reason)` and the runtime dead-letters it: one dead
+//!   endpoint never stalls the stage and nothing is dropped silently. Once a
+//!   record of a batch gave up on retries, the records of that batch not yet
+//!   started fail at once (the endpoint is down; waiting out every retry of
+//!   every record would stall the stage for minutes); the next batch tries
+//!   again. Records with the same key (one profile) are delivered in order;
+//!   different keys are delivered concurrently. A record that fails is
+//!   dead-lettered while later records of its key go on, so order holds
+//!   among delivered records only. A whole batch has a deadline
+//!   (`batch_deadline`, default 60 s, well inside the consumer's poll
+//!   interval): what is not delivered by then fails and is dead-lettered,
+//!   so a slow endpoint cannot hold the stage.
+//! - [`KafkaSink`] produces each change to another topic with the
+//!   idempotent producer of the [`ClientFactory`] and waits for the acks.
+//! - [`StdoutSink`] prints each change as one JSON line (for `cdp dev`).
+
+mod config;
+mod kafka;
+mod stdout;
+mod webhook;
+
+#[cfg(test)]
+mod testing;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdp_pipeline::{metrics, ClientFactory, Sink, Span};
+use serde::Deserialize;
+
+pub use config::{check, DestinationConfig, DestinationError, DestinationKind};
+pub use kafka::KafkaSink;
+pub use stdout::StdoutSink;
+pub use webhook::WebhookSink;
+
+/// Header carrying the runtime's delivery id (`origin/lineage/offset/index`,
+/// no epoch), stable across replays of the same input: receivers dedupe on
+/// it.
+pub const DELIVERY_ID_HEADER: &str = "X-CDP-Delivery-Id";
+/// Header carrying `sha256=<hex HMAC-SHA256 of the body>`.
+pub const SIGNATURE_HEADER: &str = "X-CDP-Signature";
+/// Kafka header with the delivery id on records a [`KafkaSink`] produces.
+pub const KAFKA_DELIVERY_ID_HEADER: &str = "cdp-delivery-id";
+
+/// Attempts per record when `max_attempts` is not set.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Per-request timeout of a webhook when `timeout` is not set.
+pub const DEFAULT_TIMEOUT: Span = Span::from_secs(10);
+/// First retry delay; doubled after every failed attempt.
+const BASE_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between two attempts (also caps a `Retry-After`).
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest time one batch of webhook deliveries may take when
+/// `batch_deadline` is not set.
+pub const DEFAULT_BATCH_DEADLINE: Span = Span::from_secs(60);
+/// Keys (profiles) a webhook delivers to concurrently within one batch.
+const KEY_CONCURRENCY: usize = 16;
+
+/// Build the sink of one destination. Reads the webhook secret from the
+/// environment (never logged).
+pub fn build_sink(
+    dest: &DestinationConfig,
+    factory: &ClientFactory,
+) -> Result<Arc<dyn Sink>, DestinationError> {
+    let missing = |field| DestinationError::Missing {
+        id: dest.id.clone(),
+        field,
+        kind: dest.kind.name(),
+    };
+    match dest.kind {
+        DestinationKind::Stdout => Ok(Arc::new(StdoutSink::new(&dest.id))),
+        DestinationKind::Kafka => {
+            let topic = dest.topic.clone().ok_or_else(|| missing("topic"))?;
+            let producer = factory
+                .producer()
+                .map_err(|source| DestinationError::Kafka {
+                    id: dest.id.clone(),
+                    source,
+                })?;
+            Ok(Arc::new(KafkaSink::new(&dest.id, producer, topic)))
+        }
+        DestinationKind::Webhook => {
+            let url = dest.url.clone().ok_or_else(|| missing("url"))?;
+            let secret = match &dest.secret_env {
+                None => None,
+                Some(var) => Some(
+                    std::env::var(var)
+                        .map_err(|_| DestinationError::MissingSecret {
+                            id: dest.id.clone(),
+                            var: var.clone(),
+                        })?
+                        .into_bytes(),
+                ),
+            };
+            let sink = WebhookSink::new(
+                &dest.id,
+                &url,
+                secret,
+                dest.timeout.unwrap_or(DEFAULT_TIMEOUT).to_std(),
+                dest.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            )?
+            .with_batch_deadline(
+                dest.batch_deadline
+                    .unwrap_or(DEFAULT_BATCH_DEADLINE)
+                    .to_std(),
+            );
+            Ok(Arc::new(sink))
+        }
+    }
+}
+
+/// Observe event time → delivery for one delivered record, if the record
+/// is an audience change with a parsable `event_time`.
+fn observe_end_to_end(destination: &str, value: &[u8]) {
+    #[derive(Deserialize)]
+    struct EventTime {
+        event_time: Option<String>,
+    }
+    let Ok(EventTime {
+        event_time: Some(t),
+    }) = serde_json::from_slice::<EventTime>(value)
+    else {
+        return;
+    };
+    let Ok(at) = chrono::DateTime::parse_from_rfc3339(&t) else {
+        return;
+    };
+    let elapsed_ms = chrono::Utc::now().timestamp_millis() - at.timestamp_millis();
+    metrics::END_TO_END_SECONDS
+        .with_label_values(&[destination])
+        .observe(elapsed_ms.max(0) as f64 / 1000.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testing::{dest, TestResult};
+
+    #[test]
+    fn build_sink_needs_the_secret_in_the_environment() -> TestResult {
+        let factory = ClientFactory::new(cdp_pipeline::KafkaConfig::default())?;
+        let mut d = dest("crm", DestinationKind::Webhook);
+        d.url = Some("http://127.0.0.1:1/hook".into());
+        d.secret_env = Some("CDP_TEST_WEBHOOK_SECRET_THAT_IS_NOT_SET".into());
+        let err = build_sink(&d, &factory)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("CDP_TEST_WEBHOOK_SECRET_THAT_IS_NOT_SET"),
+            "{err}"
+        );
+        d.secret_env = None;
+        assert_eq!(build_sink(&d, &factory)?.name(), "crm");
+        assert_eq!(
+            build_sink(&dest("out", DestinationKind::Stdout), &factory)?.name(),
+            "out"
+        );
+        Ok(())
+    }
+}
