@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
+use cdp_connectors::avro::Format;
 use cdp_connectors::collector::CollectorConfig;
 use cdp_connectors::destinations::{self, DestinationConfig};
 use cdp_operators::audiences::{AudienceDef, AudienceSet};
@@ -53,9 +54,59 @@ pub struct Config {
     /// Audiences by name.
     #[serde(default)]
     pub audiences: BTreeMap<String, AudienceDef>,
+    /// How audience changes are written to `<prefix>.audiences`.
+    #[serde(default)]
+    pub audience_changes: AudienceChangesConfig,
     /// Where audience changes go besides the `<prefix>.audiences` topic.
     #[serde(default)]
     pub destinations: Vec<DestinationConfig>,
+}
+
+/// The format of the `<prefix>.audiences` topic, the public contract.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AudienceChangesConfig {
+    /// `json` (default) or `avro` (`deploy/schemas/audience_change.avsc`).
+    /// The deliver stage reads both, so the format can change while
+    /// records of the other are still on the topic.
+    #[serde(default)]
+    pub format: Format,
+    /// With `format: avro`: URL of a Confluent-API schema registry. The
+    /// audiences stage registers the schema under `<prefix>.audiences-value`
+    /// on start and writes the Confluent wire format; without it, Avro
+    /// single-object encoding.
+    #[serde(default)]
+    pub schema_registry: Option<String>,
+}
+
+impl AudienceChangesConfig {
+    fn check(&self) -> Result<(), cdp_operators::config::ConfigError> {
+        use cdp_operators::config::ConfigError;
+        if let Some(url) = &self.schema_registry {
+            if self.format != Format::Avro {
+                return Err(ConfigError::new(
+                    "audience_changes.schema_registry",
+                    "only with format: avro",
+                ));
+            }
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                Ok(u) => {
+                    return Err(ConfigError::new(
+                        "audience_changes.schema_registry",
+                        format!("scheme {:?} is not http or https", u.scheme()),
+                    ))
+                }
+                Err(e) => {
+                    return Err(ConfigError::new(
+                        "audience_changes.schema_registry",
+                        e.to_string(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 const fn default_dedupe_window() -> Span {
@@ -143,6 +194,7 @@ impl Config {
         let known = self.known_names(&traits.names());
         traits.check_names(&known)?;
         let audiences = AudienceSet::new(&self.audiences, &known)?.with_event_time(self.event_time);
+        self.audience_changes.check()?;
         destinations::check(&self.destinations)?;
         for (i, d) in self.destinations.iter().enumerate() {
             for (j, a) in d.audiences.iter().enumerate() {
@@ -270,6 +322,24 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("audiences.vip.where"), "{err}");
+    }
+
+    #[test]
+    fn audience_changes_format_is_checked() {
+        let with =
+            |section: &str| load_error(&format!("{DEMO_CONFIG}\naudience_changes:\n{section}"));
+        assert_eq!(with("  format: avro\n"), "");
+        assert_eq!(
+            with("  format: avro\n  schema_registry: http://registry:8081\n"),
+            ""
+        );
+        assert_eq!(
+            with("  schema_registry: http://registry:8081\n"),
+            "audience_changes.schema_registry: only with format: avro"
+        );
+        assert!(with("  format: avro\n  schema_registry: ftp://r\n")
+            .starts_with("audience_changes.schema_registry: scheme"));
+        assert!(with("  format: xml\n").starts_with("audience_changes.format:"));
     }
 
     fn load_error(text: &str) -> String {

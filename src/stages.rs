@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use cdp_connectors::avro::operator::EncodeOutput;
+use cdp_connectors::avro::{avro_codec, Format};
 use cdp_connectors::deliver::DeliverOperator;
 use cdp_connectors::destinations::build_sink;
 use cdp_operators::audiences::AudiencesOperator;
@@ -111,11 +113,24 @@ impl Stage {
                 outs.insert(outputs::NEXT, OutputTarget::Topic(t.audiences()));
                 outs.insert(outputs::SELF, OutputTarget::Topic(t.traits()));
                 let s = compiled.audiences.clone();
-                (
-                    t.traits(),
-                    true,
-                    Box::new(move |_| Box::new(AudiencesOperator::new(s.clone()))),
-                )
+                let format = &compiled.config.audience_changes;
+                let operator: cdp_pipeline::OperatorFactory = match format.format {
+                    Format::Json => Box::new(move |_| Box::new(AudiencesOperator::new(s.clone()))),
+                    Format::Avro => {
+                        let codec = Arc::new(
+                            avro_codec(format.schema_registry.as_deref(), &t.audiences())
+                                .context("audience_changes: setting up avro")?,
+                        );
+                        Box::new(move |_| {
+                            Box::new(EncodeOutput::new(
+                                Box::new(AudiencesOperator::new(s.clone())),
+                                outputs::NEXT,
+                                codec.clone(),
+                            ))
+                        })
+                    }
+                };
+                (t.traits(), true, operator)
             }
             Stage::Deliver => {
                 let dests = compiled.config.destinations.clone();
@@ -188,7 +203,12 @@ fn audience_change_observer() -> cdp_pipeline::runtime::Observer {
         if e.output != outputs::NEXT {
             return;
         }
-        if let Ok(change) = serde_json::from_slice::<AudienceChange>(&e.value) {
+        // JSON or Avro, whichever `audience_changes.format` wrote.
+        let change = match cdp_connectors::avro::reader() {
+            Ok(codec) => codec.decode(&e.value).ok(),
+            Err(_) => serde_json::from_slice::<AudienceChange>(&e.value).ok(),
+        };
+        if let Some(change) = change {
             let action = match change.action {
                 cdp_operators::messages::AudienceAction::Entered => "entered",
                 cdp_operators::messages::AudienceAction::Exited => "exited",

@@ -7,6 +7,10 @@
 //! destination id; the runtime maps that output to the destination's sink.
 //! Pure and stateless: a replay emits exactly the same records, and the
 //! runtime's delivery ids (stable across replays) let receivers dedupe.
+//!
+//! The input may be JSON or Avro (`audience_changes.format: avro`, either
+//! framing, see [`crate::avro`]); destinations always get the JSON form
+//! (a `kafka` destination with `format: avro` encodes it again).
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{LazyLock, Mutex};
@@ -14,6 +18,7 @@ use std::sync::{LazyLock, Mutex};
 use cdp_operators::messages::AudienceChange;
 use cdp_pipeline::{Context, Operator, OperatorError, Record};
 
+use crate::avro;
 use crate::destinations::DestinationConfig;
 
 /// Reason code of records that are not audience changes.
@@ -78,8 +83,18 @@ impl DeliverOperator {
 
 impl Operator for DeliverOperator {
     fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        let change: AudienceChange = serde_json::from_slice(record.value)
-            .map_err(|e| OperatorError::rejected(INVALID_AUDIENCE_CHANGE, e.to_string()))?;
+        let invalid = |e: String| OperatorError::rejected(INVALID_AUDIENCE_CHANGE, e);
+        let (change, json): (AudienceChange, Option<Vec<u8>>) = if avro::is_avro(record.value) {
+            let change = avro::reader()
+                .and_then(|codec| codec.decode(record.value))
+                .map_err(|e| invalid(e.to_string()))?;
+            let json = serde_json::to_vec(&change).map_err(|e| invalid(e.to_string()))?;
+            (change, Some(json))
+        } else {
+            let change =
+                serde_json::from_slice(record.value).map_err(|e| invalid(e.to_string()))?;
+            (change, None)
+        };
         if change.kind != "audience_change" {
             return Err(OperatorError::rejected(
                 INVALID_AUDIENCE_CHANGE,
@@ -95,7 +110,7 @@ impl Operator for DeliverOperator {
                 ctx.emit(
                     route.output,
                     record.key.map(<[u8]>::to_vec),
-                    record.value.to_vec(),
+                    json.clone().unwrap_or_else(|| record.value.to_vec()),
                 );
             }
         }
@@ -111,17 +126,9 @@ mod tests {
     use cdp_pipeline::OperatorHarness;
 
     fn dest(id: &str, audiences: &[&str]) -> DestinationConfig {
-        DestinationConfig {
-            id: id.into(),
-            kind: DestinationKind::Stdout,
-            url: None,
-            secret_env: None,
-            topic: None,
-            audiences: audiences.iter().map(|a| a.to_string()).collect(),
-            timeout: None,
-            max_attempts: None,
-            batch_deadline: None,
-        }
+        let mut d = DestinationConfig::new(id, DestinationKind::Stdout);
+        d.audiences = audiences.iter().map(|a| a.to_string()).collect();
+        d
     }
 
     fn change(audience: &str) -> Result<Vec<u8>, serde_json::Error> {
@@ -164,6 +171,32 @@ mod tests {
             out.iter().map(|e| e.output).collect::<Vec<_>>(),
             vec!["all"]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn reads_avro_in_both_framings_and_emits_the_json_form(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let json = change("vip")?;
+        let parsed: AudienceChange = serde_json::from_slice(&json)?;
+        for framing in [
+            avro::Framing::SingleObject,
+            avro::Framing::Confluent { schema_id: 9 },
+        ] {
+            let bytes = avro::AvroCodec::new(framing)?.encode(&parsed)?;
+            let mut h = OperatorHarness::new(DeliverOperator::new(&[dest("all", &[])]));
+            let out = h.process(Some(b"prof_1"), &bytes, &[])?;
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].value, json, "{framing:?}");
+        }
+        // A single-object record of another schema is refused, not guessed at.
+        let mut foreign = avro::AvroCodec::new(avro::Framing::SingleObject)?.encode(&parsed)?;
+        foreign[9] ^= 1;
+        let mut h = OperatorHarness::new(DeliverOperator::new(&[dest("all", &[])]));
+        assert!(matches!(
+            h.process(None, &foreign, &[]),
+            Err(OperatorError::Rejected { reason, .. }) if reason == INVALID_AUDIENCE_CHANGE
+        ));
         Ok(())
     }
 

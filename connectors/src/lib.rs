@@ -6,6 +6,7 @@
 //! every event of the request; a destination retries a bounded number of
 //! times and returns what it gave up on, which the runtime dead-letters.
 
+pub mod avro;
 pub mod collector;
 pub mod deliver;
 pub mod destinations;

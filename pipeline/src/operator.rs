@@ -192,6 +192,19 @@ impl<'a> Context<'a> {
         });
     }
 
+    /// How many records were emitted through this context's buffer so far.
+    pub fn emitted_len(&self) -> usize {
+        self.emitted.len()
+    }
+
+    /// The records emitted from index `from` on, to rewrite in place: an
+    /// operator that wraps another re-encodes what the inner one emitted
+    /// (the audiences stage writing Avro).
+    pub fn emitted_since(&mut self, from: usize) -> &mut [Emitted] {
+        let from = from.min(self.emitted.len());
+        &mut self.emitted[from..]
+    }
+
     /// Ask for [`Operator::on_timer`] with `key` once stream time reaches
     /// `at_ms`. Setting the same `(at_ms, key)` twice fires once.
     pub fn set_timer(&mut self, at_ms: i64, key: &[u8]) {

@@ -1,6 +1,8 @@
 //! The `kafka` destination: each change produced to a topic with the
-//! idempotent producer, acks awaited.
+//! idempotent producer, acks awaited; JSON as it comes, or Avro
+//! ([`crate::avro`]) with `format: avro`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cdp_pipeline::{metrics, Sink, SinkRecord};
@@ -11,6 +13,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::{observe_end_to_end, KAFKA_DELIVERY_ID_HEADER};
+use crate::avro::AvroCodec;
 
 /// Produces each record (key and value) to a topic and waits for the acks.
 #[derive(Clone)]
@@ -18,6 +21,8 @@ pub struct KafkaSink {
     id: String,
     producer: FutureProducer,
     topic: String,
+    /// `Some`: values are re-encoded as Avro before they are produced.
+    avro: Option<Arc<AvroCodec>>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -25,6 +30,7 @@ impl std::fmt::Debug for KafkaSink {
         f.debug_struct("KafkaSink")
             .field("id", &self.id)
             .field("topic", &self.topic)
+            .field("avro", &self.avro.as_ref().map(|c| c.framing()))
             .finish()
     }
 }
@@ -35,7 +41,14 @@ impl KafkaSink {
             id: id.to_string(),
             producer,
             topic,
+            avro: None,
         }
+    }
+
+    /// Produce Avro encoded with `codec` instead of the JSON values.
+    pub fn with_avro(mut self, codec: Arc<AvroCodec>) -> Self {
+        self.avro = Some(codec);
+        self
     }
 }
 
@@ -49,8 +62,22 @@ impl Sink for KafkaSink {
         async move {
             // Enqueue in batch order (the idempotent producer keeps that order
             // per partition), then await every ack.
+            // A change that cannot be encoded fails alone (dead letter).
+            let payloads: Vec<Result<std::borrow::Cow<'_, [u8]>, String>> = records
+                .iter()
+                .map(|r| match &this.avro {
+                    None => Ok(std::borrow::Cow::Borrowed(r.value.as_slice())),
+                    Some(codec) => codec
+                        .encode_json(&r.value)
+                        .map(std::borrow::Cow::Owned)
+                        .map_err(|e| format!("avro encoding failed: {e}")),
+                })
+                .collect();
             let mut pending = Vec::with_capacity(records.len());
-            for r in &records {
+            for (r, payload) in records.iter().zip(&payloads) {
+                let Ok(payload) = payload else {
+                    continue;
+                };
                 metrics::DELIVERY_ATTEMPTS
                     .with_label_values(&[&this.id])
                     .inc();
@@ -59,7 +86,7 @@ impl Sink for KafkaSink {
                     value: Some(r.delivery_id.as_bytes()),
                 });
                 let mut record = FutureRecord::to(&this.topic)
-                    .payload(r.value.as_slice())
+                    .payload(payload.as_ref())
                     .headers(headers);
                 if let Some(k) = &r.key {
                     record = record.key(k.as_slice());
@@ -68,23 +95,26 @@ impl Sink for KafkaSink {
                 // queue is full instead of failing at once.
                 pending.push(this.producer.send(record, Duration::from_secs(30)));
             }
-            let outcomes = futures::future::join_all(pending).await;
-            records
-                .iter()
-                .zip(outcomes)
-                .map(|(r, outcome)| match outcome {
-                    Ok(_) => {
-                        observe_end_to_end(&this.id, &r.value);
-                        Ok(())
-                    }
-                    Err((e, _)) => {
-                        metrics::DELIVERY_FAILURES
-                            .with_label_values(&[&this.id])
-                            .inc();
-                        Err(kafka_reason(&e))
-                    }
-                })
-                .collect()
+            let mut outcomes = futures::future::join_all(pending).await.into_iter();
+            let mut results = Vec::with_capacity(records.len());
+            for (r, payload) in records.iter().zip(&payloads) {
+                let result = match payload {
+                    Err(reason) => Err(reason.clone()),
+                    Ok(_) => match outcomes.next() {
+                        Some(Ok(_)) => Ok(()),
+                        Some(Err((e, _))) => Err(kafka_reason(&e)),
+                        None => Err("no produce outcome".to_string()),
+                    },
+                };
+                match &result {
+                    Ok(()) => observe_end_to_end(&this.id, &r.value),
+                    Err(_) => metrics::DELIVERY_FAILURES
+                        .with_label_values(&[&this.id])
+                        .inc(),
+                }
+                results.push(result);
+            }
+            results
         }
         .boxed()
     }

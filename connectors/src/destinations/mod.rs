@@ -39,6 +39,8 @@ use cdp_pipeline::{metrics, ClientFactory, Sink, Span};
 use serde::Deserialize;
 
 pub use config::{check, DestinationConfig, DestinationError, DestinationKind};
+
+use crate::avro::{avro_codec, AvroSetupError, Format};
 pub use kafka::KafkaSink;
 pub use stdout::StdoutSink;
 pub use webhook::WebhookSink;
@@ -87,8 +89,27 @@ pub fn build_sink(
                     id: dest.id.clone(),
                     source,
                 })?;
-            Ok(Arc::new(KafkaSink::new(&dest.id, producer, topic)))
+            let sink = KafkaSink::new(&dest.id, producer, topic.clone());
+            match dest.format.unwrap_or_default() {
+                Format::Json => Ok(Arc::new(sink)),
+                Format::Avro => {
+                    let codec = avro_codec(dest.schema_registry.as_deref(), &topic).map_err(
+                        |e| match e {
+                            AvroSetupError::Registry(source) => DestinationError::Registry {
+                                id: dest.id.clone(),
+                                source,
+                            },
+                            AvroSetupError::Codec(source) => DestinationError::Codec {
+                                id: dest.id.clone(),
+                                source,
+                            },
+                        },
+                    )?;
+                    Ok(Arc::new(sink.with_avro(Arc::new(codec))))
+                }
+            }
         }
+        DestinationKind::Segment => Err(missing("segment")),
         DestinationKind::Webhook => {
             let url = dest.url.clone().ok_or_else(|| missing("url"))?;
             let secret = match &dest.secret_env {
@@ -97,6 +118,7 @@ pub fn build_sink(
                     std::env::var(var)
                         .map_err(|_| DestinationError::MissingSecret {
                             id: dest.id.clone(),
+                            field: "secret_env",
                             var: var.clone(),
                         })?
                         .into_bytes(),
