@@ -108,6 +108,14 @@ panel("Event → delivery latency", [(f'histogram_quantile({q}, sum by (le) (rat
 panel("Delivery attempts / s by destination", [(f'sum by (destination) (rate(cdp_delivery_attempts_total{{{NS}}}[$__rate_interval]))', "{{destination}}")], "ops")
 panel("Delivery failures / s by destination", [(f'sum by (destination) (rate(cdp_delivery_failures_total{{{NS}}}[$__rate_interval]))', "{{destination}}")], "ops",
       desc="Failed after every retry; dead-lettered with reason delivery_failed.")
+panel("Changes sent / s by destination", [(f'sum by (destination) (rate(cdp_delivery_sent_total{{{NS}}}[$__rate_interval]))', "{{destination}}")], "ops",
+      desc="Audience changes a destination accepted.")
+panel("Retries / s by destination", [(f'sum by (destination) (rate(cdp_delivery_retries_total{{{NS}}}[$__rate_interval]))', "{{destination}}")], "ops",
+      desc="Attempts retried after a 5xx, 429 (Retry-After honoured) or network error.")
+panel("In flight by destination", [(f'sum by (destination) (cdp_delivery_in_flight{{{NS}}})', "{{destination}}")], "short",
+      desc="Changes handed to a destination and not yet settled.")
+panel("p99 lag from emitted_at by destination", [(f'histogram_quantile(0.99, sum by (le, destination) (rate(cdp_delivery_lag_seconds_bucket{{{NS}}}[$__rate_interval])))', "{{destination}}")], "s",
+      desc="Change computed (emitted_at) to accepted by the destination.")
 panel("p99 latency by destination", [(f'histogram_quantile(0.99, sum by (destination, le) (rate(cdp_end_to_end_latency_seconds_bucket{{{NS}}}[$__rate_interval])))', "{{destination}}")], "s")
 endrow()
 row("Collector")

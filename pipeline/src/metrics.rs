@@ -133,6 +133,24 @@ counter!(
     ["destination"]
 );
 counter!(
+    DELIVERIES_SENT,
+    "cdp_delivery_sent_total",
+    "Audience changes a destination accepted",
+    ["destination"]
+);
+counter!(
+    DELIVERY_RETRIES,
+    "cdp_delivery_retries_total",
+    "Retried delivery attempts (5xx, 429, network errors)",
+    ["destination"]
+);
+gauge!(
+    DELIVERY_IN_FLIGHT,
+    "cdp_delivery_in_flight",
+    "Audience changes handed to a destination and not yet settled",
+    ["destination"]
+);
+counter!(
     IDENTITY_DROPPED_IDENTIFIERS,
     "cdp_identity_dropped_identifiers_total",
     "Identifiers identity refused, by type and rule (blocked_value, blocked_pattern, invalid_type, limit, max_merges)",
@@ -233,6 +251,13 @@ histogram!(
     END_TO_END_SECONDS,
     "cdp_end_to_end_latency_seconds",
     "Event time to audience change delivery",
+    ["destination"],
+    LATENCY_BUCKETS.to_vec()
+);
+histogram!(
+    DELIVERY_LAG_SECONDS,
+    "cdp_delivery_lag_seconds",
+    "Audience change emitted_at to accepted by the destination",
     ["destination"],
     LATENCY_BUCKETS.to_vec()
 );

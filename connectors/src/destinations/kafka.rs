@@ -5,14 +5,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cdp_pipeline::{metrics, Sink, SinkRecord};
+use cdp_pipeline::{Sink, SinkRecord};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use super::{observe_end_to_end, KAFKA_DELIVERY_ID_HEADER};
+use super::telemetry::DeliveryTelemetry;
+use super::KAFKA_DELIVERY_ID_HEADER;
 use crate::avro::AvroCodec;
 
 /// Produces each record (key and value) to a topic and waits for the acks.
@@ -23,6 +24,7 @@ pub struct KafkaSink {
     topic: String,
     /// `Some`: values are re-encoded as Avro before they are produced.
     avro: Option<Arc<AvroCodec>>,
+    telemetry: DeliveryTelemetry,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -42,6 +44,7 @@ impl KafkaSink {
             producer,
             topic,
             avro: None,
+            telemetry: DeliveryTelemetry::new(id),
         }
     }
 
@@ -59,7 +62,9 @@ impl Sink for KafkaSink {
 
     fn deliver(&self, records: Vec<SinkRecord>) -> BoxFuture<'static, Vec<Result<(), String>>> {
         let this = self.clone();
+        let in_flight = this.telemetry.in_flight(records.len() as i64);
         async move {
+            let _in_flight = in_flight;
             // Enqueue in batch order (the idempotent producer keeps that order
             // per partition), then await every ack.
             // A change that cannot be encoded fails alone (dead letter).
@@ -78,9 +83,7 @@ impl Sink for KafkaSink {
                 let Ok(payload) = payload else {
                     continue;
                 };
-                metrics::DELIVERY_ATTEMPTS
-                    .with_label_values(&[&this.id])
-                    .inc();
+                this.telemetry.attempt(1);
                 let headers = OwnedHeaders::new().insert(Header {
                     key: KAFKA_DELIVERY_ID_HEADER,
                     value: Some(r.delivery_id.as_bytes()),
@@ -107,10 +110,8 @@ impl Sink for KafkaSink {
                     },
                 };
                 match &result {
-                    Ok(()) => observe_end_to_end(&this.id, &r.value),
-                    Err(_) => metrics::DELIVERY_FAILURES
-                        .with_label_values(&[&this.id])
-                        .inc(),
+                    Ok(()) => this.telemetry.delivered(&r.value),
+                    Err(_) => this.telemetry.dead_lettered(1),
                 }
                 results.push(result);
             }

@@ -25,8 +25,11 @@
 //! - [`StdoutSink`] prints each change as one JSON line (for `cdp dev`).
 
 mod config;
+mod http;
 mod kafka;
+mod segment;
 mod stdout;
+mod telemetry;
 mod webhook;
 
 #[cfg(test)]
@@ -35,13 +38,13 @@ mod testing;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cdp_pipeline::{metrics, ClientFactory, Sink, Span};
-use serde::Deserialize;
+use cdp_pipeline::{ClientFactory, Sink, Span};
 
 pub use config::{check, DestinationConfig, DestinationError, DestinationKind};
 
 use crate::avro::{avro_codec, AvroSetupError, Format};
 pub use kafka::KafkaSink;
+pub use segment::SegmentSink;
 pub use stdout::StdoutSink;
 pub use webhook::WebhookSink;
 
@@ -109,7 +112,35 @@ pub fn build_sink(
                 }
             }
         }
-        DestinationKind::Segment => Err(missing("segment")),
+        DestinationKind::Segment => {
+            let url = dest.url.clone().ok_or_else(|| missing("url"))?;
+            let var = dest
+                .write_key_env
+                .clone()
+                .ok_or_else(|| missing("write_key_env"))?;
+            let write_key = std::env::var(&var).map_err(|_| DestinationError::MissingSecret {
+                id: dest.id.clone(),
+                field: "write_key_env",
+                var,
+            })?;
+            let mut sink = SegmentSink::new(
+                &dest.id,
+                &url,
+                write_key,
+                dest.timeout.unwrap_or(DEFAULT_TIMEOUT).to_std(),
+                dest.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+                dest.batch_size.unwrap_or(segment::DEFAULT_BATCH_SIZE),
+            )?
+            .with_batch_deadline(
+                dest.batch_deadline
+                    .unwrap_or(DEFAULT_BATCH_DEADLINE)
+                    .to_std(),
+            );
+            if let Some(n) = dest.max_per_second {
+                sink = sink.with_rate_limit(n);
+            }
+            Ok(Arc::new(sink))
+        }
         DestinationKind::Webhook => {
             let url = dest.url.clone().ok_or_else(|| missing("url"))?;
             let secret = match &dest.secret_env {
@@ -124,7 +155,7 @@ pub fn build_sink(
                         .into_bytes(),
                 ),
             };
-            let sink = WebhookSink::new(
+            let mut sink = WebhookSink::new(
                 &dest.id,
                 &url,
                 secret,
@@ -136,31 +167,12 @@ pub fn build_sink(
                     .unwrap_or(DEFAULT_BATCH_DEADLINE)
                     .to_std(),
             );
+            if let Some(n) = dest.max_per_second {
+                sink = sink.with_rate_limit(n);
+            }
             Ok(Arc::new(sink))
         }
     }
-}
-
-/// Observe event time → delivery for one delivered record, if the record
-/// is an audience change with a parsable `event_time`.
-fn observe_end_to_end(destination: &str, value: &[u8]) {
-    #[derive(Deserialize)]
-    struct EventTime {
-        event_time: Option<String>,
-    }
-    let Ok(EventTime {
-        event_time: Some(t),
-    }) = serde_json::from_slice::<EventTime>(value)
-    else {
-        return;
-    };
-    let Ok(at) = chrono::DateTime::parse_from_rfc3339(&t) else {
-        return;
-    };
-    let elapsed_ms = chrono::Utc::now().timestamp_millis() - at.timestamp_millis();
-    metrics::END_TO_END_SECONDS
-        .with_label_values(&[destination])
-        .observe(elapsed_ms.max(0) as f64 / 1000.0);
 }
 
 #[cfg(test)]

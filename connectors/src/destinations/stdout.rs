@@ -2,22 +2,26 @@
 
 use std::io::Write;
 
-use cdp_pipeline::{metrics, Sink, SinkRecord};
+use cdp_pipeline::{Sink, SinkRecord};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use super::observe_end_to_end;
+use super::telemetry::DeliveryTelemetry;
 
 /// Prints each record's value as one JSON line on stdout. Never fails: a
 /// closed stdout is logged, not dead-lettered.
 #[derive(Debug, Clone)]
 pub struct StdoutSink {
     id: String,
+    telemetry: DeliveryTelemetry,
 }
 
 impl StdoutSink {
     pub fn new(id: &str) -> Self {
-        StdoutSink { id: id.to_string() }
+        StdoutSink {
+            id: id.to_string(),
+            telemetry: DeliveryTelemetry::new(id),
+        }
     }
 
     fn write_all(&self, records: &[SinkRecord]) -> std::io::Result<()> {
@@ -50,14 +54,12 @@ impl Sink for StdoutSink {
     }
 
     fn deliver(&self, records: Vec<SinkRecord>) -> BoxFuture<'static, Vec<Result<(), String>>> {
-        metrics::DELIVERY_ATTEMPTS
-            .with_label_values(&[&self.id])
-            .inc_by(records.len() as u64);
+        self.telemetry.attempt(records.len() as u64);
         if let Err(error) = self.write_all(&records) {
             tracing::warn!(destination = %self.id, %error, "cannot write to stdout");
         }
         for r in &records {
-            observe_end_to_end(&self.id, &r.value);
+            self.telemetry.delivered(&r.value);
         }
         futures::future::ready(records.iter().map(|_| Ok(())).collect()).boxed()
     }

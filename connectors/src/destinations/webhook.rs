@@ -6,16 +6,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cdp_pipeline::{metrics, Sink, SinkRecord};
+use cdp_pipeline::{Sink, SinkRecord};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::config::check_url;
+use super::http::{classify, with_retries, Attempt, RateLimiter, RetryPolicy};
+use super::telemetry::DeliveryTelemetry;
 use super::{
-    observe_end_to_end, DestinationError, BASE_BACKOFF, DEFAULT_BATCH_DEADLINE, DELIVERY_ID_HEADER,
-    KEY_CONCURRENCY, MAX_BACKOFF, SIGNATURE_HEADER,
+    DestinationError, BASE_BACKOFF, DEFAULT_BATCH_DEADLINE, DELIVERY_ID_HEADER, KEY_CONCURRENCY,
+    SIGNATURE_HEADER,
 };
 
 /// POSTs each record's value to a URL; see the module docs for retries,
@@ -34,6 +36,8 @@ struct WebhookInner {
     max_attempts: u32,
     base_backoff: Duration,
     batch_deadline: Duration,
+    limiter: Option<Arc<RateLimiter>>,
+    telemetry: DeliveryTelemetry,
 }
 
 impl std::fmt::Debug for WebhookSink {
@@ -46,17 +50,6 @@ impl std::fmt::Debug for WebhookSink {
             .field("max_attempts", &self.inner.max_attempts)
             .finish()
     }
-}
-
-/// How one attempt ended.
-enum Attempt {
-    Delivered,
-    /// Worth another try, after at least this long (a `Retry-After`).
-    Retry {
-        reason: String,
-        after: Option<Duration>,
-    },
-    Fatal(String),
 }
 
 impl WebhookSink {
@@ -94,6 +87,8 @@ impl WebhookSink {
                 max_attempts: max_attempts.max(1),
                 base_backoff: BASE_BACKOFF,
                 batch_deadline: DEFAULT_BATCH_DEADLINE.to_std(),
+                limiter: None,
+                telemetry: DeliveryTelemetry::new(id),
             }),
         })
     }
@@ -102,6 +97,15 @@ impl WebhookSink {
     pub fn with_batch_deadline(self, deadline: Duration) -> Self {
         let mut inner = (*self.inner).clone();
         inner.batch_deadline = deadline;
+        WebhookSink {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Deliver at most `per_second` changes a second.
+    pub fn with_rate_limit(self, per_second: u32) -> Self {
+        let mut inner = (*self.inner).clone();
+        inner.limiter = Some(Arc::new(RateLimiter::new(per_second)));
         WebhookSink {
             inner: Arc::new(inner),
         }
@@ -140,33 +144,7 @@ impl WebhookInner {
         if let Some(sig) = signature {
             request = request.header(SIGNATURE_HEADER, sig);
         }
-        match request.send().await {
-            Err(e) => Attempt::Retry {
-                reason: format!("request failed: {e}"),
-                after: None,
-            },
-            Ok(response) => {
-                let status = response.status();
-                if status.is_success() {
-                    Attempt::Delivered
-                } else if status.is_server_error()
-                    || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-                {
-                    let after = response
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
-                    Attempt::Retry {
-                        reason: format!("HTTP {status}"),
-                        after,
-                    }
-                } else {
-                    Attempt::Fatal(format!("HTTP {status}"))
-                }
-            }
-        }
+        classify(request.send().await)
     }
 
     /// Deliver one record with bounded retries.
@@ -176,9 +154,7 @@ impl WebhookInner {
         endpoint_down: &AtomicBool,
     ) -> Result<(), String> {
         if endpoint_down.load(Ordering::Relaxed) {
-            metrics::DELIVERY_FAILURES
-                .with_label_values(&[&self.id])
-                .inc();
+            self.telemetry.dead_lettered(1);
             return Err("skipped: an earlier record of this batch gave up on the endpoint".into());
         }
         let signature = if self.secret.is_some() {
@@ -189,42 +165,24 @@ impl WebhookInner {
         } else {
             None
         };
-        let mut backoff = self.base_backoff;
-        let mut last = String::new();
-        for attempt in 1..=self.max_attempts {
-            metrics::DELIVERY_ATTEMPTS
-                .with_label_values(&[&self.id])
-                .inc();
-            match self.attempt(record, signature.as_deref()).await {
-                Attempt::Delivered => {
-                    observe_end_to_end(&self.id, &record.value);
-                    return Ok(());
+        let policy = RetryPolicy {
+            max_attempts: self.max_attempts,
+            base_backoff: self.base_backoff,
+        };
+        let result = with_retries(policy, &self.telemetry, self.limiter.as_deref(), 1, || {
+            self.attempt(record, signature.as_deref())
+        })
+        .await;
+        match &result {
+            Ok(()) => self.telemetry.delivered(&record.value),
+            Err(reason) => {
+                if reason.starts_with("gave up") {
+                    endpoint_down.store(true, Ordering::Relaxed);
                 }
-                Attempt::Fatal(reason) => {
-                    metrics::DELIVERY_FAILURES
-                        .with_label_values(&[&self.id])
-                        .inc();
-                    return Err(reason);
-                }
-                Attempt::Retry { reason, after } => {
-                    tracing::debug!(destination = %self.id, delivery_id = %record.delivery_id, attempt, %reason, "webhook attempt failed");
-                    last = reason;
-                    if attempt < self.max_attempts {
-                        let wait = after.map_or(backoff, |a| a.max(backoff)).min(MAX_BACKOFF);
-                        tokio::time::sleep(wait).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
+                self.telemetry.dead_lettered(1);
             }
         }
-        endpoint_down.store(true, Ordering::Relaxed);
-        metrics::DELIVERY_FAILURES
-            .with_label_values(&[&self.id])
-            .inc();
-        Err(format!(
-            "gave up after {} attempts: {last}",
-            self.max_attempts
-        ))
+        result
     }
 }
 
@@ -235,7 +193,9 @@ impl Sink for WebhookSink {
 
     fn deliver(&self, records: Vec<SinkRecord>) -> BoxFuture<'static, Vec<Result<(), String>>> {
         let inner = self.inner.clone();
+        let in_flight = inner.telemetry.in_flight(records.len() as i64);
         async move {
+            let _in_flight = in_flight;
             // Group by key, keeping batch order within a key: one profile's
             // changes arrive in order, different profiles in parallel.
             let mut groups: BTreeMap<Option<Vec<u8>>, Vec<usize>> = BTreeMap::new();
@@ -260,9 +220,7 @@ impl Sink for WebhookSink {
                                 {
                                     Ok(result) => result,
                                     Err(_) => {
-                                        metrics::DELIVERY_FAILURES
-                                            .with_label_values(&[&inner.id])
-                                            .inc();
+                                        inner.telemetry.dead_lettered(1);
                                         Err(format!(
                                             "batch deadline of {} ms passed",
                                             inner.batch_deadline.as_millis()

@@ -1,0 +1,347 @@
+//! The `segment` destination: for each audience change, the two calls
+//! Segment Engage sends when a profile enters or leaves an audience, to any
+//! Segment-compatible `/v1/batch` (Segment, RudderStack, cdp's own
+//! collector), so the destinations of those catalogs can take them.
+//!
+//! - `identify` with the audience as a boolean trait (`{"<audience>":
+//!   true}` on entry, `false` on exit);
+//! - `track` `"Audience Entered"` / `"Audience Exited"` with properties
+//!   `{"audience_key": "<audience>", "<audience>": true|false}`.
+//!
+//! Both carry `userId` (the profile's first `user_id`) and `anonymousId`
+//! (its first `anonymous_id`; the profile id when it has neither), the
+//! change's `event_time` as `timestamp`, Engage's `context.personas`
+//! (`computation_class: audience`, `computation_key: <audience>`), and a
+//! `messageId` derived from the runtime's delivery id, so a retried or
+//! replayed change is the same message and the receiver dedupes it.
+//!
+//! Calls are batched: the changes of one profile go, in order, in one lane
+//! of requests of up to `batch_size` calls (a change's two calls are never
+//! split); lanes run concurrently. Retries, backoff, `Retry-After`, the
+//! rate limit, the batch deadline and "skip the rest once the endpoint gave
+//! up" are the webhook's ([`super::http`]). A request that fails for good
+//! dead-letters every change in it.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdp_operators::messages::{AudienceAction, AudienceChange};
+use cdp_pipeline::{Sink, SinkRecord};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::config::check_url;
+use super::http::{classify, with_retries, RateLimiter, RetryPolicy};
+use super::telemetry::DeliveryTelemetry;
+use super::{DestinationError, BASE_BACKOFF, DEFAULT_BATCH_DEADLINE, KEY_CONCURRENCY};
+
+/// Calls per request when `batch_size` is not set.
+pub const DEFAULT_BATCH_SIZE: u32 = 100;
+
+/// The Segment calls of one change: `identify`, then `track`.
+pub fn calls(change: &AudienceChange, delivery_id: &str) -> [Value; 2] {
+    let entered = change.action == AudienceAction::Entered;
+    let audience = change.audience.as_str();
+    let first = |kind: &str| {
+        change
+            .identifiers
+            .get(kind)
+            .and_then(|v| v.first())
+            .cloned()
+    };
+    let user_id = first("user_id");
+    let anonymous_id =
+        first("anonymous_id").or_else(|| user_id.is_none().then(|| change.profile_id.clone()));
+    let mut traits = serde_json::Map::new();
+    traits.insert(audience.to_string(), Value::Bool(entered));
+    if let Some(email) = first("email") {
+        traits.insert("email".into(), Value::String(email));
+    }
+    let context = json!({
+        "personas": {
+            "computation_class": "audience",
+            "computation_key": audience,
+            "computation_id": audience,
+        },
+        "library": {"name": "cdp", "version": env!("CARGO_PKG_VERSION")},
+    });
+    let id = message_id(delivery_id);
+    let mut identify = json!({
+        "type": "identify",
+        "messageId": format!("{id}-identify"),
+        "timestamp": change.event_time,
+        "traits": traits,
+        "context": context,
+    });
+    let mut track = json!({
+        "type": "track",
+        "event": if entered { "Audience Entered" } else { "Audience Exited" },
+        "messageId": format!("{id}-track"),
+        "timestamp": change.event_time,
+        "properties": {"audience_key": audience, audience: entered},
+        "context": context,
+    });
+    for call in [&mut identify, &mut track] {
+        if let Some(u) = &user_id {
+            call["userId"] = Value::String(u.clone());
+        }
+        if let Some(a) = &anonymous_id {
+            call["anonymousId"] = Value::String(a.clone());
+        }
+    }
+    [identify, track]
+}
+
+/// A stable `messageId` stem from the delivery id (which replays keep).
+fn message_id(delivery_id: &str) -> String {
+    let digest = Sha256::digest(delivery_id.as_bytes());
+    format!("cdp-{}", hex::encode(&digest[..16]))
+}
+
+/// Sends each change as Engage's `identify` + `track` to `<url>/v1/batch`.
+#[derive(Clone)]
+pub struct SegmentSink {
+    inner: Arc<SegmentInner>,
+}
+
+#[derive(Clone)]
+struct SegmentInner {
+    id: String,
+    endpoint: reqwest::Url,
+    client: reqwest::Client,
+    write_key: String,
+    /// Changes per request (two calls each).
+    changes_per_request: usize,
+    policy: RetryPolicy,
+    batch_deadline: Duration,
+    limiter: Option<Arc<RateLimiter>>,
+    telemetry: DeliveryTelemetry,
+}
+
+impl std::fmt::Debug for SegmentSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The write key stays out of logs.
+        f.debug_struct("SegmentSink")
+            .field("id", &self.inner.id)
+            .field("endpoint", &self.inner.endpoint.as_str())
+            .field("changes_per_request", &self.inner.changes_per_request)
+            .finish()
+    }
+}
+
+/// One change ready to send: its index in the batch, its calls, its value.
+struct Prepared {
+    index: usize,
+    calls: [Value; 2],
+}
+
+impl SegmentSink {
+    /// `url` is the API's base (`https://api.segment.io`); calls go to
+    /// `<url>/v1/batch`.
+    pub fn new(
+        id: &str,
+        url: &str,
+        write_key: String,
+        timeout: Duration,
+        max_attempts: u32,
+        batch_size: u32,
+    ) -> Result<Self, DestinationError> {
+        let invalid = |reason: String| DestinationError::InvalidUrl {
+            id: id.to_string(),
+            url: url.to_string(),
+            reason,
+        };
+        check_url(url).map_err(invalid)?;
+        let base = reqwest::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        let mut endpoint = base.clone();
+        endpoint
+            .path_segments_mut()
+            .map_err(|()| invalid("cannot be a base".into()))?
+            .pop_if_empty()
+            .extend(["v1", "batch"]);
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|source| DestinationError::HttpClient {
+                id: id.to_string(),
+                source,
+            })?;
+        Ok(SegmentSink {
+            inner: Arc::new(SegmentInner {
+                id: id.to_string(),
+                endpoint,
+                client,
+                write_key,
+                changes_per_request: (batch_size.max(2) / 2) as usize,
+                policy: RetryPolicy {
+                    max_attempts: max_attempts.max(1),
+                    base_backoff: BASE_BACKOFF,
+                },
+                batch_deadline: DEFAULT_BATCH_DEADLINE.to_std(),
+                limiter: None,
+                telemetry: DeliveryTelemetry::new(id),
+            }),
+        })
+    }
+
+    fn with(self, change: impl FnOnce(&mut SegmentInner)) -> Self {
+        let mut inner = (*self.inner).clone();
+        change(&mut inner);
+        SegmentSink {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Bound the time one batch may take (default 60 s).
+    pub fn with_batch_deadline(self, deadline: Duration) -> Self {
+        self.with(|i| i.batch_deadline = deadline)
+    }
+
+    /// Change the first retry delay (doubled per attempt, default 100 ms).
+    pub fn with_backoff(self, base: Duration) -> Self {
+        self.with(|i| i.policy.base_backoff = base)
+    }
+
+    /// Deliver at most `per_second` changes a second.
+    pub fn with_rate_limit(self, per_second: u32) -> Self {
+        self.with(|i| i.limiter = Some(Arc::new(RateLimiter::new(per_second))))
+    }
+}
+
+impl SegmentInner {
+    /// Send one request of changes with retries.
+    async fn send(&self, chunk: &[Prepared]) -> Result<(), String> {
+        let batch: Vec<&Value> = chunk.iter().flat_map(|p| p.calls.iter()).collect();
+        let body = serde_json::to_vec(&json!({
+            "batch": batch,
+            "sentAt": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        }))
+        .map_err(|e| format!("cannot encode the batch: {e}"))?;
+        let n = chunk.len() as u32;
+        with_retries(
+            self.policy,
+            &self.telemetry,
+            self.limiter.as_deref(),
+            n,
+            || {
+                let request = self
+                    .client
+                    .post(self.endpoint.clone())
+                    .basic_auth(&self.write_key, Some(""))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone());
+                async move { classify(request.send().await) }
+            },
+        )
+        .await
+    }
+
+    /// One lane: its changes in order, request after request.
+    async fn run_lane(
+        &self,
+        lane: Vec<Prepared>,
+        records: &[SinkRecord],
+        endpoint_down: &AtomicBool,
+        deadline: tokio::time::Instant,
+    ) -> Vec<(usize, Result<(), String>)> {
+        let mut out = Vec::with_capacity(lane.len());
+        for chunk in lane.chunks(self.changes_per_request.max(1)) {
+            let result = if endpoint_down.load(Ordering::Relaxed) {
+                Err("skipped: an earlier request of this batch gave up on the endpoint".into())
+            } else {
+                match tokio::time::timeout_at(deadline, self.send(chunk)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(format!(
+                        "batch deadline of {} ms passed",
+                        self.batch_deadline.as_millis()
+                    )),
+                }
+            };
+            match &result {
+                Ok(()) => {
+                    for p in chunk {
+                        if let Some(r) = records.get(p.index) {
+                            self.telemetry.delivered(&r.value);
+                        }
+                    }
+                }
+                Err(reason) => {
+                    if reason.starts_with("gave up") {
+                        endpoint_down.store(true, Ordering::Relaxed);
+                    }
+                    self.telemetry.dead_lettered(chunk.len() as u64);
+                }
+            }
+            out.extend(chunk.iter().map(|p| (p.index, result.clone())));
+        }
+        out
+    }
+}
+
+/// The lane of a key: one profile's changes always share one.
+fn lane_of(key: Option<&[u8]>) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % KEY_CONCURRENCY as u64) as usize
+}
+
+impl Sink for SegmentSink {
+    fn name(&self) -> &str {
+        &self.inner.id
+    }
+
+    fn deliver(&self, records: Vec<SinkRecord>) -> BoxFuture<'static, Vec<Result<(), String>>> {
+        let inner = self.inner.clone();
+        let in_flight = inner.telemetry.in_flight(records.len() as i64);
+        async move {
+            let _in_flight = in_flight;
+            let mut results: Vec<Result<(), String>> =
+                vec![Err("not delivered".to_string()); records.len()];
+            let mut lanes: BTreeMap<usize, Vec<Prepared>> = BTreeMap::new();
+            for (index, r) in records.iter().enumerate() {
+                match serde_json::from_slice::<AudienceChange>(&r.value) {
+                    Ok(change) => {
+                        lanes
+                            .entry(lane_of(r.key.as_deref()))
+                            .or_default()
+                            .push(Prepared {
+                                index,
+                                calls: calls(&change, &r.delivery_id),
+                            })
+                    }
+                    Err(e) => {
+                        inner.telemetry.dead_lettered(1);
+                        results[index] = Err(format!("not an audience change: {e}"));
+                    }
+                }
+            }
+            let records = &records;
+            let inner = &inner;
+            let endpoint_down = &AtomicBool::new(false);
+            let deadline = tokio::time::Instant::now() + inner.batch_deadline;
+            let done: Vec<Vec<(usize, Result<(), String>)>> =
+                futures::stream::iter(lanes.into_values())
+                    .map(|lane| inner.run_lane(lane, records, endpoint_down, deadline))
+                    .buffer_unordered(KEY_CONCURRENCY)
+                    .collect()
+                    .await;
+            for (i, result) in done.into_iter().flatten() {
+                if let Some(slot) = results.get_mut(i) {
+                    *slot = result;
+                }
+            }
+            results
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests;
