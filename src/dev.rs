@@ -24,6 +24,9 @@ pub struct DevOptions {
     pub state_dir: Option<PathBuf>,
     /// Add a stdout destination for every audience.
     pub stdout: bool,
+    /// Use this broker (its topics already made) instead of an embedded
+    /// one: tests that restart the chain on the same broker.
+    pub brokers: Option<String>,
 }
 
 /// A running `cdp dev`.
@@ -37,7 +40,7 @@ pub struct Dev {
     servers: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
     _state: Option<tempfile::TempDir>,
     // Dropped last: the stages talk to it until they stop.
-    _broker: MockCluster<'static, DefaultProducerContext>,
+    _broker: Option<MockCluster<'static, DefaultProducerContext>>,
 }
 
 /// Make a config ready for the embedded broker.
@@ -76,8 +79,15 @@ impl Dev {
             Some(path) => Config::load(path)?,
             None => Config::from_yaml(crate::config::DEMO_CONFIG)?,
         };
-        let broker = MockCluster::new(1).context("starting the embedded broker")?;
-        let bootstrap = broker.bootstrap_servers();
+        let broker = match &opts.brokers {
+            Some(_) => None,
+            None => Some(MockCluster::new(1).context("starting the embedded broker")?),
+        };
+        let bootstrap = match (&broker, &opts.brokers) {
+            (Some(b), _) => b.bootstrap_servers(),
+            (None, Some(external)) => external.clone(),
+            (None, None) => anyhow::bail!("no broker"),
+        };
         let (state, state_dir) = match &opts.state_dir {
             Some(d) => (None, d.display().to_string()),
             None => {
@@ -89,10 +99,12 @@ impl Dev {
         let config = dev_config(config, &bootstrap, &state_dir, opts.stdout);
         let compiled: Compiled = config.compile()?;
         let factory = ClientFactory::new(compiled.config.kafka.clone())?;
-        for spec in factory.topic_specs(&Stage::changelogs(factory.config().partitions)) {
-            broker
-                .create_topic(&spec.name, spec.partitions, 1)
-                .with_context(|| format!("creating topic {}", spec.name))?;
+        if let Some(broker) = &broker {
+            for spec in factory.topic_specs(&Stage::changelogs(factory.config().partitions)) {
+                broker
+                    .create_topic(&spec.name, spec.partitions, 1)
+                    .with_context(|| format!("creating topic {}", spec.name))?;
+            }
         }
         let shutdown = Shutdown::default();
         let health = Health::default();
@@ -142,6 +154,7 @@ impl Dev {
             admin: None,
             state_dir: None,
             stdout: false,
+            brokers: None,
         })
         .await?;
         dev.wait_ready(std::time::Duration::from_secs(60)).await?;

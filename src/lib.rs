@@ -2,6 +2,7 @@
 //! Split from `main.rs` so the end-to-end tests can drive the same code.
 
 pub mod config;
+pub mod dead_letters;
 pub mod demo;
 pub mod dev;
 pub mod loadgen;

@@ -71,6 +71,11 @@ enum Command {
     Audiences(Common),
     /// Destinations: audiences → webhooks, topics, stdout.
     Deliver(Common),
+    /// Dead letters (`<prefix>.invalid`): list them, replay them.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLettersCommand,
+    },
     /// Topic administration.
     Topics {
         #[command(subcommand)]
@@ -109,6 +114,53 @@ enum TopicsCommand {
     /// Check that every topic exists (with the config's credentials);
     /// exits non-zero naming the missing ones. Creates nothing.
     Check(Common),
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// One line per dead letter (id `partition@offset`, stage, reason,
+    /// whether replayed, detail), then counts by stage and reason.
+    List {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        selection: SelectionArgs,
+    },
+    /// Put the selected dead letters back into their stage's input, without
+    /// the stale `cdp-*` headers, each once (see docs/OPERATIONS.md).
+    Replay {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        selection: SelectionArgs,
+        /// Print what would be replayed, replay nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args)]
+struct SelectionArgs {
+    /// Only dead letters of this stage (validate, identity, traits,
+    /// audiences, deliver).
+    #[arg(long)]
+    stage: Option<String>,
+    /// Only dead letters with this reason (e.g. plan_violation).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only these dead letters, by id `partition@offset` (repeatable).
+    #[arg(long = "id")]
+    ids: Vec<String>,
+}
+
+impl SelectionArgs {
+    fn selection(&self) -> cdp::dead_letters::Selection {
+        cdp::dead_letters::Selection {
+            stage: self.stage.clone(),
+            reason: self.reason.clone(),
+            ids: self.ids.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -239,6 +291,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 admin: Some(admin_listen),
                 state_dir,
                 stdout: true,
+                brokers: None,
             })
             .await?;
             dev.shutdown.trigger_on_signals();
@@ -277,6 +330,52 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Traits(c) => run_stage(Stage::Traits, c).await,
         Command::Audiences(c) => run_stage(Stage::Audiences, c).await,
         Command::Deliver(c) => run_stage(Stage::Deliver, c).await,
+        Command::DeadLetters {
+            command: DeadLettersCommand::List { common, selection },
+        } => {
+            let compiled = common.load()?;
+            let factory = ClientFactory::new(compiled.config.kafka.clone())?;
+            let selection = selection.selection();
+            let text = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+                let letters: Vec<_> = cdp::dead_letters::read(&factory)?
+                    .into_iter()
+                    .filter(|d| selection.matches(d))
+                    .collect();
+                let replayed = cdp::dead_letters::replayed(&factory)?;
+                Ok(cdp::dead_letters::render_list(&letters, &replayed))
+            })
+            .await??;
+            print!("{text}");
+            Ok(())
+        }
+        Command::DeadLetters {
+            command:
+                DeadLettersCommand::Replay {
+                    common,
+                    selection,
+                    dry_run,
+                },
+        } => {
+            let selection = selection.selection();
+            if selection.stage.is_none() && selection.ids.is_empty() {
+                anyhow::bail!("name the dead letters to replay: --stage and/or --id");
+            }
+            let compiled = common.load()?;
+            let factory = ClientFactory::new(compiled.config.kafka.clone())?;
+            let report = cdp::dead_letters::replay(&factory, &selection, dry_run).await?;
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            println!(
+                "{verb} {}: {}",
+                report.replayed.len(),
+                report.replayed.join(" ")
+            );
+            println!(
+                "already replayed {}: {}",
+                report.already_replayed.len(),
+                report.already_replayed.join(" ")
+            );
+            Ok(())
+        }
         Command::Topics {
             command: TopicsCommand::Create(c),
         } => {

@@ -176,6 +176,7 @@ async fn cdp_dev_restarted_on_the_same_state_dir_delivers_new_visitors() -> Test
             admin: None,
             state_dir: Some(state.path().to_path_buf()),
             stdout: false,
+            brokers: None,
         })
     };
     let client = reqwest::Client::new();

@@ -117,6 +117,7 @@ async fn fastavro_decodes_the_avro_topics_to_the_same_changes_as_json() -> TestR
         admin: None,
         state_dir: None,
         stdout: false,
+        brokers: None,
     })
     .await?;
     let result = decode_and_compare(&dev, &python, &json_topic, &wire_topic).await;
