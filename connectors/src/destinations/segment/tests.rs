@@ -31,7 +31,7 @@ fn change(key: &str, n: u32, action: AudienceAction) -> AudienceChange {
 }
 
 fn record(key: &str, n: u32) -> SinkRecord {
-    let action = if n % 2 == 0 {
+    let action = if n.is_multiple_of(2) {
         AudienceAction::Exited
     } else {
         AudienceAction::Entered
