@@ -547,11 +547,14 @@ audiences:
         - {sequence: [{event: Product Viewed, where: [{property: properties.sku, eq: a}]},
                       {event: Order Completed}], within: 1d}
   empty_all: {where: {all: []}}
+audience_changes: {format: avro, schema_registry: "http://registry:8081"}
 destinations:
   - {id: hook, type: webhook, url: "https://example.com/hook", secret_env: HOOK_SECRET,
-     audiences: [vip], timeout: 5s, max_attempts: 3}
-  - {id: topic, type: kafka, topic: shop.vip}
+     audiences: [vip], timeout: 5s, max_attempts: 3, max_per_second: 50}
+  - {id: topic, type: kafka, topic: shop.vip, format: avro, schema_registry: "http://registry:8081"}
   - {id: log, type: stdout}
+  - {id: engage, type: segment, url: "https://api.segment.io", write_key_env: SEGMENT_WRITE_KEY,
+     batch_size: 200, batch_deadline: 30s, max_per_second: 100}
 "#;
 
     fn schema_validator() -> Result<jsonschema::Validator, Box<dyn std::error::Error>> {
@@ -606,7 +609,7 @@ destinations:
         }
         let c = Config::from_yaml(FULL_CONFIG)?;
         assert_eq!(c.traits.len(), 6, "every trait type");
-        assert_eq!(c.destinations.len(), 3, "every destination type");
+        assert_eq!(c.destinations.len(), 4, "every destination type");
         Ok(())
     }
 
