@@ -288,18 +288,12 @@ impl ProfileStage for AudiencesOperator {
                 announced,
             } => self.on_merged(ctx, from, into, identifiers, cause, announced),
             ProfileUpdate::Transfer {
-                stage,
                 from,
                 into,
                 state,
                 cause,
                 ..
-            } => {
-                if stage != STAGE {
-                    return Ok(());
-                }
-                self.on_transfer(ctx, from, into, state, cause)
-            }
+            } => self.on_transfer(ctx, from, into, state, cause),
         }
     }
 

@@ -175,7 +175,11 @@ pub(crate) fn dispatch<S: ProfileStage>(
             into,
             announced,
         } => {
-            if name != S::STAGE || !announced || redirect_of(ctx, into)?.is_some() {
+            if name != S::STAGE {
+                // Another stage's transfer on a shared topic: not ours.
+                return Ok(());
+            }
+            if !announced || redirect_of(ctx, into)?.is_some() {
                 return stage.handle(ctx, input, record_time, false);
             }
             let (from, into) = (from.to_owned(), into.to_owned());

@@ -316,18 +316,12 @@ impl ProfileStage for TraitsOperator {
                 announced,
             } => self.on_merged(ctx, from, into, identifiers, cause, announced),
             ProfileRecord::Transfer {
-                stage,
                 from,
                 into,
                 state,
                 cause,
                 ..
-            } => {
-                if stage != STAGE {
-                    return Ok(());
-                }
-                self.on_transfer(ctx, from, into, state, cause)
-            }
+            } => self.on_transfer(ctx, from, into, state, cause),
         }
     }
 
