@@ -663,3 +663,46 @@ fn a_zombie_paused_past_its_session_changes_nothing_downstream() -> TestResult {
     );
     Ok(())
 }
+
+/// tansu 0.6 lists a partition's end as the base offset of its newest record
+/// batch plus one, so a stage whose committed offset lies inside that batch
+/// once took it for lost broker data and read its input from the beginning
+/// (the kill -9 test above failed that way in CI). The check a stage makes
+/// before believing such an end must see the records that are there.
+#[test]
+fn an_offset_inside_the_newest_record_batch_is_not_taken_for_lost_data() -> TestResult {
+    use rdkafka::producer::FutureRecord;
+    let Some(brokers) = brokers() else {
+        return Ok(());
+    };
+    let p = Pipeline::new(&brokers)?;
+    let topic = p.factory.topics().raw();
+    let producer = p.factory.producer()?;
+    // Eight records sent together leave in one batch.
+    let sent: Vec<_> = (0..8)
+        .map(|i| {
+            let payload = format!("record {i}");
+            producer
+                .send_result(
+                    FutureRecord::to(&topic)
+                        .partition(0)
+                        .key("k")
+                        .payload(&payload),
+                )
+                .map_err(|(e, _)| e)
+        })
+        .collect::<Result<_, _>>()?;
+    for delivery in sent {
+        futures::executor::block_on(delivery)?.map_err(|(e, _)| e)?;
+    }
+    let consumer = p.factory.restore_consumer()?;
+    let (_, listed) = cdp_pipeline::changelog::watermarks(&consumer, &topic, 0)?;
+    eprintln!("listed end of a partition holding 8 records: {listed}");
+    let holds = |end| cdp_pipeline::changelog::holds_offset_before(&consumer, &topic, 0, end);
+    for end in [1, 5, 8] {
+        assert!(holds(end)?, "offset {} is there", end - 1);
+    }
+    assert!(!holds(9)?, "the partition ends at 8");
+    assert!(!holds(40)?, "offset 39 was never written");
+    Ok(())
+}

@@ -412,6 +412,32 @@ impl ClientFactory {
     }
 }
 
+/// The high watermark of the latest fetch answer for `topic[partition]`,
+/// as librdkafka caches it (`rd_kafka_get_watermark_offsets`, which
+/// rust-rdkafka does not wrap); `None` before any answer.
+pub fn fetched_high_watermark<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `client` lives, the topic
+    // is a NUL-terminated string that outlives the call, and librdkafka
+    // only writes the two offsets it is given.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            client.native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,7 +48,9 @@ use serde::{Deserialize, Serialize};
 use crate::envelope::Position;
 use crate::store::{Changes, TaskMeta};
 
-pub use read::{read_range, replay, watermarks, ChangelogRecord, RestoreError};
+pub use read::{
+    holds_offset_before, read_range, replay, watermarks, ChangelogRecord, RestoreError,
+};
 
 /// `delete.retention.ms` of changelog topics (`cdp topics create` sets it):
 /// how long a tombstone outlives its cleaning. A local copy older than this

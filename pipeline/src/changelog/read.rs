@@ -208,6 +208,80 @@ pub fn read_range(
     Ok(out)
 }
 
+/// Whether `topic[partition]` holds offset `end - 1`, asked with a fetch
+/// rather than a `ListOffsets`: tansu 0.6 answers `ListOffsets(latest)`
+/// with the base offset of the newest record batch plus one, below the
+/// real end when that batch holds several records, while its fetch
+/// responses are right. A stage asks this before it takes a committed
+/// offset past the listed end for lost broker data.
+pub fn holds_offset_before(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    end: i64,
+) -> Result<bool, RestoreError> {
+    if end <= 0 {
+        return Ok(true);
+    }
+    let kafka_err = |source| RestoreError::Kafka {
+        topic: topic.to_string(),
+        partition,
+        source,
+    };
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(end - 1))
+        .map_err(kafka_err)?;
+    consumer.assign(&tpl).map_err(kafka_err)?;
+    let started = Instant::now();
+    let held = loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            // tansu answers a fetch past the end with no records and no
+            // error; the high watermark of its answer says where it ends.
+            // The cached value may predate this assignment, so an end
+            // below the one asked for is believed only after a few fetches.
+            None => match crate::kafka::fetched_high_watermark(consumer.client(), topic, partition)
+            {
+                Some(high) if high >= end => break true,
+                Some(_) if started.elapsed() > Duration::from_secs(2) => break false,
+                _ => {}
+            },
+            // A fetch past the end resets to the beginning, so a record
+            // below the one asked for means the asked one is gone.
+            Some(Ok(m)) => break m.offset() >= end - 1,
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                let reached = consumer
+                    .position()
+                    .ok()
+                    .and_then(|pos| {
+                        pos.find_partition(topic, partition)
+                            .and_then(|e| match e.offset() {
+                                Offset::Offset(o) => Some(o),
+                                _ => None,
+                            })
+                    })
+                    .unwrap_or(0);
+                break reached >= end;
+            }
+            Some(Err(e)) => {
+                if consumer.client().fatal_error().is_some() {
+                    return Err(kafka_err(e));
+                }
+                tracing::warn!(topic, partition, end, error = %e, "input end check failed; retrying");
+            }
+        }
+        if started.elapsed() > BROKER_PATIENCE {
+            return Err(RestoreError::Stalled {
+                topic: topic.to_string(),
+                partition,
+                at: end - 1,
+                until: end - 1,
+            });
+        }
+    };
+    consumer.unassign().map_err(kafka_err)?;
+    Ok(held)
+}
+
 /// Low and high watermarks of a changelog partition, waiting out a broker
 /// that is away (with backoff, up to `BROKER_PATIENCE`).
 pub fn watermarks(

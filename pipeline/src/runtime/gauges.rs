@@ -1,7 +1,5 @@
 //! Per-task gauges: state size and consumer lag.
 
-use std::time::Duration;
-
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use super::rebalance::StageContext;
@@ -18,10 +16,12 @@ pub(super) fn update_gauges(shared: &Shared, consumer: &BaseConsumer<StageContex
         metrics::STATE_BYTES
             .with_label_values(&[stage, &p])
             .set(task.store.approximate_size() as i64);
-        if let Ok((_, high)) = consumer.fetch_watermarks(
+        // The high watermark of the consumer's own latest fetch: no
+        // request, and right on brokers whose `ListOffsets` is not (tansu).
+        if let Some(high) = crate::kafka::fetched_high_watermark(
+            consumer.client(),
             &shared.spec.input_topic,
             task.partition,
-            Duration::from_secs(1),
         ) {
             let lag = (high - task.meta.input_offset.max(0)).max(0);
             metrics::CONSUMER_LAG
