@@ -1,15 +1,176 @@
-//! What the HTTP destinations (`webhook`, `segment`) share: how one
-//! attempt's answer is judged, bounded retries with exponential backoff
-//! that honour `Retry-After`, and the `max_per_second` rate limit.
+//! What the HTTP destinations (`webhook`, `segment`) share: their core
+//! (client, retry policy, batch deadline, rate limit, telemetry) and its
+//! builder methods, one request of a batch (skipped once the endpoint gave
+//! up, retried, bounded by the deadline), lanes of requests run
+//! concurrently, how one attempt's answer is judged, bounded retries with
+//! exponential backoff that honour `Retry-After`, and the
+//! `max_per_second` rate limit.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::time::Instant;
 
+use super::config::check_url;
 use super::telemetry::DeliveryTelemetry;
-use super::MAX_BACKOFF;
+use super::{DestinationError, BASE_BACKOFF, DEFAULT_BATCH_DEADLINE, KEY_CONCURRENCY, MAX_BACKOFF};
+
+/// What every HTTP destination keeps besides its own settings.
+#[derive(Clone)]
+pub struct HttpCore {
+    pub id: String,
+    pub client: reqwest::Client,
+    pub policy: RetryPolicy,
+    pub batch_deadline: Duration,
+    pub limiter: Option<Arc<RateLimiter>>,
+    pub telemetry: DeliveryTelemetry,
+}
+
+/// The error of a destination `id` whose `url` cannot be used.
+pub fn invalid_url(id: &str, url: &str, reason: String) -> DestinationError {
+    DestinationError::InvalidUrl {
+        id: id.to_string(),
+        url: url.to_string(),
+        reason,
+    }
+}
+
+impl HttpCore {
+    /// The core of destination `id` and its checked `url`. The client
+    /// follows no redirect: a redirected POST turns into a GET on 301/302,
+    /// so any 3xx is a misconfigured URL and fails at once.
+    pub fn new(
+        id: &str,
+        url: &str,
+        timeout: Duration,
+        max_attempts: u32,
+    ) -> Result<(Self, reqwest::Url), DestinationError> {
+        check_url(url).map_err(|reason| invalid_url(id, url, reason))?;
+        let parsed = reqwest::Url::parse(url).map_err(|e| invalid_url(id, url, e.to_string()))?;
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|source| DestinationError::HttpClient {
+                id: id.to_string(),
+                source,
+            })?;
+        let core = HttpCore {
+            id: id.to_string(),
+            client,
+            policy: RetryPolicy {
+                max_attempts: max_attempts.max(1),
+                base_backoff: BASE_BACKOFF,
+            },
+            batch_deadline: DEFAULT_BATCH_DEADLINE.to_std(),
+            limiter: None,
+            telemetry: DeliveryTelemetry::new(id),
+        };
+        Ok((core, parsed))
+    }
+
+    /// The shared state of one `deliver` call.
+    pub fn start_batch(&self) -> BatchRun {
+        BatchRun {
+            deadline: Instant::now() + self.batch_deadline,
+            endpoint_down: AtomicBool::new(false),
+        }
+    }
+
+    /// One request of a batch carrying `n` changes: skipped once an earlier
+    /// request of the batch gave up on the endpoint (waiting out every
+    /// retry of every request would stall the stage), retried per the
+    /// policy, and bounded by the batch deadline. A failure counts `n`
+    /// dead letters; delivered changes are the caller's to count (their
+    /// lag needs the records).
+    pub async fn send<F, Fut>(&self, batch: &BatchRun, n: u32, attempt: F) -> Result<(), String>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Attempt>,
+    {
+        let result = if batch.endpoint_down.load(Ordering::Relaxed) {
+            Err("skipped: an earlier request of this batch gave up on the endpoint".to_string())
+        } else {
+            let retried = with_retries(
+                self.policy,
+                &self.telemetry,
+                self.limiter.as_deref(),
+                n,
+                attempt,
+            );
+            match tokio::time::timeout_at(batch.deadline, retried).await {
+                Ok(result) => result,
+                Err(_) => Err(format!(
+                    "batch deadline of {} ms passed",
+                    self.batch_deadline.as_millis()
+                )),
+            }
+        };
+        if let Err(reason) = &result {
+            if reason.starts_with("gave up") {
+                batch.endpoint_down.store(true, Ordering::Relaxed);
+            }
+            self.telemetry.dead_lettered(u64::from(n));
+        }
+        result
+    }
+}
+
+/// The deadline of one `deliver` call, and whether one of its requests
+/// gave up on the endpoint.
+pub struct BatchRun {
+    deadline: Instant,
+    endpoint_down: AtomicBool,
+}
+
+/// Run `lanes` (each yields `(index in the batch, result)` in its own
+/// order) with up to [`KEY_CONCURRENCY`] in flight, and put their results
+/// into `results` by index.
+pub async fn run_lanes<L, Fut>(
+    mut results: Vec<Result<(), String>>,
+    lanes: impl IntoIterator<Item = L>,
+    run: impl FnMut(L) -> Fut,
+) -> Vec<Result<(), String>>
+where
+    Fut: Future<Output = Vec<(usize, Result<(), String>)>>,
+{
+    let done: Vec<Vec<(usize, Result<(), String>)>> = futures::stream::iter(lanes)
+        .map(run)
+        .buffer_unordered(KEY_CONCURRENCY)
+        .collect()
+        .await;
+    for (i, result) in done.into_iter().flatten() {
+        if let Some(slot) = results.get_mut(i) {
+            *slot = result;
+        }
+    }
+    results
+}
+
+/// The builder methods every HTTP destination has, over its [`HttpCore`].
+pub trait HttpSink: Sized {
+    /// A copy of the sink with its core changed by `change`.
+    fn with_core(self, change: impl FnOnce(&mut HttpCore)) -> Self;
+
+    /// Bound the time one batch may take (default 60 s).
+    fn with_batch_deadline(self, deadline: Duration) -> Self {
+        self.with_core(|c| c.batch_deadline = deadline)
+    }
+
+    /// Change the first retry delay (doubled per attempt, default 100 ms).
+    fn with_backoff(self, base: Duration) -> Self {
+        self.with_core(|c| c.policy.base_backoff = base)
+    }
+
+    /// Deliver at most `per_second` changes a second.
+    fn with_rate_limit(self, per_second: u32) -> Self {
+        self.with_core(|c| c.limiter = Some(Arc::new(RateLimiter::new(per_second))))
+    }
+}
 
 /// Longest `Retry-After` honoured; a longer one waits this long (the batch
 /// deadline bounds every wait anyway).

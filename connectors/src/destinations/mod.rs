@@ -43,6 +43,7 @@ use cdp_pipeline::{ClientFactory, Sink, Span};
 pub use config::{check, DestinationConfig, DestinationError, DestinationKind};
 
 use crate::avro::{avro_codec, AvroSetupError, Format};
+pub use http::HttpSink;
 pub use kafka::KafkaSink;
 pub use segment::SegmentSink;
 pub use stdout::StdoutSink;

@@ -24,21 +24,18 @@
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use cdp_operators::messages::{AudienceAction, AudienceChange};
 use cdp_pipeline::{Sink, SinkRecord};
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::config::check_url;
-use super::http::{classify, with_retries, RateLimiter, RetryPolicy};
-use super::telemetry::DeliveryTelemetry;
-use super::{DestinationError, BASE_BACKOFF, DEFAULT_BATCH_DEADLINE, KEY_CONCURRENCY};
+use super::http::{classify, invalid_url, run_lanes, BatchRun, HttpCore, HttpSink};
+use super::{DestinationError, KEY_CONCURRENCY};
 
 /// Calls per request when `batch_size` is not set.
 pub const DEFAULT_BATCH_SIZE: u32 = 100;
@@ -111,23 +108,18 @@ pub struct SegmentSink {
 
 #[derive(Clone)]
 struct SegmentInner {
-    id: String,
+    core: HttpCore,
     endpoint: reqwest::Url,
-    client: reqwest::Client,
     write_key: String,
     /// Changes per request (two calls each).
     changes_per_request: usize,
-    policy: RetryPolicy,
-    batch_deadline: Duration,
-    limiter: Option<Arc<RateLimiter>>,
-    telemetry: DeliveryTelemetry,
 }
 
 impl std::fmt::Debug for SegmentSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The write key stays out of logs.
         f.debug_struct("SegmentSink")
-            .field("id", &self.inner.id)
+            .field("id", &self.inner.core.id)
             .field("endpoint", &self.inner.endpoint.as_str())
             .field("changes_per_request", &self.inner.changes_per_request)
             .finish()
@@ -151,96 +143,66 @@ impl SegmentSink {
         max_attempts: u32,
         batch_size: u32,
     ) -> Result<Self, DestinationError> {
-        let invalid = |reason: String| DestinationError::InvalidUrl {
-            id: id.to_string(),
-            url: url.to_string(),
-            reason,
-        };
-        check_url(url).map_err(invalid)?;
-        let base = reqwest::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
-        let mut endpoint = base.clone();
+        let (core, mut endpoint) = HttpCore::new(id, url, timeout, max_attempts)?;
         endpoint
             .path_segments_mut()
-            .map_err(|()| invalid("cannot be a base".into()))?
+            .map_err(|()| invalid_url(id, url, "cannot be a base".into()))?
             .pop_if_empty()
             .extend(["v1", "batch"]);
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .map_err(|source| DestinationError::HttpClient {
-                id: id.to_string(),
-                source,
-            })?;
         Ok(SegmentSink {
             inner: Arc::new(SegmentInner {
-                id: id.to_string(),
+                core,
                 endpoint,
-                client,
                 write_key,
                 changes_per_request: (batch_size.max(2) / 2) as usize,
-                policy: RetryPolicy {
-                    max_attempts: max_attempts.max(1),
-                    base_backoff: BASE_BACKOFF,
-                },
-                batch_deadline: DEFAULT_BATCH_DEADLINE.to_std(),
-                limiter: None,
-                telemetry: DeliveryTelemetry::new(id),
             }),
         })
     }
+}
 
-    fn with(self, change: impl FnOnce(&mut SegmentInner)) -> Self {
+impl HttpSink for SegmentSink {
+    fn with_core(self, change: impl FnOnce(&mut HttpCore)) -> Self {
         let mut inner = (*self.inner).clone();
-        change(&mut inner);
+        change(&mut inner.core);
         SegmentSink {
             inner: Arc::new(inner),
         }
     }
-
-    /// Bound the time one batch may take (default 60 s).
-    pub fn with_batch_deadline(self, deadline: Duration) -> Self {
-        self.with(|i| i.batch_deadline = deadline)
-    }
-
-    /// Change the first retry delay (doubled per attempt, default 100 ms).
-    pub fn with_backoff(self, base: Duration) -> Self {
-        self.with(|i| i.policy.base_backoff = base)
-    }
-
-    /// Deliver at most `per_second` changes a second.
-    pub fn with_rate_limit(self, per_second: u32) -> Self {
-        self.with(|i| i.limiter = Some(Arc::new(RateLimiter::new(per_second))))
-    }
 }
 
 impl SegmentInner {
-    /// Send one request of changes with retries.
-    async fn send(&self, chunk: &[Prepared]) -> Result<(), String> {
+    /// The body of one request of changes.
+    fn body(chunk: &[Prepared]) -> Result<Vec<u8>, String> {
         let batch: Vec<&Value> = chunk.iter().flat_map(|p| p.calls.iter()).collect();
-        let body = serde_json::to_vec(&json!({
+        serde_json::to_vec(&json!({
             "batch": batch,
             "sentAt": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         }))
-        .map_err(|e| format!("cannot encode the batch: {e}"))?;
+        .map_err(|e| format!("cannot encode the batch: {e}"))
+    }
+
+    /// Send one request of changes within the batch.
+    async fn send(&self, chunk: &[Prepared], batch: &BatchRun) -> Result<(), String> {
         let n = chunk.len() as u32;
-        with_retries(
-            self.policy,
-            &self.telemetry,
-            self.limiter.as_deref(),
-            n,
-            || {
+        let body = match Self::body(chunk) {
+            Ok(body) => body,
+            Err(reason) => {
+                self.core.telemetry.dead_lettered(u64::from(n));
+                return Err(reason);
+            }
+        };
+        self.core
+            .send(batch, n, || {
                 let request = self
+                    .core
                     .client
                     .post(self.endpoint.clone())
                     .basic_auth(&self.write_key, Some(""))
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body.clone());
                 async move { classify(request.send().await) }
-            },
-        )
-        .await
+            })
+            .await
     }
 
     /// One lane: its changes in order, request after request.
@@ -248,35 +210,16 @@ impl SegmentInner {
         &self,
         lane: Vec<Prepared>,
         records: &[SinkRecord],
-        endpoint_down: &AtomicBool,
-        deadline: tokio::time::Instant,
+        batch: &BatchRun,
     ) -> Vec<(usize, Result<(), String>)> {
         let mut out = Vec::with_capacity(lane.len());
         for chunk in lane.chunks(self.changes_per_request.max(1)) {
-            let result = if endpoint_down.load(Ordering::Relaxed) {
-                Err("skipped: an earlier request of this batch gave up on the endpoint".into())
-            } else {
-                match tokio::time::timeout_at(deadline, self.send(chunk)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(format!(
-                        "batch deadline of {} ms passed",
-                        self.batch_deadline.as_millis()
-                    )),
-                }
-            };
-            match &result {
-                Ok(()) => {
-                    for p in chunk {
-                        if let Some(r) = records.get(p.index) {
-                            self.telemetry.delivered(&r.value);
-                        }
+            let result = self.send(chunk, batch).await;
+            if result.is_ok() {
+                for p in chunk {
+                    if let Some(r) = records.get(p.index) {
+                        self.core.telemetry.delivered(&r.value);
                     }
-                }
-                Err(reason) => {
-                    if reason.starts_with("gave up") {
-                        endpoint_down.store(true, Ordering::Relaxed);
-                    }
-                    self.telemetry.dead_lettered(chunk.len() as u64);
                 }
             }
             out.extend(chunk.iter().map(|p| (p.index, result.clone())));
@@ -294,12 +237,12 @@ fn lane_of(key: Option<&[u8]>) -> usize {
 
 impl Sink for SegmentSink {
     fn name(&self) -> &str {
-        &self.inner.id
+        &self.inner.core.id
     }
 
     fn deliver(&self, records: Vec<SinkRecord>) -> BoxFuture<'static, Vec<Result<(), String>>> {
         let inner = self.inner.clone();
-        let in_flight = inner.telemetry.in_flight(records.len() as i64);
+        let in_flight = inner.core.telemetry.in_flight(records.len() as i64);
         async move {
             let _in_flight = in_flight;
             let mut results: Vec<Result<(), String>> =
@@ -317,27 +260,18 @@ impl Sink for SegmentSink {
                             })
                     }
                     Err(e) => {
-                        inner.telemetry.dead_lettered(1);
+                        inner.core.telemetry.dead_lettered(1);
                         results[index] = Err(format!("not an audience change: {e}"));
                     }
                 }
             }
-            let records = &records;
+            let batch = &inner.core.start_batch();
             let inner = &inner;
-            let endpoint_down = &AtomicBool::new(false);
-            let deadline = tokio::time::Instant::now() + inner.batch_deadline;
-            let done: Vec<Vec<(usize, Result<(), String>)>> =
-                futures::stream::iter(lanes.into_values())
-                    .map(|lane| inner.run_lane(lane, records, endpoint_down, deadline))
-                    .buffer_unordered(KEY_CONCURRENCY)
-                    .collect()
-                    .await;
-            for (i, result) in done.into_iter().flatten() {
-                if let Some(slot) = results.get_mut(i) {
-                    *slot = result;
-                }
-            }
-            results
+            let records = &records;
+            run_lanes(results, lanes.into_values(), |lane| {
+                inner.run_lane(lane, records, batch)
+            })
+            .await
         }
         .boxed()
     }

@@ -2,23 +2,17 @@
 //! backoff, in order per profile (see the parent module's docs).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use cdp_pipeline::{Sink, SinkRecord};
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::config::check_url;
-use super::http::{classify, with_retries, Attempt, RateLimiter, RetryPolicy};
-use super::telemetry::DeliveryTelemetry;
-use super::{
-    DestinationError, BASE_BACKOFF, DEFAULT_BATCH_DEADLINE, DELIVERY_ID_HEADER, KEY_CONCURRENCY,
-    SIGNATURE_HEADER,
-};
+use super::http::{classify, run_lanes, Attempt, BatchRun, HttpCore, HttpSink};
+use super::{DestinationError, DELIVERY_ID_HEADER, SIGNATURE_HEADER};
 
 /// POSTs each record's value to a URL; see the module docs for retries,
 /// ordering and signing.
@@ -29,25 +23,19 @@ pub struct WebhookSink {
 
 #[derive(Clone)]
 struct WebhookInner {
-    id: String,
+    core: HttpCore,
     url: reqwest::Url,
-    client: reqwest::Client,
     secret: Option<Vec<u8>>,
-    max_attempts: u32,
-    base_backoff: Duration,
-    batch_deadline: Duration,
-    limiter: Option<Arc<RateLimiter>>,
-    telemetry: DeliveryTelemetry,
 }
 
 impl std::fmt::Debug for WebhookSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The secret stays out of logs.
         f.debug_struct("WebhookSink")
-            .field("id", &self.inner.id)
+            .field("id", &self.inner.core.id)
             .field("url", &self.inner.url.as_str())
             .field("signed", &self.inner.secret.is_some())
-            .field("max_attempts", &self.inner.max_attempts)
+            .field("max_attempts", &self.inner.core.policy.max_attempts)
             .finish()
     }
 }
@@ -60,61 +48,17 @@ impl WebhookSink {
         timeout: Duration,
         max_attempts: u32,
     ) -> Result<Self, DestinationError> {
-        let invalid = |reason: String| DestinationError::InvalidUrl {
-            id: id.to_string(),
-            url: url.to_string(),
-            reason,
-        };
-        check_url(url).map_err(invalid)?;
-        let parsed = reqwest::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
-        let client = reqwest::Client::builder()
-            // A redirected POST turns into a GET on 301/302: treat any 3xx as
-            // a misconfigured URL (fails at once) instead of following it.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .map_err(|source| DestinationError::HttpClient {
-                id: id.to_string(),
-                source,
-            })?;
+        let (core, url) = HttpCore::new(id, url, timeout, max_attempts)?;
         Ok(WebhookSink {
-            inner: Arc::new(WebhookInner {
-                id: id.to_string(),
-                url: parsed,
-                client,
-                secret,
-                max_attempts: max_attempts.max(1),
-                base_backoff: BASE_BACKOFF,
-                batch_deadline: DEFAULT_BATCH_DEADLINE.to_std(),
-                limiter: None,
-                telemetry: DeliveryTelemetry::new(id),
-            }),
+            inner: Arc::new(WebhookInner { core, url, secret }),
         })
     }
+}
 
-    /// Bound the time one batch may take (default 60 s).
-    pub fn with_batch_deadline(self, deadline: Duration) -> Self {
+impl HttpSink for WebhookSink {
+    fn with_core(self, change: impl FnOnce(&mut HttpCore)) -> Self {
         let mut inner = (*self.inner).clone();
-        inner.batch_deadline = deadline;
-        WebhookSink {
-            inner: Arc::new(inner),
-        }
-    }
-
-    /// Deliver at most `per_second` changes a second.
-    pub fn with_rate_limit(self, per_second: u32) -> Self {
-        let mut inner = (*self.inner).clone();
-        inner.limiter = Some(Arc::new(RateLimiter::new(per_second)));
-        WebhookSink {
-            inner: Arc::new(inner),
-        }
-    }
-
-    /// Change the first retry delay (doubled per attempt, default 100 ms).
-    pub fn with_backoff(self, base: Duration) -> Self {
-        let mut inner = (*self.inner).clone();
-        inner.base_backoff = base;
+        change(&mut inner.core);
         WebhookSink {
             inner: Arc::new(inner),
         }
@@ -136,6 +80,7 @@ impl WebhookInner {
 
     async fn attempt(&self, record: &SinkRecord, signature: Option<&str>) -> Attempt {
         let mut request = self
+            .core
             .client
             .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -147,40 +92,24 @@ impl WebhookInner {
         classify(request.send().await)
     }
 
-    /// Deliver one record with bounded retries.
-    async fn deliver_one(
-        &self,
-        record: &SinkRecord,
-        endpoint_down: &AtomicBool,
-    ) -> Result<(), String> {
-        if endpoint_down.load(Ordering::Relaxed) {
-            self.telemetry.dead_lettered(1);
-            return Err("skipped: an earlier record of this batch gave up on the endpoint".into());
-        }
-        let signature = if self.secret.is_some() {
-            match self.signature(&record.value) {
+    /// Deliver one record within the batch.
+    async fn deliver_one(&self, record: &SinkRecord, batch: &BatchRun) -> Result<(), String> {
+        let signature = match &self.secret {
+            None => None,
+            Some(_) => match self.signature(&record.value) {
                 Some(s) => Some(s),
-                None => return Err("cannot compute the HMAC signature".into()),
-            }
-        } else {
-            None
-        };
-        let policy = RetryPolicy {
-            max_attempts: self.max_attempts,
-            base_backoff: self.base_backoff,
-        };
-        let result = with_retries(policy, &self.telemetry, self.limiter.as_deref(), 1, || {
-            self.attempt(record, signature.as_deref())
-        })
-        .await;
-        match &result {
-            Ok(()) => self.telemetry.delivered(&record.value),
-            Err(reason) => {
-                if reason.starts_with("gave up") {
-                    endpoint_down.store(true, Ordering::Relaxed);
+                None => {
+                    self.core.telemetry.dead_lettered(1);
+                    return Err("cannot compute the HMAC signature".into());
                 }
-                self.telemetry.dead_lettered(1);
-            }
+            },
+        };
+        let result = self
+            .core
+            .send(batch, 1, || self.attempt(record, signature.as_deref()))
+            .await;
+        if result.is_ok() {
+            self.core.telemetry.delivered(&record.value);
         }
         result
     }
@@ -188,62 +117,36 @@ impl WebhookInner {
 
 impl Sink for WebhookSink {
     fn name(&self) -> &str {
-        &self.inner.id
+        &self.inner.core.id
     }
 
     fn deliver(&self, records: Vec<SinkRecord>) -> BoxFuture<'static, Vec<Result<(), String>>> {
         let inner = self.inner.clone();
-        let in_flight = inner.telemetry.in_flight(records.len() as i64);
+        let in_flight = inner.core.telemetry.in_flight(records.len() as i64);
         async move {
             let _in_flight = in_flight;
             // Group by key, keeping batch order within a key: one profile's
             // changes arrive in order, different profiles in parallel.
-            let mut groups: BTreeMap<Option<Vec<u8>>, Vec<usize>> = BTreeMap::new();
+            let mut groups: BTreeMap<Option<&[u8]>, Vec<usize>> = BTreeMap::new();
             for (i, r) in records.iter().enumerate() {
-                groups.entry(r.key.clone()).or_default().push(i);
+                groups.entry(r.key.as_deref()).or_default().push(i);
             }
-            let records = &records;
+            let batch = &inner.core.start_batch();
             let inner = &inner;
-            let endpoint_down = &AtomicBool::new(false);
-            let deadline = tokio::time::Instant::now() + inner.batch_deadline;
-            let done: Vec<Vec<(usize, Result<(), String>)>> =
-                futures::stream::iter(groups.into_values())
-                    .map(|indexes| async move {
-                        let mut out = Vec::with_capacity(indexes.len());
-                        for i in indexes {
-                            let result = match records.get(i) {
-                                Some(r) => match tokio::time::timeout_at(
-                                    deadline,
-                                    inner.deliver_one(r, endpoint_down),
-                                )
-                                .await
-                                {
-                                    Ok(result) => result,
-                                    Err(_) => {
-                                        inner.telemetry.dead_lettered(1);
-                                        Err(format!(
-                                            "batch deadline of {} ms passed",
-                                            inner.batch_deadline.as_millis()
-                                        ))
-                                    }
-                                },
-                                None => Err("record index out of range".to_string()),
-                            };
-                            out.push((i, result));
-                        }
-                        out
-                    })
-                    .buffer_unordered(KEY_CONCURRENCY)
-                    .collect()
-                    .await;
-            let mut results: Vec<Result<(), String>> =
-                vec![Err("not delivered".to_string()); records.len()];
-            for (i, result) in done.into_iter().flatten() {
-                if let Some(slot) = results.get_mut(i) {
-                    *slot = result;
+            let records = &records;
+            let results = vec![Err("not delivered".to_string()); records.len()];
+            run_lanes(results, groups.into_values(), |indexes| async move {
+                let mut out = Vec::with_capacity(indexes.len());
+                for i in indexes {
+                    let result = match records.get(i) {
+                        Some(r) => inner.deliver_one(r, batch).await,
+                        None => Err("record index out of range".to_string()),
+                    };
+                    out.push((i, result));
                 }
-            }
-            results
+                out
+            })
+            .await
         }
         .boxed()
     }
