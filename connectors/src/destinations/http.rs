@@ -151,6 +151,23 @@ where
     results
 }
 
+/// `impl HttpSink` for a sink `$sink { inner: Arc<$inner> }` whose inner
+/// struct (`Clone`) has a `core: HttpCore`.
+macro_rules! impl_http_sink {
+    ($sink:ident) => {
+        impl $crate::destinations::http::HttpSink for $sink {
+            fn with_core(self, change: impl FnOnce(&mut HttpCore)) -> Self {
+                let mut inner = (*self.inner).clone();
+                change(&mut inner.core);
+                $sink {
+                    inner: Arc::new(inner),
+                }
+            }
+        }
+    };
+}
+pub(super) use impl_http_sink;
+
 /// The builder methods every HTTP destination has, over its [`HttpCore`].
 pub trait HttpSink: Sized {
     /// A copy of the sink with its core changed by `change`.

@@ -119,60 +119,59 @@ pub fn build_sink(
                 .write_key_env
                 .clone()
                 .ok_or_else(|| missing("write_key_env"))?;
-            let write_key = std::env::var(&var).map_err(|_| DestinationError::MissingSecret {
-                id: dest.id.clone(),
-                field: "write_key_env",
-                var,
-            })?;
-            let mut sink = SegmentSink::new(
+            let write_key = secret_from_env(dest, "write_key_env", &var)?;
+            let sink = SegmentSink::new(
                 &dest.id,
                 &url,
                 write_key,
                 dest.timeout.unwrap_or(DEFAULT_TIMEOUT).to_std(),
                 dest.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
                 dest.batch_size.unwrap_or(segment::DEFAULT_BATCH_SIZE),
-            )?
-            .with_batch_deadline(
-                dest.batch_deadline
-                    .unwrap_or(DEFAULT_BATCH_DEADLINE)
-                    .to_std(),
-            );
-            if let Some(n) = dest.max_per_second {
-                sink = sink.with_rate_limit(n);
-            }
-            Ok(Arc::new(sink))
+            )?;
+            Ok(Arc::new(with_http_settings(sink, dest)))
         }
         DestinationKind::Webhook => {
             let url = dest.url.clone().ok_or_else(|| missing("url"))?;
             let secret = match &dest.secret_env {
                 None => None,
-                Some(var) => Some(
-                    std::env::var(var)
-                        .map_err(|_| DestinationError::MissingSecret {
-                            id: dest.id.clone(),
-                            field: "secret_env",
-                            var: var.clone(),
-                        })?
-                        .into_bytes(),
-                ),
+                Some(var) => Some(secret_from_env(dest, "secret_env", var)?.into_bytes()),
             };
-            let mut sink = WebhookSink::new(
+            let sink = WebhookSink::new(
                 &dest.id,
                 &url,
                 secret,
                 dest.timeout.unwrap_or(DEFAULT_TIMEOUT).to_std(),
                 dest.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
-            )?
-            .with_batch_deadline(
-                dest.batch_deadline
-                    .unwrap_or(DEFAULT_BATCH_DEADLINE)
-                    .to_std(),
-            );
-            if let Some(n) = dest.max_per_second {
-                sink = sink.with_rate_limit(n);
-            }
-            Ok(Arc::new(sink))
+            )?;
+            Ok(Arc::new(with_http_settings(sink, dest)))
         }
+    }
+}
+
+/// A secret a destination names by environment variable (`field`).
+fn secret_from_env(
+    dest: &DestinationConfig,
+    field: &'static str,
+    var: &str,
+) -> Result<String, DestinationError> {
+    std::env::var(var).map_err(|_| DestinationError::MissingSecret {
+        id: dest.id.clone(),
+        field,
+        var: var.to_string(),
+    })
+}
+
+/// The settings every HTTP destination takes: `batch_deadline` and
+/// `max_per_second`.
+fn with_http_settings<S: HttpSink>(sink: S, dest: &DestinationConfig) -> S {
+    let sink = sink.with_batch_deadline(
+        dest.batch_deadline
+            .unwrap_or(DEFAULT_BATCH_DEADLINE)
+            .to_std(),
+    );
+    match dest.max_per_second {
+        Some(n) => sink.with_rate_limit(n),
+        None => sink,
     }
 }
 

@@ -34,7 +34,7 @@ use futures::FutureExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::http::{classify, invalid_url, run_lanes, BatchRun, HttpCore, HttpSink};
+use super::http::{classify, impl_http_sink, invalid_url, run_lanes, BatchRun, HttpCore};
 use super::{DestinationError, KEY_CONCURRENCY};
 
 /// Calls per request when `batch_size` is not set.
@@ -160,15 +160,7 @@ impl SegmentSink {
     }
 }
 
-impl HttpSink for SegmentSink {
-    fn with_core(self, change: impl FnOnce(&mut HttpCore)) -> Self {
-        let mut inner = (*self.inner).clone();
-        change(&mut inner.core);
-        SegmentSink {
-            inner: Arc::new(inner),
-        }
-    }
-}
+impl_http_sink!(SegmentSink);
 
 impl SegmentInner {
     /// The body of one request of changes.

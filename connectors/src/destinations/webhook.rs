@@ -11,7 +11,7 @@ use futures::FutureExt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::http::{classify, run_lanes, Attempt, BatchRun, HttpCore, HttpSink};
+use super::http::{classify, impl_http_sink, run_lanes, Attempt, BatchRun, HttpCore};
 use super::{DestinationError, DELIVERY_ID_HEADER, SIGNATURE_HEADER};
 
 /// POSTs each record's value to a URL; see the module docs for retries,
@@ -55,15 +55,7 @@ impl WebhookSink {
     }
 }
 
-impl HttpSink for WebhookSink {
-    fn with_core(self, change: impl FnOnce(&mut HttpCore)) -> Self {
-        let mut inner = (*self.inner).clone();
-        change(&mut inner.core);
-        WebhookSink {
-            inner: Arc::new(inner),
-        }
-    }
-}
+impl_http_sink!(WebhookSink);
 
 impl WebhookInner {
     fn signature(&self, body: &[u8]) -> Option<String> {
@@ -156,6 +148,7 @@ impl Sink for WebhookSink {
 mod tests {
     use super::*;
     use crate::destinations::testing::{receiver, record, requests, TestResult};
+    use crate::destinations::HttpSink;
     use axum::http::StatusCode;
     use axum::routing::post;
     use axum::Router;

@@ -9,6 +9,7 @@ use base64::Engine as _;
 use cdp_operators::messages::Cause;
 
 use crate::destinations::testing::TestResult;
+use crate::destinations::HttpSink;
 
 fn change(key: &str, n: u32, action: AudienceAction) -> AudienceChange {
     AudienceChange {
