@@ -186,7 +186,7 @@ impl Stage {
             InputOutcome::DeadLetter { reason, detail } => {
                 let source = headers
                     .iter()
-                    .find(|(k, _)| k == SOURCE)
+                    .find(|(k, _)| *k == SOURCE)
                     .and_then(|(_, v)| std::str::from_utf8(v).ok());
                 let (source, event) = validator.failure_labels(source, detail);
                 metrics::VALIDATION_FAILURES
@@ -375,7 +375,7 @@ mod tests {
         let Some(observe) = observe else {
             return Err(ConfigLoadError::Parse("validate has no observer".into()));
         };
-        let from = |s: &str| vec![(SOURCE.to_string(), s.as_bytes().to_vec())];
+        let from = |s: &'static str| vec![(SOURCE, s.as_bytes())];
         let src = "web_observer_test";
         let planned = json!({"source": src, "event": "Order Completed"});
         let unplanned = json!({"source": src, "event": "Made Up 42"});

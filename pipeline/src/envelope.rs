@@ -33,6 +33,42 @@ pub const SOURCE: &str = "cdp-source";
 pub const DLQ_STAGE: &str = "cdp-dlq-stage";
 pub const DLQ_REASON: &str = "cdp-dlq-reason";
 
+/// A header as the runtime reads it: borrowed from the consumed message.
+pub type HeaderRef<'a> = (&'a str, &'a [u8]);
+
+/// A header as `(name, value)`, owned (what operators emit) or borrowed
+/// (what the runtime reads from a consumed message without copying it).
+pub trait HeaderPair {
+    fn name(&self) -> &str;
+    fn value(&self) -> &[u8];
+}
+
+impl HeaderPair for (String, Vec<u8>) {
+    fn name(&self) -> &str {
+        &self.0
+    }
+    fn value(&self) -> &[u8] {
+        &self.1
+    }
+}
+
+impl HeaderPair for (&str, &[u8]) {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn value(&self) -> &[u8] {
+        self.1
+    }
+}
+
+/// The first header called `name`, as UTF-8 if it is.
+pub fn header_str<'a, H: HeaderPair>(headers: &'a [H], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.name() == name)
+        .and_then(|h| std::str::from_utf8(h.value()).ok())
+}
+
 /// Where a record sits in its origin's output stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Position {
@@ -56,13 +92,13 @@ impl Position {
 
     /// Parse the origin headers of a record. `None` when it carries none
     /// (records from outside the pipeline, e.g. the collector).
-    pub fn from_headers(headers: &[(String, Vec<u8>)]) -> Option<(String, Position)> {
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .and_then(|(_, v)| std::str::from_utf8(v).ok())
-        };
+    pub fn from_headers<H: HeaderPair>(headers: &[H]) -> Option<(String, Position)> {
+        Self::from_headers_ref(headers).map(|(origin, pos)| (origin.to_string(), pos))
+    }
+
+    /// [`Position::from_headers`] without copying the origin.
+    pub fn from_headers_ref<H: HeaderPair>(headers: &[H]) -> Option<(&str, Position)> {
+        let get = |name: &str| header_str(headers, name);
         let origin = get(ORIGIN)?;
         let epoch = get(EPOCH)?.parse().ok()?;
         let (offset, index) = get(POSITION)?.split_once(':')?;
@@ -71,7 +107,7 @@ impl Position {
             None => 0,
         };
         Some((
-            origin.to_string(),
+            origin,
             Position {
                 epoch,
                 offset: offset.parse().ok()?,
@@ -82,28 +118,28 @@ impl Position {
     }
 
     pub fn to_headers(&self, origin: &str) -> [(String, Vec<u8>); 4] {
+        let (epoch, position, lineage) = self.header_values();
         [
             (ORIGIN.to_string(), origin.as_bytes().to_vec()),
-            (EPOCH.to_string(), self.epoch.to_string().into_bytes()),
-            (
-                POSITION.to_string(),
-                format!("{}:{}", self.offset, self.index).into_bytes(),
-            ),
-            (
-                LINEAGE.to_string(),
-                format!("{:016x}", self.lineage).into_bytes(),
-            ),
+            (EPOCH.to_string(), epoch.into_bytes()),
+            (POSITION.to_string(), position.into_bytes()),
+            (LINEAGE.to_string(), lineage.into_bytes()),
         ]
+    }
+
+    /// The values of the [`EPOCH`], [`POSITION`] and [`LINEAGE`] headers.
+    pub fn header_values(&self) -> (String, String, String) {
+        (
+            self.epoch.to_string(),
+            format!("{}:{}", self.offset, self.index),
+            format!("{:016x}", self.lineage),
+        )
     }
 }
 
 /// The tick time of a record, if it is a tick.
-pub fn tick_time(headers: &[(String, Vec<u8>)]) -> Option<i64> {
-    headers
-        .iter()
-        .find(|(k, _)| k == TICK)
-        .and_then(|(_, v)| std::str::from_utf8(v).ok())
-        .and_then(|s| s.parse().ok())
+pub fn tick_time<H: HeaderPair>(headers: &[H]) -> Option<i64> {
+    header_str(headers, TICK).and_then(|s| s.parse().ok())
 }
 
 #[cfg(test)]
@@ -136,6 +172,26 @@ mod tests {
             Position::from_headers(&headers[..3]),
             Some(("identity:2".to_string(), Position { lineage: 0, ..p }))
         );
+    }
+
+    #[test]
+    fn borrowed_headers_read_as_owned_ones_do() {
+        let p = pos(5, 77, 2);
+        let mut owned: Vec<(String, Vec<u8>)> = p.to_headers("traits:1").to_vec();
+        owned.push((TICK.to_string(), b"1234".to_vec()));
+        let borrowed: Vec<HeaderRef<'_>> = owned
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        assert_eq!(Position::from_headers_ref(&borrowed), Some(("traits:1", p)));
+        assert_eq!(
+            Position::from_headers(&borrowed),
+            Position::from_headers(&owned)
+        );
+        assert_eq!(tick_time(&borrowed), Some(1234));
+        assert_eq!(tick_time(&owned), Some(1234));
+        assert_eq!(header_str(&borrowed, ORIGIN), Some("traits:1"));
+        assert_eq!(header_str(&borrowed, "missing"), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::envelope::{header_str, HeaderRef};
 use crate::store::{StateBackend, StoreError};
 
 /// One input record as an operator sees it.
@@ -24,16 +25,14 @@ pub struct Record<'a> {
     pub offset: i64,
     /// The broker timestamp of the record, milliseconds since the epoch.
     pub timestamp_ms: Option<i64>,
-    pub headers: &'a [(String, Vec<u8>)],
+    /// Borrowed from the consumed message: the runtime copies nothing.
+    pub headers: &'a [HeaderRef<'a>],
 }
 
 impl<'a> Record<'a> {
     /// The first header with this name, as UTF-8 if it is.
     pub fn header(&self, name: &str) -> Option<&'a str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        header_str(self.headers, name)
     }
 }
 
@@ -279,13 +278,17 @@ impl<O: Operator> OperatorHarness<O> {
         headers: &[(String, Vec<u8>)],
     ) -> Result<Vec<Emitted>, OperatorError> {
         let mut out = Vec::new();
+        let headers: Vec<HeaderRef<'_>> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
         let record = Record {
             key,
             value,
             partition: self.partition,
             offset: self.offset,
             timestamp_ms: None,
-            headers,
+            headers: &headers,
         };
         self.offset += 1;
         let mut ctx = Context::new(

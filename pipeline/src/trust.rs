@@ -17,7 +17,7 @@
 //! is believed again (the task's epoch only grows, the wall clock only moves
 //! on), which keeps the outputs of a replayed batch at the same positions.
 
-use crate::envelope::{self, EPOCH, ORIGIN, SOURCE, TICK};
+use crate::envelope::{self, header_str, HeaderPair, EPOCH, ORIGIN, SOURCE, TICK};
 
 /// How far ahead of the wall clock a tick may be (10 minutes): more than
 /// any sane clock skew between instances, far less than any window.
@@ -36,19 +36,14 @@ pub enum TickVerdict {
 
 /// Judge a record's tick headers for the task `origin` running under
 /// `epoch`, whose last believed tick had `tick_epoch`.
-pub fn judge_tick(
-    headers: &[(String, Vec<u8>)],
+pub fn judge_tick<H: HeaderPair>(
+    headers: &[H],
     origin: &str,
     epoch: u32,
     tick_epoch: u32,
     processing_time_ms: i64,
 ) -> TickVerdict {
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-    };
+    let get = |name: &str| header_str(headers, name);
     let Some(raw) = get(TICK) else {
         return TickVerdict::NotATick;
     };
@@ -87,8 +82,11 @@ pub fn tick_headers(origin: &str, epoch: u32, time_ms: i64) -> [(&'static str, S
 
 /// Drop every runtime header (`cdp-*`) but `cdp-source` from a record that
 /// came from outside the pipeline.
-pub fn strip_external(headers: &mut Vec<(String, Vec<u8>)>) {
-    headers.retain(|(k, _)| !k.starts_with(envelope::RUNTIME_HEADER_PREFIX) || k == SOURCE);
+pub fn strip_external<H: HeaderPair>(headers: &mut Vec<H>) {
+    headers.retain(|h| {
+        let k = h.name();
+        !k.starts_with(envelope::RUNTIME_HEADER_PREFIX) || k == SOURCE
+    });
 }
 
 #[cfg(test)]

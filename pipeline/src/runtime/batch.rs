@@ -8,15 +8,15 @@ use std::time::Instant;
 
 use futures::future::join_all;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::produce::{epoch_header, produce_acked, Outgoing};
+use super::produce::{produce_acked, OutHeaders, Outgoing};
 use super::rebalance::StageContext;
 use super::settle::{check_sizes, settle};
 use super::{now_ms, ownership, OutputTarget, RuntimeError, Shared, Task, DEAD_LETTERS};
 use crate::changelog::{self, commit_key, Marker};
-use crate::envelope::{self, Position};
+use crate::envelope::{self, HeaderRef, Position};
 use crate::kafka::Guarantee;
 use crate::metrics;
 use crate::operator::{fire_due_timers_from, Context, Emitted, Record};
@@ -31,6 +31,8 @@ type SinkBatch = (Arc<dyn Sink>, Vec<SinkRecord>, Vec<(usize, usize)>);
 /// A task's results for one batch, between processing and commit.
 struct TaskBatch {
     partition: i32,
+    /// The task's origin, stamped on its outputs.
+    origin: String,
     meta: TaskMeta,
     outputs: Vec<(Position, Emitted)>,
     changes: Changes,
@@ -44,16 +46,12 @@ fn delivery_id(origin: &str, pos: &Position) -> String {
     format!("{origin}/{}/{}/{}", pos.lineage, pos.offset, pos.index)
 }
 
-fn owned_headers(m: &OwnedMessage) -> Vec<(String, Vec<u8>)> {
+/// A consumed record's headers, borrowed from it: nothing is copied.
+fn borrowed_headers<M: Message>(m: &M) -> Vec<HeaderRef<'_>> {
     m.headers()
         .map(|h| {
             h.iter()
-                .map(|h| {
-                    (
-                        h.key.to_string(),
-                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                    )
-                })
+                .map(|h| (h.key, h.value.unwrap_or_default()))
                 .collect()
         })
         .unwrap_or_default()
@@ -73,13 +71,16 @@ fn to_owned_headers(pairs: &[(String, Vec<u8>)]) -> OwnedHeaders {
 pub(super) fn process_batch(
     shared: &Shared,
     consumer: &BaseConsumer<StageContext>,
-    batch: Vec<OwnedMessage>,
+    batch: Vec<BorrowedMessage<'_>>,
 ) -> Result<(), RuntimeError> {
     let started = Instant::now();
     let stage = shared.spec.name;
     let processing_time = now_ms();
     let dedupe = shared.guarantee == Guarantee::EffectivelyOnce;
-    let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
+    // Metric handles once per batch, not a label lookup per record.
+    let records_in = metrics::RECORDS_IN.with_label_values(&[stage]);
+    let duplicates = metrics::DUPLICATES_DROPPED.with_label_values(&[stage]);
+    let mut by_partition: BTreeMap<i32, Vec<BorrowedMessage<'_>>> = BTreeMap::new();
     for m in batch {
         by_partition.entry(m.partition()).or_default().push(m);
     }
@@ -99,8 +100,8 @@ pub(super) fn process_batch(
             }
             consumed = true;
             meta.input_offset = m.offset() + 1;
-            metrics::RECORDS_IN.with_label_values(&[stage]).inc();
-            let mut headers = owned_headers(&m);
+            records_in.inc();
+            let mut headers = borrowed_headers(&m);
             let mut emitted = Vec::new();
             let verdict = trust::judge_tick(
                 &headers,
@@ -141,18 +142,17 @@ pub(super) fn process_batch(
                         trust::strip_external(&mut headers);
                     }
                     if dedupe {
-                        if let Some((origin, pos)) = Position::from_headers(&headers) {
-                            if meta
-                                .dedupe
-                                .get(&origin)
-                                .is_some_and(|seen| !pos.is_new_after(seen))
-                            {
-                                metrics::DUPLICATES_DROPPED
-                                    .with_label_values(&[stage])
-                                    .inc();
-                                continue;
+                        if let Some((origin, pos)) = Position::from_headers_ref(&headers) {
+                            match meta.dedupe.get_mut(origin) {
+                                Some(seen) if !pos.is_new_after(seen) => {
+                                    duplicates.inc();
+                                    continue;
+                                }
+                                Some(seen) => *seen = pos,
+                                None => {
+                                    meta.dedupe.insert(origin.to_string(), pos);
+                                }
                             }
-                            meta.dedupe.insert(origin, pos);
                         }
                     }
                     let record = Record {
@@ -222,6 +222,7 @@ pub(super) fn process_batch(
         }
         work.push(TaskBatch {
             partition,
+            origin: task.origin.clone(),
             meta,
             outputs,
             changes,
@@ -264,10 +265,8 @@ pub(super) fn process_batch(
     // Phase 1: outputs, changelog records and the dead letters of failed
     // deliveries, all acknowledged.
     let mut outgoing: Vec<Outgoing<'_>> = Vec::new();
+    let mut out_counts: BTreeMap<&'static str, u64> = BTreeMap::new();
     for w in &work {
-        let Some(task) = tasks.get(&w.partition) else {
-            continue;
-        };
         for (pos, e) in &w.outputs {
             let topic = if e.output == DEAD_LETTERS {
                 shared.dead_letter_topic.as_str()
@@ -278,18 +277,18 @@ pub(super) fn process_batch(
                     None => return Err(RuntimeError::UnknownOutput(e.output.to_string())),
                 }
             };
-            let mut headers = e.headers.clone();
-            headers.extend(pos.to_headers(&task.origin));
             outgoing.push(Outgoing {
                 topic,
                 partition: None,
                 key: e.key.as_deref(),
                 payload: Some(e.value.as_slice()),
-                headers: to_owned_headers(&headers),
+                headers: OutHeaders::Stamped {
+                    own: &e.headers,
+                    origin: &w.origin,
+                    pos: *pos,
+                },
             });
-            metrics::RECORDS_OUT
-                .with_label_values(&[stage, e.output])
-                .inc();
+            *out_counts.entry(e.output).or_default() += 1;
         }
         for (k, v) in &w.changes {
             outgoing.push(Outgoing {
@@ -297,15 +296,15 @@ pub(super) fn process_batch(
                 partition: Some(w.partition),
                 key: Some(k.as_slice()),
                 payload: v.as_deref(),
-                headers: epoch_header(w.meta.epoch),
+                headers: OutHeaders::Epoch(w.meta.epoch),
             });
         }
     }
     for ((name, (_, records, origins)), results) in sink_batches.iter().zip(&sink_results) {
         for ((record, (wi, oi)), result) in records.iter().zip(origins).zip(results) {
-            metrics::RECORDS_OUT
-                .with_label_values(&[stage, work[*wi].outputs[*oi].1.output])
-                .inc();
+            *out_counts
+                .entry(work[*wi].outputs[*oi].1.output)
+                .or_default() += 1;
             if let Err(reason) = result {
                 metrics::DEAD_LETTERS
                     .with_label_values(&[stage, "delivery_failed"])
@@ -330,10 +329,15 @@ pub(super) fn process_batch(
                     partition: None,
                     key: record.key.as_deref(),
                     payload: Some(record.value.as_slice()),
-                    headers,
+                    headers: OutHeaders::Owned(headers),
                 });
             }
         }
+    }
+    for (output, n) in out_counts {
+        metrics::RECORDS_OUT
+            .with_label_values(&[stage, output])
+            .inc_by(n);
     }
     let acks = produce_acked(shared, "batch", &outgoing)?;
     // Where our changelog records landed, per partition: any other offset
@@ -376,7 +380,7 @@ pub(super) fn process_batch(
             partition: Some(w.partition),
             key: Some(key.as_slice()),
             payload: Some(marker.as_slice()),
-            headers: epoch_header(w.meta.epoch),
+            headers: OutHeaders::Epoch(w.meta.epoch),
         })
         .collect();
     let marker_acks = produce_acked(shared, "marker", &marker_records)?;

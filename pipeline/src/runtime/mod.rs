@@ -35,6 +35,7 @@ mod ticks;
 pub use stage::StageRuntime;
 
 use crate::changelog::RestoreError;
+use crate::envelope::HeaderRef;
 use crate::kafka::{ClientError, ClientFactory, Guarantee};
 use crate::metrics;
 use crate::operator::{Emitted, Operator, OperatorFactory};
@@ -73,7 +74,7 @@ pub enum InputOutcome<'a> {
 /// so a stage can count what its pure operator cannot (validation failures
 /// by source and event). Like `cdp_dead_letters_total`, it counts at
 /// processing time: a batch replayed after a crash is seen again.
-pub type InputObserver = Arc<dyn Fn(&[(String, Vec<u8>)], &InputOutcome<'_>) + Send + Sync>;
+pub type InputObserver = Arc<dyn Fn(&[HeaderRef<'_>], &InputOutcome<'_>) + Send + Sync>;
 
 /// Everything that makes one stage.
 pub struct StageSpec {

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use rdkafka::producer::FutureRecord;
 use rdkafka::Offset;
 
-use super::produce::{await_deliveries, enqueue, epoch_header, produce_acked, Outgoing};
+use super::produce::{
+    await_deliveries, enqueue, epoch_header, produce_acked, OutHeaders, Outgoing,
+};
 use super::{RuntimeError, Shared, Task};
 use crate::changelog::{self, claim_key, commit_key, Claim, Foreign, Marker, RecordKind, Restorer};
 use crate::metrics;
@@ -136,7 +138,7 @@ fn produce_marker(
             partition: Some(partition),
             key: Some(key),
             payload: Some(value),
-            headers: epoch_header(epoch),
+            headers: OutHeaders::Epoch(epoch),
         }],
     )?;
     acks.offsets
@@ -211,7 +213,7 @@ fn repair(
             if let Some(v) = &value {
                 record = record.payload(v.as_slice());
             }
-            futs.push((topic.to_string(), enqueue(&shared.producer()?, record)?));
+            futs.push((topic, enqueue(&shared.producer()?, record)?));
         }
         let mut mine: Vec<i64> = await_deliveries(&shared.handle, futs)?
             .into_iter()

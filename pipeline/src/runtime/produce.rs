@@ -11,7 +11,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::{RuntimeError, Shared};
-use crate::envelope;
+use crate::envelope::{self, Position};
 use crate::metrics;
 use crate::retry::Backoff;
 
@@ -27,7 +27,51 @@ pub(super) struct Outgoing<'a> {
     pub(super) partition: Option<i32>,
     pub(super) key: Option<&'a [u8]>,
     pub(super) payload: Option<&'a [u8]>,
-    pub(super) headers: OwnedHeaders,
+    pub(super) headers: OutHeaders<'a>,
+}
+
+/// The headers of an [`Outgoing`] record, built for each attempt straight
+/// into librdkafka's list: an operator's output is not copied first.
+pub(super) enum OutHeaders<'a> {
+    /// An operator's output: its own headers, then its origin and position.
+    Stamped {
+        own: &'a [(String, Vec<u8>)],
+        origin: &'a str,
+        pos: Position,
+    },
+    /// A changelog record or commit marker: the writer's epoch.
+    Epoch(u32),
+    /// Built by the caller (dead letters of failed deliveries: rare).
+    Owned(OwnedHeaders),
+}
+
+impl OutHeaders<'_> {
+    fn build(&self) -> OwnedHeaders {
+        match self {
+            OutHeaders::Stamped { own, origin, pos } => {
+                let (epoch, position, lineage) = pos.header_values();
+                let stamp = [
+                    (envelope::ORIGIN, origin.as_bytes()),
+                    (envelope::EPOCH, epoch.as_bytes()),
+                    (envelope::POSITION, position.as_bytes()),
+                    (envelope::LINEAGE, lineage.as_bytes()),
+                ];
+                let capacity = own.len() + stamp.len();
+                let own = own.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+                own.chain(stamp).fold(
+                    OwnedHeaders::new_with_capacity(capacity),
+                    |h, (key, value)| {
+                        h.insert(Header {
+                            key,
+                            value: Some(value),
+                        })
+                    },
+                )
+            }
+            OutHeaders::Epoch(epoch) => epoch_header(*epoch),
+            OutHeaders::Owned(headers) => headers.clone(),
+        }
+    }
 }
 
 /// Produce `records` in order and wait for every acknowledgement; returns
@@ -51,7 +95,7 @@ pub(super) fn produce_acked(
         let attempt = records
             .iter()
             .map(|r| {
-                let mut record = FutureRecord::<[u8], [u8]>::to(r.topic).headers(r.headers.clone());
+                let mut record = FutureRecord::<[u8], [u8]>::to(r.topic).headers(r.headers.build());
                 if let Some(p) = r.partition {
                     record = record.partition(p);
                 }
@@ -61,7 +105,7 @@ pub(super) fn produce_acked(
                 if let Some(v) = r.payload {
                     record = record.payload(v);
                 }
-                enqueue(&producer, record).map(|f| (r.topic.to_string(), f))
+                enqueue(&producer, record).map(|f| (r.topic, f))
             })
             .collect::<Result<Vec<_>, _>>()
             .and_then(|futures| await_deliveries(&shared.handle, futures));
@@ -137,20 +181,72 @@ where
 /// Await deliveries; returns each record's `(partition, offset)`.
 pub(super) fn await_deliveries(
     handle: &tokio::runtime::Handle,
-    futures: Vec<(String, DeliveryFuture)>,
+    futures: Vec<(&str, DeliveryFuture)>,
 ) -> Result<Vec<(i32, i64)>, RuntimeError> {
-    let (topics, futs): (Vec<String>, Vec<DeliveryFuture>) = futures.into_iter().unzip();
+    let (topics, futs): (Vec<&str>, Vec<DeliveryFuture>) = futures.into_iter().unzip();
     let results = handle.block_on(join_all(futs));
     topics
         .into_iter()
         .zip(results)
         .map(|(topic, r)| match r {
             Ok(Ok(d)) => Ok((d.partition, d.offset)),
-            Ok(Err((error, _))) => Err(RuntimeError::Produce { topic, error }),
+            Ok(Err((error, _))) => Err(RuntimeError::Produce {
+                topic: topic.to_string(),
+                error,
+            }),
             Err(_) => Err(RuntimeError::Produce {
-                topic,
+                topic: topic.to_string(),
                 error: KafkaError::Canceled,
             }),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers;
+
+    fn pairs(h: &OwnedHeaders) -> Vec<(String, Vec<u8>)> {
+        h.iter()
+            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn an_output_carries_its_own_headers_then_its_position() {
+        let own = vec![
+            ("cdp-source".to_string(), b"web".to_vec()),
+            ("x-empty".to_string(), Vec::new()),
+        ];
+        let pos = Position {
+            epoch: 3,
+            offset: 42,
+            index: 1,
+            lineage: 0xabc,
+        };
+        let built = OutHeaders::Stamped {
+            own: &own,
+            origin: "traits:2",
+            pos,
+        }
+        .build();
+        // The oracle: the owned headers the runtime used to build and copy.
+        let mut expected = own.clone();
+        expected.extend(pos.to_headers("traits:2"));
+        assert_eq!(pairs(&built), expected);
+        assert_eq!(
+            Position::from_headers(&pairs(&built)),
+            Some(("traits:2".to_string(), pos))
+        );
+    }
+
+    #[test]
+    fn changelog_records_carry_the_epoch() {
+        let built = OutHeaders::Epoch(7).build();
+        assert_eq!(
+            pairs(&built),
+            vec![(envelope::EPOCH.to_string(), b"7".to_vec())]
+        );
+    }
 }

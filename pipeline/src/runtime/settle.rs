@@ -1,9 +1,9 @@
 //! What one record's operator result becomes: its outputs, or a dead letter.
 
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 
 use super::{InputObserver, InputOutcome, RuntimeError, DEAD_LETTERS};
-use crate::envelope;
+use crate::envelope::{self, HeaderRef};
 use crate::metrics;
 use crate::operator::{Emitted, OperatorError};
 
@@ -11,10 +11,10 @@ use crate::operator::{Emitted, OperatorError};
 /// its outputs, or a dead letter in their place when it was rejected. Tells
 /// `observer` (given for input records, not ticks) what became of it. A
 /// store error is fatal for the batch and observed by no one.
-pub(super) fn settle(
+pub(super) fn settle<M: Message>(
     stage: &'static str,
-    m: &OwnedMessage,
-    headers: Vec<(String, Vec<u8>)>,
+    m: &M,
+    headers: Vec<HeaderRef<'_>>,
     result: Result<(), OperatorError>,
     emitted: &mut Vec<Emitted>,
     observer: Option<&InputObserver>,
@@ -88,15 +88,18 @@ pub(super) fn emitted_size(e: &Emitted) -> usize {
 }
 
 /// A dead letter: the original bytes and headers, plus why.
-fn dead_letter(
+fn dead_letter<M: Message>(
     stage: &str,
-    m: &OwnedMessage,
-    headers: Vec<(String, Vec<u8>)>,
+    m: &M,
+    headers: Vec<HeaderRef<'_>>,
     reason: &'static str,
     detail: &serde_json::Value,
 ) -> Emitted {
-    let mut headers = headers;
-    headers.retain(|(k, _)| !k.starts_with("cdp-dlq-"));
+    let mut headers: Vec<(String, Vec<u8>)> = headers
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("cdp-dlq-"))
+        .map(|(k, v)| (k.to_string(), v.to_vec()))
+        .collect();
     headers.push((envelope::DLQ_STAGE.into(), stage.as_bytes().to_vec()));
     headers.push((envelope::DLQ_REASON.into(), reason.as_bytes().to_vec()));
     headers.push(("cdp-dlq-detail".into(), detail.to_string().into_bytes()));
@@ -116,6 +119,7 @@ fn dead_letter(
 mod tests {
     use super::*;
     use crate::store::StoreError;
+    use rdkafka::message::OwnedMessage;
     use rdkafka::Timestamp;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
@@ -132,7 +136,11 @@ mod tests {
                 InputOutcome::DeadLetter { reason, detail } => format!("dead:{reason}:{detail}"),
             };
             if let Ok(mut seen) = sink.lock() {
-                seen.push((headers.to_vec(), what));
+                let owned = headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_vec()))
+                    .collect();
+                seen.push((owned, what));
             }
         });
         (observer, seen)
@@ -159,7 +167,11 @@ mod tests {
         }
     }
 
-    fn source() -> Vec<(String, Vec<u8>)> {
+    fn source() -> Vec<HeaderRef<'static>> {
+        vec![("cdp-source", b"web")]
+    }
+
+    fn source_owned() -> Vec<(String, Vec<u8>)> {
         vec![("cdp-source".to_string(), b"web".to_vec())]
     }
 
@@ -182,8 +194,8 @@ mod tests {
         assert_eq!(
             *seen,
             vec![
-                (source(), "processed:1".to_string()),
-                (source(), "processed:0".to_string())
+                (source_owned(), "processed:1".to_string()),
+                (source_owned(), "processed:0".to_string())
             ]
         );
         Ok(())
@@ -221,7 +233,7 @@ mod tests {
         let seen = seen.lock().map_err(|_| RuntimeError::Poisoned)?;
         assert_eq!(
             *seen,
-            vec![(source(), "dead:bad_value:{\"why\":1}".to_string())]
+            vec![(source_owned(), "dead:bad_value:{\"why\":1}".to_string())]
         );
         Ok(())
     }

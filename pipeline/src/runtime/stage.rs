@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::BorrowedMessage;
 
 use super::batch::process_batch;
 use super::gauges::update_gauges;
@@ -175,17 +175,19 @@ impl StageRuntime {
 /// Poll up to `max` records: wait briefly for the first, then take what is
 /// already fetched. A broker that is away shows up as errors here that the
 /// client recovers from by itself.
-fn poll_batch(
+/// The records stay in the consumer's buffers: they are borrowed, never
+/// copied out.
+fn poll_batch<'c>(
     stage: &'static str,
-    consumer: &BaseConsumer<StageContext>,
+    consumer: &'c BaseConsumer<StageContext>,
     max: usize,
-) -> Result<Vec<OwnedMessage>, RuntimeError> {
+) -> Result<Vec<BorrowedMessage<'c>>, RuntimeError> {
     let mut out = Vec::new();
     let mut timeout = Duration::from_millis(100);
     while out.len() < max {
         match consumer.poll(timeout) {
             None => break,
-            Some(Ok(m)) => out.push(m.detach()),
+            Some(Ok(m)) => out.push(m),
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => {
                 // A fatal error is checked by the caller before every poll.
