@@ -12,7 +12,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, ProducerContext, ThreadedProducer};
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Span;
@@ -266,6 +266,20 @@ impl ClientFactory {
 
     /// An idempotent producer that waits for all in-sync replicas.
     pub fn producer(&self) -> Result<FutureProducer, ClientError> {
+        Ok(self.producer_config().create()?)
+    }
+
+    /// [`ClientFactory::producer`] with delivery reports going to
+    /// `context` instead of a future per record (the stage runtime counts
+    /// a batch's acknowledgements in one place).
+    pub fn producer_with_context<C: ProducerContext + 'static>(
+        &self,
+        context: C,
+    ) -> Result<ThreadedProducer<C>, ClientError> {
+        Ok(self.producer_config().create_with_context(context)?)
+    }
+
+    fn producer_config(&self) -> ClientConfig {
         let mut c = self.base();
         // Idempotence: broker-side dedupe of the producer's own retries, so a
         // retried send never duplicates or reorders within a partition.
@@ -285,7 +299,7 @@ impl ClientFactory {
                 c.set(k.trim_start_matches("producer."), v);
             }
         }
-        Ok(c.create()?)
+        c
     }
 
     /// The group consumer of a stage. Offsets live in the task's state

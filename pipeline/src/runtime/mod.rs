@@ -21,8 +21,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::FutureProducer;
 
+mod acks;
 mod batch;
 mod gauges;
 mod ownership;
@@ -33,6 +33,8 @@ mod stage;
 mod ticks;
 
 pub use stage::StageRuntime;
+
+use acks::{AckContext, AckedProducer};
 
 use crate::changelog::RestoreError;
 use crate::envelope::HeaderRef;
@@ -169,7 +171,7 @@ struct Shared {
     on_input: Option<InputObserver>,
     factory: ClientFactory,
     /// Rebuilt when it cannot recover by itself (see [`produce::produce_acked`]).
-    producer: RwLock<FutureProducer>,
+    producer: RwLock<AckedProducer>,
     restore_consumer: BaseConsumer,
     changelog_topic: String,
     dead_letter_topic: String,
@@ -200,7 +202,7 @@ fn now_ms() -> i64 {
 }
 
 impl Shared {
-    fn producer(&self) -> Result<FutureProducer, RuntimeError> {
+    fn producer(&self) -> Result<AckedProducer, RuntimeError> {
         self.producer
             .read()
             .map(|p| p.clone())
@@ -211,7 +213,7 @@ impl Shared {
     /// state no longer matches the broker's (seen after a broker restart
     /// lost it) never recovers by itself.
     fn rebuild_producer(&self, why: &str) -> Result<(), RuntimeError> {
-        let fresh = self.factory.producer()?;
+        let fresh = self.factory.producer_with_context(AckContext::default())?;
         let old = std::mem::replace(
             &mut *self.producer.write().map_err(|_| RuntimeError::Poisoned)?,
             fresh,

@@ -19,12 +19,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::FutureRecord;
 use rdkafka::Offset;
 
-use super::produce::{
-    await_deliveries, enqueue, epoch_header, produce_acked, OutHeaders, Outgoing,
-};
+use super::produce::{produce_acked, produce_round, OutHeaders, Outgoing};
 use super::{RuntimeError, Shared, Task};
 use crate::changelog::{self, claim_key, commit_key, Claim, Foreign, Marker, RecordKind, Restorer};
 use crate::metrics;
@@ -203,19 +200,22 @@ fn repair(
         metrics::CHANGELOG_REPAIRS
             .with_label_values(&[stage])
             .inc_by(dirty.len() as u64);
-        let mut futs = Vec::new();
-        for key in &dirty {
-            let value = store.get(key)?;
-            let mut record = FutureRecord::to(topic)
-                .partition(partition)
-                .key(key.as_slice())
-                .headers(epoch_header(meta.epoch));
-            if let Some(v) = &value {
-                record = record.payload(v.as_slice());
-            }
-            futs.push((topic, enqueue(&shared.producer()?, record)?));
-        }
-        let mut mine: Vec<i64> = await_deliveries(&shared.handle, futs)?
+        let values = dirty
+            .iter()
+            .map(|key| store.get(key))
+            .collect::<Result<Vec<_>, _>>()?;
+        let records: Vec<Outgoing<'_>> = dirty
+            .iter()
+            .zip(&values)
+            .map(|(key, value)| Outgoing {
+                topic,
+                partition: Some(partition),
+                key: Some(key.as_slice()),
+                payload: value.as_deref(),
+                headers: OutHeaders::Epoch(meta.epoch),
+            })
+            .collect();
+        let mut mine: Vec<i64> = produce_round(&shared.producer()?, &records)?
             .into_iter()
             .map(|d| d.1)
             .collect();

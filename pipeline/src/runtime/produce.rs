@@ -3,13 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::future_producer::DeliveryFuture;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
+use super::acks::{AckedProducer, RoundError};
 use super::{RuntimeError, Shared};
 use crate::envelope::{self, Position};
 use crate::metrics;
@@ -92,24 +91,7 @@ pub(super) fn produce_acked(
     let mut backoff = Backoff::default();
     loop {
         let producer = shared.producer()?;
-        let attempt = records
-            .iter()
-            .map(|r| {
-                let mut record = FutureRecord::<[u8], [u8]>::to(r.topic).headers(r.headers.build());
-                if let Some(p) = r.partition {
-                    record = record.partition(p);
-                }
-                if let Some(k) = r.key {
-                    record = record.key(k);
-                }
-                if let Some(v) = r.payload {
-                    record = record.payload(v);
-                }
-                enqueue(&producer, record).map(|f| (r.topic, f))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .and_then(|futures| await_deliveries(&shared.handle, futures));
-        let error = match attempt {
+        let error = match produce_round(&producer, records) {
             Ok(acks) => {
                 if backoff.failures > 0 {
                     tracing::info!(
@@ -153,53 +135,79 @@ pub(super) fn epoch_header(epoch: u32) -> OwnedHeaders {
     })
 }
 
+/// How long a round waits for its last delivery report. librdkafka reports
+/// every record within `message.timeout.ms` (30 s by default), so this only
+/// bounds a report that never comes.
+const ROUND_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Produce `records` once and wait for every acknowledgement (one wait for
+/// the round, not one per record); returns each record's
+/// `(partition, offset)`.
+pub(super) fn produce_round(
+    producer: &AckedProducer,
+    records: &[Outgoing<'_>],
+) -> Result<Vec<(i32, i64)>, RuntimeError> {
+    let round = producer
+        .context()
+        .open(records.len())
+        .map_err(|_| RuntimeError::Poisoned)?;
+    for (i, r) in records.iter().enumerate() {
+        let mut record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(r.topic, round.opaque(i))
+            .headers(r.headers.build());
+        if let Some(p) = r.partition {
+            record = record.partition(p);
+        }
+        if let Some(k) = r.key {
+            record = record.key(k);
+        }
+        if let Some(v) = r.payload {
+            record = record.payload(v);
+        }
+        enqueue(producer, record)?;
+    }
+    round.wait(ROUND_PATIENCE).map_err(|e| {
+        let topic = |index: usize| records.get(index).map_or("", |r| r.topic).to_string();
+        match e {
+            RoundError::Failed { index, error } => RuntimeError::Produce {
+                topic: topic(index),
+                error,
+            },
+            RoundError::TimedOut => RuntimeError::Produce {
+                topic: topic(0),
+                error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+            },
+            RoundError::Poisoned => RuntimeError::Poisoned,
+        }
+    })
+}
+
 /// Send without blocking on a full local queue for long: wait and retry.
 pub(super) fn enqueue<K, P>(
-    producer: &FutureProducer,
-    mut record: FutureRecord<'_, K, P>,
-) -> Result<DeliveryFuture, RuntimeError>
+    producer: &AckedProducer,
+    mut record: BaseRecord<'_, K, P, usize>,
+) -> Result<(), RuntimeError>
 where
     K: rdkafka::message::ToBytes + ?Sized,
     P: rdkafka::message::ToBytes + ?Sized,
 {
-    let topic = record.topic.to_string();
     let started = Instant::now();
     loop {
-        match producer.send_result(record) {
-            Ok(f) => return Ok(f),
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
                 if started.elapsed() < Duration::from_secs(60) =>
             {
                 record = r;
                 std::thread::sleep(Duration::from_millis(5));
             }
-            Err((error, _)) => return Err(RuntimeError::Produce { topic, error }),
+            Err((error, r)) => {
+                return Err(RuntimeError::Produce {
+                    topic: r.topic.to_string(),
+                    error,
+                })
+            }
         }
     }
-}
-
-/// Await deliveries; returns each record's `(partition, offset)`.
-pub(super) fn await_deliveries(
-    handle: &tokio::runtime::Handle,
-    futures: Vec<(&str, DeliveryFuture)>,
-) -> Result<Vec<(i32, i64)>, RuntimeError> {
-    let (topics, futs): (Vec<&str>, Vec<DeliveryFuture>) = futures.into_iter().unzip();
-    let results = handle.block_on(join_all(futs));
-    topics
-        .into_iter()
-        .zip(results)
-        .map(|(topic, r)| match r {
-            Ok(Ok(d)) => Ok((d.partition, d.offset)),
-            Ok(Err((error, _))) => Err(RuntimeError::Produce {
-                topic: topic.to_string(),
-                error,
-            }),
-            Err(_) => Err(RuntimeError::Produce {
-                topic: topic.to_string(),
-                error: KafkaError::Canceled,
-            }),
-        })
-        .collect()
 }
 
 #[cfg(test)]

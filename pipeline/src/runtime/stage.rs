@@ -96,7 +96,10 @@ impl StageRuntime {
         let name = self.spec.name;
         let input_topic = self.spec.input_topic.clone();
         let shared = Arc::new(Shared {
-            producer: RwLock::new(self.factory.producer()?),
+            producer: RwLock::new(
+                self.factory
+                    .producer_with_context(super::acks::AckContext::default())?,
+            ),
             factory: self.factory.clone(),
             shutdown: shutdown.clone(),
             external_input: self.external_input,

@@ -3,8 +3,9 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::BaseRecord;
 
+use super::acks::UNWATCHED;
 use super::produce::enqueue;
 use super::{now_ms, RuntimeError, Shared};
 use crate::metrics;
@@ -30,13 +31,13 @@ pub(super) fn send_ticks(shared: &Shared, every: Duration) -> Result<(), Runtime
                 })
             });
         // Fire and forget: a lost tick is replaced by the next one.
-        drop(enqueue(
+        enqueue(
             &producer,
-            FutureRecord::<[u8], [u8]>::to(&shared.spec.input_topic)
+            BaseRecord::<[u8], [u8], usize>::with_opaque_to(&shared.spec.input_topic, UNWATCHED)
                 .partition(task.partition)
                 .payload(&[])
                 .headers(headers),
-        )?);
+        )?;
         metrics::TICKS.with_label_values(&[shared.spec.name]).inc();
     }
     Ok(())
