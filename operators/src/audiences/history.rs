@@ -12,11 +12,11 @@ pub(super) struct FilterHistory {
     pub(super) count: u64,
     /// Event times, sorted, as far back as the filter's retention needs
     /// (sequences; windows in states written before buckets).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub(super) times: Vec<i64>,
     /// For windows: `(bucket start, events)`, sorted, at most 31 per
     /// window: what keeps a busy profile's state bounded.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub(super) buckets: Vec<(i64, u64)>,
 }
 

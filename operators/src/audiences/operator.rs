@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cdp_pipeline::operator::{Context, Operator, OperatorError, Record};
+use cdp_pipeline::store::StoreError;
 use serde_json::{json, Value};
 
 use super::compile::AudienceSet;
@@ -13,8 +14,9 @@ use crate::messages::{
     self, outputs, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
 };
 use crate::profile_keyed::{
-    decode, dispatch, emit_json, is_waiting, pass_on_transfer, profile_key, redirect_of,
-    reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage, StageInput,
+    decode, decode_state, dispatch, emit_json, encode_state, is_waiting, pass_on_transfer,
+    profile_key, redirect_of, reschedule, retire, send_transfer, to_json_value, union_identifiers,
+    ProfileStage, StageInput, Stored,
 };
 
 /// The audiences operator of one task.
@@ -34,7 +36,19 @@ impl AudiencesOperator {
     }
 
     fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<AudienceProfile>, OperatorError> {
-        let mut profile: Option<AudienceProfile> = ctx.get_json(&profile_key(id))?;
+        let Some(bytes) = ctx.get(&profile_key(id))? else {
+            return Ok(None);
+        };
+        let mut profile: Option<AudienceProfile> = match decode_state(id, &bytes)? {
+            Stored::Current(profile) => Some(profile),
+            // Written as JSON, before the binary encoding.
+            Stored::Json => Some(serde_json::from_slice(&bytes).map_err(|e| {
+                StoreError::Decode(format!(
+                    "{}: {e}",
+                    String::from_utf8_lossy(&profile_key(id))
+                ))
+            })?),
+        };
         if let Some(p) = profile.as_mut() {
             p.upgrade_sequence_steps(&self.set);
         }
@@ -99,7 +113,7 @@ impl AudiencesOperator {
         profile.members = members;
         let next = profile.next_change(&self.set, now);
         reschedule(ctx, id, &mut profile.timer, next);
-        ctx.put_json(&profile_key(id), &profile)?;
+        ctx.put(&profile_key(id), encode_state(&profile)?);
         for change in &changes {
             emit_json(ctx, outputs::NEXT, id, change)?;
         }
@@ -307,7 +321,7 @@ impl ProfileStage for AudiencesOperator {
         let incoming = self.incoming(from, into, state)?;
         let mut profile = self.load(ctx, into)?.unwrap_or_default();
         profile.merge(incoming);
-        ctx.put_json(&profile_key(into), &profile)?;
+        ctx.put(&profile_key(into), encode_state(&profile)?);
         Ok(())
     }
 }
@@ -329,7 +343,7 @@ impl Operator for AudiencesOperator {
         profile.timer = None;
         if is_waiting(ctx, id)? {
             // The held update evaluates (and reschedules) when the wait ends.
-            ctx.put_json(&profile_key(id), &profile)?;
+            ctx.put(&profile_key(id), encode_state(&profile)?);
             return Ok(());
         }
         let now = ctx.now();

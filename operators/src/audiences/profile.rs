@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::compile::{AudienceSet, Compiled, Retention};
 use super::history::FilterHistory;
 use crate::messages::{self, Identifiers};
-use crate::profile_keyed::union_identifiers;
+use crate::profile_keyed::{json_text_map, union_identifiers};
 /// Everything the audiences stage keeps for one profile, under `profile/<id>`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub(super) struct AudienceProfile {
@@ -18,7 +18,7 @@ pub(super) struct AudienceProfile {
     #[serde(default)]
     pub(super) clock: i64,
     /// Current trait values (computed and identify).
-    #[serde(default)]
+    #[serde(default, with = "json_text_map")]
     pub(super) traits: BTreeMap<String, Value>,
     /// Filter key → history.
     #[serde(default)]
@@ -31,7 +31,7 @@ pub(super) struct AudienceProfile {
     pub(super) timer: Option<i64>,
     /// Keys of the sequence conditions that have held: a sequence, once
     /// it happened, holds for good (its step times are only the latest).
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    #[serde(default)]
     pub(super) sequences: BTreeSet<String>,
 }
 

@@ -105,6 +105,50 @@ fn exited(name: &str) -> (String, AudienceAction) {
     (name.to_owned(), AudienceAction::Exited)
 }
 
+/// A profile stored as JSON (before the binary encoding) loads, goes on
+/// exactly as if it had never been re-encoded, and is written back in the
+/// binary encoding.
+#[test]
+fn json_profiles_load_and_are_rewritten_in_the_binary_encoding() -> TestResult {
+    let yaml = r#"
+seq: {where: {sequence: [{event: A}, {event: B}], within: 1d}}
+busy: {where: {event: A, count: {gte: 2}, within: 7d}}
+shoes: {where: {trait: favorite, eq: shoes}}
+"#;
+    let (mut binary, mut json) = (harness(yaml)?, harness(yaml)?);
+    type Step<'a> = (Option<(&'a str, Value)>, Value, i64);
+    let steps: [Step; 5] = [
+        (Some(("A", json!({}))), json!({"favorite": "shoes"}), DAY),
+        (Some(("A", json!({}))), json!({"n": [1, 2]}), DAY + HOUR),
+        (Some(("B", json!({}))), json!({}), DAY + 2 * HOUR),
+        (None, json!({"favorite": null}), 2 * DAY),
+        (Some(("A", json!({}))), json!({}), 20 * DAY),
+    ];
+    for (i, (event, traits, t)) in steps.into_iter().enumerate() {
+        if i == 2 {
+            let key = profile_key("p");
+            let stored = json.state.map.get(key.as_slice()).ok_or("no profile")?;
+            assert_eq!(stored.first(), Some(&1), "stored in the binary encoding");
+            let profile: AudienceProfile = crate::profile_keyed::read_state(stored)?;
+            json.state.map.insert(key, serde_json::to_vec(&profile)?);
+        }
+        let a = send(&mut binary, "p", event.clone(), traits.clone(), t)?;
+        let b = send(&mut json, "p", event, traits, t)?;
+        assert_eq!(summary(&a), summary(&b), "update {i}");
+    }
+    let stored = json
+        .state
+        .map
+        .get(profile_key("p").as_slice())
+        .ok_or("no profile")?;
+    assert_eq!(stored.first(), Some(&1), "rewritten in the binary encoding");
+    assert_eq!(
+        binary.state.map.get(profile_key("p").as_slice()),
+        Some(stored)
+    );
+    Ok(())
+}
+
 #[test]
 fn the_design_audiences_load_in_dependency_order() -> TestResult {
     let set = AudienceSet::new(&defs(DESIGN_AUDIENCES)?, &KnownNames::anything())?;
@@ -183,7 +227,7 @@ fn sequences_keep_few_times_and_hold_for_good() -> TestResult {
         .map
         .get(profile_key("p").as_slice())
         .ok_or("no profile")?;
-    let profile: AudienceProfile = serde_json::from_slice(stored)?;
+    let profile: AudienceProfile = crate::profile_keyed::read_state(stored)?;
     for history in profile.events.values() {
         assert!(history.times.len() <= MAX_SEQUENCE_TIMES);
     }
@@ -236,7 +280,7 @@ fn windowed_event_history_is_kept_in_buckets() -> TestResult {
         .map
         .get(profile_key("p").as_slice())
         .ok_or("no profile")?;
-    let profile: AudienceProfile = serde_json::from_slice(stored)?;
+    let profile: AudienceProfile = crate::profile_keyed::read_state(stored)?;
     let history = profile.events.values().next().ok_or("no history")?;
     assert!(history.times.is_empty());
     assert!(

@@ -12,8 +12,12 @@
 //! ([`wait`]): the merging event names the merged-away profiles, and the
 //! survivor holds it (and what follows it) until their transfers are in.
 
+mod encoding;
 mod wait;
 
+#[cfg(test)]
+pub(crate) use encoding::read_state;
+pub(crate) use encoding::{decode_state, encode_state, json_text, json_text_map, Stored};
 pub use wait::MAX_HELD_INPUTS;
 pub(crate) use wait::{dispatch, is_waiting, ProfileStage, Route};
 

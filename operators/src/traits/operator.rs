@@ -14,8 +14,9 @@ use super::{MERGE_WAIT_LIMIT, STAGE, STATE_LIMIT_HEADER};
 use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{self, outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::{
-    decode, dispatch, emit_json, is_waiting, pass_on_transfer, profile_key, redirect_of,
-    reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage, StageInput,
+    decode, decode_state, dispatch, emit_json, encode_state, is_waiting, pass_on_transfer,
+    profile_key, redirect_of, reschedule, retire, send_transfer, to_json_value, union_identifiers,
+    ProfileStage, StageInput, Stored,
 };
 
 /// The traits operator of one task.
@@ -32,11 +33,16 @@ impl TraitsOperator {
         let Some(bytes) = ctx.get(&profile_key(id))? else {
             return Ok(None);
         };
-        let mut state: ProfileState = match serde_json::from_slice(&bytes) {
-            Ok(state) => state,
-            // A state written before windows had buckets and unique lists
-            // kept times: rewrite it once rather than stop the stage.
-            Err(_) => self.upgrade(id, &bytes)?,
+        let mut state: ProfileState = match decode_state(id, &bytes)? {
+            Stored::Current(state) => state,
+            // Written as JSON, before the binary encoding.
+            Stored::Json => match serde_json::from_slice(&bytes) {
+                Ok(state) => state,
+                // A state written before windows had buckets and unique
+                // lists kept times: rewrite it once rather than stop the
+                // stage.
+                Err(_) => self.upgrade(id, &bytes)?,
+            },
         };
         state.conform(&self.set);
         Ok(Some(state))
@@ -102,7 +108,7 @@ impl TraitsOperator {
         let changed = state.refresh(&self.set, state.clock);
         let next = state.next_expiry(&self.set);
         reschedule(ctx, id, &mut state.timer, next);
-        ctx.put_json(&profile_key(id), state)?;
+        ctx.put(&profile_key(id), encode_state(state)?);
         Ok(changed)
     }
 
@@ -335,7 +341,7 @@ impl ProfileStage for TraitsOperator {
         let incoming = self.incoming(from, into, &state)?;
         let mut current = self.load(ctx, into)?.unwrap_or_default();
         current.merge(&self.set, incoming);
-        ctx.put_json(&profile_key(into), &current)?;
+        ctx.put(&profile_key(into), encode_state(&current)?);
         Ok(())
     }
 }
@@ -357,7 +363,7 @@ impl Operator for TraitsOperator {
         state.timer = None;
         if is_waiting(ctx, id)? {
             // The held input evaluates (and reschedules) when the wait ends.
-            ctx.put_json(&profile_key(id), &state)?;
+            ctx.put(&profile_key(id), encode_state(&state)?);
             return Ok(());
         }
         let now = ctx.now();

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{json, Value};
 
 use super::config::{AggregateFunction, TraitDef};
@@ -61,16 +61,16 @@ mod units_text {
 }
 
 /// The state of one computed trait of one profile. Values are kept as
-/// their JSON text so they order and compare exactly.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+/// their JSON text so they order and compare exactly. Serialized as
+/// [`Tagged`] in JSON and as [`Compact`] in the store's binary encoding
+/// (see [`crate::profile_keyed`]'s `encoding`).
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum TraitState {
     /// All-time event counter.
     Counter { count: u64 },
     /// All-time aggregation: enough for every function.
     Aggregation {
         count: u64,
-        #[serde(with = "units_text")]
         sum: i128,
         min: Option<f64>,
         max: Option<f64>,
@@ -89,10 +89,172 @@ pub(super) enum TraitState {
     /// Any windowed trait: the all-time state of each time bucket (start →
     /// state) still in the window; see [`bucket_width`]. The value is the
     /// merge of the buckets in the window, folded on demand.
+    Window { buckets: BTreeMap<i64, TraitState> },
+}
+
+/// The JSON form of a [`TraitState`]: tagged by `kind` (states written
+/// before the binary encoding, and transfers).
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Tagged {
+    Counter {
+        count: u64,
+    },
+    Aggregation {
+        count: u64,
+        #[serde(with = "units_text")]
+        sum: i128,
+        min: Option<f64>,
+        max: Option<f64>,
+    },
+    MostFrequent {
+        counts: BTreeMap<String, u64>,
+    },
+    First {
+        at: Option<(i64, String)>,
+    },
+    Last {
+        at: Option<(i64, String)>,
+    },
+    UniqueList {
+        latest: BTreeMap<String, i64>,
+    },
+    UniqueCount {
+        values: BTreeSet<String>,
+    },
     Window {
         #[serde(with = "bucket_pairs")]
         buckets: BTreeMap<i64, TraitState>,
     },
+}
+
+/// The binary form of a [`TraitState`]: externally tagged by variant
+/// index, one field tuple per variant. Serialized by hand from a borrow
+/// (in [`TraitState`]'s `Serialize`), in this order.
+#[derive(Deserialize)]
+enum Compact {
+    Counter(u64),
+    Aggregation((u64, i128, Option<f64>, Option<f64>)),
+    MostFrequent(BTreeMap<String, u64>),
+    First(Option<(i64, String)>),
+    Last(Option<(i64, String)>),
+    UniqueList(BTreeMap<String, i64>),
+    UniqueCount(BTreeSet<String>),
+    Window(BTreeMap<i64, TraitState>),
+}
+
+impl From<Tagged> for TraitState {
+    fn from(t: Tagged) -> Self {
+        match t {
+            Tagged::Counter { count } => TraitState::Counter { count },
+            Tagged::Aggregation {
+                count,
+                sum,
+                min,
+                max,
+            } => TraitState::Aggregation {
+                count,
+                sum,
+                min,
+                max,
+            },
+            Tagged::MostFrequent { counts } => TraitState::MostFrequent { counts },
+            Tagged::First { at } => TraitState::First { at },
+            Tagged::Last { at } => TraitState::Last { at },
+            Tagged::UniqueList { latest } => TraitState::UniqueList { latest },
+            Tagged::UniqueCount { values } => TraitState::UniqueCount { values },
+            Tagged::Window { buckets } => TraitState::Window { buckets },
+        }
+    }
+}
+
+impl From<TraitState> for Tagged {
+    fn from(t: TraitState) -> Self {
+        match t {
+            TraitState::Counter { count } => Tagged::Counter { count },
+            TraitState::Aggregation {
+                count,
+                sum,
+                min,
+                max,
+            } => Tagged::Aggregation {
+                count,
+                sum,
+                min,
+                max,
+            },
+            TraitState::MostFrequent { counts } => Tagged::MostFrequent { counts },
+            TraitState::First { at } => Tagged::First { at },
+            TraitState::Last { at } => Tagged::Last { at },
+            TraitState::UniqueList { latest } => Tagged::UniqueList { latest },
+            TraitState::UniqueCount { values } => Tagged::UniqueCount { values },
+            TraitState::Window { buckets } => Tagged::Window { buckets },
+        }
+    }
+}
+
+impl From<Compact> for TraitState {
+    fn from(c: Compact) -> Self {
+        match c {
+            Compact::Counter(count) => TraitState::Counter { count },
+            Compact::Aggregation((count, sum, min, max)) => TraitState::Aggregation {
+                count,
+                sum,
+                min,
+                max,
+            },
+            Compact::MostFrequent(counts) => TraitState::MostFrequent { counts },
+            Compact::First(at) => TraitState::First { at },
+            Compact::Last(at) => TraitState::Last { at },
+            Compact::UniqueList(latest) => TraitState::UniqueList { latest },
+            Compact::UniqueCount(values) => TraitState::UniqueCount { values },
+            Compact::Window(buckets) => TraitState::Window { buckets },
+        }
+    }
+}
+
+impl Serialize for TraitState {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            // JSON is for transfers and tests: a copy is cheap enough.
+            return Tagged::from(self.clone()).serialize(s);
+        }
+        // [`Compact`]'s variants, by index.
+        const NAME: &str = "Compact";
+        match self {
+            TraitState::Counter { count } => s.serialize_newtype_variant(NAME, 0, "Counter", count),
+            TraitState::Aggregation {
+                count,
+                sum,
+                min,
+                max,
+            } => s.serialize_newtype_variant(NAME, 1, "Aggregation", &(count, sum, min, max)),
+            TraitState::MostFrequent { counts } => {
+                s.serialize_newtype_variant(NAME, 2, "MostFrequent", counts)
+            }
+            TraitState::First { at } => s.serialize_newtype_variant(NAME, 3, "First", at),
+            TraitState::Last { at } => s.serialize_newtype_variant(NAME, 4, "Last", at),
+            TraitState::UniqueList { latest } => {
+                s.serialize_newtype_variant(NAME, 5, "UniqueList", latest)
+            }
+            TraitState::UniqueCount { values } => {
+                s.serialize_newtype_variant(NAME, 6, "UniqueCount", values)
+            }
+            TraitState::Window { buckets } => {
+                s.serialize_newtype_variant(NAME, 7, "Window", buckets)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TraitState {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            Tagged::deserialize(d).map(TraitState::from)
+        } else {
+            Compact::deserialize(d).map(TraitState::from)
+        }
+    }
 }
 
 /// Buckets as `[[start, state], ...]`: JSON object keys are strings, and

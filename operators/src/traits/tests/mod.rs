@@ -312,6 +312,57 @@ fn states_of_the_previous_layout_are_upgraded_on_load() -> TestResult {
     Ok(())
 }
 
+/// A profile state stored as JSON (before the binary encoding) loads, goes
+/// on exactly as if it had never been re-encoded, and is written back in
+/// the binary encoding.
+#[test]
+fn json_states_load_and_are_rewritten_in_the_binary_encoding() -> TestResult {
+    let config = format!(
+        "{DESIGN_TRAITS}\nplan_seen: {{unique_count: {{event: identify, property: traits.plan}}}}"
+    );
+    let (mut binary, mut json) = (harness(&config)?, harness(&config)?);
+    let events = [
+        track("Order Completed", DAY, json!({"revenue": 120.5})),
+        track(
+            "Product Viewed",
+            DAY + 1,
+            json!({"category": "hats", "sku": "s1"}),
+        ),
+        identify(DAY + 2, json!({"plan": "pro", "email": "a@b.c"})),
+        track("Order Completed", 2 * DAY, json!({"revenue": 7})),
+        track(
+            "Product Viewed",
+            3 * DAY,
+            json!({"category": "bags", "sku": "s2"}),
+        ),
+        track("Order Completed", 40 * DAY, json!({"revenue": 1})),
+    ];
+    for (i, event) in events.iter().enumerate() {
+        if i == 3 {
+            // Rewrite the stored state as the previous version did.
+            let key = profile_key("p");
+            let stored = json.state.map.get(key.as_slice()).ok_or("no state")?;
+            assert_eq!(stored.first(), Some(&1), "stored in the binary encoding");
+            let state: ProfileState = crate::profile_keyed::read_state(stored)?;
+            json.state.map.insert(key, serde_json::to_vec(&state)?);
+        }
+        let a = updates(&send(&mut binary, "p", event.clone())?)?;
+        let b = updates(&send(&mut json, "p", event.clone())?)?;
+        assert_eq!(a, b, "event {i}");
+    }
+    let stored = json
+        .state
+        .map
+        .get(profile_key("p").as_slice())
+        .ok_or("no state")?;
+    assert_eq!(stored.first(), Some(&1), "rewritten in the binary encoding");
+    assert_eq!(
+        binary.state.map.get(profile_key("p").as_slice()),
+        Some(stored)
+    );
+    Ok(())
+}
+
 #[test]
 fn value_traits_use_event_time_not_arrival() -> TestResult {
     let mut h = harness(DESIGN_TRAITS)?;
@@ -338,7 +389,7 @@ fn value_traits_use_event_time_not_arrival() -> TestResult {
         .map
         .get(profile_key("p").as_slice())
         .ok_or("no state")?;
-    let state: ProfileState = serde_json::from_slice(st)?;
+    let state: ProfileState = crate::profile_keyed::read_state(st)?;
     let set = trait_set(DESIGN_TRAITS)?;
     let values = state.values(&set, state.clock);
     assert_eq!(values.get("last_product"), Some(&json!("s5")));
@@ -487,7 +538,7 @@ fn a_profile_with_a_million_events_keeps_its_state_under_the_bound() -> TestResu
         })
         .collect();
     let mut state = ProfileState::default();
-    let (mut state_max, mut record_max, mut limited) = (0usize, 0usize, 0usize);
+    let (mut state_max, mut json_max, mut record_max, mut limited) = (0usize, 0, 0, 0usize);
     let n = 1_000_000usize;
     for i in 0..n {
         let t = 1_000_000 + i as i64 * 300_000;
@@ -498,7 +549,9 @@ fn a_profile_with_a_million_events_keeps_its_state_under_the_bound() -> TestResu
         }
         if i % 1000 == 999 || i + 1 == n {
             state.refresh(&set, state.clock);
-            state_max = state_max.max(serde_json::to_vec(&state)?.len());
+            state_max = state_max.max(crate::profile_keyed::encode_state(&state)?.len());
+            // A transfer carries the state as JSON.
+            json_max = json_max.max(serde_json::to_vec(&state)?.len());
             let update = ProfileUpdate::Update {
                 profile_id: "prof_0123456789abcdef0123".into(),
                 identifiers: Identifiers::from([("user_id".into(), vec!["u_1".into()])]),
@@ -513,8 +566,14 @@ fn a_profile_with_a_million_events_keeps_its_state_under_the_bound() -> TestResu
         }
     }
     assert!(limited > 0, "the most_frequent limit was hit and said so");
-    eprintln!("{n} events: state {state_max} bytes, largest record {record_max} bytes");
+    eprintln!(
+        "{n} events: state {state_max} bytes ({json_max} as JSON), largest record {record_max} bytes"
+    );
     assert!(state_max < 16 * 1024, "profile state {state_max} bytes");
+    assert!(
+        json_max < 16 * 1024,
+        "profile state {json_max} bytes as JSON"
+    );
     assert!(record_max < 8 * 1024, "largest record {record_max} bytes");
     Ok(())
 }

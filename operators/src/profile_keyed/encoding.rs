@@ -1,0 +1,188 @@
+//! How a profile-keyed stage stores a profile's state under `profile/<id>`.
+//!
+//! A state is written as [postcard](https://docs.rs/postcard) (compact and
+//! positional: no field names, varint numbers) behind one version byte,
+//! [`POSTCARD_V1`]. States written before, as JSON, start with `{` and
+//! still load: a stage upgrades in place, rewriting each profile in the new
+//! encoding the next time it changes. Transfers between partitions stay
+//! JSON: they travel inside a JSON record.
+//!
+//! A positional encoding cannot skip a field or read a tag from inside a
+//! map, so the state types follow two rules: no `skip_serializing_if`, and
+//! anything that serializes differently in JSON (internally tagged enums,
+//! `serde_json::Value`) asks the serializer [`is_human_readable`] and, in
+//! the binary form, takes a plain shape ([`json_text`] for values).
+//!
+//! [`is_human_readable`]: serde::Serializer::is_human_readable
+
+use cdp_pipeline::store::StoreError;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// First byte of a state in postcard encoding, version 1. A JSON state
+/// starts with `{`, so the two never collide.
+pub(crate) const POSTCARD_V1: u8 = 1;
+
+/// A stored state as it was found.
+pub(crate) enum Stored<T> {
+    /// In the current (binary) encoding.
+    Current(T),
+    /// JSON, as written before the binary encoding: the stage parses it
+    /// (and may upgrade an older layout) itself.
+    Json,
+}
+
+/// Encode a state for the store.
+pub(crate) fn encode_state<T: Serialize>(state: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_extend(state, vec![POSTCARD_V1])
+        .map_err(|e| StoreError::Decode(format!("encode state: {e}")))
+}
+
+/// Decode a stored state: the binary encoding, or [`Stored::Json`] for a
+/// state written as JSON.
+pub(crate) fn decode_state<T: DeserializeOwned>(
+    key: &str,
+    bytes: &[u8],
+) -> Result<Stored<T>, StoreError> {
+    match bytes.split_first() {
+        Some((&POSTCARD_V1, rest)) => postcard::from_bytes(rest)
+            .map(Stored::Current)
+            .map_err(|e| StoreError::Decode(format!("{key}: {e}"))),
+        _ => Ok(Stored::Json),
+    }
+}
+
+/// A stored state in either encoding (tests read the store with it).
+#[cfg(test)]
+pub(crate) fn read_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    match decode_state("state", bytes)? {
+        Stored::Current(state) => Ok(state),
+        Stored::Json => {
+            serde_json::from_slice(bytes).map_err(|e| StoreError::Decode(e.to_string()))
+        }
+    }
+}
+
+/// A `serde_json::Value` field: itself in JSON, its JSON text in binary
+/// encodings (which cannot describe a value of any shape).
+pub(crate) mod json_text {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::Value;
+
+    pub(crate) fn serialize<S: Serializer>(value: &Value, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            value.serialize(s)
+        } else {
+            s.collect_str(value)
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+        if d.is_human_readable() {
+            Value::deserialize(d)
+        } else {
+            let text = String::deserialize(d)?;
+            serde_json::from_str(&text).map_err(D::Error::custom)
+        }
+    }
+}
+
+/// A map of names to `serde_json::Value`s, each as [`json_text`].
+pub(crate) mod json_text_map {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::Value;
+
+    #[derive(Serialize, Deserialize)]
+    struct Text(#[serde(with = "super::json_text")] Value);
+
+    /// Borrowed for serialization.
+    struct TextRef<'a>(&'a Value);
+
+    impl Serialize for TextRef<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            super::json_text::serialize(self.0, s)
+        }
+    }
+
+    pub(crate) fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Value>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            map.serialize(s)
+        } else {
+            s.collect_map(map.iter().map(|(k, v)| (k, TextRef(v))))
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Value>, D::Error> {
+        if d.is_human_readable() {
+            BTreeMap::deserialize(d)
+        } else {
+            Ok(BTreeMap::<String, Text>::deserialize(d)?
+                .into_iter()
+                .map(|(k, Text(v))| (k, v))
+                .collect())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Sample {
+        #[serde(with = "json_text")]
+        one: Value,
+        #[serde(with = "json_text_map")]
+        many: BTreeMap<String, Value>,
+    }
+
+    fn sample() -> Sample {
+        Sample {
+            one: json!({"a": [1, 2.5, null, "x"]}),
+            many: BTreeMap::from([
+                ("n".to_owned(), json!(3)),
+                ("s".to_owned(), json!("shoes")),
+                ("l".to_owned(), json!(["a", "b"])),
+            ]),
+        }
+    }
+
+    #[test]
+    fn values_round_trip_in_both_encodings() -> Result<(), Box<dyn std::error::Error>> {
+        let bytes = encode_state(&sample())?;
+        assert_eq!(bytes.first(), Some(&POSTCARD_V1));
+        match decode_state::<Sample>("k", &bytes)? {
+            Stored::Current(back) => assert_eq!(back, sample()),
+            Stored::Json => panic!("a binary state read as JSON"),
+        }
+        // JSON keeps the values as they are (what transfers and states
+        // written before the binary encoding hold).
+        let text = serde_json::to_value(sample())?;
+        assert_eq!(text["many"]["l"], json!(["a", "b"]));
+        assert_eq!(serde_json::from_value::<Sample>(text)?, sample());
+        let json_bytes = serde_json::to_vec(&sample())?;
+        assert!(matches!(
+            decode_state::<Sample>("k", &json_bytes)?,
+            Stored::Json
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn a_corrupt_binary_state_is_an_error_not_a_panic() {
+        assert!(decode_state::<Sample>("k", &[POSTCARD_V1, 0xff, 0xff]).is_err());
+    }
+}
