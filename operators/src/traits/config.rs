@@ -318,12 +318,26 @@ impl TraitDef {
     }
 }
 
+/// A digest of the trait definitions, never 0 (the fingerprint of a state
+/// written before states carried one).
+fn fingerprint(defs: &BTreeMap<String, TraitDef>) -> u64 {
+    use sha2::{Digest, Sha256};
+    let text = serde_json::to_vec(defs).unwrap_or_default();
+    let digest = Sha256::digest(&text);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first).max(1)
+}
+
 /// The computed traits of the config, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TraitSet {
     pub(super) defs: BTreeMap<String, TraitDef>,
     /// The bound on event times ahead of the stream.
     pub(super) event_time: EventTimeConfig,
+    /// A digest of `defs`: a profile last evaluated under other traits
+    /// (a config change) is refreshed in full once, not incrementally.
+    pub(super) fingerprint: u64,
 }
 
 impl TraitSet {
@@ -371,6 +385,7 @@ impl TraitSet {
         Ok(TraitSet {
             defs: defs.clone(),
             event_time: EventTimeConfig::default(),
+            fingerprint: fingerprint(defs),
         })
     }
 

@@ -99,13 +99,19 @@ impl TraitsOperator {
     }
 
     /// Prune, diff, reschedule and store; returns the changed traits.
+    /// `touched`: after an event, the traits it may have changed (see
+    /// [`ProfileState::refresh_touched`]); `None` recomputes every value.
     fn settle(
         &self,
         ctx: &mut Context<'_>,
         id: &str,
         state: &mut ProfileState,
+        touched: Option<&[&str]>,
     ) -> Result<BTreeMap<String, Value>, OperatorError> {
-        let changed = state.refresh(&self.set, state.clock);
+        let changed = match touched {
+            Some(touched) => state.refresh_touched(&self.set, state.clock, touched),
+            None => state.refresh(&self.set, state.clock),
+        };
         let next = state.next_expiry(&self.set);
         reschedule(ctx, id, &mut state.timer, next);
         ctx.put(&profile_key(id), encode_state(state)?);
@@ -149,14 +155,15 @@ impl TraitsOperator {
         let event_time = bounded.time;
         let mut state = self.load(ctx, &profile_id)?.unwrap_or_default();
         state.clock = state.clock.max(ctx.now()).max(event_time);
-        let mut limited = state.apply_event(&self.set, &event, event_time);
+        let applied = state.apply_event(&self.set, &event, event_time);
+        let mut limited = applied.limited;
         if merge_limited {
             limited.insert(MERGE_WAIT_LIMIT);
         }
         // Identifiers only grow: a record from a partition that has not
         // seen the latest link must not take identifiers away.
         state.identifiers = union_identifiers(&state.identifiers, &identifiers);
-        let traits = self.settle(ctx, &profile_id, &mut state)?;
+        let traits = self.settle(ctx, &profile_id, &mut state, Some(&applied.touched))?;
         let cause = Cause {
             message_id: event
                 .get("messageId")
@@ -269,7 +276,7 @@ impl TraitsOperator {
         let mut current = current.unwrap_or_default();
         current.merge(&self.set, incoming);
         current.clock = current.clock.max(ctx.now());
-        let traits = self.settle(ctx, &into, &mut current)?;
+        let traits = self.settle(ctx, &into, &mut current, None)?;
         if traits.is_empty() {
             return Ok(());
         }
@@ -341,6 +348,9 @@ impl ProfileStage for TraitsOperator {
         let incoming = self.incoming(from, into, &state)?;
         let mut current = self.load(ctx, into)?.unwrap_or_default();
         current.merge(&self.set, incoming);
+        // `emitted` no longer tells the merged values: the input handled
+        // next refreshes every trait.
+        current.config = 0;
         ctx.put(&profile_key(into), encode_state(&current)?);
         Ok(())
     }
@@ -368,7 +378,7 @@ impl Operator for TraitsOperator {
         }
         let now = ctx.now();
         state.clock = state.clock.max(now);
-        let traits = self.settle(ctx, id, &mut state)?;
+        let traits = self.settle(ctx, id, &mut state, None)?;
         if traits.is_empty() {
             return Ok(());
         }

@@ -39,6 +39,20 @@ pub(super) struct ProfileState {
     /// The timer set for this profile's next window expiry.
     #[serde(default)]
     pub(super) timer: Option<i64>,
+    /// [`TraitSet::fingerprint`] of the traits `emitted` was computed
+    /// under (0: unknown, a state written before it was kept).
+    #[serde(default)]
+    pub(super) config: u64,
+}
+
+/// What one event did to a profile's state.
+#[derive(Debug, Default)]
+pub(super) struct Applied<'a> {
+    /// Kinds of the traits whose per-profile limit dropped something.
+    pub(super) limited: BTreeSet<&'static str>,
+    /// The traits whose value the event may have changed: the computed
+    /// traits it fed, the identify traits it set.
+    pub(super) touched: Vec<&'a str>,
 }
 
 impl ProfileState {
@@ -48,15 +62,14 @@ impl ProfileState {
             .retain(|name, state| set.defs.get(name).is_some_and(|def| state.fits(def)));
     }
 
-    /// Apply one event; returns the kinds of the traits whose per-profile
-    /// limit dropped something.
-    pub(super) fn apply_event(
+    /// Apply one event.
+    pub(super) fn apply_event<'a>(
         &mut self,
-        set: &TraitSet,
-        event: &Value,
+        set: &'a TraitSet,
+        event: &'a Value,
         event_time: i64,
-    ) -> BTreeSet<&'static str> {
-        let mut limited = BTreeSet::new();
+    ) -> Applied<'a> {
+        let mut applied = Applied::default();
         for (name, def) in &set.defs {
             if !def.selects(event) {
                 continue;
@@ -69,8 +82,9 @@ impl ProfileState {
                 .entry(name.clone())
                 .or_insert_with(|| TraitState::empty(def))
                 .add(def, event_time, &text);
+            applied.touched.push(name);
             if dropped {
-                limited.insert(def.kind());
+                applied.limited.insert(def.kind());
             }
         }
         if event.get("type").and_then(Value::as_str) == Some("identify") {
@@ -89,6 +103,7 @@ impl ProfileState {
                     {
                         continue;
                     }
+                    applied.touched.push(name);
                     self.profile_traits.insert(
                         name.clone(),
                         StampedValue {
@@ -99,7 +114,7 @@ impl ProfileState {
                 }
             }
         }
-        limited
+        applied
     }
 
     /// Fold `other` (a merged-away profile) into this one.
@@ -169,7 +184,65 @@ impl ProfileState {
             }
         }
         self.emitted = current;
+        self.config = set.fingerprint;
         changed
+    }
+
+    /// [`refresh`](Self::refresh) after an event, computing only the
+    /// values that can have changed: the `touched` traits and the windowed
+    /// ones that lost a bucket. Every other value is what was last emitted
+    /// (values depend on state, and a window's on its buckets only once
+    /// pruned) — unless the traits were configured otherwise then, which
+    /// takes a full refresh.
+    pub(super) fn refresh_touched(
+        &mut self,
+        set: &TraitSet,
+        now: i64,
+        touched: &[&str],
+    ) -> BTreeMap<String, Value> {
+        if self.config != set.fingerprint {
+            return self.refresh(set, now);
+        }
+        let mut dirty: BTreeSet<&str> = touched.iter().copied().collect();
+        for (name, def) in &set.defs {
+            if let Some(state) = self.computed.get_mut(name) {
+                if state.prune(def, now) {
+                    dirty.insert(name);
+                }
+            }
+        }
+        let mut changed = BTreeMap::new();
+        for name in dirty {
+            match self.value_of(set, name, now) {
+                Value::Null => {
+                    if self.emitted.remove(name).is_some() {
+                        changed.insert(name.to_owned(), Value::Null);
+                    }
+                }
+                value => {
+                    if self.emitted.get(name) != Some(&value) {
+                        self.emitted.insert(name.to_owned(), value.clone());
+                        changed.insert(name.to_owned(), value);
+                    }
+                }
+            }
+        }
+        changed
+    }
+
+    /// One trait's value at `now` (`null`: none), as [`values`](Self::values)
+    /// has it.
+    fn value_of(&self, set: &TraitSet, name: &str, now: i64) -> Value {
+        match set.defs.get(name) {
+            Some(def) => match self.computed.get(name) {
+                Some(state) => state.value(def, now),
+                None => TraitState::empty(def).value(def, now),
+            },
+            None => self
+                .profile_traits
+                .get(name)
+                .map_or(Value::Null, |s| s.value.clone()),
+        }
     }
 
     pub(super) fn next_expiry(&self, set: &TraitSet) -> Option<i64> {

@@ -460,12 +460,15 @@ impl TraitState {
         }
     }
 
-    /// Drop buckets that are out of the window at `now`.
-    pub(super) fn prune(&mut self, def: &TraitDef, now: i64) {
+    /// Drop buckets that are out of the window at `now`; whether any was.
+    pub(super) fn prune(&mut self, def: &TraitDef, now: i64) -> bool {
         if let (TraitState::Window { buckets }, Some(w)) = (self, def.window()) {
             let width = bucket_width(w);
+            let before = buckets.len();
             buckets.retain(|start, _| bucket_counts(*start, width, w, now));
+            return buckets.len() != before;
         }
+        false
     }
 
     /// The trait's value at `now` (`null` when it has none).

@@ -91,6 +91,18 @@ fn apply_updates(
     Ok(())
 }
 
+/// An event for [`EVERY_TYPE`] and identify traits: a track `E` with `v`
+/// (maybe flagged), or an identify setting `other`/`plan` (maybe null).
+fn arb_profile_event() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        3 => (arb_value(), any::<bool>()).prop_map(|(v, flag)| {
+            json!({"type": "track", "event": "E", "properties": {"v": v, "flag": flag}})
+        }),
+        1 => (prop::sample::select(vec!["other", "plan"]), prop::option::of(arb_value()))
+            .prop_map(|(name, v)| json!({"type": "identify", "traits": {name: v}})),
+    ]
+}
+
 proptest! {
     #[test]
     fn trait_states_merge_like_the_union_of_their_events(
@@ -179,5 +191,42 @@ proptest! {
             apply_updates(&mut seen, "b", &out).map_err(TestCaseError::fail)?;
         }
         prop_assert_eq!(seen, expected);
+    }
+
+    /// The incremental refresh after an event (only the traits it touched
+    /// and the windows it pruned) says exactly what a full recomputation
+    /// and diff of every value says, at every step; and a config change
+    /// falls back to the full refresh.
+    #[test]
+    fn the_incremental_refresh_equals_the_full_one(
+        steps in prop::collection::vec((0i64..100, arb_profile_event()), 1..40),
+    ) {
+        let set = trait_set(EVERY_TYPE).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let (mut full, mut incremental) = (ProfileState::default(), ProfileState::default());
+        for (dt, event) in &steps {
+            for state in [&mut full, &mut incremental] {
+                state.clock += dt;
+            }
+            let t = full.clock - dt / 2;
+            full.apply_event(&set, event, t);
+            let expected = full.refresh(&set, full.clock);
+            let applied = incremental.apply_event(&set, event, t);
+            let got = incremental.refresh_touched(&set, incremental.clock, &applied.touched);
+            prop_assert_eq!(&got, &expected);
+            prop_assert_eq!(&incremental, &full);
+        }
+        // Other traits: the next event refreshes in full.
+        let fewer = trait_set("counter: {event_counter: {event: E}}")
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let event = json!({"type": "track", "event": "E", "properties": {"v": 1}});
+        let mut expected = full.clone();
+        expected.conform(&fewer);
+        expected.apply_event(&fewer, &event, full.clock);
+        let expected_changed = expected.refresh(&fewer, full.clock);
+        incremental.conform(&fewer);
+        let applied = incremental.apply_event(&fewer, &event, full.clock);
+        let got = incremental.refresh_touched(&fewer, full.clock, &applied.touched);
+        prop_assert_eq!(got, expected_changed);
+        prop_assert_eq!(incremental, expected);
     }
 }
