@@ -13,6 +13,7 @@
 //! survivor holds it (and what follows it) until their transfers are in.
 
 mod encoding;
+mod fast;
 mod wait;
 
 #[cfg(test)]
@@ -178,9 +179,15 @@ stage_input!(ProfileUpdate, Update);
 
 /// Parse a stage's input record and refuse an empty profile id or a merge
 /// of a profile into itself.
-pub(crate) fn decode<I: StageInput + DeserializeOwned>(value: &[u8]) -> Result<I, OperatorError> {
-    let input: I = serde_json::from_slice(value)
-        .map_err(|e| OperatorError::rejected("invalid_record", json!({"error": e.to_string()})))?;
+pub(crate) fn decode<I: StageInput + DeserializeOwned + fast::FastVariant>(
+    value: &[u8],
+) -> Result<I, OperatorError> {
+    let input: I = match fast::fast_decode(value) {
+        Some(input) => input,
+        None => serde_json::from_slice(value).map_err(|e| {
+            OperatorError::rejected("invalid_record", json!({"error": e.to_string()}))
+        })?,
+    };
     input.check()?;
     Ok(input)
 }

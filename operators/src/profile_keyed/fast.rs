@@ -1,0 +1,185 @@
+//! The fast path of [`decode`](super::decode) for the common record of each
+//! stage (`event` into traits, `update` into audiences).
+//!
+//! The input enums are tagged by a `type` field, which serde can only read
+//! by buffering the whole record first (every string and map of the event
+//! copied once more). Records this crate writes put the tag first
+//! (`{"type":"event",`), so for those the variant's fields are read
+//! straight from the bytes, the tag skipped as an unknown field. Anything
+//! else, and any record the fast path refuses, takes the general path, so
+//! errors read the same.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::messages::{Cause, DroppedIdentifier, Identifiers, ProfileRecord, ProfileUpdate};
+
+/// The profile variant of a stage's input, readable without its tag.
+pub(crate) trait FastVariant: Sized {
+    /// How a record of the variant starts, as `serde_json` writes it.
+    const PREFIX: &'static [u8];
+    /// The variant's fields.
+    type Fields: DeserializeOwned + Into<Self>;
+}
+
+/// The record, when it starts as this crate writes the common variant and
+/// parses as it.
+pub(crate) fn fast_decode<I: FastVariant>(value: &[u8]) -> Option<I> {
+    if !value.starts_with(I::PREFIX) {
+        return None;
+    }
+    serde_json::from_slice::<I::Fields>(value)
+        .ok()
+        .map(Into::into)
+}
+
+/// [`ProfileRecord::Event`]'s fields.
+#[derive(Deserialize)]
+pub(crate) struct EventFields {
+    profile_id: String,
+    identifiers: Identifiers,
+    event: Value,
+    #[serde(default)]
+    dropped: Vec<DroppedIdentifier>,
+    #[serde(default)]
+    merged_from: Vec<String>,
+}
+
+impl From<EventFields> for ProfileRecord {
+    fn from(f: EventFields) -> Self {
+        ProfileRecord::Event {
+            profile_id: f.profile_id,
+            identifiers: f.identifiers,
+            event: f.event,
+            dropped: f.dropped,
+            merged_from: f.merged_from,
+        }
+    }
+}
+
+impl FastVariant for ProfileRecord {
+    const PREFIX: &'static [u8] = br#"{"type":"event","#;
+    type Fields = EventFields;
+}
+
+/// [`ProfileUpdate::Update`]'s fields.
+#[derive(Deserialize)]
+pub(crate) struct UpdateFields {
+    profile_id: String,
+    identifiers: Identifiers,
+    event: Option<Value>,
+    traits: BTreeMap<String, Value>,
+    event_time: i64,
+    #[serde(default)]
+    time_corrected_from: Option<i64>,
+    cause: Cause,
+    #[serde(default)]
+    merged_from: Vec<String>,
+}
+
+impl From<UpdateFields> for ProfileUpdate {
+    fn from(f: UpdateFields) -> Self {
+        ProfileUpdate::Update {
+            profile_id: f.profile_id,
+            identifiers: f.identifiers,
+            event: f.event,
+            traits: f.traits,
+            event_time: f.event_time,
+            time_corrected_from: f.time_corrected_from,
+            cause: f.cause,
+            merged_from: f.merged_from,
+        }
+    }
+}
+
+impl FastVariant for ProfileUpdate {
+    const PREFIX: &'static [u8] = br#"{"type":"update","#;
+    type Fields = UpdateFields;
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
+            "[a-z\"\\\\é ]{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::vec(("[a-z]{1,4}", inner), 0..4)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn arb_ids() -> impl Strategy<Value = Identifiers> {
+        prop::collection::btree_map(
+            "[a-z_]{1,6}",
+            prop::collection::vec("[a-z0-9]{1,5}", 0..3),
+            0..3,
+        )
+    }
+
+    proptest! {
+        /// The fast path reads exactly what serde's tagged path reads.
+        #[test]
+        fn the_fast_path_reads_what_the_general_one_does(
+            id in "[a-z0-9]{1,8}", ids in arb_ids(), event in arb_json(),
+            traits in prop::collection::btree_map("[a-z]{1,5}", arb_json(), 0..4),
+            merged_from in prop::collection::vec("[a-z]{1,4}", 0..3),
+            time in any::<i64>(), corrected in any::<Option<i64>>(), with_event in any::<bool>(),
+        ) {
+            let record = ProfileRecord::Event {
+                profile_id: id.clone(),
+                identifiers: ids.clone(),
+                event: event.clone(),
+                dropped: Vec::new(),
+                merged_from: merged_from.clone(),
+            };
+            let bytes = serde_json::to_vec(&record).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let general: ProfileRecord = serde_json::from_slice(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(fast_decode::<ProfileRecord>(&bytes), Some(general));
+            let update = ProfileUpdate::Update {
+                profile_id: id,
+                identifiers: ids,
+                event: with_event.then_some(event),
+                traits,
+                event_time: time,
+                time_corrected_from: corrected,
+                cause: Cause { message_id: Some("m".into()), tick: None },
+                merged_from,
+            };
+            let bytes = serde_json::to_vec(&update).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let general: ProfileUpdate = serde_json::from_slice(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(fast_decode::<ProfileUpdate>(&bytes), Some(general));
+        }
+    }
+
+    #[test]
+    fn other_records_take_the_general_path() {
+        let merged =
+            json!({"type": "merged", "from": "a", "into": "b", "identifiers": {}, "cause": {}});
+        let bytes = serde_json::to_vec(&merged).unwrap_or_default();
+        assert!(fast_decode::<ProfileRecord>(&bytes).is_none());
+        // Spaced out by another producer: still read, by the general path.
+        assert!(fast_decode::<ProfileRecord>(
+            br#"{ "type": "event", "profile_id": "p", "identifiers": {}, "event": {}}"#
+        )
+        .is_none());
+        // Starts right but is missing a field: refused here, and the
+        // general path words the error.
+        assert!(fast_decode::<ProfileRecord>(br#"{"type":"event","profile_id":"p"}"#).is_none());
+    }
+}
