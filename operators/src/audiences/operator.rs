@@ -15,8 +15,8 @@ use crate::messages::{
 };
 use crate::profile_keyed::{
     decode, decode_state, dispatch, emit_json, encode_state, is_waiting, pass_on_transfer,
-    profile_key, redirect_of, reschedule, retire, send_transfer, to_json_value, union_identifiers,
-    ProfileStage, StageInput, Stored,
+    profile_key, reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage,
+    StageInput, Stored,
 };
 
 /// The audiences operator of one task.
@@ -131,21 +131,7 @@ impl AudiencesOperator {
         event_time: i64,
         record_time: Option<i64>,
         cause: Cause,
-        merged_from: Vec<String>,
     ) -> Result<(), OperatorError> {
-        if let Some(survivor) = redirect_of(ctx, &profile_id)? {
-            let forwarded = ProfileUpdate::Update {
-                profile_id: survivor.clone(),
-                identifiers,
-                event,
-                traits,
-                event_time,
-                time_corrected_from: None,
-                cause,
-                merged_from,
-            };
-            return emit_json(ctx, outputs::SELF, &survivor, &forwarded);
-        }
         // Traits bounded the event time already; bound it again against
         // this stage's stream time for producers that write here directly.
         let event_time = self
@@ -281,7 +267,6 @@ impl ProfileStage for AudiencesOperator {
                 traits,
                 event_time,
                 cause,
-                merged_from,
                 ..
             } => self.on_update(
                 ctx,
@@ -292,7 +277,6 @@ impl ProfileStage for AudiencesOperator {
                 event_time,
                 record_time,
                 cause,
-                merged_from,
             ),
             ProfileUpdate::Merged {
                 from,
@@ -308,6 +292,39 @@ impl ProfileStage for AudiencesOperator {
                 cause,
                 ..
             } => self.on_transfer(ctx, from, into, state, cause),
+        }
+    }
+
+    fn handle_retired(
+        &self,
+        ctx: &mut Context<'_>,
+        input: ProfileUpdate,
+        record_time: Option<i64>,
+        survivor: String,
+    ) -> Result<(), OperatorError> {
+        match input {
+            ProfileUpdate::Update {
+                identifiers,
+                event,
+                traits,
+                event_time,
+                cause,
+                merged_from,
+                ..
+            } => {
+                let forwarded = ProfileUpdate::Update {
+                    profile_id: survivor.clone(),
+                    identifiers,
+                    event,
+                    traits,
+                    event_time,
+                    time_corrected_from: None,
+                    cause,
+                    merged_from,
+                };
+                emit_json(ctx, outputs::SELF, &survivor, &forwarded)
+            }
+            other => self.handle(ctx, other, record_time, false),
         }
     }
 

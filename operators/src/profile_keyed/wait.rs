@@ -68,13 +68,26 @@ pub(crate) trait ProfileStage {
     const STAGE: &'static str;
 
     /// Handle `input` now. `limited`: a held input handled without every
-    /// transfer it waited for (the stage counts it).
+    /// transfer it waited for (the stage counts it). A profile's own
+    /// record comes here only while the profile is live: [`dispatch`]
+    /// looked its redirect up (and `drain` runs for live profiles only), so
+    /// the stage need not read it again.
     fn handle(
         &self,
         ctx: &mut Context<'_>,
         input: Self::Input,
         record_time: Option<i64>,
         limited: bool,
+    ) -> Result<(), OperatorError>;
+
+    /// Handle `input`, a record for a profile retired into `survivor`:
+    /// forward a profile's own record there.
+    fn handle_retired(
+        &self,
+        ctx: &mut Context<'_>,
+        input: Self::Input,
+        record_time: Option<i64>,
+        survivor: String,
     ) -> Result<(), OperatorError>;
 
     /// Fold `state`, the transferred state of merged-away `from`, into
@@ -197,8 +210,8 @@ pub(crate) fn dispatch<S: ProfileStage>(
         }
     };
     // Records for a retired profile are forwarded by the stage.
-    if redirect_of(ctx, &id)?.is_some() {
-        return stage.handle(ctx, input, record_time, false);
+    if let Some(survivor) = redirect_of(ctx, &id)? {
+        return stage.handle_retired(ctx, input, record_time, survivor);
     }
     let mut wait = load(ctx, &id)?;
     if wait.is_empty() && needs.is_empty() {
