@@ -196,6 +196,24 @@ class Bench:
                 total += sign * float(m.group(1))
         return total
 
+    def batches(self) -> dict:
+        """Per stage: committed batches, their summed duration and input records."""
+        out = {}
+        for stage in STAGES:
+            try:
+                with urllib.request.urlopen(f"http://{self.admins[stage]}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            v = {}
+            for key, name in (("count", "cdp_batch_duration_seconds_count"),
+                              ("secs", "cdp_batch_duration_seconds_sum"),
+                              ("records", "cdp_records_in_total")):
+                m = re.search(rf'^{name}{{stage="{stage}"}} (\S+)$', text, re.M)
+                v[key] = float(m.group(1)) if m else 0.0
+            out[stage] = v
+        return out
+
     def stop_all(self) -> None:
         for name, p in reversed(list(self.procs.items())):
             if p.poll() is None:
@@ -334,6 +352,7 @@ class Bench:
         changes = self.work / "deliver.out"
         skip = changes.read_text().count("\n") if changes.exists() else 0
         log(f"latency: {rate:.0f} events/s for {a.phase_secs} s")
+        batches0 = self.batches()
         load = self.loadgen(self.chain_config, seed, "--people", "1000000000", "--rate",
                             str(rate), "--duration", f"{a.phase_secs}s")
         self.loads.append(load)
@@ -341,6 +360,15 @@ class Bench:
         before = self.data_in("validate")
         w = self.watch(before, idle_secs=3, timeout=a.timeout)
         drained_after = max(w["audiences"].get("end", sent_end) - sent_end, 0)
+        batches1 = self.batches()
+        # Mean committed batch: how long its cycle took, how many inputs
+        # (ticks included) it carried.
+        per_batch = {}
+        for s, b in batches1.items():
+            d = {k: b[k] - batches0.get(s, {}).get(k, 0.0) for k in b}
+            if d["count"] > 0:
+                per_batch[s] = {"batches": int(d["count"]), "ms": round(d["secs"] / d["count"] * 1000, 1),
+                                "records": round(d["records"] / d["count"], 1)}
         lat = []
         for line in changes.read_text().splitlines()[skip:]:
             try:
@@ -356,6 +384,7 @@ class Bench:
                 "p50_ms": round(percentile(lat, 50), 1), "p99_ms": round(percentile(lat, 99), 1),
                 "max_ms": round(lat[-1], 1) if lat else None,
                 "drained_secs_after_send": round(drained_after, 1),
+                "per_batch": per_batch,
                 "rss_mb": {s: rss_mb(self.procs[s].pid).get("vmrss") for s in STAGES}}
 
     def state(self) -> dict:
@@ -373,8 +402,8 @@ class Bench:
             self.result["chain"] = self.chain()
             sustained = self.result["chain"]["events_per_sec"]
             self.result["latency"] = {
-                "50%": self.latency(sustained * 0.5, 2),
-                "100%": self.latency(sustained, 3),
+                f"{f * 100:g}%": self.latency(sustained * f, 2 + i)
+                for i, f in enumerate(self.args.latency_at)
             }
             self.result["state"] = self.state()
             self.result["ratio"] = round(sustained / self.result["passthrough"]["events_per_sec"], 3)
@@ -414,6 +443,8 @@ def table(r: dict) -> str:
     rows.append(f"{'latency event -> change':28}{'rate':>8}{'changes':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
     for k, v in r["latency"].items():
         rows.append(f"{'  at ' + k + ' of sustained':28}{v['achieved_rate']:>8}{v['changes']:>9}{v['p50_ms']:>9}{v['p99_ms']:>9}{str(v['max_ms']):>9}")
+        rows.append("    mean batch (ms / records): " + ", ".join(
+            f"{s} {b['ms']}/{b['records']}" for s, b in v.get("per_batch", {}).items()))
     st = r["state"]
     rows.append("")
     rows.append(f"RocksDB bytes per profile ({st['profiles']} profiles): " + ", ".join(
@@ -433,6 +464,9 @@ def main() -> None:
     ap.add_argument("--property", action="append", default=[], metavar="K=V",
                     help="a kafka.properties entry for stages and hops, e.g. producer.linger.ms=0")
     ap.add_argument("--workdir", help="keep configs, logs and state here")
+    ap.add_argument("--latency-at", type=lambda v: [float(f) for f in v.split(",")],
+                    default=[0.5, 1.0], metavar="F,F",
+                    help="latency phases at these fractions of the drain rate (default 0.5,1)")
     ap.add_argument("--perf", metavar="STAGE", help="profile this stage with `perf record` during the drain")
     ap.add_argument("--out", default="bench-result.json")
     args = ap.parse_args()
