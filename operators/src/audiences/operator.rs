@@ -14,7 +14,7 @@ use crate::messages::{
     self, outputs, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
 };
 use crate::profile_keyed::{
-    decode, decode_state, dispatch, emit_json, encode_state, is_waiting, pass_on_transfer,
+    decode, decode_state, dispatch, emit_json, encode_state, fired_profile, pass_on_transfer,
     profile_key, reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage,
     StageInput, Stored,
 };
@@ -350,21 +350,10 @@ impl Operator for AudiencesOperator {
     }
 
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        let Ok(id) = std::str::from_utf8(key) else {
+        let Some((id, profile)) = fired_profile(ctx, key, |ctx, id| self.load(ctx, id))? else {
             return Ok(());
         };
-        let Some(mut profile) = self.load(ctx, id)? else {
-            return Ok(());
-        };
-        // The runtime removed the timer that fired.
-        profile.timer = None;
-        if is_waiting(ctx, id)? {
-            // The held update evaluates (and reschedules) when the wait ends.
-            ctx.put(&profile_key(id), encode_state(&profile)?);
-            return Ok(());
-        }
         let now = ctx.now();
-        profile.clock = profile.clock.max(now);
         let trigger = Trigger {
             cause: Cause {
                 message_id: None,
@@ -372,6 +361,6 @@ impl Operator for AudiencesOperator {
             },
             event_time: now,
         };
-        self.settle(ctx, id, profile, &trigger)
+        self.settle(ctx, &id, profile, &trigger)
     }
 }

@@ -231,3 +231,13 @@ pub(super) fn sequence_holds(steps: &[&[i64]], within: Option<i64>) -> bool {
     }
     false
 }
+
+impl crate::profile_keyed::Timed for AudienceProfile {
+    fn clear_timer(&mut self) {
+        self.timer = None;
+    }
+
+    fn advance_clock(&mut self, now: i64) {
+        self.clock = self.clock.max(now);
+    }
+}

@@ -20,7 +20,7 @@ mod wait;
 pub(crate) use encoding::read_state;
 pub(crate) use encoding::{decode_state, encode_state, json_text, json_text_map, Stored};
 pub use wait::MAX_HELD_INPUTS;
-pub(crate) use wait::{dispatch, is_waiting, ProfileStage, Route};
+pub(crate) use wait::{dispatch, fired_profile, ProfileStage, Route, Timed};
 
 use cdp_pipeline::operator::{Context, OperatorError};
 use cdp_pipeline::store::StoreError;

@@ -168,8 +168,41 @@ fn store(ctx: &mut Context<'_>, id: &str, wait: &Wait) -> Result<(), OperatorErr
 
 /// Whether `id` holds inputs: its timers wait for them too (the input
 /// handled when the wait ends evaluates at the then stream time).
-pub(crate) fn is_waiting(ctx: &Context<'_>, id: &str) -> Result<bool, OperatorError> {
+fn is_waiting(ctx: &Context<'_>, id: &str) -> Result<bool, OperatorError> {
     Ok(load(ctx, id)?.held() > 0)
+}
+
+/// What a profile's timer needs of a stage's profile state.
+pub(crate) trait Timed: Serialize {
+    /// Forget the timer that fired (the runtime removed it).
+    fn clear_timer(&mut self);
+    /// Move the profile's clock to `now` (it never goes back).
+    fn advance_clock(&mut self, now: i64);
+}
+
+/// The start both stages' timers share: the profile of `key` with its
+/// fired timer cleared and its clock at stream time, or `None` when there
+/// is nothing to evaluate: no such profile, or one waiting for a merge
+/// (stored without the timer; the held input evaluates and reschedules
+/// when the wait ends).
+pub(crate) fn fired_profile<P: Timed>(
+    ctx: &mut Context<'_>,
+    key: &[u8],
+    load: impl FnOnce(&Context<'_>, &str) -> Result<Option<P>, OperatorError>,
+) -> Result<Option<(String, P)>, OperatorError> {
+    let Ok(id) = std::str::from_utf8(key) else {
+        return Ok(None);
+    };
+    let Some(mut profile) = load(ctx, id)? else {
+        return Ok(None);
+    };
+    profile.clear_timer();
+    if is_waiting(ctx, id)? {
+        ctx.put(&super::profile_key(id), super::encode_state(&profile)?);
+        return Ok(None);
+    }
+    profile.advance_clock(ctx.now());
+    Ok(Some((id.to_owned(), profile)))
 }
 
 /// Route one input record of a profile-keyed stage.

@@ -14,7 +14,7 @@ use super::{MERGE_WAIT_LIMIT, STAGE, STATE_LIMIT_HEADER};
 use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{self, outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::{
-    decode, decode_state, dispatch, emit_json, encode_state, is_waiting, pass_on_transfer,
+    decode, decode_state, dispatch, emit_json, encode_state, fired_profile, pass_on_transfer,
     profile_key, reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage,
     StageInput, Stored,
 };
@@ -388,27 +388,16 @@ impl Operator for TraitsOperator {
     }
 
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        let Ok(id) = std::str::from_utf8(key) else {
+        let Some((id, mut state)) = fired_profile(ctx, key, |ctx, id| self.load(ctx, id))? else {
             return Ok(());
         };
-        let Some(mut state) = self.load(ctx, id)? else {
-            return Ok(());
-        };
-        // The runtime removed the timer that fired.
-        state.timer = None;
-        if is_waiting(ctx, id)? {
-            // The held input evaluates (and reschedules) when the wait ends.
-            ctx.put(&profile_key(id), encode_state(&state)?);
-            return Ok(());
-        }
         let now = ctx.now();
-        state.clock = state.clock.max(now);
-        let traits = self.settle(ctx, id, &mut state, None)?;
+        let traits = self.settle(ctx, &id, &mut state, None)?;
         if traits.is_empty() {
             return Ok(());
         }
         let update = ProfileUpdate::Update {
-            profile_id: id.to_owned(),
+            profile_id: id.clone(),
             identifiers: state.identifiers,
             event: None,
             traits,
@@ -420,6 +409,6 @@ impl Operator for TraitsOperator {
             },
             merged_from: Vec::new(),
         };
-        emit_json(ctx, outputs::NEXT, id, &update)
+        emit_json(ctx, outputs::NEXT, &id, &update)
     }
 }

@@ -252,3 +252,13 @@ impl ProfileState {
             .min()
     }
 }
+
+impl crate::profile_keyed::Timed for ProfileState {
+    fn clear_timer(&mut self) {
+        self.timer = None;
+    }
+
+    fn advance_clock(&mut self, now: i64) {
+        self.clock = self.clock.max(now);
+    }
+}
