@@ -295,39 +295,6 @@ impl ProfileStage for AudiencesOperator {
         }
     }
 
-    fn handle_retired(
-        &self,
-        ctx: &mut Context<'_>,
-        input: ProfileUpdate,
-        record_time: Option<i64>,
-        survivor: String,
-    ) -> Result<(), OperatorError> {
-        match input {
-            ProfileUpdate::Update {
-                identifiers,
-                event,
-                traits,
-                event_time,
-                cause,
-                merged_from,
-                ..
-            } => {
-                let forwarded = ProfileUpdate::Update {
-                    profile_id: survivor.clone(),
-                    identifiers,
-                    event,
-                    traits,
-                    event_time,
-                    time_corrected_from: None,
-                    cause,
-                    merged_from,
-                };
-                emit_json(ctx, outputs::SELF, &survivor, &forwarded)
-            }
-            other => self.handle(ctx, other, record_time, false),
-        }
-    }
-
     fn absorb(
         &self,
         ctx: &mut Context<'_>,

@@ -110,14 +110,21 @@ pub(crate) trait StageInput: Serialize + Sized {
     /// What the skeleton needs to know to route the record.
     fn route(&self) -> Route<'_>;
 
-    /// Refuse what no stage can apply (an empty profile id, a self-merge).
+    /// Refuse what no stage can apply (an empty profile id, a self-merge,
+    /// what the stage's own records must hold).
     fn check(&self) -> Result<(), OperatorError>;
+
+    /// A profile's own record readdressed to `survivor` (for a record of a
+    /// retired profile); any other record back unchanged.
+    fn readdressed(self, survivor: &str) -> Result<Self, Self>;
 }
 
 /// [`StageInput`] for a stage's input enum, whose profile variant is
 /// `$profile`: both enums carry `merged` and `transfer` records alike.
+/// `$check_own` checks the profile variant further; `$readdress` gives it
+/// another profile id.
 macro_rules! stage_input {
-    ($input:ident, $profile:ident) => {
+    ($input:ident, $profile:ident, $check_own:path, $readdress:path) => {
         impl StageInput for $input {
             fn transfer(
                 stage: &str,
@@ -165,17 +172,89 @@ macro_rules! stage_input {
 
             fn check(&self) -> Result<(), OperatorError> {
                 match self {
-                    $input::$profile { profile_id, .. } => check_profile_id(profile_id),
+                    $input::$profile { profile_id, .. } => {
+                        check_profile_id(profile_id)?;
+                        $check_own(self)
+                    }
                     $input::Merged { from, into, .. } => check_merge(from, into),
                     $input::Transfer { .. } => Ok(()),
+                }
+            }
+
+            fn readdressed(self, survivor: &str) -> Result<Self, Self> {
+                match self {
+                    $input::$profile { .. } => Ok($readdress(self, survivor)),
+                    other => Err(other),
                 }
             }
         }
     };
 }
 
-stage_input!(ProfileRecord, Event);
-stage_input!(ProfileUpdate, Update);
+stage_input!(ProfileRecord, Event, check_event_record, readdress_event);
+stage_input!(ProfileUpdate, Update, check_nothing_more, readdress_update);
+
+/// Refuse an event that is not a JSON object.
+fn check_event_record(record: &ProfileRecord) -> Result<(), OperatorError> {
+    match record {
+        ProfileRecord::Event {
+            profile_id, event, ..
+        } if !event.is_object() => Err(OperatorError::rejected(
+            "invalid_event",
+            json!({"profile_id": profile_id, "error": "event is not a JSON object"}),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_nothing_more(_: &ProfileUpdate) -> Result<(), OperatorError> {
+    Ok(())
+}
+
+/// An event for `survivor`; the identifiers identity dropped were counted
+/// at its first hop.
+fn readdress_event(record: ProfileRecord, survivor: &str) -> ProfileRecord {
+    match record {
+        ProfileRecord::Event {
+            identifiers,
+            event,
+            merged_from,
+            ..
+        } => ProfileRecord::Event {
+            profile_id: survivor.to_owned(),
+            identifiers,
+            event,
+            dropped: Vec::new(),
+            merged_from,
+        },
+        other => other,
+    }
+}
+
+/// An update for `survivor`; a corrected time was counted at its first hop.
+fn readdress_update(update: ProfileUpdate, survivor: &str) -> ProfileUpdate {
+    match update {
+        ProfileUpdate::Update {
+            identifiers,
+            event,
+            traits,
+            event_time,
+            cause,
+            merged_from,
+            ..
+        } => ProfileUpdate::Update {
+            profile_id: survivor.to_owned(),
+            identifiers,
+            event,
+            traits,
+            event_time,
+            time_corrected_from: None,
+            cause,
+            merged_from,
+        },
+        other => other,
+    }
+}
 
 /// Parse a stage's input record and refuse an empty profile id or a merge
 /// of a profile into itself.

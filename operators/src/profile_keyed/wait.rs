@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{redirect_of, StageInput};
+use crate::messages::outputs;
 
 /// Most inputs held per profile while it waits for merge transfers.
 pub const MAX_HELD_INPUTS: usize = 1_000;
@@ -78,16 +79,6 @@ pub(crate) trait ProfileStage {
         input: Self::Input,
         record_time: Option<i64>,
         limited: bool,
-    ) -> Result<(), OperatorError>;
-
-    /// Handle `input`, a record for a profile retired into `survivor`:
-    /// forward a profile's own record there.
-    fn handle_retired(
-        &self,
-        ctx: &mut Context<'_>,
-        input: Self::Input,
-        record_time: Option<i64>,
-        survivor: String,
     ) -> Result<(), OperatorError>;
 
     /// Fold `state`, the transferred state of merged-away `from`, into
@@ -242,9 +233,12 @@ pub(crate) fn dispatch<S: ProfileStage>(
             return drain(stage, ctx, &into, wait);
         }
     };
-    // Records for a retired profile are forwarded by the stage.
+    // A retired profile's own records go on to its survivor.
     if let Some(survivor) = redirect_of(ctx, &id)? {
-        return stage.handle_retired(ctx, input, record_time, survivor);
+        return match input.readdressed(&survivor) {
+            Ok(forwarded) => super::emit_json(ctx, outputs::SELF, &survivor, &forwarded),
+            Err(other) => stage.handle(ctx, other, record_time, false),
+        };
     }
     let mut wait = load(ctx, &id)?;
     if wait.is_empty() && needs.is_empty() {

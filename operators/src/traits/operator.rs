@@ -129,7 +129,6 @@ impl TraitsOperator {
         record_time: Option<i64>,
         merge_limited: bool,
     ) -> Result<(), OperatorError> {
-        check_event(&profile_id, &event)?;
         // An event without a time happened "now" in stream time; one too
         // far ahead of the stream is bounded (see `event_time`).
         let own_time = messages::event_time_ms(&event).unwrap_or_else(|| ctx.now());
@@ -279,17 +278,6 @@ impl TraitsOperator {
     }
 }
 
-/// Refuse an event that is not a JSON object.
-fn check_event(profile_id: &str, event: &Value) -> Result<(), OperatorError> {
-    if event.is_object() {
-        return Ok(());
-    }
-    Err(OperatorError::rejected(
-        "invalid_event",
-        json!({"profile_id": profile_id, "error": "event is not a JSON object"}),
-    ))
-}
-
 impl ProfileStage for TraitsOperator {
     type Input = ProfileRecord;
     const STAGE: &'static str = STAGE;
@@ -331,35 +319,6 @@ impl ProfileStage for TraitsOperator {
                 cause,
                 ..
             } => self.on_transfer(ctx, from, into, state, cause),
-        }
-    }
-
-    fn handle_retired(
-        &self,
-        ctx: &mut Context<'_>,
-        input: ProfileRecord,
-        record_time: Option<i64>,
-        survivor: String,
-    ) -> Result<(), OperatorError> {
-        match input {
-            ProfileRecord::Event {
-                profile_id,
-                identifiers,
-                event,
-                merged_from,
-                ..
-            } => {
-                check_event(&profile_id, &event)?;
-                let forwarded = ProfileRecord::Event {
-                    profile_id: survivor.clone(),
-                    identifiers,
-                    event,
-                    dropped: Vec::new(),
-                    merged_from,
-                };
-                emit_json(ctx, outputs::SELF, &survivor, &forwarded)
-            }
-            other => self.handle(ctx, other, record_time, false),
         }
     }
 

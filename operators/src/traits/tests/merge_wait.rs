@@ -210,3 +210,48 @@ fn at_most_max_held_inputs_wait_per_profile() -> TestResult {
     assert!(h.state.map.keys().all(|k| !k.starts_with(b"wait")));
     Ok(())
 }
+
+#[test]
+fn a_retired_profiles_events_go_on_to_its_survivor_and_a_bad_one_is_refused() -> TestResult {
+    let (mut h, _transfer) = merge_pending()?;
+    // `a` is retired into `b`: its event is readdressed, not evaluated.
+    let mut identifiers = Identifiers::new();
+    identifiers.insert("user_id".into(), vec!["u_a".into()]);
+    let late = serde_json::to_vec(&ProfileRecord::Event {
+        profile_id: "a".into(),
+        identifiers: identifiers.clone(),
+        event: order(DAY, 50),
+        dropped: vec![serde_json::from_value(
+            json!({"type": "email", "value": "x", "reason": "blocked_pattern"}),
+        )?],
+        merged_from: Vec::new(),
+    })?;
+    let out = h.process(Some(b"a"), &late, &[])?;
+    assert!(updates(&out)?.is_empty(), "nothing evaluated for a");
+    let (key, forwarded) = one_transfer(&out)?;
+    assert_eq!(key, b"b");
+    match serde_json::from_slice::<ProfileRecord>(&forwarded)? {
+        ProfileRecord::Event {
+            profile_id,
+            identifiers: got,
+            event,
+            dropped,
+            merged_from,
+        } => {
+            assert_eq!(profile_id, "b");
+            assert_eq!(got, identifiers);
+            assert_eq!(event, order(DAY, 50));
+            assert!(dropped.is_empty(), "counted at the first hop");
+            assert!(merged_from.is_empty());
+        }
+        other => return Err(format!("expected the event for b, got {other:?}").into()),
+    }
+    // An event that is not an object is refused, retired profile or not.
+    for id in ["a", "b"] {
+        match h.process(Some(id.as_bytes()), &event_record(id, json!([1]))?, &[]) {
+            Err(OperatorError::Rejected { reason, .. }) => assert_eq!(reason, "invalid_event"),
+            other => return Err(format!("expected invalid_event for {id}, got {other:?}").into()),
+        }
+    }
+    Ok(())
+}
