@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cdp_pipeline::operator::{Context, Operator, OperatorError, Record};
 use cdp_pipeline::store::StoreError;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::compile::AudienceSet;
 use super::profile::AudienceProfile;
@@ -14,9 +14,9 @@ use crate::messages::{
     self, outputs, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
 };
 use crate::profile_keyed::{
-    decode, decode_state, dispatch, emit_json, encode_state, fired_profile, pass_on_transfer,
-    profile_key, reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage,
-    StageInput, Stored,
+    decode, decode_state, dispatch, emit_json, encode_state, fired_profile, invalid_transfer,
+    pass_on_transfer, profile_key, reschedule, retire, send_transfer, to_json_value,
+    union_identifiers, ProfileStage, StageInput, Stored,
 };
 
 /// The audiences operator of one task.
@@ -209,12 +209,8 @@ impl AudiencesOperator {
         into: &str,
         state: Value,
     ) -> Result<AudienceProfile, OperatorError> {
-        let mut incoming: AudienceProfile = serde_json::from_value(state).map_err(|e| {
-            OperatorError::rejected(
-                "invalid_transfer",
-                json!({"from": from, "into": into, "error": e.to_string()}),
-            )
-        })?;
+        let mut incoming: AudienceProfile =
+            serde_json::from_value(state).map_err(|e| invalid_transfer(from, into, e))?;
         incoming.upgrade_sequence_steps(&self.set);
         Ok(incoming)
     }

@@ -282,6 +282,19 @@ fn check_profile_id(id: &str) -> Result<(), OperatorError> {
     Ok(())
 }
 
+/// The refusal of a transfer from `from` to `into` whose state does not
+/// read.
+pub(crate) fn invalid_transfer(
+    from: &str,
+    into: &str,
+    error: impl std::fmt::Display,
+) -> OperatorError {
+    OperatorError::rejected(
+        "invalid_transfer",
+        json!({"from": from, "into": into, "error": error.to_string()}),
+    )
+}
+
 /// Refuse a merge that does not name two different profile ids.
 fn check_merge(from: &str, into: &str) -> Result<(), OperatorError> {
     if from.is_empty() || into.is_empty() || from == into {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cdp_pipeline::operator::{Context, Operator, OperatorError, Record};
 use cdp_pipeline::store::StoreError;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::config::TraitSet;
 use super::profile::ProfileState;
@@ -14,9 +14,9 @@ use super::{MERGE_WAIT_LIMIT, STAGE, STATE_LIMIT_HEADER};
 use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{self, outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::{
-    decode, decode_state, dispatch, emit_json, encode_state, fired_profile, pass_on_transfer,
-    profile_key, reschedule, retire, send_transfer, to_json_value, union_identifiers, ProfileStage,
-    StageInput, Stored,
+    decode, decode_state, dispatch, emit_json, encode_state, fired_profile, invalid_transfer,
+    pass_on_transfer, profile_key, reschedule, retire, send_transfer, to_json_value,
+    union_identifiers, ProfileStage, StageInput, Stored,
 };
 
 /// The traits operator of one task.
@@ -228,12 +228,7 @@ impl TraitsOperator {
             Err(e) => serde_json::to_vec(state)
                 .ok()
                 .and_then(|bytes| self.upgrade(from, &bytes).ok())
-                .ok_or_else(|| {
-                    OperatorError::rejected(
-                        "invalid_transfer",
-                        json!({"from": from, "into": into, "error": e.to_string()}),
-                    )
-                })?,
+                .ok_or_else(|| invalid_transfer(from, into, &e))?,
         };
         incoming.conform(&self.set);
         Ok(incoming)
