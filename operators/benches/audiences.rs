@@ -117,6 +117,7 @@ fn update(n: usize, p: usize, at: i64) -> ProfileUpdate {
             tick: None,
         },
         merged_from: Vec::new(),
+        traits_until: None,
     }
 }
 

@@ -99,6 +99,15 @@ pub enum ProfileUpdate {
         /// stage folds in those profiles' states before evaluating.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         merged_from: Vec<String>,
+        /// Until when (ms, exclusive) the windowed trait values this
+        /// profile's updates carried stay right: the traits stage's next
+        /// window expiry for the profile, when it sends the next update
+        /// whether or not a value changed. `None`: no windowed value can
+        /// change with time. The audiences stage does not evaluate an
+        /// audience that reads traits at or past it (see
+        /// docs/ARCHITECTURE.md, "Windowed traits and the audiences clock").
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traits_until: Option<i64>,
     },
     Merged {
         from: String,

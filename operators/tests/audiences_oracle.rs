@@ -45,13 +45,15 @@ const MAX_FUTURE: i64 = 3_600_000;
 
 const TRAITS: &str = "revenue_total: {aggregation: {event: Order Completed, \
 property: properties.revenue, function: sum}}\n\
-orders: {event_counter: {event: Order Completed}}";
+orders: {event_counter: {event: Order Completed}}\n\
+orders_90s: {event_counter: {event: Order Completed, within: 90s}}";
 
 const AUDIENCES: &str = r#"
 cheap_repeat: {where: {all: [{trait: revenue_total, lt: 500}, {event: Order Completed, count: {gte: 2}}]}}
 recent_buyer: {where: {event: Order Completed, within: 60s}}
 lapsed: {where: {all: [{audience: cheap_repeat}, {not: {event: Order Completed, within: 120s}}]}}
 browsed_then_bought: {where: {sequence: [{event: Product Viewed}, {event: Order Completed}], within: 30s}}
+quiet_buyer: {where: {all: [{trait: orders_90s, gte: 1}, {not: {event: Product Viewed, within: 60s}}]}}
 "#;
 
 const ORDER: &str = "Order Completed";
@@ -66,18 +68,24 @@ struct Ev {
     revenue: i64,
 }
 
-/// Whether an order at `t` counts at `at` in a window of `w` ms. The
-/// `Order Completed` filter's windows are 60 s and 120 s: its buckets are
-/// 2 s wide (1/30 of the shortest).
-fn in_window(t: i64, w: i64, at: i64) -> bool {
-    let width = 2_000;
+/// Whether an event at `t` counts at `at` in a window of `w` ms kept in
+/// buckets `width` ms wide. The audiences' `Order Completed` filter's
+/// windows are 60 s and 120 s: its buckets are 2 s wide (1/30 of the
+/// shortest); `Product Viewed`'s and the `orders_90s` trait's are 1/30 of
+/// their only window.
+fn in_window(t: i64, w: i64, width: i64, at: i64) -> bool {
     let start = t.div_euclid(width) * width;
     start + width - 1 > at - w
 }
 
-fn oracle_traits(events: &[Ev]) -> BTreeMap<String, Value> {
+fn oracle_traits(events: &[Ev], at: i64) -> BTreeMap<String, Value> {
     let orders: Vec<&Ev> = events.iter().filter(|e| e.name == ORDER).collect();
+    let recent = orders
+        .iter()
+        .filter(|e| in_window(e.t, 90_000, 3_000, at))
+        .count();
     BTreeMap::from([
+        ("orders_90s".to_string(), json!(recent)),
         (
             "revenue_total".to_string(),
             json!(orders.iter().map(|e| e.revenue).sum::<i64>()),
@@ -89,7 +97,19 @@ fn oracle_traits(events: &[Ev]) -> BTreeMap<String, Value> {
 fn oracle_members(events: &[Ev], at: i64) -> BTreeSet<String> {
     let orders: Vec<&Ev> = events.iter().filter(|e| e.name == ORDER).collect();
     let revenue: i64 = orders.iter().map(|e| e.revenue).sum();
-    let within = |w: i64| orders.iter().filter(|e| in_window(e.t, w, at)).count();
+    let within = |w: i64| {
+        orders
+            .iter()
+            .filter(|e| in_window(e.t, w, 2_000, at))
+            .count()
+    };
+    let orders_90s = orders
+        .iter()
+        .filter(|e| in_window(e.t, 90_000, 3_000, at))
+        .count();
+    let viewed_60s = events
+        .iter()
+        .any(|e| e.name == VIEW && in_window(e.t, 60_000, 2_000, at));
     let cheap_repeat = revenue < 500 && orders.len() >= 2;
     let recent_buyer = within(60_000) >= 1;
     let lapsed = cheap_repeat && within(120_000) == 0;
@@ -102,6 +122,7 @@ fn oracle_members(events: &[Ev], at: i64) -> BTreeSet<String> {
         ("recent_buyer", recent_buyer),
         ("lapsed", lapsed),
         ("browsed_then_bought", browsed_then_bought),
+        ("quiet_buyer", orders_90s >= 1 && !viewed_60s),
     ]
     .into_iter()
     .filter(|(_, holds)| *holds)
@@ -304,11 +325,16 @@ impl Pipeline {
         }
     }
 
-    fn tick(&mut self, now: i64, seed: u64) -> Result<(), String> {
+    /// Both stages' stream time moves to `now`. With `audiences_first`,
+    /// the audiences stage's tick comes before the updates the traits
+    /// stage's timers send for `now` (each stage ticks on its own clock).
+    fn tick(&mut self, now: i64, seed: u64, audiences_first: bool) -> Result<(), String> {
         self.drain(seed)?;
         let out = self.traits.tick(now).map_err(|e| format!("{e:?}"))?;
         self.route(TRAITS_STAGE, out)?;
-        self.drain(seed ^ 1)?;
+        if !audiences_first {
+            self.drain(seed ^ 1)?;
+        }
         let out = self.audiences.tick(now).map_err(|e| format!("{e:?}"))?;
         self.route(AUDIENCES_STAGE, out)?;
         self.drain(seed ^ 2)
@@ -350,7 +376,13 @@ const IDS: [&str; 4] = ["a", "b", "c", "d"];
 enum Step {
     /// Stream time moves forward; everything in flight is delivered first
     /// (in an order drawn from `seed`).
-    Tick { dt: i64, seed: u64 },
+    /// The audiences stage may tick before the traits stage's updates for
+    /// that time reach it (`audiences_first`).
+    Tick {
+        dt: i64,
+        seed: u64,
+        audiences_first: bool,
+    },
     /// An event for a profile (by the identity id it was first known
     /// under), `offset` ms from stream time (negative: late; beyond
     /// `MAX_FUTURE`: a wrong device clock), optionally merging other
@@ -377,7 +409,9 @@ fn arb_step() -> impl Strategy<Value = Step> {
         1 => (0usize..4, 0usize..4).prop_map(|(a, b)| vec![a, b]),
     ];
     prop_oneof![
-        2 => (1i64..90_000, any::<u64>()).prop_map(|(dt, seed)| Step::Tick { dt, seed }),
+        2 => (1i64..90_000, any::<u64>(), any::<bool>()).prop_map(|(dt, seed, audiences_first)| {
+            Step::Tick { dt, seed, audiences_first }
+        }),
         7 => (
             0usize..4,
             merges,
@@ -402,7 +436,14 @@ fn check(p: &Pipeline, o: &Oracle, at: &str) -> Result<(), TestCaseError> {
     for (id, events) in &o.events {
         let empty = BTreeMap::new();
         let seen = p.trait_view.get(id).unwrap_or(&empty);
-        prop_assert_eq!(seen, &oracle_traits(events), "traits of {} {}", id, at);
+        let clock = o.clock.get(id).copied().unwrap_or_default();
+        prop_assert_eq!(
+            seen,
+            &oracle_traits(events, clock),
+            "traits of {} {}",
+            id,
+            at
+        );
     }
     let keys: BTreeSet<&(String, String)> = p.changes.keys().chain(o.transitions.keys()).collect();
     for key in keys {
@@ -423,12 +464,16 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
     let mut p = Pipeline::new().map_err(fail)?;
     let mut o = Oracle::default();
     let mut now = 1_000_000_000i64;
-    p.tick(now, 0).map_err(fail)?;
+    p.tick(now, 0, false).map_err(fail)?;
     for (n, step) in steps.iter().enumerate() {
         match step {
-            Step::Tick { dt, seed } => {
+            Step::Tick {
+                dt,
+                seed,
+                audiences_first,
+            } => {
                 now += dt;
-                p.tick(now, *seed).map_err(fail)?;
+                p.tick(now, *seed, *audiences_first).map_err(fail)?;
                 o.tick(now);
                 check(&p, &o, &format!("after step {n} (tick to {now})"))?;
             }
@@ -476,7 +521,7 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
         }
     }
     now += 1;
-    p.tick(now, 7).map_err(fail)?;
+    p.tick(now, 7, false).map_err(fail)?;
     o.tick(now);
     check(&p, &o, "at the end")
 }
@@ -512,9 +557,17 @@ fn a_merge_does_not_make_a_non_monotone_audience_flicker() -> Result<(), TestCas
         let steps = vec![
             order(1, Vec::new(), 150, -5_000, Vec::new()),
             order(0, Vec::new(), 400, -4_000, Vec::new()),
-            Step::Tick { dt: 1, seed },
+            Step::Tick {
+                dt: 1,
+                seed,
+                audiences_first: seed % 2 == 0,
+            },
             order(1, vec![0], 50, -1_000, picks),
-            Step::Tick { dt: 1, seed },
+            Step::Tick {
+                dt: 1,
+                seed,
+                audiences_first: seed % 2 == 0,
+            },
         ];
         run(&steps)?;
     }

@@ -131,6 +131,7 @@ impl AudiencesOperator {
         event_time: i64,
         record_time: Option<i64>,
         cause: Cause,
+        traits_until: Option<i64>,
     ) -> Result<(), OperatorError> {
         // Traits bounded the event time already; bound it again against
         // this stage's stream time for producers that write here directly.
@@ -144,6 +145,7 @@ impl AudiencesOperator {
         // Identifiers only grow: a record from a partition that has not
         // seen the latest link must not take identifiers away.
         profile.identifiers = union_identifiers(&profile.identifiers, &identifiers);
+        profile.traits_until = traits_until;
         for (name, value) in traits {
             if value.is_null() {
                 profile.traits.remove(&name);
@@ -263,6 +265,7 @@ impl ProfileStage for AudiencesOperator {
                 traits,
                 event_time,
                 cause,
+                traits_until,
                 ..
             } => self.on_update(
                 ctx,
@@ -273,6 +276,7 @@ impl ProfileStage for AudiencesOperator {
                 event_time,
                 record_time,
                 cause,
+                traits_until,
             ),
             ProfileUpdate::Merged {
                 from,

@@ -33,6 +33,12 @@ pub(super) struct AudienceProfile {
     /// it happened, holds for good (its step times are only the latest).
     #[serde(default)]
     pub(super) sequences: BTreeSet<String>,
+    /// The latest `traits_until` the traits stage announced: from then on
+    /// a windowed trait value held here may be stale, so audiences that
+    /// read traits keep their membership until the next update. Last in
+    /// the struct: a state stored before it decodes with `None`.
+    #[serde(default)]
+    pub(super) traits_until: Option<i64>,
 }
 
 impl AudienceProfile {
@@ -124,6 +130,10 @@ impl AudienceProfile {
         self.identifiers = union_identifiers(&self.identifiers, &other.identifiers);
         self.clock = self.clock.max(other.clock);
         self.sequences.extend(other.sequences);
+        self.traits_until = match (self.traits_until, other.traits_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         for (name, value) in other.traits {
             self.traits.entry(name).or_insert(value);
         }
@@ -182,12 +192,21 @@ impl AudienceProfile {
         }
     }
 
-    /// Memberships at `now`, every audience in topological order.
+    /// Memberships at `now`, every audience in topological order. Past
+    /// `traits_until` the trait values may be stale (the traits stage's
+    /// update for that time is on its way): an audience that reads traits,
+    /// directly or through another audience, keeps its membership.
     pub(super) fn evaluate(&self, set: &AudienceSet, now: i64) -> BTreeSet<String> {
+        let stale = self.traits_until.is_some_and(|until| now >= until);
         let mut members = BTreeSet::new();
         for name in &set.order {
             if let Some(a) = set.audiences.get(name) {
-                if self.holds(set, &a.condition, now, &members) {
+                let holds = if stale && !a.traits.is_empty() {
+                    self.members.contains(name)
+                } else {
+                    self.holds(set, &a.condition, now, &members)
+                };
+                if holds {
                     members.insert(name.clone());
                 }
             }

@@ -51,6 +51,16 @@ fn update(
     traits: Value,
     t: i64,
 ) -> Result<Vec<u8>, Box<dyn Error>> {
+    update_until(id, event, traits, t, None)
+}
+
+fn update_until(
+    id: &str,
+    event: Option<(&str, Value)>,
+    traits: Value,
+    t: i64,
+    traits_until: Option<i64>,
+) -> Result<Vec<u8>, Box<dyn Error>> {
     let traits: BTreeMap<String, Value> = serde_json::from_value(traits)?;
     let mut identifiers = Identifiers::new();
     identifiers.insert("user_id".into(), vec![format!("u_{id}")]);
@@ -67,6 +77,7 @@ fn update(
             tick: None,
         },
         merged_from: Vec::new(),
+        traits_until,
     };
     Ok(serde_json::to_vec(&record)?)
 }
@@ -103,6 +114,48 @@ fn entered(name: &str) -> (String, AudienceAction) {
 
 fn exited(name: &str) -> (String, AudienceAction) {
     (name.to_owned(), AudienceAction::Exited)
+}
+
+/// Past the `traits_until` of the traits stage's last update, an audience
+/// that reads traits keeps its membership until the next update; one that
+/// reads only events goes on with the clock.
+#[test]
+fn trait_audiences_wait_for_the_traits_update_past_traits_until() -> TestResult {
+    let yaml = r#"
+viewer: {where: {event: Product Viewed, within: 60s}}
+quiet_buyer: {where: {all: [{trait: orders_90s, gte: 1}, {not: {audience: viewer}}]}}
+"#;
+    for still_ordered in [false, true] {
+        let mut h = harness(yaml)?;
+        let first = update_until(
+            "p",
+            Some(("Product Viewed", json!({}))),
+            json!({"orders_90s": 1}),
+            0,
+            Some(50_000),
+        )?;
+        let out = h.process(Some(b"p"), &first, &[])?;
+        assert_eq!(summary(&changes(&out)?), vec![entered("viewer")]);
+        // The view leaves its window (2 s buckets) after `orders_90s` may
+        // have changed: `quiet_buyer` waits for the traits stage.
+        let out = h.tick(62_000)?;
+        assert_eq!(summary(&changes(&out)?), vec![exited("viewer")]);
+        // The traits stage's update for its expiry at 50 s.
+        let traits = if still_ordered {
+            json!({})
+        } else {
+            json!({"orders_90s": 0})
+        };
+        let next = update_until("p", None, traits, 50_000, None)?;
+        let out = h.process(Some(b"p"), &next, &[])?;
+        let expected = if still_ordered {
+            vec![entered("quiet_buyer")]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(summary(&changes(&out)?), expected, "{still_ordered}");
+    }
+    Ok(())
 }
 
 /// A profile stored as JSON (before the binary encoding) loads, goes on

@@ -8,10 +8,14 @@
 //! JSON: they travel inside a JSON record.
 //!
 //! A positional encoding cannot skip a field or read a tag from inside a
-//! map, so the state types follow two rules: no `skip_serializing_if`, and
+//! map, so the state types follow three rules: no `skip_serializing_if`;
 //! anything that serializes differently in JSON (internally tagged enums,
 //! `serde_json::Value`) asks the serializer [`is_human_readable`] and, in
-//! the binary form, takes a plain shape ([`json_text`] for values).
+//! the binary form, takes a plain shape ([`json_text`] for values); and a
+//! field added later goes last in its top-level struct, with a default
+//! whose encoding is one zero byte (`None`, `0`, an empty collection), so
+//! a state stored before it was added decodes with that default
+//! ([`decode_state`] reads a state that ends early as if zeros followed).
 //!
 //! [`is_human_readable`]: serde::Serializer::is_human_readable
 
@@ -45,12 +49,26 @@ pub(crate) fn decode_state<T: DeserializeOwned>(
     bytes: &[u8],
 ) -> Result<Stored<T>, StoreError> {
     match bytes.split_first() {
-        Some((&POSTCARD_V1, rest)) => postcard::from_bytes(rest)
-            .map(Stored::Current)
-            .map_err(|e| StoreError::Decode(format!("{key}: {e}"))),
+        Some((&POSTCARD_V1, rest)) => match postcard::from_bytes(rest) {
+            Ok(state) => Ok(Stored::Current(state)),
+            // Written before the last fields were added: they take their
+            // defaults (see the module docs).
+            Err(postcard::Error::DeserializeUnexpectedEnd) => {
+                let mut padded = rest.to_vec();
+                padded.resize(rest.len() + ADDED_FIELDS_PADDING, 0);
+                postcard::from_bytes(&padded)
+                    .map(Stored::Current)
+                    .map_err(|e| StoreError::Decode(format!("{key}: {e}")))
+            }
+            Err(e) => Err(StoreError::Decode(format!("{key}: {e}"))),
+        },
         _ => Ok(Stored::Json),
     }
 }
+
+/// How many fields, each encoded as one zero byte by default, a state may
+/// lack because it was stored before they were added.
+const ADDED_FIELDS_PADDING: usize = 8;
 
 /// A stored state in either encoding (tests read the store with it).
 #[cfg(test)]
@@ -178,6 +196,48 @@ mod tests {
             decode_state::<Sample>("k", &json_bytes)?,
             Stored::Json
         ));
+        Ok(())
+    }
+
+    /// `Sample` as it was before a field was added at its end.
+    #[derive(Serialize)]
+    struct Before {
+        #[serde(with = "json_text")]
+        one: Value,
+        #[serde(with = "json_text_map")]
+        many: BTreeMap<String, Value>,
+    }
+
+    #[derive(Debug, PartialEq, Deserialize)]
+    struct After {
+        #[serde(with = "json_text")]
+        one: Value,
+        #[serde(with = "json_text_map")]
+        many: BTreeMap<String, Value>,
+        until: Option<i64>,
+        names: Vec<String>,
+    }
+
+    #[test]
+    fn a_state_stored_before_fields_were_added_decodes_with_their_defaults(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let old = sample();
+        let bytes = encode_state(&Before {
+            one: old.one.clone(),
+            many: old.many.clone(),
+        })?;
+        match decode_state::<After>("k", &bytes)? {
+            Stored::Current(after) => assert_eq!(
+                after,
+                After {
+                    one: old.one,
+                    many: old.many,
+                    until: None,
+                    names: Vec::new(),
+                }
+            ),
+            Stored::Json => panic!("a binary state read as JSON"),
+        }
         Ok(())
     }
 

@@ -78,6 +78,8 @@ pub(crate) struct UpdateFields {
     cause: Cause,
     #[serde(default)]
     merged_from: Vec<String>,
+    #[serde(default)]
+    traits_until: Option<i64>,
 }
 
 impl From<UpdateFields> for ProfileUpdate {
@@ -91,6 +93,7 @@ impl From<UpdateFields> for ProfileUpdate {
             time_corrected_from: f.time_corrected_from,
             cause: f.cause,
             merged_from: f.merged_from,
+            traits_until: f.traits_until,
         }
     }
 }
@@ -140,6 +143,7 @@ mod tests {
             traits in prop::collection::btree_map("[a-z]{1,5}", arb_json(), 0..4),
             merged_from in prop::collection::vec("[a-z]{1,4}", 0..3),
             time in any::<i64>(), corrected in any::<Option<i64>>(), with_event in any::<bool>(),
+            until in any::<Option<i64>>(),
         ) {
             let record = ProfileRecord::Event {
                 profile_id: id.clone(),
@@ -160,6 +164,7 @@ mod tests {
                 time_corrected_from: corrected,
                 cause: Cause { message_id: Some("m".into()), tick: None },
                 merged_from,
+                traits_until: until,
             };
             let bytes = serde_json::to_vec(&update).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let general: ProfileUpdate = serde_json::from_slice(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;

@@ -241,6 +241,7 @@ fn readdress_update(update: ProfileUpdate, survivor: &str) -> ProfileUpdate {
             event_time,
             cause,
             merged_from,
+            traits_until,
             ..
         } => ProfileUpdate::Update {
             profile_id: survivor.to_owned(),
@@ -251,6 +252,7 @@ fn readdress_update(update: ProfileUpdate, survivor: &str) -> ProfileUpdate {
             time_corrected_from: None,
             cause,
             merged_from,
+            traits_until,
         },
         other => other,
     }

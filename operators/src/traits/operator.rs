@@ -101,6 +101,8 @@ impl TraitsOperator {
     /// Prune, diff, reschedule and store; returns the changed traits.
     /// `touched`: after an event, the traits it may have changed (see
     /// [`ProfileState::refresh_touched`]); `None` recomputes every value.
+    /// The profile's timer (`state.timer`) is then its next window expiry:
+    /// what its updates announce as `traits_until`.
     fn settle(
         &self,
         ctx: &mut Context<'_>,
@@ -164,6 +166,7 @@ impl TraitsOperator {
             time_corrected_from: bounded.corrected_from,
             cause,
             merged_from,
+            traits_until: state.timer,
         };
         // What the stage counts (a header, so no record is parsed again).
         let mut headers = Vec::new();
@@ -253,10 +256,12 @@ impl TraitsOperator {
             return Ok(());
         }
         let mut current = current.unwrap_or_default();
+        // What the survivor's updates announced last.
+        let announced = current.timer;
         current.merge(&self.set, incoming);
         current.clock = current.clock.max(ctx.now());
         let traits = self.settle(ctx, &into, &mut current, None)?;
-        if traits.is_empty() {
+        if traits.is_empty() && current.timer == announced {
             return Ok(());
         }
         let update = ProfileUpdate::Update {
@@ -268,6 +273,7 @@ impl TraitsOperator {
             time_corrected_from: None,
             cause,
             merged_from: Vec::new(),
+            traits_until: current.timer,
         };
         emit_json(ctx, outputs::NEXT, &into, &update)
     }
@@ -347,9 +353,9 @@ impl Operator for TraitsOperator {
         };
         let now = ctx.now();
         let traits = self.settle(ctx, &id, &mut state, None)?;
-        if traits.is_empty() {
-            return Ok(());
-        }
+        // Sent even when no value changed: the `traits_until` the last
+        // update announced has passed, and the audiences stage holds the
+        // audiences reading traits until it hears the next one.
         let update = ProfileUpdate::Update {
             profile_id: id.clone(),
             identifiers: state.identifiers,
@@ -362,6 +368,7 @@ impl Operator for TraitsOperator {
                 tick: Some(now),
             },
             merged_from: Vec::new(),
+            traits_until: state.timer,
         };
         emit_json(ctx, outputs::NEXT, &id, &update)
     }

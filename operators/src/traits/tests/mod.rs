@@ -561,6 +561,7 @@ fn a_profile_with_a_million_events_keeps_its_state_under_the_bound() -> TestResu
                 time_corrected_from: None,
                 cause: Cause::default(),
                 merged_from: Vec::new(),
+                traits_until: None,
             };
             record_max = record_max.max(serde_json::to_vec(&update)?.len());
         }
@@ -578,6 +579,46 @@ fn a_profile_with_a_million_events_keeps_its_state_under_the_bound() -> TestResu
     Ok(())
 }
 
+fn traits_until(out: &[Emitted]) -> Result<Vec<Option<i64>>, serde_json::Error> {
+    Ok(updates(out)?
+        .into_iter()
+        .filter_map(|u| match u {
+            ProfileUpdate::Update { traits_until, .. } => Some(traits_until),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The audiences stage holds trait audiences past `traits_until` until the
+/// next update: a window expiry that changes no value still sends one.
+#[test]
+fn a_window_expiry_that_changes_no_value_still_announces_the_next() -> TestResult {
+    let mut h = harness(
+        "biggest_30d: {aggregation: {event: Order Completed, property: properties.revenue, \
+         function: max, within: 30d}}",
+    )?;
+    send(
+        &mut h,
+        "p",
+        track("Order Completed", DAY, json!({"revenue": 5})),
+    )?;
+    let out = send(
+        &mut h,
+        "p",
+        track("Order Completed", 10 * DAY, json!({"revenue": 9})),
+    )?;
+    assert_eq!(changed(&out)?.get("biggest_30d"), Some(&json!(9)));
+    assert_eq!(traits_until(&out)?, vec![Some(32 * DAY - 1)]);
+    // The 5 leaves the window; the max is still 9.
+    let out = h.tick(32 * DAY - 1)?;
+    assert!(changed(&out)?.is_empty());
+    assert_eq!(traits_until(&out)?, vec![Some(41 * DAY - 1)]);
+    let out = h.tick(41 * DAY - 1)?;
+    assert_eq!(changed(&out)?.get("biggest_30d"), Some(&Value::Null));
+    assert_eq!(traits_until(&out)?, vec![None]);
+    Ok(())
+}
+
 #[test]
 fn windows_slide_with_stream_time() -> TestResult {
     let mut h = harness("orders_30d: {event_counter: {event: Order Completed, within: 30d}}")?;
@@ -588,6 +629,8 @@ fn windows_slide_with_stream_time() -> TestResult {
     // day) leaves the window when its last instant does: at day 32 less
     // 1 ms. A window counts at most one bucket width (1/30) more.
     let leaves = 32 * DAY - 1;
+    // Every update says until when its windowed values hold.
+    assert_eq!(traits_until(&out)?, vec![Some(leaves)]);
     assert!(h.tick(leaves - 1)?.is_empty());
     let out = h.tick(leaves)?;
     let ups = updates(&out)?;
@@ -598,17 +641,21 @@ fn windows_slide_with_stream_time() -> TestResult {
             event,
             cause,
             event_time,
+            traits_until,
             ..
         } => {
             assert_eq!(traits.get("orders_30d"), Some(&json!(1)));
             assert!(event.is_none());
             assert_eq!(cause.tick, Some(leaves));
             assert_eq!(*event_time, leaves);
+            // The day-10 bucket is next.
+            assert_eq!(*traits_until, Some(41 * DAY - 1));
         }
         other => return Err(format!("unexpected {other:?}").into()),
     }
     let out = h.tick(45 * DAY)?;
     assert_eq!(changed(&out)?.get("orders_30d"), Some(&json!(0)));
+    assert_eq!(traits_until(&out)?, vec![None], "nothing left to expire");
     assert!(h.tick(100 * DAY)?.is_empty(), "no timer left");
     // A late event already out of the window changes nothing.
     let out = send(&mut h, "p", track("Order Completed", 2 * DAY, json!({})))?;
