@@ -12,23 +12,30 @@
 //! (issue 9's goal: ≥ 200k). Bytes on disk per profile are printed after
 //! the load and after the measurement.
 //!
+//! The inputs are built before they are timed. Besides criterion's wall
+//! time, the bench prints the process's CPU time (every thread, RocksDB's
+//! compactions included) for the load and for a fixed run of
+//! [`FIXED_ROUNDS`] measured-mix batches after it: records per CPU second,
+//! the figure that holds on a shared box.
+//!
 //! Run: `cargo bench -p cdp-operators --bench traits`.
 
 mod support;
 
 use std::collections::BTreeMap;
-use std::hint::black_box;
 use std::sync::Arc;
 
 use cdp_operators::messages::{Identifiers, ProfileRecord};
 use cdp_operators::traits::{TraitDef, TraitSet, TraitsOperator};
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::{json, Value};
 use support::{encode, mix, Task};
 
 /// Events per measured iteration (one committed batch).
 const BATCH: usize = 1000;
 const PROFILES: usize = 1_000_000;
+/// Batches of the fixed-work run after the load.
+const FIXED_ROUNDS: usize = 100;
 /// 2026-11-26T00:00:00Z.
 const START_MS: i64 = 1_795_651_200_000;
 const CATEGORIES: [&str; 8] = [
@@ -126,21 +133,36 @@ fn batch(round: usize) -> (i64, Vec<Vec<u8>>) {
     (now, encode(&records))
 }
 
-/// 1M profiles, each with one event, loaded through the operator itself.
+/// 1M profiles, each with one record, loaded through the operator itself
+/// (the inputs built first, so the load's CPU time is the operator's and
+/// the store's).
 fn loaded() -> Task<TraitsOperator> {
     let mut task = Task::new(operator());
     task.now_ms = START_MS;
-    for chunk in 0..PROFILES / BATCH {
-        let records: Vec<ProfileRecord> = (0..BATCH)
-            .map(|k| {
-                let p = chunk * BATCH + k;
-                record(p, p, START_MS - 60_000)
-            })
-            .collect();
-        task.batch(&encode(&records));
-    }
+    let batches: Vec<(i64, Vec<Vec<u8>>)> = (0..PROFILES / BATCH)
+        .map(|chunk| {
+            let records: Vec<ProfileRecord> = (0..BATCH)
+                .map(|k| {
+                    let p = chunk * BATCH + k;
+                    record(p, p, START_MS - 60_000)
+                })
+                .collect();
+            (START_MS, encode(&records))
+        })
+        .collect();
+    support::report_cpu("traits load", PROFILES, || task.run_all(&batches));
     report_bytes(&task, "after the load");
     task
+}
+
+/// Fixed work after the load, timed in CPU: [`FIXED_ROUNDS`] batches of
+/// the measured mix (random profiles among the million), built first.
+fn fixed_run(task: &mut Task<TraitsOperator>, round: &mut usize) {
+    let batches: Vec<_> = (1..=FIXED_ROUNDS).map(|i| batch(*round + i)).collect();
+    *round += FIXED_ROUNDS;
+    support::report_cpu("traits fixed run", FIXED_ROUNDS * BATCH, || {
+        task.run_all(&batches)
+    });
 }
 
 fn report_bytes(task: &Task<TraitsOperator>, when: &str) {
@@ -157,18 +179,9 @@ fn traits(c: &mut Criterion) {
     group.throughput(Throughput::Elements(BATCH as u64));
     group.sample_size(30);
     let mut round = PROFILES / BATCH;
+    fixed_run(&mut task, &mut round);
     group.bench_function("10_traits_1m_profiles", |b| {
-        b.iter_batched(
-            || {
-                round += 1;
-                batch(round)
-            },
-            |(now, events)| {
-                task.now_ms = now;
-                black_box(task.batch(&events))
-            },
-            BatchSize::LargeInput,
-        )
+        b.iter_custom(|iters| support::time_rounds(&mut task, &mut round, iters, batch))
     });
     group.finish();
     report_bytes(&task, "after the measurement");

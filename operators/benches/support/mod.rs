@@ -1,10 +1,16 @@
 //! What the operator benchmarks share: a task's RocksDB store driven the
 //! way the runtime drives it (records through the operator, one committed
-//! write batch per batch), a deterministic pseudo-random mix, and the
-//! state's size on disk.
+//! write batch per batch), a deterministic pseudo-random mix, the state's
+//! size on disk, and the process's CPU time.
+//!
+//! Inputs are generated before they are timed (the load's all at once,
+//! the measurement's ahead of the timed loop), so the figures are the
+//! operator's and the store's, not the bench's own JSON building.
 
 // Each bench uses a different subset of these helpers.
 #![allow(dead_code)]
+
+use std::time::{Duration, Instant};
 
 use cdp_pipeline::store::{TaskMeta, TaskStore};
 use cdp_pipeline::{Context, Operator, Record};
@@ -91,4 +97,73 @@ pub fn encode<T: serde::Serialize>(records: &[T]) -> Vec<Vec<u8>> {
         .iter()
         .map(|r| serde_json::to_vec(r).unwrap_or_default())
         .collect()
+}
+
+/// CPU time of the whole process so far (every thread: the bench's and
+/// RocksDB's background flushes and compactions), from `/proc/self/stat`
+/// (clock ticks, 10 ms). Zero where that file does not exist.
+pub fn process_cpu() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces), from field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 (indices 11 and 12 here).
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// Wall and CPU time of `f`, printed as `what`: records per CPU second is
+/// the robust figure on a shared box.
+pub fn report_cpu<T>(what: &str, records: usize, f: impl FnOnce() -> T) -> T {
+    let (wall, cpu) = (Instant::now(), process_cpu());
+    let out = f();
+    let (wall, cpu) = (wall.elapsed(), process_cpu().saturating_sub(cpu));
+    eprintln!(
+        "{what}: {records} records, wall {:.2} s, cpu {:.2} s = {:.0} records per cpu second",
+        wall.as_secs_f64(),
+        cpu.as_secs_f64(),
+        records as f64 / cpu.as_secs_f64().max(1e-9)
+    );
+    out
+}
+
+impl<O: Operator> Task<O> {
+    /// Run pre-built `(stream time, batch)` pairs in order.
+    pub fn run_all(&mut self, batches: &[(i64, Vec<Vec<u8>>)]) -> usize {
+        let mut emitted = 0;
+        for (now, values) in batches {
+            self.now_ms = *now;
+            emitted += self.batch(values);
+        }
+        emitted
+    }
+}
+
+/// Criterion's timed loop over numbered batches: each iteration runs the
+/// next round's batch, built by `make` before the clock starts (all of an
+/// iteration count's batches at once, outside the timed part).
+pub fn time_rounds<O: Operator>(
+    task: &mut Task<O>,
+    round: &mut usize,
+    iters: u64,
+    make: impl Fn(usize) -> (i64, Vec<Vec<u8>>),
+) -> Duration {
+    let mut elapsed = Duration::ZERO;
+    // At most 64 batches built ahead at once, so memory stays bounded.
+    let mut left = iters as usize;
+    while left > 0 {
+        let n = left.min(64);
+        let batches: Vec<_> = (0..n).map(|i| make(*round + 1 + i)).collect();
+        *round += n;
+        left -= n;
+        let start = Instant::now();
+        std::hint::black_box(task.run_all(&batches));
+        elapsed += start.elapsed();
+    }
+    elapsed
 }
