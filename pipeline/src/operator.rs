@@ -171,6 +171,16 @@ impl<'a> Context<'a> {
         self.state.scan_prefix(prefix)
     }
 
+    /// The first `(key, value)` with `start <= key < end`, including this
+    /// batch's uncommitted writes: a seek, whatever follows in the range.
+    pub fn first_in_range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+    ) -> Result<Option<crate::store::KeyValue>, StoreError> {
+        self.state.first_in_range(start, end)
+    }
+
     /// Emit a record to the named output.
     pub fn emit(&mut self, output: &'static str, key: Option<Vec<u8>>, value: Vec<u8>) {
         self.emit_with_headers(output, key, value, Vec::new())

@@ -16,12 +16,13 @@ use crate::messages::{
 use crate::profile_keyed::{
     decode, decode_state, dispatch, emit_json, encode_state, fired_profile, invalid_transfer,
     pass_on_transfer, profile_key, reschedule, retire, send_transfer, to_json_value,
-    union_identifiers, ProfileStage, StageInput, Stored,
+    union_identifiers, Layout, ProfileStage, StageInput, Stored,
 };
 
 /// The audiences operator of one task.
 pub struct AudiencesOperator {
     set: Arc<AudienceSet>,
+    layout: Layout,
 }
 
 /// What caused an evaluation, for the changes it emits.
@@ -32,7 +33,10 @@ struct Trigger {
 
 impl AudiencesOperator {
     pub fn new(set: Arc<AudienceSet>) -> Self {
-        AudiencesOperator { set }
+        AudiencesOperator {
+            set,
+            layout: Layout::default(),
+        }
     }
 
     fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<AudienceProfile>, OperatorError> {
@@ -42,12 +46,14 @@ impl AudiencesOperator {
         let mut profile: Option<AudienceProfile> = match decode_state(id, &bytes)? {
             Stored::Current(profile) => Some(profile),
             // Written as JSON, before the binary encoding.
-            Stored::Json => Some(serde_json::from_slice(&bytes).map_err(|e| {
+            Stored::Json(json) => Some(serde_json::from_slice(json).map_err(|e| {
                 StoreError::Decode(format!(
                     "{}: {e}",
                     String::from_utf8_lossy(&profile_key(id))
                 ))
             })?),
+            // Merged away, or waiting for merges before its first input.
+            Stored::Absent => None,
         };
         if let Some(p) = profile.as_mut() {
             p.upgrade_sequence_steps(&self.set);
@@ -226,7 +232,15 @@ impl AudiencesOperator {
         cause: Cause,
     ) -> Result<(), OperatorError> {
         let incoming = self.incoming(&from, &into, state.clone())?;
-        if pass_on_transfer::<ProfileUpdate>(ctx, STAGE, &from, &into, &state, &cause)? {
+        if pass_on_transfer::<ProfileUpdate>(
+            ctx,
+            &self.layout,
+            STAGE,
+            &from,
+            &into,
+            &state,
+            &cause,
+        )? {
             return Ok(());
         }
         let current = self.load(ctx, &into)?;
@@ -249,6 +263,10 @@ impl AudiencesOperator {
 impl ProfileStage for AudiencesOperator {
     type Input = ProfileUpdate;
     const STAGE: &'static str = STAGE;
+
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
 
     fn handle(
         &self,
@@ -317,7 +335,9 @@ impl Operator for AudiencesOperator {
     }
 
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        let Some((id, profile)) = fired_profile(ctx, key, |ctx, id| self.load(ctx, id))? else {
+        let Some((id, profile)) =
+            fired_profile(ctx, &self.layout, key, |ctx, id| self.load(ctx, id))?
+        else {
             return Ok(());
         };
         let now = ctx.now();

@@ -181,7 +181,11 @@ shoes: {where: {trait: favorite, eq: shoes}}
         if i == 2 {
             let key = profile_key("p");
             let stored = json.state.map.get(key.as_slice()).ok_or("no profile")?;
-            assert_eq!(stored.first(), Some(&1), "stored in the binary encoding");
+            assert_eq!(
+                stored.first(),
+                Some(&crate::profile_keyed::LIVE),
+                "stored in the binary encoding"
+            );
             let profile: AudienceProfile = crate::profile_keyed::read_state(stored)?;
             json.state.map.insert(key, serde_json::to_vec(&profile)?);
         }
@@ -194,7 +198,11 @@ shoes: {where: {trait: favorite, eq: shoes}}
         .map
         .get(profile_key("p").as_slice())
         .ok_or("no profile")?;
-    assert_eq!(stored.first(), Some(&1), "rewritten in the binary encoding");
+    assert_eq!(
+        stored.first(),
+        Some(&crate::profile_keyed::LIVE),
+        "rewritten in the binary encoding"
+    );
     assert_eq!(
         binary.state.map.get(profile_key("p").as_slice()),
         Some(stored)

@@ -1,11 +1,14 @@
 //! How a profile-keyed stage stores a profile's state under `profile/<id>`.
 //!
 //! A state is written as [postcard](https://docs.rs/postcard) (compact and
-//! positional: no field names, varint numbers) behind one version byte,
-//! [`POSTCARD_V1`]. States written before, as JSON, start with `{` and
-//! still load: a stage upgrades in place, rewriting each profile in the new
-//! encoding the next time it changes. Transfers between partitions stay
-//! JSON: they travel inside a JSON record.
+//! positional: no field names, varint numbers) behind one byte,
+//! [`LIVE`](super::entry::LIVE), which also tells the skeleton the profile
+//! waits for nothing (see [`entry`](super::entry) for the other values the
+//! key holds). States written before, in postcard behind version byte
+//! [`POSTCARD_V1`] or as JSON (starting with `{`), still load: a stage
+//! upgrades in place, rewriting each profile in the new encoding the next
+//! time it changes. Transfers between partitions stay JSON: they travel
+//! inside a JSON record.
 //!
 //! A positional encoding cannot skip a field or read a tag from inside a
 //! map, so the state types follow three rules: no `skip_serializing_if`;
@@ -23,33 +26,46 @@ use cdp_pipeline::store::StoreError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// First byte of a state in postcard encoding, version 1. A JSON state
-/// starts with `{`, so the two never collide.
+use super::entry::{LIVE, RETIRED, WAITING};
+
+/// First byte of a state in postcard encoding as version 1 wrote it
+/// (before the profile's value also carried its redirect and wait mark). A
+/// JSON state starts with `{`, so the two never collide.
 pub(crate) const POSTCARD_V1: u8 = 1;
 
 /// A stored state as it was found.
-pub(crate) enum Stored<T> {
-    /// In the current (binary) encoding.
+pub(crate) enum Stored<'a, T> {
+    /// In the binary encoding.
     Current(T),
     /// JSON, as written before the binary encoding: the stage parses it
     /// (and may upgrade an older layout) itself.
-    Json,
+    Json(&'a [u8]),
+    /// No state: a merged-away profile, or one that waits for merge
+    /// transfers before its first input.
+    Absent,
 }
 
 /// Encode a state for the store.
 pub(crate) fn encode_state<T: Serialize>(state: &T) -> Result<Vec<u8>, StoreError> {
-    postcard::to_extend(state, vec![POSTCARD_V1])
+    postcard::to_extend(state, vec![LIVE])
         .map_err(|e| StoreError::Decode(format!("encode state: {e}")))
 }
 
-/// Decode a stored state: the binary encoding, or [`Stored::Json`] for a
-/// state written as JSON.
-pub(crate) fn decode_state<T: DeserializeOwned>(
+/// Decode the value of `profile/<id>`: a state in the binary encoding,
+/// [`Stored::Json`] for a state written as JSON, [`Stored::Absent`] for a
+/// value without a state.
+pub(crate) fn decode_state<'a, T: DeserializeOwned>(
     key: &str,
-    bytes: &[u8],
-) -> Result<Stored<T>, StoreError> {
+    bytes: &'a [u8],
+) -> Result<Stored<'a, T>, StoreError> {
+    // A waiting profile's state follows its mark.
+    let bytes = match bytes.split_first() {
+        Some((&WAITING, [])) => return Ok(Stored::Absent),
+        Some((&WAITING, rest)) => rest,
+        _ => bytes,
+    };
     match bytes.split_first() {
-        Some((&POSTCARD_V1, rest)) => match postcard::from_bytes(rest) {
+        Some((&(LIVE | POSTCARD_V1), rest)) => match postcard::from_bytes(rest) {
             Ok(state) => Ok(Stored::Current(state)),
             // Written before the last fields were added: they take their
             // defaults (see the module docs).
@@ -62,7 +78,8 @@ pub(crate) fn decode_state<T: DeserializeOwned>(
             }
             Err(e) => Err(StoreError::Decode(format!("{key}: {e}"))),
         },
-        _ => Ok(Stored::Json),
+        Some((&RETIRED, _)) => Ok(Stored::Absent),
+        _ => Ok(Stored::Json(bytes)),
     }
 }
 
@@ -75,9 +92,10 @@ const ADDED_FIELDS_PADDING: usize = 8;
 pub(crate) fn read_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     match decode_state("state", bytes)? {
         Stored::Current(state) => Ok(state),
-        Stored::Json => {
-            serde_json::from_slice(bytes).map_err(|e| StoreError::Decode(e.to_string()))
+        Stored::Json(json) => {
+            serde_json::from_slice(json).map_err(|e| StoreError::Decode(e.to_string()))
         }
+        Stored::Absent => Err(StoreError::Decode("no state".to_owned())),
     }
 }
 
@@ -181,10 +199,10 @@ mod tests {
     #[test]
     fn values_round_trip_in_both_encodings() -> Result<(), Box<dyn std::error::Error>> {
         let bytes = encode_state(&sample())?;
-        assert_eq!(bytes.first(), Some(&POSTCARD_V1));
+        assert_eq!(bytes.first(), Some(&LIVE));
         match decode_state::<Sample>("k", &bytes)? {
             Stored::Current(back) => assert_eq!(back, sample()),
-            Stored::Json => panic!("a binary state read as JSON"),
+            _ => panic!("a binary state not read as one"),
         }
         // JSON keeps the values as they are (what transfers and states
         // written before the binary encoding hold).
@@ -194,7 +212,7 @@ mod tests {
         let json_bytes = serde_json::to_vec(&sample())?;
         assert!(matches!(
             decode_state::<Sample>("k", &json_bytes)?,
-            Stored::Json
+            Stored::Json(_)
         ));
         Ok(())
     }
@@ -236,7 +254,7 @@ mod tests {
                     names: Vec::new(),
                 }
             ),
-            Stored::Json => panic!("a binary state read as JSON"),
+            Stored::Json(_) | Stored::Absent => panic!("a binary state read as JSON"),
         }
         Ok(())
     }
@@ -244,5 +262,32 @@ mod tests {
     #[test]
     fn a_corrupt_binary_state_is_an_error_not_a_panic() {
         assert!(decode_state::<Sample>("k", &[POSTCARD_V1, 0xff, 0xff]).is_err());
+        assert!(decode_state::<Sample>("k", &[LIVE, 0xff, 0xff]).is_err());
+    }
+
+    /// Every form `profile/<id>` takes reads as the state it holds: the
+    /// current one, version 1 and JSON, each also behind a waiting mark;
+    /// a retired profile and a waiting one without state read as none.
+    #[test]
+    fn every_form_of_the_value_reads_as_its_state() -> Result<(), Box<dyn std::error::Error>> {
+        let current = encode_state(&sample())?;
+        let mut v1 = current.clone();
+        v1[0] = POSTCARD_V1;
+        let json = serde_json::to_vec(&sample())?;
+        for state in [current, v1, json] {
+            for value in [state.clone(), super::super::entry::waiting_value(state)] {
+                assert_eq!(read_state::<Sample>(&value)?, sample());
+            }
+        }
+        for value in [
+            super::super::entry::retired_value("b"),
+            super::super::entry::waiting_value(Vec::new()),
+        ] {
+            assert!(matches!(
+                decode_state::<Sample>("k", &value)?,
+                Stored::Absent
+            ));
+        }
+        Ok(())
     }
 }

@@ -1,24 +1,29 @@
 //! The skeleton both profile-keyed stages (traits, audiences) share.
 //!
-//! A stage keeps one state per profile under `profile/<id>`. When identity
-//! merges `from` into `into`, the stage drops `from`'s state, writes a
-//! redirect `redirect/<from>` → `into`, and sends the state to `into`'s
-//! partition as a `transfer` through its own input topic
-//! ([`outputs::SELF`], keyed by `into`), where it is merged into the
-//! survivor's. Late records for `from` (and transfers to an `into` that was
-//! itself merged away meanwhile) follow the redirect to the survivor.
+//! A stage keeps one value per profile under `profile/<id>`: its state, or
+//! the mark that it was merged away ([`entry`]). When identity merges
+//! `from` into `into`, the stage replaces `from`'s state by that mark
+//! (`from` → `into`), and sends the state to `into`'s partition as a
+//! `transfer` through its own input topic ([`outputs::SELF`], keyed by
+//! `into`), where it is merged into the survivor's. Late records for
+//! `from` (and transfers to an `into` that was itself merged away
+//! meanwhile) follow the mark to the survivor.
 //!
 //! Merges are applied before the event that caused them is evaluated
 //! ([`wait`]): the merging event names the merged-away profiles, and the
 //! survivor holds it (and what follows it) until their transfers are in.
 
 mod encoding;
+mod entry;
 mod fast;
 mod wait;
 
 #[cfg(test)]
 pub(crate) use encoding::read_state;
 pub(crate) use encoding::{decode_state, encode_state, json_text, json_text_map, Stored};
+#[cfg(test)]
+pub(crate) use entry::{retired_value, to_earlier_layout, LIVE};
+pub(crate) use entry::{Entry, Layout};
 pub use wait::MAX_HELD_INPUTS;
 pub(crate) use wait::{dispatch, fired_profile, ProfileStage, Route, Timed};
 
@@ -32,17 +37,6 @@ use crate::messages::{outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate}
 
 pub(crate) fn profile_key(id: &str) -> Vec<u8> {
     format!("profile/{id}").into_bytes()
-}
-
-pub(crate) fn redirect_key(id: &str) -> Vec<u8> {
-    format!("redirect/{id}").into_bytes()
-}
-
-/// The profile `id` was merged into, if it was.
-pub(crate) fn redirect_of(ctx: &Context<'_>, id: &str) -> Result<Option<String>, OperatorError> {
-    Ok(ctx
-        .get(&redirect_key(id))?
-        .map(|v| String::from_utf8_lossy(&v).into_owned()))
 }
 
 /// Emit `value` as JSON, keyed by a profile id.
@@ -308,15 +302,10 @@ fn check_merge(from: &str, into: &str) -> Result<(), OperatorError> {
     Ok(())
 }
 
-/// Redirect merged-away `from` to `into`: its late records go there.
-pub(crate) fn redirect(ctx: &mut Context<'_>, from: &str, into: &str) {
-    ctx.put(&redirect_key(from), into.as_bytes().to_vec());
-}
-
-/// Retire merged-away `from`: drop its state and redirect it to `into`.
+/// Retire merged-away `from`: its state gives way to the mark that sends
+/// its records to `into`.
 pub(crate) fn retire(ctx: &mut Context<'_>, from: &str, into: &str) {
-    ctx.delete(&profile_key(from));
-    redirect(ctx, from, into);
+    ctx.put(&profile_key(from), entry::retired_value(into));
 }
 
 /// Write `transfer` to the stage's own input, keyed by its survivor `into`.
@@ -335,13 +324,14 @@ pub(crate) fn send_transfer<R: StageInput>(
 /// (see [`wait`]), so the survivor folds it in on arrival.
 pub(crate) fn pass_on_transfer<R: StageInput>(
     ctx: &mut Context<'_>,
+    layout: &Layout,
     stage: &str,
     from: &str,
     into: &str,
     state: &Value,
     cause: &Cause,
 ) -> Result<bool, OperatorError> {
-    let Some(survivor) = redirect_of(ctx, into)? else {
+    let Entry::Retired { survivor } = layout.entry(ctx, into)? else {
         return Ok(false);
     };
     let forwarded = R::transfer(

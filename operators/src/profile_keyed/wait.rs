@@ -12,7 +12,8 @@
 //!
 //! So per profile the skeleton keeps a [`Wait`] (a small header under
 //! `wait/<id>`, each held input and each arrived state under a key of its
-//! own):
+//! own; the profile's value is marked while the header exists, so a
+//! profile that waits for nothing costs no read of it):
 //! - the announced transfers that arrived before their event (`arrived`);
 //! - the inputs held in arrival order: an event whose
 //!   `merged_from` transfers are not all in, and everything for the same
@@ -39,7 +40,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{redirect_of, StageInput};
+use super::entry::{mark_waiting, wait_key, waiting_value, Entry, Layout};
+use super::StageInput;
 use crate::messages::outputs;
 
 /// Most inputs held per profile while it waits for merge transfers.
@@ -68,11 +70,14 @@ pub(crate) trait ProfileStage {
     /// The `stage` name this stage writes on its transfers.
     const STAGE: &'static str;
 
+    /// How the stage's task store lays out what a profile's key answers.
+    fn layout(&self) -> &Layout;
+
     /// Handle `input` now. `limited`: a held input handled without every
     /// transfer it waited for (the stage counts it). A profile's own
     /// record comes here only while the profile is live: [`dispatch`]
-    /// looked its redirect up (and `drain` runs for live profiles only), so
-    /// the stage need not read it again.
+    /// looked its entry up (and `drain` runs for live profiles only), so
+    /// the stage need not ask whether it was merged away.
     fn handle(
         &self,
         ctx: &mut Context<'_>,
@@ -131,10 +136,6 @@ impl Wait {
     }
 }
 
-fn wait_key(id: &str) -> Vec<u8> {
-    format!("wait/{id}").into_bytes()
-}
-
 fn held_key(id: &str, seq: u64) -> Vec<u8> {
     // Fixed width: keys sort by sequence.
     format!("wait-held/{id}/{seq:020}").into_bytes()
@@ -148,19 +149,30 @@ fn load(ctx: &Context<'_>, id: &str) -> Result<Wait, OperatorError> {
     Ok(ctx.get_json(&wait_key(id))?.unwrap_or_default())
 }
 
+/// Write `id`'s wait header (or delete it when empty) and mark the
+/// profile's value to match.
 fn store(ctx: &mut Context<'_>, id: &str, wait: &Wait) -> Result<(), OperatorError> {
     if wait.is_empty() {
         ctx.delete(&wait_key(id));
-        Ok(())
     } else {
-        Ok(ctx.put_json(&wait_key(id), wait)?)
+        ctx.put_json(&wait_key(id), wait)?;
+    }
+    mark_waiting(ctx, id, !wait.is_empty())
+}
+
+/// `id`'s wait header when its entry says it has one.
+fn load_if(ctx: &Context<'_>, id: &str, entry: &Entry) -> Result<Wait, OperatorError> {
+    match entry {
+        Entry::Live { waiting: true } => load(ctx, id),
+        _ => Ok(Wait::default()),
     }
 }
 
 /// Whether `id` holds inputs: its timers wait for them too (the input
 /// handled when the wait ends evaluates at the then stream time).
-fn is_waiting(ctx: &Context<'_>, id: &str) -> Result<bool, OperatorError> {
-    Ok(load(ctx, id)?.held() > 0)
+fn is_waiting(ctx: &Context<'_>, layout: &Layout, id: &str) -> Result<bool, OperatorError> {
+    let entry = layout.entry(ctx, id)?;
+    Ok(load_if(ctx, id, &entry)?.held() > 0)
 }
 
 /// What a profile's timer needs of a stage's profile state.
@@ -178,6 +190,7 @@ pub(crate) trait Timed: Serialize {
 /// when the wait ends).
 pub(crate) fn fired_profile<P: Timed>(
     ctx: &mut Context<'_>,
+    layout: &Layout,
     key: &[u8],
     load: impl FnOnce(&Context<'_>, &str) -> Result<Option<P>, OperatorError>,
 ) -> Result<Option<(String, P)>, OperatorError> {
@@ -188,8 +201,9 @@ pub(crate) fn fired_profile<P: Timed>(
         return Ok(None);
     };
     profile.clear_timer();
-    if is_waiting(ctx, id)? {
-        ctx.put(&super::profile_key(id), super::encode_state(&profile)?);
+    if is_waiting(ctx, layout, id)? {
+        let value = waiting_value(super::encode_state(&profile)?);
+        ctx.put(&super::profile_key(id), value);
         return Ok(None);
     }
     profile.advance_clock(ctx.now());
@@ -216,14 +230,18 @@ pub(crate) fn dispatch<S: ProfileStage>(
                 // Another stage's transfer on a shared topic: not ours.
                 return Ok(());
             }
-            if !announced || redirect_of(ctx, into)?.is_some() {
-                return stage.handle(ctx, input, record_time, false);
-            }
             let (from, into) = (from.to_owned(), into.to_owned());
-            let mut wait = load(ctx, &into)?;
+            let target = stage.layout().entry(ctx, &into)?;
+            let mut wait = load_if(ctx, &into, &target)?;
+            if !announced || matches!(target, Entry::Retired { .. }) {
+                stage.handle(ctx, input, record_time, false)?;
+                // A state merged in now was stored without the mark.
+                return mark_waiting(ctx, &into, !wait.is_empty());
+            }
             if wait.late.remove(&from) {
                 store(ctx, &into, &wait)?;
-                return stage.handle(ctx, input, record_time, false);
+                stage.handle(ctx, input, record_time, false)?;
+                return mark_waiting(ctx, &into, !wait.is_empty());
             }
             let Some(state) = transfer_state::<S>(input) else {
                 return Ok(());
@@ -233,14 +251,17 @@ pub(crate) fn dispatch<S: ProfileStage>(
             return drain(stage, ctx, &into, wait);
         }
     };
+    // One read says whether the profile was merged away and whether it
+    // waits.
+    let entry = stage.layout().entry(ctx, &id)?;
     // A retired profile's own records go on to its survivor.
-    if let Some(survivor) = redirect_of(ctx, &id)? {
+    if let Entry::Retired { survivor } = entry {
         return match input.readdressed(&survivor) {
             Ok(forwarded) => super::emit_json(ctx, outputs::SELF, &survivor, &forwarded),
             Err(other) => stage.handle(ctx, other, record_time, false),
         };
     }
-    let mut wait = load(ctx, &id)?;
+    let mut wait = load_if(ctx, &id, &entry)?;
     if wait.is_empty() && needs.is_empty() {
         // The usual case: nothing waits, nothing to wait for.
         return stage.handle(ctx, input, record_time, false);

@@ -16,17 +16,21 @@ use crate::messages::{self, outputs, Cause, Identifiers, ProfileRecord, ProfileU
 use crate::profile_keyed::{
     decode, decode_state, dispatch, emit_json, encode_state, fired_profile, invalid_transfer,
     pass_on_transfer, profile_key, reschedule, retire, send_transfer, to_json_value,
-    union_identifiers, ProfileStage, StageInput, Stored,
+    union_identifiers, Layout, ProfileStage, StageInput, Stored,
 };
 
 /// The traits operator of one task.
 pub struct TraitsOperator {
     set: Arc<TraitSet>,
+    layout: Layout,
 }
 
 impl TraitsOperator {
     pub fn new(set: Arc<TraitSet>) -> Self {
-        TraitsOperator { set }
+        TraitsOperator {
+            set,
+            layout: Layout::default(),
+        }
     }
 
     fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<ProfileState>, OperatorError> {
@@ -36,13 +40,15 @@ impl TraitsOperator {
         let mut state: ProfileState = match decode_state(id, &bytes)? {
             Stored::Current(state) => state,
             // Written as JSON, before the binary encoding.
-            Stored::Json => match serde_json::from_slice(&bytes) {
+            Stored::Json(json) => match serde_json::from_slice(json) {
                 Ok(state) => state,
                 // A state written before windows had buckets and unique
                 // lists kept times: rewrite it once rather than stop the
                 // stage.
-                Err(_) => self.upgrade(id, &bytes)?,
+                Err(_) => self.upgrade(id, json)?,
             },
+            // Merged away, or waiting for merges before its first input.
+            Stored::Absent => return Ok(None),
         };
         state.conform(&self.set);
         Ok(Some(state))
@@ -246,7 +252,15 @@ impl TraitsOperator {
         cause: Cause,
     ) -> Result<(), OperatorError> {
         let incoming = self.incoming(&from, &into, &state)?;
-        if pass_on_transfer::<ProfileRecord>(ctx, STAGE, &from, &into, &state, &cause)? {
+        if pass_on_transfer::<ProfileRecord>(
+            ctx,
+            &self.layout,
+            STAGE,
+            &from,
+            &into,
+            &state,
+            &cause,
+        )? {
             return Ok(());
         }
         let current = self.load(ctx, &into)?;
@@ -282,6 +296,10 @@ impl TraitsOperator {
 impl ProfileStage for TraitsOperator {
     type Input = ProfileRecord;
     const STAGE: &'static str = STAGE;
+
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
 
     fn handle(
         &self,
@@ -348,7 +366,9 @@ impl Operator for TraitsOperator {
     }
 
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        let Some((id, mut state)) = fired_profile(ctx, key, |ctx, id| self.load(ctx, id))? else {
+        let Some((id, mut state)) =
+            fired_profile(ctx, &self.layout, key, |ctx, id| self.load(ctx, id))?
+        else {
             return Ok(());
         };
         let now = ctx.now();

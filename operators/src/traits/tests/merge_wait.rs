@@ -255,3 +255,51 @@ fn a_retired_profiles_events_go_on_to_its_survivor_and_a_bad_one_is_refused() ->
     }
     Ok(())
 }
+
+/// A store an earlier version wrote (a redirect under `redirect/a`, `b`'s
+/// wait header under `wait/b` beside a state in postcard version 1) goes
+/// on exactly as the same store in the current layout: the late event
+/// for `a` follows its redirect, `b`'s held events wait for `a`'s transfer
+/// and are evaluated once it is in, and the waits are gone after.
+#[test]
+fn a_store_of_the_earlier_layout_keeps_its_redirects_and_waits() -> TestResult {
+    let (mut current, transfer) = merge_pending()?;
+    send(&mut current, "c", order(DAY - 1, 70))?;
+    let held = current.process(
+        Some(b"b"),
+        &merging_event("b", &["a"], order(DAY, 50))?,
+        &[],
+    )?;
+    assert!(held.is_empty());
+    let mut earlier = harness(ORDERS)?;
+    earlier.now_ms = current.now_ms;
+    earlier.state.map = crate::profile_keyed::to_earlier_layout(&current.state.map);
+    assert!(earlier.state.map.contains_key(b"redirect/a".as_slice()));
+    assert!(earlier.state.map.contains_key(b"wait/b".as_slice()));
+    let b = earlier.state.map.get(profile_key("b").as_slice());
+    assert_eq!(b.and_then(|v| v.first()), Some(&1), "b in postcard v1");
+
+    let late_for_a = event_record("a", order(DAY + 1, 5))?;
+    let later_for_b = event_record("b", order(DAY + 2, 10))?;
+    let steps: [(&[u8], &[u8]); 4] = [
+        (b"a", &late_for_a),
+        (b"b", &later_for_b),
+        (b"b", &transfer),
+        (b"c", &event_record("c", order(DAY + 3, 1))?),
+    ];
+    for (i, (key, value)) in steps.into_iter().enumerate() {
+        let want = current.process(Some(key), value, &[])?;
+        let got = earlier.process(Some(key), value, &[])?;
+        assert_eq!(got, want, "step {i}");
+        if i == 2 {
+            assert_eq!(
+                updates(&got)?.len(),
+                2,
+                "both held events, once the merge is in"
+            );
+        }
+    }
+    assert_eq!(current.tick(3 * DAY)?, earlier.tick(3 * DAY)?);
+    assert!(earlier.state.map.keys().all(|k| !k.starts_with(b"wait")));
+    Ok(())
+}

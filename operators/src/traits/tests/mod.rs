@@ -342,7 +342,11 @@ fn json_states_load_and_are_rewritten_in_the_binary_encoding() -> TestResult {
             // Rewrite the stored state as the previous version did.
             let key = profile_key("p");
             let stored = json.state.map.get(key.as_slice()).ok_or("no state")?;
-            assert_eq!(stored.first(), Some(&1), "stored in the binary encoding");
+            assert_eq!(
+                stored.first(),
+                Some(&crate::profile_keyed::LIVE),
+                "stored in the binary encoding"
+            );
             let state: ProfileState = crate::profile_keyed::read_state(stored)?;
             json.state.map.insert(key, serde_json::to_vec(&state)?);
         }
@@ -355,7 +359,11 @@ fn json_states_load_and_are_rewritten_in_the_binary_encoding() -> TestResult {
         .map
         .get(profile_key("p").as_slice())
         .ok_or("no state")?;
-    assert_eq!(stored.first(), Some(&1), "rewritten in the binary encoding");
+    assert_eq!(
+        stored.first(),
+        Some(&crate::profile_keyed::LIVE),
+        "rewritten in the binary encoding"
+    );
     assert_eq!(
         binary.state.map.get(profile_key("p").as_slice()),
         Some(stored)
@@ -686,7 +694,11 @@ fn late_events_for_a_merged_profile_are_redirected() -> TestResult {
         ProfileRecord::Event { profile_id, .. } => assert_eq!(profile_id, "b"),
         other => return Err(format!("unexpected {other:?}").into()),
     }
-    assert!(!h.state.map.contains_key(profile_key("a").as_slice()));
+    assert_eq!(
+        h.state.map.get(profile_key("a").as_slice()),
+        Some(&crate::profile_keyed::retired_value("b")),
+        "a's state gave way to its redirect"
+    );
     Ok(())
 }
 
@@ -728,7 +740,11 @@ fn a_merge_transfers_state_and_emits_the_merged_values() -> TestResult {
     assert!(
         matches!(forwarded.as_slice(), [ProfileUpdate::Merged { from, into, .. }] if from == "a" && into == "b")
     );
-    assert!(!h.state.map.contains_key(profile_key("a").as_slice()));
+    assert_eq!(
+        h.state.map.get(profile_key("a").as_slice()),
+        Some(&crate::profile_keyed::retired_value("b")),
+        "a's state gave way to its redirect"
+    );
 
     let value = transfer.value.clone();
     let out = h.process(Some(b"b"), &value, &[])?;
