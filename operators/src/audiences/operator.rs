@@ -40,7 +40,7 @@ impl AudiencesOperator {
     }
 
     fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<AudienceProfile>, OperatorError> {
-        let Some(bytes) = ctx.get(&profile_key(id))? else {
+        let Some(bytes) = self.layout.value(ctx, id)? else {
             return Ok(None);
         };
         let mut profile: Option<AudienceProfile> = match decode_state(id, &bytes)? {

@@ -21,6 +21,7 @@
 //! old redirect is never rewritten, a wait is marked in the new form the
 //! next time it changes.
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use cdp_pipeline::operator::{Context, OperatorError};
@@ -52,6 +53,11 @@ pub(crate) enum Entry {
 #[derive(Debug, Default)]
 pub(crate) struct Layout {
     legacy: OnceLock<bool>,
+    /// The value of `profile/<id>` that routing the current record read,
+    /// for the stage's first load of that profile (so a record reads it
+    /// once, not twice); taken by [`Layout::value`], dropped by
+    /// [`Layout::forget`] when the record is done.
+    kept: RefCell<Option<(String, Option<Vec<u8>>)>>,
 }
 
 impl Layout {
@@ -69,7 +75,46 @@ impl Layout {
     /// the earlier layout where they may still answer.
     pub(crate) fn entry(&self, ctx: &Context<'_>, id: &str) -> Result<Entry, OperatorError> {
         let value = ctx.get(&profile_key(id))?;
-        match value.as_deref().and_then(<[u8]>::split_first) {
+        self.classify(ctx, id, value.as_deref())
+    }
+
+    /// [`Layout::entry`], keeping the value read for the stage's next
+    /// [`Layout::value`] of `id`. The caller hands the record to the stage
+    /// before anything writes `profile/<id>`, and calls
+    /// [`Layout::forget`] when it is done.
+    pub(crate) fn entry_kept(&self, ctx: &Context<'_>, id: &str) -> Result<Entry, OperatorError> {
+        let value = ctx.get(&profile_key(id))?;
+        let entry = self.classify(ctx, id, value.as_deref())?;
+        *self.kept.borrow_mut() = Some((id.to_owned(), value));
+        Ok(entry)
+    }
+
+    /// Drop the value [`Layout::entry_kept`] kept, if the stage did not take it.
+    pub(crate) fn forget(&self) {
+        self.kept.borrow_mut().take();
+    }
+
+    /// The stored value of `profile/<id>`: the one routing the record kept
+    /// (once), or read now.
+    pub(crate) fn value(
+        &self,
+        ctx: &Context<'_>,
+        id: &str,
+    ) -> Result<Option<Vec<u8>>, OperatorError> {
+        let kept = self.kept.borrow_mut().take();
+        match kept {
+            Some((kept, value)) if kept == id => Ok(value),
+            _ => Ok(ctx.get(&profile_key(id))?),
+        }
+    }
+
+    fn classify(
+        &self,
+        ctx: &Context<'_>,
+        id: &str,
+        value: Option<&[u8]>,
+    ) -> Result<Entry, OperatorError> {
+        match value.and_then(<[u8]>::split_first) {
             Some((&LIVE, _)) => Ok(Entry::Live { waiting: false }),
             Some((&WAITING, _)) => Ok(Entry::Live { waiting: true }),
             Some((&RETIRED, survivor)) => Ok(Entry::Retired {

@@ -217,6 +217,17 @@ pub(crate) fn dispatch<S: ProfileStage>(
     input: S::Input,
     record_time: Option<i64>,
 ) -> Result<(), OperatorError> {
+    let routed = route(stage, ctx, input, record_time);
+    stage.layout().forget();
+    routed
+}
+
+fn route<S: ProfileStage>(
+    stage: &S,
+    ctx: &mut Context<'_>,
+    input: S::Input,
+    record_time: Option<i64>,
+) -> Result<(), OperatorError> {
     let (id, needs) = match input.route() {
         Route::Profile { id, needs } => (id.to_owned(), needs.to_vec()),
         Route::Merged { from } => (from.to_owned(), Vec::new()),
@@ -252,8 +263,9 @@ pub(crate) fn dispatch<S: ProfileStage>(
         }
     };
     // One read says whether the profile was merged away and whether it
-    // waits.
-    let entry = stage.layout().entry(ctx, &id)?;
+    // waits; in the usual case below the stage's load takes the value read
+    // (nothing writes the profile before).
+    let entry = stage.layout().entry_kept(ctx, &id)?;
     // A retired profile's own records go on to its survivor.
     if let Entry::Retired { survivor } = entry {
         return match input.readdressed(&survivor) {
@@ -266,6 +278,8 @@ pub(crate) fn dispatch<S: ProfileStage>(
         // The usual case: nothing waits, nothing to wait for.
         return stage.handle(ctx, input, record_time, false);
     }
+    // The paths below may write the profile before the stage loads it.
+    stage.layout().forget();
     if wait.held() == 0 && needs.iter().all(|n| wait.arrived.contains(n)) {
         let retires = matches!(input.route(), Route::Merged { .. });
         absorb_needed(stage, ctx, &id, &mut wait, &needs)?;

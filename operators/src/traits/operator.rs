@@ -34,7 +34,7 @@ impl TraitsOperator {
     }
 
     fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<ProfileState>, OperatorError> {
-        let Some(bytes) = ctx.get(&profile_key(id))? else {
+        let Some(bytes) = self.layout.value(ctx, id)? else {
             return Ok(None);
         };
         let mut state: ProfileState = match decode_state(id, &bytes)? {
