@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::compile::{AudienceSet, Compiled, Retention};
 use super::history::FilterHistory;
 use crate::messages::{self, Identifiers};
-use crate::profile_keyed::{json_text_map, union_identifiers};
+use crate::profile_keyed::{json_value_map, union_identifiers};
 /// Everything the audiences stage keeps for one profile, under `profile/<id>`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub(super) struct AudienceProfile {
@@ -18,7 +18,7 @@ pub(super) struct AudienceProfile {
     #[serde(default)]
     pub(super) clock: i64,
     /// Current trait values (computed and identify).
-    #[serde(default, with = "json_text_map")]
+    #[serde(default, with = "json_value_map")]
     pub(super) traits: BTreeMap<String, Value>,
     /// Filter key → history.
     #[serde(default)]

@@ -5,7 +5,8 @@
 //! [`LIVE`](super::entry::LIVE), which also tells the skeleton the profile
 //! waits for nothing (see [`entry`](super::entry) for the other values the
 //! key holds). States written before, in postcard behind version byte
-//! [`POSTCARD_V1`] or as JSON (starting with `{`), still load: a stage
+//! [`POSTCARD_V1`] (trait values as JSON text, parsed again on every load)
+//! or as JSON (starting with `{`), still load: a stage
 //! upgrades in place, rewriting each profile in the new encoding the next
 //! time it changes. Transfers between partitions stay JSON: they travel
 //! inside a JSON record.
@@ -14,7 +15,7 @@
 //! map, so the state types follow three rules: no `skip_serializing_if`;
 //! anything that serializes differently in JSON (internally tagged enums,
 //! `serde_json::Value`) asks the serializer [`is_human_readable`] and, in
-//! the binary form, takes a plain shape ([`json_text`] for values); and a
+//! the binary form, takes a plain shape ([`json_value`] for values); and a
 //! field added later goes last in its top-level struct, with a default
 //! whose encoding is one zero byte (`None`, `0`, an empty collection), so
 //! a state stored before it was added decodes with that default
@@ -22,9 +23,12 @@
 //!
 //! [`is_human_readable`]: serde::Serializer::is_human_readable
 
+use std::cell::Cell;
+
 use cdp_pipeline::store::StoreError;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::Value;
 
 use super::entry::{LIVE, RETIRED, WAITING};
 
@@ -65,19 +69,12 @@ pub(crate) fn decode_state<'a, T: DeserializeOwned>(
         _ => bytes,
     };
     match bytes.split_first() {
-        Some((&(LIVE | POSTCARD_V1), rest)) => match postcard::from_bytes(rest) {
-            Ok(state) => Ok(Stored::Current(state)),
-            // Written before the last fields were added: they take their
-            // defaults (see the module docs).
-            Err(postcard::Error::DeserializeUnexpectedEnd) => {
-                let mut padded = rest.to_vec();
-                padded.resize(rest.len() + ADDED_FIELDS_PADDING, 0);
-                postcard::from_bytes(&padded)
-                    .map(Stored::Current)
-                    .map_err(|e| StoreError::Decode(format!("{key}: {e}")))
-            }
-            Err(e) => Err(StoreError::Decode(format!("{key}: {e}"))),
-        },
+        Some((&LIVE, rest)) => decode_padded(rest, |b| postcard::from_bytes(b))
+            .map(Stored::Current)
+            .map_err(|e| StoreError::Decode(format!("{key}: {e}"))),
+        Some((&POSTCARD_V1, rest)) => decode_padded(rest, decode_v1)
+            .map(Stored::Current)
+            .map_err(|e| StoreError::Decode(format!("{key}: {e}"))),
         Some((&RETIRED, _)) => Ok(Stored::Absent),
         _ => Ok(Stored::Json(bytes)),
     }
@@ -99,47 +96,179 @@ pub(crate) fn read_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreEr
     }
 }
 
-/// A `serde_json::Value` field: itself in JSON, its JSON text in binary
-/// encodings (which cannot describe a value of any shape).
-pub(crate) mod json_text {
+thread_local! {
+    /// Set while a state of version 1 is decoded (or, in tests, encoded):
+    /// its values are JSON text.
+    static VALUES_AS_TEXT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f` with [`json_value`] fields as JSON text, as version 1 has them.
+fn as_v1<R>(f: impl FnOnce() -> R) -> R {
+    VALUES_AS_TEXT.with(|text| {
+        let before = text.replace(true);
+        let out = f();
+        text.set(before);
+        out
+    })
+}
+
+/// Decode a version 1 state.
+/// `decode` a state; one that ends early was written before its last
+/// fields were added, and reads as if zero bytes (their defaults, see the
+/// module docs) followed.
+fn decode_padded<T>(
+    bytes: &[u8],
+    decode: impl Fn(&[u8]) -> postcard::Result<T>,
+) -> postcard::Result<T> {
+    match decode(bytes) {
+        Err(postcard::Error::DeserializeUnexpectedEnd) => {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len() + ADDED_FIELDS_PADDING, 0);
+            decode(&padded)
+        }
+        other => other,
+    }
+}
+
+fn decode_v1<T: DeserializeOwned>(bytes: &[u8]) -> postcard::Result<T> {
+    as_v1(|| postcard::from_bytes(bytes))
+}
+
+/// Encode a state as version 1 wrote it (for the upgrade tests).
+#[cfg(test)]
+pub(crate) fn encode_v1<T: Serialize>(state: &T) -> Result<Vec<u8>, StoreError> {
+    as_v1(|| postcard::to_extend(state, vec![POSTCARD_V1]))
+        .map_err(|e| StoreError::Decode(format!("encode state: {e}")))
+}
+
+/// A `serde_json::Value` field: itself in JSON; in the binary encoding a
+/// [`Bin`] (a binary format cannot describe a value of any shape itself),
+/// in version 1 its JSON text, which every load parsed again.
+pub(crate) mod json_value {
     use serde::de::Error as _;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
     use serde_json::Value;
 
+    use super::{Bin, BinRef, VALUES_AS_TEXT};
+
     pub(crate) fn serialize<S: Serializer>(value: &Value, s: S) -> Result<S::Ok, S::Error> {
         if s.is_human_readable() {
             value.serialize(s)
-        } else {
+        } else if VALUES_AS_TEXT.with(|text| text.get()) {
             s.collect_str(value)
+        } else {
+            BinRef(value).serialize(s)
         }
     }
 
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
         if d.is_human_readable() {
             Value::deserialize(d)
-        } else {
+        } else if VALUES_AS_TEXT.with(|text| text.get()) {
             let text = String::deserialize(d)?;
             serde_json::from_str(&text).map_err(D::Error::custom)
+        } else {
+            Ok(Bin::deserialize(d)?.into())
         }
     }
 }
 
-/// A map of names to `serde_json::Value`s, each as [`json_text`].
-pub(crate) mod json_text_map {
+/// A JSON value in the binary encoding: the variant, then its contents.
+/// Numbers keep serde_json's kind (unsigned, signed, float), so a value
+/// reads back exactly as it was. [`BinRef`] writes the same bytes from a
+/// borrowed value.
+#[derive(Deserialize)]
+enum Bin {
+    Null,
+    Bool(bool),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Str(String),
+    Array(Vec<Bin>),
+    Object(Vec<(String, Bin)>),
+}
+
+impl From<Bin> for Value {
+    fn from(bin: Bin) -> Value {
+        match bin {
+            Bin::Null => Value::Null,
+            Bin::Bool(b) => Value::Bool(b),
+            Bin::U64(n) => Value::from(n),
+            Bin::I64(n) => Value::from(n),
+            Bin::F64(n) => Value::from(n),
+            Bin::Str(s) => Value::String(s),
+            Bin::Array(items) => Value::Array(items.into_iter().map(Value::from).collect()),
+            Bin::Object(fields) => Value::Object(
+                fields
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::from(v)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// A borrowed value written as [`Bin`].
+struct BinRef<'a>(&'a Value);
+
+impl Serialize for BinRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Null => s.serialize_unit_variant("Bin", 0, "Null"),
+            Value::Bool(b) => s.serialize_newtype_variant("Bin", 1, "Bool", b),
+            Value::Number(n) => {
+                if let Some(n) = n.as_u64() {
+                    s.serialize_newtype_variant("Bin", 2, "U64", &n)
+                } else if let Some(n) = n.as_i64() {
+                    s.serialize_newtype_variant("Bin", 3, "I64", &n)
+                } else {
+                    s.serialize_newtype_variant("Bin", 4, "F64", &n.as_f64().unwrap_or(0.0))
+                }
+            }
+            Value::String(t) => s.serialize_newtype_variant("Bin", 5, "Str", t),
+            Value::Array(items) => s.serialize_newtype_variant("Bin", 6, "Array", &Items(items)),
+            Value::Object(fields) => {
+                s.serialize_newtype_variant("Bin", 7, "Object", &Fields(fields))
+            }
+        }
+    }
+}
+
+struct Items<'a>(&'a [Value]);
+
+impl Serialize for Items<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(BinRef))
+    }
+}
+
+/// An object's fields as a sequence of `(name, value)` pairs, the shape
+/// [`Bin::Object`] reads.
+struct Fields<'a>(&'a serde_json::Map<String, Value>);
+
+impl Serialize for Fields<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|(k, v)| (k, BinRef(v))))
+    }
+}
+
+/// A map of names to `serde_json::Value`s, each as [`json_value`].
+pub(crate) mod json_value_map {
     use std::collections::BTreeMap;
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
     use serde_json::Value;
 
     #[derive(Serialize, Deserialize)]
-    struct Text(#[serde(with = "super::json_text")] Value);
+    struct Text(#[serde(with = "super::json_value")] Value);
 
     /// Borrowed for serialization.
     struct TextRef<'a>(&'a Value);
 
     impl Serialize for TextRef<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            super::json_text::serialize(self.0, s)
+            super::json_value::serialize(self.0, s)
         }
     }
 
@@ -179,9 +308,9 @@ mod tests {
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Sample {
-        #[serde(with = "json_text")]
+        #[serde(with = "json_value")]
         one: Value,
-        #[serde(with = "json_text_map")]
+        #[serde(with = "json_value_map")]
         many: BTreeMap<String, Value>,
     }
 
@@ -220,17 +349,17 @@ mod tests {
     /// `Sample` as it was before a field was added at its end.
     #[derive(Serialize)]
     struct Before {
-        #[serde(with = "json_text")]
+        #[serde(with = "json_value")]
         one: Value,
-        #[serde(with = "json_text_map")]
+        #[serde(with = "json_value_map")]
         many: BTreeMap<String, Value>,
     }
 
     #[derive(Debug, PartialEq, Deserialize)]
     struct After {
-        #[serde(with = "json_text")]
+        #[serde(with = "json_value")]
         one: Value,
-        #[serde(with = "json_text_map")]
+        #[serde(with = "json_value_map")]
         many: BTreeMap<String, Value>,
         until: Option<i64>,
         names: Vec<String>,
@@ -271,8 +400,8 @@ mod tests {
     #[test]
     fn every_form_of_the_value_reads_as_its_state() -> Result<(), Box<dyn std::error::Error>> {
         let current = encode_state(&sample())?;
-        let mut v1 = current.clone();
-        v1[0] = POSTCARD_V1;
+        let v1 = encode_v1(&sample())?;
+        assert_ne!(current[1..], v1[1..], "values binary, not text");
         let json = serde_json::to_vec(&sample())?;
         for state in [current, v1, json] {
             for value in [state.clone(), super::super::entry::waiting_value(state)] {

@@ -200,9 +200,9 @@ pub(crate) fn retired_value(survivor: &str) -> Vec<u8> {
 /// redirects and waits in keys of their own, states in postcard version 1.
 /// For the tests that an upgraded stage goes on as if nothing changed.
 #[cfg(test)]
-pub(crate) fn to_earlier_layout(
+pub(crate) fn to_earlier_layout<T: serde::Serialize + serde::de::DeserializeOwned>(
     map: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
-) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+) -> Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>, cdp_pipeline::store::StoreError> {
     let mut out = std::collections::BTreeMap::new();
     for (key, value) in map {
         let Some(id) = key.strip_prefix(b"profile/") else {
@@ -218,11 +218,9 @@ pub(crate) fn to_earlier_layout(
             Some((&RETIRED, survivor)) => {
                 out.insert([b"redirect/", id].concat(), survivor.to_vec());
             }
-            Some((&LIVE, state)) => {
-                out.insert(
-                    key.clone(),
-                    [&[super::encoding::POSTCARD_V1], state].concat(),
-                );
+            Some((&LIVE, _)) => {
+                let state: T = super::encoding::read_state(value)?;
+                out.insert(key.clone(), super::encoding::encode_v1(&state)?);
             }
             Some(_) => {
                 out.insert(key.clone(), value.to_vec());
@@ -230,5 +228,5 @@ pub(crate) fn to_earlier_layout(
             None => {}
         }
     }
-    out
+    Ok(out)
 }

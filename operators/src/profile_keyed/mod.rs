@@ -20,7 +20,7 @@ mod wait;
 
 #[cfg(test)]
 pub(crate) use encoding::read_state;
-pub(crate) use encoding::{decode_state, encode_state, json_text, json_text_map, Stored};
+pub(crate) use encoding::{decode_state, encode_state, json_value, json_value_map, Stored};
 #[cfg(test)]
 pub(crate) use entry::{retired_value, to_earlier_layout, LIVE};
 pub(crate) use entry::{Entry, Layout};

@@ -8,13 +8,13 @@ use serde_json::Value;
 use super::config::TraitSet;
 use super::state::TraitState;
 use crate::messages::{self, Identifiers};
-use crate::profile_keyed::{json_text, json_text_map, union_identifiers};
+use crate::profile_keyed::{json_value, json_value_map, union_identifiers};
 
 /// A profile trait set by `identify`, with the event time that set it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(super) struct StampedValue {
     pub(super) time: i64,
-    #[serde(with = "json_text")]
+    #[serde(with = "json_value")]
     pub(super) value: Value,
 }
 
@@ -34,7 +34,7 @@ pub(super) struct ProfileState {
     #[serde(default)]
     pub(super) profile_traits: BTreeMap<String, StampedValue>,
     /// The non-null values last sent downstream, to emit only changes.
-    #[serde(default, with = "json_text_map")]
+    #[serde(default, with = "json_value_map")]
     pub(super) emitted: BTreeMap<String, Value>,
     /// The timer set for this profile's next window expiry.
     #[serde(default)]

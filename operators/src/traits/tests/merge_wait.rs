@@ -273,7 +273,8 @@ fn a_store_of_the_earlier_layout_keeps_its_redirects_and_waits() -> TestResult {
     assert!(held.is_empty());
     let mut earlier = harness(ORDERS)?;
     earlier.now_ms = current.now_ms;
-    earlier.state.map = crate::profile_keyed::to_earlier_layout(&current.state.map);
+    earlier.state.map =
+        crate::profile_keyed::to_earlier_layout::<ProfileState>(&current.state.map)?;
     assert!(earlier.state.map.contains_key(b"redirect/a".as_slice()));
     assert!(earlier.state.map.contains_key(b"wait/b".as_slice()));
     let b = earlier.state.map.get(profile_key("b").as_slice());
