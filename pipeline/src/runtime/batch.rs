@@ -7,12 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::join_all;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::{Offset, TopicPartitionList};
 
 use super::produce::{produce_acked, OutHeaders, Outgoing};
-use super::rebalance::StageContext;
 use super::settle::{check_sizes, settle};
 use super::{now_ms, ownership, OutputTarget, RuntimeError, Shared, Task, DEAD_LETTERS};
 use crate::changelog::{self, commit_key, Marker};
@@ -70,7 +67,6 @@ fn to_owned_headers(pairs: &[(String, Vec<u8>)]) -> OwnedHeaders {
 
 pub(super) fn process_batch(
     shared: &Shared,
-    consumer: &BaseConsumer<StageContext>,
     batch: Vec<BorrowedMessage<'_>>,
 ) -> Result<(), RuntimeError> {
     let started = Instant::now();
@@ -389,7 +385,10 @@ pub(super) fn process_batch(
 
     // Phase 3: state + progress + positions, atomically — unless someone
     // else wrote to the changelog partition meanwhile.
-    let mut offsets = TopicPartitionList::new();
+    let mut group_offsets = shared
+        .group_offsets
+        .lock()
+        .map_err(|_| RuntimeError::Poisoned)?;
     let mut fenced = None;
     for (mut w, (_, marker_offset)) in work.into_iter().zip(marker_offsets) {
         let Some(task) = tasks.get_mut(&w.partition) else {
@@ -441,16 +440,9 @@ pub(super) fn process_batch(
                 observe(e);
             }
         }
-        let _ = offsets.add_partition_offset(
-            &shared.spec.input_topic,
-            task.partition,
-            Offset::Offset(task.meta.input_offset),
-        );
+        group_offsets.record(task.partition, task.meta.input_offset);
     }
-    // The group offset only feeds lag dashboards; the store is the truth.
-    if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
-        tracing::debug!(stage, error = %e, "group offset commit failed");
-    }
+    drop(group_offsets);
     if let Some(e) = fenced {
         // Stop the stage: the orchestrator restarts it, and the restore
         // then starts from the last batch this task did commit.

@@ -11,7 +11,9 @@
 //! A crash anywhere before 3 replays the batch: outputs land again at the
 //! same positions and consumers drop them. Rebalance callbacks run inside
 //! `poll` on this same thread, so a revoked task is always idle: its last
-//! batch was committed before the poll that revoked it.
+//! batch was committed before the poll that revoked it. The group's offsets
+//! are committed once a second (and at a revoke or stop): they only feed
+//! lag tools, the store is the truth.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,6 +27,7 @@ use rdkafka::error::KafkaError;
 mod acks;
 mod batch;
 mod gauges;
+mod group_offsets;
 mod ownership;
 mod produce;
 mod rebalance;
@@ -180,6 +183,8 @@ struct Shared {
     /// `kafka.max_record_bytes`: checked before anything is produced.
     max_record_bytes: usize,
     tasks: Mutex<BTreeMap<i32, Task>>,
+    /// Committed input offsets not yet committed to the group.
+    group_offsets: Mutex<group_offsets::GroupOffsets>,
     failure: Mutex<Option<RuntimeError>>,
     ready: ReadyFlag,
     shutdown: Shutdown,

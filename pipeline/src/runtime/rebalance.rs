@@ -40,6 +40,9 @@ impl ConsumerContext for StageContext {
                     .inc();
                 // Tasks are idle here (see module docs): dropping closes
                 // their stores; their progress is already committed.
+                if let Ok(mut offsets) = self.shared.group_offsets.lock() {
+                    offsets.commit(stage, &self.shared.spec.input_topic, consumer, true);
+                }
                 if let Ok(mut tasks) = self.shared.tasks.lock() {
                     let partitions: Vec<i32> = tasks.keys().copied().collect();
                     tracing::info!(stage, ?partitions, "partitions revoked");

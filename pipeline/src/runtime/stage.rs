@@ -110,6 +110,7 @@ impl StageRuntime {
             guarantee: cfg.guarantee,
             max_record_bytes: cfg.max_record_bytes,
             tasks: Mutex::new(BTreeMap::new()),
+            group_offsets: Mutex::default(),
             failure: Mutex::new(None),
             ready: self.ready.clone(),
             handle,
@@ -151,8 +152,14 @@ impl StageRuntime {
             }
             let batch = poll_batch(name, &consumer, cfg.max_batch)?;
             if !batch.is_empty() {
-                process_batch(&shared, &consumer, batch)?;
+                process_batch(&shared, batch)?;
             }
+            // Lag tools read the group's offsets; the store is the truth.
+            shared
+                .group_offsets
+                .lock()
+                .map_err(|_| RuntimeError::Poisoned)?
+                .commit(name, &input_topic, &consumer, false);
             if shared.spec.ticks {
                 send_ticks(&shared, tick_every)?;
             }
@@ -164,6 +171,9 @@ impl StageRuntime {
                 check_ownership(&shared)?;
                 last_ownership_check = Instant::now();
             }
+        }
+        if let Ok(mut offsets) = shared.group_offsets.lock() {
+            offsets.commit(name, &input_topic, &consumer, true);
         }
         tracing::info!(stage = name, "leaving consumer group");
         consumer.unsubscribe();
