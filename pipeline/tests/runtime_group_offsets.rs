@@ -6,19 +6,20 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use cdp_pipeline::runtime::RuntimeError;
 use cdp_pipeline::{
-    ClientFactory, Context, Health, KafkaConfig, Operator, OperatorError, OutputTarget, Record,
-    Shutdown, StageRuntime, StageSpec,
+    ClientFactory, Context, Health, Operator, OperatorError, OutputTarget, Record, Shutdown,
+    StageRuntime, StageSpec,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-type StageJoin = std::thread::JoinHandle<Result<(), RuntimeError>>;
+mod common;
+
+use common::{ended, mock_stage, BoxError, MockOptions, MockStage, StageJoin};
+
+type TestResult = Result<(), BoxError>;
 
 /// How long a read waits for what it expects.
 const PATIENCE: Duration = Duration::from_secs(40);
@@ -39,40 +40,14 @@ impl Operator for Counter {
     }
 }
 
-struct Setup {
-    _mock: MockCluster<'static, DefaultProducerContext>,
-    factory: ClientFactory,
-    producer: FutureProducer,
-    _dir: tempfile::TempDir,
-}
-
 /// One partition; batches of one record (`max_batch = 1`).
-fn setup() -> Result<Setup, Box<dyn std::error::Error + Send + Sync>> {
-    let dir = tempfile::tempdir()?;
-    let mock = MockCluster::new(1)?;
-    let mut properties = BTreeMap::new();
-    properties.insert("consumer.session.timeout.ms".into(), "6000".into());
-    properties.insert("consumer.heartbeat.interval.ms".into(), "500".into());
-    let config = KafkaConfig {
-        brokers: mock.bootstrap_servers(),
-        topic_prefix: "t".into(),
+fn setup() -> Result<MockStage, BoxError> {
+    mock_stage(MockOptions {
+        stage: "count",
         partitions: 1,
-        state_dir: dir.path().display().to_string(),
-        tick_interval: cdp_pipeline::Span::from_millis(100),
-        max_batch: 1,
-        properties,
-        ..KafkaConfig::default()
-    };
-    for t in ["t.in", "t.out", "t.invalid", "t.count-changelog"] {
-        mock.create_topic(t, 1, 1)?;
-    }
-    let factory = ClientFactory::new(config)?;
-    let producer = factory.producer()?;
-    Ok(Setup {
-        _mock: mock,
-        factory,
-        producer,
-        _dir: dir,
+        state_dir: None,
+        max_batch: Some(1),
+        properties: &[],
     })
 }
 
@@ -135,17 +110,9 @@ async fn read_positioned(
 ) -> Result<Vec<(String, (i64, u32))>, tokio::task::JoinError> {
     let f = factory.clone();
     tokio::task::spawn_blocking(move || {
-        let Ok(c): Result<BaseConsumer, _> = f.plain_consumer("reader") else {
+        let Some(c) = common::out_reader(&f) else {
             return vec![];
         };
-        let mut tpl = TopicPartitionList::new();
-        if tpl
-            .add_partition_offset("t.out", 0, Offset::Beginning)
-            .is_err()
-            || c.assign(&tpl).is_err()
-        {
-            return vec![];
-        }
         let mut out = Vec::new();
         let deadline = Instant::now() + within;
         while Instant::now() < deadline && !want(&out) {
@@ -167,21 +134,6 @@ async fn read_positioned(
         out
     })
     .await
-}
-
-/// Wait (without blocking the runtime) for a stage thread to end.
-async fn ended(join: StageJoin, within: Duration) -> Option<Result<(), String>> {
-    let deadline = Instant::now() + within;
-    while !join.is_finished() {
-        if Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Some(match join.join() {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err("stage panicked".into()),
-    })
 }
 
 /// The group's committed offset of `t.in[0]`, as a lag tool reads it.

@@ -17,7 +17,11 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+mod common;
+
+use common::{ended, mock_stage, BoxError, MockOptions, MockStage, StageJoin};
+
+type TestResult = Result<(), BoxError>;
 
 /// Counts records per key; emits `key:count`. Rejects the value `bad`.
 /// On its first record sets a timer 300 ms of stream time ahead (stream
@@ -52,41 +56,13 @@ impl Operator for Counter {
     }
 }
 
-struct Setup {
-    _mock: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    factory: ClientFactory,
-    producer: FutureProducer,
-}
-
-fn setup(state_dir: &str) -> Result<Setup, Box<dyn std::error::Error + Send + Sync>> {
-    let mock = MockCluster::new(1)?;
-    let mut properties = BTreeMap::new();
-    properties.insert(
-        "consumer.session.timeout.ms".to_string(),
-        "6000".to_string(),
-    );
-    properties.insert(
-        "consumer.heartbeat.interval.ms".to_string(),
-        "500".to_string(),
-    );
-    let config = KafkaConfig {
-        brokers: mock.bootstrap_servers(),
-        topic_prefix: "t".into(),
+fn setup(state_dir: &str) -> Result<MockStage, BoxError> {
+    mock_stage(MockOptions {
+        stage: "count",
         partitions: 2,
-        state_dir: state_dir.to_string(),
-        tick_interval: cdp_pipeline::Span::from_millis(100),
-        properties,
-        ..KafkaConfig::default()
-    };
-    for t in ["t.in", "t.out", "t.invalid", "t.count-changelog"] {
-        mock.create_topic(t, 2, 1)?;
-    }
-    let factory = ClientFactory::new(config)?;
-    let producer = factory.producer()?;
-    Ok(Setup {
-        _mock: mock,
-        factory,
-        producer,
+        state_dir: Some(state_dir.into()),
+        max_batch: None,
+        properties: &[],
     })
 }
 
@@ -285,8 +261,6 @@ fn stage(name: &'static str, input: &str, output: &str, ticks: bool) -> StageSpe
     }
 }
 
-type StageJoin = std::thread::JoinHandle<Result<(), cdp_pipeline::runtime::RuntimeError>>;
-
 fn start(spec: StageSpec, factory: &ClientFactory, shutdown: &Shutdown) -> StageJoin {
     let name = spec.name;
     let rt = StageRuntime::new(
@@ -328,21 +302,6 @@ async fn read_until(
 ) -> Result<Vec<(String, String)>, tokio::task::JoinError> {
     let f = factory.clone();
     tokio::task::spawn_blocking(move || read_all(&f, topic, want)).await
-}
-
-/// Wait (without blocking the runtime) for a stage thread to end by itself.
-async fn ended(join: StageJoin, within: Duration) -> Option<Result<(), String>> {
-    let deadline = Instant::now() + within;
-    while !join.is_finished() {
-        if Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Some(match join.join() {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err("stage panicked".into()),
-    })
 }
 
 /// `cdp dev --state-dir D`, stopped and started again: the embedded broker

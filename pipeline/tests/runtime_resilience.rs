@@ -9,18 +9,18 @@ use cdp_pipeline::changelog::{self, commit_key, Marker, Restorer};
 use cdp_pipeline::runtime::RuntimeError;
 use cdp_pipeline::store::{StateBackend, TaskMeta, TaskStore};
 use cdp_pipeline::{
-    ClientFactory, Context, Health, KafkaConfig, Operator, OperatorError, OutputTarget, Record,
-    Shutdown, StageRuntime, StageSpec,
+    ClientFactory, Context, Health, Operator, OperatorError, OutputTarget, Record, Shutdown,
+    StageRuntime, StageSpec,
 };
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::{Offset, TopicPartitionList};
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-type StageJoin = std::thread::JoinHandle<Result<(), RuntimeError>>;
+mod common;
+
+use common::{mock_stage, BoxError, MockOptions, MockStage, StageJoin};
+
+type TestResult = Result<(), BoxError>;
 
 /// Emits `value@now` for every record: what it saw and the stream time.
 struct Clock;
@@ -33,45 +33,13 @@ impl Operator for Clock {
     }
 }
 
-struct Setup {
-    mock: MockCluster<'static, DefaultProducerContext>,
-    factory: ClientFactory,
-    producer: FutureProducer,
-    _dir: tempfile::TempDir,
-}
-
-fn setup(extra: &[(&str, &str)]) -> Result<Setup, Box<dyn std::error::Error + Send + Sync>> {
-    let dir = tempfile::tempdir()?;
-    let mock = MockCluster::new(1)?;
-    let mut properties = BTreeMap::new();
-    for (k, v) in [
-        ("consumer.session.timeout.ms", "6000"),
-        ("consumer.heartbeat.interval.ms", "500"),
-    ]
-    .iter()
-    .chain(extra)
-    {
-        properties.insert(k.to_string(), v.to_string());
-    }
-    let config = KafkaConfig {
-        brokers: mock.bootstrap_servers(),
-        topic_prefix: "t".into(),
+fn setup(extra: &[(&str, &str)]) -> Result<MockStage, BoxError> {
+    mock_stage(MockOptions {
+        stage: "clock",
         partitions: 1,
-        state_dir: dir.path().display().to_string(),
-        tick_interval: cdp_pipeline::Span::from_millis(100),
-        properties,
-        ..KafkaConfig::default()
-    };
-    for t in ["t.in", "t.out", "t.invalid", "t.clock-changelog"] {
-        mock.create_topic(t, 1, 1)?;
-    }
-    let factory = ClientFactory::new(config)?;
-    let producer = factory.producer()?;
-    Ok(Setup {
-        mock,
-        factory,
-        producer,
-        _dir: dir,
+        state_dir: None,
+        max_batch: None,
+        properties: extra,
     })
 }
 
@@ -112,17 +80,9 @@ async fn produce(p: &FutureProducer, value: &str, h: &[(&str, &str)]) -> TestRes
 
 /// Values of `t.out`, read until `want` holds or 40 s pass.
 fn read_out(factory: &ClientFactory, want: impl Fn(&[String]) -> bool) -> Vec<String> {
-    let Ok(c): Result<BaseConsumer, _> = factory.plain_consumer("reader") else {
+    let Some(c) = common::out_reader(factory) else {
         return vec![];
     };
-    let mut tpl = TopicPartitionList::new();
-    if tpl
-        .add_partition_offset("t.out", 0, Offset::Beginning)
-        .is_err()
-        || c.assign(&tpl).is_err()
-    {
-        return vec![];
-    }
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(40);
     while Instant::now() < deadline && !want(&out) {
