@@ -1,0 +1,150 @@
+//! Memberships as events, traits and time change them.
+
+use super::*;
+
+/// Past the `traits_until` of the traits stage's last update, an audience
+/// that reads traits keeps its membership until the next update; one that
+/// reads only events goes on with the clock.
+#[test]
+fn trait_audiences_wait_for_the_traits_update_past_traits_until() -> TestResult {
+    let yaml = r#"
+viewer: {where: {event: Product Viewed, within: 60s}}
+quiet_buyer: {where: {all: [{trait: orders_90s, gte: 1}, {not: {audience: viewer}}]}}
+"#;
+    for still_ordered in [false, true] {
+        let mut h = harness(yaml)?;
+        let first = update_until(
+            "p",
+            Some(("Product Viewed", json!({}))),
+            json!({"orders_90s": 1}),
+            0,
+            Some(50_000),
+        )?;
+        let out = h.process(Some(b"p"), &first, &[])?;
+        assert_eq!(summary(&changes(&out)?), vec![entered("viewer")]);
+        // The view leaves its window (2 s buckets) after `orders_90s` may
+        // have changed: `quiet_buyer` waits for the traits stage.
+        let out = h.tick(62_000)?;
+        assert_eq!(summary(&changes(&out)?), vec![exited("viewer")]);
+        // The traits stage's update for its expiry at 50 s.
+        let traits = if still_ordered {
+            json!({})
+        } else {
+            json!({"orders_90s": 0})
+        };
+        let next = update_until("p", None, traits, 50_000, None)?;
+        let out = h.process(Some(b"p"), &next, &[])?;
+        let expected = if still_ordered {
+            vec![entered("quiet_buyer")]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(summary(&changes(&out)?), expected, "{still_ordered}");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_design_audiences_load_in_dependency_order() -> TestResult {
+    let set = AudienceSet::new(&defs(DESIGN_AUDIENCES)?, &KnownNames::anything())?;
+    let order = set.order();
+    let pos = |n: &str| order.iter().position(|o| o == n);
+    assert!(pos("big_spenders") < pos("lapsing"));
+    assert_eq!(order.len(), 3);
+    let lapsing = set.audiences.get("lapsing").ok_or("no lapsing")?;
+    assert!(
+        lapsing.traits.contains("revenue_total"),
+        "traits flow through audience refs"
+    );
+    // Both event conditions on Order Completed without `where` share one
+    // filter; the one with `where` has its own, and the sequence's two
+    // steps theirs (exact recent times, not a window's buckets).
+    assert_eq!(set.filters.len(), 4);
+    assert_eq!(set.sequences.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn big_spenders_and_lapsing_follow_events_and_time() -> TestResult {
+    let mut h = harness(DESIGN_AUDIENCES)?;
+    let order = |rev: i64| Some(("Order Completed", json!({"revenue": rev})));
+    assert!(send(&mut h, "p", order(150), json!({"revenue_total": 150}), DAY)?.is_empty());
+    let c = send(
+        &mut h,
+        "p",
+        order(450),
+        json!({"revenue_total": 600}),
+        2 * DAY,
+    )?;
+    assert_eq!(summary(&c), vec![entered("big_spenders")]);
+    let change = &c[0];
+    assert_eq!(change.kind, "audience_change");
+    assert_eq!(change.profile_id, "p");
+    assert_eq!(
+        change.traits,
+        BTreeMap::from([("revenue_total".to_string(), json!(600))])
+    );
+    assert_eq!(change.event_time, rfc3339_ms(2 * DAY));
+    assert_eq!(
+        change.cause.message_id.as_deref(),
+        Some(format!("m{}", 2 * DAY).as_str())
+    );
+    assert_eq!(
+        change.identifiers.get("user_id"),
+        Some(&vec!["u_p".to_string()])
+    );
+
+    // 14 days after the last order's bucket (14d / 30 wide) the big
+    // spender is lapsing, by time alone.
+    let width = crate::traits::bucket_width(14 * DAY);
+    let lapses = (2 * DAY).div_euclid(width) * width + width - 1 + 14 * DAY;
+    h.tick(10 * DAY)?;
+    assert!(changes(&h.tick(lapses - 1)?)?.is_empty());
+    let c = changes(&h.tick(lapses)?)?;
+    assert_eq!(summary(&c), vec![entered("lapsing")]);
+    assert_eq!(c[0].cause.tick, Some(lapses));
+    assert_eq!(c[0].event_time, rfc3339_ms(lapses));
+    // The first order's bucket (day 1: a 30d window keeps buckets of a
+    // day) leaves the window when its last instant does, at day 32 less
+    // 1 ms: both exit.
+    assert!(changes(&h.tick(32 * DAY - 2)?)?.is_empty());
+    let c = changes(&h.tick(32 * DAY - 1)?)?;
+    assert_eq!(summary(&c), vec![exited("big_spenders"), exited("lapsing")]);
+    assert!(changes(&h.tick(400 * DAY)?)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_sequence_needs_the_order_and_the_gap() -> TestResult {
+    let mut h = harness(DESIGN_AUDIENCES)?;
+    let viewed = Some(("Product Viewed", json!({})));
+    let bought = Some(("Order Completed", json!({"revenue": 5})));
+    // Bought before viewing: no.
+    assert!(send(&mut h, "a", bought.clone(), json!({}), DAY)?.is_empty());
+    assert!(send(&mut h, "a", viewed.clone(), json!({}), DAY + HOUR)?.is_empty());
+    // Bought two days after viewing: no.
+    assert!(send(&mut h, "a", bought.clone(), json!({}), 3 * DAY + 2 * HOUR)?.is_empty());
+    // A late view, 2 hours before that purchase: yes, by event time.
+    let c = send(&mut h, "a", viewed, json!({}), 3 * DAY)?;
+    assert_eq!(summary(&c), vec![entered("browsed_then_bought")]);
+    // It stays: nothing expires a sequence.
+    assert!(changes(&h.tick(100 * DAY)?)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn sequence_scan_is_exact_on_small_cases() {
+    let a = [1, 5, 9];
+    let b = [3, 6];
+    assert!(sequence_holds(&[&a, &b], Some(1)));
+    assert!(!sequence_holds(&[&a, &b], Some(0)));
+    assert!(sequence_holds(&[&a, &b], None));
+    // B then A then B: 3 -> 5 -> 6 (gap 3); starting at 6 nothing follows.
+    assert!(sequence_holds(&[&b, &a, &b], Some(3)));
+    assert!(!sequence_holds(&[&b, &a, &b], Some(2)));
+    assert!(
+        !sequence_holds(&[&a, &a], Some(0)),
+        "strictly increasing times"
+    );
+    assert!(!sequence_holds(&[], None));
+}

@@ -1,0 +1,168 @@
+//! The operator against a batch recomputation, update by update.
+
+use super::*;
+
+// -- property test: incremental == batch ------------------------------
+
+const PROP_AUDIENCES: &str = r#"
+rich: {where: {trait: score, gte: 5}}
+active: {where: {event: A, within: 10ms}}
+frequent: {where: {event: A, count: {gte: 2}, within: 20ms, where: [{property: properties.v, gt: 1}]}}
+ever_b: {where: {event: B, count: {gte: 2}}}
+never_c: {where: {not: {event: C}}}
+active_or_rich: {where: {any: [{audience: rich}, {audience: active}]}}
+lapsed: {where: {all: [{audience: active_or_rich}, {not: {event: B, within: 15ms}}]}}
+few_recent_a: {where: {event: A, count: {lte: 1}, within: 7ms}}
+seq: {where: {sequence: [{event: A}, {event: B, where: [{property: properties.v, lte: 2}]}], within: 5ms}}
+seq_open: {where: {sequence: [{event: B}, {event: A}, {event: B}]}}
+plan: {where: {not: {trait: plan, in: [pro, team]}}}
+"#;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Tick(i64),
+    Update {
+        traits: Vec<(&'static str, Value)>,
+        event: Option<(&'static str, i64)>,
+        offset: i64,
+    },
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    let trait_value = prop_oneof![
+        Just(("score", Value::Null)),
+        (0i64..10).prop_map(|n| ("score", json!(n))),
+        prop::sample::select(vec!["free", "pro", "team"]).prop_map(|p| ("plan", json!(p))),
+        Just(("plan", Value::Null)),
+    ];
+    prop_oneof![
+        (0i64..8).prop_map(Op::Tick),
+        (
+            prop::collection::vec(trait_value, 0..3),
+            prop::option::of((prop::sample::select(vec!["A", "B", "C"]), 0i64..4)),
+            -12i64..4,
+        )
+            .prop_map(|(traits, event, offset)| Op::Update {
+                traits,
+                event,
+                offset
+            }),
+    ]
+}
+
+/// Batch evaluation of a raw condition over the whole history.
+fn batch_holds(
+    c: &Condition,
+    defs: &BTreeMap<String, AudienceDef>,
+    traits: &BTreeMap<String, Value>,
+    events: &[(Value, i64)],
+    now: i64,
+) -> bool {
+    let matching = |name: &str, conds: &[PropertyCondition]| -> Vec<i64> {
+        events
+            .iter()
+            .filter(|(e, _)| {
+                messages::event_name(e) == Some(name) && conds.iter().all(|c| c.matches_event(e))
+            })
+            .map(|(_, t)| *t)
+            .collect()
+    };
+    match c {
+        Condition::All(cs) => cs.iter().all(|c| batch_holds(c, defs, traits, events, now)),
+        Condition::Any(cs) => cs.iter().any(|c| batch_holds(c, defs, traits, events, now)),
+        Condition::Not(c) => !batch_holds(c, defs, traits, events, now),
+        Condition::Trait(t) => t.op.matches(traits.get(&t.name)),
+        Condition::Event(e) => {
+            let n = matching(&e.event, &e.r#where)
+                .into_iter()
+                .filter(|t| e.within.is_none_or(|w| *t > now - w.millis()))
+                .count() as u64;
+            match e.count {
+                Some(c) => c.matches(n),
+                None => n >= 1,
+            }
+        }
+        Condition::Audience(name) => defs
+            .get(name)
+            .is_some_and(|d| batch_holds(&d.r#where, defs, traits, events, now)),
+        Condition::Sequence(s) => {
+            let steps: Vec<Vec<i64>> = s
+                .steps
+                .iter()
+                .map(|st| matching(&st.event, &st.r#where))
+                .collect();
+            fn chain(steps: &[Vec<i64>], after: i64, start: i64, within: Option<i64>) -> bool {
+                match steps.split_first() {
+                    None => within.is_none_or(|w| after - start <= w),
+                    Some((times, rest)) => times
+                        .iter()
+                        .filter(|t| **t > after)
+                        .any(|t| chain(rest, *t, start, within)),
+                }
+            }
+            let within = s.within.map(|w| w.millis());
+            match steps.split_first() {
+                None => false,
+                Some((first, rest)) => first.iter().any(|t| chain(rest, *t, *t, within)),
+            }
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn incremental_membership_equals_batch_recomputation(ops in prop::collection::vec(arb_op(), 0..40)) {
+        let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
+        let all = defs(PROP_AUDIENCES).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut h = harness(PROP_AUDIENCES).map_err(fail)?;
+        let mut now = 100i64;
+        h.tick(now).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut traits = BTreeMap::new();
+        let mut events = Vec::new();
+        let mut last_time = now;
+        let mut members = BTreeSet::new();
+        let mut exists = false;
+        for op in &ops {
+            let out = match op {
+                Op::Tick(dt) => {
+                    now += dt;
+                    h.tick(now).map_err(|e| TestCaseError::fail(e.to_string()))?
+                }
+                Op::Update { traits: t, event, offset } => {
+                    let time = now + offset;
+                    last_time = last_time.max(time);
+                    let mut map = serde_json::Map::new();
+                    for (k, v) in t {
+                        map.insert((*k).to_string(), v.clone());
+                        if v.is_null() { traits.remove(*k); } else { traits.insert((*k).to_string(), v.clone()); }
+                    }
+                    let ev = event.map(|(name, v)| (name, json!({"v": v})));
+                    if let Some((name, props)) = &ev {
+                        events.push((json!({"type": "track", "event": name, "properties": props}), time));
+                    }
+                    let bytes = update("p", ev, Value::Object(map), time).map_err(fail)?;
+                    h.process(Some(b"p"), &bytes, &[]).map_err(|e| TestCaseError::fail(e.to_string()))?
+                }
+            };
+            for c in changes(&out).map_err(|e| TestCaseError::fail(e.to_string()))? {
+                match c.action {
+                    AudienceAction::Entered => prop_assert!(members.insert(c.audience.clone()), "entered twice"),
+                    AudienceAction::Exited => prop_assert!(members.remove(&c.audience), "exited while out"),
+                }
+            }
+            // After every record, not only at the end: the change
+            // stream so far replays into the batch memberships. A
+            // profile exists for this stage from its first update on.
+            exists |= matches!(op, Op::Update { .. });
+            let at = now.max(last_time);
+            let expected: BTreeSet<String> = all
+                .iter()
+                .filter(|(_, d)| exists && batch_holds(&d.r#where, &all, &traits, &events, at))
+                .map(|(n, _)| n.clone())
+                .collect();
+            if exists {
+                prop_assert_eq!(&members, &expected, "at {} after {:?}", at, op);
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! What each trait type computes from the events.
+
+use super::*;
+
+#[test]
+fn counters_and_aggregations_follow_the_events() -> TestResult {
+    let mut h = harness(DESIGN_TRAITS)?;
+    let out = send(
+        &mut h,
+        "p1",
+        track("Order Completed", DAY, json!({"revenue": 19.99})),
+    )?;
+    let first = changed(&out)?;
+    assert_eq!(first.get("orders"), Some(&json!(1)));
+    assert_eq!(first.get("orders_30d"), Some(&json!(1)));
+    assert_eq!(first.get("big_orders"), Some(&json!(0)));
+    assert_eq!(first.get("revenue_total"), Some(&json!(19.99)));
+    assert_eq!(first.get("categories"), Some(&json!([])));
+    assert_eq!(
+        first.get("favorite_category"),
+        None,
+        "no value yet: not emitted"
+    );
+
+    let out = send(
+        &mut h,
+        "p1",
+        track("Order Completed", 2 * DAY, json!({"revenue": 480})),
+    )?;
+    let second = changed(&out)?;
+    assert_eq!(second.get("orders"), Some(&json!(2)));
+    assert_eq!(second.get("big_orders"), Some(&json!(1)));
+    assert_eq!(second.get("revenue_total"), Some(&json!(499.99)));
+    assert_eq!(second.get("revenue_avg"), Some(&json!(249.995)));
+    assert_eq!(
+        second.get("revenue_min"),
+        None,
+        "unchanged min is not emitted"
+    );
+    assert_eq!(second.get("revenue_max"), Some(&json!(480)));
+    assert_eq!(second.get("categories"), None);
+    Ok(())
+}
+
+#[test]
+fn every_event_yields_an_update_even_without_changes() -> TestResult {
+    let mut h = harness(DESIGN_TRAITS)?;
+    send(&mut h, "p1", track("Signed Up", DAY, json!({})))?;
+    let out = send(&mut h, "p1", track("Signed Up", 2 * DAY, json!({})))?;
+    let ups = updates(&out)?;
+    assert_eq!(ups.len(), 1);
+    match &ups[0] {
+        ProfileUpdate::Update {
+            profile_id,
+            event,
+            traits,
+            event_time,
+            cause,
+            identifiers,
+            ..
+        } => {
+            assert_eq!(profile_id, "p1");
+            assert!(traits.is_empty());
+            assert_eq!(*event_time, 2 * DAY);
+            assert_eq!(
+                event.as_ref().and_then(|e| e.get("event")),
+                Some(&json!("Signed Up"))
+            );
+            assert_eq!(
+                cause.message_id.as_deref(),
+                Some(format!("m{}", 2 * DAY).as_str())
+            );
+            assert_eq!(identifiers.get("user_id"), Some(&vec!["u_p1".to_string()]));
+        }
+        other => return Err(format!("unexpected {other:?}").into()),
+    }
+    Ok(())
+}
+
+#[test]
+fn unique_list_keeps_the_most_recent_and_unique_count_counts_distinct_values() -> TestResult {
+    let mut h = harness(
+        "recent: {unique_list: {event: V, property: properties.c, limit: 2}}\n\
+             skus: {unique_count: {event: V, property: properties.c}}\n\
+             skus_3: {unique_count: {event: V, property: properties.c, limit: 3}}\n\
+             skus_w: {unique_count: {event: V, property: properties.c, within: 12d}}",
+    )?;
+    let mut seen = BTreeMap::new();
+    for (t, c) in [
+        (DAY, "z"),
+        (2 * DAY, "a"),
+        (2 * DAY + 3_600_000, "m"),
+        (4 * DAY, "z"),
+        (15 * DAY, "b"),
+    ] {
+        let out = send(&mut h, "p", track("V", t, json!({"c": c})))?;
+        seen.extend(changed(&out)?);
+    }
+    // "z" seen again at day 4 and "b" at day 15 are the two most recent,
+    // even though "a" and "m" sort first.
+    assert_eq!(seen.get("recent"), Some(&json!(["b", "z"])));
+    assert_eq!(seen.get("skus"), Some(&json!(4)));
+    assert_eq!(
+        seen.get("skus_3"),
+        Some(&json!(3)),
+        "counts up to its limit"
+    );
+    assert_eq!(
+        seen.get("skus_w"),
+        Some(&json!(2)),
+        "z (day 4) and b (day 15) within 12d"
+    );
+    Ok(())
+}
+
+#[test]
+fn most_frequent_ties_go_to_the_smallest_value() -> TestResult {
+    let mut h = harness(DESIGN_TRAITS)?;
+    send(
+        &mut h,
+        "p",
+        track("Product Viewed", 2, json!({"category": "b"})),
+    )?;
+    let out = send(
+        &mut h,
+        "p",
+        track("Product Viewed", 1, json!({"category": "a"})),
+    )?;
+    assert_eq!(changed(&out)?.get("favorite_category"), Some(&json!("a")));
+    Ok(())
+}
+
+#[test]
+fn identify_traits_are_last_write_wins_by_event_time() -> TestResult {
+    let mut h = harness(DESIGN_TRAITS)?;
+    let out = send(
+        &mut h,
+        "p",
+        identify(10, json!({"plan": "pro", "email": "a@x.io"})),
+    )?;
+    let t = changed(&out)?;
+    assert_eq!(t.get("plan"), Some(&json!("pro")));
+    // An older identify does not overwrite.
+    let out = send(&mut h, "p", identify(5, json!({"plan": "free"})))?;
+    assert_eq!(changed(&out)?.get("plan"), None);
+    // A tie goes to the later arrival; null removes the trait.
+    let out = send(
+        &mut h,
+        "p",
+        identify(10, json!({"plan": "team", "email": null})),
+    )?;
+    let t = changed(&out)?;
+    assert_eq!(t.get("plan"), Some(&json!("team")));
+    assert_eq!(t.get("email"), Some(&Value::Null));
+    Ok(())
+}
+
+#[test]
+fn identify_traits_in_context_count_too_and_top_level_wins() -> TestResult {
+    let mut h = harness(DESIGN_TRAITS)?;
+    let mut event = identify(10, json!({"plan": "pro"}));
+    event["context"] = json!({"traits": {"plan": "free", "company": "acme"}});
+    let t = changed(&send(&mut h, "p", event)?)?;
+    assert_eq!(t.get("plan"), Some(&json!("pro")));
+    assert_eq!(t.get("company"), Some(&json!("acme")));
+    Ok(())
+}
+
+#[test]
+fn comparisons_follow_the_documented_rules() {
+    let c = |k: &str, v: Value| Comparison::from_key(k, v).ok().flatten();
+    let cases: Vec<(Option<Comparison>, Option<Value>, bool)> = vec![
+        (c("eq", json!(1)), Some(json!(1.0)), true),
+        (c("eq", json!("a")), None, false),
+        (c("ne", json!("a")), None, true),
+        (c("ne", json!("a")), Some(json!("b")), true),
+        (c("gt", json!(100)), Some(json!(100.5)), true),
+        (c("gt", json!(100)), Some(json!("200")), false),
+        (
+            c("gte", json!("2026-01-01")),
+            Some(json!("2026-02-01")),
+            true,
+        ),
+        (c("lt", json!(0)), Some(json!(-1)), true),
+        (c("lte", json!(0)), Some(Value::Null), false),
+        (c("contains", json!("oe")), Some(json!("shoes")), true),
+        (c("contains", json!(2)), Some(json!([1, 2])), true),
+        (c("in", json!(["a", "b"])), Some(json!("b")), true),
+        (c("in", json!(["a", "b"])), Some(json!("c")), false),
+        (c("exists", json!(true)), Some(Value::Null), false),
+        (c("exists", json!(false)), None, true),
+    ];
+    for (i, (cmp, value, want)) in cases.into_iter().enumerate() {
+        assert_eq!(
+            cmp.map(|c| c.matches(value.as_ref())),
+            Some(want),
+            "case {i}"
+        );
+    }
+    assert!(Comparison::from_key("in", json!(1)).is_err());
+    assert!(Comparison::from_key("exists", json!("yes")).is_err());
+    assert_eq!(Comparison::from_key("nope", json!(1)), Ok(None));
+}
