@@ -96,6 +96,26 @@ pub(crate) fn read_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreEr
     }
 }
 
+/// Test check of the JSON-to-binary upgrade: `id`'s state in `rewritten`
+/// (a store that started from JSON) is live, binary, and byte-identical
+/// to its state in `binary` (the same inputs, never JSON).
+#[cfg(test)]
+pub(crate) fn assert_rewritten_in_binary(
+    rewritten: &cdp_pipeline::store::MemoryState,
+    binary: &cdp_pipeline::store::MemoryState,
+    id: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let key = super::profile_key(id);
+    let stored = rewritten.map.get(key.as_slice()).ok_or("no state")?;
+    assert_eq!(
+        stored.first(),
+        Some(&super::entry::LIVE),
+        "rewritten in the binary encoding"
+    );
+    assert_eq!(binary.map.get(key.as_slice()), Some(stored));
+    Ok(())
+}
+
 thread_local! {
     /// Set while a state of version 1 is decoded (or, in tests, encoded):
     /// its values are JSON text.

@@ -38,21 +38,7 @@ shoes: {where: {trait: favorite, eq: shoes}}
         let b = send(&mut json, "p", event, traits, t)?;
         assert_eq!(summary(&a), summary(&b), "update {i}");
     }
-    let stored = json
-        .state
-        .map
-        .get(profile_key("p").as_slice())
-        .ok_or("no profile")?;
-    assert_eq!(
-        stored.first(),
-        Some(&crate::profile_keyed::LIVE),
-        "rewritten in the binary encoding"
-    );
-    assert_eq!(
-        binary.state.map.get(profile_key("p").as_slice()),
-        Some(stored)
-    );
-    Ok(())
+    crate::profile_keyed::assert_rewritten_in_binary(&json.state, &binary.state, "p")
 }
 
 /// `not … within 14d` must not turn true because one update carries a

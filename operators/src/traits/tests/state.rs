@@ -77,21 +77,7 @@ fn json_states_load_and_are_rewritten_in_the_binary_encoding() -> TestResult {
         let b = updates(&send(&mut json, "p", event.clone())?)?;
         assert_eq!(a, b, "event {i}");
     }
-    let stored = json
-        .state
-        .map
-        .get(profile_key("p").as_slice())
-        .ok_or("no state")?;
-    assert_eq!(
-        stored.first(),
-        Some(&crate::profile_keyed::LIVE),
-        "rewritten in the binary encoding"
-    );
-    assert_eq!(
-        binary.state.map.get(profile_key("p").as_slice()),
-        Some(stored)
-    );
-    Ok(())
+    crate::profile_keyed::assert_rewritten_in_binary(&json.state, &binary.state, "p")
 }
 
 /// Ten traits of every type, with windows and limits.
