@@ -16,7 +16,15 @@ loopback, `--partitions` partitions, `<p>.valid` one partition as always):
    PHASE seconds with fresh people; event → audience change latency is
    `emitted_at − event_time` of every change an event caused (deliver's
    stdout destination prints them; loadgen stamps each event's `timestamp`
-   with its send time).
+   with its send time). Then the same absolute rate through four fresh
+   pass-through hops (`pt.raw` → … → `pt.audiences`): the transport's own
+   latency in the same run.
+4. hop by hop, for both: every event's record on each topic of the phase,
+   joined by `messageId` (`cdp stamps`). librdkafka stamps CreateTime at
+   `produce()`, so a hop's latency is the difference between the event's
+   record on its input and on its output (for `traits → audiences`, only
+   events that changed an audience). Per stage, the mean committed batch
+   split by phase (`cdp_batch_phase_seconds`).
 
 Prints a table and writes it as JSON (`--out`). Reports CPU seconds and RSS
 per process and RocksDB bytes per profile. Run through `scripts/bench.sh`
@@ -42,6 +50,7 @@ import urllib.request
 from datetime import datetime
 
 STAGES = ["validate", "identity", "traits", "audiences", "deliver"]
+PHASES = ["poll_wait", "process", "outputs", "markers", "commit"]
 # The stages every event passes through (deliver sees only changes).
 HOPS = [("raw", "valid"), ("valid", "identified"), ("identified", "traits"), ("traits", "audiences")]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -211,6 +220,10 @@ class Bench:
                               ("records", "cdp_records_in_total")):
                 m = re.search(rf'^{name}{{stage="{stage}"}} (\S+)$', text, re.M)
                 v[key] = float(m.group(1)) if m else 0.0
+            for phase in PHASES:
+                m = re.search(rf'^cdp_batch_phase_seconds_sum{{(?=[^}}]*stage="{stage}")(?=[^}}]*phase="{phase}")[^}}]*}} (\S+)$',
+                              text, re.M)
+                v[phase] = float(m.group(1)) if m else 0.0
             out[stage] = v
         return out
 
@@ -228,6 +241,7 @@ class Bench:
     def passthrough(self) -> dict:
         a = self.args
         config = self.write_config("pt")
+        self.pt_config = config
         log(f"pass-through: loading {a.events} events into pt.raw")
         load = self.loadgen(config, 1, "--people", str(a.events), "--events", str(a.events))
         log(f"pass-through: {len(HOPS)} hops draining them")
@@ -353,6 +367,7 @@ class Bench:
         skip = changes.read_text().count("\n") if changes.exists() else 0
         log(f"latency: {rate:.0f} events/s for {a.phase_secs} s")
         batches0 = self.batches()
+        since_ms = int(time.time() * 1000)
         load = self.loadgen(self.chain_config, seed, "--people", "1000000000", "--rate",
                             str(rate), "--duration", f"{a.phase_secs}s")
         self.loads.append(load)
@@ -368,7 +383,8 @@ class Bench:
             d = {k: b[k] - batches0.get(s, {}).get(k, 0.0) for k in b}
             if d["count"] > 0:
                 per_batch[s] = {"batches": int(d["count"]), "ms": round(d["secs"] / d["count"] * 1000, 1),
-                                "records": round(d["records"] / d["count"], 1)}
+                                "records": round(d["records"] / d["count"], 1),
+                                "phases_ms": {p: round(d[p] / d["count"] * 1000, 1) for p in PHASES}}
         lat = []
         for line in changes.read_text().splitlines()[skip:]:
             try:
@@ -384,8 +400,86 @@ class Bench:
                 "p50_ms": round(percentile(lat, 50), 1), "p99_ms": round(percentile(lat, 99), 1),
                 "max_ms": round(lat[-1], 1) if lat else None,
                 "drained_secs_after_send": round(drained_after, 1),
+                "hops": self.hops(self.chain_config, "bench", since_ms),
                 "per_batch": per_batch,
                 "rss_mb": {s: rss_mb(self.procs[s].pid).get("vmrss") for s in STAGES}}
+
+    def stamps(self, config: pathlib.Path, topics: list[str], since_ms: int) -> dict[str, dict[str, int]]:
+        """Per topic: each event's (messageId's) earliest record timestamp."""
+        args = [self.cdp, "stamps", "--config", str(config), "--since-ms", str(since_ms)]
+        for t in topics:
+            args += ["--topic", t]
+        out = subprocess.run(args, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise SystemExit(f"bench: stamps failed: {out.stderr}")
+        seen: dict[str, dict[str, int]] = {t: {} for t in topics}
+        for line in out.stdout.splitlines():
+            r = json.loads(line)
+            ids = seen[r["topic"]]
+            if r["id"] not in ids or r["ts"] < ids[r["id"]]:
+                ids[r["id"]] = r["ts"]
+        return seen
+
+    def hops(self, config: pathlib.Path, prefix: str, since_ms: int) -> dict:
+        """Latency of every hop, and of the four together, from the records'
+        timestamps joined by messageId."""
+        topics = [f"{prefix}.{HOPS[0][0]}"] + [f"{prefix}.{dst}" for _, dst in HOPS]
+        seen = self.stamps(config, topics, since_ms)
+
+        def spread(src: str, dst: str) -> dict:
+            a, b = seen[src], seen[dst]
+            d = sorted(b[i] - a[i] for i in b if i in a)
+            return {"events": len(d), "p50_ms": percentile(d, 50), "p99_ms": percentile(d, 99),
+                    "max_ms": d[-1] if d else None}
+
+        out = {f"{src} -> {dst}": spread(f"{prefix}.{src}", f"{prefix}.{dst}") for src, dst in HOPS}
+        out["raw -> audiences"] = spread(topics[0], topics[-1])
+        return out
+
+    def pt_latency(self, rate: float, seed: int) -> dict:
+        """The same rate through four fresh pass-through hops: their latency
+        is the transport's, on this box and broker, in the same run."""
+        a = self.args
+        log(f"pass-through latency: {rate:.0f} events/s for {a.phase_secs} s")
+        hops = []
+        for src, dst in HOPS:
+            logf = self.work / f"pt-lat-{seed}-{src}.log"
+            hops.append((logf, subprocess.Popen(
+                [self.cdp, "passthrough", "--config", str(self.pt_config), "--from", f"pt.{src}",
+                 "--to", f"pt.{dst}", "--expect", str(10**15), "--idle", "1h"],
+                stdout=subprocess.DEVNULL, stderr=open(logf, "w"))))
+        try:
+            deadline = time.time() + 60
+            while not all("hop assigned" in f.read_text() for f, _ in hops):
+                if time.time() > deadline or any(p.poll() is not None for _, p in hops):
+                    raise SystemExit(f"bench: pass-through hops did not start; see {self.work}/pt-lat-*.log")
+                time.sleep(0.2)
+            since_ms = int(time.time() * 1000)
+            load = self.loadgen(self.pt_config, seed, "--people", "1000000000", "--rate",
+                                str(rate), "--duration", f"{a.phase_secs}s")
+            # Drained once every sent event is on the last topic (or it
+            # stops growing).
+            last, deadline = -1, time.time() + a.timeout
+            while time.time() < deadline:
+                n = len(self.stamps(self.pt_config, ["pt.audiences"], since_ms)["pt.audiences"])
+                if n >= load["sent"] or n == last:
+                    break
+                last = n
+                time.sleep(2)
+        finally:
+            for _, p in hops:
+                p.send_signal(signal.SIGTERM)
+            for _, p in hops:
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        hop = self.hops(self.pt_config, "pt", since_ms)
+        e2e = hop["raw -> audiences"]
+        return {"target_rate": round(rate), "sent": load["sent"],
+                "achieved_rate": round(load["events_per_sec"]), "events": e2e["events"],
+                "p50_ms": e2e["p50_ms"], "p99_ms": e2e["p99_ms"], "max_ms": e2e["max_ms"],
+                "hops": hop}
 
     def state(self) -> dict:
         profiles = sum(l["workload"]["expected_profiles"] for l in self.loads)
@@ -401,10 +495,12 @@ class Bench:
             self.result["passthrough"] = self.passthrough()
             self.result["chain"] = self.chain()
             sustained = self.result["chain"]["events_per_sec"]
-            self.result["latency"] = {
-                f"{f * 100:g}%": self.latency(sustained * f, 2 + i)
-                for i, f in enumerate(self.args.latency_at)
-            }
+            self.result["latency"] = {}
+            self.result["passthrough_latency"] = {}
+            for i, f in enumerate(self.args.latency_at):
+                key = f"{f * 100:g}%"
+                self.result["latency"][key] = self.latency(sustained * f, 2 + i)
+                self.result["passthrough_latency"][key] = self.pt_latency(sustained * f, 100 + i)
             self.result["state"] = self.state()
             self.result["ratio"] = round(sustained / self.result["passthrough"]["events_per_sec"], 3)
         finally:
@@ -445,6 +541,26 @@ def table(r: dict) -> str:
         rows.append(f"{'  at ' + k + ' of sustained':28}{v['achieved_rate']:>8}{v['changes']:>9}{v['p50_ms']:>9}{v['p99_ms']:>9}{str(v['max_ms']):>9}")
         rows.append("    mean batch (ms / records): " + ", ".join(
             f"{s} {b['ms']}/{b['records']}" for s, b in v.get("per_batch", {}).items()))
+        pt = r.get("passthrough_latency", {}).get(k)
+        if pt:
+            rows.append(f"{'  pass-through, same rate':28}{pt['achieved_rate']:>8}{pt['events']:>9}{pt['p50_ms']:>9}{pt['p99_ms']:>9}{str(pt['max_ms']):>9}")
+    rows.append("")
+    rows.append(f"{'hop by hop, p50 / p99 ms':28}" + "".join(
+        f"{k + ' chain':>16}{k + ' pt':>16}" for k in r["latency"]))
+    first = next(iter(r["latency"].values()))
+    for hop in first.get("hops", {}):
+        cells = []
+        for k, v in r["latency"].items():
+            for h in (v.get("hops", {}).get(hop), r.get("passthrough_latency", {}).get(k, {}).get("hops", {}).get(hop)):
+                cells.append(f"{h['p50_ms']:g} / {h['p99_ms']:g}" if h and h["events"] else "-")
+        rows.append(f"{'  ' + hop:28}" + "".join(f"{c:>16}" for c in cells))
+    rows.append("")
+    rows.append("mean committed batch by phase, ms (" + " / ".join(PHASES) + ")")
+    for k, v in r["latency"].items():
+        for s, b in v.get("per_batch", {}).items():
+            if "phases_ms" in b:
+                rows.append(f"  at {k}, {s:10}" + " / ".join(f"{b['phases_ms'][p]:g}" for p in PHASES)
+                            + f"  (cycle {b['ms']:g}, {b['records']:g} records)")
     st = r["state"]
     rows.append("")
     rows.append(f"RocksDB bytes per profile ({st['profiles']} profiles): " + ", ".join(

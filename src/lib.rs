@@ -8,3 +8,4 @@ pub mod dev;
 pub mod loadgen;
 pub mod passthrough;
 pub mod stages;
+pub mod stamps;

@@ -100,6 +100,18 @@ enum Command {
         #[arg(long, default_value = "10s")]
         idle: cdp_pipeline::Span,
     },
+    /// Every event's record timestamps on some topics, one JSON line each:
+    /// the benchmark's hop-by-hop latency (see `scripts/bench.py`).
+    Stamps {
+        #[command(flatten)]
+        common: Common,
+        /// Topic to read (full name; repeatable).
+        #[arg(long = "topic", required = true)]
+        topics: Vec<String>,
+        /// Skip records stamped before this (ms since the epoch).
+        #[arg(long, default_value_t = 0)]
+        since_ms: i64,
+    },
     /// Config file tools.
     Config {
         #[command(subcommand)]
@@ -464,6 +476,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 tokio::task::spawn_blocking(move || cdp::passthrough::run_hop(&factory, &opts))
                     .await??;
             println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::Stamps {
+            common,
+            topics,
+            since_ms,
+        } => {
+            let compiled = common.load()?;
+            let factory = ClientFactory::new(compiled.config.kafka.clone())?;
+            let opts = cdp::stamps::StampOptions {
+                topics,
+                since_ms,
+                patience: std::time::Duration::from_secs(30),
+            };
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                cdp::stamps::run(&factory, &opts, &mut out)?;
+                std::io::Write::flush(&mut out)?;
+                Ok(())
+            })
+            .await??;
             Ok(())
         }
         Command::Config {

@@ -62,7 +62,14 @@ pub fn run_hop(factory: &ClientFactory, opts: &HopOptions) -> anyhow::Result<Hop
     let max = factory.config().max_batch.max(1);
     let (mut records, mut first_ms, mut last_ms) = (0u64, 0i64, 0i64);
     let mut last_record = Instant::now();
+    let mut assigned = false;
     while records < opts.expect && !(records > 0 && last_record.elapsed() > opts.idle) {
+        if !assigned && consumer.assignment()?.count() > 0 {
+            // The benchmark waits for this line before it sends a latency
+            // phase's load.
+            tracing::info!(from = %opts.from, "hop assigned");
+            assigned = true;
+        }
         let mut batch = Vec::new();
         let mut timeout = Duration::from_millis(100);
         while batch.len() < max {

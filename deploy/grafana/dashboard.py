@@ -55,6 +55,9 @@ panel("Records in / s by stage", [(f'sum by (stage) (rate(cdp_records_in_total{{
 panel("Records out / s by stage and output", [(f'sum by (stage, output) (rate(cdp_records_out_total{{{NS}}}[$__rate_interval]))', "{{stage}} → {{output}}")], "ops")
 panel("Batch duration p99 by stage", [(f'histogram_quantile(0.99, sum by (stage, le) (rate(cdp_batch_duration_seconds_bucket{{{NS}}}[$__rate_interval])))', "{{stage}}")], "s",
       desc="Process + produce + commit of one batch.")
+panel("Mean batch time by stage and phase", [(f'sum by (stage, phase) (rate(cdp_batch_phase_seconds_sum{{{NS}}}[$__rate_interval])) / sum by (stage, phase) (rate(cdp_batch_phase_seconds_count{{{NS}}}[$__rate_interval]))', "{{stage}} {{phase}}")], "s",
+      w=24, stack=True,
+      desc="Where a committed batch's time goes: poll_wait (waiting for its first record: idle time), process, outputs (outputs and changelog records acknowledged), markers (commit markers acknowledged), commit (RocksDB).")
 endrow()
 row("Lag and state")
 panel("Consumer lag by stage", [(f'sum by (stage) (cdp_consumer_lag{{{NS}}})', "{{stage}}")], "short",

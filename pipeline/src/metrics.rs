@@ -248,6 +248,13 @@ histogram!(
     LATENCY_BUCKETS.to_vec()
 );
 histogram!(
+    BATCH_PHASE_SECONDS,
+    "cdp_batch_phase_seconds",
+    "One committed batch's time by phase: poll_wait (the poll until its first record), process, outputs (sinks, then outputs and changelog records acknowledged), markers (commit markers acknowledged), commit (RocksDB)",
+    ["stage", "phase"],
+    LATENCY_BUCKETS.to_vec()
+);
+histogram!(
     END_TO_END_SECONDS,
     "cdp_end_to_end_latency_seconds",
     "Event time to audience change delivery",

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
@@ -65,9 +65,13 @@ fn to_owned_headers(pairs: &[(String, Vec<u8>)]) -> OwnedHeaders {
         })
 }
 
+/// Process, produce, mark and commit one polled batch. `poll_wait` is how
+/// long the poll waited for its first record (observed with the other
+/// phases of a committed batch).
 pub(super) fn process_batch(
     shared: &Shared,
     batch: Vec<BorrowedMessage<'_>>,
+    poll_wait: Duration,
 ) -> Result<(), RuntimeError> {
     let started = Instant::now();
     let stage = shared.spec.name;
@@ -227,6 +231,7 @@ pub(super) fn process_batch(
     if work.is_empty() {
         return Ok(());
     }
+    let processed = Instant::now();
 
     // Sinks first: each retries on its own within its deadline and hands
     // back what it gave up on, which becomes a dead letter below.
@@ -336,6 +341,7 @@ pub(super) fn process_batch(
             .inc_by(n);
     }
     let acks = produce_acked(shared, "batch", &outgoing)?;
+    let acknowledged = Instant::now();
     // Where our changelog records landed, per partition: any other offset
     // in between is someone else's write (see `ownership`).
     let mut changelog_offsets: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
@@ -381,6 +387,7 @@ pub(super) fn process_batch(
         .collect();
     let marker_acks = produce_acked(shared, "marker", &marker_records)?;
     let marker_offsets = marker_acks.offsets;
+    let marked = Instant::now();
     drop(marker_records);
 
     // Phase 3: state + progress + positions, atomically — unless someone
@@ -451,6 +458,18 @@ pub(super) fn process_batch(
     metrics::BATCH_SECONDS
         .with_label_values(&[stage])
         .observe(started.elapsed().as_secs_f64());
+    let phases = [
+        ("poll_wait", poll_wait),
+        ("process", processed - started),
+        ("outputs", acknowledged - processed),
+        ("markers", marked - acknowledged),
+        ("commit", marked.elapsed()),
+    ];
+    for (phase, took) in phases {
+        metrics::BATCH_PHASE_SECONDS
+            .with_label_values(&[stage, phase])
+            .observe(took.as_secs_f64());
+    }
     Ok(())
 }
 

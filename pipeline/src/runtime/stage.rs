@@ -150,9 +150,9 @@ impl StageRuntime {
                     reason,
                 });
             }
-            let batch = poll_batch(name, &consumer, cfg.max_batch)?;
+            let (batch, poll_wait) = poll_batch(name, &consumer, cfg.max_batch)?;
             if !batch.is_empty() {
-                process_batch(&shared, batch)?;
+                process_batch(&shared, batch, poll_wait)?;
             }
             // Lag tools read the group's offsets; the store is the truth.
             shared
@@ -189,18 +189,25 @@ impl StageRuntime {
 /// already fetched. A broker that is away shows up as errors here that the
 /// client recovers from by itself.
 /// The records stay in the consumer's buffers: they are borrowed, never
-/// copied out.
+/// copied out. Also returns how long the first poll waited.
 fn poll_batch<'c>(
     stage: &'static str,
     consumer: &'c BaseConsumer<StageContext>,
     max: usize,
-) -> Result<Vec<BorrowedMessage<'c>>, RuntimeError> {
+) -> Result<(Vec<BorrowedMessage<'c>>, Duration), RuntimeError> {
     let mut out = Vec::new();
     let mut timeout = Duration::from_millis(100);
+    let started = Instant::now();
+    let mut waited = Duration::ZERO;
     while out.len() < max {
         match consumer.poll(timeout) {
             None => break,
-            Some(Ok(m)) => out.push(m),
+            Some(Ok(m)) => {
+                if out.is_empty() {
+                    waited = started.elapsed();
+                }
+                out.push(m);
+            }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => {
                 // A fatal error is checked by the caller before every poll.
@@ -210,5 +217,5 @@ fn poll_batch<'c>(
         }
         timeout = Duration::ZERO;
     }
-    Ok(out)
+    Ok((out, waited))
 }

@@ -1,0 +1,183 @@
+//! `cdp stamps`: the Kafka timestamp of every event's record on a set of
+//! topics, joined downstream by `messageId` — the benchmark's hop-by-hop
+//! latency. librdkafka stamps a record's CreateTime when `produce()` is
+//! called (neither the stages nor the pass-through hops set timestamps), so
+//! the difference between an event's record on a stage's input and on its
+//! output is that hop's latency: waiting for the stage's previous batch,
+//! the fetch, the poll and the processing up to the output's send.
+//!
+//! Reads each topic from the first record at or after `--since-ms` up to
+//! the high watermark seen at the start, and prints one JSON line per
+//! record that names an event: `{"topic", "ts", "id"}`. Records that name
+//! none (ticks, transfers, changelog records) are skipped. Read-only.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use cdp_pipeline::ClientFactory;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use serde_json::Value;
+
+#[derive(Debug, Clone)]
+pub struct StampOptions {
+    /// Topics to read (full names).
+    pub topics: Vec<String>,
+    /// Skip records stamped before this (ms since the epoch).
+    pub since_ms: i64,
+    /// Give up on a partition that stops short of its end for this long.
+    pub patience: Duration,
+}
+
+/// One record that names an event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stamp {
+    pub topic: String,
+    /// The record's timestamp (CreateTime unless the topic says
+    /// LogAppendTime), ms since the epoch.
+    pub ts: i64,
+    /// The `messageId` of the event the record is, carries or was caused by.
+    pub id: String,
+}
+
+/// The event a record names: a Segment event's `messageId` (`raw`,
+/// `valid`), a profile record's `event.messageId` (`identified`), or the
+/// `cause.message_id` of an update or audience change (`traits`,
+/// `audiences`).
+pub fn message_id(payload: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(payload).ok()?;
+    let found = [
+        v.get("messageId"),
+        v.get("event").and_then(|e| e.get("messageId")),
+        v.get("cause").and_then(|c| c.get("message_id")),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(Value::as_str)
+    .map(str::to_string);
+    found
+}
+
+/// Read the topics and write one JSON line per stamp to `out`.
+pub fn run(
+    factory: &ClientFactory,
+    opts: &StampOptions,
+    out: &mut dyn Write,
+) -> anyhow::Result<u64> {
+    let consumer: BaseConsumer = factory.plain_consumer("cdp-stamps")?;
+    let timeout = Duration::from_secs(10);
+    let mut ends: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let mut wanted = TopicPartitionList::new();
+    for topic in &opts.topics {
+        let meta = consumer.fetch_metadata(Some(topic), timeout)?;
+        for t in meta.topics() {
+            for p in t.partitions() {
+                let (_, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+                ends.insert((topic.clone(), p.id()), high);
+                wanted.add_partition_offset(topic, p.id(), Offset::Offset(opts.since_ms))?;
+            }
+        }
+    }
+    // Start at the first record at or after `since_ms` where the broker
+    // answers a time lookup; from the beginning where it does not.
+    let start = match consumer.offsets_for_times(wanted.clone(), timeout) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, "no offsets by time; reading from the beginning");
+            let mut all = TopicPartitionList::new();
+            for (topic, partition) in ends.keys() {
+                all.add_partition_offset(topic, *partition, Offset::Beginning)?;
+            }
+            all
+        }
+    };
+    let mut assign = TopicPartitionList::new();
+    for e in start.elements() {
+        let offset = match e.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            // Nothing at or after the time: nothing to read there.
+            Offset::End => continue,
+            _ => Offset::Beginning,
+        };
+        assign.add_partition_offset(e.topic(), e.partition(), offset)?;
+    }
+    let mut open: BTreeMap<(String, i32), i64> = assign
+        .elements()
+        .iter()
+        .filter_map(|e| {
+            let key = (e.topic().to_string(), e.partition());
+            let end = *ends.get(&key)?;
+            let at = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            (at < end).then_some((key, end))
+        })
+        .collect();
+    consumer.assign(&assign)?;
+    let mut written = 0u64;
+    let mut last_record = Instant::now();
+    while !open.is_empty() && last_record.elapsed() < opts.patience {
+        let m = match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(_))) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(m)) => m,
+        };
+        last_record = Instant::now();
+        let key = (m.topic().to_string(), m.partition());
+        if open.get(&key).is_some_and(|end| m.offset() + 1 >= *end) {
+            open.remove(&key);
+        }
+        let Some(ts) = m.timestamp().to_millis() else {
+            continue;
+        };
+        if ts < opts.since_ms {
+            continue;
+        }
+        if let Some(id) = m.payload().and_then(message_id) {
+            let stamp = Stamp {
+                topic: key.0,
+                ts,
+                id,
+            };
+            serde_json::to_writer(&mut *out, &stamp)?;
+            out.write_all(b"\n")?;
+            written += 1;
+        }
+    }
+    if !open.is_empty() {
+        anyhow::bail!("partitions left short of their end: {:?}", open.keys());
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_event_is_found_on_every_kind_of_record() {
+        let cases: [(&str, Option<&str>); 6] = [
+            (r#"{"type":"track","messageId":"m1"}"#, Some("m1")),
+            (
+                r#"{"type":"event","profile_id":"p","event":{"messageId":"m2"}}"#,
+                Some("m2"),
+            ),
+            (
+                r#"{"type":"update","cause":{"message_id":"m3"},"event_time":1}"#,
+                Some("m3"),
+            ),
+            (r#"{"type":"update","cause":{"tick":5}}"#, None),
+            (r#"not json"#, None),
+            (r#"{"messageId":7}"#, None),
+        ];
+        for (payload, id) in cases {
+            assert_eq!(message_id(payload.as_bytes()).as_deref(), id, "{payload}");
+        }
+    }
+}
