@@ -458,13 +458,12 @@ class Bench:
             load = self.loadgen(self.pt_config, seed, "--people", "1000000000", "--rate",
                                 str(rate), "--duration", f"{a.phase_secs}s")
             # Drained once every sent event is on the last topic (or it
-            # stops growing).
-            last, deadline = -1, time.time() + a.timeout
+            # stopped growing for three looks).
+            counts, deadline = [], time.time() + a.timeout
             while time.time() < deadline:
-                n = len(self.stamps(self.pt_config, ["pt.audiences"], since_ms)["pt.audiences"])
-                if n >= load["sent"] or n == last:
+                counts.append(len(self.stamps(self.pt_config, ["pt.audiences"], since_ms)["pt.audiences"]))
+                if counts[-1] >= load["sent"] or counts[-3:] == [counts[-1]] * 3:
                     break
-                last = n
                 time.sleep(2)
         finally:
             for _, p in hops:
@@ -497,10 +496,12 @@ class Bench:
             sustained = self.result["chain"]["events_per_sec"]
             self.result["latency"] = {}
             self.result["passthrough_latency"] = {}
-            for i, f in enumerate(self.args.latency_at):
-                key = f"{f * 100:g}%"
-                self.result["latency"][key] = self.latency(sustained * f, 2 + i)
-                self.result["passthrough_latency"][key] = self.pt_latency(sustained * f, 100 + i)
+            # Fixed rates (`--rates`) compare runs whose drain rates differ.
+            phases = ([(f"{r:g}/s", r) for r in self.args.rates] if self.args.rates
+                      else [(f"{f * 100:g}%", sustained * f) for f in self.args.latency_at])
+            for i, (key, rate) in enumerate(phases):
+                self.result["latency"][key] = self.latency(rate, 2 + i)
+                self.result["passthrough_latency"][key] = self.pt_latency(rate, 100 + i)
             self.result["state"] = self.state()
             self.result["ratio"] = round(sustained / self.result["passthrough"]["events_per_sec"], 3)
         finally:
@@ -538,7 +539,7 @@ def table(r: dict) -> str:
     rows.append("")
     rows.append(f"{'latency event -> change':28}{'rate':>8}{'changes':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
     for k, v in r["latency"].items():
-        rows.append(f"{'  at ' + k + ' of sustained':28}{v['achieved_rate']:>8}{v['changes']:>9}{v['p50_ms']:>9}{v['p99_ms']:>9}{str(v['max_ms']):>9}")
+        rows.append(f"{'  at ' + k + (' of sustained' if k.endswith('%') else ''):28}{v['achieved_rate']:>8}{v['changes']:>9}{v['p50_ms']:>9}{v['p99_ms']:>9}{str(v['max_ms']):>9}")
         rows.append("    mean batch (ms / records): " + ", ".join(
             f"{s} {b['ms']}/{b['records']}" for s, b in v.get("per_batch", {}).items()))
         pt = r.get("passthrough_latency", {}).get(k)
@@ -583,6 +584,8 @@ def main() -> None:
     ap.add_argument("--latency-at", type=lambda v: [float(f) for f in v.split(",")],
                     default=[0.5, 1.0], metavar="F,F",
                     help="latency phases at these fractions of the drain rate (default 0.5,1)")
+    ap.add_argument("--rates", type=lambda v: [float(f) for f in v.split(",")], metavar="R,R",
+                    help="latency phases at these events/s instead of fractions of the drain rate")
     ap.add_argument("--perf", metavar="STAGE", help="profile this stage with `perf record` during the drain")
     ap.add_argument("--out", default="bench-result.json")
     args = ap.parse_args()
