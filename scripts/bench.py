@@ -106,6 +106,25 @@ def rss_mb(pid: int) -> dict:
     return out
 
 
+def sched(pid: int) -> dict:
+    """Seconds a process's threads spent on a CPU and waiting for one
+    (runnable, not running: /proc/<pid>/task/*/schedstat), all threads and
+    the stage thread (`stage-<name>`) apart."""
+    out = {"cpu": 0.0, "wait": 0.0, "stage_cpu": 0.0, "stage_wait": 0.0}
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            run, wait = (int(x) / 1e9 for x in (task / "schedstat").read_text().split()[:2])
+            comm = (task / "comm").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        out["cpu"] += run
+        out["wait"] += wait
+        if comm.startswith("stage-"):
+            out["stage_cpu"] += run
+            out["stage_wait"] += wait
+    return out
+
+
 def du_bytes(path: pathlib.Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
@@ -367,6 +386,7 @@ class Bench:
         skip = changes.read_text().count("\n") if changes.exists() else 0
         log(f"latency: {rate:.0f} events/s for {a.phase_secs} s")
         batches0 = self.batches()
+        sched0 = {s: sched(self.procs[s].pid) for s in STAGES + ["tansu"]}
         since_ms = int(time.time() * 1000)
         load = self.loadgen(self.chain_config, seed, "--people", "1000000000", "--rate",
                             str(rate), "--duration", f"{a.phase_secs}s")
@@ -376,6 +396,10 @@ class Bench:
         w = self.watch(before, idle_secs=3, timeout=a.timeout)
         drained_after = max(w["audiences"].get("end", sent_end) - sent_end, 0)
         batches1 = self.batches()
+        sched1 = {s: sched(self.procs[s].pid) for s in STAGES + ["tansu"]}
+        # Per process over the phase: CPU seconds and seconds runnable but
+        # waiting for a core, every thread summed and the stage thread apart.
+        cpu_wait = {s: {k: round(sched1[s][k] - sched0[s][k], 2) for k in sched1[s]} for s in sched1}
         # Mean committed batch: how long its cycle took, how many inputs
         # (ticks included) it carried.
         per_batch = {}
@@ -401,6 +425,7 @@ class Bench:
                 "max_ms": round(lat[-1], 1) if lat else None,
                 "drained_secs_after_send": round(drained_after, 1),
                 "hops": self.hops(self.chain_config, "bench", since_ms),
+                "sched_secs": cpu_wait,
                 "per_batch": per_batch,
                 "rss_mb": {s: rss_mb(self.procs[s].pid).get("vmrss") for s in STAGES}}
 
@@ -562,6 +587,12 @@ def table(r: dict) -> str:
             if "phases_ms" in b:
                 rows.append(f"  at {k}, {s:10}" + " / ".join(f"{b['phases_ms'][p]:g}" for p in PHASES)
                             + f"  (cycle {b['ms']:g}, {b['records']:g} records)")
+    rows.append("")
+    rows.append("CPU s and s waiting for a core over each phase (all threads; stage thread)")
+    for k, v in r["latency"].items():
+        rows.append(f"  at {k}: " + ", ".join(
+            f"{s} {c['cpu']:g}/{c['wait']:g} ({c['stage_cpu']:g}/{c['stage_wait']:g})"
+            for s, c in v.get("sched_secs", {}).items()))
     st = r["state"]
     rows.append("")
     rows.append(f"RocksDB bytes per profile ({st['profiles']} profiles): " + ", ".join(
