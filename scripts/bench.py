@@ -437,6 +437,9 @@ class Bench:
         out = subprocess.run(args, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"bench: stamps failed: {out.stderr}")
+        if len(topics) > 1:
+            # Kept for a closer look (e.g. when a hop's slow records come).
+            (self.work / f"stamps-{topics[0]}-{since_ms}.jsonl").write_text(out.stdout)
         seen: dict[str, dict[str, int]] = {t: {} for t in topics}
         for line in out.stdout.splitlines():
             r = json.loads(line)
