@@ -115,7 +115,7 @@ fn update(n: usize, p: usize, at: i64) -> ProfileUpdate {
     ProfileUpdate::Update {
         profile_id: format!("p-{p}"),
         identifiers,
-        event: Some(event),
+        event: Some(event.into()),
         traits,
         event_time: at,
         time_corrected_from: None,

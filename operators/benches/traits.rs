@@ -106,7 +106,7 @@ fn record(n: usize, p: usize, at: i64) -> ProfileRecord {
     ProfileRecord::Event {
         profile_id: format!("p-{p}"),
         identifiers,
-        event: event(n, p, at),
+        event: event(n, p, at).into(),
         dropped: Vec::new(),
         merged_from: Vec::new(),
     }

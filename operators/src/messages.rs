@@ -11,11 +11,95 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Identifier type → values, e.g. `{"user_id": ["u_42"], "email": [...]}`.
 pub type Identifiers = BTreeMap<String, Vec<String>>;
+
+/// A Segment event inside a stage's record: the parsed tree the stage
+/// reads, and, when it was read from a record's bytes, those bytes, which
+/// is what it writes back out. The traits stage forwards every event it
+/// reads in its update; writing the text it came as (valid JSON, checked
+/// when read) skips re-encoding the whole event per record.
+///
+/// Equal when the trees are: the text is an encoding of the same event
+/// (identity writes it as the collector received it, so it may differ
+/// from what `serde_json` would write in spacing or escapes, never in
+/// meaning). Deserializing reads the tree alone; the stages' fast input
+/// paths ([`crate::profile_keyed`]) keep the text as well.
+#[derive(Clone, Default)]
+pub struct EventJson {
+    value: Value,
+    text: Option<Box<RawValue>>,
+}
+
+impl EventJson {
+    /// The event read from its JSON text, which it keeps.
+    pub fn from_text(text: Box<RawValue>) -> Result<Self, serde_json::Error> {
+        let value = serde_json::from_str(text.get())?;
+        Ok(EventJson {
+            value,
+            text: Some(text),
+        })
+    }
+
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
+    pub fn into_value(self) -> Value {
+        self.value
+    }
+}
+
+impl From<Value> for EventJson {
+    fn from(value: Value) -> Self {
+        EventJson { value, text: None }
+    }
+}
+
+impl std::ops::Deref for EventJson {
+    type Target = Value;
+
+    fn deref(&self) -> &Value {
+        &self.value
+    }
+}
+
+impl PartialEq for EventJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+impl PartialEq<Value> for EventJson {
+    fn eq(&self, other: &Value) -> bool {
+        self.value == *other
+    }
+}
+
+impl std::fmt::Debug for EventJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.value.fmt(f)
+    }
+}
+
+impl Serialize for EventJson {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.text {
+            Some(text) => text.serialize(serializer),
+            None => self.value.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for EventJson {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Value::deserialize(deserializer).map(EventJson::from)
+    }
+}
 
 /// Why a record exists: the event (by `messageId`) or the tick that caused it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -36,7 +120,7 @@ pub enum ProfileRecord {
     Event {
         profile_id: String,
         identifiers: Identifiers,
-        event: Value,
+        event: EventJson,
         /// Identifiers of this event that a rule refused (identity counts
         /// them in `cdp_identity_dropped_identifiers_total`).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -86,7 +170,7 @@ pub enum ProfileUpdate {
         profile_id: String,
         identifiers: Identifiers,
         #[serde(skip_serializing_if = "Option::is_none")]
-        event: Option<Value>,
+        event: Option<EventJson>,
         traits: BTreeMap<String, Value>,
         /// Event time (ms) of the event, or the tick's stream time.
         event_time: i64,

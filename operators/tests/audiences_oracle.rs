@@ -347,7 +347,8 @@ fn event_record(p: &str, merged_from: &[String], ev: Ev, raw_t: i64, n: usize) -
         profile_id: p.to_string(),
         identifiers,
         event: json!({"type": "track", "event": ev.name, "messageId": format!("m{n}"),
-                      "timestamp": rfc3339_ms(raw_t), "properties": {"revenue": ev.revenue}}),
+                      "timestamp": rfc3339_ms(raw_t), "properties": {"revenue": ev.revenue}})
+        .into(),
         dropped: Vec::new(),
         merged_from: merged_from.to_vec(),
     };

@@ -216,7 +216,8 @@ fn event_record(id: &str, t: i64, v: i64, n: usize) -> Result<Vec<u8>, serde_jso
         profile_id: id.into(),
         identifiers,
         event: json!({"type": "track", "event": "E", "messageId": format!("m{n}"),
-                      "timestamp": rfc3339_ms(t), "properties": {"v": v}}),
+                      "timestamp": rfc3339_ms(t), "properties": {"v": v}})
+        .into(),
         dropped: Vec::new(),
         merged_from: Vec::new(),
     })

@@ -11,7 +11,7 @@ use super::compile::AudienceSet;
 use super::profile::AudienceProfile;
 use super::STAGE;
 use crate::messages::{
-    self, outputs, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
+    self, outputs, AudienceAction, AudienceChange, Cause, EventJson, Identifiers, ProfileUpdate,
 };
 use crate::profile_keyed::{
     decode, decode_state, dispatch, emit_json, encode_state, fired_profile, invalid_transfer,
@@ -132,7 +132,7 @@ impl AudiencesOperator {
         ctx: &mut Context<'_>,
         profile_id: String,
         identifiers: Identifiers,
-        event: Option<Value>,
+        event: Option<EventJson>,
         traits: BTreeMap<String, Value>,
         event_time: i64,
         record_time: Option<i64>,

@@ -11,11 +11,14 @@
 
 use std::collections::BTreeMap;
 
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::messages::{Cause, DroppedIdentifier, Identifiers, ProfileRecord, ProfileUpdate};
+use crate::messages::{
+    Cause, DroppedIdentifier, EventJson, Identifiers, ProfileRecord, ProfileUpdate,
+};
 
 /// The profile variant of a stage's input, readable without its tag.
 pub(crate) trait FastVariant: Sized {
@@ -36,12 +39,20 @@ pub(crate) fn fast_decode<I: FastVariant>(value: &[u8]) -> Option<I> {
         .map(Into::into)
 }
 
+/// The event with its JSON text kept: the traits stage writes the text
+/// back out in its update instead of encoding the tree again.
+fn event_with_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<EventJson, D::Error> {
+    let text = Box::<RawValue>::deserialize(deserializer)?;
+    EventJson::from_text(text).map_err(D::Error::custom)
+}
+
 /// [`ProfileRecord::Event`]'s fields.
 #[derive(Deserialize)]
 pub(crate) struct EventFields {
     profile_id: String,
     identifiers: Identifiers,
-    event: Value,
+    #[serde(deserialize_with = "event_with_text")]
+    event: EventJson,
     #[serde(default)]
     dropped: Vec<DroppedIdentifier>,
     #[serde(default)]
@@ -70,7 +81,7 @@ impl FastVariant for ProfileRecord {
 pub(crate) struct UpdateFields {
     profile_id: String,
     identifiers: Identifiers,
-    event: Option<Value>,
+    event: Option<EventJson>,
     traits: BTreeMap<String, Value>,
     event_time: i64,
     #[serde(default)]
@@ -148,17 +159,22 @@ mod tests {
             let record = ProfileRecord::Event {
                 profile_id: id.clone(),
                 identifiers: ids.clone(),
-                event: event.clone(),
+                event: event.clone().into(),
                 dropped: Vec::new(),
                 merged_from: merged_from.clone(),
             };
             let bytes = serde_json::to_vec(&record).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let general: ProfileRecord = serde_json::from_slice(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!(fast_decode::<ProfileRecord>(&bytes), Some(general));
+            let fast = fast_decode::<ProfileRecord>(&bytes);
+            prop_assert_eq!(fast.as_ref(), Some(&general));
+            // The event is written back as the text it was read from: the
+            // record encodes to the very bytes it came as.
+            let again = serde_json::to_vec(&fast).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(again, bytes);
             let update = ProfileUpdate::Update {
                 profile_id: id,
                 identifiers: ids,
-                event: with_event.then_some(event),
+                event: with_event.then_some(event.into()),
                 traits,
                 event_time: time,
                 time_corrected_from: corrected,

@@ -12,7 +12,7 @@ use super::profile::ProfileState;
 use super::state::TraitState;
 use super::{MERGE_WAIT_LIMIT, STAGE, STATE_LIMIT_HEADER};
 use crate::event_time::TIME_CORRECTED_HEADER;
-use crate::messages::{self, outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate};
+use crate::messages::{self, outputs, Cause, EventJson, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::{
     decode, decode_state, dispatch, emit_json, encode_state, fired_profile, invalid_transfer,
     pass_on_transfer, profile_key, reschedule, retire, send_transfer, to_json_value,
@@ -132,7 +132,7 @@ impl TraitsOperator {
         ctx: &mut Context<'_>,
         profile_id: String,
         identifiers: Identifiers,
-        event: Value,
+        event: EventJson,
         merged_from: Vec<String>,
         record_time: Option<i64>,
         merge_limited: bool,

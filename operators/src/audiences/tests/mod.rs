@@ -67,8 +67,9 @@ fn update_until(
     let record = ProfileUpdate::Update {
         profile_id: id.into(),
         identifiers,
-        event: event
-            .map(|(name, props)| json!({"type": "track", "event": name, "properties": props})),
+        event: event.map(|(name, props)| {
+            json!({"type": "track", "event": name, "properties": props}).into()
+        }),
         traits,
         event_time: t,
         time_corrected_from: None,

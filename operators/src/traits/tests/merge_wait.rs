@@ -16,7 +16,7 @@ fn merging_event(into: &str, from: &[&str], event: Value) -> Result<Vec<u8>, ser
     serde_json::to_vec(&ProfileRecord::Event {
         profile_id: into.into(),
         identifiers: Identifiers::new(),
-        event,
+        event: event.into(),
         dropped: Vec::new(),
         merged_from: from.iter().map(|f| (*f).to_owned()).collect(),
     })
@@ -220,7 +220,7 @@ fn a_retired_profiles_events_go_on_to_its_survivor_and_a_bad_one_is_refused() ->
     let late = serde_json::to_vec(&ProfileRecord::Event {
         profile_id: "a".into(),
         identifiers: identifiers.clone(),
-        event: order(DAY, 50),
+        event: order(DAY, 50).into(),
         dropped: vec![serde_json::from_value(
             json!({"type": "email", "value": "x", "reason": "blocked_pattern"}),
         )?],

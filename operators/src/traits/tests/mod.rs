@@ -10,7 +10,9 @@ use super::profile::ProfileState;
 use super::state::TraitState;
 use super::*;
 use crate::event_time::TIME_CORRECTED_HEADER;
-use crate::messages::{outputs, rfc3339_ms, Cause, Identifiers, ProfileRecord, ProfileUpdate};
+use crate::messages::{
+    outputs, rfc3339_ms, Cause, EventJson, Identifiers, ProfileRecord, ProfileUpdate,
+};
 use crate::profile_keyed::profile_key;
 
 type TestResult = Result<(), Box<dyn Error>>;
@@ -41,7 +43,7 @@ fn event_record(id: &str, event: Value) -> Result<Vec<u8>, serde_json::Error> {
     serde_json::to_vec(&ProfileRecord::Event {
         profile_id: id.into(),
         identifiers,
-        event,
+        event: event.into(),
         dropped: Vec::new(),
         merged_from: Vec::new(),
     })

@@ -178,7 +178,7 @@ fn a_profile_with_a_million_events_keeps_its_state_under_the_bound() -> TestResu
             let update = ProfileUpdate::Update {
                 profile_id: "prof_0123456789abcdef0123".into(),
                 identifiers: Identifiers::from([("user_id".into(), vec!["u_1".into()])]),
-                event: Some(event.clone()),
+                event: Some(event.clone().into()),
                 traits: state.values(&set, state.clock),
                 event_time: t,
                 time_corrected_from: None,

@@ -201,3 +201,46 @@ fn comparisons_follow_the_documented_rules() {
     assert!(Comparison::from_key("exists", json!("yes")).is_err());
     assert_eq!(Comparison::from_key("nope", json!(1)), Ok(None));
 }
+
+/// The update carries the event as the text it came in (identity writes
+/// it as the collector received it): not encoded again, same meaning.
+#[test]
+fn the_update_forwards_the_event_text_verbatim() -> TestResult {
+    let mut h = harness(DESIGN_TRAITS)?;
+    let text = format!(
+        r#"{{"type":"track", "event":"Order Completed","messageId":"m1","timestamp":"{}","properties":{{"revenue":5.0e1,"note":"caf\u00e9 \/"}}}}"#,
+        rfc3339_ms(DAY)
+    );
+    let record =
+        format!(r#"{{"type":"event","profile_id":"p1","identifiers":{{}},"event":{text}}}"#);
+    let out = h.process(Some(b"p1"), record.as_bytes(), &[])?;
+    let [update] = out.as_slice() else {
+        return Err(format!("expected one update, got {out:?}").into());
+    };
+    let written = String::from_utf8(update.value.clone())?;
+    assert!(
+        written.contains(&format!(r#""event":{text},"#)),
+        "{written}"
+    );
+    let expected: Value = serde_json::from_str(&text)?;
+    match serde_json::from_slice(&update.value)? {
+        ProfileUpdate::Update { event, traits, .. } => {
+            assert_eq!(event.map(EventJson::into_value), Some(expected.clone()));
+            assert_eq!(traits.get("revenue_total"), Some(&json!(50)));
+        }
+        other => return Err(format!("expected an update, got {other:?}").into()),
+    }
+    // A record the fast path does not read (spaced out by another
+    // producer) gives the same update, its event encoded from the tree.
+    let spaced = format!(
+        r#"{{ "type": "event", "profile_id": "p2", "identifiers": {{}}, "event": {text} }}"#
+    );
+    let out = h.process(Some(b"p2"), spaced.as_bytes(), &[])?;
+    match updates(&out)?.pop() {
+        Some(ProfileUpdate::Update {
+            event: Some(event), ..
+        }) => assert_eq!(event, expected),
+        other => return Err(format!("expected an update, got {other:?}").into()),
+    }
+    Ok(())
+}
