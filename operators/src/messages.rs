@@ -24,6 +24,9 @@ pub type Identifiers = BTreeMap<String, Vec<String>>;
 /// reads in its update; writing the text it came as (valid JSON, checked
 /// when read) skips re-encoding the whole event per record.
 ///
+/// The traits stage keeps only the part of the tree its traits read
+/// (`traits::read`); the text is always the whole event.
+///
 /// Equal when the trees are: the text is an encoding of the same event
 /// (identity writes it as the collector received it, so it may differ
 /// from what `serde_json` would write in spacing or escapes, never in
@@ -43,6 +46,15 @@ impl EventJson {
             value,
             text: Some(text),
         })
+    }
+
+    /// The event as `value`, a tree read from `text` (the traits stage's
+    /// holds only the paths it reads), written back out as `text`.
+    pub(crate) fn with_text(value: Value, text: Box<RawValue>) -> Self {
+        EventJson {
+            value,
+            text: Some(text),
+        }
     }
 
     pub fn value(&self) -> &Value {

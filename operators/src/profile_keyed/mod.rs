@@ -257,7 +257,25 @@ fn readdress_update(update: ProfileUpdate, survivor: &str) -> ProfileUpdate {
 pub(crate) fn decode<I: StageInput + DeserializeOwned + fast::FastVariant>(
     value: &[u8],
 ) -> Result<I, OperatorError> {
-    let input: I = match fast::fast_decode(value) {
+    checked(fast::fast_decode(value), value)
+}
+
+/// [`decode`] for the traits stage's input: the fast path's event tree is
+/// what `parse` builds from the event's text (see
+/// [`fast::fast_event`]); the general path's is the whole event.
+pub(crate) fn decode_event(
+    value: &[u8],
+    parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
+) -> Result<ProfileRecord, OperatorError> {
+    checked(fast::fast_event(value, parse), value)
+}
+
+/// The fast path's record, else the general path's, checked.
+fn checked<I: StageInput + DeserializeOwned>(
+    fast: Option<I>,
+    value: &[u8],
+) -> Result<I, OperatorError> {
+    let input: I = match fast {
         Some(input) => input,
         None => serde_json::from_slice(value).map_err(|e| {
             OperatorError::rejected("invalid_record", json!({"error": e.to_string()}))

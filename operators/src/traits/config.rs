@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::comparison::PropertyCondition;
+use super::read::EventPaths;
 use crate::config::{ConfigError, KnownNames};
 use crate::event_time::EventTimeConfig;
 use crate::messages;
@@ -338,6 +339,8 @@ pub struct TraitSet {
     /// A digest of `defs`: a profile last evaluated under other traits
     /// (a config change) is refreshed in full once, not incrementally.
     pub(super) fingerprint: u64,
+    /// The paths of an event these traits read (the rest is not parsed).
+    pub(super) reads: EventPaths,
 }
 
 impl TraitSet {
@@ -386,6 +389,7 @@ impl TraitSet {
             defs: defs.clone(),
             event_time: EventTimeConfig::default(),
             fingerprint: fingerprint(defs),
+            reads: EventPaths::of_traits(defs.values()),
         })
     }
 

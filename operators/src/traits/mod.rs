@@ -42,6 +42,7 @@ mod comparison;
 mod config;
 mod operator;
 mod profile;
+mod read;
 mod state;
 #[cfg(test)]
 mod tests;

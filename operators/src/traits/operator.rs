@@ -14,7 +14,7 @@ use super::{MERGE_WAIT_LIMIT, STAGE, STATE_LIMIT_HEADER};
 use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{self, outputs, Cause, EventJson, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::{
-    decode, decode_state, dispatch, emit_json, encode_state, fired_profile, invalid_transfer,
+    decode_event, decode_state, dispatch, emit_json, encode_state, fired_profile, invalid_transfer,
     pass_on_transfer, profile_key, reschedule, retire, send_transfer, to_json_value,
     union_identifiers, Layout, ProfileStage, StageInput, Stored,
 };
@@ -361,7 +361,8 @@ impl ProfileStage for TraitsOperator {
 
 impl Operator for TraitsOperator {
     fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        let input: ProfileRecord = decode(record.value)?;
+        let reads = &self.set.reads;
+        let input = decode_event(record.value, |text| reads.parse(text))?;
         dispatch(&*self, ctx, input, record.timestamp_ms)
     }
 

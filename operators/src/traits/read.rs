@@ -1,0 +1,291 @@
+//! What the traits stage reads of an event, and a parse that builds only
+//! that.
+//!
+//! An event is ~0.7 KB of JSON of which the configured traits read a few
+//! fields (`type`, `event`, the times, `messageId`, the traits' property
+//! paths, an identify's `traits`); the rest (`context.userAgent`,
+//! `context.library`, …) was parsed into a tree per record only to be
+//! dropped. [`EventPaths`] is the set of paths the stage reads, built from
+//! the config; [`EventPaths::parse`] builds the event's tree with those
+//! paths alone, skipping the others without allocating. The stage forwards
+//! the event as its text ([`EventJson`](crate::messages::EventJson)), so the
+//! partial tree is never written anywhere.
+//!
+//! Guarantee: for every path in the set, [`messages::lookup`] on the partial
+//! tree answers what it answers on the full one (a property test below
+//! compares them); a path's value is kept whole (`traits` with every
+//! trait). A top-level value that is not an object is parsed whole.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::config::TraitDef;
+#[cfg(test)]
+use crate::messages;
+
+/// Paths every event is read at, whatever the traits: its name and type,
+/// its times, its `messageId` (the update's cause) and an identify's
+/// traits (Segment's `traits`, RudderStack's `context.traits`).
+const ALWAYS_READ: [&str; 8] = [
+    "type",
+    "event",
+    "timestamp",
+    "receivedAt",
+    "originalTimestamp",
+    "messageId",
+    "traits",
+    "context.traits",
+];
+
+/// A set of dotted paths (`properties.revenue`) as a tree of names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct EventPaths {
+    /// The value here is read whole.
+    whole: bool,
+    children: BTreeMap<String, EventPaths>,
+}
+
+impl EventPaths {
+    /// What the stage reads for `defs`: [`ALWAYS_READ`], each trait's
+    /// property and the properties its conditions name.
+    pub(crate) fn of_traits<'a>(defs: impl IntoIterator<Item = &'a TraitDef>) -> Self {
+        let mut paths = EventPaths::default();
+        for path in ALWAYS_READ {
+            paths.add(path);
+        }
+        for def in defs {
+            if let Some(property) = def.property() {
+                paths.add(property);
+            }
+            for condition in def.conditions() {
+                paths.add(&condition.property);
+            }
+        }
+        paths
+    }
+
+    fn add(&mut self, path: &str) {
+        let node = path.split('.').fold(self, |node, part| {
+            node.children.entry(part.to_owned()).or_default()
+        });
+        node.whole = true;
+    }
+
+    /// The event in `text` with the values at these paths only (and the
+    /// objects that lead to them).
+    pub(crate) fn parse(&self, text: &str) -> Result<Value, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let value = Partial(self).deserialize(&mut de)?;
+        de.end()?;
+        Ok(value)
+    }
+}
+
+/// Builds the value at a node: whole when the node is read whole, else the
+/// object with the node's children only.
+struct Partial<'a>(&'a EventPaths);
+
+impl<'de> DeserializeSeed<'de> for Partial<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        if self.0.whole {
+            return Value::deserialize(deserializer);
+        }
+        deserializer.deserialize_any(self)
+    }
+}
+
+/// A map key, borrowed from the text when it holds no escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// An object keeps the node's children; anything else (where a path goes
+/// through a value that is not an object, which no lookup goes into) is
+/// kept whole, as `serde_json` would build it.
+impl<'de> Visitor<'de> for Partial<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            match self.0.children.get(key.as_ref()) {
+                // A repeated key: the last one wins, in the first one's
+                // place, as in `serde_json`'s own tree.
+                Some(child) => {
+                    let value = map.next_value_seed(Partial(child))?;
+                    out.insert(key.into_owned(), value);
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Value::Object(out))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element::<Value>()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Names drawn from a small set, so generated events and paths meet.
+    fn name() -> impl Strategy<Value = String> {
+        prop::sample::select(vec!["a", "b", "type", "traits", "context", "é\"x"])
+            .prop_map(str::to_owned)
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
+            "[a-z\"\\\\é ]{0,6}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 40, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::vec((name(), inner), 0..5)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn arb_path() -> impl Strategy<Value = String> {
+        prop::collection::vec(name(), 1..4).prop_map(|parts| parts.join("."))
+    }
+
+    /// The text of an object with `pairs` in order (repeated keys allowed,
+    /// which a `Value` cannot hold).
+    fn object_text(pairs: &[(String, Value)]) -> String {
+        let fields: Vec<String> = pairs
+            .iter()
+            .map(|(k, v)| format!("{}:{v}", Value::from(k.as_str())))
+            .collect();
+        format!("{{{}}}", fields.join(","))
+    }
+
+    proptest! {
+        /// Every path in the set, and every prefix of one, looks up the
+        /// same value in the partial tree as in `serde_json`'s full one.
+        #[test]
+        fn the_partial_tree_answers_every_read_path_as_the_full_one(
+            pairs in prop::collection::vec((name(), arb_json()), 0..8),
+            top in arb_json(),
+            paths in prop::collection::vec(arb_path(), 0..5),
+        ) {
+            let mut set = EventPaths::default();
+            for p in &paths {
+                set.add(p);
+            }
+            for text in [object_text(&pairs), top.to_string()] {
+                let full: Value = serde_json::from_str(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let partial = set.parse(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(partial.is_object(), full.is_object());
+                for p in &paths {
+                    let parts: Vec<&str> = p.split('.').collect();
+                    for n in 1..=parts.len() {
+                        let prefix = parts[..n].join(".");
+                        if n < parts.len() && !set_has_whole(&set, &parts[..n]) {
+                            // An inner object keeps only what leads on.
+                            continue;
+                        }
+                        prop_assert_eq!(messages::lookup(&partial, &prefix), messages::lookup(&full, &prefix), "path {}", prefix);
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_has_whole(set: &EventPaths, parts: &[&str]) -> bool {
+        parts
+            .iter()
+            .try_fold(set, |node, part| node.children.get(*part))
+            .is_some_and(|node| node.whole)
+    }
+
+    #[test]
+    fn unread_fields_are_left_out_and_bad_text_is_refused() -> Result<(), serde_json::Error> {
+        let mut set = EventPaths::default();
+        set.add("properties.revenue");
+        set.add("type");
+        let text = r#"{"type":"track","context":{"userAgent":"x"},"properties":{"revenue":5,"currency":"USD"}}"#;
+        assert_eq!(
+            set.parse(text)?,
+            serde_json::json!({"type": "track", "properties": {"revenue": 5}})
+        );
+        assert!(set.parse(r#"{"type":"track"} x"#).is_err());
+        assert!(set.parse(r#"{"type":"#).is_err());
+        Ok(())
+    }
+}
