@@ -15,6 +15,7 @@ mod alloc;
 pub mod changelog;
 pub mod duration;
 pub mod envelope;
+pub mod json;
 pub mod kafka;
 pub mod metrics;
 pub mod operator;

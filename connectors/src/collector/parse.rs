@@ -7,6 +7,8 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use cdp_pipeline::json::CowStr;
+
 use super::error::CollectError;
 
 /// A JSON object's top-level fields in the order sent, each value the raw
@@ -111,38 +113,13 @@ pub(super) fn raw_string(s: &str) -> Result<Cow<'static, RawValue>, CollectError
         .map_err(|e| CollectError::Internal(e.to_string()))
 }
 
-/// A JSON string, borrowed from the body when it has no escapes.
-struct Str<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Str<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Str<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Str<'de>, E> {
-                Ok(Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Str<'de>, E> {
-                Ok(Str(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Str<'de>, E> {
-                Ok(Str(Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
 /// The value as a string, if it is a JSON string.
 pub(super) fn string(value: &RawValue) -> Option<Cow<'_, str>> {
     let text = value.get();
     if !text.starts_with('"') {
         return None;
     }
-    serde_json::from_str::<Str>(text).ok().map(|s| s.0)
+    serde_json::from_str::<CowStr>(text).ok().map(|s| s.0)
 }
 
 /// A usable identifier: a non-empty string or a number.
@@ -230,7 +207,7 @@ fn read_fields<'de, A: MapAccess<'de>>(
 ) -> Result<(Fields<'de>, Option<BatchField<'de>>), A::Error> {
     let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(16));
     let mut items = None;
-    while let Some(Str(key)) = map.next_key::<Str<'de>>()? {
+    while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
         if batch && key == "batch" {
             items = Some(map.next_value::<BatchField<'de>>()?);
         } else {

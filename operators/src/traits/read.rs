@@ -16,13 +16,14 @@
 //! compares them); a path's value is kept whole (`traits` with every
 //! trait). A top-level value that is not an object is parsed whole.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+
+use cdp_pipeline::json::CowStr;
 
 use super::config::TraitDef;
 #[cfg(test)]
@@ -101,31 +102,6 @@ impl<'de> DeserializeSeed<'de> for Partial<'_> {
     }
 }
 
-/// A map key, borrowed from the text when it holds no escapes.
-struct Key<'de>(Cow<'de, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v)))
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
-    }
-}
-
 /// An object keeps the node's children; anything else (where a path goes
 /// through a value that is not an object, which no lookup goes into) is
 /// kept whole, as `serde_json` would build it.
@@ -138,7 +114,7 @@ impl<'de> Visitor<'de> for Partial<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
-        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+        while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
             match self.0.children.get(key.as_ref()) {
                 // A repeated key: the last one wins, in the first one's
                 // place, as in `serde_json`'s own tree.
