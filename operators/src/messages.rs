@@ -39,15 +39,6 @@ pub struct EventJson {
 }
 
 impl EventJson {
-    /// The event read from its JSON text, which it keeps.
-    pub fn from_text(text: Box<RawValue>) -> Result<Self, serde_json::Error> {
-        let value = serde_json::from_str(text.get())?;
-        Ok(EventJson {
-            value,
-            text: Some(text),
-        })
-    }
-
     /// The event as `value`, a tree read from `text` (the traits stage's
     /// holds only the paths it reads), written back out as `text`.
     pub(crate) fn with_text(value: Value, text: Box<RawValue>) -> Self {
@@ -59,10 +50,6 @@ impl EventJson {
 
     pub fn value(&self) -> &Value {
         &self.value
-    }
-
-    pub fn into_value(self) -> Value {
-        self.value
     }
 }
 

@@ -225,7 +225,7 @@ fn the_update_forwards_the_event_text_verbatim() -> TestResult {
     let expected: Value = serde_json::from_str(&text)?;
     match serde_json::from_slice(&update.value)? {
         ProfileUpdate::Update { event, traits, .. } => {
-            assert_eq!(event.map(EventJson::into_value), Some(expected.clone()));
+            assert_eq!(event.as_ref().map(EventJson::value), Some(&expected));
             assert_eq!(traits.get("revenue_total"), Some(&json!(50)));
         }
         other => return Err(format!("expected an update, got {other:?}").into()),
