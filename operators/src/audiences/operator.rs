@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use cdp_pipeline::operator::{Context, Operator, OperatorError, Record};
 use cdp_pipeline::store::StoreError;
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::compile::AudienceSet;
@@ -215,10 +216,10 @@ impl AudiencesOperator {
         &self,
         from: &str,
         into: &str,
-        state: Value,
+        state: &Value,
     ) -> Result<AudienceProfile, OperatorError> {
-        let mut incoming: AudienceProfile =
-            serde_json::from_value(state).map_err(|e| invalid_transfer(from, into, e))?;
+        let mut incoming =
+            AudienceProfile::deserialize(state).map_err(|e| invalid_transfer(from, into, e))?;
         incoming.upgrade_sequence_steps(&self.set);
         Ok(incoming)
     }
@@ -231,7 +232,7 @@ impl AudiencesOperator {
         state: Value,
         cause: Cause,
     ) -> Result<(), OperatorError> {
-        let incoming = self.incoming(&from, &into, state.clone())?;
+        let incoming = self.incoming(&from, &into, &state)?;
         if pass_on_transfer::<ProfileUpdate>(
             ctx,
             &self.layout,
@@ -320,7 +321,7 @@ impl ProfileStage for AudiencesOperator {
         into: &str,
         state: Value,
     ) -> Result<(), OperatorError> {
-        let incoming = self.incoming(from, into, state)?;
+        let incoming = self.incoming(from, into, &state)?;
         let mut profile = self.load(ctx, into)?.unwrap_or_default();
         profile.merge(incoming);
         ctx.put(&profile_key(into), encode_state(&profile)?);

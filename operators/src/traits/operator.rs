@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use cdp_pipeline::operator::{Context, Operator, OperatorError, Record};
 use cdp_pipeline::store::StoreError;
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::config::TraitSet;
@@ -231,7 +232,7 @@ impl TraitsOperator {
         into: &str,
         state: &Value,
     ) -> Result<ProfileState, OperatorError> {
-        let mut incoming: ProfileState = match serde_json::from_value(state.clone()) {
+        let mut incoming = match ProfileState::deserialize(state) {
             Ok(incoming) => incoming,
             // A transfer written by the previous layout: upgrade it too.
             Err(e) => serde_json::to_vec(state)
