@@ -362,21 +362,30 @@ class Bench:
                 "broker_cpu_secs": round(cpu_secs(self.procs["tansu"].pid) - cpu0["tansu"], 1),
                 "loadgen": load}
 
+    def perf_targets(self, stage: str) -> list:
+        """`all` profiles every stage and the broker in one recording."""
+        return STAGES + ["tansu"] if stage == "all" else [stage]
+
     def start_perf(self, stage: str) -> subprocess.Popen:
         data = self.work / f"perf-{stage}.data"
-        return subprocess.Popen(["perf", "record", "-F", "499", "-o", str(data), "-p",
-                                 str(self.procs[stage].pid)],
+        pids = ",".join(str(self.procs[s].pid) for s in self.perf_targets(stage))
+        return subprocess.Popen(["perf", "record", "-F", "499", "-o", str(data), "-p", pids],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop_perf(self, perf: subprocess.Popen, stage: str) -> None:
         perf.send_signal(signal.SIGINT)
         perf.wait(timeout=60)
         data = self.work / f"perf-{stage}.data"
-        report = subprocess.run(["perf", "report", "--stdio", "--no-children", "--sort", "dso,symbol", "--fields", "overhead,dso,sym",
-                                 "--percent-limit", "0.5", "-i", str(data)],
+        # With several processes, each process's lines carry its pid; the
+        # pids of the stages are in the report's header.
+        sort = "pid,dso,symbol" if stage == "all" else "dso,symbol"
+        fields = "overhead,pid,dso,sym" if stage == "all" else "overhead,dso,sym"
+        report = subprocess.run(["perf", "report", "--stdio", "--no-children", "--sort", sort, "--fields", fields,
+                                 "--percent-limit", "0.2", "-i", str(data)],
                                 capture_output=True, text=True, check=False).stdout
+        pids = ", ".join(f"{s}={self.procs[s].pid}" for s in self.perf_targets(stage))
         path = self.work / f"perf-{stage}.txt"
-        path.write_text(report)
+        path.write_text(f"# processes: {pids}\n{report}")
         self.result["profile"] = {"stage": stage, "report": str(path)}
         log(f"profile of {stage}: {path}")
 
@@ -620,7 +629,7 @@ def main() -> None:
                     help="latency phases at these fractions of the drain rate (default 0.5,1)")
     ap.add_argument("--rates", type=lambda v: [float(f) for f in v.split(",")], metavar="R,R",
                     help="latency phases at these events/s instead of fractions of the drain rate")
-    ap.add_argument("--perf", metavar="STAGE", help="profile this stage with `perf record` during the drain")
+    ap.add_argument("--perf", metavar="STAGE", help="profile this stage (or `all`: every stage and the broker) with `perf record` during the drain")
     ap.add_argument("--out", default="bench-result.json")
     args = ap.parse_args()
     result = Bench(args).run()

@@ -17,7 +17,7 @@ use cdp_connectors::deliver::DeliverOperator;
 use cdp_connectors::destinations::build_sink;
 use cdp_operators::audiences::AudiencesOperator;
 use cdp_operators::identity::IdentityOperator;
-use cdp_operators::messages::{outputs, AudienceChange, ProfileRecord};
+use cdp_operators::messages::{outputs, AudienceChange, ProfileRecordKind, ProfileRecordSummary};
 use cdp_operators::traits::TraitsOperator;
 use cdp_operators::validate::ValidateOperator;
 use cdp_pipeline::envelope::SOURCE;
@@ -252,15 +252,21 @@ fn identity_observer() -> cdp_pipeline::runtime::Observer {
         if e.output != outputs::NEXT {
             return;
         }
-        match serde_json::from_slice::<ProfileRecord>(&e.value) {
-            Ok(ProfileRecord::Event { dropped, .. }) => {
+        match serde_json::from_slice::<ProfileRecordSummary>(&e.value) {
+            Ok(ProfileRecordSummary {
+                kind: ProfileRecordKind::Event,
+                dropped,
+            }) => {
                 for d in dropped {
                     metrics::IDENTITY_DROPPED_IDENTIFIERS
                         .with_label_values(&[&d.kind, &d.reason])
                         .inc();
                 }
             }
-            Ok(ProfileRecord::Merged { .. }) => metrics::IDENTITY_MERGES
+            Ok(ProfileRecordSummary {
+                kind: ProfileRecordKind::Merged,
+                ..
+            }) => metrics::IDENTITY_MERGES
                 .with_label_values::<&str>(&[])
                 .inc(),
             _ => {}
@@ -446,6 +452,72 @@ mod tests {
             &InputOutcome::Processed(std::slice::from_ref(&one)),
         );
         assert_eq!(duplicates(), before + 1, "only the empty outcome counts");
+        Ok(())
+    }
+
+    #[test]
+    fn identity_counts_refused_identifiers_and_merges() -> Result<(), serde_json::Error> {
+        use cdp_operators::messages::{Cause, DroppedIdentifier, Identifiers, ProfileRecord};
+        // Labels of their own: no other test in this binary emits them.
+        let dropped = |reason: &str| {
+            metrics::IDENTITY_DROPPED_IDENTIFIERS
+                .with_label_values(&["observer_test_kind", reason])
+                .get()
+        };
+        let merges = || {
+            metrics::IDENTITY_MERGES
+                .with_label_values::<&str>(&[])
+                .get()
+        };
+        let emitted = |record: &ProfileRecord| -> Result<Emitted, serde_json::Error> {
+            Ok(Emitted {
+                output: outputs::NEXT,
+                key: None,
+                value: serde_json::to_vec(record)?,
+                headers: Vec::new(),
+            })
+        };
+        let refused = |reason: &str| DroppedIdentifier {
+            kind: "observer_test_kind".into(),
+            value: "x".into(),
+            reason: reason.into(),
+        };
+        let event = ProfileRecord::Event {
+            profile_id: "p".into(),
+            identifiers: Identifiers::new(),
+            // An event's own `dropped` field is not identity's.
+            event: json!({"type": "track", "event": "E", "dropped": [{"type": "observer_test_kind",
+                          "value": "y", "reason": "in_the_event"}]})
+            .into(),
+            dropped: vec![refused("limit"), refused("limit"), refused("blocked_value")],
+            merged_from: Vec::new(),
+        };
+        let merged = ProfileRecord::Merged {
+            from: "a".into(),
+            into: "b".into(),
+            identifiers: Identifiers::new(),
+            cause: Cause::default(),
+            announced: true,
+        };
+        let before = (dropped("limit"), dropped("blocked_value"), merges());
+        let observe = identity_observer();
+        observe(&emitted(&event)?);
+        observe(&emitted(&merged)?);
+        // Not counted: another output, and a record that is not JSON.
+        let mut other = emitted(&merged)?;
+        other.output = "changelog-like";
+        observe(&other);
+        observe(&Emitted {
+            output: outputs::NEXT,
+            key: None,
+            value: b"not json".to_vec(),
+            headers: Vec::new(),
+        });
+        assert_eq!(dropped("limit"), before.0 + 2);
+        assert_eq!(dropped("blocked_value"), before.1 + 1);
+        assert_eq!(dropped("in_the_event"), 0);
+        // Merges are one unlabelled counter: other tests may add to it.
+        assert!(merges() > before.2);
         Ok(())
     }
 }
