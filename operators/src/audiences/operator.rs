@@ -15,14 +15,17 @@ use crate::messages::{
     self, outputs, AudienceAction, AudienceChange, Cause, EventJson, Identifiers, ProfileUpdate,
 };
 use crate::profile_keyed::{
-    decode, decode_state, dispatch, emit_json, encode_state, fired_profile, invalid_transfer,
-    pass_on_transfer, profile_key, reschedule, retire, send_transfer, to_json_value,
-    union_identifiers, Layout, ProfileStage, StageInput, Stored,
+    decode_state, decode_update, dispatch, emit_json, encode_state, fired_profile,
+    invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
+    to_json_value, union_identifiers, EventPaths, Layout, ProfileStage, StageInput, Stored,
 };
 
 /// The audiences operator of one task.
 pub struct AudiencesOperator {
     set: Arc<AudienceSet>,
+    /// The paths of an event the audiences read: an update's event is
+    /// parsed with these alone.
+    reads: EventPaths,
     layout: Layout,
 }
 
@@ -34,8 +37,10 @@ struct Trigger {
 
 impl AudiencesOperator {
     pub fn new(set: Arc<AudienceSet>) -> Self {
+        let reads = EventPaths::of_conditions(set.filters.iter().flat_map(|f| &f.conditions));
         AudiencesOperator {
             set,
+            reads,
             layout: Layout::default(),
         }
     }
@@ -331,7 +336,8 @@ impl ProfileStage for AudiencesOperator {
 
 impl Operator for AudiencesOperator {
     fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        let input: ProfileUpdate = decode(record.value)?;
+        let reads = &self.reads;
+        let input = decode_update(record.value, |text| reads.parse(text))?;
         dispatch(&*self, ctx, input, record.timestamp_ms)
     }
 

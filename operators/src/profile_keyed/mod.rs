@@ -16,6 +16,7 @@
 mod encoding;
 mod entry;
 mod fast;
+mod read;
 mod wait;
 
 #[cfg(test)]
@@ -24,6 +25,7 @@ pub(crate) use encoding::{decode_state, encode_state, json_value, json_value_map
 #[cfg(test)]
 pub(crate) use entry::{retired_value, to_earlier_layout, LIVE};
 pub(crate) use entry::{Entry, Layout};
+pub(crate) use read::EventPaths;
 pub use wait::MAX_HELD_INPUTS;
 pub(crate) use wait::{dispatch, fired_profile, ProfileStage, Route, Timed};
 
@@ -254,10 +256,11 @@ fn readdress_update(update: ProfileUpdate, survivor: &str) -> ProfileUpdate {
 
 /// Parse a stage's input record and refuse an empty profile id or a merge
 /// of a profile into itself.
-pub(crate) fn decode<I: StageInput + DeserializeOwned + fast::FastVariant>(
+pub(crate) fn decode_update(
     value: &[u8],
-) -> Result<I, OperatorError> {
-    checked(fast::fast_decode(value), value)
+    parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
+) -> Result<ProfileUpdate, OperatorError> {
+    checked(fast::fast_update(value, parse), value)
 }
 
 /// [`decode`] for the traits stage's input: the fast path's event tree is

@@ -9,10 +9,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::comparison::PropertyCondition;
-use super::read::EventPaths;
 use crate::config::{ConfigError, KnownNames};
 use crate::event_time::EventTimeConfig;
 use crate::messages;
+use crate::profile_keyed::EventPaths;
 /// Default `limit` of a unique list.
 const fn default_limit() -> usize {
     100
@@ -252,7 +252,7 @@ impl TraitDef {
         }
     }
 
-    pub(super) fn property(&self) -> Option<&str> {
+    pub(crate) fn property(&self) -> Option<&str> {
         match self {
             TraitDef::EventCounter(_) => None,
             TraitDef::Aggregation(d) => Some(&d.property),
@@ -276,7 +276,7 @@ impl TraitDef {
         .map(|s| s.millis())
     }
 
-    pub(super) fn conditions(&self) -> &[PropertyCondition] {
+    pub(crate) fn conditions(&self) -> &[PropertyCondition] {
         match self {
             TraitDef::EventCounter(d) => &d.r#where,
             TraitDef::Aggregation(d) => &d.r#where,

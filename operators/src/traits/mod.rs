@@ -42,7 +42,6 @@ mod comparison;
 mod config;
 mod operator;
 mod profile;
-mod read;
 mod state;
 #[cfg(test)]
 mod tests;

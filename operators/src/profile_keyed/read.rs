@@ -1,15 +1,17 @@
-//! What the traits stage reads of an event, and a parse that builds only
-//! that.
+//! What a profile-keyed stage reads of an event, and a parse that builds
+//! only that.
 //!
 //! An event is ~0.7 KB of JSON of which the configured traits read a few
 //! fields (`type`, `event`, the times, `messageId`, the traits' property
-//! paths, an identify's `traits`); the rest (`context.userAgent`,
+//! paths, an identify's `traits`) and the audiences fewer (`type`, `event`
+//! and their conditions' properties); the rest (`context.userAgent`,
 //! `context.library`, …) was parsed into a tree per record only to be
-//! dropped. [`EventPaths`] is the set of paths the stage reads, built from
+//! dropped. [`EventPaths`] is the set of paths a stage reads, built from
 //! the config; [`EventPaths::parse`] builds the event's tree with those
-//! paths alone, skipping the others without allocating. The stage forwards
-//! the event as its text ([`EventJson`](crate::messages::EventJson)), so the
-//! partial tree is never written anywhere.
+//! paths alone, skipping the others without allocating. The traits stage
+//! forwards the event as its text
+//! ([`EventJson`](crate::messages::EventJson)) and the audiences stage
+//! forwards no event, so a partial tree is never written anywhere.
 //!
 //! Guarantee: for every path in the set, [`messages::lookup`] on the partial
 //! tree answers what it answers on the full one (a property test below
@@ -25,9 +27,9 @@ use serde_json::{Map, Value};
 
 use cdp_pipeline::json::CowStr;
 
-use super::config::TraitDef;
 #[cfg(test)]
 use crate::messages;
+use crate::traits::{PropertyCondition, TraitDef};
 
 /// Paths every event is read at, whatever the traits: its name and type,
 /// its times, its `messageId` (the update's cause) and an identify's
@@ -66,6 +68,22 @@ impl EventPaths {
             for condition in def.conditions() {
                 paths.add(&condition.property);
             }
+        }
+        paths
+    }
+
+    /// What the audiences stage reads: the event's name (`type`, `event`)
+    /// and the properties its event filters' conditions name. The event's
+    /// time comes with the update, not from the event.
+    pub(crate) fn of_conditions<'a>(
+        conditions: impl IntoIterator<Item = &'a PropertyCondition>,
+    ) -> Self {
+        let mut paths = EventPaths::default();
+        for path in ["type", "event"] {
+            paths.add(path);
+        }
+        for condition in conditions {
+            paths.add(&condition.property);
         }
         paths
     }
@@ -262,6 +280,39 @@ mod tests {
         );
         assert!(set.parse(r#"{"type":"track"} x"#).is_err());
         assert!(set.parse(r#"{"type":"#).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_audiences_read_the_name_and_their_conditions_properties() -> Result<(), serde_json::Error>
+    {
+        let conditions: Vec<PropertyCondition> = serde_json::from_value(serde_json::json!([
+            {"property": "properties.revenue", "gt": 100},
+            {"property": "context.campaign.source", "eq": "ads"},
+        ]))?;
+        let set = EventPaths::of_conditions(&conditions);
+        for path in [
+            "type",
+            "event",
+            "properties.revenue",
+            "context.campaign.source",
+        ] {
+            let parts: Vec<&str> = path.split('.').collect();
+            assert!(set_has_whole(&set, &parts), "{path} is read");
+        }
+        let text = r#"{"type":"track","event":"Order Completed","timestamp":"t","context":{"userAgent":"x","campaign":{"source":"ads","medium":"m"}},"properties":{"revenue":5,"currency":"USD"}}"#;
+        let tree = set.parse(text)?;
+        assert_eq!(
+            tree,
+            serde_json::json!({"type": "track", "event": "Order Completed",
+                "context": {"campaign": {"source": "ads"}}, "properties": {"revenue": 5}})
+        );
+        // What the audiences evaluate reads the same on the partial tree.
+        let full: Value = serde_json::from_str(text)?;
+        assert_eq!(messages::event_name(&tree), messages::event_name(&full));
+        for c in &conditions {
+            assert_eq!(c.matches_event(&tree), c.matches_event(&full));
+        }
         Ok(())
     }
 }
