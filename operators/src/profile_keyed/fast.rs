@@ -87,8 +87,10 @@ pub(crate) fn fast_update(
         return None;
     }
     let f: UpdateFields = serde_json::from_slice(value).ok()?;
+    // The event keeps its text: a held or forwarded update is written
+    // with the whole event, not the partial tree.
     let event = match f.event {
-        Some(text) => Some(EventJson::from(parse(text.get()).ok()?)),
+        Some(text) => Some(EventJson::with_text(parse(text.get()).ok()?, text)),
         None => None,
     };
     Some(ProfileUpdate::Update {
@@ -169,7 +171,7 @@ mod tests {
             let update = ProfileUpdate::Update {
                 profile_id: id,
                 identifiers: ids,
-                event: with_event.then_some(event.into()),
+                event: with_event.then_some(event.clone().into()),
                 traits,
                 event_time: time,
                 time_corrected_from: corrected,
@@ -179,7 +181,23 @@ mod tests {
             };
             let bytes = serde_json::to_vec(&update).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let general: ProfileUpdate = serde_json::from_slice(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!(fast_update(&bytes, full), Some(general));
+            let fast = fast_update(&bytes, full);
+            prop_assert_eq!(fast.as_ref(), Some(&general));
+            // Held or forwarded, an update is written with the whole event
+            // whatever its tree holds: the text it came as.
+            let partial = fast_update(&bytes, |_| Ok(Value::Null));
+            let written = match &partial {
+                Some(ProfileUpdate::Update { event: Some(e), .. }) => {
+                    Some(serde_json::to_string(e).map_err(|e| TestCaseError::fail(e.to_string()))?)
+                }
+                _ => None,
+            };
+            // (`"event": null` reads as no event, on both paths.)
+            let sent = (with_event && !event.is_null())
+                .then(|| serde_json::to_string(&event))
+                .transpose()
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(written, sent);
         }
     }
 
