@@ -24,8 +24,8 @@ pub type Identifiers = BTreeMap<String, Vec<String>>;
 /// reads in its update; writing the text it came as (valid JSON, checked
 /// when read) skips re-encoding the whole event per record.
 ///
-/// The traits stage keeps only the part of the tree its traits read
-/// (`traits::read`); the text is always the whole event.
+/// The traits and audiences stages keep only the part of the tree they
+/// read (`profile_keyed::EventPaths`); the text is always the whole event.
 ///
 /// Equal when the trees are: the text is an encoding of the same event
 /// (identity writes it as the collector received it, so it may differ

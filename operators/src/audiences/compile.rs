@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use super::config::{AudienceDef, Condition, CountCondition};
 use crate::config::{ConfigError, KnownNames};
 use crate::event_time::{EventTimeConfig, FutureTimePolicy};
+use crate::profile_keyed::EventPaths;
 use crate::traits::{bucket_width, Comparison, PropertyCondition};
 
 /// How long a filter's event times must be kept.
@@ -89,6 +90,8 @@ pub struct AudienceSet {
     pub(super) event_time: EventTimeConfig,
     /// Every sequence condition: `(key, steps, within)`.
     pub(super) sequences: Vec<(String, Vec<usize>, Option<i64>)>,
+    /// The paths of an event these audiences read (the rest is not parsed).
+    pub(super) reads: EventPaths,
 }
 
 struct Compiler {
@@ -331,6 +334,7 @@ impl AudienceSet {
                 a.traits.extend(inherited);
             }
         }
+        let reads = EventPaths::of_conditions(compiler.filters.iter().flat_map(|f| &f.conditions));
         Ok(AudienceSet {
             audiences: compiled,
             order,
@@ -338,6 +342,7 @@ impl AudienceSet {
             windows: compiler.windows,
             event_time: EventTimeConfig::default(),
             sequences: compiler.sequences,
+            reads,
         })
     }
 

@@ -17,15 +17,12 @@ use crate::messages::{
 use crate::profile_keyed::{
     decode_state, decode_update, dispatch, emit_json, encode_state, fired_profile,
     invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
-    to_json_value, union_identifiers, EventPaths, Layout, ProfileStage, StageInput, Stored,
+    to_json_value, union_identifiers, Layout, ProfileStage, StageInput, Stored,
 };
 
 /// The audiences operator of one task.
 pub struct AudiencesOperator {
     set: Arc<AudienceSet>,
-    /// The paths of an event the audiences read: an update's event is
-    /// parsed with these alone.
-    reads: EventPaths,
     layout: Layout,
 }
 
@@ -37,10 +34,8 @@ struct Trigger {
 
 impl AudiencesOperator {
     pub fn new(set: Arc<AudienceSet>) -> Self {
-        let reads = EventPaths::of_conditions(set.filters.iter().flat_map(|f| &f.conditions));
         AudiencesOperator {
             set,
-            reads,
             layout: Layout::default(),
         }
     }
@@ -336,7 +331,7 @@ impl ProfileStage for AudiencesOperator {
 
 impl Operator for AudiencesOperator {
     fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        let reads = &self.reads;
+        let reads = &self.set.reads;
         let input = decode_update(record.value, |text| reads.parse(text))?;
         dispatch(&*self, ctx, input, record.timestamp_ms)
     }

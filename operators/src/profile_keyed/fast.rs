@@ -1,4 +1,5 @@
-//! The fast path of [`decode`](super::decode) for the common record of each
+//! The fast path of [`decode_event`](super::decode_event) and
+//! [`decode_update`](super::decode_update) for the common record of each
 //! stage (`event` into traits, `update` into audiences).
 //!
 //! The input enums are tagged by a `type` field, which serde can only read
@@ -7,10 +8,14 @@
 //! (`{"type":"event",`), so for those the variant's fields are read
 //! straight from the bytes, the tag skipped as an unknown field. Anything
 //! else, and any record the fast path refuses, takes the general path, so
-//! errors read the same.
+//! errors read the same. The event keeps its text, which is what a stage
+//! writes back out (traits' update, a held or forwarded input), and its
+//! tree is what the stage's `parse` builds from the text: only the paths
+//! the stage reads ([`EventPaths`](super::EventPaths)).
 
 use std::collections::BTreeMap;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -18,6 +23,25 @@ use serde_json::Value;
 use crate::messages::{
     Cause, DroppedIdentifier, EventJson, Identifiers, ProfileRecord, ProfileUpdate,
 };
+
+/// A variant's fields, when the record starts as this crate writes the
+/// variant (`prefix`) and parses as it.
+fn fields<F: DeserializeOwned>(value: &[u8], prefix: &[u8]) -> Option<F> {
+    if !value.starts_with(prefix) {
+        return None;
+    }
+    serde_json::from_slice(value).ok()
+}
+
+/// The event in `text`: the tree `parse` builds, the text kept to write
+/// back out.
+fn event(
+    text: Box<RawValue>,
+    parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
+) -> Option<EventJson> {
+    let tree = parse(text.get()).ok()?;
+    Some(EventJson::with_text(tree, text))
+}
 
 /// [`ProfileRecord::Event`]'s fields, the event as its text.
 #[derive(Deserialize)]
@@ -35,24 +59,19 @@ struct EventFields {
 const EVENT_PREFIX: &[u8] = br#"{"type":"event","#;
 
 /// The traits stage's common record, when it starts as this crate writes
-/// it and parses as it. The event keeps its text (the stage writes it back
-/// out in its update instead of encoding the tree again) and its tree is
-/// what `parse` builds from the text: the stage parses only what it reads.
+/// it and parses as it (the stage writes the event's text back out in its
+/// update instead of encoding the tree again).
 pub(crate) fn fast_event(
     value: &[u8],
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
 ) -> Option<ProfileRecord> {
-    if !value.starts_with(EVENT_PREFIX) {
-        return None;
-    }
-    let fields: EventFields = serde_json::from_slice(value).ok()?;
-    let tree = parse(fields.event.get()).ok()?;
+    let f: EventFields = fields(value, EVENT_PREFIX)?;
     Some(ProfileRecord::Event {
-        profile_id: fields.profile_id,
-        identifiers: fields.identifiers,
-        event: EventJson::with_text(tree, fields.event),
-        dropped: fields.dropped,
-        merged_from: fields.merged_from,
+        profile_id: f.profile_id,
+        identifiers: f.identifiers,
+        event: event(f.event, parse)?,
+        dropped: f.dropped,
+        merged_from: f.merged_from,
     })
 }
 
@@ -77,20 +96,15 @@ struct UpdateFields {
 const UPDATE_PREFIX: &[u8] = br#"{"type":"update","#;
 
 /// The audiences stage's common record, when it starts as this crate
-/// writes it and parses as it. The event's tree is what `parse` builds from
-/// its text: the stage parses only what its conditions read.
+/// writes it and parses as it (a held or forwarded update is written with
+/// the whole event, not the partial tree).
 pub(crate) fn fast_update(
     value: &[u8],
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
 ) -> Option<ProfileUpdate> {
-    if !value.starts_with(UPDATE_PREFIX) {
-        return None;
-    }
-    let f: UpdateFields = serde_json::from_slice(value).ok()?;
-    // The event keeps its text: a held or forwarded update is written
-    // with the whole event, not the partial tree.
+    let f: UpdateFields = fields(value, UPDATE_PREFIX)?;
     let event = match f.event {
-        Some(text) => Some(EventJson::with_text(parse(text.get()).ok()?, text)),
+        Some(text) => Some(event(text, parse)?),
         None => None,
     };
     Some(ProfileUpdate::Update {

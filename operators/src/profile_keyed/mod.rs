@@ -254,8 +254,10 @@ fn readdress_update(update: ProfileUpdate, survivor: &str) -> ProfileUpdate {
     }
 }
 
-/// Parse a stage's input record and refuse an empty profile id or a merge
-/// of a profile into itself.
+/// Parse the audiences stage's input record and refuse an empty profile id
+/// or a merge of a profile into itself. The fast path's event tree is what
+/// `parse` builds from the event's text (see [`fast::fast_update`]); the
+/// general path's is the whole event.
 pub(crate) fn decode_update(
     value: &[u8],
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
@@ -263,9 +265,8 @@ pub(crate) fn decode_update(
     checked(fast::fast_update(value, parse), value)
 }
 
-/// [`decode`] for the traits stage's input: the fast path's event tree is
-/// what `parse` builds from the event's text (see
-/// [`fast::fast_event`]); the general path's is the whole event.
+/// [`decode_update`] for the traits stage's input (see
+/// [`fast::fast_event`]).
 pub(crate) fn decode_event(
     value: &[u8],
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,

@@ -57,19 +57,11 @@ impl EventPaths {
     /// What the stage reads for `defs`: [`ALWAYS_READ`], each trait's
     /// property and the properties its conditions name.
     pub(crate) fn of_traits<'a>(defs: impl IntoIterator<Item = &'a TraitDef>) -> Self {
-        let mut paths = EventPaths::default();
-        for path in ALWAYS_READ {
-            paths.add(path);
-        }
-        for def in defs {
-            if let Some(property) = def.property() {
-                paths.add(property);
-            }
-            for condition in def.conditions() {
-                paths.add(&condition.property);
-            }
-        }
-        paths
+        let read = defs.into_iter().flat_map(|def| {
+            let conditions = def.conditions().iter().map(|c| c.property.as_str());
+            def.property().into_iter().chain(conditions)
+        });
+        Self::of(ALWAYS_READ.into_iter().chain(read))
     }
 
     /// What the audiences stage reads: the event's name (`type`, `event`)
@@ -78,14 +70,16 @@ impl EventPaths {
     pub(crate) fn of_conditions<'a>(
         conditions: impl IntoIterator<Item = &'a PropertyCondition>,
     ) -> Self {
-        let mut paths = EventPaths::default();
-        for path in ["type", "event"] {
-            paths.add(path);
+        let read = conditions.into_iter().map(|c| c.property.as_str());
+        Self::of(["type", "event"].into_iter().chain(read))
+    }
+
+    fn of<'a>(paths: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut set = EventPaths::default();
+        for path in paths {
+            set.add(path);
         }
-        for condition in conditions {
-            paths.add(&condition.property);
-        }
-        paths
+        set
     }
 
     fn add(&mut self, path: &str) {
