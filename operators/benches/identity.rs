@@ -85,11 +85,13 @@ fn loaded() -> Task<IdentityOperator> {
         task.batch(&encode(chunk));
     }
     let bytes = task.bytes_on_disk();
+    let compacted = task.compacted_bytes_on_disk();
     let profiles = KNOWN_USERS + ANONYMOUS_ONLY;
     eprintln!(
-        "identity graph: {profiles} profiles, {} identifiers, {bytes} bytes of SST files on disk = {:.0} bytes/profile",
+        "identity graph: {profiles} profiles, {} identifiers, {bytes} bytes of SST files on disk = {:.0} bytes/profile ({:.0} once compacted)",
         2 * KNOWN_USERS + ANONYMOUS_ONLY,
-        bytes as f64 / profiles as f64
+        bytes as f64 / profiles as f64,
+        compacted as f64 / profiles as f64
     );
     task
 }

@@ -4,7 +4,8 @@
 //! Keys:
 //! - `id/<type>:<value>` → the profile id that holds the identifier;
 //! - `profile/<id>` → [`ProfileState`]: identifiers, merge count, audit
-//!   trail and, once merged away, the survivor it went into.
+//!   trail and, once merged away, the survivor it went into (in postcard,
+//!   see [`stored`](super::stored)).
 //!
 //! [`resolve_event`] reads what it needs and returns a [`Resolution`]: every
 //! write and every output of the event, computed before anything is written.
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::config::{DropReason, Identifier, IdentityRules};
+use super::stored;
 use crate::messages::{AuditDrop, DroppedIdentifier, Identifiers, MergedFrom};
 
 /// How many refused identifiers a profile's audit trail keeps (the most
@@ -91,24 +93,50 @@ pub fn derived_profile_id(kind: &str, value: &str) -> String {
 /// safety net, bounded so a corrupt cycle cannot hang a task.
 const MAX_REDIRECT_HOPS: usize = 64;
 
-/// The live profile holding `(kind, value)`, if any, with its state.
-pub fn lookup(
+/// The stored state of `profile_id`, if any.
+pub fn load(ctx: &Context<'_>, profile_id: &str) -> Result<Option<ProfileState>, StoreError> {
+    let key = profile_key(profile_id);
+    match ctx.get(&key)? {
+        Some(bytes) => stored::decode(&key, &bytes).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Store the state of `profile_id`.
+pub fn store(
+    ctx: &mut Context<'_>,
+    profile_id: &str,
+    state: &ProfileState,
+) -> Result<(), StoreError> {
+    ctx.put(&profile_key(profile_id), stored::encode(state)?);
+    Ok(())
+}
+
+/// The live profile holding `(kind, value)`, if any: its id, and its state
+/// unless `known` already holds it (read once per event, however many of
+/// the event's identifiers it holds).
+fn lookup(
     ctx: &Context<'_>,
     kind: &str,
     value: &str,
-) -> Result<Option<(String, ProfileState)>, StoreError> {
+    known: &BTreeMap<String, ProfileState>,
+) -> Result<Option<(String, Option<ProfileState>)>, StoreError> {
     let Some(mut profile_id) = ctx.get_json::<String>(&id_key(kind, value))? else {
         return Ok(None);
     };
     for _ in 0..MAX_REDIRECT_HOPS {
-        let Some(state) = ctx.get_json::<ProfileState>(&profile_key(&profile_id))? else {
+        if known.contains_key(&profile_id) {
+            // Only live profiles are kept.
+            return Ok(Some((profile_id, None)));
+        }
+        let Some(state) = load(ctx, &profile_id)? else {
             // A dangling pointer: treat the identifier as new; writing
             // it repairs the pointer.
             return Ok(None);
         };
         match state.merged_into.clone() {
             Some(next) => profile_id = next,
-            None => return Ok(Some((profile_id, state))),
+            None => return Ok(Some((profile_id, Some(state)))),
         }
     }
     Ok(None)
@@ -126,9 +154,11 @@ impl Known {
         let mut links = BTreeMap::new();
         let mut profiles = BTreeMap::new();
         for id in ids {
-            if let Some((profile_id, state)) = lookup(ctx, &id.0, &id.1)? {
+            if let Some((profile_id, state)) = lookup(ctx, &id.0, &id.1, &profiles)? {
                 links.insert(id.clone(), profile_id.clone());
-                profiles.insert(profile_id, state);
+                if let Some(state) = state {
+                    profiles.insert(profile_id, state);
+                }
             }
         }
         Ok(Known { links, profiles })

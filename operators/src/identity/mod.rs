@@ -39,6 +39,7 @@
 mod config;
 mod fields;
 mod graph;
+mod stored;
 #[cfg(test)]
 mod tests;
 
@@ -57,7 +58,7 @@ use crate::messages::{
 };
 use config::Identifier;
 use fields::EventFields;
-use graph::{id_key, profile_key, Known, ProfileState, Provenance, Resolution};
+use graph::{id_key, Known, ProfileState, Provenance, Resolution};
 
 /// The identity operator of one task. See the module doc.
 #[derive(Debug, Clone)]
@@ -261,10 +262,10 @@ fn write(ctx: &mut Context<'_>, resolution: &Resolution) -> Result<(), StoreErro
         ctx.put_json(&id_key(kind, value), &resolution.profile_id)?;
     }
     for (from, (state, _)) in &resolution.merged {
-        ctx.put_json(&profile_key(from), state)?;
+        graph::store(ctx, from, state)?;
     }
     if resolution.changed {
-        ctx.put_json(&profile_key(&resolution.profile_id), &resolution.profile)?;
+        graph::store(ctx, &resolution.profile_id, &resolution.profile)?;
     }
     Ok(())
 }

@@ -136,7 +136,7 @@ fn as_v1<R>(f: impl FnOnce() -> R) -> R {
 /// `decode` a state; one that ends early was written before its last
 /// fields were added, and reads as if zero bytes (their defaults, see the
 /// module docs) followed.
-fn decode_padded<T>(
+pub(crate) fn decode_padded<T>(
     bytes: &[u8],
     decode: impl Fn(&[u8]) -> postcard::Result<T>,
 ) -> postcard::Result<T> {

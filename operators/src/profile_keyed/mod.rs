@@ -21,7 +21,9 @@ mod wait;
 
 #[cfg(test)]
 pub(crate) use encoding::{assert_rewritten_in_binary, read_state};
-pub(crate) use encoding::{decode_state, encode_state, json_value, json_value_map, Stored};
+pub(crate) use encoding::{
+    decode_padded, decode_state, encode_state, json_value, json_value_map, Stored,
+};
 #[cfg(test)]
 pub(crate) use entry::{retired_value, to_earlier_layout, LIVE};
 pub(crate) use entry::{Entry, Layout};

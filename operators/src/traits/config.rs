@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::comparison::PropertyCondition;
+use super::state::TraitState;
 use crate::config::{ConfigError, KnownNames};
 use crate::event_time::EventTimeConfig;
 use crate::messages;
@@ -341,6 +342,10 @@ pub struct TraitSet {
     pub(super) fingerprint: u64,
     /// The paths of an event these traits read (the rest is not parsed).
     pub(super) reads: EventPaths,
+    /// The traits that have a value before any event (a counter's 0, a
+    /// sum's 0, an empty list): what a new profile emits besides the
+    /// traits its first event touched.
+    pub(super) valued_when_empty: Vec<String>,
 }
 
 impl TraitSet {
@@ -390,6 +395,11 @@ impl TraitSet {
             event_time: EventTimeConfig::default(),
             fingerprint: fingerprint(defs),
             reads: EventPaths::of_traits(defs.values()),
+            valued_when_empty: defs
+                .iter()
+                .filter(|(_, def)| !TraitState::empty(def).value(def, 0).is_null())
+                .map(|(name, _)| name.clone())
+                .collect(),
         })
     }
 

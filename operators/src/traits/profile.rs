@@ -56,6 +56,17 @@ pub(super) struct Applied<'a> {
 }
 
 impl ProfileState {
+    /// The state of a profile the stage has never seen, evaluated under
+    /// `set`: nothing emitted yet, so after its first event only the traits
+    /// that event touched and those of [`TraitSet::valued_when_empty`] can
+    /// differ from what was emitted (see [`refresh_touched`](Self::refresh_touched)).
+    pub(super) fn new_under(set: &TraitSet) -> Self {
+        ProfileState {
+            config: set.fingerprint,
+            ..ProfileState::default()
+        }
+    }
+
     /// Drop states of traits no longer configured or of another type.
     pub(super) fn conform(&mut self, set: &TraitSet) {
         self.computed

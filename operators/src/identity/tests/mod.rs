@@ -72,7 +72,7 @@ pub(super) fn live_profiles(
         .iter()
         .filter_map(|(k, v)| {
             let id = std::str::from_utf8(k).ok()?.strip_prefix("profile/")?;
-            let state: ProfileState = serde_json::from_slice(v).ok()?;
+            let state: ProfileState = super::stored::decode(k, v).ok()?;
             state
                 .merged_into
                 .is_none()

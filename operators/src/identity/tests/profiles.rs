@@ -226,7 +226,7 @@ fn the_audit_trail_is_bounded() -> TestResult {
         .iter()
         .find_map(|(k, v)| {
             k.starts_with(b"profile/")
-                .then(|| serde_json::from_slice(v).ok())
+                .then(|| super::super::stored::decode(k, v).ok())
                 .flatten()
         })
         .ok_or("no profile")?;
@@ -235,5 +235,58 @@ fn the_audit_trail_is_bounded() -> TestResult {
         state.dropped.last().map(|d| d.identifier.value.clone()),
         Some(format!("zz-{}", MAX_AUDIT_DROPS + 19))
     );
+    Ok(())
+}
+
+/// A graph whose profile states were written as JSON (before postcard)
+/// resolves exactly as one written in postcard, and each profile is
+/// rewritten in postcard the next time it changes.
+#[test]
+fn states_written_as_json_still_resolve_and_are_rewritten_in_postcard() -> TestResult {
+    let before = [
+        json!({"type": "track", "event": "X", "anonymousId": "a1"}),
+        json!({"type": "track", "event": "X", "anonymousId": "a2"}),
+        json!({"type": "identify", "userId": "u1", "anonymousId": "a1"}),
+    ];
+    let after = [
+        // Merges a2's profile into u1's: both change.
+        json!({"type": "identify", "userId": "u1", "anonymousId": "a2",
+            "traits": {"email": "u1@example.com"}}),
+        json!({"type": "track", "event": "Y", "anonymousId": "a1"}),
+    ];
+    let (mut binary, mut legacy) = (
+        harness(&IdentityConfig::default())?,
+        harness(&IdentityConfig::default())?,
+    );
+    for event in &before {
+        send(&mut binary, event)?;
+        send(&mut legacy, event)?;
+    }
+    let mut rewritten = 0;
+    for (key, value) in legacy.state.map.iter_mut() {
+        if key.starts_with(b"profile/") {
+            let state = super::super::stored::decode(key, value)?;
+            *value = serde_json::to_vec(&state)?;
+            rewritten += 1;
+        }
+    }
+    assert_eq!(rewritten, 2, "two profiles before the merge");
+    for event in &after {
+        let outputs = |h: &mut OperatorHarness<IdentityOperator>| -> Result<Vec<Emitted>, Box<dyn std::error::Error>> {
+            let bytes = serde_json::to_vec(event)?;
+            Ok(h.process(None, &bytes, &[])?)
+        };
+        assert_eq!(outputs(&mut legacy)?, outputs(&mut binary)?, "{event}");
+    }
+    assert_eq!(
+        legacy.state.map, binary.state.map,
+        "every changed profile rewritten in postcard"
+    );
+    assert!(legacy
+        .state
+        .map
+        .iter()
+        .filter(|(k, _)| k.starts_with(b"profile/"))
+        .all(|(_, v)| v.first() == Some(&super::super::stored::POSTCARD)));
     Ok(())
 }
