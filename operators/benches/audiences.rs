@@ -14,7 +14,7 @@
 //! The inputs are built before they are timed. Besides criterion's wall
 //! time, the bench prints the process's CPU time (every thread, RocksDB's
 //! compactions included) for the load and for a fixed run of
-//! [`FIXED_ROUNDS`] measured-mix batches after it: records per CPU second,
+//! [`support::fixed_rounds`] measured-mix batches after it: records per CPU second,
 //! the figure that holds on a shared box.
 //!
 //! Run: `cargo bench -p cdp-operators --bench audiences`.
@@ -29,13 +29,10 @@ use cdp_operators::config::KnownNames;
 use cdp_operators::messages::{Cause, Identifiers, ProfileUpdate};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::{json, Value};
-use support::{encode, mix, Task};
+use support::{encode, mix, profiles, Task};
 
 /// Trait updates per measured iteration (one committed batch).
 const BATCH: usize = 1000;
-const PROFILES: usize = 1_000_000;
-/// Batches of the fixed-work run after the load.
-const FIXED_ROUNDS: usize = 100;
 /// 2026-11-26T00:00:00Z.
 const START_MS: i64 = 1_795_651_200_000;
 const CATEGORIES: [&str; 5] = ["shoes", "shirts", "bags", "hats", "socks"];
@@ -144,7 +141,7 @@ fn batch(round: usize) -> (i64, Vec<Vec<u8>>) {
         .map(|k| {
             let n = round * BATCH + k;
             let at = now - (mix(n.wrapping_add(3)) % 3_600_000) as i64;
-            update(n, mix(n.wrapping_add(5)) % PROFILES, at)
+            update(n, mix(n.wrapping_add(5)) % profiles(), at)
         })
         .collect();
     (now, encode(&updates))
@@ -156,7 +153,7 @@ fn batch(round: usize) -> (i64, Vec<Vec<u8>>) {
 fn loaded() -> Task<AudiencesOperator> {
     let mut task = Task::new(operator());
     task.now_ms = START_MS;
-    let batches: Vec<(i64, Vec<Vec<u8>>)> = (0..PROFILES / BATCH)
+    let batches: Vec<(i64, Vec<Vec<u8>>)> = (0..profiles() / BATCH)
         .map(|chunk| {
             let updates: Vec<ProfileUpdate> = (0..BATCH)
                 .map(|k| {
@@ -167,19 +164,24 @@ fn loaded() -> Task<AudiencesOperator> {
             (START_MS, encode(&updates))
         })
         .collect();
-    support::report_cpu("audiences load", PROFILES, || task.run_all(&batches));
+    support::report_cpu("audiences load", profiles(), || task.run_all(&batches));
     report_bytes(&task, "after the load", false);
     task
 }
 
-/// Fixed work after the load, timed in CPU: [`FIXED_ROUNDS`] batches of
+/// Fixed work after the load, timed in CPU: [`support::fixed_rounds`] batches of
 /// the measured mix (random profiles among the million), built first.
+#[inline(never)] // a symbol for `scripts/instructions.sh` to split its count at
 fn fixed_run(task: &mut Task<AudiencesOperator>, round: &mut usize) {
-    let batches: Vec<_> = (1..=FIXED_ROUNDS).map(|i| batch(*round + i)).collect();
-    *round += FIXED_ROUNDS;
-    support::report_cpu("audiences fixed run", FIXED_ROUNDS * BATCH, || {
-        task.run_all(&batches)
-    });
+    let batches: Vec<_> = (1..=support::fixed_rounds())
+        .map(|i| batch(*round + i))
+        .collect();
+    *round += support::fixed_rounds();
+    support::report_cpu(
+        "audiences fixed run",
+        support::fixed_rounds() * BATCH,
+        || task.run_all(&batches),
+    );
 }
 
 /// State size on disk; `compact` first compacts the store (only at the
@@ -191,8 +193,9 @@ fn report_bytes(task: &Task<AudiencesOperator>, when: &str, compact: bool) {
         task.bytes_on_disk()
     };
     eprintln!(
-        "audiences state {when}: {PROFILES} profiles, {bytes} bytes of SST files = {:.0} bytes/profile",
-        bytes as f64 / PROFILES as f64
+        "audiences state {when}: {} profiles, {bytes} bytes of SST files = {:.0} bytes/profile",
+        profiles(),
+        bytes as f64 / profiles() as f64
     );
 }
 
@@ -201,7 +204,7 @@ fn audiences(c: &mut Criterion) {
     let mut group = c.benchmark_group("audiences");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.sample_size(30);
-    let mut round = PROFILES / BATCH;
+    let mut round = profiles() / BATCH;
     fixed_run(&mut task, &mut round);
     group.bench_function("20_audiences_1m_profiles", |b| {
         b.iter_custom(|iters| support::time_rounds(&mut task, &mut round, iters, batch))

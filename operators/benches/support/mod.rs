@@ -97,6 +97,29 @@ impl<O: Operator> Task<O> {
     }
 }
 
+/// Profiles a profile-keyed bench loads: [`PROFILES`], or
+/// `CDP_BENCH_PROFILES` (a multiple of 1 000). A smaller store lets
+/// `scripts/instructions.sh` count the operator's instructions per record
+/// under valgrind, which is exact where this box's timings spread ±10%.
+pub fn profiles() -> usize {
+    static PROFILES_SET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PROFILES_SET.get_or_init(|| {
+        std::env::var("CDP_BENCH_PROFILES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(PROFILES, |p| (p / 1000).max(1) * 1000)
+    })
+}
+
+/// Batches of the fixed run after the load: 100, or one per 2 000
+/// profiles (at least one) when [`profiles`] was made smaller.
+pub fn fixed_rounds() -> usize {
+    (profiles() / 2_000).clamp(1, 100)
+}
+
+/// Profiles a profile-keyed bench loads unless told otherwise.
+pub const PROFILES: usize = 1_000_000;
+
 /// A deterministic pseudo-random sequence (no `rand` dependency needed).
 pub fn mix(n: usize) -> usize {
     let mut x = n as u64 ^ 0x9e37_79b9_7f4a_7c15;

@@ -277,6 +277,7 @@ impl Serialize for Fields<'_> {
 pub(crate) mod json_value_map {
     use std::collections::BTreeMap;
 
+    use serde::de::{MapAccess, Visitor};
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
     use serde_json::Value;
 
@@ -309,10 +310,27 @@ pub(crate) mod json_value_map {
         if d.is_human_readable() {
             BTreeMap::deserialize(d)
         } else {
-            Ok(BTreeMap::<String, Text>::deserialize(d)?
-                .into_iter()
-                .map(|(k, Text(v))| (k, v))
-                .collect())
+            d.deserialize_map(TextMap)
+        }
+    }
+
+    /// Reads the binary map straight into the map of values (no map of
+    /// [`Text`] built first and copied).
+    struct TextMap;
+
+    impl<'de> Visitor<'de> for TextMap {
+        type Value = BTreeMap<String, Value>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of JSON values")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+            let mut map = BTreeMap::new();
+            while let Some((key, Text(value))) = access.next_entry::<String, Text>()? {
+                map.insert(key, value);
+            }
+            Ok(map)
         }
     }
 }

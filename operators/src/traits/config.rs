@@ -9,7 +9,6 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::comparison::PropertyCondition;
-use super::state::TraitState;
 use crate::config::{ConfigError, KnownNames};
 use crate::event_time::EventTimeConfig;
 use crate::messages;
@@ -298,9 +297,10 @@ impl TraitDef {
     }
 
     /// Whether `event` counts for this trait (name and conditions).
-    pub(super) fn selects(&self, event: &Value) -> bool {
-        messages::event_name(event) == Some(self.event())
-            && self.conditions().iter().all(|c| c.matches_event(event))
+    /// `name`: the event's [`messages::event_name`], read once per event
+    /// for every trait.
+    pub(super) fn selects(&self, name: Option<&str>, event: &Value) -> bool {
+        name == Some(self.event()) && self.conditions().iter().all(|c| c.matches_event(event))
     }
 
     /// The value this trait records for `event`, as JSON text (empty for a
@@ -342,10 +342,6 @@ pub struct TraitSet {
     pub(super) fingerprint: u64,
     /// The paths of an event these traits read (the rest is not parsed).
     pub(super) reads: EventPaths,
-    /// The traits that have a value before any event (a counter's 0, a
-    /// sum's 0, an empty list): what a new profile emits besides the
-    /// traits its first event touched.
-    pub(super) valued_when_empty: Vec<String>,
 }
 
 impl TraitSet {
@@ -395,11 +391,6 @@ impl TraitSet {
             event_time: EventTimeConfig::default(),
             fingerprint: fingerprint(defs),
             reads: EventPaths::of_traits(defs.values()),
-            valued_when_empty: defs
-                .iter()
-                .filter(|(_, def)| !TraitState::empty(def).value(def, 0).is_null())
-                .map(|(name, _)| name.clone())
-                .collect(),
         })
     }
 

@@ -146,16 +146,9 @@ impl TraitsOperator {
             .event_time
             .bound(own_time, ctx.now(), record_time)?;
         let event_time = bounded.time;
-        let (mut state, new) = match self.load(ctx, &profile_id)? {
-            Some(state) => (state, false),
-            None => (ProfileState::new_under(&self.set), true),
-        };
+        let mut state = self.load(ctx, &profile_id)?.unwrap_or_default();
         state.clock = state.clock.max(ctx.now()).max(event_time);
-        let mut applied = state.apply_event(&self.set, &event, event_time);
-        if new {
-            let valued = self.set.valued_when_empty.iter().map(String::as_str);
-            applied.touched.extend(valued);
-        }
+        let applied = state.apply_event(&self.set, &event, event_time);
         let mut limited = applied.limited;
         if merge_limited {
             limited.insert(MERGE_WAIT_LIMIT);

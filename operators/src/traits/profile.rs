@@ -56,17 +56,6 @@ pub(super) struct Applied<'a> {
 }
 
 impl ProfileState {
-    /// The state of a profile the stage has never seen, evaluated under
-    /// `set`: nothing emitted yet, so after its first event only the traits
-    /// that event touched and those of [`TraitSet::valued_when_empty`] can
-    /// differ from what was emitted (see [`refresh_touched`](Self::refresh_touched)).
-    pub(super) fn new_under(set: &TraitSet) -> Self {
-        ProfileState {
-            config: set.fingerprint,
-            ..ProfileState::default()
-        }
-    }
-
     /// Drop states of traits no longer configured or of another type.
     pub(super) fn conform(&mut self, set: &TraitSet) {
         self.computed
@@ -81,8 +70,9 @@ impl ProfileState {
         event_time: i64,
     ) -> Applied<'a> {
         let mut applied = Applied::default();
+        let event_name = messages::event_name(event);
         for (name, def) in &set.defs {
-            if !def.selects(event) {
+            if !def.selects(event_name, event) {
                 continue;
             }
             let Some(text) = def.extract(event) else {
