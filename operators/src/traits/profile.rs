@@ -204,14 +204,20 @@ impl ProfileState {
         if self.config != set.fingerprint {
             return self.refresh(set, now);
         }
-        let mut dirty: BTreeSet<&str> = touched.iter().copied().collect();
-        for (name, def) in &set.defs {
-            if let Some(state) = self.computed.get_mut(name) {
-                if state.prune(def, now) {
-                    dirty.insert(name);
-                }
+        let mut dirty: Vec<&str> = touched.to_vec();
+        // `computed` holds configured traits only (`conform`), so one walk
+        // of both maps in name order pairs each state with its definition.
+        let mut defs = set.defs.iter();
+        for (name, state) in self.computed.iter_mut() {
+            let Some((name, def)) = defs.by_ref().find(|(def, _)| *def == name) else {
+                break;
+            };
+            if state.prune(def, now) {
+                dirty.push(name);
             }
         }
+        dirty.sort_unstable();
+        dirty.dedup();
         let mut changed = BTreeMap::new();
         for name in dirty {
             match self.value_of(set, name, now) {
