@@ -84,7 +84,11 @@ pub(super) fn decode(key: &[u8], bytes: &[u8]) -> Result<ProfileState, StoreErro
         return serde_json::from_slice(bytes).map_err(|e| fail(&e));
     };
     let binary: Binary = decode_padded(rest, |b| postcard::from_bytes(b)).map_err(|e| fail(&e))?;
-    Ok(ProfileState {
+    Ok(from_binary(binary))
+}
+
+fn from_binary(binary: Binary) -> ProfileState {
+    ProfileState {
         identifiers: binary.identifiers,
         merges: usize::try_from(binary.merges).unwrap_or(usize::MAX),
         merged_into: binary.merged_into,
@@ -106,7 +110,7 @@ pub(super) fn decode(key: &[u8], bytes: &[u8]) -> Result<ProfileState, StoreErro
                 message_id,
             })
             .collect(),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -147,29 +151,15 @@ mod tests {
             merged_from,
             dropped,
         )
-            .prop_map(
-                |(identifiers, merges, merged_into, from, dropped)| ProfileState {
+            .prop_map(|(identifiers, merges, merged_into, merged_from, dropped)| {
+                from_binary(Binary {
                     identifiers,
-                    merges: merges as usize,
+                    merges: u64::from(merges),
                     merged_into,
-                    merged_from: from
-                        .into_iter()
-                        .map(|(id, at, message_id)| MergedFrom { id, at, message_id })
-                        .collect(),
-                    dropped: dropped
-                        .into_iter()
-                        .map(|(kind, value, reason, at, message_id)| AuditDrop {
-                            identifier: DroppedIdentifier {
-                                kind,
-                                value,
-                                reason,
-                            },
-                            at,
-                            message_id,
-                        })
-                        .collect(),
-                },
-            )
+                    merged_from,
+                    dropped,
+                })
+            })
     }
 
     proptest! {
