@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::config::TraitSet;
+use super::config::{TraitDef, TraitSet};
 use super::state::TraitState;
 use crate::messages::{self, Identifiers};
 use crate::profile_keyed::{json_value, json_value_map, union_identifiers};
@@ -205,13 +205,7 @@ impl ProfileState {
             return self.refresh(set, now);
         }
         let mut dirty: Vec<&str> = touched.to_vec();
-        // `computed` holds configured traits only (`conform`), so one walk
-        // of both maps in name order pairs each state with its definition.
-        let mut defs = set.defs.iter();
-        for (name, state) in self.computed.iter_mut() {
-            let Some((name, def)) = defs.by_ref().find(|(def, _)| *def == name) else {
-                break;
-            };
+        for (name, def, state) in with_defs(set, self.computed.iter_mut()) {
             if state.prune(def, now) {
                 dirty.push(name);
             }
@@ -253,11 +247,28 @@ impl ProfileState {
     }
 
     pub(super) fn next_expiry(&self, set: &TraitSet) -> Option<i64> {
-        set.defs
-            .iter()
-            .filter_map(|(name, def)| self.computed.get(name).and_then(|s| s.next_expiry(def)))
+        with_defs(set, self.computed.iter())
+            .filter_map(|(_, def, state)| state.next_expiry(def))
             .min()
     }
+}
+
+/// Each computed state with its trait's name and definition, in one walk
+/// of both maps in name order: `computed` holds configured traits only
+/// (see [`ProfileState::conform`]), so no lookup by name is needed.
+fn with_defs<'s, 'c, S, I>(
+    set: &'s TraitSet,
+    computed: I,
+) -> impl Iterator<Item = (&'s str, &'s TraitDef, S)> + use<'s, 'c, S, I>
+where
+    I: IntoIterator<Item = (&'c String, S)>,
+{
+    let mut defs = set.defs.iter();
+    computed.into_iter().map_while(move |(name, state)| {
+        defs.by_ref()
+            .find(|(def, _)| *def == name)
+            .map(|(name, def)| (name.as_str(), def, state))
+    })
 }
 
 impl crate::profile_keyed::Timed for ProfileState {
