@@ -13,12 +13,14 @@
 //! ([`wait`]): the merging event names the merged-away profiles, and the
 //! survivor holds it (and what follows it) until their transfers are in.
 
+mod cache;
 mod encoding;
 mod entry;
 mod fast;
 mod read;
 mod wait;
 
+pub(crate) use cache::{StateCache, CACHED_PROFILES};
 #[cfg(test)]
 pub(crate) use encoding::{assert_rewritten_in_binary, read_state};
 pub(crate) use encoding::{

@@ -17,20 +17,28 @@ use crate::messages::{self, outputs, Cause, EventJson, Identifiers, ProfileRecor
 use crate::profile_keyed::{
     decode_event, decode_state, dispatch, emit_json, encode_state, fired_profile, invalid_transfer,
     pass_on_transfer, profile_key, reschedule, retire, send_transfer, to_json_value,
-    union_identifiers, Layout, ProfileStage, StageInput, Stored,
+    union_identifiers, Layout, ProfileStage, StageInput, StateCache, Stored, CACHED_PROFILES,
 };
 
 /// The traits operator of one task.
 pub struct TraitsOperator {
     set: Arc<TraitSet>,
     layout: Layout,
+    /// The states this task wrote last, decoded (see `StateCache`).
+    cache: StateCache<ProfileState>,
 }
 
 impl TraitsOperator {
     pub fn new(set: Arc<TraitSet>) -> Self {
+        Self::with_cache(set, CACHED_PROFILES)
+    }
+
+    /// With a cache of `profiles` decoded states (0: every load decodes).
+    pub(crate) fn with_cache(set: Arc<TraitSet>, profiles: usize) -> Self {
         TraitsOperator {
             set,
             layout: Layout::default(),
+            cache: StateCache::new(profiles),
         }
     }
 
@@ -38,6 +46,9 @@ impl TraitsOperator {
         let Some(bytes) = self.layout.value(ctx, id)? else {
             return Ok(None);
         };
+        if let Some(state) = self.cache.take(id, &bytes) {
+            return Ok(Some(state));
+        }
         let mut state: ProfileState = match decode_state(id, &bytes)? {
             Stored::Current(state) => state,
             // Written as JSON, before the binary encoding.
@@ -109,22 +120,24 @@ impl TraitsOperator {
     /// `touched`: after an event, the traits it may have changed (see
     /// [`ProfileState::refresh_touched`]); `None` recomputes every value.
     /// The profile's timer (`state.timer`) is then its next window expiry:
-    /// what its updates announce as `traits_until`.
+    /// what its updates announce as `traits_until`. Also returns the bytes
+    /// stored, for the cache.
     fn settle(
         &self,
         ctx: &mut Context<'_>,
         id: &str,
         state: &mut ProfileState,
         touched: Option<&[&str]>,
-    ) -> Result<BTreeMap<String, Value>, OperatorError> {
+    ) -> Result<(BTreeMap<String, Value>, Vec<u8>), OperatorError> {
         let changed = match touched {
             Some(touched) => state.refresh_touched(&self.set, state.clock, touched),
             None => state.refresh(&self.set, state.clock),
         };
         let next = state.next_expiry(&self.set);
         reschedule(ctx, id, &mut state.timer, next);
-        ctx.put(&profile_key(id), encode_state(state)?);
-        Ok(changed)
+        let bytes = encode_state(state)?;
+        ctx.put(&profile_key(id), bytes.clone());
+        Ok((changed, bytes))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -156,7 +169,7 @@ impl TraitsOperator {
         // Identifiers only grow: a record from a partition that has not
         // seen the latest link must not take identifiers away.
         state.identifiers = union_identifiers(&state.identifiers, &identifiers);
-        let traits = self.settle(ctx, &profile_id, &mut state, Some(&applied.touched))?;
+        let (traits, stored) = self.settle(ctx, &profile_id, &mut state, Some(&applied.touched))?;
         let cause = Cause {
             message_id: event
                 .get("messageId")
@@ -166,7 +179,7 @@ impl TraitsOperator {
         };
         let update = ProfileUpdate::Update {
             profile_id: profile_id.clone(),
-            identifiers: state.identifiers,
+            identifiers: std::mem::take(&mut state.identifiers),
             event: Some(event),
             traits,
             event_time,
@@ -185,6 +198,12 @@ impl TraitsOperator {
             headers.push((STATE_LIMIT_HEADER.to_owned(), kinds.join(",").into_bytes()));
         }
         let bytes = serde_json::to_vec(&update).map_err(|e| StoreError::Decode(e.to_string()))?;
+        // The identifiers go back into the state the cache keeps (lent to
+        // the update rather than copied).
+        if let ProfileUpdate::Update { identifiers, .. } = update {
+            state.identifiers = identifiers;
+        }
+        self.cache.keep(&profile_id, stored, state);
         ctx.emit_with_headers(outputs::NEXT, Some(profile_id.into_bytes()), bytes, headers);
         Ok(())
     }
@@ -275,7 +294,7 @@ impl TraitsOperator {
         let announced = current.timer;
         current.merge(&self.set, incoming);
         current.clock = current.clock.max(ctx.now());
-        let traits = self.settle(ctx, &into, &mut current, None)?;
+        let (traits, _) = self.settle(ctx, &into, &mut current, None)?;
         if traits.is_empty() && current.timer == announced {
             return Ok(());
         }
@@ -374,7 +393,7 @@ impl Operator for TraitsOperator {
             return Ok(());
         };
         let now = ctx.now();
-        let traits = self.settle(ctx, &id, &mut state, None)?;
+        let (traits, _) = self.settle(ctx, &id, &mut state, None)?;
         // Sent even when no value changed: the `traits_until` the last
         // update announced has passed, and the audiences stage holds the
         // audiences reading traits until it hears the next one.

@@ -229,4 +229,75 @@ proptest! {
         prop_assert_eq!(got, expected_changed);
         prop_assert_eq!(incremental, expected);
     }
+
+    /// The cache of decoded states changes nothing: the same records,
+    /// merges and ticks through an operator with a two-profile cache (so
+    /// profiles also leave it) and one without give the same outputs and
+    /// the same store, byte for byte, at every step — also when the store
+    /// goes back to an earlier copy under a live operator (a batch rolled
+    /// back, a restore), which leaves the cache holding states the store
+    /// no longer has.
+    #[test]
+    fn the_state_cache_changes_no_output_and_no_stored_byte(
+        steps in prop::collection::vec((0usize..3, arb_profile_event(), 0i64..25, 0u8..12), 1..40),
+    ) {
+        let fail = |e: &dyn std::fmt::Display| TestCaseError::fail(e.to_string());
+        let set = trait_set(EVERY_TYPE).map_err(|e| fail(&e))?;
+        let mut cached = OperatorHarness::new(TraitsOperator::with_cache(set.clone(), 2));
+        let mut plain = OperatorHarness::new(TraitsOperator::with_cache(set, 0));
+        let mut now = 0;
+        let mut saved = plain.state.map.clone();
+        for (p, mut event, dt, action) in steps {
+            let id = ["a", "b", "c"][p];
+            now += dt;
+            match action {
+                2 => saved = plain.state.map.clone(),
+                3 => {
+                    cached.state.map = saved.clone();
+                    plain.state.map = saved.clone();
+                }
+                _ => {}
+            }
+            let mut outs = Vec::new();
+            for h in [&mut cached, &mut plain] {
+                let out = match action {
+                    0 => h.tick(now).map_err(|e| fail(&e))?,
+                    1 if id != "c" => merge(h, id, "c").map_err(|e| fail(&e))?,
+                    _ => {
+                        event["timestamp"] = json!(rfc3339_ms(now));
+                        send(h, id, event.clone()).map_err(|e| fail(&e))?
+                    }
+                };
+                outs.push(out);
+            }
+            prop_assert_eq!(&outs[0], &outs[1]);
+            prop_assert_eq!(&cached.state.map, &plain.state.map);
+        }
+    }
+}
+
+/// `from` merged into `into`, the transfer it sends handled too: every
+/// output.
+fn merge(
+    h: &mut OperatorHarness<TraitsOperator>,
+    from: &str,
+    into: &str,
+) -> Result<Vec<Emitted>, Box<dyn Error>> {
+    let merged = serde_json::to_vec(&ProfileRecord::Merged {
+        from: from.into(),
+        into: into.into(),
+        identifiers: Identifiers::new(),
+        cause: Cause::default(),
+        announced: false,
+    })?;
+    let mut out = h.process(Some(from.as_bytes()), &merged, &[])?;
+    let transfers: Vec<Emitted> = out
+        .iter()
+        .filter(|e| e.output == outputs::SELF)
+        .cloned()
+        .collect();
+    for transfer in transfers {
+        out.extend(h.process(transfer.key.as_deref(), &transfer.value, &[])?);
+    }
+    Ok(out)
 }
