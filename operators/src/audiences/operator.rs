@@ -17,13 +17,16 @@ use crate::messages::{
 use crate::profile_keyed::{
     decode_state, decode_update, dispatch, emit_json, encode_state, fired_profile,
     invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
-    to_json_value, union_identifiers, Layout, ProfileStage, StageInput, Stored,
+    to_json_value, union_identifiers, Layout, ProfileStage, StageInput, StateCache, Stored,
+    CACHED_PROFILES,
 };
 
 /// The audiences operator of one task.
 pub struct AudiencesOperator {
     set: Arc<AudienceSet>,
     layout: Layout,
+    /// The profiles this task wrote last, decoded (see `StateCache`).
+    cache: StateCache<AudienceProfile>,
 }
 
 /// What caused an evaluation, for the changes it emits.
@@ -34,9 +37,15 @@ struct Trigger {
 
 impl AudiencesOperator {
     pub fn new(set: Arc<AudienceSet>) -> Self {
+        Self::with_cache(set, CACHED_PROFILES)
+    }
+
+    /// With a cache of `profiles` decoded profiles (0: every load decodes).
+    pub(crate) fn with_cache(set: Arc<AudienceSet>, profiles: usize) -> Self {
         AudiencesOperator {
             set,
             layout: Layout::default(),
+            cache: StateCache::new(profiles),
         }
     }
 
@@ -44,6 +53,9 @@ impl AudiencesOperator {
         let Some(bytes) = self.layout.value(ctx, id)? else {
             return Ok(None);
         };
+        if let Some(profile) = self.cache.take(id, &bytes) {
+            return Ok(Some(profile));
+        }
         let mut profile: Option<AudienceProfile> = match decode_state(id, &bytes)? {
             Stored::Current(profile) => Some(profile),
             // Written as JSON, before the binary encoding.
@@ -120,10 +132,12 @@ impl AudiencesOperator {
         profile.members = members;
         let next = profile.next_change(&self.set, now);
         reschedule(ctx, id, &mut profile.timer, next);
-        ctx.put(&profile_key(id), encode_state(&profile)?);
+        let stored = encode_state(&profile)?;
+        ctx.put(&profile_key(id), stored.clone());
         for change in &changes {
             emit_json(ctx, outputs::NEXT, id, change)?;
         }
+        self.cache.keep(id, stored, profile);
         Ok(())
     }
 

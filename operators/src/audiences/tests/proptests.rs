@@ -166,3 +166,83 @@ proptest! {
         }
     }
 }
+
+/// `from` merged into `into`, the transfer it sends handled too: every
+/// output.
+fn merge(
+    h: &mut OperatorHarness<AudiencesOperator>,
+    from: &str,
+    into: &str,
+) -> Result<Vec<Emitted>, Box<dyn Error>> {
+    let merged = serde_json::to_vec(&ProfileUpdate::Merged {
+        from: from.into(),
+        into: into.into(),
+        identifiers: Identifiers::new(),
+        cause: Cause::default(),
+        announced: false,
+    })?;
+    let mut out = h.process(Some(from.as_bytes()), &merged, &[])?;
+    let transfers: Vec<Emitted> = out
+        .iter()
+        .filter(|e| e.output == outputs::SELF)
+        .cloned()
+        .collect();
+    for transfer in transfers {
+        out.extend(h.process(transfer.key.as_deref(), &transfer.value, &[])?);
+    }
+    Ok(out)
+}
+
+proptest! {
+    /// The cache of decoded profiles changes nothing: the same updates,
+    /// merges and ticks through an operator with a two-profile cache and
+    /// one without give the same outputs and the same store, byte for
+    /// byte, at every step — also when the store goes back to an earlier
+    /// copy under the live operators (a rollback, a restore).
+    #[test]
+    fn the_state_cache_changes_no_output_and_no_stored_byte(
+        steps in prop::collection::vec((0usize..3, arb_op(), 0u8..12), 1..40),
+    ) {
+        let fail = |e: &dyn std::fmt::Display| TestCaseError::fail(e.to_string());
+        let set = Arc::new(
+            AudienceSet::new(&defs(PROP_AUDIENCES).map_err(|e| fail(&e))?, &KnownNames::anything())
+                .map_err(|e| fail(&e))?,
+        );
+        let mut cached = OperatorHarness::new(AudiencesOperator::with_cache(set.clone(), 2));
+        let mut plain = OperatorHarness::new(AudiencesOperator::with_cache(set, 0));
+        let mut now = 100i64;
+        let mut saved = plain.state.map.clone();
+        for (p, op, action) in steps {
+            let id = ["a", "b", "c"][p];
+            match action {
+                2 => saved = plain.state.map.clone(),
+                3 => {
+                    cached.state.map = saved.clone();
+                    plain.state.map = saved.clone();
+                }
+                _ => {}
+            }
+            let mut outs = Vec::new();
+            for h in [&mut cached, &mut plain] {
+                let out = match (&op, action) {
+                    (_, 1) if id != "c" => merge(h, id, "c").map_err(|e| fail(&e))?,
+                    (Op::Tick(dt), _) => h.tick(now + dt).map_err(|e| fail(&e))?,
+                    (Op::Update { traits, event, offset }, _) => {
+                        let traits: serde_json::Map<String, Value> =
+                            traits.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+                        let event = event.map(|(name, v)| (name, json!({"v": v})));
+                        let bytes = update(id, event, Value::Object(traits), now + offset)
+                            .map_err(|e| fail(&e))?;
+                        h.process(Some(id.as_bytes()), &bytes, &[]).map_err(|e| fail(&e))?
+                    }
+                };
+                outs.push(out);
+            }
+            if let Op::Tick(dt) = op {
+                now += dt;
+            }
+            prop_assert_eq!(&outs[0], &outs[1]);
+            prop_assert_eq!(&cached.state.map, &plain.state.map);
+        }
+    }
+}
