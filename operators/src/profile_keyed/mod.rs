@@ -371,3 +371,23 @@ pub(crate) fn pass_on_transfer<R: StageInput>(
     send_transfer(ctx, &survivor, &forwarded)?;
     Ok(true)
 }
+
+/// Test helper: feed `merged` (a stage's `merged` record, keyed by `from`)
+/// and every transfer it sends back to the stage; every output.
+#[cfg(test)]
+pub(crate) fn merge_with_transfers<O: cdp_pipeline::Operator>(
+    h: &mut cdp_pipeline::OperatorHarness<O>,
+    from: &str,
+    merged: &[u8],
+) -> Result<Vec<cdp_pipeline::Emitted>, OperatorError> {
+    let mut out = h.process(Some(from.as_bytes()), merged, &[])?;
+    let transfers: Vec<cdp_pipeline::Emitted> = out
+        .iter()
+        .filter(|e| e.output == outputs::SELF)
+        .cloned()
+        .collect();
+    for transfer in transfers {
+        out.extend(h.process(transfer.key.as_deref(), &transfer.value, &[])?);
+    }
+    Ok(out)
+}

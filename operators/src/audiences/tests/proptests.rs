@@ -181,16 +181,9 @@ fn merge(
         cause: Cause::default(),
         announced: false,
     })?;
-    let mut out = h.process(Some(from.as_bytes()), &merged, &[])?;
-    let transfers: Vec<Emitted> = out
-        .iter()
-        .filter(|e| e.output == outputs::SELF)
-        .cloned()
-        .collect();
-    for transfer in transfers {
-        out.extend(h.process(transfer.key.as_deref(), &transfer.value, &[])?);
-    }
-    Ok(out)
+    Ok(crate::profile_keyed::merge_with_transfers(
+        h, from, &merged,
+    )?)
 }
 
 proptest! {
