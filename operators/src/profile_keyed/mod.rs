@@ -117,6 +117,10 @@ pub(crate) trait StageInput: Serialize + Sized {
     /// A profile's own record readdressed to `survivor` (for a record of a
     /// retired profile); any other record back unchanged.
     fn readdressed(self, survivor: &str) -> Result<Self, Self>;
+
+    /// Test input: `from` merged into `into`, unannounced, no cause.
+    #[cfg(test)]
+    fn merged(from: &str, into: &str) -> Self;
 }
 
 /// [`StageInput`] for a stage's input enum, whose profile variant is
@@ -126,6 +130,17 @@ pub(crate) trait StageInput: Serialize + Sized {
 macro_rules! stage_input {
     ($input:ident, $profile:ident, $check_own:path, $readdress:path) => {
         impl StageInput for $input {
+            #[cfg(test)]
+            fn merged(from: &str, into: &str) -> Self {
+                $input::Merged {
+                    from: from.to_owned(),
+                    into: into.to_owned(),
+                    identifiers: Identifiers::new(),
+                    cause: Cause::default(),
+                    announced: false,
+                }
+            }
+
             fn transfer(
                 stage: &str,
                 from: String,
@@ -372,15 +387,17 @@ pub(crate) fn pass_on_transfer<R: StageInput>(
     Ok(true)
 }
 
-/// Test helper: feed `merged` (a stage's `merged` record, keyed by `from`)
-/// and every transfer it sends back to the stage; every output.
+/// Test helper: feed a stage (whose input is `I`) the record of `from`
+/// merged into `into`, then every transfer it sends back to itself; every
+/// output.
 #[cfg(test)]
-pub(crate) fn merge_with_transfers<O: cdp_pipeline::Operator>(
+pub(crate) fn merge_with_transfers<I: StageInput, O: cdp_pipeline::Operator>(
     h: &mut cdp_pipeline::OperatorHarness<O>,
     from: &str,
-    merged: &[u8],
-) -> Result<Vec<cdp_pipeline::Emitted>, OperatorError> {
-    let mut out = h.process(Some(from.as_bytes()), merged, &[])?;
+    into: &str,
+) -> Result<Vec<cdp_pipeline::Emitted>, Box<dyn std::error::Error>> {
+    let merged = serde_json::to_vec(&I::merged(from, into))?;
+    let mut out = h.process(Some(from.as_bytes()), &merged, &[])?;
     let transfers: Vec<cdp_pipeline::Emitted> = out
         .iter()
         .filter(|e| e.output == outputs::SELF)
@@ -390,4 +407,24 @@ pub(crate) fn merge_with_transfers<O: cdp_pipeline::Operator>(
         out.extend(h.process(transfer.key.as_deref(), &transfer.value, &[])?);
     }
     Ok(out)
+}
+
+/// Test helper for the state-cache proptests: step `action` 2 saves a copy
+/// of `stores[1]`, 3 puts both stores back to the saved copy (a rollback or
+/// restore under live operators); any other does nothing.
+#[cfg(test)]
+pub(crate) fn save_or_restore(
+    action: u8,
+    saved: &mut cdp_pipeline::store::MemoryState,
+    stores: [&mut cdp_pipeline::store::MemoryState; 2],
+) {
+    match action {
+        2 => saved.map = stores[1].map.clone(),
+        3 => {
+            for store in stores {
+                store.map = saved.map.clone();
+            }
+        }
+        _ => {}
+    }
 }

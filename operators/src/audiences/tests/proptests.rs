@@ -1,6 +1,7 @@
 //! The operator against a batch recomputation, update by update.
 
 use super::*;
+use crate::profile_keyed::{merge_with_transfers, save_or_restore};
 
 // -- property test: incremental == batch ------------------------------
 
@@ -167,25 +168,6 @@ proptest! {
     }
 }
 
-/// `from` merged into `into`, the transfer it sends handled too: every
-/// output.
-fn merge(
-    h: &mut OperatorHarness<AudiencesOperator>,
-    from: &str,
-    into: &str,
-) -> Result<Vec<Emitted>, Box<dyn Error>> {
-    let merged = serde_json::to_vec(&ProfileUpdate::Merged {
-        from: from.into(),
-        into: into.into(),
-        identifiers: Identifiers::new(),
-        cause: Cause::default(),
-        announced: false,
-    })?;
-    Ok(crate::profile_keyed::merge_with_transfers(
-        h, from, &merged,
-    )?)
-}
-
 proptest! {
     /// The cache of decoded profiles changes nothing: the same updates,
     /// merges and ticks through an operator with a two-profile cache and
@@ -204,21 +186,14 @@ proptest! {
         let mut cached = OperatorHarness::new(AudiencesOperator::with_cache(set.clone(), 2));
         let mut plain = OperatorHarness::new(AudiencesOperator::with_cache(set, 0));
         let mut now = 100i64;
-        let mut saved = plain.state.map.clone();
+        let mut saved = plain.state.clone();
         for (p, op, action) in steps {
             let id = ["a", "b", "c"][p];
-            match action {
-                2 => saved = plain.state.map.clone(),
-                3 => {
-                    cached.state.map = saved.clone();
-                    plain.state.map = saved.clone();
-                }
-                _ => {}
-            }
+            save_or_restore(action, &mut saved, [&mut cached.state, &mut plain.state]);
             let mut outs = Vec::new();
             for h in [&mut cached, &mut plain] {
                 let out = match (&op, action) {
-                    (_, 1) if id != "c" => merge(h, id, "c").map_err(|e| fail(&e))?,
+                    (_, 1) if id != "c" => merge_with_transfers::<ProfileUpdate, _>(h, id, "c").map_err(|e| fail(&e))?,
                     (Op::Tick(dt), _) => h.tick(now + dt).map_err(|e| fail(&e))?,
                     (Op::Update { traits, event, offset }, _) => {
                         let traits: serde_json::Map<String, Value> =

@@ -1,6 +1,7 @@
 //! Property tests: mergeable state, order independence.
 
 use super::*;
+use crate::profile_keyed::{merge_with_transfers, save_or_restore};
 
 /// One definition per trait type, windowed and not.
 fn every_def() -> Result<Vec<TraitDef>, serde_yaml::Error> {
@@ -246,23 +247,16 @@ proptest! {
         let mut cached = OperatorHarness::new(TraitsOperator::with_cache(set.clone(), 2));
         let mut plain = OperatorHarness::new(TraitsOperator::with_cache(set, 0));
         let mut now = 0;
-        let mut saved = plain.state.map.clone();
+        let mut saved = plain.state.clone();
         for (p, mut event, dt, action) in steps {
             let id = ["a", "b", "c"][p];
             now += dt;
-            match action {
-                2 => saved = plain.state.map.clone(),
-                3 => {
-                    cached.state.map = saved.clone();
-                    plain.state.map = saved.clone();
-                }
-                _ => {}
-            }
+            save_or_restore(action, &mut saved, [&mut cached.state, &mut plain.state]);
             let mut outs = Vec::new();
             for h in [&mut cached, &mut plain] {
                 let out = match action {
                     0 => h.tick(now).map_err(|e| fail(&e))?,
-                    1 if id != "c" => merge(h, id, "c").map_err(|e| fail(&e))?,
+                    1 if id != "c" => merge_with_transfers::<ProfileRecord, _>(h, id, "c").map_err(|e| fail(&e))?,
                     _ => {
                         event["timestamp"] = json!(rfc3339_ms(now));
                         send(h, id, event.clone()).map_err(|e| fail(&e))?
@@ -274,23 +268,4 @@ proptest! {
             prop_assert_eq!(&cached.state.map, &plain.state.map);
         }
     }
-}
-
-/// `from` merged into `into`, the transfer it sends handled too: every
-/// output.
-fn merge(
-    h: &mut OperatorHarness<TraitsOperator>,
-    from: &str,
-    into: &str,
-) -> Result<Vec<Emitted>, Box<dyn Error>> {
-    let merged = serde_json::to_vec(&ProfileRecord::Merged {
-        from: from.into(),
-        into: into.into(),
-        identifiers: Identifiers::new(),
-        cause: Cause::default(),
-        announced: false,
-    })?;
-    Ok(crate::profile_keyed::merge_with_transfers(
-        h, from, &merged,
-    )?)
 }
