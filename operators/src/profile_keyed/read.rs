@@ -125,7 +125,8 @@ impl<'de> Visitor<'de> for Partial<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut out = Map::new();
+        // At most one entry per child: sized once, never grown.
+        let mut out = Map::with_capacity(self.0.children.len());
         while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
             match self.0.children.get(key.as_ref()) {
                 // A repeated key: the last one wins, in the first one's

@@ -308,14 +308,16 @@ impl TraitDef {
     pub(super) fn extract(&self, event: &Value) -> Option<String> {
         match self {
             TraitDef::EventCounter(_) => Some(String::new()),
+            // `serde_json::to_string`, not `Display`: the same text
+            // without the formatter's per-write adapter.
             TraitDef::Aggregation(d) => messages::lookup(event, &d.property)
                 .filter(|v| v.as_f64().is_some_and(f64::is_finite))
-                .map(Value::to_string),
+                .and_then(|v| serde_json::to_string(v).ok()),
             _ => self
                 .property()
                 .and_then(|p| messages::lookup(event, p))
                 .filter(|v| !v.is_null())
-                .map(Value::to_string),
+                .and_then(|v| serde_json::to_string(v).ok()),
         }
     }
 }

@@ -78,11 +78,15 @@ impl ProfileState {
             let Some(text) = def.extract(event) else {
                 continue;
             };
-            let dropped = self
-                .computed
-                .entry(name.clone())
-                .or_insert_with(|| TraitState::empty(def))
-                .add(def, event_time, &text);
+            // The name is copied only for a trait the profile lacks.
+            let state = match self.computed.get_mut(name) {
+                Some(state) => state,
+                None => self
+                    .computed
+                    .entry(name.clone())
+                    .or_insert_with(|| TraitState::empty(def)),
+            };
+            let dropped = state.add(def, event_time, &text);
             applied.touched.push(name);
             if dropped {
                 applied.limited.insert(def.kind());
