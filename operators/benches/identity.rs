@@ -9,6 +9,10 @@
 //! - `mutations`: only new visitors and merges — the ceiling of the serial
 //!   path when every event changes the graph.
 //!
+//! `CDP_BENCH_PROFILES` scales the graph (default 1M identifiers; 2/5 of
+//! the number are known users, 1/5 anonymous-only profiles), for
+//! `scripts/instructions.sh`.
+//!
 //! Each iteration runs [`BATCH`] events through the operator against the
 //! task's `TaskStore` (RocksDB plus the batch overlay) and commits them in
 //! one write batch, as the runtime does per batch. Elements/s = events/s per
@@ -29,8 +33,17 @@ use support::{encode, mix, Task};
 
 /// Events per measured iteration (one committed batch).
 const BATCH: usize = 1000;
-const KNOWN_USERS: usize = 400_000;
-const ANONYMOUS_ONLY: usize = 200_000;
+
+/// Known users (a `userId` and an `anonymousId` each): 2/5 of
+/// [`support::profiles`], 400k by default.
+fn known_users() -> usize {
+    support::profiles() * 2 / 5
+}
+
+/// Anonymous-only profiles: 1/5 of [`support::profiles`], 200k by default.
+fn anonymous_only() -> usize {
+    support::profiles() / 5
+}
 
 fn context() -> Value {
     json!({
@@ -77,19 +90,19 @@ fn loaded() -> Task<IdentityOperator> {
         Err(e) => panic!("rules: {e}"),
     };
     let mut task = Task::new(IdentityOperator::new(Arc::new(rules)));
-    let load: Vec<Value> = (0..KNOWN_USERS)
+    let load: Vec<Value> = (0..known_users())
         .map(|i| json!({"type": "identify", "anonymousId": format!("a-{i}"), "userId": format!("u-{i}")}))
-        .chain((0..ANONYMOUS_ONLY).map(|i| json!({"type": "page", "anonymousId": format!("o-{i}")})))
+        .chain((0..anonymous_only()).map(|i| json!({"type": "page", "anonymousId": format!("o-{i}")})))
         .collect();
-    for chunk in load.chunks(BATCH) {
-        task.batch(&encode(chunk));
-    }
+    let batches: Vec<(i64, Vec<Vec<u8>>)> =
+        load.chunks(BATCH).map(|chunk| (0, encode(chunk))).collect();
+    support::report_cpu("identity load", load.len(), || task.run_all(&batches));
     let bytes = task.bytes_on_disk();
     let compacted = task.compacted_bytes_on_disk();
-    let profiles = KNOWN_USERS + ANONYMOUS_ONLY;
+    let profiles = known_users() + anonymous_only();
     eprintln!(
         "identity graph: {profiles} profiles, {} identifiers, {bytes} bytes of SST files on disk = {:.0} bytes/profile ({:.0} once compacted)",
-        2 * KNOWN_USERS + ANONYMOUS_ONLY,
+        2 * known_users() + anonymous_only(),
         bytes as f64 / profiles as f64,
         compacted as f64 / profiles as f64
     );
@@ -107,13 +120,13 @@ fn new_visitor(n: usize) -> Value {
 }
 
 fn merge(n: usize) -> Value {
-    let j = NEXT_MERGE.fetch_add(1, Ordering::Relaxed) % ANONYMOUS_ONLY;
-    let user = mix(n) % KNOWN_USERS;
+    let j = NEXT_MERGE.fetch_add(1, Ordering::Relaxed) % anonymous_only();
+    let user = mix(n) % known_users();
     login(format!("o-{j}"), format!("u-{user}"), n)
 }
 
 fn known(n: usize) -> Value {
-    let i = mix(n) % KNOWN_USERS;
+    let i = mix(n) % known_users();
     match n % 3 {
         0 => track(Some(format!("a-{i}")), None, n),
         1 => track(None, Some(format!("u-{i}")), n),
@@ -151,12 +164,28 @@ fn mutation_batch(round: usize) -> Vec<Vec<u8>> {
     )
 }
 
+/// Fixed work after the load, timed in CPU: [`support::fixed_rounds`]
+/// batches of the realistic mix, built first.
+#[inline(never)] // a symbol for `scripts/instructions.sh` to split its count at
+fn fixed_run(task: &mut Task<IdentityOperator>, round: &mut usize) {
+    let batches: Vec<_> = (1..=support::fixed_rounds())
+        .map(|i| (0, realistic_batch(*round + i)))
+        .collect();
+    *round += support::fixed_rounds();
+    support::report_cpu(
+        "identity fixed run",
+        support::fixed_rounds() * BATCH,
+        || task.run_all(&batches),
+    );
+}
+
 fn identity(c: &mut Criterion) {
     let mut bench = loaded();
     let mut group = c.benchmark_group("identity");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.sample_size(30);
     let mut round = 0;
+    fixed_run(&mut bench, &mut round);
     group.bench_function("mix", |b| {
         b.iter_batched(
             || {

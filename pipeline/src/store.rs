@@ -143,6 +143,9 @@ pub struct TaskStore {
     db: rocksdb::DB,
     path: PathBuf,
     overlay: Changes,
+    /// Default read options, made once: the crate's `get` builds and frees
+    /// a set per call (~2.5% of a lookup).
+    read: rocksdb::ReadOptions,
 }
 
 /// Block cache shared by every task of a process (data, index and filter
@@ -153,6 +156,8 @@ const BLOCK_CACHE_BYTES: usize = 64 << 20;
 const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;
 /// One task's memtable before it is flushed.
 const MEMTABLE_BYTES: usize = 16 << 20;
+/// The memtable's Bloom filter, as a fraction of its size.
+const MEMTABLE_BLOOM_RATIO: f64 = 0.05;
 /// Bloom filter bits per key: ~1% false positives.
 const BLOOM_BITS_PER_KEY: f64 = 10.0;
 
@@ -182,6 +187,12 @@ fn db_options() -> rocksdb::Options {
     opts.set_block_based_table_factory(&table);
     opts.set_write_buffer_manager(memtables);
     opts.set_write_buffer_size(MEMTABLE_BYTES);
+    // A Bloom filter over the memtable's whole keys (5% of its size,
+    // 0.8 MiB a task): a lookup of a key that is only in the tables skips
+    // the skip list (identity −7% instructions per event; a data block
+    // hash index was counted too and saved under 0.5%).
+    opts.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
+    opts.set_memtable_whole_key_filtering(true);
     opts
 }
 
@@ -198,6 +209,7 @@ impl TaskStore {
             db,
             path: path.to_path_buf(),
             overlay: Changes::new(),
+            read: rocksdb::ReadOptions::default(),
         })
     }
 
@@ -289,7 +301,10 @@ impl StateBackend for TaskStore {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
         }
-        self.db.get(key).map_err(|e| self.err(e))
+        match self.db.get_pinned_opt(key, &self.read) {
+            Ok(value) => Ok(value.map(|v| v.to_vec())),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
     fn put(&mut self, key: &[u8], value: Vec<u8>) {

@@ -164,10 +164,13 @@ impl EventFields {
         // A struct also deserializes from a JSON array; only objects count.
         // The bytes are forwarded as they are, so they must be UTF-8 too.
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace())?;
-        if *first != b'{' || std::str::from_utf8(bytes).is_err() {
+        if *first != b'{' {
             return None;
         }
-        serde_json::from_slice(bytes).ok()
+        // Checked as UTF-8 once, then read as text: a slice reader would
+        // check every string again.
+        let text = std::str::from_utf8(bytes).ok()?;
+        serde_json::from_str(text).ok()
     }
 
     /// The same fields, read from a full parse.

@@ -73,12 +73,15 @@ impl ProfileState {
     }
 }
 
+/// `id/<kind>:<value>` (built by concatenation: `format!` was ~3% of a
+/// known visitor's event).
 pub fn id_key(kind: &str, value: &str) -> Vec<u8> {
-    format!("id/{kind}:{value}").into_bytes()
+    [b"id/", kind.as_bytes(), b":", value.as_bytes()].concat()
 }
 
+/// `profile/<profile_id>`.
 pub fn profile_key(profile_id: &str) -> Vec<u8> {
-    format!("profile/{profile_id}").into_bytes()
+    [b"profile/", profile_id.as_bytes()].concat()
 }
 
 /// `prof_` + the first 20 hex chars of SHA-256 of `type:value`.
