@@ -24,6 +24,7 @@ use cdp_pipeline::envelope::SOURCE;
 use cdp_pipeline::runtime::{InputObserver, InputOutcome, RuntimeError};
 use cdp_pipeline::{
     metrics, ClientFactory, Health, OutputTarget, Shutdown, StageRuntime, StageSpec,
+    TimersFromState,
 };
 
 use crate::config::Compiled;
@@ -164,6 +165,9 @@ impl Stage {
             operator,
             ticks,
             observer,
+            // validate's only timers are its dedupe entries' expiries.
+            timers_from_state: (self == Stage::Validate)
+                .then_some(cdp_operators::validate::dedupe_timer as TimersFromState),
         })
     }
 }

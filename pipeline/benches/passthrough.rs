@@ -166,6 +166,7 @@ fn stage(f: &ClientFactory, input: &str, output: &str, stateful: bool) -> BenchR
         operator: Box::new(move |_| Box::new(PassThrough { stateful })),
         ticks: false,
         observer: None,
+        timers_from_state: None,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let shutdown = Shutdown::default();

@@ -30,6 +30,7 @@ pub use duration::Span;
 pub use kafka::{ClientFactory, Guarantee, KafkaConfig, Topics};
 pub use operator::{
     Context, Emitted, Operator, OperatorError, OperatorFactory, OperatorHarness, Record,
+    TimersFromState,
 };
 pub use runtime::{OutputTarget, StageRuntime, StageSpec};
 pub use service::{Health, ReadyFlag, Shutdown};

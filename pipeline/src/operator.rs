@@ -89,6 +89,23 @@ pub type OperatorFactory = Box<dyn Fn(i32) -> Box<dyn Operator> + Send + Sync>;
 /// Key prefix of the timers the runtime keeps in the task's store.
 pub(crate) const TIMER_PREFIX: &[u8] = b"\x00cdp/timer/";
 
+/// How a stage's timers follow from its state, for a stage whose every
+/// timer is keyed by a state key whose value names the timer's time (the
+/// validate stage's dedupe entries). Given a state key and its value, the
+/// time of the timer set with that key, or `None` when the key sets none.
+///
+/// A stage that declares it ([`StageSpec::timers_from_state`](crate::StageSpec))
+/// does not log its timers: the changelog carries one record per entry
+/// instead of two, and a restore sets the timer of every committed entry
+/// it applies. A timer left behind by a later delete of its key still
+/// fires, so `on_timer` must expect a key whose state is gone.
+pub type TimersFromState = fn(key: &[u8], value: &[u8]) -> Option<i64>;
+
+/// Whether `key` is a timer the runtime keeps.
+pub(crate) fn is_timer_key(key: &[u8]) -> bool {
+    key.starts_with(TIMER_PREFIX)
+}
+
 /// An operator's window onto its task: state, outputs, timers, stream time.
 pub struct Context<'a> {
     state: &'a mut dyn StateBackend,

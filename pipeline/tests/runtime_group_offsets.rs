@@ -61,6 +61,7 @@ fn start(factory: &ClientFactory, shutdown: &Shutdown) -> StageJoin {
         operator: Box::new(|_| Box::new(Counter)),
         ticks: false,
         observer: None,
+        timers_from_state: None,
     };
     let rt = StageRuntime::new(
         spec,

@@ -53,6 +53,7 @@ fn spec() -> StageSpec {
         operator: Box::new(|_| Box::new(Clock)),
         ticks: true,
         observer: None,
+        timers_from_state: None,
     }
 }
 

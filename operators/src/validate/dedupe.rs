@@ -82,13 +82,28 @@ pub(super) fn on_timer(key: &[u8], ctx: &mut Context<'_>) -> Result<(), Operator
     if !key.starts_with(DEDUPE_PREFIX.as_bytes()) {
         return Ok(());
     }
-    let entry = ctx
-        .get(key)?
-        .and_then(|bytes| serde_json::from_slice::<DedupeEntry>(&bytes).ok());
-    match entry {
+    let Some(bytes) = ctx.get(key)? else {
+        // Already forgotten: a timer a restore derived from an entry that a
+        // later record of the changelog deleted.
+        return Ok(());
+    };
+    match serde_json::from_slice::<DedupeEntry>(&bytes) {
         // Re-armed by a later event after an earlier expiry: keep it.
-        Some(entry) if entry.expires_at > ctx.now() => {}
+        Ok(entry) if entry.expires_at > ctx.now() => {}
         _ => ctx.delete(key),
     }
     Ok(())
+}
+
+/// The timer a remembered `messageId` implies: its expiry. The validate
+/// stage's timers are derived from its entries on restore instead of being
+/// logged ([`cdp_pipeline::TimersFromState`]): one changelog record per
+/// remembered id, not two.
+pub fn dedupe_timer(key: &[u8], value: &[u8]) -> Option<i64> {
+    if !key.starts_with(DEDUPE_PREFIX.as_bytes()) {
+        return None;
+    }
+    serde_json::from_slice::<DedupeEntry>(value)
+        .ok()
+        .map(|entry| entry.expires_at)
 }

@@ -55,7 +55,7 @@ pub use config::{
     EventVersion, TrackingPlan, UnplannedEvents, Validator, ViolationPolicy, OTHER_EVENT_LABEL,
     UNKNOWN_SOURCE_LABEL,
 };
-pub use dedupe::DEFAULT_DEDUPE_WINDOW;
+pub use dedupe::{dedupe_timer, DEFAULT_DEDUPE_WINDOW};
 pub use spec::{
     spec_violations, Violation, EVENT_TYPES, MAX_GROUP_ID_CHARS, MAX_MESSAGE_ID_CHARS, TRAITS_LIMIT,
 };

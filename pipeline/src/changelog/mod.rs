@@ -46,6 +46,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::Position;
+use crate::operator::{is_timer_key, timer_key, TimersFromState};
 use crate::store::{Changes, TaskMeta};
 
 pub use read::{
@@ -168,6 +169,9 @@ pub struct Restorer {
     /// Keys whose latest record was not applied, with its offset.
     dropped: BTreeMap<Vec<u8>, i64>,
     pub records_read: u64,
+    /// The stage's timers as its state implies them, when they are not
+    /// logged.
+    timers: Option<TimersFromState>,
 }
 
 impl Restorer {
@@ -179,7 +183,36 @@ impl Restorer {
             pending: Vec::new(),
             dropped: BTreeMap::new(),
             records_read: 0,
+            timers: None,
         }
+    }
+
+    /// Derive timers from the committed state records (a stage whose
+    /// timers are not logged, see [`TimersFromState`]).
+    pub fn deriving_timers(mut self, timers: Option<TimersFromState>) -> Self {
+        self.timers = timers;
+        self
+    }
+
+    /// `committed` with the timer of every entry it writes, when timers are
+    /// derived. A delete leaves its timer in place: it fires and finds the
+    /// entry gone, as a timer of a re-armed entry does.
+    fn with_timers(&self, mut committed: Changes) -> Changes {
+        let Some(timer_of) = self.timers else {
+            return committed;
+        };
+        let timers: Vec<Vec<u8>> = committed
+            .iter()
+            .filter(|(key, _)| RecordKind::of(key) == RecordKind::State && !is_timer_key(key))
+            .filter_map(|(key, value)| {
+                let at = timer_of(key, value.as_deref()?)?;
+                Some(timer_key(at, key))
+            })
+            .collect();
+        for timer in timers {
+            committed.insert(timer, Some(Vec::new()));
+        }
+        committed
     }
 
     /// The highest epoch seen so far (local or in the changelog).
@@ -241,7 +274,7 @@ impl Restorer {
             let committed = self.settle_pending(claim.last_marker);
             self.max_epoch = epoch;
             self.set_progress(claim.progress, epoch, offset);
-            return Ok(Some(committed));
+            return Ok(Some(self.with_timers(committed)));
         }
         if epoch < self.max_epoch {
             // A zombie's write after a newer owner claimed.
@@ -272,7 +305,7 @@ impl Restorer {
                 } else {
                     self.set_progress(marker, epoch, offset);
                 }
-                Ok(Some(committed))
+                Ok(Some(self.with_timers(committed)))
             }
             RecordKind::Claim => Ok(None),
         }

@@ -473,3 +473,156 @@ fn foreign_records_fence_or_dirty() {
     );
     assert_eq!(gaps(10, 14, &[10, 12, 14]), vec![11, 13]);
 }
+
+/// An entry's timer, for the derived-timer tests: keys `e/…` whose value
+/// is the due time in decimal.
+fn due_of(key: &[u8], value: &[u8]) -> Option<i64> {
+    if !key.starts_with(b"e/") {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+fn state_rec(epoch: u32, key: &[u8], value: Option<&[u8]>) -> Option<Rec> {
+    Some(Rec {
+        epoch,
+        key: key.to_vec(),
+        value: value.map(<[u8]>::to_vec),
+    })
+}
+
+fn marker_rec(epoch: u32) -> Option<Rec> {
+    let meta = TaskMeta {
+        epoch,
+        ..TaskMeta::default()
+    };
+    state_rec(
+        epoch,
+        &commit_key(epoch),
+        serde_json::to_vec(&Marker::commit(&meta)).ok().as_deref(),
+    )
+}
+
+/// Restore `log` as `restore` does, deriving timers with [`due_of`].
+fn restore_deriving(log: &[Option<Rec>]) -> Result<State, MarkerDecodeError> {
+    let mut r = Restorer::new(TaskMeta::default()).deriving_timers(Some(due_of));
+    let mut state = State::new();
+    for (offset, rec) in log.iter().enumerate() {
+        let Some(rec) = rec else { continue };
+        if let Some(changes) = r.apply(offset as i64, rec.epoch, &rec.key, rec.value.as_deref())? {
+            apply(&mut state, changes);
+        }
+    }
+    Ok(state)
+}
+
+#[test]
+fn a_restore_sets_the_timer_of_every_committed_entry_and_keeps_logged_timers() {
+    let old_timer = crate::operator::timer_key(9, b"old");
+    let log = vec![
+        state_rec(1, b"e/a", Some(b"5")),
+        state_rec(1, b"e/b", Some(b"7")),
+        // A timer logged by a version that logged them: applied as state.
+        state_rec(1, &old_timer, Some(b"")),
+        state_rec(1, b"other", Some(b"x")),
+        marker_rec(1),
+        state_rec(1, b"e/a", None),
+        marker_rec(1),
+        // Not committed: no entry, no timer.
+        state_rec(1, b"e/c", Some(b"8")),
+    ];
+    let Ok(state) = restore_deriving(&log) else {
+        panic!("the log restores");
+    };
+    let expected: State = [
+        (b"e/b".to_vec(), b"7".to_vec()),
+        (b"other".to_vec(), b"x".to_vec()),
+        (old_timer.clone(), Vec::new()),
+        // e/a's timer outlives its delete: it fires and finds nothing.
+        (crate::operator::timer_key(5, b"e/a"), Vec::new()),
+        (crate::operator::timer_key(7, b"e/b"), Vec::new()),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(state, expected);
+    let Ok((plain, _)) = restore(&log) else {
+        panic!("the log restores");
+    };
+    let logged: State = [
+        (b"e/b".to_vec(), b"7".to_vec()),
+        (b"other".to_vec(), b"x".to_vec()),
+        (old_timer, Vec::new()),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(plain, logged, "without derivation, nothing is added");
+}
+
+proptest! {
+    /// Whatever the batches, commits and compaction, every entry a
+    /// restore brings back has the timer of its current due time, and
+    /// every timer it sets is one a committed write of its key implied.
+    #[test]
+    fn derived_timers_cover_every_restored_entry(
+        batches in prop::collection::vec(
+            (prop::collection::vec((0u8..4, prop::option::of(0i64..50)), 1..5), any::<bool>()),
+            1..8,
+        ),
+        cut in 0usize..64,
+    ) {
+        let mut log: Log = Vec::new();
+        // What a batch-by-batch replay of the committed batches gives,
+        // and every (key, due) a committed batch wrote.
+        let mut live: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        let mut written: std::collections::BTreeSet<(Vec<u8>, i64)> = Default::default();
+        for (writes, committed) in &batches {
+            let mut batch: BTreeMap<Vec<u8>, Option<i64>> = BTreeMap::new();
+            for (k, due) in writes {
+                batch.insert(vec![b'e', b'/', b'a' + k], *due);
+            }
+            for (k, due) in &batch {
+                let value = due.map(|d| d.to_string().into_bytes());
+                log.push(state_rec(1, k, value.as_deref()));
+            }
+            if *committed {
+                log.push(marker_rec(1));
+                for (k, due) in batch {
+                    match due {
+                        Some(d) => {
+                            written.insert((k.clone(), d));
+                            live.insert(k, d);
+                        }
+                        None => {
+                            live.remove(&k);
+                        }
+                    }
+                }
+            } else {
+                // An uncommitted tail, then a new owner's claim of it.
+                break;
+            }
+        }
+        // Compaction up to the last marker at most: past it, an
+        // uncommitted tail would hide committed values until a repair
+        // (tested above), which is not what this property is about.
+        let last_marker = log
+            .iter()
+            .rposition(|r| r.as_ref().is_some_and(|r| RecordKind::of(&r.key) == RecordKind::Commit))
+            .map_or(0, |i| i + 1);
+        let log = compact(&log, cut.min(last_marker), 0);
+        let state = restore_deriving(&log).map_err(|e| TestCaseError::fail(e.0))?;
+        for (k, due) in &live {
+            prop_assert_eq!(state.get(k.as_slice()), Some(&due.to_string().into_bytes()));
+            let timer = crate::operator::timer_key(*due, k);
+            prop_assert!(state.contains_key(&timer), "no timer for {:?} at {}", k, due);
+        }
+        for key in state.keys().filter(|k| crate::operator::is_timer_key(k)) {
+            let Some((at, of)) = crate::operator::parse_timer_key(key) else {
+                return Err(TestCaseError::fail("a timer key that does not parse"));
+            };
+            prop_assert!(written.contains(&(of, at)), "a timer no committed write implied");
+        }
+        let entries = state.keys().filter(|k| !crate::operator::is_timer_key(k)).count();
+        prop_assert_eq!(entries, live.len());
+    }
+}

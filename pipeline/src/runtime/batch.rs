@@ -16,7 +16,7 @@ use crate::changelog::{self, commit_key, Marker};
 use crate::envelope::{self, HeaderRef, Position};
 use crate::kafka::Guarantee;
 use crate::metrics;
-use crate::operator::{fire_due_timers_from, Context, Emitted, Record};
+use crate::operator::{fire_due_timers_from, is_timer_key, Context, Emitted, Record};
 use crate::sink::{Sink, SinkRecord};
 use crate::store::{Changes, StoreError, TaskMeta};
 use crate::trust::{self, TickVerdict};
@@ -266,6 +266,7 @@ pub(super) fn process_batch(
     // Phase 1: outputs, changelog records and the dead letters of failed
     // deliveries, all acknowledged.
     let mut outgoing: Vec<Outgoing<'_>> = Vec::new();
+    let derived_timers = shared.spec.timers_from_state.is_some();
     let mut out_counts: BTreeMap<&'static str, u64> = BTreeMap::new();
     for w in &work {
         for (pos, e) in &w.outputs {
@@ -292,6 +293,9 @@ pub(super) fn process_batch(
             *out_counts.entry(e.output).or_default() += 1;
         }
         for (k, v) in &w.changes {
+            if derived_timers && is_timer_key(k) {
+                continue; // kept locally; a restore derives it from its entry
+            }
             outgoing.push(Outgoing {
                 topic: &shared.changelog_topic,
                 partition: Some(w.partition),

@@ -92,6 +92,10 @@ pub struct StageSpec {
     /// Whether tasks write tick records into their input partition.
     pub ticks: bool,
     pub observer: Option<Observer>,
+    /// Set when every timer of the stage follows from its state: timers
+    /// are then kept locally only, not in the changelog, and a restore
+    /// derives them (see [`TimersFromState`](crate::TimersFromState)).
+    pub timers_from_state: Option<crate::TimersFromState>,
 }
 
 #[derive(Debug, thiserror::Error)]

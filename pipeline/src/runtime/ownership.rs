@@ -377,7 +377,7 @@ pub(super) fn open_task(shared: &Shared, partition: i32) -> Result<Task, Runtime
         local = TaskMeta::default();
     }
     let started = Instant::now();
-    let mut restorer = Restorer::new(local.clone());
+    let mut restorer = Restorer::new(local.clone()).deriving_timers(shared.spec.timers_from_state);
     let mut from = (local.changelog_offset + 1).max(low);
     let mut end = high;
     let mut claimed = None;

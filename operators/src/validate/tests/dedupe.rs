@@ -1,3 +1,5 @@
+use std::collections::BTreeSet;
+
 use super::*;
 
 #[test]
@@ -68,5 +70,41 @@ fn events_without_message_id_are_not_deduped() -> TestResult {
     let event = json!({"type": "identify", "userId": "u"});
     assert_eq!(send(&mut h, &event)?.len(), 1);
     assert_eq!(send(&mut h, &event)?.len(), 1);
+    Ok(())
+}
+
+/// The runtime's timer key for `(at, key)`, written from its documented
+/// layout: prefix, sign-flipped big-endian time, key.
+fn timer_key(at: i64, key: &[u8]) -> Vec<u8> {
+    let at = ((at as u64) ^ (1 << 63)).to_be_bytes();
+    [b"\x00cdp/timer/".as_slice(), &at, key].concat()
+}
+
+#[test]
+fn the_timers_validate_sets_are_exactly_those_its_entries_imply() -> TestResult {
+    let mut h = harness(None)?;
+    let start = messages::parse_time_ms("2026-11-26T10:00:00Z").ok_or("time")?;
+    h.tick(start)?;
+    for i in 0..6 {
+        let mut event = track("X", json!({}));
+        event["messageId"] = json!(format!("m-{}", i % 4));
+        send(&mut h, &event)?;
+        h.tick(start + 1000 * i)?;
+    }
+    let timers: BTreeSet<Vec<u8>> = h
+        .state
+        .map
+        .keys()
+        .filter(|k| k.starts_with(b"\x00cdp/timer/"))
+        .cloned()
+        .collect();
+    let derived: BTreeSet<Vec<u8>> = h
+        .state
+        .map
+        .iter()
+        .filter_map(|(k, v)| dedupe_timer(k, v).map(|at| timer_key(at, k)))
+        .collect();
+    assert_eq!(derived.len(), 4, "one entry per distinct messageId");
+    assert_eq!(timers, derived, "a restore derives the very timers set");
     Ok(())
 }
