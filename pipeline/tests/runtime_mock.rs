@@ -233,14 +233,7 @@ async fn processes_dedupes_dead_letters_ticks_and_restores_after_losing_local_st
     for _ in 0..3 {
         produce(&s.producer, "k0", "x", None).await?;
     }
-    let shutdown = Shutdown::default();
-    let join = run_stage(&s.factory, &shutdown);
-    let f = s.factory.clone();
-    let out =
-        tokio::task::spawn_blocking(move || read_all(&f, "t.out", |o| counts(o, "k0").len() >= 8))
-            .await?;
-    shutdown.trigger();
-    join.join().map_err(|_| "stage panicked")??;
+    let out = run_until(spec(), &s.factory, "t.out", |o| counts(o, "k0").len() >= 8).await?;
     assert_eq!(
         counts(&out, "k0"),
         ["k0:1", "k0:2", "k0:3", "k0:4", "k0:5", "k0:6", "k0:7", "k0:8"],
@@ -274,6 +267,23 @@ fn start(spec: StageSpec, factory: &ClientFactory, shutdown: &Shutdown) -> Stage
     let handle = tokio::runtime::Handle::current();
     let s = shutdown.clone();
     std::thread::spawn(move || rt.run(handle, s))
+}
+
+/// Run `spec` until what it wrote to `topic` satisfies `want` (or
+/// `read_all`'s deadline passes), then stop it; returns what was read.
+async fn run_until(
+    spec: StageSpec,
+    factory: &ClientFactory,
+    topic: &'static str,
+    want: impl Fn(&[(String, String)]) -> bool + Send + 'static,
+) -> Result<Vec<(String, String)>, BoxError> {
+    let shutdown = Shutdown::default();
+    let join = start(spec, factory, &shutdown);
+    let f = factory.clone();
+    let out = tokio::task::spawn_blocking(move || read_all(&f, topic, want)).await?;
+    shutdown.trigger();
+    join.join().map_err(|_| "stage panicked")??;
+    Ok(out)
 }
 
 /// A factory on `mock` with its own topic prefix (changelogs, group,
@@ -734,14 +744,7 @@ async fn timers_derived_from_state_are_not_logged_and_fire_after_a_restore() -> 
     for key in ["a", "b"] {
         produce(&s.producer, key, &due, None).await?;
     }
-    let shutdown = Shutdown::default();
-    let join = start(spec(), &s.factory, &shutdown);
-    let f = s.factory.clone();
-    let out =
-        tokio::task::spawn_blocking(move || read_all(&f, "t.out", |o| counts(o, "set").len() >= 2))
-            .await?;
-    shutdown.trigger();
-    join.join().map_err(|_| "stage panicked")??;
+    let out = run_until(spec(), &s.factory, "t.out", |o| counts(o, "set").len() >= 2).await?;
     assert_eq!(counts(&out, "set").len(), 2);
     assert!(
         counts(&out, "fired").is_empty(),
@@ -767,15 +770,10 @@ async fn timers_derived_from_state_are_not_logged_and_fire_after_a_restore() -> 
 
     // Lose the disk: the restore sets the timers again from the entries.
     std::fs::remove_dir_all(dir.path())?;
-    let shutdown = Shutdown::default();
-    let join = start(spec(), &s.factory, &shutdown);
-    let f = s.factory.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        read_all(&f, "t.out", |o| counts(o, "fired").len() >= 2)
+    let out = run_until(spec(), &s.factory, "t.out", |o| {
+        counts(o, "fired").len() >= 2
     })
     .await?;
-    shutdown.trigger();
-    join.join().map_err(|_| "stage panicked")??;
     let mut fired = counts(&out, "fired");
     fired.sort();
     assert_eq!(
