@@ -29,10 +29,15 @@ name=$(basename "$bench"); name=${name%%-*}   # traits-<hash> → traits
 CDP_BENCH_PROFILES=$profiles valgrind --tool=callgrind \
   --toggle-collect='*Operator>::process' --dump-before="$name::fixed_run" \
   --callgrind-out-file="$dir/out" "$bench" --bench no_such_bench >/dev/null 2>"$dir/err"
-ir() { awk '/^summary:/ {print $2}' "$1"; }
+ir() { awk '/^summary:/ {print $2}' "$1" 2>/dev/null || true; }
 # The bench names its record counts: "<name> load: N records, …".
 records() { sed -n "s/^$name $1: \([0-9]*\) records.*/\1/p" "$dir/err" | head -1; }
 load=$(ir "$dir/out.1"); load_records=$(records load)
 fixed=$(ir "$dir/out"); fixed_records=$(records "fixed run")
+if [[ -z "$load_records" || -z "$fixed_records" || -z "$load" || -z "$fixed" ]]; then
+  echo "instructions.sh: $bench printed no '$name load' / '$name fixed run' counts; its output:" >&2
+  cat "$dir/err" >&2
+  exit 1
+fi
 echo "$(basename "$bench"): load $(( load / load_records )) instructions per record ($load_records records, new profiles);" \
   "fixed run $(( fixed / fixed_records )) per record ($fixed_records records, existing profiles)"
