@@ -203,7 +203,9 @@ impl Restorer {
         };
         let timers: Vec<Vec<u8>> = committed
             .iter()
-            .filter(|(key, _)| RecordKind::of(key) == RecordKind::State && !is_timer_key(key))
+            // Only state records are ever committed; a timer a changelog
+            // logged (before timers were derived) implies no other.
+            .filter(|(key, _)| !is_timer_key(key))
             .filter_map(|(key, value)| {
                 let at = timer_of(key, value.as_deref()?)?;
                 Some(timer_key(at, key))

@@ -18,7 +18,14 @@ type State = BTreeMap<Vec<u8>, Vec<u8>>;
 
 /// Restore a whole log the way `replay` does, into a map.
 fn restore(log: &[Option<Rec>]) -> Result<(State, Restorer), MarkerDecodeError> {
-    let mut r = Restorer::new(TaskMeta::default());
+    restore_with(Restorer::new(TaskMeta::default()), log)
+}
+
+/// [`restore`] with a given restorer.
+fn restore_with(
+    mut r: Restorer,
+    log: &[Option<Rec>],
+) -> Result<(State, Restorer), MarkerDecodeError> {
     let mut state = State::new();
     for (offset, rec) in log.iter().enumerate() {
         let Some(rec) = rec else { continue };
@@ -505,15 +512,8 @@ fn marker_rec(epoch: u32) -> Option<Rec> {
 
 /// Restore `log` as `restore` does, deriving timers with [`due_of`].
 fn restore_deriving(log: &[Option<Rec>]) -> Result<State, MarkerDecodeError> {
-    let mut r = Restorer::new(TaskMeta::default()).deriving_timers(Some(due_of));
-    let mut state = State::new();
-    for (offset, rec) in log.iter().enumerate() {
-        let Some(rec) = rec else { continue };
-        if let Some(changes) = r.apply(offset as i64, rec.epoch, &rec.key, rec.value.as_deref())? {
-            apply(&mut state, changes);
-        }
-    }
-    Ok(state)
+    let restorer = Restorer::new(TaskMeta::default()).deriving_timers(Some(due_of));
+    restore_with(restorer, log).map(|(state, _)| state)
 }
 
 #[test]
