@@ -17,6 +17,13 @@ loop (see docs/performance.md).
 `--perf STAGE` also records the stage's process with `perf record
 --call-graph dwarf` into the work directory (`perf report --tid <the
 stage thread's id>` reads the stage thread alone).
+
+`--callgrind STAGE` runs that stage under valgrind's callgrind, counting
+the instructions of its batches (`process_batch`: the operator, the
+state, the produce calls; not librdkafka's own threads) and prints them
+per event: exact where this box's timings spread ±10–15% between runs of
+one binary. The stage runs ~50× slower, so its batches are larger than
+in a timed run; compare two binaries with this, not with a timed run.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--workdir")
     ap.add_argument("--perf", metavar="STAGE")
+    ap.add_argument("--callgrind", metavar="STAGE")
     a = ap.parse_args()
     work = pathlib.Path(a.workdir or tempfile.mkdtemp(prefix="cdp-threads-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -83,11 +91,15 @@ def main() -> None:
         config.write_text(bench.config_text(demo, brokers, "threads", a.partitions, bench.free_port(), 1000, []))
         subprocess.run([a.cdp, "topics", "create", "--config", str(config)], check=True, stdout=subprocess.DEVNULL)
         for s in bench.STAGES:
+            wrap = []
+            if s == a.callgrind:
+                wrap = ["valgrind", "--tool=callgrind", "--toggle-collect=*batch::process_batch*",
+                        f"--callgrind-out-file={work / f'callgrind-{s}.out'}"]
             procs[s] = subprocess.Popen(
-                [a.cdp, s, "--config", str(config), "--admin-listen", f"127.0.0.1:{bench.free_port()}",
+                [*wrap, a.cdp, s, "--config", str(config), "--admin-listen", f"127.0.0.1:{bench.free_port()}",
                  "--state-dir", str(work / "state" / s)],
                 stdout=open(work / f"{s}.out", "w"), stderr=open(work / f"{s}.log", "w"))
-        time.sleep(15)  # every stage has joined its group and idles
+        time.sleep(60 if a.callgrind else 15)  # every stage has joined its group and idles
         perf = None
         if a.perf:
             perf = subprocess.Popen(["perf", "record", "-F", "999", "--call-graph", "dwarf,32768", "-o",
@@ -126,9 +138,16 @@ def main() -> None:
             p.terminate()
         for p in procs.values():
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=180 if a.callgrind else 10)
             except subprocess.TimeoutExpired:
                 p.kill()
+    if a.callgrind:
+        out = work / f"callgrind-{a.callgrind}.out"
+        total = next((int(line.split()[1]) for line in out.read_text().splitlines()
+                      if line.startswith("summary:")), None)
+        if total is None:
+            raise SystemExit(f"threads: no callgrind summary in {out}")
+        print(f"{a.callgrind}: {total / a.events:,.0f} instructions per event in its batches (callgrind)")
     print(f"work directory: {work}", file=sys.stderr)
 
 

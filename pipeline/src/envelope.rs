@@ -118,22 +118,76 @@ impl Position {
     }
 
     pub fn to_headers(&self, origin: &str) -> [(String, Vec<u8>); 4] {
-        let (epoch, position, lineage) = self.header_values();
+        let values = self.header_values();
         [
             (ORIGIN.to_string(), origin.as_bytes().to_vec()),
-            (EPOCH.to_string(), epoch.into_bytes()),
-            (POSITION.to_string(), position.into_bytes()),
-            (LINEAGE.to_string(), lineage.into_bytes()),
+            (EPOCH.to_string(), values.epoch().to_vec()),
+            (POSITION.to_string(), values.position().to_vec()),
+            (LINEAGE.to_string(), values.lineage().to_vec()),
         ]
     }
 
     /// The values of the [`EPOCH`], [`POSITION`] and [`LINEAGE`] headers.
-    pub fn header_values(&self) -> (String, String, String) {
-        (
-            self.epoch.to_string(),
-            format!("{}:{}", self.offset, self.index),
-            format!("{:016x}", self.lineage),
-        )
+    pub fn header_values(&self) -> HeaderValues {
+        HeaderValues::new(self)
+    }
+}
+
+/// The text of a position's headers, written on the stack: every output
+/// record carries them, and three formatted strings per record were ~2% of
+/// a stage's batch (docs/performance.md, "Recent values").
+pub struct HeaderValues {
+    buf: [u8; HeaderValues::CAPACITY],
+    epoch_end: usize,
+    position_end: usize,
+    len: usize,
+}
+
+impl HeaderValues {
+    /// An epoch (10 digits), an offset (20 and a sign), `:`, an index (10)
+    /// and a lineage (16 hex digits).
+    const CAPACITY: usize = 64;
+
+    fn new(pos: &Position) -> Self {
+        let mut v = HeaderValues {
+            buf: [0; Self::CAPACITY],
+            epoch_end: 0,
+            position_end: 0,
+            len: 0,
+        };
+        v.push(itoa::Buffer::new().format(pos.epoch).as_bytes());
+        v.epoch_end = v.len;
+        v.push(itoa::Buffer::new().format(pos.offset).as_bytes());
+        v.push(b":");
+        v.push(itoa::Buffer::new().format(pos.index).as_bytes());
+        v.position_end = v.len;
+        let mut hex = [0u8; 16];
+        for (i, digit) in hex.iter_mut().enumerate() {
+            let nibble = (pos.lineage >> (60 - 4 * i)) & 0xf;
+            *digit = b"0123456789abcdef"[nibble as usize];
+        }
+        v.push(&hex);
+        v
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    /// The [`EPOCH`] header's value (decimal).
+    pub fn epoch(&self) -> &[u8] {
+        &self.buf[..self.epoch_end]
+    }
+
+    /// The [`POSITION`] header's value (`offset:index`).
+    pub fn position(&self) -> &[u8] {
+        &self.buf[self.epoch_end..self.position_end]
+    }
+
+    /// The [`LINEAGE`] header's value (16 hex digits).
+    pub fn lineage(&self) -> &[u8] {
+        &self.buf[self.position_end..self.len]
     }
 }
 
@@ -224,6 +278,20 @@ mod tests {
     }
 
     proptest! {
+        /// The headers' text is what formatting the numbers gives.
+        #[test]
+        fn header_values_are_the_formatted_numbers(
+            epoch in any::<u32>(),
+            offset in any::<i64>(),
+            index in any::<u32>(),
+            lineage in any::<u64>(),
+        ) {
+            let v = Position { epoch, offset, index, lineage }.header_values();
+            prop_assert_eq!(v.epoch(), epoch.to_string().into_bytes());
+            prop_assert_eq!(v.position(), format!("{offset}:{index}").into_bytes());
+            prop_assert_eq!(v.lineage(), format!("{lineage:016x}").into_bytes());
+        }
+
         /// Applying a stream with arbitrary duplicated prefixes (crash
         /// replays) through the dedupe rule yields the stream without them.
         #[test]

@@ -165,7 +165,7 @@ impl AudiencesOperator {
         profile.clock = profile.clock.max(ctx.now()).max(event_time);
         // Identifiers only grow: a record from a partition that has not
         // seen the latest link must not take identifiers away.
-        profile.identifiers = union_identifiers(&profile.identifiers, &identifiers);
+        union_identifiers(&mut profile.identifiers, &identifiers);
         profile.traits_until = traits_until;
         for (name, value) in traits {
             if value.is_null() {
@@ -210,7 +210,7 @@ impl AudiencesOperator {
         // after the merge) travel with the state, so a membership the
         // transfer completes names them all, even if the merging event's
         // own update reaches the survivor later.
-        profile.identifiers = union_identifiers(&profile.identifiers, &identifiers);
+        union_identifiers(&mut profile.identifiers, &identifiers);
         let transfer = ProfileUpdate::transfer(
             STAGE,
             from.clone(),

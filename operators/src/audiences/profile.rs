@@ -127,7 +127,7 @@ impl AudienceProfile {
     /// Fold a merged-away profile into this one (the survivor's trait
     /// values win where both have one).
     pub(super) fn merge(&mut self, other: AudienceProfile) {
-        self.identifiers = union_identifiers(&self.identifiers, &other.identifiers);
+        union_identifiers(&mut self.identifiers, &other.identifiers);
         self.clock = self.clock.max(other.clock);
         self.sequences.extend(other.sequences);
         self.traits_until = match (self.traits_until, other.traits_until) {

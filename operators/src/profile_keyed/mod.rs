@@ -57,18 +57,21 @@ pub(crate) fn emit_json<T: Serialize>(
     Ok(())
 }
 
-/// Both profiles' identifiers: `a`'s first, then `b`'s new ones.
-pub(crate) fn union_identifiers(a: &Identifiers, b: &Identifiers) -> Identifiers {
-    let mut out = a.clone();
+/// Add `b`'s identifiers to `a`: `a`'s first, then `b`'s new ones. In
+/// place, so a known profile's event (whose identifiers are all known)
+/// copies nothing.
+pub(crate) fn union_identifiers(a: &mut Identifiers, b: &Identifiers) {
     for (kind, values) in b {
-        let mine = out.entry(kind.clone()).or_default();
+        let mine = match a.get_mut(kind) {
+            Some(mine) => mine,
+            None => a.entry(kind.clone()).or_default(),
+        };
         for v in values {
             if !mine.contains(v) {
                 mine.push(v.clone());
             }
         }
     }
-    out
 }
 
 /// Move a profile's timer from `current` to `next` (either may be none).

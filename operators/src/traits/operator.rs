@@ -168,7 +168,7 @@ impl TraitsOperator {
         }
         // Identifiers only grow: a record from a partition that has not
         // seen the latest link must not take identifiers away.
-        state.identifiers = union_identifiers(&state.identifiers, &identifiers);
+        union_identifiers(&mut state.identifiers, &identifiers);
         let (traits, stored) = self.settle(ctx, &profile_id, &mut state, Some(&applied.touched))?;
         let cause = Cause {
             message_id: event
@@ -222,7 +222,7 @@ impl TraitsOperator {
         let mut state = self.load(ctx, &from)?.unwrap_or_default();
         reschedule(ctx, &from, &mut state.timer, None);
         state.emitted.clear();
-        state.identifiers = union_identifiers(&state.identifiers, &identifiers);
+        union_identifiers(&mut state.identifiers, &identifiers);
         let transfer = ProfileRecord::transfer(
             STAGE,
             from.clone(),

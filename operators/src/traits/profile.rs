@@ -124,7 +124,7 @@ impl ProfileState {
 
     /// Fold `other` (a merged-away profile) into this one.
     pub(super) fn merge(&mut self, set: &TraitSet, other: ProfileState) {
-        self.identifiers = union_identifiers(&self.identifiers, &other.identifiers);
+        union_identifiers(&mut self.identifiers, &other.identifiers);
         self.clock = self.clock.max(other.clock);
         for (name, def) in &set.defs {
             let merged = match (self.computed.remove(name), other.computed.get(name)) {

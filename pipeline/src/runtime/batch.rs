@@ -265,7 +265,10 @@ pub(super) fn process_batch(
 
     // Phase 1: outputs, changelog records and the dead letters of failed
     // deliveries, all acknowledged.
-    let mut outgoing: Vec<Outgoing<'_>> = Vec::new();
+    // Sized once: grown one push at a time, a batch of thousands of
+    // records copied (and page-faulted) the vector several times.
+    let capacity = work.iter().map(|w| w.outputs.len() + w.changes.len()).sum();
+    let mut outgoing: Vec<Outgoing<'_>> = Vec::with_capacity(capacity);
     let derived_timers = shared.spec.timers_from_state.is_some();
     let mut out_counts: BTreeMap<&'static str, u64> = BTreeMap::new();
     for w in &work {
@@ -441,7 +444,8 @@ pub(super) fn process_batch(
             continue;
         }
         w.meta.changelog_offset = marker_offset;
-        task.store.commit(&w.changes, &w.meta)?;
+        task.store
+            .commit_batch(std::mem::take(&mut w.changes), &w.meta)?;
         task.meta = w.meta;
         task.log_end = marker_offset + 1;
         ownership::handle_foreign(shared, task, foreign)?;

@@ -24,6 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope::Position;
 
+mod recent;
+
+use recent::{RecentValues, RECENT_BYTES};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state store {path}: {source}")]
@@ -146,6 +150,8 @@ pub struct TaskStore {
     /// Default read options, made once: the crate's `get` builds and frees
     /// a set per call (~2.5% of a lookup).
     read: rocksdb::ReadOptions,
+    /// Committed values read or written lately (see [`recent`]).
+    recent: RecentValues,
 }
 
 /// Block cache shared by every task of a process (data, index and filter
@@ -216,6 +222,7 @@ impl TaskStore {
             path: path.to_path_buf(),
             overlay: Changes::new(),
             read: rocksdb::ReadOptions::default(),
+            recent: RecentValues::new(RECENT_BYTES),
         })
     }
 
@@ -256,8 +263,23 @@ impl TaskStore {
         self.overlay.clear();
     }
 
-    /// Write `changes` and `meta` in one atomic RocksDB batch.
+    /// Write `changes` and `meta` in one atomic RocksDB batch (a restore's,
+    /// a claim's: their values are not kept for reads).
     pub fn commit(&mut self, changes: &Changes, meta: &TaskMeta) -> Result<(), StoreError> {
+        self.write(changes, meta)?;
+        self.recent.forget(changes);
+        Ok(())
+    }
+
+    /// [`TaskStore::commit`] for a batch the stage processed: the values it
+    /// wrote are kept for the next reads of their keys (see [`recent`]).
+    pub fn commit_batch(&mut self, changes: Changes, meta: &TaskMeta) -> Result<(), StoreError> {
+        self.write(&changes, meta)?;
+        self.recent.written(changes);
+        Ok(())
+    }
+
+    fn write(&self, changes: &Changes, meta: &TaskMeta) -> Result<(), StoreError> {
         // Sized once: grown a put at a time, the batch's buffer was copied
         // over and over (a few % of the validate stage's thread).
         let bytes: usize = changes
@@ -313,8 +335,15 @@ impl StateBackend for TaskStore {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
         }
+        if let Some(v) = self.recent.get(key) {
+            return Ok(Some(v));
+        }
         match self.db.get_pinned_opt(key, &self.read) {
-            Ok(value) => Ok(value.map(|v| v.to_vec())),
+            Ok(Some(value)) => {
+                self.recent.read(key, &value);
+                Ok(Some(value.to_vec()))
+            }
+            Ok(None) => Ok(None),
             Err(e) => Err(self.err(e)),
         }
     }
@@ -445,5 +474,116 @@ mod tests {
         assert_eq!(store.get(b"p/c")?, None);
         assert_eq!(store.meta()?.input_offset, 7);
         Ok(())
+    }
+
+    /// What a sequence of batches can do to a task's store.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Put(usize, Vec<u8>),
+        Delete(usize),
+        /// Nothing but the reads every step ends with.
+        Get,
+        /// The runtime's commit of the batch's writes.
+        CommitBatch,
+        /// A restore's or claim's commit of writes that never were in the
+        /// overlay.
+        CommitRestore(Vec<(usize, Option<Vec<u8>>)>),
+        Abort,
+    }
+
+    /// A few keys, one of them a timer, so reads meet earlier writes.
+    fn key(i: usize) -> Vec<u8> {
+        let keys: [&[u8]; 5] = [
+            b"profile/a",
+            b"profile/b",
+            b"id/x",
+            b"id/y",
+            b"\x00cdp/timer/1",
+        ];
+        keys[i % keys.len()].to_vec()
+    }
+
+    fn arb_op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let value = prop::collection::vec(any::<u8>(), 0..120);
+        prop_oneof![
+            3 => (0..5usize, value.clone()).prop_map(|(k, v)| Op::Put(k, v)),
+            1 => (0..5usize).prop_map(Op::Delete),
+            4 => Just(Op::Get),
+            2 => Just(Op::CommitBatch),
+            1 => prop::collection::vec((0..5usize, prop::option::of(value)), 0..4)
+                .prop_map(Op::CommitRestore),
+            1 => Just(Op::Abort),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Every read, at every step, answers what a plain model of the
+        /// committed values and the batch's writes answers, whatever the
+        /// recent values' budget (small here, so it starts over often);
+        /// and the database reopened without them holds the model's
+        /// committed values.
+        #[test]
+        fn reads_through_recent_values_equal_the_committed_state(
+            ops in proptest::collection::vec(arb_op(), 1..60),
+            budget in 0usize..400,
+        ) {
+            let dir = tempfile::tempdir().map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            let mut store = TaskStore::open(dir.path())?;
+            store.recent = RecentValues::new(budget);
+            let mut committed: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            let mut pending: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+            let meta = TaskMeta::default();
+            for op in ops {
+                match op {
+                    Op::Put(k, v) => {
+                        store.put(&key(k), v.clone());
+                        pending.insert(key(k), Some(v));
+                    }
+                    Op::Delete(k) => {
+                        store.delete(&key(k));
+                        pending.insert(key(k), None);
+                    }
+                    Op::Get => {}
+                    Op::CommitBatch => {
+                        let changes = store.take_changes();
+                        store.commit_batch(changes, &meta)?;
+                        for (k, v) in std::mem::take(&mut pending) {
+                            match v {
+                                Some(v) => committed.insert(k, v),
+                                None => committed.remove(&k),
+                            };
+                        }
+                    }
+                    Op::CommitRestore(writes) => {
+                        let changes: Changes = writes.into_iter().map(|(k, v)| (key(k), v)).collect();
+                        store.commit(&changes, &meta)?;
+                        for (k, v) in changes {
+                            match v {
+                                Some(v) => committed.insert(k, v),
+                                None => committed.remove(&k),
+                            };
+                        }
+                    }
+                    Op::Abort => {
+                        store.abort();
+                        pending.clear();
+                    }
+                }
+                for k in 0..5 {
+                    let expected = match pending.get(&key(k)) {
+                        Some(v) => v.clone(),
+                        None => committed.get(&key(k)).cloned(),
+                    };
+                    proptest::prop_assert_eq!(store.get(&key(k))?, expected, "key {}", k);
+                }
+                proptest::prop_assert!(store.recent.bytes() <= budget);
+            }
+            drop(store);
+            let store = TaskStore::open(dir.path())?;
+            for k in 0..5 {
+                proptest::prop_assert_eq!(store.get(&key(k))?, committed.get(&key(k)).cloned());
+            }
+        }
     }
 }
