@@ -25,7 +25,7 @@ pub(crate) const CACHED_PROFILES: usize = 2048;
 
 /// See the module docs.
 pub(crate) struct StateCache<T> {
-    entries: RefCell<HashMap<String, (Vec<u8>, T)>>,
+    entries: RefCell<HashMap<String, (Vec<u8>, T), foldhash::fast::RandomState>>,
     capacity: usize,
 }
 
@@ -33,7 +33,7 @@ impl<T> StateCache<T> {
     /// A cache of at most `capacity` profiles (0: none, every load decodes).
     pub(crate) fn new(capacity: usize) -> Self {
         StateCache {
-            entries: RefCell::new(HashMap::new()),
+            entries: RefCell::new(HashMap::default()),
             capacity,
         }
     }

@@ -37,7 +37,7 @@ const ENTRY_OVERHEAD: usize = 64;
 /// See the module docs.
 #[derive(Default)]
 pub(crate) struct RecentValues {
-    map: RefCell<HashMap<Vec<u8>, Vec<u8>>>,
+    map: RefCell<HashMap<Vec<u8>, Vec<u8>, foldhash::fast::RandomState>>,
     bytes: Cell<usize>,
     budget: usize,
 }
