@@ -50,7 +50,7 @@ fn store_with(dir: &std::path::Path, stored: i64) -> Result<TaskStore, Box<dyn s
                 }
             }
             let changes: Changes = store.take_changes();
-            store.commit(&changes, &TaskMeta::default())?;
+            store.commit_batch(changes, &TaskMeta::default())?;
             i = end;
         }
         Ok::<_, Box<dyn std::error::Error>>(())

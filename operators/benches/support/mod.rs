@@ -56,8 +56,10 @@ impl<O: Operator> Task<O> {
             }
         }
         self.meta.input_offset += values.len() as i64;
+        // As the runtime commits a processed batch (its values kept for
+        // the next reads).
         let changes = self.store.take_changes();
-        if let Err(e) = self.store.commit(&changes, &self.meta) {
+        if let Err(e) = self.store.commit_batch(changes, &self.meta) {
             panic!("commit: {e}");
         }
         out.len()
