@@ -253,7 +253,7 @@ impl TaskStore {
     }
 
     /// Take this batch's writes (for the changelog), leaving the overlay
-    /// empty. Pass them back to [`TaskStore::commit`].
+    /// empty. Pass them back to [`TaskStore::commit_batch`].
     pub fn take_changes(&mut self) -> Changes {
         std::mem::take(&mut self.overlay)
     }
@@ -503,6 +503,16 @@ mod tests {
         keys[i % keys.len()].to_vec()
     }
 
+    /// The model's commit: `changes` applied to the committed values.
+    fn apply(committed: &mut BTreeMap<Vec<u8>, Vec<u8>>, changes: Changes) {
+        for (k, v) in changes {
+            match v {
+                Some(v) => committed.insert(k, v),
+                None => committed.remove(&k),
+            };
+        }
+    }
+
     fn arb_op() -> impl proptest::strategy::Strategy<Value = Op> {
         use proptest::prelude::*;
         let value = prop::collection::vec(any::<u8>(), 0..120);
@@ -548,22 +558,12 @@ mod tests {
                     Op::CommitBatch => {
                         let changes = store.take_changes();
                         store.commit_batch(changes, &meta)?;
-                        for (k, v) in std::mem::take(&mut pending) {
-                            match v {
-                                Some(v) => committed.insert(k, v),
-                                None => committed.remove(&k),
-                            };
-                        }
+                        apply(&mut committed, std::mem::take(&mut pending));
                     }
                     Op::CommitRestore(writes) => {
                         let changes: Changes = writes.into_iter().map(|(k, v)| (key(k), v)).collect();
                         store.commit(&changes, &meta)?;
-                        for (k, v) in changes {
-                            match v {
-                                Some(v) => committed.insert(k, v),
-                                None => committed.remove(&k),
-                            };
-                        }
+                        apply(&mut committed, changes);
                     }
                     Op::Abort => {
                         store.abort();

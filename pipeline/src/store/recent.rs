@@ -87,16 +87,13 @@ impl RecentValues {
         self.bytes.get()
     }
 
-    fn cost(key: &[u8], value: &[u8]) -> usize {
-        Self::cost_of(key.len(), value.len())
-    }
-
-    fn cost_of(key: usize, value: usize) -> usize {
+    /// Bytes an entry of a `key`-byte key and a `value`-byte value counts for.
+    fn cost(key: usize, value: usize) -> usize {
         key + value + ENTRY_OVERHEAD
     }
 
     fn keep(&self, key: Vec<u8>, value: Vec<u8>) {
-        let cost = Self::cost(&key, &value);
+        let cost = Self::cost(key.len(), value.len());
         if cost > self.budget {
             self.remove(&key);
             return;
@@ -109,14 +106,15 @@ impl RecentValues {
         let key_len = key.len();
         let mut bytes = self.bytes.get() + cost;
         if let Some(old) = map.insert(key, value) {
-            bytes -= Self::cost_of(key_len, old.len());
+            bytes -= Self::cost(key_len, old.len());
         }
         self.bytes.set(bytes);
     }
 
     fn remove(&self, key: &[u8]) {
         if let Some((key, value)) = self.map.borrow_mut().remove_entry(key) {
-            self.bytes.set(self.bytes.get() - Self::cost(&key, &value));
+            self.bytes
+                .set(self.bytes.get() - Self::cost(key.len(), value.len()));
         }
     }
 }
