@@ -359,14 +359,18 @@ pub fn parse_time_ms(s: &str) -> Option<i64> {
 pub fn event_time_ms(event: &Value) -> Option<i64> {
     ["timestamp", "receivedAt", "originalTimestamp"]
         .iter()
-        .find_map(|f| event.get(f).and_then(Value::as_str).and_then(parse_time_ms))
+        .find_map(|f| {
+            field(event, f)
+                .and_then(Value::as_str)
+                .and_then(parse_time_ms)
+        })
 }
 
 /// The event name a Segment event counts as: `event` for track, `Page
 /// Viewed` for page, `Screen Viewed` for screen.
 pub fn event_name(event: &Value) -> Option<&str> {
-    match event.get("type").and_then(Value::as_str) {
-        Some("track") => event.get("event").and_then(Value::as_str),
+    match field(event, "type").and_then(Value::as_str) {
+        Some("track") => field(event, "event").and_then(Value::as_str),
         Some("page") => Some("Page Viewed"),
         Some("screen") => Some("Screen Viewed"),
         _ => None,
@@ -376,7 +380,21 @@ pub fn event_name(event: &Value) -> Option<&str> {
 /// Look up a dotted path such as `properties.revenue` or
 /// `context.campaign.source`.
 pub fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.').try_fold(value, |v, part| v.get(part))
+    path.split('.').try_fold(value, field)
+}
+
+/// The value under `key` of an object (`None` for anything else), found
+/// by comparing keys in order. `Value::get` hashes the key with SipHash
+/// first (the workspace's `serde_json` keeps key order, so its objects are
+/// `IndexMap`s): ~370 instructions a lookup, where an event's objects (a
+/// stage's partial tree, or a Segment event's dozen top-level fields) are
+/// small enough that comparing lengths, then bytes, finds the key in a
+/// fraction of that.
+pub fn field<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
+    value
+        .as_object()?
+        .iter()
+        .find_map(|(k, v)| (k.as_str() == key).then_some(v))
 }
 
 #[cfg(test)]
@@ -414,6 +432,24 @@ mod tests {
         };
         let v = serde_json::to_value(&r).unwrap_or_default();
         assert_eq!(v["type"], "merged");
+    }
+
+    proptest! {
+        /// `field` finds what `serde_json`'s own lookup finds, in objects
+        /// and in anything else.
+        #[test]
+        fn a_field_is_what_the_map_holds_under_its_key(
+            pairs in prop::collection::vec(("[a-dé]{0,3}", any::<i64>()), 0..12),
+            key in "[a-dé]{0,3}",
+            scalar in any::<i64>(),
+        ) {
+            let object = Value::Object(pairs.into_iter().map(|(k, v)| (k, Value::from(v))).collect());
+            prop_assert_eq!(field(&object, &key), object.get(&key));
+            let other = json!([scalar, key.clone()]);
+            prop_assert_eq!(field(&other, &key), None);
+            let number = Value::from(scalar);
+            prop_assert_eq!(field(&number, &key), None);
+        }
     }
 
     fn arb_text() -> impl Strategy<Value = String> {

@@ -171,8 +171,7 @@ impl TraitsOperator {
         union_identifiers(&mut state.identifiers, &identifiers);
         let (traits, stored) = self.settle(ctx, &profile_id, &mut state, Some(&applied.touched))?;
         let cause = Cause {
-            message_id: event
-                .get("messageId")
+            message_id: messages::field(&event, "messageId")
                 .and_then(Value::as_str)
                 .map(str::to_owned),
             tick: None,

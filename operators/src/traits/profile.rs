@@ -57,7 +57,14 @@ pub(super) struct Applied<'a> {
 
 impl ProfileState {
     /// Drop states of traits no longer configured or of another type.
+    /// A state last settled under these very traits (`config` is their
+    /// fingerprint) holds none: only settling sets `config`, and between
+    /// two settles a state gains computed states only from `apply_event`
+    /// (configured traits) and merges (states conformed on arrival).
     pub(super) fn conform(&mut self, set: &TraitSet) {
+        if self.config == set.fingerprint {
+            return;
+        }
         self.computed
             .retain(|name, state| set.defs.get(name).is_some_and(|def| state.fits(def)));
     }
@@ -92,12 +99,12 @@ impl ProfileState {
                 applied.limited.insert(def.kind());
             }
         }
-        if event.get("type").and_then(Value::as_str) == Some("identify") {
+        if messages::field(event, "type").and_then(Value::as_str) == Some("identify") {
             // RudderStack SDKs send identify traits in `context.traits`,
             // Segment's in `traits`; the top-level ones win a clash.
             let places = [
                 messages::lookup(event, "context.traits"),
-                event.get("traits"),
+                messages::field(event, "traits"),
             ];
             for traits in places.into_iter().flatten().filter_map(Value::as_object) {
                 for (name, value) in traits {
