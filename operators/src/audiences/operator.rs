@@ -85,8 +85,7 @@ impl AudiencesOperator {
     ) -> AudienceChange {
         let traits = self
             .set
-            .audiences
-            .get(audience)
+            .audience(audience)
             .map(|a| {
                 a.traits
                     .iter()
@@ -121,7 +120,7 @@ impl AudiencesOperator {
         let now = profile.clock;
         let members = profile.evaluate(&self.set, now);
         let mut changes = Vec::new();
-        for name in &self.set.order {
+        for name in self.set.order() {
             let action = match (profile.members.contains(name), members.contains(name)) {
                 (false, true) => AudienceAction::Entered,
                 (true, false) => AudienceAction::Exited,
@@ -199,8 +198,7 @@ impl AudiencesOperator {
         // The merged-away profile leaves every audience it was in.
         let exits: Vec<AudienceChange> = self
             .set
-            .order
-            .iter()
+            .order()
             .filter(|name| profile.members.contains(*name))
             .map(|name| self.change(ctx, &from, &profile, name, AudienceAction::Exited, &trigger))
             .collect();

@@ -199,16 +199,14 @@ impl AudienceProfile {
     pub(super) fn evaluate(&self, set: &AudienceSet, now: i64) -> BTreeSet<String> {
         let stale = self.traits_until.is_some_and(|until| now >= until);
         let mut members = BTreeSet::new();
-        for name in &set.order {
-            if let Some(a) = set.audiences.get(name) {
-                let holds = if stale && !a.traits.is_empty() {
-                    self.members.contains(name)
-                } else {
-                    self.holds(set, &a.condition, now, &members)
-                };
-                if holds {
-                    members.insert(name.clone());
-                }
+        for (name, a) in &set.audiences {
+            let holds = if stale && !a.traits.is_empty() {
+                self.members.contains(name)
+            } else {
+                self.holds(set, &a.condition, now, &members)
+            };
+            if holds {
+                members.insert(name.clone());
             }
         }
         members

@@ -47,11 +47,11 @@ quiet_buyer: {where: {all: [{trait: orders_90s, gte: 1}, {not: {audience: viewer
 #[test]
 fn the_design_audiences_load_in_dependency_order() -> TestResult {
     let set = AudienceSet::new(&defs(DESIGN_AUDIENCES)?, &KnownNames::anything())?;
-    let order = set.order();
-    let pos = |n: &str| order.iter().position(|o| o == n);
+    let order: Vec<&str> = set.order().collect();
+    let pos = |n: &str| order.iter().position(|o| *o == n);
     assert!(pos("big_spenders") < pos("lapsing"));
     assert_eq!(order.len(), 3);
-    let lapsing = set.audiences.get("lapsing").ok_or("no lapsing")?;
+    let lapsing = set.audience("lapsing").ok_or("no lapsing")?;
     assert!(
         lapsing.traits.contains("revenue_total"),
         "traits flow through audience refs"
