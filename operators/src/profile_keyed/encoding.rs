@@ -50,9 +50,16 @@ pub(crate) enum Stored<'a, T> {
 }
 
 /// Encode a state for the store.
+/// See [`encode_state`].
+const STATE_ROOM: usize = 256;
+
 pub(crate) fn encode_state<T: Serialize>(state: &T) -> Result<Vec<u8>, StoreError> {
-    postcard::to_extend(state, vec![LIVE])
-        .map_err(|e| StoreError::Decode(format!("encode state: {e}")))
+    // Room for a typical state (a profile of ten traits is ~100–300
+    // bytes), so the encoding does not grow the vector from one byte by
+    // doubling.
+    let mut bytes = Vec::with_capacity(STATE_ROOM);
+    bytes.push(LIVE);
+    postcard::to_extend(state, bytes).map_err(|e| StoreError::Decode(format!("encode state: {e}")))
 }
 
 /// Decode the value of `profile/<id>`: a state in the binary encoding,
