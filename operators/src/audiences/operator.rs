@@ -118,17 +118,17 @@ impl AudiencesOperator {
         profile.remember_sequences(&self.set);
         profile.prune(&self.set);
         let now = profile.clock;
-        let members = profile.evaluate(&self.set, now);
+        let held = profile.evaluate(&self.set, now);
         let mut changes = Vec::new();
-        for name in self.set.order() {
-            let action = match (profile.members.contains(name), members.contains(name)) {
+        for (name, &holds) in self.set.order().zip(&held) {
+            let action = match (profile.members.contains(name), holds) {
                 (false, true) => AudienceAction::Entered,
                 (true, false) => AudienceAction::Exited,
                 _ => continue,
             };
             changes.push(self.change(ctx, id, &profile, name, action, trigger));
         }
-        profile.members = members;
+        profile.set_members(&self.set, &held);
         let next = profile.next_change(&self.set, now);
         reschedule(ctx, id, &mut profile.timer, next);
         let stored = encode_state(&profile)?;

@@ -158,17 +158,13 @@ impl AudienceProfile {
             .and_then(|f| self.events.get(&f.key))
     }
 
-    pub(super) fn holds(
-        &self,
-        set: &AudienceSet,
-        c: &Compiled,
-        now: i64,
-        members: &BTreeSet<String>,
-    ) -> bool {
+    /// Whether `c` holds; `held`: the memberships of the audiences before
+    /// this one in evaluation order (see [`AudienceProfile::evaluate`]).
+    pub(super) fn holds(&self, set: &AudienceSet, c: &Compiled, now: i64, held: &[bool]) -> bool {
         match c {
-            Compiled::All(cs) => cs.iter().all(|c| self.holds(set, c, now, members)),
-            Compiled::Any(cs) => cs.iter().any(|c| self.holds(set, c, now, members)),
-            Compiled::Not(c) => !self.holds(set, c, now, members),
+            Compiled::All(cs) => cs.iter().all(|c| self.holds(set, c, now, held)),
+            Compiled::Any(cs) => cs.iter().any(|c| self.holds(set, c, now, held)),
+            Compiled::Not(c) => !self.holds(set, c, now, held),
             Compiled::Trait { name, op } => op.matches(self.traits.get(name)),
             Compiled::Event {
                 filter,
@@ -185,31 +181,51 @@ impl AudienceProfile {
                 };
                 count.matches(n)
             }
-            Compiled::Audience(name) => members.contains(name),
+            // A referenced audience comes earlier in the order.
+            Compiled::Audience(name) => set
+                .audiences
+                .iter()
+                .position(|(n, _)| n == name)
+                .and_then(|i| held.get(i))
+                .copied()
+                .unwrap_or(false),
             Compiled::Sequence { key, steps, within } => {
                 self.sequences.contains(key) || self.sequence_holds(set, steps, *within)
             }
         }
     }
 
-    /// Memberships at `now`, every audience in topological order. Past
-    /// `traits_until` the trait values may be stale (the traits stage's
-    /// update for that time is on its way): an audience that reads traits,
-    /// directly or through another audience, keeps its membership.
-    pub(super) fn evaluate(&self, set: &AudienceSet, now: i64) -> BTreeSet<String> {
+    /// Memberships at `now`, one per audience in the set's (topological)
+    /// order. Past `traits_until` the trait values may be stale (the traits
+    /// stage's update for that time is on its way): an audience that reads
+    /// traits, directly or through another audience, keeps its membership.
+    pub(super) fn evaluate(&self, set: &AudienceSet, now: i64) -> Vec<bool> {
         let stale = self.traits_until.is_some_and(|until| now >= until);
-        let mut members = BTreeSet::new();
+        let mut held = Vec::with_capacity(set.audiences.len());
         for (name, a) in &set.audiences {
             let holds = if stale && !a.traits.is_empty() {
                 self.members.contains(name)
             } else {
-                self.holds(set, &a.condition, now, &members)
+                self.holds(set, &a.condition, now, &held)
             };
-            if holds {
-                members.insert(name.clone());
-            }
+            held.push(holds);
         }
-        members
+        held
+    }
+
+    /// Make `members` the audiences `held` (as [`evaluate`](Self::evaluate)
+    /// returned them) says. Unchanged, it is left as it is (no name copied).
+    pub(super) fn set_members(&mut self, set: &AudienceSet, held: &[bool]) {
+        let members = set
+            .audiences
+            .iter()
+            .zip(held)
+            .filter_map(|((name, _), &holds)| holds.then_some(name));
+        let unchanged = members.clone().count() == self.members.len()
+            && members.clone().all(|name| self.members.contains(name));
+        if !unchanged {
+            self.members = members.cloned().collect();
+        }
     }
 
     /// The earliest time after `now` at which a windowed event condition can

@@ -231,12 +231,19 @@ impl ProfileState {
                         changed.insert(name.to_owned(), Value::Null);
                     }
                 }
-                value => {
-                    if self.emitted.get(name) != Some(&value) {
+                // A value emitted before is replaced in place (its name
+                // not copied again).
+                value => match self.emitted.get_mut(name) {
+                    Some(emitted) if *emitted == value => {}
+                    Some(emitted) => {
+                        emitted.clone_from(&value);
+                        changed.insert(name.to_owned(), value);
+                    }
+                    None => {
                         self.emitted.insert(name.to_owned(), value.clone());
                         changed.insert(name.to_owned(), value);
                     }
-                }
+                },
             }
         }
         changed
