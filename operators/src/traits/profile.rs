@@ -93,9 +93,13 @@ impl ProfileState {
                     .entry(name.clone())
                     .or_insert_with(|| TraitState::empty(def)),
             };
-            let dropped = state.add(def, event_time, &text);
-            applied.touched.push(name);
-            if dropped {
+            let added = state.add(def, event_time, &text);
+            // A trait whose value the event cannot have changed is not
+            // recomputed (see `TraitState::add`).
+            if added.changed {
+                applied.touched.push(name);
+            }
+            if added.dropped {
                 applied.limited.insert(def.kind());
             }
         }

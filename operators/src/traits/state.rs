@@ -324,8 +324,11 @@ impl TraitState {
     }
 
     /// Record one event's value (JSON text, see [`TraitDef::extract`]).
-    /// Returns whether a per-profile limit dropped something.
-    pub(super) fn add(&mut self, def: &TraitDef, time: i64, text: &str) -> bool {
+    pub(super) fn add(&mut self, def: &TraitDef, time: i64, text: &str) -> Added {
+        let mut added = Added {
+            dropped: false,
+            changed: true,
+        };
         match self {
             TraitState::Counter { count } => *count = count.saturating_add(1),
             TraitState::Aggregation {
@@ -334,52 +337,84 @@ impl TraitState {
                 min,
                 max,
             } => {
-                let Ok(x) = text.parse::<f64>() else {
-                    return false;
+                let x = match text.parse::<f64>() {
+                    Ok(x) if x.is_finite() => x,
+                    // Not a number: the state is as it was.
+                    _ => return Added::NOTHING,
                 };
-                if !x.is_finite() {
-                    return false;
-                }
                 *count = count.saturating_add(1);
                 *sum = sum.saturating_add(to_units(x));
                 *min = Some(min.map_or(x, |m| m.min(x)));
                 *max = Some(max.map_or(x, |m| m.max(x)));
             }
             TraitState::MostFrequent { counts } => {
-                let c = counts.entry(text.to_owned()).or_insert(0);
-                *c = c.saturating_add(1);
-                return keep_most_frequent(counts, def.limit());
+                match counts.get_mut(text) {
+                    Some(c) => *c = c.saturating_add(1),
+                    None => {
+                        counts.insert(text.to_owned(), 1);
+                    }
+                }
+                added.dropped = keep_most_frequent(counts, def.limit());
             }
+            // The value is the kept text: an earlier (later) time with the
+            // same text leaves it as it was.
             TraitState::First { at } => {
-                let candidate = (time, text.to_owned());
-                if at.as_ref().is_none_or(|a| candidate < *a) {
-                    *at = Some(candidate);
+                added.changed = false;
+                if at
+                    .as_ref()
+                    .is_none_or(|(t, v)| (time, text) < (*t, v.as_str()))
+                {
+                    added.changed = at.as_ref().is_none_or(|(_, v)| v != text);
+                    *at = Some((time, text.to_owned()));
                 }
             }
             TraitState::Last { at } => {
-                let candidate = (time, text.to_owned());
-                if at.as_ref().is_none_or(|a| candidate > *a) {
-                    *at = Some(candidate);
+                added.changed = false;
+                if at
+                    .as_ref()
+                    .is_none_or(|(t, v)| (time, text) > (*t, v.as_str()))
+                {
+                    added.changed = at.as_ref().is_none_or(|(_, v)| v != text);
+                    *at = Some((time, text.to_owned()));
                 }
             }
+            // The value is the set of kept texts: a text already kept (a
+            // newer time for it, nothing evicted) leaves it as it was.
             TraitState::UniqueList { latest } => {
-                let t = latest.entry(text.to_owned()).or_insert(time);
-                *t = (*t).max(time);
+                let before = latest.len();
+                let known = match latest.get_mut(text) {
+                    Some(t) => {
+                        *t = (*t).max(time);
+                        true
+                    }
+                    None => {
+                        latest.insert(text.to_owned(), time);
+                        false
+                    }
+                };
                 keep_most_recent(latest, def.limit());
+                added.changed = !known || latest.len() != before;
             }
             TraitState::UniqueCount { values } => {
-                values.insert(text.to_owned());
-                return truncate(values, def.limit());
+                let before = values.len();
+                if !values.contains(text) {
+                    values.insert(text.to_owned());
+                }
+                added.dropped = truncate(values, def.limit());
+                added.changed = values.len() != before;
             }
+            // A window's value merges its buckets: a bucket's times count
+            // (the latest `last` across buckets), so any add may change it.
             TraitState::Window { buckets } => {
                 let width = def.window().map_or(1, bucket_width);
-                return buckets
+                let inner = buckets
                     .entry(bucket_start(time, width))
                     .or_insert_with(|| Self::all_time(def))
                     .add(def, time, text);
+                added.dropped = inner.dropped;
             }
         }
-        false
+        added
     }
 
     /// The state of the union of both states' events. Commutative and
@@ -550,6 +585,24 @@ fn merge_opt(a: Option<f64>, b: Option<f64>, f: fn(f64, f64) -> f64) -> Option<f
 }
 
 /// Drop the least recent values (smallest `(time, value)`) beyond `limit`.
+/// What [`TraitState::add`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Added {
+    /// A per-profile limit dropped something.
+    pub(super) dropped: bool,
+    /// The trait's value may have changed; `false` only where it cannot
+    /// have (the stage then does not recompute it).
+    pub(super) changed: bool,
+}
+
+impl Added {
+    /// The event left the state as it was.
+    const NOTHING: Added = Added {
+        dropped: false,
+        changed: false,
+    };
+}
+
 fn keep_most_recent(latest: &mut BTreeMap<String, i64>, limit: usize) {
     while latest.len() > limit {
         let oldest = latest
