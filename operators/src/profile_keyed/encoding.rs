@@ -49,14 +49,12 @@ pub(crate) enum Stored<'a, T> {
     Absent,
 }
 
-/// Encode a state for the store.
-/// See [`encode_state`].
+/// Room for a typical state (a profile of ten traits is ~100–300 bytes),
+/// so the encoding does not grow its vector from one byte by doubling.
 const STATE_ROOM: usize = 256;
 
+/// Encode a state for the store.
 pub(crate) fn encode_state<T: Serialize>(state: &T) -> Result<Vec<u8>, StoreError> {
-    // Room for a typical state (a profile of ten traits is ~100–300
-    // bytes), so the encoding does not grow the vector from one byte by
-    // doubling.
     let mut bytes = Vec::with_capacity(STATE_ROOM);
     bytes.push(LIVE);
     postcard::to_extend(state, bytes).map_err(|e| StoreError::Decode(format!("encode state: {e}")))
