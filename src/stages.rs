@@ -534,40 +534,19 @@ mod tests {
         assert_eq!(dropped("in_the_event"), 0);
         // Merges are one unlabelled counter: other tests may add to it.
         assert!(merges() > before.2);
-        Ok(())
-    }
-
-    #[test]
-    fn identity_parses_only_records_with_something_to_count() -> Result<(), serde_json::Error> {
-        use cdp_operators::messages::{Cause, DroppedIdentifier, Identifiers, ProfileRecord};
-        let event = |dropped: Vec<DroppedIdentifier>, event: serde_json::Value| {
-            serde_json::to_vec(&ProfileRecord::Event {
-                profile_id: "p".into(),
-                identifiers: Identifiers::new(),
-                event: event.into(),
-                dropped,
-                merged_from: Vec::new(),
-            })
+        // Parsed only when there may be something to count.
+        assert!(!nothing_to_count(&emitted(&event)?.value));
+        assert!(!nothing_to_count(&emitted(&merged)?.value));
+        // As identity writes an event record: its `type` first.
+        let plain = |event: serde_json::Value| {
+            let record =
+                json!({"type": "event", "profile_id": "p", "identifiers": {}, "event": event});
+            serde_json::to_vec(&record)
         };
-        let plain = json!({"type": "track", "event": "E"});
-        assert!(nothing_to_count(&event(Vec::new(), plain.clone())?));
-        let refused = DroppedIdentifier {
-            kind: "k".into(),
-            value: "v".into(),
-            reason: "limit".into(),
-        };
-        assert!(!nothing_to_count(&event(vec![refused], plain)?));
+        assert!(nothing_to_count(&plain(json!({"type": "track"}))?));
         // A property so named is parsed for nothing, never skipped wrongly.
-        let named = json!({"type": "track", "event": "E", "properties": {"dropped": 1}});
-        assert!(!nothing_to_count(&event(Vec::new(), named)?));
-        let merged = serde_json::to_vec(&ProfileRecord::Merged {
-            from: "a".into(),
-            into: "b".into(),
-            identifiers: Identifiers::new(),
-            cause: Cause::default(),
-            announced: false,
-        })?;
-        assert!(!nothing_to_count(&merged));
+        let named = plain(json!({"properties": {"dropped": 1}}))?;
+        assert!(!nothing_to_count(&named));
         assert!(!nothing_to_count(b"not json"));
         Ok(())
     }
