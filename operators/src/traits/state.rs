@@ -1,5 +1,6 @@
 //! Mergeable state of one computed trait.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -356,28 +357,8 @@ impl TraitState {
                 }
                 added.dropped = keep_most_frequent(counts, def.limit());
             }
-            // The value is the kept text: an earlier (later) time with the
-            // same text leaves it as it was.
-            TraitState::First { at } => {
-                added.changed = false;
-                if at
-                    .as_ref()
-                    .is_none_or(|(t, v)| (time, text) < (*t, v.as_str()))
-                {
-                    added.changed = at.as_ref().is_none_or(|(_, v)| v != text);
-                    *at = Some((time, text.to_owned()));
-                }
-            }
-            TraitState::Last { at } => {
-                added.changed = false;
-                if at
-                    .as_ref()
-                    .is_none_or(|(t, v)| (time, text) > (*t, v.as_str()))
-                {
-                    added.changed = at.as_ref().is_none_or(|(_, v)| v != text);
-                    *at = Some((time, text.to_owned()));
-                }
-            }
+            TraitState::First { at } => added.changed = keep_if(at, time, text, Ordering::Less),
+            TraitState::Last { at } => added.changed = keep_if(at, time, text, Ordering::Greater),
             // The value is the set of kept texts: a text already kept (a
             // newer time for it, nothing evicted) leaves it as it was.
             TraitState::UniqueList { latest } => {
@@ -584,7 +565,6 @@ fn merge_opt(a: Option<f64>, b: Option<f64>, f: fn(f64, f64) -> f64) -> Option<f
     }
 }
 
-/// Drop the least recent values (smallest `(time, value)`) beyond `limit`.
 /// What [`TraitState::add`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Added {
@@ -603,6 +583,22 @@ impl Added {
     };
 }
 
+/// A `first` (`Less`) or `last` (`Greater`): keep `(time, text)` if it
+/// orders `side` of the kept one. Whether the value (the kept text)
+/// changed: an earlier (later) time with the same text leaves it as it was.
+fn keep_if(at: &mut Option<(i64, String)>, time: i64, text: &str, side: Ordering) -> bool {
+    let replaces = at
+        .as_ref()
+        .is_none_or(|(t, v)| (time, text).cmp(&(*t, v.as_str())) == side);
+    if !replaces {
+        return false;
+    }
+    let changed = at.as_ref().is_none_or(|(_, v)| v != text);
+    *at = Some((time, text.to_owned()));
+    changed
+}
+
+/// Drop the least recent values (smallest `(time, value)`) beyond `limit`.
 fn keep_most_recent(latest: &mut BTreeMap<String, i64>, limit: usize) {
     while latest.len() > limit {
         let oldest = latest
