@@ -118,13 +118,9 @@ impl Position {
     }
 
     pub fn to_headers(&self, origin: &str) -> [(String, Vec<u8>); 4] {
-        let values = self.header_values();
-        [
-            (ORIGIN.to_string(), origin.as_bytes().to_vec()),
-            (EPOCH.to_string(), values.epoch().to_vec()),
-            (POSITION.to_string(), values.position().to_vec()),
-            (LINEAGE.to_string(), values.lineage().to_vec()),
-        ]
+        self.header_values()
+            .stamp(origin)
+            .map(|(name, value)| (name.to_string(), value.to_vec()))
     }
 
     /// The values of the [`EPOCH`], [`POSITION`] and [`LINEAGE`] headers.
@@ -188,6 +184,17 @@ impl HeaderValues {
     /// The [`LINEAGE`] header's value (16 hex digits).
     pub fn lineage(&self) -> &[u8] {
         &self.buf[self.position_end..self.len]
+    }
+
+    /// The four headers a record from `origin` at this position carries,
+    /// borrowed: ([`ORIGIN`], [`EPOCH`], [`POSITION`], [`LINEAGE`]).
+    pub fn stamp<'a>(&'a self, origin: &'a str) -> [(&'static str, &'a [u8]); 4] {
+        [
+            (ORIGIN, origin.as_bytes()),
+            (EPOCH, self.epoch()),
+            (POSITION, self.position()),
+            (LINEAGE, self.lineage()),
+        ]
     }
 }
 

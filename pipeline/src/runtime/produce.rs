@@ -49,12 +49,7 @@ impl OutHeaders<'_> {
         match self {
             OutHeaders::Stamped { own, origin, pos } => {
                 let values = pos.header_values();
-                let stamp = [
-                    (envelope::ORIGIN, origin.as_bytes()),
-                    (envelope::EPOCH, values.epoch()),
-                    (envelope::POSITION, values.position()),
-                    (envelope::LINEAGE, values.lineage()),
-                ];
+                let stamp = values.stamp(origin);
                 let capacity = own.len() + stamp.len();
                 let own = own.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
                 own.chain(stamp).fold(
