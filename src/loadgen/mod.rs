@@ -139,6 +139,7 @@ pub async fn run(opts: LoadgenOptions) -> anyhow::Result<Summary> {
         Target::Raw { factory, source } => {
             let topic = factory.topics().raw();
             let producer = factory.producer().context("creating the producer")?;
+            send::ready(&producer, &topic).await?;
             let mut sender = RawSender::new(producer, topic.clone(), source.clone());
             // Pace in slices of ~1 ms worth of events, not per event.
             let step = opts

@@ -321,3 +321,26 @@ async fn the_real_collector_accepts_the_http_batches() -> TestResult {
     tokio::time::timeout(Duration::from_secs(10), server).await???;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_named_before_anything_is_sent() -> TestResult {
+    // Nothing listens on port 1: the broker never describes the topic.
+    let factory = ClientFactory::new(KafkaConfig {
+        brokers: "127.0.0.1:1".into(),
+        topic_prefix: "lgnone".into(),
+        ..KafkaConfig::default()
+    })?;
+    let target = Target::Raw {
+        factory,
+        source: "web".into(),
+    };
+    let error = match run(options(target, 10)).await {
+        Ok(summary) => return Err(format!("sent without a broker: {summary:?}").into()),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        error.contains("the broker did not describe lgnone.raw"),
+        "unclear error: {error}"
+    );
+    Ok(())
+}
