@@ -58,7 +58,9 @@ pub fn run_hop(factory: &ClientFactory, opts: &HopOptions) -> anyhow::Result<Hop
     );
     let consumer: BaseConsumer = factory.stage_consumer(&group, None, DefaultConsumerContext)?;
     consumer.subscribe(&[&opts.from])?;
-    let producer = factory.producer()?;
+    // Ready before the first batch, or the hop's first round would wait
+    // for the producer id and the transport limit would read lower.
+    let producer = factory.producer_ready_for(&opts.to, Duration::from_secs(10))?;
     let max = factory.config().max_batch.max(1);
     let (mut records, mut first_ms, mut last_ms) = (0u64, 0i64, 0i64);
     let mut last_record = Instant::now();

@@ -718,3 +718,33 @@ fn an_offset_inside_the_newest_record_batch_is_not_taken_for_lost_data() -> Test
     assert!(!holds(40)?, "offset 39 was never written");
     Ok(())
 }
+
+#[test]
+fn a_ready_producer_is_refused_for_a_topic_the_broker_does_not_know() -> TestResult {
+    let Some(brokers) = brokers() else {
+        return Ok(());
+    };
+    let p = Pipeline::new(&brokers)?;
+    let patience = Duration::from_secs(10);
+    let raw = p.factory.topics().raw();
+    let producer = p.factory.producer_ready_for(&raw, patience)?;
+    let sent = producer
+        .send_result(
+            rdkafka::producer::FutureRecord::to(&raw)
+                .key("k")
+                .payload("{}"),
+        )
+        .map_err(|(e, _)| e)?;
+    futures::executor::block_on(sent)?.map_err(|(e, _)| e)?;
+    let missing = format!("{}.no-such-topic", p.prefix);
+    match p.factory.producer_ready_for(&missing, patience) {
+        Ok(_) => Err(format!("a producer ready for {missing}, which was never created").into()),
+        Err(e) => {
+            assert_eq!(
+                e.to_string(),
+                format!("topic {missing} does not exist: create it with `cdp topics create`")
+            );
+            Ok(())
+        }
+    }
+}

@@ -12,7 +12,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{FutureProducer, Producer, ProducerContext, ThreadedProducer};
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Span;
@@ -202,6 +202,8 @@ pub enum ClientError {
     MissingSecret { property: String, var: String },
     #[error("kafka client: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("topic {0} does not exist: create it with `cdp topics create`")]
+    UnknownTopic(String),
     #[error("creating topic {topic}: {code}")]
     CreateTopic {
         topic: String,
@@ -267,6 +269,36 @@ impl ClientFactory {
     /// An idempotent producer that waits for all in-sync replicas.
     pub fn producer(&self) -> Result<FutureProducer, ClientError> {
         Ok(self.producer_config().create()?)
+    }
+
+    /// [`ClientFactory::producer`], once the broker has described `topic`
+    /// to it (at most `patience`).
+    ///
+    /// An idempotent librdkafka producer asks for its producer id on a
+    /// 500 ms timer unless a broker is already up, and holds every record
+    /// until it has one: a tool that sends as soon as it starts (`cdp
+    /// loadgen`, a benchmark hop) would see its first records wait half a
+    /// second, with their timestamps (set at send) counting the wait as
+    /// latency. One metadata round trip first brings the broker up and the
+    /// id comes at once (docs/performance.md, "The release build, the first
+    /// record of a producer"). Blocking: call it off async tasks. The
+    /// stages need none of this, they restore their tasks before they
+    /// produce.
+    pub fn producer_ready_for(
+        &self,
+        topic: &str,
+        patience: Duration,
+    ) -> Result<FutureProducer, ClientError> {
+        let producer = self.producer()?;
+        let metadata = producer.client().fetch_metadata(Some(topic), patience)?;
+        let described = metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+        if !described {
+            return Err(ClientError::UnknownTopic(topic.to_string()));
+        }
+        Ok(producer)
     }
 
     /// [`ClientFactory::producer`] with delivery reports going to

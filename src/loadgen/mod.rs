@@ -101,6 +101,9 @@ fn progress_bar(events: Option<u64>) -> ProgressBar {
     bar
 }
 
+/// How long a run waits for the broker to describe `<p>.raw`.
+const READY_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Generate and send until a limit is reached; the summary at the end.
 pub async fn run(opts: LoadgenOptions) -> anyhow::Result<Summary> {
     let mut workload = Workload::new(opts.workload.clone());
@@ -138,8 +141,14 @@ pub async fn run(opts: LoadgenOptions) -> anyhow::Result<Summary> {
         }
         Target::Raw { factory, source } => {
             let topic = factory.topics().raw();
-            let producer = factory.producer().context("creating the producer")?;
-            send::ready(&producer, &topic).await?;
+            // Ready before the first event: see `producer_ready_for`.
+            let producer = tokio::task::spawn_blocking({
+                let (factory, topic) = (factory.clone(), topic.clone());
+                move || factory.producer_ready_for(&topic, READY_PATIENCE)
+            })
+            .await
+            .context("waiting for the broker")?
+            .with_context(|| format!("the broker did not describe {topic}"))?;
             let mut sender = RawSender::new(producer, topic.clone(), source.clone());
             // Pace in slices of ~1 ms worth of events, not per event.
             let step = opts

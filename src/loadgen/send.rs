@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
@@ -141,40 +141,6 @@ pub struct RawSender {
     in_flight: VecDeque<DeliveryFuture>,
     pub failed: u64,
     pub first_error: Option<String>,
-}
-
-/// How long [`ready`] waits for the broker to describe the topic.
-const READY_PATIENCE: Duration = Duration::from_secs(10);
-
-/// Wait until the broker has described `topic` to `producer`, and check
-/// that the topic exists.
-///
-/// An idempotent librdkafka producer asks for its producer id on a 500 ms
-/// timer unless a broker is already up, and holds every record until it
-/// has one. The first events' timestamps are set when they are sent, so
-/// that wait used to show up as ~0.5 s of latency on the first hop of
-/// every run (docs/performance.md, "The first record of a producer").
-/// One metadata round trip first brings the broker up: the id then comes
-/// at once (~50 ms on tansu).
-pub async fn ready(producer: &FutureProducer, topic: &str) -> anyhow::Result<()> {
-    let client = producer.clone();
-    let name = topic.to_string();
-    let metadata = tokio::task::spawn_blocking(move || {
-        client.client().fetch_metadata(Some(&name), READY_PATIENCE)
-    })
-    .await
-    .context("waiting for the broker")?
-    .with_context(|| format!("the broker did not describe {topic}"))?;
-    let known = metadata
-        .topics()
-        .iter()
-        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
-    if !known {
-        anyhow::bail!(
-            "topic {topic} does not exist: create it with `cdp topics create --config …`"
-        );
-    }
-    Ok(())
 }
 
 /// Deliveries awaited at most before sending more.
