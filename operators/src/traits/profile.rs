@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::config::{TraitDef, TraitSet};
 use super::state::TraitState;
 use crate::messages::{self, Identifiers};
-use crate::profile_keyed::{json_value, json_value_map, union_identifiers};
+use crate::profile_keyed::{json_value, json_value_map, sorted_map, union_identifiers};
 
 /// A profile trait set by `identify`, with the event time that set it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,10 +28,10 @@ pub(super) struct ProfileState {
     #[serde(default)]
     pub(super) clock: i64,
     /// Computed trait name → state.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "sorted_map")]
     pub(super) computed: BTreeMap<String, TraitState>,
     /// Identify traits: last write wins by event time (ties: by arrival).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "sorted_map")]
     pub(super) profile_traits: BTreeMap<String, StampedValue>,
     /// The non-null values last sent downstream, to emit only changes.
     #[serde(default, with = "json_value_map")]
