@@ -60,7 +60,7 @@ pub fn run_hop(factory: &ClientFactory, opts: &HopOptions) -> anyhow::Result<Hop
     consumer.subscribe(&[&opts.from])?;
     // Ready before the first batch, or the hop's first round would wait
     // for the producer id and the transport limit would read lower.
-    let producer = factory.producer_ready_for(&opts.to, Duration::from_secs(10))?;
+    let producer = factory.producer_ready_for(&opts.to)?;
     let max = factory.config().max_batch.max(1);
     let (mut records, mut first_ms, mut last_ms) = (0u64, 0i64, 0i64);
     let mut last_record = Instant::now();

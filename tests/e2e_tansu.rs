@@ -725,9 +725,8 @@ fn a_ready_producer_is_refused_for_a_topic_the_broker_does_not_know() -> TestRes
         return Ok(());
     };
     let p = Pipeline::new(&brokers)?;
-    let patience = Duration::from_secs(10);
     let raw = p.factory.topics().raw();
-    let producer = p.factory.producer_ready_for(&raw, patience)?;
+    let producer = p.factory.producer_ready_for(&raw)?;
     let sent = producer
         .send_result(
             rdkafka::producer::FutureRecord::to(&raw)
@@ -737,7 +736,7 @@ fn a_ready_producer_is_refused_for_a_topic_the_broker_does_not_know() -> TestRes
         .map_err(|(e, _)| e)?;
     futures::executor::block_on(sent)?.map_err(|(e, _)| e)?;
     let missing = format!("{}.no-such-topic", p.prefix);
-    match p.factory.producer_ready_for(&missing, patience) {
+    match p.factory.producer_ready_for(&missing) {
         Ok(_) => Err(format!("a producer ready for {missing}, which was never created").into()),
         Err(e) => {
             assert_eq!(

@@ -211,6 +211,10 @@ pub enum ClientError {
     },
 }
 
+/// How long [`ClientFactory::producer_ready_for`] waits for the broker to
+/// describe the topic.
+pub const READY_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Builds every Kafka client of the process from the `kafka` section.
 #[derive(Clone)]
 pub struct ClientFactory {
@@ -272,7 +276,7 @@ impl ClientFactory {
     }
 
     /// [`ClientFactory::producer`], once the broker has described `topic`
-    /// to it (at most `patience`).
+    /// to it (at most [`READY_PATIENCE`]).
     ///
     /// An idempotent librdkafka producer asks for its producer id on a
     /// 500 ms timer unless a broker is already up, and holds every record
@@ -284,13 +288,11 @@ impl ClientFactory {
     /// record of a producer"). Blocking: call it off async tasks. The
     /// stages need none of this, they restore their tasks before they
     /// produce.
-    pub fn producer_ready_for(
-        &self,
-        topic: &str,
-        patience: Duration,
-    ) -> Result<FutureProducer, ClientError> {
+    pub fn producer_ready_for(&self, topic: &str) -> Result<FutureProducer, ClientError> {
         let producer = self.producer()?;
-        let metadata = producer.client().fetch_metadata(Some(topic), patience)?;
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(topic), READY_PATIENCE)?;
         let described = metadata
             .topics()
             .iter()

@@ -101,9 +101,6 @@ fn progress_bar(events: Option<u64>) -> ProgressBar {
     bar
 }
 
-/// How long a run waits for the broker to describe `<p>.raw`.
-const READY_PATIENCE: Duration = Duration::from_secs(10);
-
 /// Generate and send until a limit is reached; the summary at the end.
 pub async fn run(opts: LoadgenOptions) -> anyhow::Result<Summary> {
     let mut workload = Workload::new(opts.workload.clone());
@@ -144,7 +141,7 @@ pub async fn run(opts: LoadgenOptions) -> anyhow::Result<Summary> {
             // Ready before the first event: see `producer_ready_for`.
             let producer = tokio::task::spawn_blocking({
                 let (factory, topic) = (factory.clone(), topic.clone());
-                move || factory.producer_ready_for(&topic, READY_PATIENCE)
+                move || factory.producer_ready_for(&topic)
             })
             .await
             .context("waiting for the broker")?

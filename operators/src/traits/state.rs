@@ -362,7 +362,6 @@ impl TraitState {
             // The value is the set of kept texts: a text already kept (a
             // newer time for it, nothing evicted) leaves it as it was.
             TraitState::UniqueList { latest } => {
-                let before = latest.len();
                 let known = match latest.get_mut(text) {
                     Some(t) => {
                         *t = (*t).max(time);
@@ -374,7 +373,7 @@ impl TraitState {
                     }
                 };
                 keep_most_recent(latest, def.limit());
-                added.changed = !known || latest.len() != before;
+                added.changed = !known;
             }
             TraitState::UniqueCount { values } => {
                 let before = values.len();
