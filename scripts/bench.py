@@ -12,8 +12,11 @@ loopback, `--partitions` partitions, `<p>.valid` one partition as always):
 2. drain: the same EVENTS events (same seed) to `bench.raw`; validate,
    identity, traits, audiences and deliver start and drain them. The
    sustained rate is EVENTS / (last audiences input − first validate input).
-3. latency at 50% and 100% of the sustained rate: `cdp loadgen --rate` for
-   PHASE seconds with fresh people; event → audience change latency is
+3. latency at 50% and 100% of the sustained rate, each phase on a fresh
+   broker with empty topics and the stages on empty state (tansu's memory
+   engine lists every batch a partition holds on each fetch, so a broker
+   that kept earlier phases costs more per fetch; `--no-fresh-broker` keeps
+   the drain's): `cdp loadgen --rate` for PHASE seconds with fresh people; event → audience change latency is
    `emitted_at − event_time` of every change an event caused (deliver's
    stdout destination prints them; loadgen stamps each event's `timestamp`
    with its send time). Then the same absolute rate through four fresh
@@ -45,6 +48,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from datetime import datetime
@@ -140,6 +144,31 @@ def parse_ms(t: str) -> float:
     return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() * 1000
 
 
+class BrokerCpu:
+    """The broker's cores (CPU seconds per second) every 5 s while a load
+    runs: whether its cost per second grows as its topics fill."""
+
+    def __init__(self, pid: int, every: float = 5.0) -> None:
+        self.pid, self.every, self.cores = pid, every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last, t = cpu_secs(self.pid), time.time()
+        while not self._stop.wait(self.every):
+            now, c = time.time(), cpu_secs(self.pid)
+            self.cores.append(round((c - last) / (now - t), 2))
+            last, t = c, now
+
+    def __enter__(self) -> "BrokerCpu":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -149,6 +178,7 @@ class Bench:
         self.procs: dict[str, subprocess.Popen] = {}
         self.admins: dict[str, str] = {}
         self.result: dict = {"machine": machine(), "settings": vars(args).copy()}
+        self.state_root = self.work / "state"
 
     # -- processes -------------------------------------------------------
     def start_tansu(self) -> None:
@@ -157,8 +187,8 @@ class Bench:
         logf = open(self.work / "tansu.log", "w")
         self.procs["tansu"] = subprocess.Popen(
             [self.args.tansu, "broker", "--listener-url", f"tcp://{self.brokers}",
-             "--advertised-listener-url", f"tcp://{self.brokers}", "--storage-engine", "memory://tansu/"],
-            stdout=logf, stderr=subprocess.STDOUT)
+             "--advertised-listener-url", f"tcp://{self.brokers}", "--storage-engine", self.storage_engine()],
+            stdout=logf, stderr=subprocess.STDOUT, cwd=self.work)
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
@@ -167,6 +197,15 @@ class Bench:
             except OSError:
                 time.sleep(0.1)
         raise SystemExit("bench: tansu did not start; see " + str(self.work / "tansu.log"))
+
+    def storage_engine(self) -> str:
+        """tansu's engine: `memory` (the default) or `sqlite` (a file in the
+        work directory). The memory engine lists every batch a partition
+        holds on each fetch (docs/performance.md). tansu opens a sqlite
+        path relative to its working directory, the work directory."""
+        if self.args.storage == "sqlite":
+            return "sqlite://tansu.db"
+        return "memory://tansu/"
 
     def write_config(self, prefix: str) -> pathlib.Path:
         text = (pathlib.Path(__file__).resolve().parent.parent / "deploy" / "demo-config.yaml").read_text()
@@ -190,7 +229,7 @@ class Bench:
         admin = f"127.0.0.1:{free_port()}"
         self.admins[stage] = admin
         args = [self.cdp, stage, "--config", str(config), "--admin-listen", admin,
-                "--state-dir", str(self.work / "state" / stage)]
+                "--state-dir", str(self.state_root / stage)]
         out = open(self.work / f"{stage}.out", "w")
         err = open(self.work / f"{stage}.log", "w")
         env = dict(os.environ, CDP_LOG="info,librdkafka=warn")
@@ -397,8 +436,9 @@ class Bench:
         batches0 = self.batches()
         sched0 = {s: sched(self.procs[s].pid) for s in STAGES + ["tansu"]}
         since_ms = int(time.time() * 1000)
-        load = self.loadgen(self.chain_config, seed, "--people", "1000000000", "--rate",
-                            str(rate), "--duration", f"{a.phase_secs}s")
+        with BrokerCpu(self.procs["tansu"].pid) as broker:
+            load = self.loadgen(self.chain_config, seed, "--people", "1000000000", "--rate",
+                                str(rate), "--duration", f"{a.phase_secs}s")
         self.loads.append(load)
         sent_end = time.time()
         before = self.data_in("validate")
@@ -434,6 +474,7 @@ class Bench:
                 "max_ms": round(lat[-1], 1) if lat else None,
                 "drained_secs_after_send": round(drained_after, 1),
                 "hops": self.hops(self.chain_config, "bench", since_ms),
+                "broker_cores": broker.cores,
                 "sched_secs": cpu_wait,
                 "per_batch": per_batch,
                 "rss_mb": {s: rss_mb(self.procs[s].pid).get("vmrss") for s in STAGES}}
@@ -492,8 +533,9 @@ class Bench:
                     raise SystemExit(f"bench: pass-through hops did not start; see {self.work}/pt-lat-*.log")
                 time.sleep(0.2)
             since_ms = int(time.time() * 1000)
-            load = self.loadgen(self.pt_config, seed, "--people", "1000000000", "--rate",
-                                str(rate), "--duration", f"{a.phase_secs}s")
+            with BrokerCpu(self.procs["tansu"].pid) as broker:
+                load = self.loadgen(self.pt_config, seed, "--people", "1000000000", "--rate",
+                                    str(rate), "--duration", f"{a.phase_secs}s")
             # Drained once every sent event is on the last topic (or it
             # stopped growing for three looks).
             counts, deadline = [], time.time() + a.timeout
@@ -515,13 +557,32 @@ class Bench:
         return {"target_rate": round(rate), "sent": load["sent"],
                 "achieved_rate": round(load["events_per_sec"]), "events": e2e["events"],
                 "p50_ms": e2e["p50_ms"], "p99_ms": e2e["p99_ms"], "max_ms": e2e["max_ms"],
-                "hops": hop}
+                "hops": hop, "broker_cores": broker.cores}
+
+    def fresh_broker(self, phase: str) -> None:
+        """Stop everything and start a new broker with empty topics, and the
+        stages on empty state. tansu's memory engine lists every batch a
+        partition holds on each fetch, so a broker that kept the drain's
+        and the earlier phases' batches costs more per fetch with every
+        phase (docs/performance.md, "The broker's cost grows with the
+        batches it holds")."""
+        log(f"latency {phase}: a fresh broker, fresh topics, stages on empty state")
+        self.stop_all()
+        self.procs.clear()
+        self.state_root = self.work / f"state-{phase.replace('/', '-per-').replace('%', 'pct')}"
+        self.start_tansu()
+        self.pt_config = self.write_config("pt")
+        self.chain_config = self.write_config("bench")
+        for s in STAGES:
+            self.start_stage(self.chain_config, s)
+        for s in STAGES:
+            self.wait_ready(s)
 
     def state(self) -> dict:
         profiles = sum(l["workload"]["expected_profiles"] for l in self.loads)
         out = {"profiles": profiles}
         for s in STAGES:
-            b = du_bytes(self.work / "state" / s)
+            b = du_bytes(self.state_root / s)
             out[s] = {"bytes": b, "bytes_per_profile": round(b / max(profiles, 1), 1)}
         return out
 
@@ -536,10 +597,12 @@ class Bench:
             # Fixed rates (`--rates`) compare runs whose drain rates differ.
             phases = ([(f"{r:g}/s", r) for r in self.args.rates] if self.args.rates
                       else [(f"{f * 100:g}%", sustained * f) for f in self.args.latency_at])
+            self.result["state"] = self.state()
             for i, (key, rate) in enumerate(phases):
+                if self.args.fresh_broker:
+                    self.fresh_broker(key)
                 self.result["latency"][key] = self.latency(rate, 2 + i)
                 self.result["passthrough_latency"][key] = self.pt_latency(rate, 100 + i)
-            self.result["state"] = self.state()
             self.result["ratio"] = round(sustained / self.result["passthrough"]["events_per_sec"], 3)
         finally:
             self.stop_all()
@@ -582,6 +645,8 @@ def table(r: dict) -> str:
         pt = r.get("passthrough_latency", {}).get(k)
         if pt:
             rows.append(f"{'  pass-through, same rate':28}{pt['achieved_rate']:>8}{pt['events']:>9}{pt['p50_ms']:>9}{pt['p99_ms']:>9}{str(pt['max_ms']):>9}")
+        rows.append("    broker cores every 5 s: chain " + " ".join(f"{c:g}" for c in v.get("broker_cores", []))
+                    + (" | pass-through " + " ".join(f"{c:g}" for c in pt.get("broker_cores", [])) if pt else ""))
     rows.append("")
     rows.append(f"{'hop by hop, p50 / p99 ms':28}" + "".join(
         f"{k + ' chain':>16}{k + ' pt':>16}" for k in r["latency"]))
@@ -620,9 +685,13 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--phase-secs", type=int, default=30, help="length of each latency phase")
     ap.add_argument("--timeout", type=float, default=600, help="longest wait for a drain")
-    ap.add_argument("--max-batch", type=int, default=1000, help="kafka.max_batch of stages and hops")
+    ap.add_argument("--max-batch", type=int, default=5000, help="kafka.max_batch of stages and hops")
     ap.add_argument("--property", action="append", default=[], metavar="K=V",
                     help="a kafka.properties entry for stages and hops, e.g. producer.linger.ms=0")
+    ap.add_argument("--storage", choices=["memory", "sqlite"], default="memory",
+                    help="tansu's storage engine (sqlite: a file in the work directory)")
+    ap.add_argument("--no-fresh-broker", dest="fresh_broker", action="store_false",
+                    help="run the latency phases on the drain's broker and stages (its topics keep every batch)")
     ap.add_argument("--workdir", help="keep configs, logs and state here")
     ap.add_argument("--latency-at", type=lambda v: [float(f) for f in v.split(",")],
                     default=[0.5, 1.0], metavar="F,F",

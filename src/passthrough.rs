@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cdp_pipeline::kafka::{send_now, ROUND_PATIENCE};
 use cdp_pipeline::ClientFactory;
 use futures::future::join_all;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
@@ -107,6 +108,9 @@ pub fn run_hop(factory: &ClientFactory, opts: &HopOptions) -> anyhow::Result<Hop
                 Err((e, _)) => anyhow::bail!("producing to {}: {e}", opts.to),
             }
         }
+        // The round is all queued: sent at once, as a stage sends its
+        // round, not after `linger.ms`.
+        send_now(&producer, ROUND_PATIENCE);
         for d in futures::executor::block_on(join_all(sends)) {
             match d {
                 Ok(Ok(_)) => {}
@@ -179,8 +183,19 @@ mod tests {
             expect: 40,
             idle: Duration::from_secs(10),
         };
-        let f = factory.clone();
-        let report = tokio::task::spawn_blocking(move || run_hop(&f, &opts)).await??;
+        // A hop sends each round at once, as a stage does: with a 20 s linger
+        // (below the 30 s `message.timeout.ms`) not even its first round
+        // would be acknowledged before the deadline otherwise.
+        let lingering = ClientFactory::new(KafkaConfig {
+            properties: [("producer.linger.ms".to_string(), "20000".to_string())].into(),
+            ..factory.config().clone()
+        })?;
+        let report = tokio::time::timeout(
+            Duration::from_secs(15),
+            tokio::task::spawn_blocking(move || run_hop(&lingering, &opts)),
+        )
+        .await
+        .map_err(|_| "the hop waited out linger.ms instead of sending its rounds at once")???;
         assert_eq!(report.records, 40);
         assert!(report.first_ms > 0 && report.last_ms >= report.first_ms);
 

@@ -55,7 +55,8 @@ pub struct KafkaConfig {
     /// How often each task writes a tick record into its input partition.
     #[serde(default = "default_tick")]
     pub tick_interval: Span,
-    /// Most records one task processes per batch (one commit per batch).
+    /// Most records one poll round takes, over all of the instance's
+    /// partitions; each partition's share is one task batch (one commit).
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
     /// Largest record (key, value and headers) a stage produces, checked
@@ -111,7 +112,10 @@ const fn default_tick() -> Span {
     Span::from_secs(1)
 }
 const fn default_max_batch() -> usize {
-    1000
+    // 5000, not 1000: the whole chain drains 45-55% faster on one tansu
+    // broker (docs/performance.md, "Rounds of 5000"); a round is only as
+    // big as what is waiting, so latency at low load does not change.
+    5000
 }
 const fn default_max_record_bytes() -> usize {
     // Kafka's default `message.max.bytes` (1048588) less room for the
@@ -484,6 +488,27 @@ pub fn fetched_high_watermark<C: rdkafka::ClientContext>(
     };
     (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
         .then_some(high)
+}
+
+/// How long a round waits for its last delivery report. librdkafka reports
+/// every record within `message.timeout.ms` (30 s by default), so this only
+/// bounds a report that never comes.
+pub const ROUND_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Send what `producer` holds now instead of after `linger.ms`, and wait (at
+/// most `patience`) until every record it holds has its delivery report:
+/// for a sender that has queued a whole round and waits for its acks, where
+/// lingering could only delay them. This is librdkafka's flush, whose wait
+/// rust-rdkafka's `flush` turns into polls of at least 100 ms. A timeout is
+/// left to the caller's own wait for the reports to find.
+pub fn send_now<C: ProducerContext, P: Producer<C>>(producer: &P, patience: Duration) {
+    let ms = i32::try_from(patience.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the client pointer is valid while `producer` lives, and
+    // rd_kafka_flush is thread-safe; its only effect is sending at once and
+    // waiting (serving delivery reports the producer's thread would serve).
+    unsafe {
+        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms);
+    }
 }
 
 #[cfg(test)]

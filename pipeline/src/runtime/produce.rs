@@ -11,6 +11,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use super::acks::{AckedProducer, RoundError};
 use super::{RuntimeError, Shared};
 use crate::envelope::{self, Position};
+use crate::kafka::ROUND_PATIENCE;
 use crate::metrics;
 use crate::retry::Backoff;
 
@@ -130,11 +131,6 @@ pub(super) fn epoch_header(epoch: u32) -> OwnedHeaders {
     })
 }
 
-/// How long a round waits for its last delivery report. librdkafka reports
-/// every record within `message.timeout.ms` (30 s by default), so this only
-/// bounds a report that never comes.
-const ROUND_PATIENCE: Duration = Duration::from_secs(600);
-
 /// Produce `records` once and wait for every acknowledgement (one wait for
 /// the round, not one per record); returns each record's
 /// `(partition, offset)`.
@@ -160,7 +156,9 @@ pub(super) fn produce_round(
         }
         enqueue(producer, record)?;
     }
-    send_now(producer, ROUND_PATIENCE);
+    // A round's records are all queued and the stage thread is the
+    // producer's one sender: lingering could only delay them.
+    crate::kafka::send_now(producer, ROUND_PATIENCE);
     round.wait(ROUND_PATIENCE).map_err(|e| {
         let topic = |index: usize| records.get(index).map_or("", |r| r.topic).to_string();
         match e {
@@ -175,22 +173,6 @@ pub(super) fn produce_round(
             RoundError::Poisoned => RuntimeError::Poisoned,
         }
     })
-}
-
-/// Send what the producer holds now instead of after `linger.ms`, and wait
-/// (at most `patience`) until every record it holds has its delivery report.
-/// A round's records are all queued when it is sent, and the stage thread
-/// is the producer's one sender: lingering could only delay them. This is
-/// librdkafka's flush, whose wait rust-rdkafka's `flush` turns into polls of
-/// at least 100 ms; the producer's own thread serves the reports.
-fn send_now(producer: &AckedProducer, patience: Duration) {
-    let ms = i32::try_from(patience.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: the client pointer is valid while `producer` lives, and
-    // rd_kafka_flush is thread-safe; its only effect is sending at once and
-    // waiting. A timeout is left to the round's own wait to report.
-    unsafe {
-        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms);
-    }
 }
 
 /// Send without blocking on a full local queue for long: wait and retry.
