@@ -346,6 +346,9 @@ pub fn start_stages(
             // `<p>.raw` is written by producers outside the pipeline.
             runtime = runtime.with_external_input();
         }
+        if *stage == Stage::Deliver {
+            runtime = runtime.with_round_limit(cdp_connectors::deliver::ROUND_LIMIT);
+        }
         joins.push(runtime.spawn(handle.clone(), shutdown.clone())?);
     }
     Ok(joins)

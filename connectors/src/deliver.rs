@@ -24,6 +24,13 @@ use crate::destinations::DestinationConfig;
 /// Reason code of records that are not audience changes.
 pub const INVALID_AUDIENCE_CHANGE: &str = "invalid_audience_change";
 
+/// Most audience changes the deliver stage takes in one round, whatever
+/// `kafka.max_batch` allows. Its round is bounded by its destinations, not
+/// its CPU: a webhook delivers to 16 profiles at once and fails what is
+/// not delivered by the round's deadline (60 s by default), so a larger
+/// round of a backlog to a slow endpoint would dead-letter more of it.
+pub const ROUND_LIMIT: usize = 1000;
+
 /// One destination as the operator sees it.
 #[derive(Debug, Clone)]
 struct Route {

@@ -27,6 +27,7 @@ pub struct StageRuntime {
     ready: ReadyFlag,
     on_input: Option<InputObserver>,
     external_input: bool,
+    round_limit: Option<usize>,
 }
 
 impl StageRuntime {
@@ -43,7 +44,17 @@ impl StageRuntime {
             ready,
             on_input: None,
             external_input: false,
+            round_limit: None,
         }
+    }
+
+    /// At most `most` records per poll round even when `kafka.max_batch`
+    /// allows more: for a stage whose round is bounded by something slower
+    /// than its CPU (deliver, whose HTTP destinations have a deadline per
+    /// round).
+    pub fn with_round_limit(mut self, most: usize) -> Self {
+        self.round_limit = Some(most);
+        self
     }
 
     /// The input topic is written by producers outside the pipeline
@@ -92,6 +103,9 @@ impl StageRuntime {
         shutdown: Shutdown,
     ) -> Result<(), RuntimeError> {
         let cfg = self.factory.config().clone();
+        let round = self
+            .round_limit
+            .map_or(cfg.max_batch, |most| most.min(cfg.max_batch));
         let topics = self.factory.topics();
         let name = self.spec.name;
         let input_topic = self.spec.input_topic.clone();
@@ -150,7 +164,7 @@ impl StageRuntime {
                     reason,
                 });
             }
-            let (batch, poll_wait) = poll_batch(name, &consumer, cfg.max_batch)?;
+            let (batch, poll_wait) = poll_batch(name, &consumer, round)?;
             if !batch.is_empty() {
                 process_batch(&shared, batch, poll_wait)?;
             }
