@@ -16,7 +16,8 @@ loopback, `--partitions` partitions, `<p>.valid` one partition as always):
    broker with empty topics and the stages on empty state (tansu's memory
    engine lists every batch a partition holds on each fetch, so a broker
    that kept earlier phases costs more per fetch; `--no-fresh-broker` keeps
-   the drain's): `cdp loadgen --rate` for PHASE seconds with fresh people; event → audience change latency is
+   the drain's): `cdp loadgen --rate` for PHASE seconds with fresh people;
+   event → audience change latency is
    `emitted_at − event_time` of every change an event caused (deliver's
    stdout destination prints them; loadgen stamps each event's `timestamp`
    with its send time). Then the same absolute rate through four fresh
@@ -144,23 +145,27 @@ def parse_ms(t: str) -> float:
     return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() * 1000
 
 
-class BrokerCpu:
-    """The broker's cores (CPU seconds per second) every 5 s while a load
-    runs: whether its cost per second grows as its topics fill."""
+class Cores:
+    """The cores (CPU seconds per second) processes `pids` use together,
+    every `every` seconds while a load runs: whether the broker's cost per
+    second grows as its topics fill."""
 
-    def __init__(self, pid: int, every: float = 5.0) -> None:
-        self.pid, self.every, self.cores = pid, every, []
+    def __init__(self, pids: list[int], every: float = 5.0) -> None:
+        self.pids, self.every, self.cores = pids, every, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _cpu(self) -> float:
+        return sum(cpu_secs(pid) for pid in self.pids)
+
     def _run(self) -> None:
-        last, t = cpu_secs(self.pid), time.time()
+        last, t = self._cpu(), time.time()
         while not self._stop.wait(self.every):
-            now, c = time.time(), cpu_secs(self.pid)
+            now, c = time.time(), self._cpu()
             self.cores.append(round((c - last) / (now - t), 2))
             last, t = c, now
 
-    def __enter__(self) -> "BrokerCpu":
+    def __enter__(self) -> "Cores":
         self._thread.start()
         return self
 
@@ -436,7 +441,7 @@ class Bench:
         batches0 = self.batches()
         sched0 = {s: sched(self.procs[s].pid) for s in STAGES + ["tansu"]}
         since_ms = int(time.time() * 1000)
-        with BrokerCpu(self.procs["tansu"].pid) as broker:
+        with Cores([self.procs["tansu"].pid]) as broker:
             load = self.loadgen(self.chain_config, seed, "--people", "1000000000", "--rate",
                                 str(rate), "--duration", f"{a.phase_secs}s")
         self.loads.append(load)
@@ -533,7 +538,7 @@ class Bench:
                     raise SystemExit(f"bench: pass-through hops did not start; see {self.work}/pt-lat-*.log")
                 time.sleep(0.2)
             since_ms = int(time.time() * 1000)
-            with BrokerCpu(self.procs["tansu"].pid) as broker:
+            with Cores([self.procs["tansu"].pid]) as broker:
                 load = self.loadgen(self.pt_config, seed, "--people", "1000000000", "--rate",
                                     str(rate), "--duration", f"{a.phase_secs}s")
             # Drained once every sent event is on the last topic (or it

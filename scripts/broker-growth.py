@@ -7,8 +7,8 @@ partition (`DynoStore::fetch` → `ObjectStore::list`). Its cost per fetch so
 grows with the number of batches the partition holds, not with the records
 fetched. This script shows it without any stage: a fresh tansu, `cdp loadgen
 --rate R` into `pt.raw`, and N bare `cdp passthrough` hops (the bench's
-pass-through chain); every `--every` seconds it prints the cores tansu and
-the hops used. On a broker whose fetch cost does not depend on history, the
+pass-through chain); at the end it prints the cores tansu and the hops
+used in every `--every` seconds of the load. On a broker whose fetch cost does not depend on history, the
 broker's cores stay flat at a flat rate.
 
     python3 scripts/broker-growth.py --cdp target/release/cdp \\
@@ -62,18 +62,14 @@ def main() -> None:
              "--rate", str(args.rate), "--duration", f"{args.secs}s", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         broker = b.procs["tansu"].pid
-        start = time.time()
-        last = (start, bench.cpu_secs(broker), sum(bench.cpu_secs(h.pid) for h in hops))
-        print(f"{'seconds':>8}{'tansu cores':>13}{'hops cores':>12}", flush=True)
-        while load.poll() is None:
-            time.sleep(args.every)
-            now = (time.time(), bench.cpu_secs(broker), sum(bench.cpu_secs(h.pid) for h in hops))
-            secs = now[0] - last[0]
-            sample = {"secs": round(now[0] - start), "tansu_cores": round((now[1] - last[1]) / secs, 2),
-                      "hops_cores": round((now[2] - last[2]) / secs, 2)}
-            samples.append(sample)
-            print(f"{sample['secs']:>8}{sample['tansu_cores']:>13}{sample['hops_cores']:>12}", flush=True)
-            last = now
+        print(f"broker-growth: {args.rate:g} events/s for {args.secs} s", flush=True)
+        with bench.Cores([broker], args.every) as tansu, \
+                bench.Cores([h.pid for h in hops], args.every) as hop_cores:
+            load.wait()
+        print(f"{'seconds':>8}{'tansu cores':>13}{'hops cores':>12}")
+        for i, (t, h) in enumerate(zip(tansu.cores, hop_cores.cores), start=1):
+            samples.append({"secs": round(i * args.every), "tansu_cores": t, "hops_cores": h})
+            print(f"{round(i * args.every):>8}{t:>13}{h:>12}")
         out = load.stdout.read() if load.stdout else ""
         summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
         print(f"sent {summary.get('sent')} events at {summary.get('events_per_sec', 0):.0f}/s", flush=True)
