@@ -136,19 +136,8 @@ pub(crate) fn read_all(
     out
 }
 
-pub(crate) fn run_stage(
-    factory: &ClientFactory,
-    shutdown: &Shutdown,
-) -> std::thread::JoinHandle<Result<(), cdp_pipeline::runtime::RuntimeError>> {
-    let rt = StageRuntime::new(
-        spec(),
-        factory.clone(),
-        None,
-        Health::default().register("count"),
-    );
-    let handle = tokio::runtime::Handle::current();
-    let s = shutdown.clone();
-    std::thread::spawn(move || rt.run(handle, s))
+pub(crate) fn run_stage(factory: &ClientFactory, shutdown: &Shutdown) -> StageJoin {
+    start(spec(), factory, shutdown)
 }
 
 pub(crate) fn counts(out: &[(String, String)], key: &str) -> Vec<String> {
