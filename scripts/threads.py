@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--tansu", required=True)
     ap.add_argument("--events", type=int, default=40000)
     ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--max-batch", type=int, default=5000, help="kafka.max_batch (the default)")
     ap.add_argument("--workdir")
     ap.add_argument("--perf", metavar="STAGE")
     ap.add_argument("--callgrind", metavar="STAGE")
@@ -88,7 +89,7 @@ def main() -> None:
         time.sleep(1.5)
         demo = (HERE.parent / "deploy" / "demo-config.yaml").read_text()
         config = work / "threads.yaml"
-        config.write_text(bench.config_text(demo, brokers, "threads", a.partitions, bench.free_port(), 1000, []))
+        config.write_text(bench.config_text(demo, brokers, "threads", a.partitions, bench.free_port(), a.max_batch, []))
         subprocess.run([a.cdp, "topics", "create", "--config", str(config)], check=True, stdout=subprocess.DEVNULL)
         for s in bench.STAGES:
             wrap = []

@@ -142,13 +142,13 @@ impl Layout {
 
 /// Where an earlier version kept the survivor of a merged-away profile.
 fn legacy_redirect_key(id: &str) -> Vec<u8> {
-    format!("redirect/{id}").into_bytes()
+    [b"redirect/", id.as_bytes()].concat()
 }
 
 /// The wait header's key (an earlier version read it for every record,
 /// this one only when the profile's value says it waits).
 pub(crate) fn wait_key(id: &str) -> Vec<u8> {
-    format!("wait/{id}").into_bytes()
+    [b"wait/", id.as_bytes()].concat()
 }
 
 /// Mark `id`'s value as waiting or not, keeping its state.
