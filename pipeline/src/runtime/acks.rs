@@ -50,7 +50,7 @@ struct Round {
     /// Each record's `(partition, offset)` once acknowledged; [`PENDING`]
     /// or [`FAILED`] as its partition until then. 16 bytes a record, handed
     /// to the waiter as it is (a round of 5 000 records is 80 KB; a slot
-    /// holding a `KafkaError` was three times that, and collected again).
+    /// holding a `KafkaError` was about three times that, and collected again).
     acked: Vec<(i32, i64)>,
     /// The failure of the lowest index among failed records.
     failed: Option<(usize, KafkaError)>,
