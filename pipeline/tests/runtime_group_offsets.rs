@@ -11,7 +11,7 @@ use cdp_pipeline::{
     StageRuntime, StageSpec,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -119,11 +119,8 @@ async fn read_positioned(
         while Instant::now() < deadline && !want(&out) {
             if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
                 if m.key() == Some(b"k".as_slice()) {
-                    let pos = m
-                        .headers()
-                        .and_then(|h| h.iter().find(|h| h.key == "cdp-pos"))
-                        .and_then(|h| h.value)
-                        .and_then(|v| std::str::from_utf8(v).ok())
+                    let pos = common::header_text(&m, "cdp-pos")
+                        .as_deref()
                         .and_then(|v| v.split_once(':'))
                         .and_then(|(o, i)| Some((o.parse().ok()?, i.parse().ok()?)))
                         .unwrap_or((-1, 0));

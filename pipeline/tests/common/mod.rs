@@ -112,3 +112,14 @@ pub fn out_reader(factory: &ClientFactory) -> Option<rdkafka::consumer::BaseCons
     c.assign(&tpl).ok()?;
     Some(c)
 }
+
+/// The text of the first header called `name` of a consumed record.
+#[allow(dead_code)]
+pub fn header_text<M: rdkafka::message::Message>(m: &M, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)?
+        .value
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}

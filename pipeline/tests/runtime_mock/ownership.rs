@@ -5,13 +5,25 @@ use std::time::{Duration, Instant};
 
 use cdp_pipeline::{ClientFactory, Shutdown};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::common::ended;
+use super::common::{ended, header_text, BoxError, MockStage, StageJoin};
 use super::support::*;
+
+/// The counter without ticks, started once two records are in partition 0
+/// and returned once it has counted them.
+async fn counting_two_records(s: &MockStage, shutdown: &Shutdown) -> Result<StageJoin, BoxError> {
+    for _ in 0..2 {
+        produce_to_p0(&s.producer).await?;
+    }
+    let join = run_counter(&s.factory, shutdown);
+    let out = read_until(&s.factory, "t.out", |o| counts(o, "k0").len() >= 2).await?;
+    assert_eq!(counts(&out, "k0"), ["k0:1", "k0:2"]);
+    Ok(join)
+}
 
 /// An owner that another instance fenced (it claimed the changelog and
 /// committed a batch) must not commit its own batch; when the partition
@@ -23,17 +35,8 @@ async fn a_fenced_owner_does_not_commit_and_later_restores_the_new_owners_batche
 
     let dir = tempfile::tempdir()?;
     let s = setup(&dir.path().display().to_string())?;
-    for _ in 0..2 {
-        produce_to_p0(&s.producer).await?;
-    }
     let shutdown = Shutdown::default();
-    let join = start(
-        stage("count", "t.in", "t.out", false),
-        &s.factory,
-        &shutdown,
-    );
-    let out = read_until(&s.factory, "t.out", |o| counts(o, "k0").len() >= 2).await?;
-    assert_eq!(counts(&out, "k0"), ["k0:1", "k0:2"]);
+    let join = counting_two_records(&s, &shutdown).await?;
 
     // Another owner claims partition 0 (at the changelog's end, so its claim
     // is valid) and commits a batch that sets the count to 100.
@@ -81,11 +84,7 @@ async fn a_fenced_owner_does_not_commit_and_later_restores_the_new_owners_batche
     // The partition comes back to it: the restore sees the other owner's
     // claim and batch, so the replayed record counts from 100.
     let shutdown = Shutdown::default();
-    let join = start(
-        stage("count", "t.in", "t.out", false),
-        &s.factory,
-        &shutdown,
-    );
+    let join = run_counter(&s.factory, &shutdown);
     let out = read_until(&s.factory, "t.out", |o| {
         counts(o, "k0").iter().any(|v| v == "k0:101")
     })
@@ -127,8 +126,8 @@ async fn two_claimers_of_one_changelog_never_share_an_epoch() -> TestResult {
     let a = group("group-a", "a")?;
     let b = group("group-b", "b")?;
     let (stop_a, stop_b) = (Shutdown::default(), Shutdown::default());
-    let join_a = start(stage("count", "t.in", "t.out", false), &a, &stop_a);
-    let join_b = start(stage("count", "t.in", "t.out", false), &b, &stop_b);
+    let join_a = run_counter(&a, &stop_a);
+    let join_b = run_counter(&b, &stop_b);
     let producer = a.producer()?;
     // Keep feeding both partitions until one instance gives up.
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -204,16 +203,8 @@ async fn two_claimers_of_one_changelog_never_share_an_epoch() -> TestResult {
 async fn an_idle_owner_repairs_what_a_zombie_wrote_into_its_changelog() -> TestResult {
     let dir = tempfile::tempdir()?;
     let s = setup(&dir.path().display().to_string())?;
-    for _ in 0..2 {
-        produce_to_p0(&s.producer).await?;
-    }
     let shutdown = Shutdown::default();
-    let join = start(
-        stage("count", "t.in", "t.out", false),
-        &s.factory,
-        &shutdown,
-    );
-    read_until(&s.factory, "t.out", |o| counts(o, "k0").len() >= 2).await?;
+    let join = counting_two_records(&s, &shutdown).await?;
 
     // Epoch 0 (no header): older than any claim.
     let zombie_at = s
@@ -239,12 +230,7 @@ async fn an_idle_owner_repairs_what_a_zombie_wrote_into_its_changelog() -> TestR
         while Instant::now() < deadline {
             if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
                 if m.key() == Some(b"count/k0".as_slice()) {
-                    let epoch = m
-                        .headers()
-                        .and_then(|h| h.iter().find(|h| h.key == "cdp-epoch"))
-                        .and_then(|h| h.value)
-                        .map(|v| String::from_utf8_lossy(v).to_string())
-                        .unwrap_or_default();
+                    let epoch = header_text(&m, "cdp-epoch").unwrap_or_default();
                     let value = String::from_utf8_lossy(m.payload().unwrap_or_default());
                     return Some((epoch, value.to_string()));
                 }

@@ -7,6 +7,7 @@ use cdp_pipeline::Shutdown;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureRecord;
 
+use super::common::BoxError;
 use super::support::*;
 
 /// `cdp dev --state-dir D`, stopped and started again: the embedded broker
@@ -17,17 +18,10 @@ use super::support::*;
 async fn a_broker_that_lost_its_data_is_noticed_and_new_input_is_processed() -> TestResult {
     let dir = tempfile::tempdir()?;
     let state = dir.path().display().to_string();
-    let s = setup(&state)?;
-    for _ in 0..3 {
-        produce(&s.producer, "k0", "x", None).await?;
-    }
-    let shutdown = Shutdown::default();
-    let join = run_stage(&s.factory, &shutdown);
-    let out = read_until(&s.factory, "t.out", |o| counts(o, "k0").len() >= 3).await?;
-    assert_eq!(counts(&out, "k0"), ["k0:1", "k0:2", "k0:3"]);
-    shutdown.trigger();
-    join.join().map_err(|_| "stage panicked")??;
-    drop(s);
+    assert_eq!(
+        counted_on_a_new_broker(&state, 3).await?,
+        ["k0:1", "k0:2", "k0:3"]
+    );
 
     // A new, empty broker; the same state directory.
     let resets = || {
@@ -36,22 +30,31 @@ async fn a_broker_that_lost_its_data_is_noticed_and_new_input_is_processed() -> 
             .get()
     };
     let before = resets();
-    let s = setup(&state)?;
-    for _ in 0..2 {
-        produce(&s.producer, "k0", "x", None).await?;
-    }
-    let shutdown = Shutdown::default();
-    let join = run_stage(&s.factory, &shutdown);
-    let out = read_until(&s.factory, "t.out", |o| counts(o, "k0").len() >= 2).await?;
-    shutdown.trigger();
-    join.join().map_err(|_| "stage panicked")??;
     assert_eq!(
-        counts(&out, "k0"),
+        counted_on_a_new_broker(&state, 2).await?,
         ["k0:1", "k0:2"],
         "the new broker's input is processed from a clean state"
     );
     assert!(resets() >= before + 2, "each task's reset is counted");
     Ok(())
+}
+
+/// On a new mock broker, with local state in `state`: `records` records
+/// of `k0` through the counting stage, then the stage stopped; its counts.
+async fn counted_on_a_new_broker(state: &str, records: usize) -> Result<Vec<String>, BoxError> {
+    let s = setup(state)?;
+    for _ in 0..records {
+        produce(&s.producer, "k0", "x", None).await?;
+    }
+    let shutdown = Shutdown::default();
+    let join = run_stage(&s.factory, &shutdown);
+    let out = read_until(&s.factory, "t.out", move |o| {
+        counts(o, "k0").len() >= records
+    })
+    .await?;
+    shutdown.trigger();
+    join.join().map_err(|_| "stage panicked")??;
+    Ok(counts(&out, "k0"))
 }
 
 /// The reset of docs/OPERATIONS.md on one stage of a chain: a new changelog,

@@ -9,12 +9,12 @@ use cdp_pipeline::{
     Shutdown, StageRuntime, StageSpec,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message, OwnedHeaders};
+use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::common::{mock_stage, BoxError, MockOptions, MockStage, StageJoin};
+use super::common::{header_text, mock_stage, BoxError, MockOptions, MockStage, StageJoin};
 
 pub(crate) type TestResult = Result<(), BoxError>;
 
@@ -61,18 +61,9 @@ pub(crate) fn setup(state_dir: &str) -> Result<MockStage, BoxError> {
     })
 }
 
+/// The counting stage `t.in` → `t.out`, with ticks.
 pub(crate) fn spec() -> StageSpec {
-    let mut outputs = BTreeMap::new();
-    outputs.insert("next", OutputTarget::Topic("t.out".into()));
-    StageSpec {
-        name: "count",
-        input_topic: "t.in".into(),
-        outputs,
-        operator: Box::new(|_| Box::new(Counter)),
-        ticks: true,
-        observer: None,
-        timers_from_state: None,
-    }
+    stage("count", "t.in", "t.out", true)
 }
 
 pub(crate) async fn produce(
@@ -120,14 +111,7 @@ pub(crate) fn read_all(
     let deadline = Instant::now() + Duration::from_secs(40);
     while Instant::now() < deadline && !want(&out) {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-            let reason = m
-                .headers()
-                .and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == "cdp-dlq-reason")
-                        .and_then(|h| h.value)
-                })
-                .map(|v| String::from_utf8_lossy(v).to_string());
+            let reason = header_text(&m, "cdp-dlq-reason");
             let key = String::from_utf8_lossy(m.key().unwrap_or_default()).to_string();
             let value = String::from_utf8_lossy(m.payload().unwrap_or_default()).to_string();
             out.push((key, reason.unwrap_or(value)));
@@ -138,6 +122,12 @@ pub(crate) fn read_all(
 
 pub(crate) fn run_stage(factory: &ClientFactory, shutdown: &Shutdown) -> StageJoin {
     start(spec(), factory, shutdown)
+}
+
+/// The counting stage without ticks (the ownership tests write into its
+/// changelog and must not race a tick's batch).
+pub(crate) fn run_counter(factory: &ClientFactory, shutdown: &Shutdown) -> StageJoin {
+    start(stage("count", "t.in", "t.out", false), factory, shutdown)
 }
 
 pub(crate) fn counts(out: &[(String, String)], key: &str) -> Vec<String> {
