@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use cdp_operators::messages::{wire, ProfileRecord, ProfileUpdate};
 use cdp_pipeline::ClientFactory;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -47,19 +48,36 @@ pub struct Stamp {
 /// The event a record names: a Segment event's `messageId` (`raw`,
 /// `valid`), a profile record's `event.messageId` (`identified`), or the
 /// `cause.message_id` of an update or audience change (`traits`,
-/// `audiences`).
+/// `audiences`). The profile records in their binary form are read as
+/// the stages read them.
 pub fn message_id(payload: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(payload).ok()?;
-    let found = [
-        v.get("messageId"),
-        v.get("event").and_then(|e| e.get("messageId")),
-        v.get("cause").and_then(|c| c.get("message_id")),
-    ]
-    .into_iter()
-    .flatten()
-    .find_map(Value::as_str)
-    .map(str::to_string);
-    found
+    match payload.first() {
+        Some(&wire::EVENT_V1) => match ProfileRecord::from_bytes(payload).ok()? {
+            ProfileRecord::Event { event, .. } => string_at(&event, "messageId"),
+            _ => None,
+        },
+        Some(&wire::UPDATE_V1) => match ProfileUpdate::from_bytes(payload).ok()? {
+            ProfileUpdate::Update { cause, .. } => cause.message_id,
+            _ => None,
+        },
+        _ => {
+            let v: Value = serde_json::from_slice(payload).ok()?;
+            let found = [
+                v.get("messageId"),
+                v.get("event").and_then(|e| e.get("messageId")),
+                v.get("cause").and_then(|c| c.get("message_id")),
+            ]
+            .into_iter()
+            .flatten()
+            .find_map(Value::as_str)
+            .map(str::to_string);
+            found
+        }
+    }
+}
+
+fn string_at(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_string)
 }
 
 /// Read the topics and write one JSON line per stamp to `out`.
@@ -178,6 +196,37 @@ mod tests {
         ];
         for (payload, id) in cases {
             assert_eq!(message_id(payload.as_bytes()).as_deref(), id, "{payload}");
+        }
+        // The profile records as the stages write them (binary).
+        let event = ProfileRecord::Event {
+            profile_id: "p".into(),
+            identifiers: Default::default(),
+            event: serde_json::json!({"type": "track", "messageId": "m4"}).into(),
+            dropped: Vec::new(),
+            merged_from: Vec::new(),
+        };
+        let update = |message_id: Option<&str>, tick| ProfileUpdate::Update {
+            profile_id: "p".into(),
+            identifiers: Default::default(),
+            event: None,
+            traits: Default::default(),
+            event_time: 1,
+            time_corrected_from: None,
+            cause: cdp_operators::messages::Cause {
+                message_id: message_id.map(str::to_string),
+                tick,
+            },
+            merged_from: Vec::new(),
+            traits_until: None,
+        };
+        let binary = [
+            (event.to_bytes(), Some("m4")),
+            (update(Some("m5"), None).to_bytes(), Some("m5")),
+            (update(None, Some(5)).to_bytes(), None),
+        ];
+        for (payload, id) in binary {
+            let payload = payload.map_err(|e| e.to_string());
+            assert_eq!(payload.map(|p| message_id(&p)), Ok(id.map(str::to_string)));
         }
     }
 }

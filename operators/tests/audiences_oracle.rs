@@ -252,8 +252,7 @@ impl Pipeline {
                     self.produce(TRAITS_STAGE, TRAITS_STAGE, &key, e.value)
                 }
                 (TRAITS_STAGE, outputs::NEXT) => {
-                    let update: ProfileUpdate =
-                        serde_json::from_slice(&e.value).map_err(|e| e.to_string())?;
+                    let update = ProfileUpdate::from_bytes(&e.value).map_err(|e| e.to_string())?;
                     if let ProfileUpdate::Update {
                         profile_id, traits, ..
                     } = update

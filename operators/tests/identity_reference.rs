@@ -502,7 +502,7 @@ fn compare(
                 for e in emitted {
                     match e.output {
                         outputs::NEXT => {
-                            let r: ProfileRecord = serde_json::from_slice(&e.value)
+                            let r = ProfileRecord::from_bytes(&e.value)
                                 .map_err(|x| TestCaseError::fail(x.to_string()))?;
                             if let ProfileRecord::Event {
                                 identifiers,

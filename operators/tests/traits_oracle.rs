@@ -189,8 +189,7 @@ impl Run {
 
     fn apply(&mut self, out: &[Emitted]) -> Result<(), String> {
         for e in out.iter().filter(|e| e.output == outputs::NEXT) {
-            let update: ProfileUpdate =
-                serde_json::from_slice(&e.value).map_err(|e| e.to_string())?;
+            let update = ProfileUpdate::from_bytes(&e.value).map_err(|e| e.to_string())?;
             if let ProfileUpdate::Update {
                 profile_id, traits, ..
             } = update

@@ -54,7 +54,7 @@ pub use config::{DropReason, Extracted, IdentifierRule, IdentityConfig, Identity
 pub use graph::MAX_AUDIT_DROPS;
 
 use crate::messages::{
-    outputs, Cause, DroppedIdentifier, ProfileRecord, ProfileSnapshot, ProfileStatus,
+    outputs, wire, Cause, DroppedIdentifier, ProfileRecord, ProfileSnapshot, ProfileStatus,
 };
 use config::Identifier;
 use fields::EventFields;
@@ -282,32 +282,23 @@ fn emit(ctx: &mut Context<'_>, record: &Record<'_>, outputs: Vec<Output>) {
     }
 }
 
-/// A [`ProfileRecord::Event`] around the event's bytes as they came: the
-/// same JSON `serde` would write, without re-encoding the event.
+/// A [`ProfileRecord::Event`] around the event's bytes as they came, in
+/// the binary form ([`crate::messages::wire`]): the event is not
+/// re-encoded, and the traits stage reads it without scanning it for its
+/// end.
 fn encode_event(
     resolution: &Resolution,
     event: &[u8],
     dropped: &[DroppedIdentifier],
 ) -> Result<Vec<u8>, OperatorError> {
-    let fail = |e: serde_json::Error| OperatorError::Store(StoreError::Decode(e.to_string()));
-    let mut out = Vec::with_capacity(event.len() + 128);
-    out.extend_from_slice(br#"{"type":"event","profile_id":"#);
-    serde_json::to_writer(&mut out, &resolution.profile_id).map_err(fail)?;
-    out.extend_from_slice(br#","identifiers":"#);
-    serde_json::to_writer(&mut out, &resolution.profile.identifiers).map_err(fail)?;
-    if !dropped.is_empty() {
-        out.extend_from_slice(br#","dropped":"#);
-        serde_json::to_writer(&mut out, dropped).map_err(fail)?;
-    }
-    if !resolution.merged.is_empty() {
-        out.extend_from_slice(br#","merged_from":"#);
-        let from: Vec<&String> = resolution.merged.keys().collect();
-        serde_json::to_writer(&mut out, &from).map_err(fail)?;
-    }
-    out.extend_from_slice(br#","event":"#);
-    out.extend_from_slice(event);
-    out.push(b'}');
-    Ok(out)
+    wire::encode_event(
+        &resolution.profile_id,
+        &resolution.profile.identifiers,
+        event,
+        dropped,
+        &resolution.merged.keys().collect::<Vec<_>>(),
+    )
+    .map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))
 }
 
 fn encode<T: serde::Serialize>(record: &T) -> Result<Vec<u8>, OperatorError> {

@@ -43,7 +43,7 @@ fn event(
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
 ) -> Option<EventJson> {
     let tree = parse(text.get()).ok()?;
-    Some(EventJson::with_text(tree, text))
+    Some(EventJson::with_text(tree, text.into()))
 }
 
 /// [`ProfileRecord::Event`]'s fields, the event as its text.
@@ -129,6 +129,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::messages::wire;
 
     /// The whole event's tree.
     fn full(text: &str) -> Result<Value, serde_json::Error> {
@@ -169,12 +170,18 @@ mod tests {
             merged_from in prop::collection::vec("[a-z]{1,4}", 0..3),
             time in any::<i64>(), corrected in any::<Option<i64>>(), with_event in any::<bool>(),
             until in any::<Option<i64>>(),
+            dropped in prop::collection::vec(("[a-z]{1,3}", "[a-z\"é]{0,4}", "[a-z_]{1,6}"), 0..3),
+            tick in any::<Option<i64>>(),
         ) {
+            let dropped: Vec<DroppedIdentifier> = dropped
+                .into_iter()
+                .map(|(kind, value, reason)| DroppedIdentifier { kind, value, reason })
+                .collect();
             let record = ProfileRecord::Event {
                 profile_id: id.clone(),
                 identifiers: ids.clone(),
                 event: event.clone().into(),
-                dropped: Vec::new(),
+                dropped: dropped.clone(),
                 merged_from: merged_from.clone(),
             };
             let bytes = serde_json::to_vec(&record).map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -185,6 +192,19 @@ mod tests {
             // record encodes to the very bytes it came as.
             let again = serde_json::to_vec(&fast).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(again, bytes);
+            // The binary form reads back as the same record, its event the
+            // text identity wrote, and says the same to identity's metrics.
+            let binary = record.to_bytes().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(binary.first(), Some(&wire::EVENT_V1));
+            let read = wire::decode_event(&binary[1..], |_| Ok(Value::Null)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let text = match &read {
+                ProfileRecord::Event { event, .. } => event.text().map(str::to_owned),
+                _ => None,
+            };
+            prop_assert_eq!(text, Some(serde_json::to_string(&event).map_err(|e| TestCaseError::fail(e.to_string()))?));
+            prop_assert_eq!(ProfileRecord::from_bytes(&binary).ok(), Some(general));
+            let summary = crate::messages::ProfileRecordSummary::from_bytes(&binary).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(summary.dropped, dropped.clone());
             let update = ProfileUpdate::Update {
                 profile_id: id,
                 identifiers: ids,
@@ -192,7 +212,7 @@ mod tests {
                 traits,
                 event_time: time,
                 time_corrected_from: corrected,
-                cause: Cause { message_id: Some("m".into()), tick: None },
+                cause: Cause { message_id: tick.is_none().then(|| "m".into()), tick },
                 merged_from,
                 traits_until: until,
             };
@@ -200,6 +220,24 @@ mod tests {
             let general: ProfileUpdate = serde_json::from_slice(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let fast = fast_update(&bytes, full);
             prop_assert_eq!(fast.as_ref(), Some(&general));
+            // The binary form reads back as the same update (trait values
+            // exactly, where JSON may round a float's last digit), its
+            // event as the JSON text of the tree written.
+            let binary = update.to_bytes().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(binary.first(), Some(&wire::UPDATE_V1));
+            let read = wire::decode_update(&binary[1..], |_| Ok(event.clone())).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let mut expected = update.clone();
+            if let ProfileUpdate::Update { event: sent @ Some(_), .. } = &mut expected {
+                // As in JSON, an event that is `null` is no event.
+                if sent.as_ref().is_some_and(|e| e.is_null()) {
+                    *sent = None;
+                }
+            }
+            prop_assert_eq!(&read, &expected);
+            if let ProfileUpdate::Update { event: Some(e), .. } = &read {
+                let text = serde_json::to_string(&event).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(e.text(), Some(text.as_str()));
+            }
             // Held or forwarded, an update is written with the whole event
             // whatever its tree holds: the text it came as.
             let partial = fast_update(&bytes, |_| Ok(Value::Null));

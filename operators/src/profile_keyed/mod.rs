@@ -39,7 +39,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::messages::{outputs, Cause, Identifiers, ProfileRecord, ProfileUpdate};
+use crate::messages::{outputs, wire, Cause, Identifiers, ProfileRecord, ProfileUpdate};
 
 /// `profile/<id>`, by concatenation: `format!` costs ~550 instructions a
 /// key, 1.8% of the traits stage's batches for its two keys per record
@@ -130,6 +130,10 @@ pub(crate) trait StageInput: Serialize + Sized {
     /// What the skeleton needs to know to route the record.
     fn route(&self) -> Route<'_>;
 
+    /// The record as the stage writes it ([`wire`] for a profile's own
+    /// record, JSON for the others).
+    fn encoded(&self) -> Result<Vec<u8>, OperatorError>;
+
     /// Refuse what no stage can apply (an empty profile id, a self-merge,
     /// what the stage's own records must hold).
     fn check(&self) -> Result<(), OperatorError>;
@@ -177,6 +181,11 @@ macro_rules! stage_input {
                     cause,
                     announced,
                 }
+            }
+
+            fn encoded(&self) -> Result<Vec<u8>, OperatorError> {
+                $input::to_bytes(self)
+                    .map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))
             }
 
             fn route(&self) -> Route<'_> {
@@ -294,14 +303,21 @@ fn readdress_update(update: ProfileUpdate, survivor: &str) -> ProfileUpdate {
 }
 
 /// Parse the audiences stage's input record and refuse an empty profile id
-/// or a merge of a profile into itself. The fast path's event tree is what
-/// `parse` builds from the event's text (see [`fast::fast_update`]); the
-/// general path's is the whole event.
+/// or a merge of a profile into itself. An update in the binary form
+/// ([`wire`]) and the JSON fast path's update keep their event's text,
+/// its tree what `parse` builds from it (see [`fast::fast_update`]); the
+/// general path's tree is the whole event.
 pub(crate) fn decode_update(
     value: &[u8],
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
 ) -> Result<ProfileUpdate, OperatorError> {
-    checked(fast::fast_update(value, parse), value)
+    let read = match value.split_first() {
+        Some((&wire::UPDATE_V1, rest)) => {
+            Some(wire::decode_update(rest, parse).map_err(invalid_record)?)
+        }
+        _ => fast::fast_update(value, parse),
+    };
+    checked(read, value)
 }
 
 /// [`decode_update`] for the traits stage's input (see
@@ -310,19 +326,28 @@ pub(crate) fn decode_event(
     value: &[u8],
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
 ) -> Result<ProfileRecord, OperatorError> {
-    checked(fast::fast_event(value, parse), value)
+    let read = match value.split_first() {
+        Some((&wire::EVENT_V1, rest)) => {
+            Some(wire::decode_event(rest, parse).map_err(invalid_record)?)
+        }
+        _ => fast::fast_event(value, parse),
+    };
+    checked(read, value)
 }
 
-/// The fast path's record, else the general path's, checked.
+fn invalid_record(e: impl std::fmt::Display) -> OperatorError {
+    OperatorError::rejected("invalid_record", json!({"error": e.to_string()}))
+}
+
+/// The record read already (binary, or the JSON fast path), else the
+/// general JSON path's, checked.
 fn checked<I: StageInput + DeserializeOwned>(
-    fast: Option<I>,
+    read: Option<I>,
     value: &[u8],
 ) -> Result<I, OperatorError> {
-    let input: I = match fast {
+    let input: I = match read {
         Some(input) => input,
-        None => serde_json::from_slice(value).map_err(|e| {
-            OperatorError::rejected("invalid_record", json!({"error": e.to_string()}))
-        })?,
+        None => serde_json::from_slice(value).map_err(invalid_record)?,
     };
     input.check()?;
     Ok(input)
@@ -375,7 +400,18 @@ pub(crate) fn send_transfer<R: StageInput>(
     into: &str,
     transfer: &R,
 ) -> Result<(), OperatorError> {
-    emit_json(ctx, outputs::SELF, into, transfer)
+    emit_input(ctx, into, transfer)
+}
+
+/// Write `input` to the stage's own input topic, keyed by `key`.
+pub(crate) fn emit_input<R: StageInput>(
+    ctx: &mut Context<'_>,
+    key: &str,
+    input: &R,
+) -> Result<(), OperatorError> {
+    let bytes = input.encoded()?;
+    ctx.emit(outputs::SELF, Some(key.as_bytes().to_vec()), bytes);
+    Ok(())
 }
 
 /// A transfer to `into` when `into` was itself merged away meanwhile: pass

@@ -16,7 +16,7 @@ use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{self, outputs, Cause, EventJson, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::{
     decode_event, decode_state, dispatch, emit_json, encode_state, fired_profile, invalid_transfer,
-    json_bytes, pass_on_transfer, profile_key, reschedule, retire, send_transfer, to_json_value,
+    pass_on_transfer, profile_key, reschedule, retire, send_transfer, to_json_value,
     union_identifiers, Layout, ProfileStage, StageInput, StateCache, Stored, CACHED_PROFILES,
 };
 
@@ -196,7 +196,7 @@ impl TraitsOperator {
             let kinds: Vec<&str> = limited.into_iter().collect();
             headers.push((STATE_LIMIT_HEADER.to_owned(), kinds.join(",").into_bytes()));
         }
-        let bytes = json_bytes(&update)?;
+        let bytes = update.encoded()?;
         // The identifiers go back into the state the cache keeps (lent to
         // the update rather than copied).
         if let ProfileUpdate::Update { identifiers, .. } = update {
@@ -308,7 +308,9 @@ impl TraitsOperator {
             merged_from: Vec::new(),
             traits_until: current.timer,
         };
-        emit_json(ctx, outputs::NEXT, &into, &update)
+        let bytes = update.encoded()?;
+        ctx.emit(outputs::NEXT, Some(into.into_bytes()), bytes);
+        Ok(())
     }
 }
 
@@ -410,6 +412,8 @@ impl Operator for TraitsOperator {
             merged_from: Vec::new(),
             traits_until: state.timer,
         };
-        emit_json(ctx, outputs::NEXT, &id, &update)
+        let bytes = update.encoded()?;
+        ctx.emit(outputs::NEXT, Some(id.into_bytes()), bytes);
+        Ok(())
     }
 }

@@ -67,7 +67,7 @@ fn a_merge_exits_the_merged_profile_and_the_survivor_enters() -> TestResult {
     let out = h.process(Some(b"a"), &bytes, &[])?;
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].output, outputs::SELF);
-    match serde_json::from_slice::<ProfileUpdate>(&out[0].value)? {
+    match ProfileUpdate::from_bytes(&out[0].value)? {
         ProfileUpdate::Update { profile_id, .. } => assert_eq!(profile_id, "b"),
         other => return Err(format!("unexpected {other:?}").into()),
     }

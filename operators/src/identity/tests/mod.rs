@@ -38,7 +38,7 @@ pub(super) fn send(
 pub(super) fn decode(out: &[Emitted]) -> Result<Vec<ProfileRecord>, Box<dyn std::error::Error>> {
     out.iter()
         .filter(|e| e.output == outputs::NEXT)
-        .map(|e| Ok(serde_json::from_slice(&e.value)?))
+        .map(|e| Ok(ProfileRecord::from_bytes(&e.value)?))
         .collect()
 }
 

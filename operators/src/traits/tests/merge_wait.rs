@@ -230,7 +230,7 @@ fn a_retired_profiles_events_go_on_to_its_survivor_and_a_bad_one_is_refused() ->
     assert!(updates(&out)?.is_empty(), "nothing evaluated for a");
     let (key, forwarded) = one_transfer(&out)?;
     assert_eq!(key, b"b");
-    match serde_json::from_slice::<ProfileRecord>(&forwarded)? {
+    match ProfileRecord::from_bytes(&forwarded)? {
         ProfileRecord::Event {
             profile_id,
             identifiers: got,

@@ -21,7 +21,7 @@ fn late_events_for_a_merged_profile_are_redirected() -> TestResult {
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].output, outputs::SELF);
     assert_eq!(out[0].key.as_deref(), Some(b"b".as_slice()));
-    match serde_json::from_slice::<ProfileRecord>(&out[0].value)? {
+    match ProfileRecord::from_bytes(&out[0].value)? {
         ProfileRecord::Event { profile_id, .. } => assert_eq!(profile_id, "b"),
         other => return Err(format!("unexpected {other:?}").into()),
     }

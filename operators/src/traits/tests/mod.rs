@@ -10,9 +10,8 @@ use super::profile::ProfileState;
 use super::state::TraitState;
 use super::*;
 use crate::event_time::TIME_CORRECTED_HEADER;
-use crate::messages::{
-    outputs, rfc3339_ms, Cause, EventJson, Identifiers, ProfileRecord, ProfileUpdate,
-};
+use crate::messages::wire::{self, RecordError};
+use crate::messages::{outputs, rfc3339_ms, Cause, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::profile_key;
 
 type TestResult = Result<(), Box<dyn Error>>;
@@ -58,15 +57,15 @@ fn send(
     Ok(h.process(Some(id.as_bytes()), &bytes, &[])?)
 }
 
-fn updates(out: &[Emitted]) -> Result<Vec<ProfileUpdate>, serde_json::Error> {
+fn updates(out: &[Emitted]) -> Result<Vec<ProfileUpdate>, RecordError> {
     out.iter()
         .filter(|e| e.output == outputs::NEXT)
-        .map(|e| serde_json::from_slice(&e.value))
+        .map(|e| ProfileUpdate::from_bytes(&e.value))
         .collect()
 }
 
 /// The changed traits of every `Update` in `out`, later ones winning.
-fn changed(out: &[Emitted]) -> Result<BTreeMap<String, Value>, serde_json::Error> {
+fn changed(out: &[Emitted]) -> Result<BTreeMap<String, Value>, RecordError> {
     let mut traits = BTreeMap::new();
     for u in updates(out)? {
         if let ProfileUpdate::Update { traits: t, .. } = u {

@@ -125,7 +125,7 @@ fn value_traits_use_event_time_not_arrival() -> TestResult {
     Ok(())
 }
 
-fn traits_until(out: &[Emitted]) -> Result<Vec<Option<i64>>, serde_json::Error> {
+fn traits_until(out: &[Emitted]) -> Result<Vec<Option<i64>>, RecordError> {
     Ok(updates(out)?
         .into_iter()
         .filter_map(|u| match u {

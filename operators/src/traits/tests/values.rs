@@ -203,7 +203,8 @@ fn comparisons_follow_the_documented_rules() {
 }
 
 /// The update carries the event as the text it came in (identity writes
-/// it as the collector received it): not encoded again, same meaning.
+/// it as the collector received it): not encoded again, same meaning;
+/// from identity's binary record and from a JSON one alike.
 #[test]
 fn the_update_forwards_the_event_text_verbatim() -> TestResult {
     let mut h = harness(DESIGN_TRAITS)?;
@@ -211,24 +212,24 @@ fn the_update_forwards_the_event_text_verbatim() -> TestResult {
         r#"{{"type":"track", "event":"Order Completed","messageId":"m1","timestamp":"{}","properties":{{"revenue":5.0e1,"note":"caf\u00e9 \/"}}}}"#,
         rfc3339_ms(DAY)
     );
-    let record =
-        format!(r#"{{"type":"event","profile_id":"p1","identifiers":{{}},"event":{text}}}"#);
-    let out = h.process(Some(b"p1"), record.as_bytes(), &[])?;
-    let [update] = out.as_slice() else {
-        return Err(format!("expected one update, got {out:?}").into());
-    };
-    let written = String::from_utf8(update.value.clone())?;
-    assert!(
-        written.contains(&format!(r#""event":{text},"#)),
-        "{written}"
-    );
     let expected: Value = serde_json::from_str(&text)?;
-    match serde_json::from_slice(&update.value)? {
-        ProfileUpdate::Update { event, traits, .. } => {
-            assert_eq!(event.as_ref().map(EventJson::value), Some(&expected));
-            assert_eq!(traits.get("revenue_total"), Some(&json!(50)));
+    let binary = wire::encode_event("p0", &Identifiers::new(), text.as_bytes(), &[], &[""; 0])?;
+    let json = format!(r#"{{"type":"event","profile_id":"p1","identifiers":{{}},"event":{text}}}"#);
+    for (id, record) in [("p0", binary), ("p1", json.into_bytes())] {
+        let out = h.process(Some(id.as_bytes()), &record, &[])?;
+        let [update] = out.as_slice() else {
+            return Err(format!("expected one update, got {out:?}").into());
+        };
+        assert_eq!(update.value.first(), Some(&wire::UPDATE_V1));
+        match ProfileUpdate::from_bytes(&update.value)? {
+            ProfileUpdate::Update { event, traits, .. } => {
+                let event = event.ok_or("no event")?;
+                assert_eq!(event.text(), Some(text.as_str()), "{id}");
+                assert_eq!(event, expected);
+                assert_eq!(traits.get("revenue_total"), Some(&json!(50)));
+            }
+            other => return Err(format!("expected an update, got {other:?}").into()),
         }
-        other => return Err(format!("expected an update, got {other:?}").into()),
     }
     // A record the fast path does not read (spaced out by another
     // producer) gives the same update, its event encoded from the tree.

@@ -1,12 +1,15 @@
 //! The records that flow between stages, and the public audience-change
-//! contract. Everything here is plain serde data: JSON on the wire.
+//! contract. Everything here is plain serde data; on the wire it is JSON,
+//! but for the two records that carry every event between the profile
+//! stages, which are binary ([`wire`]).
 //!
 //! Topics and their records:
 //! - `<p>.raw`, `<p>.valid`: a Segment-spec event (JSON object), source id
 //!   in the `cdp-source` header. `valid` events are normalized: `page` and
 //!   `screen` carry `event: "Page Viewed"` / `"Screen Viewed"`.
-//! - `<p>.identified`: [`ProfileRecord`], keyed by profile id.
-//! - `<p>.traits`: [`ProfileUpdate`], keyed by profile id.
+//! - `<p>.identified`: [`ProfileRecord`], keyed by profile id
+//!   ([`ProfileRecord::to_bytes`], [`ProfileRecord::from_bytes`]).
+//! - `<p>.traits`: [`ProfileUpdate`], keyed by profile id (likewise).
 //! - `<p>.audiences`: [`AudienceChange`], keyed by profile id.
 
 use std::collections::BTreeMap;
@@ -14,6 +17,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::Value;
+
+pub mod wire;
 
 /// Identifier type → values, e.g. `{"user_id": ["u_42"], "email": [...]}`.
 pub type Identifiers = BTreeMap<String, Vec<String>>;
@@ -35,13 +40,15 @@ pub type Identifiers = BTreeMap<String, Vec<String>>;
 #[derive(Clone, Default)]
 pub struct EventJson {
     value: Value,
-    text: Option<Box<RawValue>>,
+    /// JSON text, checked when read (the stage's parse of its tree reads
+    /// the whole text).
+    text: Option<Box<str>>,
 }
 
 impl EventJson {
     /// The event as `value`, a tree read from `text` (the traits stage's
     /// holds only the paths it reads), written back out as `text`.
-    pub(crate) fn with_text(value: Value, text: Box<RawValue>) -> Self {
+    pub(crate) fn with_text(value: Value, text: Box<str>) -> Self {
         EventJson {
             value,
             text: Some(text),
@@ -50,6 +57,11 @@ impl EventJson {
 
     pub fn value(&self) -> &Value {
         &self.value
+    }
+
+    /// The JSON text the event was read from, if it was.
+    pub fn text(&self) -> Option<&str> {
+        self.text.as_deref()
     }
 }
 
@@ -85,10 +97,15 @@ impl std::fmt::Debug for EventJson {
     }
 }
 
+/// As JSON, the text it was read from (checked again here: JSON records
+/// that carry an event are the rare ones, [`wire`] writes the common
+/// ones), else its tree.
 impl Serialize for EventJson {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match &self.text {
-            Some(text) => text.serialize(serializer),
+            Some(text) => RawValue::from_string(text.to_string())
+                .map_err(serde::ser::Error::custom)?
+                .serialize(serializer),
             None => self.value.serialize(serializer),
         }
     }
@@ -231,6 +248,77 @@ pub enum ProfileUpdate {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         announced: bool,
     },
+}
+
+impl ProfileRecord {
+    /// The record as a stage writes it to `<p>.identified`: an event in
+    /// the binary form ([`wire`]), any other record as JSON.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, wire::RecordError> {
+        match self {
+            ProfileRecord::Event {
+                profile_id,
+                identifiers,
+                event,
+                dropped,
+                merged_from,
+            } => {
+                let text = match event.text() {
+                    Some(text) => std::borrow::Cow::Borrowed(text),
+                    None => std::borrow::Cow::Owned(serde_json::to_string(event.value())?),
+                };
+                wire::encode_event(
+                    profile_id,
+                    identifiers,
+                    text.as_bytes(),
+                    dropped,
+                    merged_from,
+                )
+            }
+            other => Ok(serde_json::to_vec(other)?),
+        }
+    }
+
+    /// A record of `<p>.identified` in either form, its event's whole tree.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, wire::RecordError> {
+        match bytes.split_first() {
+            Some((&wire::EVENT_V1, rest)) => wire::decode_event(rest, |t| serde_json::from_str(t)),
+            _ => Ok(serde_json::from_slice(bytes)?),
+        }
+    }
+}
+
+impl ProfileRecordSummary {
+    /// The summary of a record of `<p>.identified` in either form.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, wire::RecordError> {
+        match bytes.split_first() {
+            Some((&wire::EVENT_V1, rest)) => Ok(ProfileRecordSummary {
+                kind: ProfileRecordKind::Event,
+                dropped: wire::event_dropped(rest)?,
+            }),
+            _ => Ok(serde_json::from_slice(bytes)?),
+        }
+    }
+}
+
+impl ProfileUpdate {
+    /// The record as the traits stage writes it to `<p>.traits`: an
+    /// update in the binary form ([`wire`]), any other record as JSON.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, wire::RecordError> {
+        match wire::encode_update(self) {
+            Some(bytes) => bytes,
+            None => Ok(serde_json::to_vec(self)?),
+        }
+    }
+
+    /// A record of `<p>.traits` in either form, its event's whole tree.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, wire::RecordError> {
+        match bytes.split_first() {
+            Some((&wire::UPDATE_V1, rest)) => {
+                wire::decode_update(rest, |t| serde_json::from_str(t))
+            }
+            _ => Ok(serde_json::from_slice(bytes)?),
+        }
+    }
 }
 
 /// An identifier of an event that an identity rule refused, and why

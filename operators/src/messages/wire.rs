@@ -1,0 +1,331 @@
+//! The binary form of the two records that carry every event between the
+//! profile stages: [`ProfileRecord::Event`] on `<p>.identified` and
+//! [`ProfileUpdate::Update`] on `<p>.traits`.
+//!
+//! As JSON, a stage's reader scanned the whole event once to find where it
+//! ends (it is a field of the record) and again to build the paths it
+//! reads, and parsed the record's own fields (identifiers, changed traits)
+//! from text: a third of the audiences stage's instructions and a quarter
+//! of the traits stage's (docs/performance.md). In this form the record is
+//! one marker byte, then [postcard](https://docs.rs/postcard) (positional,
+//! varint lengths): the event is a length-prefixed string holding its JSON
+//! text as it came, so a reader takes it without scanning and parses only
+//! the paths it reads; trait values are the states' binary values
+//! ([`json_value_map`]).
+//!
+//! Compatibility: the marker bytes are never the first byte of UTF-8 text,
+//! so a record is binary or JSON by its first byte, and readers take both
+//! (records written by an earlier version, or by hand). Fields are only
+//! ever appended to a form: a reader ignores bytes after the fields it
+//! knows. A change that cannot be appended takes a new marker. The other
+//! records (merges, transfers) stay JSON: they are rare, and a transfer
+//! carries a state as JSON anyway.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::Value;
+
+use super::{Cause, DroppedIdentifier, EventJson, Identifiers, ProfileRecord, ProfileUpdate};
+use crate::profile_keyed::{json_value_map, sorted_map};
+
+/// First byte of a binary [`ProfileRecord::Event`]. `0xF5`–`0xFF` never
+/// start (or occur in) UTF-8 text, so no JSON record starts with them.
+pub const EVENT_V1: u8 = 0xF5;
+
+/// First byte of a binary [`ProfileUpdate::Update`].
+pub const UPDATE_V1: u8 = 0xF6;
+
+/// Room for a record: the event's text (~0.2–1 KB) and the record's own
+/// fields, so the encoding does not grow its vector by doubling.
+const RECORD_ROOM: usize = 1024;
+
+/// Why a record could not be read or written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("binary record: {0}")]
+    Decode(#[from] postcard::Error),
+    #[error("event: {0}")]
+    Event(String),
+    #[error("{0}")]
+    Json(String),
+}
+
+impl From<serde_json::Error> for RecordError {
+    fn from(e: serde_json::Error) -> Self {
+        RecordError::Json(e.to_string())
+    }
+}
+
+/// An event's JSON text as a postcard string (the same bytes `&str`
+/// writes), from bytes not checked as UTF-8 here: the reader checks them.
+struct Text<'a>(&'a [u8]);
+
+impl Serialize for Text<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// [`ProfileRecord::Event`] as written. `dropped` and `merged_from` come
+/// first: identity's metrics read them without the rest
+/// ([`event_dropped`]).
+#[derive(Serialize)]
+struct EventOut<'a, M: Serialize> {
+    dropped: &'a [DroppedIdentifier],
+    merged_from: &'a [M],
+    profile_id: &'a str,
+    identifiers: &'a Identifiers,
+    event: Text<'a>,
+}
+
+#[derive(Deserialize)]
+struct EventIn<'a> {
+    dropped: Vec<DroppedIdentifier>,
+    merged_from: Vec<String>,
+    profile_id: String,
+    #[serde(deserialize_with = "sorted_map")]
+    identifiers: Identifiers,
+    #[serde(borrow)]
+    event: &'a str,
+}
+
+/// The binary [`ProfileRecord::Event`] of an event given as its JSON text
+/// (`event`, written as it is: identity passes on the bytes validate
+/// wrote). `merged_from` holds profile ids (`String`s or references).
+pub fn encode_event<M: Serialize>(
+    profile_id: &str,
+    identifiers: &Identifiers,
+    event: &[u8],
+    dropped: &[DroppedIdentifier],
+    merged_from: &[M],
+) -> Result<Vec<u8>, RecordError> {
+    let record = EventOut {
+        dropped,
+        merged_from,
+        profile_id,
+        identifiers,
+        event: Text(event),
+    };
+    let mut out = Vec::with_capacity(event.len() + RECORD_ROOM / 4);
+    out.push(EVENT_V1);
+    Ok(postcard::to_extend(&record, out)?)
+}
+
+/// The refused identifiers of a binary event record (its first field),
+/// without reading the rest.
+pub fn event_dropped(bytes: &[u8]) -> Result<Vec<DroppedIdentifier>, RecordError> {
+    Ok(postcard::from_bytes(bytes)?)
+}
+
+/// A binary event record (the bytes after [`EVENT_V1`]); the event's tree
+/// is what `parse` builds from its text, which the record keeps.
+pub(crate) fn decode_event(
+    bytes: &[u8],
+    parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
+) -> Result<ProfileRecord, RecordError> {
+    let r: EventIn<'_> = postcard::from_bytes(bytes)?;
+    Ok(ProfileRecord::Event {
+        profile_id: r.profile_id,
+        identifiers: r.identifiers,
+        event: event(r.event, parse)?,
+        dropped: r.dropped,
+        merged_from: r.merged_from,
+    })
+}
+
+fn event(
+    text: &str,
+    parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
+) -> Result<EventJson, RecordError> {
+    let tree = parse(text).map_err(|e| RecordError::Event(e.to_string()))?;
+    Ok(EventJson::with_text(tree, text.into()))
+}
+
+/// The event's JSON text: the text it was read from, else its tree
+/// written out.
+fn event_text(event: &EventJson) -> Result<Cow<'_, str>, RecordError> {
+    match event.text() {
+        Some(text) => Ok(Cow::Borrowed(text)),
+        None => serde_json::to_string(event.value())
+            .map(Cow::Owned)
+            .map_err(|e| RecordError::Event(e.to_string())),
+    }
+}
+
+/// The changed traits, each value in the states' binary form.
+struct Traits<'a>(&'a BTreeMap<String, Value>);
+
+impl Serialize for Traits<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        json_value_map::serialize(self.0, s)
+    }
+}
+
+/// [`ProfileUpdate::Update`] as written. [`Cause`]'s two fields are
+/// inline: its JSON form skips absent ones, which a positional form
+/// cannot.
+#[derive(Serialize)]
+struct UpdateOut<'a> {
+    profile_id: &'a str,
+    identifiers: &'a Identifiers,
+    traits: Traits<'a>,
+    event_time: i64,
+    time_corrected_from: Option<i64>,
+    message_id: Option<&'a str>,
+    tick: Option<i64>,
+    merged_from: &'a [String],
+    traits_until: Option<i64>,
+    event: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct UpdateIn<'a> {
+    profile_id: String,
+    #[serde(deserialize_with = "sorted_map")]
+    identifiers: Identifiers,
+    #[serde(deserialize_with = "json_value_map::deserialize")]
+    traits: BTreeMap<String, Value>,
+    event_time: i64,
+    time_corrected_from: Option<i64>,
+    message_id: Option<String>,
+    tick: Option<i64>,
+    merged_from: Vec<String>,
+    traits_until: Option<i64>,
+    #[serde(borrow)]
+    event: Option<&'a str>,
+}
+
+/// The binary form of an update; `None` for any other [`ProfileUpdate`].
+pub(crate) fn encode_update(update: &ProfileUpdate) -> Option<Result<Vec<u8>, RecordError>> {
+    let ProfileUpdate::Update {
+        profile_id,
+        identifiers,
+        event,
+        traits,
+        event_time,
+        time_corrected_from,
+        cause,
+        merged_from,
+        traits_until,
+    } = update
+    else {
+        return None;
+    };
+    let encode = || {
+        let record = UpdateOut {
+            profile_id,
+            identifiers,
+            traits: Traits(traits),
+            event_time: *event_time,
+            time_corrected_from: *time_corrected_from,
+            message_id: cause.message_id.as_deref(),
+            tick: cause.tick,
+            merged_from,
+            traits_until: *traits_until,
+            // As in JSON, where `"event": null` reads as no event.
+            event: event
+                .as_ref()
+                .filter(|e| !e.is_null())
+                .map(event_text)
+                .transpose()?,
+        };
+        let mut out = Vec::with_capacity(RECORD_ROOM);
+        out.push(UPDATE_V1);
+        Ok(postcard::to_extend(&record, out)?)
+    };
+    Some(encode())
+}
+
+/// A binary update (the bytes after [`UPDATE_V1`]); its event's tree is
+/// what `parse` builds, as in [`decode_event`].
+pub(crate) fn decode_update(
+    bytes: &[u8],
+    parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
+) -> Result<ProfileUpdate, RecordError> {
+    let r: UpdateIn<'_> = postcard::from_bytes(bytes)?;
+    Ok(ProfileUpdate::Update {
+        profile_id: r.profile_id,
+        identifiers: r.identifiers,
+        event: r.event.map(|text| event(text, parse)).transpose()?,
+        traits: r.traits,
+        event_time: r.event_time,
+        time_corrected_from: r.time_corrected_from,
+        cause: Cause {
+            message_id: r.message_id,
+            tick: r.tick,
+        },
+        merged_from: r.merged_from,
+        traits_until: r.traits_until,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    fn update() -> ProfileUpdate {
+        ProfileUpdate::Update {
+            profile_id: "p".into(),
+            identifiers: Identifiers::from([("user_id".into(), vec!["u1".into()])]),
+            event: Some(json!({"type": "track", "event": "X", "messageId": "m"}).into()),
+            traits: BTreeMap::from([("n".into(), json!(2)), ("gone".into(), Value::Null)]),
+            event_time: 5,
+            time_corrected_from: Some(9),
+            cause: Cause {
+                message_id: Some("m".into()),
+                tick: None,
+            },
+            merged_from: vec!["q".into()],
+            traits_until: Some(7),
+        }
+    }
+
+    /// A field appended by a later version is ignored: the reader takes
+    /// the fields it knows.
+    #[test]
+    fn bytes_after_the_known_fields_are_ignored() -> Result<(), RecordError> {
+        let mut bytes = update().to_bytes()?;
+        bytes.extend_from_slice(&[3, 1, 2, 3]);
+        assert_eq!(ProfileUpdate::from_bytes(&bytes)?, update());
+        Ok(())
+    }
+
+    /// A record cut short or whose event is not JSON is an error that
+    /// says so, never a panic and never a record.
+    #[test]
+    fn a_broken_record_is_an_error() -> Result<(), RecordError> {
+        let bytes = update().to_bytes()?;
+        for cut in 1..bytes.len() {
+            assert!(
+                ProfileUpdate::from_bytes(&bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let bad = encode_event("p", &Identifiers::new(), b"{\"a\":", &[], &[""; 0])?;
+        match ProfileRecord::from_bytes(&bad) {
+            Err(RecordError::Event(e)) => assert!(e.contains("EOF"), "{e}"),
+            other => panic!("expected an event error, got {other:?}"),
+        }
+        Ok(())
+    }
+
+    proptest! {
+        /// Whatever follows a marker byte reads as a record or as an
+        /// error: a corrupt record cannot crash a stage.
+        #[test]
+        fn any_bytes_read_or_fail(body in prop::collection::vec(any::<u8>(), 0..64)) {
+            for marker in [EVENT_V1, UPDATE_V1] {
+                let mut bytes = vec![marker];
+                bytes.extend_from_slice(&body);
+                let _ = ProfileRecord::from_bytes(&bytes);
+                let _ = ProfileUpdate::from_bytes(&bytes);
+                let _ = crate::messages::ProfileRecordSummary::from_bytes(&bytes);
+            }
+        }
+    }
+}
