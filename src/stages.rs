@@ -84,7 +84,7 @@ impl Stage {
         let mut outs: BTreeMap<&'static str, OutputTarget> = BTreeMap::new();
         let (input, ticks, operator): (String, bool, cdp_pipeline::OperatorFactory) = match self {
             Stage::Validate => {
-                outs.insert(outputs::NEXT, OutputTarget::Topic(t.valid()));
+                outs.insert(outputs::NEXT, OutputTarget::Internal(t.valid()));
                 let v = compiled.validator.clone();
                 (
                     t.raw(),
@@ -93,7 +93,7 @@ impl Stage {
                 )
             }
             Stage::Identity => {
-                outs.insert(outputs::NEXT, OutputTarget::Topic(t.identified()));
+                outs.insert(outputs::NEXT, OutputTarget::Internal(t.identified()));
                 outs.insert(outputs::PROFILES, OutputTarget::Topic(t.profiles()));
                 let r = compiled.identity.clone();
                 (
@@ -103,8 +103,8 @@ impl Stage {
                 )
             }
             Stage::Traits => {
-                outs.insert(outputs::NEXT, OutputTarget::Topic(t.traits()));
-                outs.insert(outputs::SELF, OutputTarget::Topic(t.identified()));
+                outs.insert(outputs::NEXT, OutputTarget::Internal(t.traits()));
+                outs.insert(outputs::SELF, OutputTarget::Internal(t.identified()));
                 let s = compiled.traits.clone();
                 (
                     t.identified(),
@@ -114,7 +114,7 @@ impl Stage {
             }
             Stage::Audiences => {
                 outs.insert(outputs::NEXT, OutputTarget::Topic(t.audiences()));
-                outs.insert(outputs::SELF, OutputTarget::Topic(t.traits()));
+                outs.insert(outputs::SELF, OutputTarget::Internal(t.traits()));
                 let s = compiled.audiences.clone();
                 let format = &compiled.config.audience_changes;
                 let operator: cdp_pipeline::OperatorFactory = match format.format {

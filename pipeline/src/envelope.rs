@@ -12,6 +12,14 @@
 //! from the bottom under a new lineage, and a consumer that sees a lineage
 //! change starts that origin's positions afresh instead of dropping
 //! everything as a replay.
+//!
+//! Records on topics that only cdp stages read carry the four in one
+//! header, [`AT`]: librdkafka parses and allocates every header of every
+//! consumed record (~800 instructions a header) and builds every header
+//! of every produced one, so four headers cost a stage ~8% of its batch
+//! where one costs a quarter of that (docs/performance.md). Public topics
+//! (`<p>.audiences`, `<p>.profiles`, dead letters) keep the four, which
+//! their consumers read. A reader takes either form.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +31,10 @@ pub const EPOCH: &str = "cdp-epoch";
 pub const POSITION: &str = "cdp-pos";
 /// Header: the lineage of the producing task's changelog (16 hex digits).
 pub const LINEAGE: &str = "cdp-lineage";
+/// Header: the whole position in one, `origin epoch offset:index lineage`
+/// (space-separated, the values of the four headers above), on topics only
+/// cdp stages read.
+pub const AT: &str = "cdp-at";
 /// Header: stream time in ms carried by a tick record (decimal).
 pub const TICK: &str = "cdp-tick";
 /// Every header the runtime reads or writes starts with this.
@@ -99,6 +111,9 @@ impl Position {
     /// [`Position::from_headers`] without copying the origin.
     pub fn from_headers_ref<H: HeaderPair>(headers: &[H]) -> Option<(&str, Position)> {
         let get = |name: &str| header_str(headers, name);
+        if let Some(at) = get(AT) {
+            return Self::from_at(at);
+        }
         let origin = get(ORIGIN)?;
         let epoch = get(EPOCH)?.parse().ok()?;
         let (offset, index) = get(POSITION)?.split_once(':')?;
@@ -115,6 +130,30 @@ impl Position {
                 lineage,
             },
         ))
+    }
+
+    /// The origin and position in an [`AT`] header's value. The origin
+    /// is everything before the last three fields.
+    fn from_at(at: &str) -> Option<(&str, Position)> {
+        let mut fields = at.rsplitn(4, ' ');
+        let lineage = u64::from_str_radix(fields.next()?, 16).ok()?;
+        let (offset, index) = fields.next()?.split_once(':')?;
+        let epoch = fields.next()?.parse().ok()?;
+        let origin = fields.next()?;
+        Some((
+            origin,
+            Position {
+                epoch,
+                offset: offset.parse().ok()?,
+                index: index.parse().ok()?,
+                lineage,
+            },
+        ))
+    }
+
+    /// The [`AT`] header of a record from `origin` at this position.
+    pub fn to_at_header(&self, origin: &str) -> (String, Vec<u8>) {
+        (AT.to_string(), self.header_values().at(origin))
     }
 
     pub fn to_headers(&self, origin: &str) -> [(String, Vec<u8>); 4] {
@@ -186,6 +225,17 @@ impl HeaderValues {
         &self.buf[self.position_end..self.len]
     }
 
+    /// The [`AT`] header's value for a record from `origin`.
+    pub fn at(&self, origin: &str) -> Vec<u8> {
+        let mut at = Vec::with_capacity(origin.len() + self.len + 3);
+        at.extend_from_slice(origin.as_bytes());
+        for field in [self.epoch(), self.position(), self.lineage()] {
+            at.push(b' ');
+            at.extend_from_slice(field);
+        }
+        at
+    }
+
     /// The four headers a record from `origin` at this position carries,
     /// borrowed: ([`ORIGIN`], [`EPOCH`], [`POSITION`], [`LINEAGE`]).
     pub fn stamp<'a>(&'a self, origin: &'a str) -> [(&'static str, &'a [u8]); 4] {
@@ -233,6 +283,33 @@ mod tests {
             Position::from_headers(&headers[..3]),
             Some(("identity:2".to_string(), Position { lineage: 0, ..p }))
         );
+    }
+
+    #[test]
+    fn one_at_header_reads_as_the_four_do() {
+        let p = Position {
+            lineage: u64::MAX - 5,
+            ..pos(3, -42, 1)
+        };
+        let at = vec![p.to_at_header("identity:2")];
+        assert_eq!(
+            at[0].1,
+            format!("identity:2 3 -42:1 {:016x}", u64::MAX - 5).into_bytes()
+        );
+        assert_eq!(
+            Position::from_headers(&at),
+            Position::from_headers(&p.to_headers("identity:2"))
+        );
+        // An origin with spaces still reads (its fields are the last three).
+        let spaced = vec![p.to_at_header("a b:1")];
+        assert_eq!(
+            Position::from_headers(&spaced),
+            Some(("a b:1".to_string(), p))
+        );
+        for bad in ["", "x", "o 1 2:3", "o 1 2 00", "o x 2:3 00", "o 1 2:3 zz"] {
+            let h = vec![(AT.to_string(), bad.as_bytes().to_vec())];
+            assert_eq!(Position::from_headers(&h), None, "{bad}");
+        }
     }
 
     #[test]
@@ -293,7 +370,16 @@ mod tests {
             index in any::<u32>(),
             lineage in any::<u64>(),
         ) {
-            let v = Position { epoch, offset, index, lineage }.header_values();
+            let p = Position { epoch, offset, index, lineage };
+            let v = p.header_values();
+            prop_assert_eq!(
+                v.at("traits:3"),
+                format!("traits:3 {epoch} {offset}:{index} {lineage:016x}").into_bytes()
+            );
+            prop_assert_eq!(
+                Position::from_headers(&[p.to_at_header("traits:3")]),
+                Some(("traits:3".to_string(), p))
+            );
             prop_assert_eq!(v.epoch(), epoch.to_string().into_bytes());
             prop_assert_eq!(v.position(), format!("{offset}:{index}").into_bytes());
             prop_assert_eq!(v.lineage(), format!("{lineage:016x}").into_bytes());

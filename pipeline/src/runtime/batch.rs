@@ -273,11 +273,12 @@ pub(super) fn process_batch(
     let mut out_counts: BTreeMap<&'static str, u64> = BTreeMap::new();
     for w in &work {
         for (pos, e) in &w.outputs {
-            let topic = if e.output == DEAD_LETTERS {
-                shared.dead_letter_topic.as_str()
+            let (topic, internal) = if e.output == DEAD_LETTERS {
+                (shared.dead_letter_topic.as_str(), false)
             } else {
                 match shared.spec.outputs.get(e.output) {
-                    Some(OutputTarget::Topic(t)) => t.as_str(),
+                    Some(OutputTarget::Topic(t)) => (t.as_str(), false),
+                    Some(OutputTarget::Internal(t)) => (t.as_str(), true),
                     Some(OutputTarget::Sink(_)) => continue,
                     None => return Err(RuntimeError::UnknownOutput(e.output.to_string())),
                 }
@@ -291,6 +292,7 @@ pub(super) fn process_batch(
                     own: &e.headers,
                     origin: &w.origin,
                     pos: *pos,
+                    internal,
                 },
             });
             *out_counts.entry(e.output).or_default() += 1;

@@ -55,7 +55,14 @@ pub const DEAD_LETTERS: &str = "dead_letters";
 /// Where a named output goes.
 #[derive(Clone)]
 pub enum OutputTarget {
+    /// A topic others may read: each record carries its origin and
+    /// position in the four headers (`cdp-origin`, `cdp-epoch`, `cdp-pos`,
+    /// `cdp-lineage`) that consumers dedupe by.
     Topic(String),
+    /// A topic only cdp stages read: the position in one header
+    /// ([`envelope::AT`](crate::envelope::AT)), which costs a quarter of
+    /// the four to write and to read.
+    Internal(String),
     Sink(Arc<dyn Sink>),
 }
 

@@ -33,11 +33,13 @@ pub(super) struct Outgoing<'a> {
 /// The headers of an [`Outgoing`] record, built for each attempt straight
 /// into librdkafka's list: an operator's output is not copied first.
 pub(super) enum OutHeaders<'a> {
-    /// An operator's output: its own headers, then its origin and position.
+    /// An operator's output: its own headers, then its origin and position
+    /// (in one header on an internal topic, else four).
     Stamped {
         own: &'a [(String, Vec<u8>)],
         origin: &'a str,
         pos: Position,
+        internal: bool,
     },
     /// A changelog record or commit marker: the writer's epoch.
     Epoch(u32),
@@ -48,25 +50,39 @@ pub(super) enum OutHeaders<'a> {
 impl OutHeaders<'_> {
     fn build(&self) -> OwnedHeaders {
         match self {
-            OutHeaders::Stamped { own, origin, pos } => {
+            OutHeaders::Stamped {
+                own,
+                origin,
+                pos,
+                internal,
+            } => {
                 let values = pos.header_values();
-                let stamp = values.stamp(origin);
-                let capacity = own.len() + stamp.len();
                 let own = own.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
-                own.chain(stamp).fold(
-                    OwnedHeaders::new_with_capacity(capacity),
-                    |h, (key, value)| {
-                        h.insert(Header {
-                            key,
-                            value: Some(value),
-                        })
-                    },
-                )
+                if *internal {
+                    let at = values.at(origin);
+                    let stamp = [(envelope::AT, at.as_slice())];
+                    return insert_all(own.chain(stamp));
+                }
+                insert_all(own.chain(values.stamp(origin)))
             }
             OutHeaders::Epoch(epoch) => epoch_header(*epoch),
             OutHeaders::Owned(headers) => headers.clone(),
         }
     }
+}
+
+/// `headers` as librdkafka's list.
+fn insert_all<'h>(headers: impl Iterator<Item = (&'h str, &'h [u8])> + Clone) -> OwnedHeaders {
+    let capacity = headers.clone().count();
+    headers.fold(
+        OwnedHeaders::new_with_capacity(capacity),
+        |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        },
+    )
 }
 
 /// Produce `records` in order and wait for every acknowledgement; returns
@@ -229,20 +245,29 @@ mod tests {
             index: 1,
             lineage: 0xabc,
         };
-        let built = OutHeaders::Stamped {
-            own: &own,
-            origin: "traits:2",
-            pos,
+        for internal in [false, true] {
+            let built = OutHeaders::Stamped {
+                own: &own,
+                origin: "traits:2",
+                pos,
+                internal,
+            }
+            .build();
+            // The oracle: the owned headers the runtime used to build and
+            // copy; on an internal topic the four in one.
+            let mut expected = own.clone();
+            if internal {
+                let at = format!("traits:2 3 42:1 {:016x}", 0xabc);
+                expected.push((envelope::AT.to_string(), at.into_bytes()));
+            } else {
+                expected.extend(pos.to_headers("traits:2"));
+            }
+            assert_eq!(pairs(&built), expected);
+            assert_eq!(
+                Position::from_headers(&pairs(&built)),
+                Some(("traits:2".to_string(), pos))
+            );
         }
-        .build();
-        // The oracle: the owned headers the runtime used to build and copy.
-        let mut expected = own.clone();
-        expected.extend(pos.to_headers("traits:2"));
-        assert_eq!(pairs(&built), expected);
-        assert_eq!(
-            Position::from_headers(&pairs(&built)),
-            Some(("traits:2".to_string(), pos))
-        );
     }
 
     #[test]
