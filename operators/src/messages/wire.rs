@@ -15,9 +15,13 @@
 //!
 //! Compatibility: the marker bytes are never the first byte of UTF-8 text,
 //! so a record is binary or JSON by its first byte, and readers take both
-//! (records written by an earlier version, or by hand). Fields are only
-//! ever appended to a form: a reader ignores bytes after the fields it
-//! knows. A change that cannot be appended takes a new marker. The other
+//! (records written by an earlier version, or by hand). A form changes by
+//! the states' rule (`profile_keyed::encoding`): a field added later goes
+//! last, with a default whose encoding is one zero byte (`None`, `0`, an
+//! empty collection). A reader ignores bytes after the fields it knows,
+//! and reads a record that ends before them as if zero bytes followed, so
+//! during a rolling upgrade either version reads the other's records. A
+//! change that cannot follow the rule takes a new marker. The other
 //! records (merges, transfers) stay JSON: they are rare, and a transfer
 //! carries a state as JSON anyway.
 
@@ -28,7 +32,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
 use super::{Cause, DroppedIdentifier, EventJson, Identifiers, ProfileRecord, ProfileUpdate};
-use crate::profile_keyed::{json_value_map, sorted_map};
+use crate::profile_keyed::{json_value_map, sorted_map, ADDED_FIELDS_PADDING};
 
 /// First byte of a binary [`ProfileRecord::Event`]. `0xF5`–`0xFF` never
 /// start (or occur in) UTF-8 text, so no JSON record starts with them.
@@ -119,26 +123,51 @@ pub fn event_dropped(bytes: &[u8]) -> Result<Vec<DroppedIdentifier>, RecordError
     Ok(postcard::from_bytes(bytes)?)
 }
 
+/// `read` the record in `bytes`; one that ends early was written before
+/// its last fields were added and reads as if zero bytes (their
+/// defaults) followed.
+fn padded<R>(
+    bytes: &[u8],
+    mut read: impl FnMut(&[u8]) -> Result<R, RecordError>,
+) -> Result<R, RecordError> {
+    match read(bytes) {
+        Err(RecordError::Decode(postcard::Error::DeserializeUnexpectedEnd)) => {
+            let mut longer = bytes.to_vec();
+            longer.resize(bytes.len() + ADDED_FIELDS_PADDING, 0);
+            read(&longer)
+        }
+        other => other,
+    }
+}
+
 /// A binary event record (the bytes after [`EVENT_V1`]); the event's tree
 /// is what `parse` builds from its text, which the record keeps.
 pub(crate) fn decode_event(
     bytes: &[u8],
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
 ) -> Result<ProfileRecord, RecordError> {
-    let r: EventIn<'_> = postcard::from_bytes(bytes)?;
-    Ok(ProfileRecord::Event {
-        profile_id: r.profile_id,
-        identifiers: r.identifiers,
-        event: event(r.event, parse)?,
-        dropped: r.dropped,
-        merged_from: r.merged_from,
+    let mut parse = Some(parse);
+    padded(bytes, |bytes| {
+        let r: EventIn<'_> = postcard::from_bytes(bytes)?;
+        Ok(ProfileRecord::Event {
+            profile_id: r.profile_id,
+            identifiers: r.identifiers,
+            event: event(r.event, &mut parse)?,
+            dropped: r.dropped,
+            merged_from: r.merged_from,
+        })
     })
 }
 
-fn event(
+/// The event in `text`, its tree what `parse` builds (taken: a record is
+/// read once, and its event parsed once).
+fn event<F: FnOnce(&str) -> Result<Value, serde_json::Error>>(
     text: &str,
-    parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
+    parse: &mut Option<F>,
 ) -> Result<EventJson, RecordError> {
+    let parse = parse
+        .take()
+        .ok_or_else(|| RecordError::Event("read twice".to_owned()))?;
     let tree = parse(text).map_err(|e| RecordError::Event(e.to_string()))?;
     Ok(EventJson::with_text(tree, text.into()))
 }
@@ -244,20 +273,23 @@ pub(crate) fn decode_update(
     bytes: &[u8],
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
 ) -> Result<ProfileUpdate, RecordError> {
-    let r: UpdateIn<'_> = postcard::from_bytes(bytes)?;
-    Ok(ProfileUpdate::Update {
-        profile_id: r.profile_id,
-        identifiers: r.identifiers,
-        event: r.event.map(|text| event(text, parse)).transpose()?,
-        traits: r.traits,
-        event_time: r.event_time,
-        time_corrected_from: r.time_corrected_from,
-        cause: Cause {
-            message_id: r.message_id,
-            tick: r.tick,
-        },
-        merged_from: r.merged_from,
-        traits_until: r.traits_until,
+    let mut parse = Some(parse);
+    padded(bytes, |bytes| {
+        let r: UpdateIn<'_> = postcard::from_bytes(bytes)?;
+        Ok(ProfileUpdate::Update {
+            profile_id: r.profile_id,
+            identifiers: r.identifiers,
+            event: r.event.map(|text| event(text, &mut parse)).transpose()?,
+            traits: r.traits,
+            event_time: r.event_time,
+            time_corrected_from: r.time_corrected_from,
+            cause: Cause {
+                message_id: r.message_id,
+                tick: r.tick,
+            },
+            merged_from: r.merged_from,
+            traits_until: r.traits_until,
+        })
     })
 }
 
@@ -295,17 +327,31 @@ mod tests {
         Ok(())
     }
 
-    /// A record cut short or whose event is not JSON is an error that
-    /// says so, never a panic and never a record.
+    /// A record written before its last fields were added (here: an
+    /// update without its event and `traits_until`, which encode as one
+    /// zero byte each) reads with their defaults.
     #[test]
-    fn a_broken_record_is_an_error() -> Result<(), RecordError> {
-        let bytes = update().to_bytes()?;
-        for cut in 1..bytes.len() {
-            assert!(
-                ProfileUpdate::from_bytes(&bytes[..cut]).is_err(),
-                "cut at {cut}"
-            );
+    fn a_record_without_its_last_fields_reads_with_their_defaults() -> Result<(), RecordError> {
+        let mut shorter = update();
+        if let ProfileUpdate::Update {
+            event,
+            traits_until,
+            ..
+        } = &mut shorter
+        {
+            *event = None;
+            *traits_until = None;
         }
+        let bytes = shorter.to_bytes()?;
+        assert_eq!(&bytes[bytes.len() - 2..], &[0, 0]);
+        let earlier = &bytes[..bytes.len() - 2];
+        assert_eq!(ProfileUpdate::from_bytes(earlier)?, shorter);
+        Ok(())
+    }
+
+    /// A record whose event is not JSON is an error that says so.
+    #[test]
+    fn an_event_that_is_not_json_is_an_error() -> Result<(), RecordError> {
         let bad = encode_event("p", &Identifiers::new(), b"{\"a\":", &[], &[""; 0])?;
         match ProfileRecord::from_bytes(&bad) {
             Err(RecordError::Event(e)) => assert!(e.contains("EOF"), "{e}"),

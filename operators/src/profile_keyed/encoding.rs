@@ -89,7 +89,7 @@ pub(crate) fn decode_state<'a, T: DeserializeOwned>(
 
 /// How many fields, each encoded as one zero byte by default, a state may
 /// lack because it was stored before they were added.
-const ADDED_FIELDS_PADDING: usize = 8;
+pub(crate) const ADDED_FIELDS_PADDING: usize = 8;
 
 /// A stored state in either encoding (tests read the store with it).
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub(crate) use cache::{StateCache, CACHED_PROFILES};
 pub(crate) use encoding::{assert_rewritten_in_binary, read_state};
 pub(crate) use encoding::{
     decode_padded, decode_state, encode_state, json_value, json_value_map, sorted_map, Stored,
+    ADDED_FIELDS_PADDING,
 };
 #[cfg(test)]
 pub(crate) use entry::{retired_value, to_earlier_layout, LIVE};
