@@ -115,40 +115,34 @@ impl Position {
             return Self::from_at(at);
         }
         let origin = get(ORIGIN)?;
-        let epoch = get(EPOCH)?.parse().ok()?;
-        let (offset, index) = get(POSITION)?.split_once(':')?;
-        let lineage = match get(LINEAGE) {
-            Some(l) => u64::from_str_radix(l, 16).ok()?,
-            None => 0,
-        };
-        Some((
-            origin,
-            Position {
-                epoch,
-                offset: offset.parse().ok()?,
-                index: index.parse().ok()?,
-                lineage,
-            },
-        ))
+        Self::from_text(get(EPOCH)?, get(POSITION)?, get(LINEAGE)).map(|p| (origin, p))
     }
 
     /// The origin and position in an [`AT`] header's value. The origin
     /// is everything before the last three fields.
     fn from_at(at: &str) -> Option<(&str, Position)> {
         let mut fields = at.rsplitn(4, ' ');
-        let lineage = u64::from_str_radix(fields.next()?, 16).ok()?;
-        let (offset, index) = fields.next()?.split_once(':')?;
-        let epoch = fields.next()?.parse().ok()?;
+        let lineage = fields.next()?;
+        let position = fields.next()?;
+        let epoch = fields.next()?;
         let origin = fields.next()?;
-        Some((
-            origin,
-            Position {
-                epoch,
-                offset: offset.parse().ok()?,
-                index: index.parse().ok()?,
-                lineage,
-            },
-        ))
+        Self::from_text(epoch, position, Some(lineage)).map(|p| (origin, p))
+    }
+
+    /// A position from its headers' text: the epoch, `offset:index`, the
+    /// lineage in hex (absent: 0, a writer that predates lineages).
+    fn from_text(epoch: &str, position: &str, lineage: Option<&str>) -> Option<Position> {
+        let (offset, index) = position.split_once(':')?;
+        let lineage = match lineage {
+            Some(l) => u64::from_str_radix(l, 16).ok()?,
+            None => 0,
+        };
+        Some(Position {
+            epoch: epoch.parse().ok()?,
+            offset: offset.parse().ok()?,
+            index: index.parse().ok()?,
+            lineage,
+        })
     }
 
     /// The [`AT`] header of a record from `origin` at this position.
