@@ -254,27 +254,9 @@ impl ProfileRecord {
     /// The record as a stage writes it to `<p>.identified`: an event in
     /// the binary form ([`wire`]), any other record as JSON.
     pub fn to_bytes(&self) -> Result<Vec<u8>, wire::RecordError> {
-        match self {
-            ProfileRecord::Event {
-                profile_id,
-                identifiers,
-                event,
-                dropped,
-                merged_from,
-            } => {
-                let text = match event.text() {
-                    Some(text) => std::borrow::Cow::Borrowed(text),
-                    None => std::borrow::Cow::Owned(serde_json::to_string(event.value())?),
-                };
-                wire::encode_event(
-                    profile_id,
-                    identifiers,
-                    text.as_bytes(),
-                    dropped,
-                    merged_from,
-                )
-            }
-            other => Ok(serde_json::to_vec(other)?),
+        match wire::encode_record(self) {
+            Some(bytes) => bytes,
+            None => Ok(serde_json::to_vec(self)?),
         }
     }
 

@@ -117,6 +117,32 @@ pub fn encode_event<M: Serialize>(
     Ok(postcard::to_extend(&record, out)?)
 }
 
+/// The binary form of an event record; `None` for any other
+/// [`ProfileRecord`].
+pub(crate) fn encode_record(record: &ProfileRecord) -> Option<Result<Vec<u8>, RecordError>> {
+    let ProfileRecord::Event {
+        profile_id,
+        identifiers,
+        event,
+        dropped,
+        merged_from,
+    } = record
+    else {
+        return None;
+    };
+    let encode = || {
+        let text = event_text(event)?;
+        encode_event(
+            profile_id,
+            identifiers,
+            text.as_bytes(),
+            dropped,
+            merged_from,
+        )
+    };
+    Some(encode())
+}
+
 /// The refused identifiers of a binary event record (its first field),
 /// without reading the rest.
 pub fn event_dropped(bytes: &[u8]) -> Result<Vec<DroppedIdentifier>, RecordError> {

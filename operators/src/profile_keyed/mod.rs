@@ -401,17 +401,19 @@ pub(crate) fn send_transfer<R: StageInput>(
     into: &str,
     transfer: &R,
 ) -> Result<(), OperatorError> {
-    emit_input(ctx, into, transfer)
+    emit_record(ctx, outputs::SELF, into, transfer)
 }
 
-/// Write `input` to the stage's own input topic, keyed by `key`.
-pub(crate) fn emit_input<R: StageInput>(
+/// Write `record` (a stage's input record, as [`StageInput::encoded`]
+/// writes it) to `output`, keyed by `key`.
+pub(crate) fn emit_record<R: StageInput>(
     ctx: &mut Context<'_>,
+    output: &'static str,
     key: &str,
-    input: &R,
+    record: &R,
 ) -> Result<(), OperatorError> {
-    let bytes = input.encoded()?;
-    ctx.emit(outputs::SELF, Some(key.as_bytes().to_vec()), bytes);
+    let bytes = record.encoded()?;
+    ctx.emit(output, Some(key.as_bytes().to_vec()), bytes);
     Ok(())
 }
 

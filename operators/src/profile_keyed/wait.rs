@@ -42,6 +42,7 @@ use serde_json::Value;
 
 use super::entry::{mark_waiting, wait_key, waiting_value, Entry, Layout};
 use super::StageInput;
+use crate::messages::outputs;
 
 /// Most inputs held per profile while it waits for merge transfers.
 pub const MAX_HELD_INPUTS: usize = 1_000;
@@ -268,7 +269,7 @@ fn route<S: ProfileStage>(
     // A retired profile's own records go on to its survivor.
     if let Entry::Retired { survivor } = entry {
         return match input.readdressed(&survivor) {
-            Ok(forwarded) => super::emit_input(ctx, &survivor, &forwarded),
+            Ok(forwarded) => super::emit_record(ctx, outputs::SELF, &survivor, &forwarded),
             Err(other) => stage.handle(ctx, other, record_time, false),
         };
     }

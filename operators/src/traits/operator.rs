@@ -15,9 +15,10 @@ use super::{MERGE_WAIT_LIMIT, STAGE, STATE_LIMIT_HEADER};
 use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{self, outputs, Cause, EventJson, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::{
-    decode_event, decode_state, dispatch, emit_json, encode_state, fired_profile, invalid_transfer,
-    pass_on_transfer, profile_key, reschedule, retire, send_transfer, to_json_value,
-    union_identifiers, Layout, ProfileStage, StageInput, StateCache, Stored, CACHED_PROFILES,
+    decode_event, decode_state, dispatch, emit_record, encode_state, fired_profile,
+    invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
+    to_json_value, union_identifiers, Layout, ProfileStage, StageInput, StateCache, Stored,
+    CACHED_PROFILES,
 };
 
 /// The traits operator of one task.
@@ -239,7 +240,7 @@ impl TraitsOperator {
             cause,
             announced,
         };
-        emit_json(ctx, outputs::NEXT, &from, &merged)
+        emit_record(ctx, outputs::NEXT, &from, &merged)
     }
 
     /// A transferred state, read (older layouts upgraded) and fitted to
@@ -308,9 +309,7 @@ impl TraitsOperator {
             merged_from: Vec::new(),
             traits_until: current.timer,
         };
-        let bytes = update.encoded()?;
-        ctx.emit(outputs::NEXT, Some(into.into_bytes()), bytes);
-        Ok(())
+        emit_record(ctx, outputs::NEXT, &into, &update)
     }
 }
 
@@ -412,8 +411,6 @@ impl Operator for TraitsOperator {
             merged_from: Vec::new(),
             traits_until: state.timer,
         };
-        let bytes = update.encoded()?;
-        ctx.emit(outputs::NEXT, Some(id.into_bytes()), bytes);
-        Ok(())
+        emit_record(ctx, outputs::NEXT, &id, &update)
     }
 }
