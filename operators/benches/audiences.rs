@@ -29,7 +29,7 @@ use cdp_operators::config::KnownNames;
 use cdp_operators::messages::{Cause, Identifiers, ProfileUpdate};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::{json, Value};
-use support::{encode_wire, mix, profiles, Task};
+use support::{encode_with, mix, profiles, Task};
 
 /// Trait updates per measured iteration (one committed batch).
 const BATCH: usize = 1000;
@@ -144,7 +144,7 @@ fn batch(round: usize) -> (i64, Vec<Vec<u8>>) {
             update(n, mix(n.wrapping_add(5)) % profiles(), at)
         })
         .collect();
-    (now, encode_wire(&updates))
+    (now, encode_with(&updates, ProfileUpdate::to_bytes))
 }
 
 /// 1M profiles, each with one update, loaded through the operator itself
@@ -161,7 +161,7 @@ fn loaded() -> Task<AudiencesOperator> {
                     update(p, p, START_MS - 60_000)
                 })
                 .collect();
-            (START_MS, encode_wire(&updates))
+            (START_MS, encode_with(&updates, ProfileUpdate::to_bytes))
         })
         .collect();
     support::report_cpu("audiences load", profiles(), || task.run_all(&batches));

@@ -29,7 +29,7 @@ use cdp_operators::messages::{Identifiers, ProfileRecord};
 use cdp_operators::traits::{TraitDef, TraitSet, TraitsOperator};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::{json, Value};
-use support::{encode_wire, mix, profiles, Task};
+use support::{encode_with, mix, profiles, Task};
 
 /// Events per measured iteration (one committed batch).
 const BATCH: usize = 1000;
@@ -127,7 +127,7 @@ fn batch(round: usize) -> (i64, Vec<Vec<u8>>) {
             record(n, mix(n.wrapping_add(5)) % profiles(), at)
         })
         .collect();
-    (now, encode_wire(&records))
+    (now, encode_with(&records, ProfileRecord::to_bytes))
 }
 
 /// 1M profiles, each with one record, loaded through the operator itself
@@ -144,7 +144,7 @@ fn loaded() -> Task<TraitsOperator> {
                     record(p, p, START_MS - 60_000)
                 })
                 .collect();
-            (START_MS, encode_wire(&records))
+            (START_MS, encode_with(&records, ProfileRecord::to_bytes))
         })
         .collect();
     support::report_cpu("traits load", profiles(), || task.run_all(&batches));

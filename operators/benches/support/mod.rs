@@ -139,27 +139,14 @@ pub fn encode<T: serde::Serialize>(records: &[T]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The profile stages' input records as the stage before writes them
-/// (binary, `cdp_operators::messages::wire`).
-pub trait Wire {
-    fn wire(&self) -> Vec<u8>;
-}
-
-impl Wire for cdp_operators::messages::ProfileRecord {
-    fn wire(&self) -> Vec<u8> {
-        self.to_bytes().unwrap_or_default()
-    }
-}
-
-impl Wire for cdp_operators::messages::ProfileUpdate {
-    fn wire(&self) -> Vec<u8> {
-        self.to_bytes().unwrap_or_default()
-    }
-}
-
-/// [`Wire`] records, each encoded.
-pub fn encode_wire<T: Wire>(records: &[T]) -> Vec<Vec<u8>> {
-    records.iter().map(Wire::wire).collect()
+/// Records each encoded by `encode`: the profile stages' inputs as the
+/// stage before writes them (`ProfileRecord::to_bytes`,
+/// `ProfileUpdate::to_bytes`: binary, `cdp_operators::messages::wire`).
+pub fn encode_with<T, E>(records: &[T], encode: impl Fn(&T) -> Result<Vec<u8>, E>) -> Vec<Vec<u8>> {
+    records
+        .iter()
+        .map(|r| encode(r).unwrap_or_default())
+        .collect()
 }
 
 /// CPU time of the whole process so far (every thread: the bench's and
