@@ -93,7 +93,7 @@ impl Stage {
                 )
             }
             Stage::Identity => {
-                outs.insert(outputs::NEXT, OutputTarget::Internal(t.identified()));
+                outs.insert(outputs::NEXT, OutputTarget::Framed(t.identified()));
                 outs.insert(outputs::PROFILES, OutputTarget::Topic(t.profiles()));
                 let r = compiled.identity.clone();
                 (
@@ -103,8 +103,8 @@ impl Stage {
                 )
             }
             Stage::Traits => {
-                outs.insert(outputs::NEXT, OutputTarget::Internal(t.traits()));
-                outs.insert(outputs::SELF, OutputTarget::Internal(t.identified()));
+                outs.insert(outputs::NEXT, OutputTarget::Framed(t.traits()));
+                outs.insert(outputs::SELF, OutputTarget::Framed(t.identified()));
                 let s = compiled.traits.clone();
                 (
                     t.identified(),
@@ -114,7 +114,7 @@ impl Stage {
             }
             Stage::Audiences => {
                 outs.insert(outputs::NEXT, OutputTarget::Topic(t.audiences()));
-                outs.insert(outputs::SELF, OutputTarget::Internal(t.traits()));
+                outs.insert(outputs::SELF, OutputTarget::Framed(t.traits()));
                 let s = compiled.audiences.clone();
                 let format = &compiled.config.audience_changes;
                 let operator: cdp_pipeline::OperatorFactory = match format.format {

@@ -16,6 +16,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use cdp_operators::messages::{wire, ProfileRecord, ProfileUpdate};
+use cdp_pipeline::envelope::frame;
 use cdp_pipeline::ClientFactory;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -49,8 +50,10 @@ pub struct Stamp {
 /// `valid`), a profile record's `event.messageId` (`identified`), or the
 /// `cause.message_id` of an update or audience change (`traits`,
 /// `audiences`). The profile records in their binary form are read as
-/// the stages read them.
-pub fn message_id(payload: &[u8]) -> Option<String> {
+/// the stages read them; a framed record (`<p>.identified`, `<p>.traits`) by
+/// its payload.
+pub fn message_id(value: &[u8]) -> Option<String> {
+    let payload = frame::read(value).map_or(value, |framed| framed.payload);
     match payload.first() {
         Some(&wire::EVENT_V1) => match ProfileRecord::from_bytes(payload).ok()? {
             ProfileRecord::Event { event, .. } => string_at(&event, "messageId"),
@@ -177,9 +180,10 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cdp_pipeline::envelope::Position;
 
     #[test]
-    fn the_event_is_found_on_every_kind_of_record() {
+    fn the_event_is_found_on_every_kind_of_record() -> Result<(), String> {
         let cases: [(&str, Option<&str>); 6] = [
             (r#"{"type":"track","messageId":"m1"}"#, Some("m1")),
             (
@@ -225,8 +229,20 @@ mod tests {
             (update(None, Some(5)).to_bytes(), None),
         ];
         for (payload, id) in binary {
-            let payload = payload.map_err(|e| e.to_string());
-            assert_eq!(payload.map(|p| message_id(&p)), Ok(id.map(str::to_string)));
+            let payload = payload.map_err(|e| e.to_string())?;
+            assert_eq!(message_id(&payload), id.map(str::to_string));
+            // As the runtime frames it between the profile stages.
+            let mut framed = Vec::new();
+            let at = Position {
+                epoch: 1,
+                offset: 2,
+                index: 0,
+                lineage: 3,
+            };
+            let own = [("cdp-source", &b"web"[..])];
+            assert!(frame::write(&mut framed, "identity:0", &at, own, &payload));
+            assert_eq!(message_id(&framed), id.map(str::to_string));
         }
+        Ok(())
     }
 }

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 
-use super::produce::{produce_acked, OutHeaders, Outgoing};
-use super::settle::{check_sizes, settle};
+use super::produce::{produce_acked, OutHeaders, Outgoing, Stamp};
+use super::settle::{check_sizes, settle, Input};
 use super::{now_ms, ownership, OutputTarget, RuntimeError, Shared, Task, DEAD_LETTERS};
 use crate::changelog::{self, commit_key, Marker};
-use crate::envelope::{self, HeaderRef, Position};
+use crate::envelope::{self, Position};
 use crate::kafka::Guarantee;
 use crate::metrics;
 use crate::operator::{fire_due_timers_from, is_timer_key, Context, Emitted, Record};
@@ -41,17 +41,6 @@ struct TaskBatch {
 /// lineage, offsets from the start again) never reuses an old one.
 fn delivery_id(origin: &str, pos: &Position) -> String {
     format!("{origin}/{}/{}/{}", pos.lineage, pos.offset, pos.index)
-}
-
-/// A consumed record's headers, borrowed from it: nothing is copied.
-fn borrowed_headers<M: Message>(m: &M) -> Vec<HeaderRef<'_>> {
-    m.headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| (h.key, h.value.unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn to_owned_headers(pairs: &[(String, Vec<u8>)]) -> OwnedHeaders {
@@ -101,10 +90,10 @@ pub(super) fn process_batch(
             consumed = true;
             meta.input_offset = m.offset() + 1;
             records_in.inc();
-            let mut headers = borrowed_headers(&m);
+            let mut input = Input::read(&m, !shared.external_input);
             let mut emitted = Vec::new();
             let verdict = trust::judge_tick(
-                &headers,
+                &input.headers,
                 &task.origin,
                 meta.epoch,
                 meta.tick_epoch,
@@ -139,10 +128,10 @@ pub(super) fn process_batch(
                 }
                 TickVerdict::NotATick => {
                     if shared.external_input {
-                        trust::strip_external(&mut headers);
+                        trust::strip_external(&mut input.headers);
                     }
                     if dedupe {
-                        if let Some((origin, pos)) = Position::from_headers_ref(&headers) {
+                        if let Some((origin, pos)) = input.at() {
                             match meta.dedupe.get_mut(origin) {
                                 Some(seen) if !pos.is_new_after(seen) => {
                                     duplicates.inc();
@@ -157,11 +146,11 @@ pub(super) fn process_batch(
                     }
                     let record = Record {
                         key: m.key(),
-                        value: m.payload().unwrap_or_default(),
+                        value: input.value,
                         partition,
                         offset: m.offset(),
                         timestamp_ms: m.timestamp().to_millis(),
-                        headers: &headers,
+                        headers: &input.headers,
                     };
                     let mut ctx = Context::new(
                         &mut task.store,
@@ -185,7 +174,7 @@ pub(super) fn process_batch(
                 None
             };
             let result = check_sizes(result, &emitted, shared.max_record_bytes);
-            settle(stage, &m, headers, result, &mut emitted, observer)?;
+            settle(stage, &m, input, result, &mut emitted, observer)?;
             for (index, e) in emitted.into_iter().enumerate() {
                 let pos = Position {
                     epoch: meta.epoch,
@@ -273,12 +262,13 @@ pub(super) fn process_batch(
     let mut out_counts: BTreeMap<&'static str, u64> = BTreeMap::new();
     for w in &work {
         for (pos, e) in &w.outputs {
-            let (topic, internal) = if e.output == DEAD_LETTERS {
-                (shared.dead_letter_topic.as_str(), false)
+            let (topic, stamp) = if e.output == DEAD_LETTERS {
+                (shared.dead_letter_topic.as_str(), Stamp::Headers)
             } else {
                 match shared.spec.outputs.get(e.output) {
-                    Some(OutputTarget::Topic(t)) => (t.as_str(), false),
-                    Some(OutputTarget::Internal(t)) => (t.as_str(), true),
+                    Some(OutputTarget::Topic(t)) => (t.as_str(), Stamp::Headers),
+                    Some(OutputTarget::Internal(t)) => (t.as_str(), Stamp::At),
+                    Some(OutputTarget::Framed(t)) => (t.as_str(), Stamp::Frame),
                     Some(OutputTarget::Sink(_)) => continue,
                     None => return Err(RuntimeError::UnknownOutput(e.output.to_string())),
                 }
@@ -292,7 +282,7 @@ pub(super) fn process_batch(
                     own: &e.headers,
                     origin: &w.origin,
                     pos: *pos,
-                    internal,
+                    stamp,
                 },
             });
             *out_counts.entry(e.output).or_default() += 1;

@@ -59,10 +59,16 @@ pub enum OutputTarget {
     /// position in the four headers (`cdp-origin`, `cdp-epoch`, `cdp-pos`,
     /// `cdp-lineage`) that consumers dedupe by.
     Topic(String),
-    /// A topic only cdp stages read: the position in one header
+    /// A topic only cdp stages read, of events as JSON (`<p>.valid`, which
+    /// tools may still read as JSON): the position in one header
     /// ([`envelope::AT`](crate::envelope::AT)), which costs a quarter of
     /// the four to write and to read.
     Internal(String),
+    /// A topic only cdp stages read, of cdp's own binary records: each
+    /// record is framed, its origin, position and own headers inside its
+    /// value and no Kafka headers at all
+    /// ([`envelope::frame`](crate::envelope::frame)).
+    Framed(String),
     Sink(Arc<dyn Sink>),
 }
 

@@ -34,17 +34,53 @@ pub(super) struct Outgoing<'a> {
 /// into librdkafka's list: an operator's output is not copied first.
 pub(super) enum OutHeaders<'a> {
     /// An operator's output: its own headers, then its origin and position
-    /// (in one header on an internal topic, else four).
+    /// in the form its output takes ([`Stamp`]).
     Stamped {
         own: &'a [(String, Vec<u8>)],
         origin: &'a str,
         pos: Position,
-        internal: bool,
+        stamp: Stamp,
     },
     /// A changelog record or commit marker: the writer's epoch.
     Epoch(u32),
     /// Built by the caller (dead letters of failed deliveries: rare).
     Owned(OwnedHeaders),
+}
+
+/// How an output carries its origin and position (see [`OutputTarget`]).
+///
+/// [`OutputTarget`]: super::OutputTarget
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stamp {
+    /// The four headers (public topics).
+    Headers,
+    /// One `cdp-at` header (internal topics of events as JSON).
+    At,
+    /// Inside the value, with the own headers ([`envelope::frame`]).
+    Frame,
+}
+
+impl Outgoing<'_> {
+    /// The record's value framed with its origin, position and own headers
+    /// (see [`envelope::frame`]), written into `buf`: for an operator's
+    /// output to a [`Stamp::Frame`] topic. `None`: the record goes as it is, with
+    /// its headers built by [`OutHeaders::build`] (also when a frame's head
+    /// would not fit).
+    fn framed<'b>(&self, buf: &'b mut Vec<u8>) -> Option<&'b [u8]> {
+        let OutHeaders::Stamped {
+            own,
+            origin,
+            pos,
+            stamp: Stamp::Frame,
+        } = &self.headers
+        else {
+            return None;
+        };
+        buf.clear();
+        let own = own.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+        let payload = self.payload.unwrap_or_default();
+        envelope::frame::write(buf, origin, pos, own, payload).then_some(buf.as_slice())
+    }
 }
 
 impl OutHeaders<'_> {
@@ -54,11 +90,12 @@ impl OutHeaders<'_> {
                 own,
                 origin,
                 pos,
-                internal,
+                stamp,
             } => {
                 let values = pos.header_values();
                 let own = own.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
-                if *internal {
+                // A frame whose head did not fit falls back to `cdp-at`.
+                if *stamp != Stamp::Headers {
                     let at = values.at(origin);
                     let stamp = [(envelope::AT, at.as_slice())];
                     return insert_all(own.chain(stamp));
@@ -158,17 +195,25 @@ pub(super) fn produce_round(
         .context()
         .open(records.len())
         .map_err(|_| RuntimeError::Poisoned)?;
+    // One buffer for every framed value: librdkafka copies what it is
+    // given.
+    let mut frame = Vec::new();
     for (i, r) in records.iter().enumerate() {
-        let mut record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(r.topic, round.opaque(i))
-            .headers(r.headers.build());
+        let mut record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(r.topic, round.opaque(i));
+        match r.framed(&mut frame) {
+            Some(framed) => record = record.payload(framed),
+            None => {
+                record = record.headers(r.headers.build());
+                if let Some(v) = r.payload {
+                    record = record.payload(v);
+                }
+            }
+        }
         if let Some(p) = r.partition {
             record = record.partition(p);
         }
         if let Some(k) = r.key {
             record = record.key(k);
-        }
-        if let Some(v) = r.payload {
-            record = record.payload(v);
         }
         enqueue(producer, record)?;
     }
@@ -234,6 +279,49 @@ mod tests {
     }
 
     #[test]
+    fn an_output_to_an_internal_topic_is_framed_and_reads_back() {
+        let own = vec![("cdp-source".to_string(), b"web".to_vec())];
+        let pos = Position {
+            epoch: 3,
+            offset: 42,
+            index: 1,
+            lineage: 0xabc,
+        };
+        let out = |stamp| Outgoing {
+            topic: "t",
+            partition: None,
+            key: None,
+            payload: Some(b"{}"),
+            headers: OutHeaders::Stamped {
+                own: &own,
+                origin: "traits:2",
+                pos,
+                stamp,
+            },
+        };
+        let mut buf = b"left over".to_vec();
+        let framed = out(Stamp::Frame).framed(&mut buf).map(<[u8]>::to_vec);
+        let read = framed.as_deref().and_then(envelope::frame::read);
+        assert_eq!(
+            read,
+            Some(envelope::frame::Framed {
+                origin: "traits:2",
+                position: pos,
+                headers: vec![("cdp-source", &b"web"[..])],
+                payload: b"{}",
+            })
+        );
+        // Other topics and changelog records keep Kafka headers.
+        assert_eq!(out(Stamp::Headers).framed(&mut buf), None);
+        assert_eq!(out(Stamp::At).framed(&mut buf), None);
+        let changelog = Outgoing {
+            headers: OutHeaders::Epoch(3),
+            ..out(Stamp::Frame)
+        };
+        assert_eq!(changelog.framed(&mut buf), None);
+    }
+
+    #[test]
     fn an_output_carries_its_own_headers_then_its_position() {
         let own = vec![
             ("cdp-source".to_string(), b"web".to_vec()),
@@ -245,12 +333,16 @@ mod tests {
             index: 1,
             lineage: 0xabc,
         };
-        for internal in [false, true] {
+        for (stamp, internal) in [
+            (Stamp::Headers, false),
+            (Stamp::At, true),
+            (Stamp::Frame, true),
+        ] {
             let built = OutHeaders::Stamped {
                 own: &own,
                 origin: "traits:2",
                 pos,
-                internal,
+                stamp,
             }
             .build();
             // The oracle: the owned headers the runtime used to build and

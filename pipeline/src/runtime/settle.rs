@@ -1,11 +1,60 @@
 //! What one record's operator result becomes: its outputs, or a dead letter.
 
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 
 use super::{InputObserver, InputOutcome, RuntimeError, DEAD_LETTERS};
-use crate::envelope::{self, HeaderRef};
+use crate::envelope::{self, frame, HeaderRef, Position};
 use crate::metrics;
 use crate::operator::{Emitted, OperatorError};
+
+/// A consumed record as a stage reads it: its headers and value, taken
+/// from its frame when it has one (see [`frame`]), else from its Kafka
+/// headers and value. Everything is borrowed from the message.
+pub(super) struct Input<'a> {
+    pub(super) headers: Vec<HeaderRef<'a>>,
+    pub(super) value: &'a [u8],
+    /// The origin and position a frame carried.
+    framed_at: Option<(&'a str, Position)>,
+}
+
+impl<'a> Input<'a> {
+    /// Read `m`; its frame only when `frames` (an internal input: on a
+    /// topic outside producers write, a value is only ever a payload).
+    pub(super) fn read<M: Message>(m: &'a M, frames: bool) -> Input<'a> {
+        let value = m.payload().unwrap_or_default();
+        if let Some(framed) = frames.then(|| frame::read(value)).flatten() {
+            return Input {
+                headers: framed.headers,
+                value: framed.payload,
+                framed_at: Some((framed.origin, framed.position)),
+            };
+        }
+        Input {
+            headers: borrowed_headers(m),
+            value,
+            framed_at: None,
+        }
+    }
+
+    /// The record's origin and position: its frame's, else its headers'.
+    pub(super) fn at(&self) -> Option<(&str, Position)> {
+        match self.framed_at {
+            Some(at) => Some(at),
+            None => Position::from_headers_ref(&self.headers),
+        }
+    }
+}
+
+/// A consumed record's Kafka headers, borrowed from it: nothing is copied.
+fn borrowed_headers<M: Message>(m: &M) -> Vec<HeaderRef<'_>> {
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key, h.value.unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
 
 /// Turn an operator's result for one record into what the batch produces:
 /// its outputs, or a dead letter in their place when it was rejected. Tells
@@ -14,7 +63,7 @@ use crate::operator::{Emitted, OperatorError};
 pub(super) fn settle<M: Message>(
     stage: &'static str,
     m: &M,
-    headers: Vec<HeaderRef<'_>>,
+    input: Input<'_>,
     result: Result<(), OperatorError>,
     emitted: &mut Vec<Emitted>,
     observer: Option<&InputObserver>,
@@ -22,7 +71,7 @@ pub(super) fn settle<M: Message>(
     match result {
         Ok(()) => {
             if let Some(observe) = observer {
-                observe(&headers, &InputOutcome::Processed(emitted));
+                observe(&input.headers, &InputOutcome::Processed(emitted));
             }
         }
         Err(OperatorError::Rejected { reason, detail }) => {
@@ -38,7 +87,7 @@ pub(super) fn settle<M: Message>(
             );
             if let Some(observe) = observer {
                 observe(
-                    &headers,
+                    &input.headers,
                     &InputOutcome::DeadLetter {
                         reason,
                         detail: &detail,
@@ -46,7 +95,7 @@ pub(super) fn settle<M: Message>(
                 );
             }
             emitted.clear();
-            emitted.push(dead_letter(stage, m, headers, reason, &detail));
+            emitted.push(dead_letter(stage, m, input, reason, &detail));
         }
         Err(OperatorError::Store(e)) => return Err(e.into()),
     }
@@ -87,19 +136,25 @@ pub(super) fn emitted_size(e: &Emitted) -> usize {
             .sum::<usize>()
 }
 
-/// A dead letter: the original bytes and headers, plus why.
+/// A dead letter: the original bytes and headers, plus why. A framed
+/// record's are its payload, and its own headers with its position as the
+/// one `cdp-at` header: what the record would have been unframed.
 fn dead_letter<M: Message>(
     stage: &str,
     m: &M,
-    headers: Vec<HeaderRef<'_>>,
+    input: Input<'_>,
     reason: &'static str,
     detail: &serde_json::Value,
 ) -> Emitted {
-    let mut headers: Vec<(String, Vec<u8>)> = headers
+    let mut headers: Vec<(String, Vec<u8>)> = input
+        .headers
         .into_iter()
         .filter(|(k, _)| !k.starts_with("cdp-dlq-"))
         .map(|(k, v)| (k.to_string(), v.to_vec()))
         .collect();
+    if let Some((origin, position)) = input.framed_at {
+        headers.push(position.to_at_header(origin));
+    }
     headers.push((envelope::DLQ_STAGE.into(), stage.as_bytes().to_vec()));
     headers.push((envelope::DLQ_REASON.into(), reason.as_bytes().to_vec()));
     headers.push(("cdp-dlq-detail".into(), detail.to_string().into_bytes()));
@@ -110,7 +165,7 @@ fn dead_letter<M: Message>(
     Emitted {
         output: DEAD_LETTERS,
         key: m.key().map(<[u8]>::to_vec),
-        value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        value: input.value.to_vec(),
         headers,
     }
 }
@@ -167,8 +222,16 @@ mod tests {
         }
     }
 
-    fn source() -> Vec<HeaderRef<'static>> {
-        vec![("cdp-source", b"web")]
+    fn source() -> Input<'static> {
+        unframed(vec![("cdp-source", b"web")])
+    }
+
+    fn unframed(headers: Vec<HeaderRef<'static>>) -> Input<'static> {
+        Input {
+            headers,
+            value: b"payload",
+            framed_at: None,
+        }
     }
 
     fn source_owned() -> Vec<(String, Vec<u8>)> {
@@ -239,6 +302,52 @@ mod tests {
     }
 
     #[test]
+    fn a_framed_record_reads_as_its_parts_and_dead_letters_as_if_unframed(
+    ) -> Result<(), RuntimeError> {
+        let position = Position {
+            epoch: 4,
+            offset: 17,
+            index: 2,
+            lineage: 9,
+        };
+        let mut value = Vec::new();
+        assert!(frame::write(
+            &mut value,
+            "identity:1",
+            &position,
+            [("cdp-source", &b"web"[..])],
+            b"payload"
+        ));
+        let m = OwnedMessage::new(
+            Some(value),
+            Some(b"k".to_vec()),
+            "t.identified".into(),
+            Timestamp::NotAvailable,
+            1,
+            5,
+            None,
+        );
+        let input = Input::read(&m, true);
+        assert_eq!(input.value, b"payload");
+        assert_eq!(input.headers, source().headers);
+        assert_eq!(input.at(), Some(("identity:1", position)));
+        // From a topic outside producers write, the same bytes are a payload.
+        let outside = Input::read(&m, false);
+        assert_eq!(outside.value, m.payload().unwrap_or_default());
+        assert_eq!(outside.at(), None);
+
+        let mut out = Vec::new();
+        let rejected = Err(OperatorError::rejected("bad", serde_json::json!({})));
+        settle("s", &m, input, rejected, &mut out, None)?;
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].value, b"payload".to_vec(), "the payload, unframed");
+        let unframed = &out[0].headers[..2];
+        assert_eq!(unframed[0], source_owned()[0]);
+        assert_eq!(unframed[1], position.to_at_header("identity:1"));
+        Ok(())
+    }
+
+    #[test]
     fn an_output_over_the_record_limit_becomes_a_dead_letter() -> Result<(), RuntimeError> {
         let small = vec![emitted(b"0123456789")];
         assert!(check_sizes(Ok(()), &small, 10).is_ok());
@@ -273,7 +382,14 @@ mod tests {
         });
         let mut out = Vec::new();
         // The loop passes no observer for ticks.
-        let tick = settle("s", &message(), Vec::new(), Ok(()), &mut out, None);
+        let tick = settle(
+            "s",
+            &message(),
+            unframed(Vec::new()),
+            Ok(()),
+            &mut out,
+            None,
+        );
         assert!(tick.is_ok());
         let failed = settle(
             "s",

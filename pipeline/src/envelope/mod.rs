@@ -13,15 +13,18 @@
 //! change starts that origin's positions afresh instead of dropping
 //! everything as a replay.
 //!
-//! Records on topics that only cdp stages read carry the four in one
-//! header, [`AT`]: librdkafka parses and allocates every header of every
-//! consumed record (~800 instructions a header) and builds every header
-//! of every produced one, so four headers cost a stage ~8% of its batch
-//! where one costs a quarter of that (docs/performance.md). Public topics
-//! (`<p>.audiences`, `<p>.profiles`, dead letters) keep the four, which
-//! their consumers read. A reader takes either form.
+//! librdkafka parses and allocates every header of every consumed record
+//! (~800 instructions a header) and builds every header of every produced
+//! one (docs/performance.md). So records on `<p>.valid`, which only cdp
+//! stages consume, carry the four in one header, [`AT`]; the records
+//! between the profile stages (`<p>.identified`, `<p>.traits`) carry them
+//! inside their value ([`frame`]), with no Kafka header at all. Public
+//! topics (`<p>.audiences`, `<p>.profiles`, dead letters) keep the four
+//! headers, which their consumers read. A reader takes every form.
 
 use serde::{Deserialize, Serialize};
+
+pub mod frame;
 
 /// Header: `stage:partition` of the task that produced the record.
 pub const ORIGIN: &str = "cdp-origin";
