@@ -158,7 +158,7 @@ impl Operator for IdentityOperator {
         }
 
         let known = Known::read(ctx, &ids)?;
-        let (kept, refused) = graph::settle_conflicts(&self.rules, &ids, &known);
+        let (kept, refused) = graph::settle_conflicts(&self.rules, ids, &known);
         dropped.extend(refused);
         let resolution = if known.linked_any(&kept) {
             graph::attach(&self.rules, &kept, &known, &cause)
