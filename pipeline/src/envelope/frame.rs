@@ -163,15 +163,18 @@ mod tests {
 
     use super::*;
 
+    fn position(epoch: u32, offset: i64, index: u32, lineage: u64) -> Position {
+        Position {
+            epoch,
+            offset,
+            index,
+            lineage,
+        }
+    }
+
     fn arb_position() -> impl Strategy<Value = Position> {
-        (any::<u32>(), any::<i64>(), any::<u32>(), any::<u64>()).prop_map(
-            |(epoch, offset, index, lineage)| Position {
-                epoch,
-                offset,
-                index,
-                lineage,
-            },
-        )
+        (any::<u32>(), any::<i64>(), any::<u32>(), any::<u64>())
+            .prop_map(|(epoch, offset, index, lineage)| position(epoch, offset, index, lineage))
     }
 
     proptest! {
@@ -224,12 +227,7 @@ mod tests {
 
     #[test]
     fn a_later_head_field_is_skipped_and_the_payload_still_found() {
-        let position = Position {
-            epoch: 2,
-            offset: 10,
-            index: 1,
-            lineage: 3,
-        };
+        let position = position(2, 10, 1, 3);
         let mut out = Vec::new();
         assert!(write(&mut out, "traits:0", &position, [], b"payload"));
         // A later version appends a field to the head: longer head, same
@@ -247,12 +245,7 @@ mod tests {
 
     #[test]
     fn a_head_too_large_for_its_length_is_refused_and_the_buffer_kept() {
-        let position = Position {
-            epoch: 1,
-            offset: 1,
-            index: 0,
-            lineage: 0,
-        };
+        let position = position(1, 1, 0, 0);
         let big = vec![b'x'; 70_000];
         let mut out = b"kept".to_vec();
         assert!(!write(
@@ -267,12 +260,7 @@ mod tests {
 
     #[test]
     fn a_damaged_head_is_not_a_frame() {
-        let position = Position {
-            epoch: 1,
-            offset: 1,
-            index: 0,
-            lineage: 0,
-        };
+        let position = position(1, 1, 0, 0);
         let mut out = Vec::new();
         assert!(write(&mut out, "identity:0", &position, [], b"{}"));
         // A head length past the end.
