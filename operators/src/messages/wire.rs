@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
 use super::{Cause, DroppedIdentifier, EventJson, Identifiers, ProfileRecord, ProfileUpdate};
-use crate::profile_keyed::{json_value_map, sorted_map, ADDED_FIELDS_PADDING};
+use crate::profile_keyed::{decode_padded, json_value_map, sorted_map, EndedEarly, RECORD_ROOM};
 
 /// First byte of a binary [`ProfileRecord::Event`]. `0xF5`–`0xFF` never
 /// start (or occur in) UTF-8 text, so no JSON record starts with them.
@@ -40,10 +40,6 @@ pub const EVENT_V1: u8 = 0xF5;
 
 /// First byte of a binary [`ProfileUpdate::Update`].
 pub const UPDATE_V1: u8 = 0xF6;
-
-/// Room for a record: the event's text (~0.2–1 KB) and the record's own
-/// fields, so the encoding does not grow its vector by doubling.
-const RECORD_ROOM: usize = 1024;
 
 /// Why a record could not be read or written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -149,20 +145,9 @@ pub fn event_dropped(bytes: &[u8]) -> Result<Vec<DroppedIdentifier>, RecordError
     Ok(postcard::from_bytes(bytes)?)
 }
 
-/// `read` the record in `bytes`; one that ends early was written before
-/// its last fields were added and reads as if zero bytes (their
-/// defaults) followed.
-fn padded<R>(
-    bytes: &[u8],
-    mut read: impl FnMut(&[u8]) -> Result<R, RecordError>,
-) -> Result<R, RecordError> {
-    match read(bytes) {
-        Err(RecordError::Decode(postcard::Error::DeserializeUnexpectedEnd)) => {
-            let mut longer = bytes.to_vec();
-            longer.resize(bytes.len() + ADDED_FIELDS_PADDING, 0);
-            read(&longer)
-        }
-        other => other,
+impl EndedEarly for RecordError {
+    fn ended_early(&self) -> bool {
+        matches!(self, RecordError::Decode(e) if e.ended_early())
     }
 }
 
@@ -173,7 +158,7 @@ pub(crate) fn decode_event(
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
 ) -> Result<ProfileRecord, RecordError> {
     let mut parse = Some(parse);
-    padded(bytes, |bytes| {
+    decode_padded(bytes, |bytes| {
         let r: EventIn<'_> = postcard::from_bytes(bytes)?;
         Ok(ProfileRecord::Event {
             profile_id: r.profile_id,
@@ -300,7 +285,7 @@ pub(crate) fn decode_update(
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
 ) -> Result<ProfileUpdate, RecordError> {
     let mut parse = Some(parse);
-    padded(bytes, |bytes| {
+    decode_padded(bytes, |bytes| {
         let r: UpdateIn<'_> = postcard::from_bytes(bytes)?;
         Ok(ProfileUpdate::Update {
             profile_id: r.profile_id,

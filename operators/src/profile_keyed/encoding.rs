@@ -89,7 +89,7 @@ pub(crate) fn decode_state<'a, T: DeserializeOwned>(
 
 /// How many fields, each encoded as one zero byte by default, a state may
 /// lack because it was stored before they were added.
-pub(crate) const ADDED_FIELDS_PADDING: usize = 8;
+const ADDED_FIELDS_PADDING: usize = 8;
 
 /// A stored state in either encoding (tests read the store with it).
 #[cfg(test)]
@@ -139,16 +139,26 @@ fn as_v1<R>(f: impl FnOnce() -> R) -> R {
     })
 }
 
-/// Decode a version 1 state.
-/// `decode` a state; one that ends early was written before its last
-/// fields were added, and reads as if zero bytes (their defaults, see the
-/// module docs) followed.
-pub(crate) fn decode_padded<T>(
+/// An error that says whether the bytes ended before the fields did.
+pub(crate) trait EndedEarly {
+    fn ended_early(&self) -> bool;
+}
+
+impl EndedEarly for postcard::Error {
+    fn ended_early(&self) -> bool {
+        matches!(self, postcard::Error::DeserializeUnexpectedEnd)
+    }
+}
+
+/// `decode` a state or binary record; one that ends early was written
+/// before its last fields were added, and reads as if zero bytes (their
+/// defaults, see the module docs) followed.
+pub(crate) fn decode_padded<T, E: EndedEarly>(
     bytes: &[u8],
-    decode: impl Fn(&[u8]) -> postcard::Result<T>,
-) -> postcard::Result<T> {
+    mut decode: impl FnMut(&[u8]) -> Result<T, E>,
+) -> Result<T, E> {
     match decode(bytes) {
-        Err(postcard::Error::DeserializeUnexpectedEnd) => {
+        Err(e) if e.ended_early() => {
             let mut padded = bytes.to_vec();
             padded.resize(bytes.len() + ADDED_FIELDS_PADDING, 0);
             decode(&padded)
@@ -157,6 +167,7 @@ pub(crate) fn decode_padded<T>(
     }
 }
 
+/// Decode a version 1 state.
 fn decode_v1<T: DeserializeOwned>(bytes: &[u8]) -> postcard::Result<T> {
     as_v1(|| postcard::from_bytes(bytes))
 }

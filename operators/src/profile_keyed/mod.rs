@@ -24,8 +24,8 @@ pub(crate) use cache::{StateCache, CACHED_PROFILES};
 #[cfg(test)]
 pub(crate) use encoding::{assert_rewritten_in_binary, read_state};
 pub(crate) use encoding::{
-    decode_padded, decode_state, encode_state, json_value, json_value_map, sorted_map, Stored,
-    ADDED_FIELDS_PADDING,
+    decode_padded, decode_state, encode_state, json_value, json_value_map, sorted_map, EndedEarly,
+    Stored,
 };
 #[cfg(test)]
 pub(crate) use entry::{retired_value, to_earlier_layout, LIVE};
@@ -56,17 +56,22 @@ pub(crate) fn emit_json<T: Serialize>(
     key: &str,
     value: &T,
 ) -> Result<(), OperatorError> {
-    let bytes = json_bytes(value)?;
-    ctx.emit(output, Some(key.as_bytes().to_vec()), bytes);
+    emit_keyed(ctx, output, key, json_bytes(value)?);
     Ok(())
+}
+
+/// Emit `bytes` keyed by a profile id.
+fn emit_keyed(ctx: &mut Context<'_>, output: &'static str, key: &str, bytes: Vec<u8>) {
+    ctx.emit(output, Some(key.as_bytes().to_vec()), bytes);
 }
 
 /// Room for a record a stage writes: an update carries the event's text
 /// (~0.2–1 KB), an audience change the profile's identifiers and traits.
-/// `serde_json::to_vec` starts at 128 bytes and doubles, copying the
-/// record three times on its way to 1 KB; it is produced (copied into
-/// librdkafka) and dropped right after, so room unused costs nothing.
-const RECORD_ROOM: usize = 1024;
+/// `serde_json::to_vec` starts at 128 bytes and doubles (postcard from
+/// one), copying the record three times on its way to 1 KB; it is
+/// produced (copied into librdkafka) and dropped right after, so room
+/// unused costs nothing.
+pub(crate) const RECORD_ROOM: usize = 1024;
 
 /// `value` as the JSON a stage writes.
 pub(crate) fn json_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, OperatorError> {
@@ -412,8 +417,7 @@ pub(crate) fn emit_record<R: StageInput>(
     key: &str,
     record: &R,
 ) -> Result<(), OperatorError> {
-    let bytes = record.encoded()?;
-    ctx.emit(output, Some(key.as_bytes().to_vec()), bytes);
+    emit_keyed(ctx, output, key, record.encoded()?);
     Ok(())
 }
 
