@@ -74,8 +74,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for Bytes<'a> {
     }
 }
 
-/// The head, field for field; new fields go last.
-#[derive(Serialize, Deserialize)]
+/// The head as read, field for field; new fields go last (and in
+/// [`HeadOut`]).
+#[derive(Deserialize)]
 struct Head<'a> {
     #[serde(borrow)]
     origin: &'a str,
@@ -87,6 +88,28 @@ struct Head<'a> {
     headers: Vec<(&'a str, Bytes<'a>)>,
 }
 
+/// The head as written: [`Head`]'s fields, the headers straight from the
+/// caller's iterator (no vector collected per record).
+#[derive(Serialize)]
+#[serde(bound(serialize = "Pairs<I>: Serialize"))]
+struct HeadOut<'a, I> {
+    origin: &'a str,
+    epoch: u32,
+    offset: i64,
+    index: u32,
+    lineage: u64,
+    headers: Pairs<I>,
+}
+
+/// Headers written as a postcard sequence of `(name, bytes)`.
+struct Pairs<I>(I);
+
+impl<'h, I: Iterator<Item = (&'h str, &'h [u8])> + Clone> Serialize for Pairs<I> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.clone().map(|(k, v)| (k, Bytes(v))))
+    }
+}
+
 /// Append the frame of a record from `origin` at `position` with
 /// `headers`, then `payload`, to `out`. `false` (and `out` as it was) when
 /// the head does not fit its 16-bit length: the caller stamps the record
@@ -95,16 +118,16 @@ pub fn write<'h>(
     out: &mut Vec<u8>,
     origin: &str,
     position: &Position,
-    headers: impl IntoIterator<Item = (&'h str, &'h [u8])>,
+    headers: impl IntoIterator<Item = (&'h str, &'h [u8]), IntoIter: Clone>,
     payload: &[u8],
 ) -> bool {
-    let head = Head {
+    let head = HeadOut {
         origin,
         epoch: position.epoch,
         offset: position.offset,
         index: position.index,
         lineage: position.lineage,
-        headers: headers.into_iter().map(|(k, v)| (k, Bytes(v))).collect(),
+        headers: Pairs(headers.into_iter()),
     };
     let start = out.len();
     out.extend_from_slice(&[FRAME_V1, 0, 0]);

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
 
-use super::produce::{produce_acked, OutHeaders, Outgoing, Stamp};
+use super::produce::{insert_all, produce_acked, OutHeaders, Outgoing, Stamp};
 use super::settle::{check_sizes, settle, Input};
 use super::{now_ms, ownership, OutputTarget, RuntimeError, Shared, Task, DEAD_LETTERS};
 use crate::changelog::{self, commit_key, Marker};
@@ -44,14 +44,7 @@ fn delivery_id(origin: &str, pos: &Position) -> String {
 }
 
 fn to_owned_headers(pairs: &[(String, Vec<u8>)]) -> OwnedHeaders {
-    pairs
-        .iter()
-        .fold(OwnedHeaders::new_with_capacity(pairs.len()), |h, (k, v)| {
-            h.insert(Header {
-                key: k.as_str(),
-                value: Some(v.as_slice()),
-            })
-        })
+    insert_all(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
 }
 
 /// Process, produce, mark and commit one polled batch. `poll_wait` is how

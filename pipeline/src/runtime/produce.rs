@@ -109,7 +109,9 @@ impl OutHeaders<'_> {
 }
 
 /// `headers` as librdkafka's list.
-fn insert_all<'h>(headers: impl Iterator<Item = (&'h str, &'h [u8])> + Clone) -> OwnedHeaders {
+pub(super) fn insert_all<'h>(
+    headers: impl Iterator<Item = (&'h str, &'h [u8])> + Clone,
+) -> OwnedHeaders {
     let capacity = headers.clone().count();
     headers.fold(
         OwnedHeaders::new_with_capacity(capacity),
