@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use cdp_operators::messages::{wire, ProfileRecord, ProfileUpdate};
+use cdp_operators::messages::{self, wire, ProfileRecord, ProfileUpdate};
 use cdp_pipeline::envelope::frame;
 use cdp_pipeline::ClientFactory;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -56,7 +56,9 @@ pub fn message_id(value: &[u8]) -> Option<String> {
     let payload = frame::read(value).map_or(value, |framed| framed.payload);
     match payload.first() {
         Some(&wire::EVENT_V1) => match ProfileRecord::from_bytes(payload).ok()? {
-            ProfileRecord::Event { event, .. } => string_at(&event, "messageId"),
+            ProfileRecord::Event { event, .. } => messages::field(&event, "messageId")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             _ => None,
         },
         Some(&wire::UPDATE_V1) => match ProfileUpdate::from_bytes(payload).ok()? {
@@ -77,10 +79,6 @@ pub fn message_id(value: &[u8]) -> Option<String> {
             found
         }
     }
-}
-
-fn string_at(v: &Value, key: &str) -> Option<String> {
-    v.get(key).and_then(Value::as_str).map(str::to_string)
 }
 
 /// Read the topics and write one JSON line per stamp to `out`.
