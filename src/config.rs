@@ -193,7 +193,9 @@ impl Config {
         let traits = TraitSet::new(&self.traits)?.with_event_time(self.event_time);
         let known = self.known_names(&traits.names());
         traits.check_names(&known)?;
-        let audiences = AudienceSet::new(&self.audiences, &known)?.with_event_time(self.event_time);
+        let audiences =
+            Arc::new(AudienceSet::new(&self.audiences, &known)?.with_event_time(self.event_time));
+        let traits = traits.forwarding(&audiences);
         self.audience_changes.check()?;
         destinations::check(&self.destinations)?;
         for (i, d) in self.destinations.iter().enumerate() {
@@ -211,7 +213,7 @@ impl Config {
             validator: Arc::new(validator),
             identity: Arc::new(identity),
             traits: Arc::new(traits),
-            audiences: Arc::new(audiences),
+            audiences,
             config: self,
         })
     }

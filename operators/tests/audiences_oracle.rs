@@ -7,8 +7,10 @@
 //! (an all-time revenue sum and order count) and every audience — trait
 //! conditions, all-time counts, windows in buckets of 1/30 of the shortest
 //! window of their filter that count while their last instant is inside
-//! the window, audience references, and a sequence that holds once it
-//! happened. Plain vectors, no state, no merge logic of the operators.
+//! the window, audience references, a sequence that holds once it
+//! happened, and a condition on an event's property (matched, as `cdp`
+//! runs the stages, by the traits stage, which sends the audiences stage
+//! the filters each event passed). Plain vectors, no state, no merge logic of the operators.
 //!
 //! The pipeline is modelled as Kafka delivers it: every producer
 //! (identity, each stage writing to its own input, traits writing to
@@ -54,7 +56,22 @@ recent_buyer: {where: {event: Order Completed, within: 60s}}
 lapsed: {where: {all: [{audience: cheap_repeat}, {not: {event: Order Completed, within: 120s}}]}}
 browsed_then_bought: {where: {sequence: [{event: Product Viewed}, {event: Order Completed}], within: 30s}}
 quiet_buyer: {where: {all: [{trait: orders_90s, gte: 1}, {not: {event: Product Viewed, within: 60s}}]}}
+big_order: {where: {event: Order Completed, count: {gte: 1}, where: [{property: properties.revenue, gt: 100}]}}
 "#;
+
+/// Audiences of another config: the traits stage matches events against
+/// their filters, which the audiences stage above does not use.
+const OTHER_AUDIENCES: &str = r#"
+big_order: {where: {event: Order Completed, count: {gte: 1}, where: [{property: properties.revenue, gt: 300}]}}
+"#;
+
+/// Which event filters the traits stage matches events against.
+#[derive(Debug, Clone, Copy)]
+enum Matching {
+    Same,
+    Other,
+    None,
+}
 
 const ORDER: &str = "Order Completed";
 const VIEW: &str = "Product Viewed";
@@ -123,6 +140,7 @@ fn oracle_members(events: &[Ev], at: i64) -> BTreeSet<String> {
         ("lapsed", lapsed),
         ("browsed_then_bought", browsed_then_bought),
         ("quiet_buyer", orders_90s >= 1 && !viewed_60s),
+        ("big_order", orders.iter().any(|e| e.revenue > 100)),
     ]
     .into_iter()
     .filter(|(_, holds)| *holds)
@@ -219,17 +237,34 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn new() -> Result<Self, String> {
+    fn new(matching: Matching) -> Result<Self, String> {
         let traits: BTreeMap<String, TraitDef> =
             serde_yaml::from_str(TRAITS).map_err(|e| e.to_string())?;
         let audiences: BTreeMap<String, AudienceDef> =
             serde_yaml::from_str(AUDIENCES).map_err(|e| e.to_string())?;
-        let traits = TraitSet::new(&traits).map_err(|e| e.to_string())?;
         let audiences =
             AudienceSet::new(&audiences, &KnownNames::anything()).map_err(|e| e.to_string())?;
+        let audiences = Arc::new(audiences);
+        let traits = TraitSet::new(&traits).map_err(|e| e.to_string())?;
+        let traits = match matching {
+            // As `cdp` runs them: the traits stage matches each event
+            // against the audiences' event filters (`big_order`'s reads a
+            // property), and the audiences stage takes the matches.
+            Matching::Same => traits.forwarding(&audiences),
+            // During a rolling config change: matched against other
+            // filters, so the audiences stage parses the events.
+            Matching::Other => {
+                let other: BTreeMap<String, AudienceDef> =
+                    serde_yaml::from_str(OTHER_AUDIENCES).map_err(|e| e.to_string())?;
+                let other =
+                    AudienceSet::new(&other, &KnownNames::anything()).map_err(|e| e.to_string())?;
+                traits.forwarding(&Arc::new(other))
+            }
+            Matching::None => traits,
+        };
         Ok(Pipeline {
             traits: OperatorHarness::new(TraitsOperator::new(Arc::new(traits))),
-            audiences: OperatorHarness::new(AudiencesOperator::new(Arc::new(audiences))),
+            audiences: OperatorHarness::new(AudiencesOperator::new(audiences)),
             flights: BTreeMap::new(),
             trait_view: BTreeMap::new(),
             changes: BTreeMap::new(),
@@ -459,9 +494,9 @@ fn check(p: &Pipeline, o: &Oracle, at: &str) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn run(steps: &[Step]) -> Result<(), TestCaseError> {
+fn run(steps: &[Step], matching: Matching) -> Result<(), TestCaseError> {
     let fail = |e: String| TestCaseError::fail(e);
-    let mut p = Pipeline::new().map_err(fail)?;
+    let mut p = Pipeline::new(matching).map_err(fail)?;
     let mut o = Oracle::default();
     let mut now = 1_000_000_000i64;
     p.tick(now, 0, false).map_err(fail)?;
@@ -532,8 +567,13 @@ proptest! {
     #[test]
     fn traits_and_audiences_equal_the_batch_oracle_at_every_tick_whatever_the_delivery_order(
         steps in prop::collection::vec(arb_step(), 1..40),
+        matching in prop_oneof![
+            4 => Just(Matching::Same),
+            1 => Just(Matching::Other),
+            1 => Just(Matching::None),
+        ],
     ) {
-        run(&steps)?;
+        run(&steps, matching)?;
     }
 }
 
@@ -569,7 +609,9 @@ fn a_merge_does_not_make_a_non_monotone_audience_flicker() -> Result<(), TestCas
                 audiences_first: seed % 2 == 0,
             },
         ];
-        run(&steps)?;
+        for matching in [Matching::Same, Matching::Other, Matching::None] {
+            run(&steps, matching)?;
+        }
     }
     Ok(())
 }

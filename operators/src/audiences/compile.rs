@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use super::config::{AudienceDef, Condition, CountCondition};
 use crate::config::{ConfigError, KnownNames};
 use crate::event_time::{EventTimeConfig, FutureTimePolicy};
+use crate::messages;
 use crate::profile_keyed::EventPaths;
 use crate::traits::{bucket_width, Comparison, PropertyCondition};
 
@@ -92,8 +93,31 @@ pub struct AudienceSet {
     pub(super) event_time: EventTimeConfig,
     /// Every sequence condition: `(key, steps, within)`.
     pub(super) sequences: Vec<(String, Vec<usize>, Option<i64>)>,
-    /// The paths of an event these audiences read (the rest is not parsed).
-    pub(super) reads: EventPaths,
+    /// The paths of an event these audiences read (the rest is not
+    /// parsed; the traits stage pre-reads them, see
+    /// [`TraitSet::forwarding`](crate::traits::TraitSet::forwarding)).
+    pub(crate) reads: EventPaths,
+    /// A digest of `filters` (the event names and conditions, in order),
+    /// never 0: an update whose event the traits stage matched against
+    /// these very filters carries their indexes, not a tree to match.
+    pub(super) filters_fingerprint: u64,
+}
+
+/// A digest of the filters an event is matched against, in order (never
+/// 0). Two sets with the same digest number the same filters alike.
+fn filters_fingerprint(filters: &[EventFilter]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for f in filters {
+        // Length-prefixed, so no name or value can make two lists alike.
+        let text = format!("{:?}", (&f.event, &f.conditions));
+        hasher.update((text.len() as u64).to_le_bytes());
+        hasher.update(text.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first).max(1)
 }
 
 struct Compiler {
@@ -343,10 +367,11 @@ impl AudienceSet {
             .collect();
         Ok(AudienceSet {
             audiences,
-            filters: compiler.filters,
             windows: compiler.windows,
             event_time: EventTimeConfig::default(),
             sequences: compiler.sequences,
+            filters_fingerprint: filters_fingerprint(&compiler.filters),
+            filters: compiler.filters,
             reads,
         })
     }
@@ -360,6 +385,24 @@ impl AudienceSet {
             ..event_time
         };
         self
+    }
+
+    /// The indexes of the event filters `event` passes, in order: what
+    /// the traits stage sends with an update (see
+    /// [`TraitSet::forwarding`](crate::traits::TraitSet::forwarding)).
+    /// `event` holds at least the paths these audiences read.
+    pub(crate) fn matching_filters(&self, event: &Value) -> Vec<u32> {
+        let name = messages::event_name(event);
+        (0u32..)
+            .zip(&self.filters)
+            .filter(|(_, f)| f.selects(name, event))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// A digest of the event filters (never 0).
+    pub(crate) fn filters_fingerprint(&self) -> u64 {
+        self.filters_fingerprint
     }
 
     /// Audience names in evaluation order.

@@ -174,7 +174,14 @@ impl AudiencesOperator {
             }
         }
         if let Some(event) = &event {
-            profile.record_event(&self.set, event, event_time);
+            match event.matched() {
+                // Matched by the traits stage against these very filters
+                // (`decode_update` took it only then): nothing to parse.
+                Some((filters, matched)) if filters == self.set.filters_fingerprint() => {
+                    profile.record_matched(&self.set, matched, event_time);
+                }
+                _ => profile.record_event(&self.set, event, event_time),
+            }
         }
         self.settle(ctx, &profile_id, profile, &Trigger { cause, event_time })
     }
@@ -344,7 +351,9 @@ impl ProfileStage for AudiencesOperator {
 impl Operator for AudiencesOperator {
     fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
         let reads = &self.set.reads;
-        let input = decode_update(record.value, |text| reads.parse(text))?;
+        let input = decode_update(record.value, self.set.filters_fingerprint(), |text| {
+            reads.parse(text)
+        })?;
         dispatch(&*self, ctx, input, record.timestamp_ms)
     }
 

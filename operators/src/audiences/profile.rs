@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::compile::{AudienceSet, Compiled, Retention};
+use super::compile::{AudienceSet, Compiled, EventFilter, Retention};
 use super::history::FilterHistory;
 use crate::messages::{self, Identifiers};
 use crate::profile_keyed::{json_value_map, union_identifiers};
@@ -46,12 +46,27 @@ impl AudienceProfile {
         let name = messages::event_name(event);
         for f in &set.filters {
             if f.selects(name, event) {
-                self.events
-                    .entry(f.key.clone())
-                    .or_default()
-                    .record(time, f, self.clock);
+                self.record(f, time);
             }
         }
+    }
+
+    /// [`AudienceProfile::record_event`] for an event the traits stage
+    /// matched: `matched` are the indexes of the filters it passed, in
+    /// order ([`AudienceSet::matching_filters`]).
+    pub(super) fn record_matched(&mut self, set: &AudienceSet, matched: &[u32], time: i64) {
+        for &i in matched {
+            if let Some(f) = usize::try_from(i).ok().and_then(|i| set.filters.get(i)) {
+                self.record(f, time);
+            }
+        }
+    }
+
+    fn record(&mut self, f: &EventFilter, time: i64) {
+        self.events
+            .entry(f.key.clone())
+            .or_default()
+            .record(time, f, self.clock);
     }
 
     pub(super) fn prune(&mut self, set: &AudienceSet) {

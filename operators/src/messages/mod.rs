@@ -43,6 +43,10 @@ pub struct EventJson {
     /// JSON text, checked when read (the stage's parse of its tree reads
     /// the whole text).
     text: Option<Box<str>>,
+    /// The event filters of the audiences stage it passed, matched by the
+    /// traits stage: their fingerprint and the indexes of those passed
+    /// (see [`EventJson::keep_matched`]). Not part of the event's meaning.
+    matched: Option<Box<(u64, Vec<u32>)>>,
 }
 
 impl EventJson {
@@ -52,7 +56,32 @@ impl EventJson {
         EventJson {
             value,
             text: Some(text),
+            matched: None,
         }
+    }
+
+    /// An event an audiences stage read as matched already: its text, to
+    /// write back out, and no tree.
+    pub(crate) fn matched_only(text: Box<str>, fingerprint: u64, matched: Vec<u32>) -> Self {
+        EventJson {
+            value: Value::Null,
+            text: Some(text),
+            matched: Some(Box::new((fingerprint, matched))),
+        }
+    }
+
+    /// Keep the indexes of the event filters (fingerprint `fingerprint`)
+    /// this event passed: an audiences stage of those very filters reads
+    /// them instead of parsing the event. One of other filters (another
+    /// config during a rolling change) parses the event's text.
+    pub(crate) fn keep_matched(&mut self, fingerprint: u64, matched: Vec<u32>) {
+        self.matched = Some(Box::new((fingerprint, matched)));
+    }
+
+    /// The filters kept with [`EventJson::keep_matched`], with their
+    /// fingerprint.
+    pub(crate) fn matched(&self) -> Option<(u64, &[u32])> {
+        self.matched.as_deref().map(|(f, m)| (*f, m.as_slice()))
     }
 
     pub fn value(&self) -> &Value {
@@ -67,7 +96,11 @@ impl EventJson {
 
 impl From<Value> for EventJson {
     fn from(value: Value) -> Self {
-        EventJson { value, text: None }
+        EventJson {
+            value,
+            text: None,
+            matched: None,
+        }
     }
 }
 
@@ -296,7 +329,7 @@ impl ProfileUpdate {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, wire::RecordError> {
         match bytes.split_first() {
             Some((&wire::UPDATE_V1, rest)) => {
-                wire::decode_update(rest, |t| serde_json::from_str(t))
+                wire::decode_update(rest, 0, |t| serde_json::from_str(t))
             }
             _ => Ok(serde_json::from_slice(bytes)?),
         }

@@ -183,6 +183,24 @@ fn event<F: FnOnce(&str) -> Result<Value, serde_json::Error>>(
     Ok(EventJson::with_text(tree, text.into()))
 }
 
+/// [`event`] for an update. When the traits stage matched the event
+/// against the filters the reader matches with (`accepts`, their
+/// fingerprint; 0 takes none), the event is its text and those matches,
+/// and nothing is parsed; otherwise its tree is what `parse` builds.
+fn updated_event<F: FnOnce(&str) -> Result<Value, serde_json::Error>>(
+    text: &str,
+    matched: Option<(u64, Vec<u32>)>,
+    accepts: u64,
+    parse: &mut Option<F>,
+) -> Result<EventJson, RecordError> {
+    match matched {
+        Some((filters, matched)) if accepts != 0 && filters == accepts => {
+            Ok(EventJson::matched_only(text.into(), filters, matched))
+        }
+        _ => event(text, parse),
+    }
+}
+
 /// The event's JSON text: the text it was read from, else its tree
 /// written out.
 fn event_text(event: &EventJson) -> Result<Cow<'_, str>, RecordError> {
@@ -218,6 +236,10 @@ struct UpdateOut<'a> {
     merged_from: &'a [String],
     traits_until: Option<i64>,
     event: Option<Cow<'a, str>>,
+    /// The audiences stage's event filters the event passed, matched by
+    /// the traits stage: their fingerprint and the indexes of those passed
+    /// ([`EventJson::keep_matched`]).
+    matched: Option<(u64, &'a [u32])>,
 }
 
 #[derive(Deserialize)]
@@ -235,6 +257,7 @@ struct UpdateIn<'a> {
     traits_until: Option<i64>,
     #[serde(borrow)]
     event: Option<&'a str>,
+    matched: Option<(u64, Vec<u32>)>,
 }
 
 /// The binary form of an update; `None` for any other [`ProfileUpdate`].
@@ -264,12 +287,14 @@ pub(crate) fn encode_update(update: &ProfileUpdate) -> Option<Result<Vec<u8>, Re
             tick: cause.tick,
             merged_from,
             traits_until: *traits_until,
-            // As in JSON, where `"event": null` reads as no event.
+            // As in JSON, where `"event": null` reads as no event. An
+            // event read as matched has its text and no tree.
             event: event
                 .as_ref()
-                .filter(|e| !e.is_null())
+                .filter(|e| !e.is_null() || e.matched().is_some())
                 .map(event_text)
                 .transpose()?,
+            matched: event.as_ref().and_then(EventJson::matched),
         };
         let mut out = Vec::with_capacity(RECORD_ROOM);
         out.push(UPDATE_V1);
@@ -279,9 +304,12 @@ pub(crate) fn encode_update(update: &ProfileUpdate) -> Option<Result<Vec<u8>, Re
 }
 
 /// A binary update (the bytes after [`UPDATE_V1`]); its event's tree is
-/// what `parse` builds, as in [`decode_event`].
+/// what `parse` builds, as in [`decode_event`], unless the event comes
+/// matched against the filters `accepts` (a fingerprint, 0 for none), see
+/// [`updated_event`].
 pub(crate) fn decode_update(
     bytes: &[u8],
+    accepts: u64,
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
 ) -> Result<ProfileUpdate, RecordError> {
     let mut parse = Some(parse);
@@ -290,7 +318,10 @@ pub(crate) fn decode_update(
         Ok(ProfileUpdate::Update {
             profile_id: r.profile_id,
             identifiers: r.identifiers,
-            event: r.event.map(|text| event(text, &mut parse)).transpose()?,
+            event: r
+                .event
+                .map(|text| updated_event(text, r.matched, accepts, &mut parse))
+                .transpose()?,
             traits: r.traits,
             event_time: r.event_time,
             time_corrected_from: r.time_corrected_from,
@@ -339,8 +370,8 @@ mod tests {
     }
 
     /// A record written before its last fields were added (here: an
-    /// update without its event and `traits_until`, which encode as one
-    /// zero byte each) reads with their defaults.
+    /// update without its `traits_until`, event and pre-read, which
+    /// encode as one zero byte each) reads with their defaults.
     #[test]
     fn a_record_without_its_last_fields_reads_with_their_defaults() -> Result<(), RecordError> {
         let mut shorter = update();
@@ -354,9 +385,57 @@ mod tests {
             *traits_until = None;
         }
         let bytes = shorter.to_bytes()?;
-        assert_eq!(&bytes[bytes.len() - 2..], &[0, 0]);
-        let earlier = &bytes[..bytes.len() - 2];
+        assert_eq!(&bytes[bytes.len() - 3..], &[0, 0, 0]);
+        let earlier = &bytes[..bytes.len() - 3];
         assert_eq!(ProfileUpdate::from_bytes(earlier)?, shorter);
+        Ok(())
+    }
+
+    /// An update's event is read as matched when the reader matches with
+    /// the filters the traits stage matched it against, and parsed from
+    /// its text otherwise (a reader of another config, one that takes no
+    /// matches, a record written before matches were sent).
+    #[test]
+    fn the_matches_are_taken_by_a_reader_of_the_same_filters_only() -> Result<(), RecordError> {
+        let text = r#"{"type":"track","event":"X","properties":{"revenue":5}}"#;
+        let mut event = EventJson::with_text(serde_json::from_str(text)?, text.into());
+        event.keep_matched(42, vec![0, 3]);
+        let mut matched = update();
+        if let ProfileUpdate::Update { event: e, .. } = &mut matched {
+            *e = Some(event);
+        }
+        let bytes = matched.to_bytes()?;
+        let read = |bytes: &[u8], accepts: u64| -> Result<(bool, EventJson), RecordError> {
+            let mut parsed = false;
+            let update = decode_update(&bytes[1..], accepts, |t| {
+                parsed = true;
+                serde_json::from_str(t)
+            })?;
+            match update {
+                ProfileUpdate::Update { event: Some(e), .. } => Ok((parsed, e)),
+                other => Err(RecordError::Json(format!("no event in {other:?}"))),
+            }
+        };
+        let (parsed, event) = read(&bytes, 42)?;
+        assert!(!parsed, "a matched event is not parsed");
+        assert_eq!(event.matched(), Some((42, &[0, 3][..])));
+        assert_eq!(event.text(), Some(text));
+        // Held or passed on, it is written again with its text and matches.
+        let mut again = update();
+        if let ProfileUpdate::Update { event: e, .. } = &mut again {
+            *e = Some(event);
+        }
+        assert_eq!(again.to_bytes()?, bytes);
+        for other in [0, 7] {
+            let (parsed, event) = read(&bytes, other)?;
+            assert!(parsed, "accepts {other}: parsed");
+            assert_eq!(event.value(), &serde_json::from_str::<Value>(text)?);
+        }
+        // An update written before matches were sent (its last field
+        // absent) is parsed.
+        let earlier = update().to_bytes()?;
+        assert_eq!(&earlier[earlier.len() - 1..], &[0]);
+        assert!(read(&earlier[..earlier.len() - 1], 42)?.0);
         Ok(())
     }
 

@@ -225,7 +225,7 @@ mod tests {
             // event as the JSON text of the tree written.
             let binary = update.to_bytes().map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(binary.first(), Some(&wire::UPDATE_V1));
-            let read = wire::decode_update(&binary[1..], |_| Ok(event.clone())).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let read = wire::decode_update(&binary[1..], 0, |_| Ok(event.clone())).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let mut expected = update.clone();
             if let ProfileUpdate::Update { event: sent @ Some(_), .. } = &mut expected {
                 // As in JSON, an event that is `null` is no event.

@@ -311,15 +311,17 @@ fn readdress_update(update: ProfileUpdate, survivor: &str) -> ProfileUpdate {
 /// Parse the audiences stage's input record and refuse an empty profile id
 /// or a merge of a profile into itself. An update in the binary form
 /// ([`wire`]) and the JSON fast path's update keep their event's text,
-/// its tree what `parse` builds from it (see [`fast::fast_update`]); the
-/// general path's tree is the whole event.
+/// its tree what `parse` builds from it (see [`fast::fast_update`]), or
+/// from the traits stage's pre-read of the paths `accepts` (a
+/// fingerprint, 0 for none); the general path's tree is the whole event.
 pub(crate) fn decode_update(
     value: &[u8],
+    accepts: u64,
     parse: impl FnOnce(&str) -> Result<Value, serde_json::Error>,
 ) -> Result<ProfileUpdate, OperatorError> {
     let read = match value.split_first() {
         Some((&wire::UPDATE_V1, rest)) => {
-            Some(wire::decode_update(rest, parse).map_err(invalid_record)?)
+            Some(wire::decode_update(rest, accepts, parse).map_err(invalid_record)?)
         }
         _ => fast::fast_update(value, parse),
     };

@@ -85,8 +85,15 @@ impl EventPaths {
         set
     }
 
+    /// Read `path` whole. A node read whole keeps no children (they are
+    /// read with it), so a set has one form whatever the order of its
+    /// paths.
     fn add(&mut self, path: &str) {
-        let node = path.split('.').fold(self, |node, part| {
+        let mut node = self;
+        for part in path.split('.') {
+            if node.whole {
+                return;
+            }
             let at = match node
                 .children
                 .binary_search_by(|(name, _)| name.as_str().cmp(part))
@@ -98,9 +105,10 @@ impl EventPaths {
                     at
                 }
             };
-            &mut node.children[at].1
-        });
+            node = &mut node.children[at].1;
+        }
         node.whole = true;
+        node.children.clear();
     }
 
     /// The child called `name`, if the set reads anything under it.
@@ -118,6 +126,36 @@ impl EventPaths {
         let value = Partial(self).deserialize(&mut de)?;
         de.end()?;
         Ok(value)
+    }
+
+    /// The set that reads what either reads.
+    pub(crate) fn union(&self, other: &EventPaths) -> EventPaths {
+        let (mut mine, theirs) = (Vec::new(), other.paths());
+        self.collect_paths(&mut String::new(), &mut mine);
+        Self::of(mine.iter().chain(&theirs).map(String::as_str))
+    }
+
+    /// Every path read whole, dotted, in order.
+    fn paths(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.collect_paths(&mut String::new(), &mut out);
+        out
+    }
+
+    fn collect_paths(&self, at: &mut String, out: &mut Vec<String>) {
+        if self.whole {
+            out.push(at.clone());
+            return;
+        }
+        for (name, child) in &self.children {
+            let len = at.len();
+            if !at.is_empty() {
+                at.push('.');
+            }
+            at.push_str(name);
+            child.collect_paths(at, out);
+            at.truncate(len);
+        }
     }
 }
 
@@ -275,6 +313,27 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    proptest! {
+        /// The union of two sets reads every path of either whole (the
+        /// traits stage parses with its own and the audiences' paths).
+        #[test]
+        fn the_union_reads_every_path_of_both(
+            mine in prop::collection::vec(arb_path(), 0..4),
+            theirs in prop::collection::vec(arb_path(), 0..4),
+        ) {
+            let a = EventPaths::of(mine.iter().map(String::as_str));
+            let b = EventPaths::of(theirs.iter().map(String::as_str));
+            let both = a.union(&b);
+            for p in mine.iter().chain(&theirs) {
+                let parts: Vec<&str> = p.split('.').collect();
+                let covered = (1..=parts.len()).any(|n| set_has_whole(&both, &parts[..n]));
+                prop_assert!(covered, "{} is read by the union", p);
+            }
+            prop_assert_eq!(&both, &b.union(&a));
+            prop_assert_eq!(&both.union(&both), &both);
         }
     }
 

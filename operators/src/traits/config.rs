@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use cdp_pipeline::Span;
 use serde::de::{self, MapAccess, Visitor};
@@ -9,6 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::comparison::PropertyCondition;
+use crate::audiences::AudienceSet;
 use crate::config::{ConfigError, KnownNames};
 use crate::event_time::EventTimeConfig;
 use crate::messages;
@@ -342,8 +344,12 @@ pub struct TraitSet {
     /// A digest of `defs`: a profile last evaluated under other traits
     /// (a config change) is refreshed in full once, not incrementally.
     pub(super) fingerprint: u64,
-    /// The paths of an event these traits read (the rest is not parsed).
+    /// The paths of an event these traits read (the rest is not parsed),
+    /// and those the audiences stage reads when forwarding.
     pub(super) reads: EventPaths,
+    /// The audiences whose event filters each event is matched against
+    /// here, the result sent with the update (see [`TraitSet::forwarding`]).
+    pub(super) forward: Option<Arc<AudienceSet>>,
 }
 
 impl TraitSet {
@@ -393,7 +399,21 @@ impl TraitSet {
             event_time: EventTimeConfig::default(),
             fingerprint: fingerprint(defs),
             reads: EventPaths::of_traits(defs.values()),
+            forward: None,
         })
+    }
+
+    /// The same traits, matching each event against the event filters of
+    /// `audiences` (the parse reads their paths too): an update carries the
+    /// indexes of the filters its event passed and their fingerprint, so
+    /// the audiences stage parses nothing of the event. An audiences stage
+    /// of other filters (another config, during a rolling change) finds
+    /// another fingerprint and parses the event's text, which the update
+    /// still carries.
+    pub fn forwarding(mut self, audiences: &Arc<AudienceSet>) -> Self {
+        self.reads = self.reads.union(&audiences.reads);
+        self.forward = Some(audiences.clone());
+        self
     }
 
     /// The same traits with another bound on future event times.

@@ -147,7 +147,7 @@ impl TraitsOperator {
         ctx: &mut Context<'_>,
         profile_id: String,
         identifiers: Identifiers,
-        event: EventJson,
+        mut event: EventJson,
         merged_from: Vec<String>,
         record_time: Option<i64>,
         merge_limited: bool,
@@ -177,6 +177,11 @@ impl TraitsOperator {
                 .map(str::to_owned),
             tick: None,
         };
+        if let Some(audiences) = &self.set.forward {
+            // The tree holds the audiences' paths too (`TraitSet::reads`).
+            let matched = audiences.matching_filters(event.value());
+            event.keep_matched(audiences.filters_fingerprint(), matched);
+        }
         let update = ProfileUpdate::Update {
             profile_id: profile_id.clone(),
             identifiers: std::mem::take(&mut state.identifiers),
