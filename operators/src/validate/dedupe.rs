@@ -2,6 +2,7 @@
 //! dedupe window is dropped; step 6 emits the rest.
 
 use cdp_pipeline::envelope::SOURCE;
+use cdp_pipeline::store::StoreError;
 use cdp_pipeline::{Context, OperatorError, Record, Span};
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,28 @@ struct DedupeEntry {
     event_time: Option<i64>,
     /// Stream time (ms) at which the id is forgotten.
     expires_at: i64,
+}
+
+/// First byte of an entry in its binary form (then postcard). An entry
+/// written as JSON, before, starts with `{`; both read.
+const ENTRY_V1: u8 = 1;
+
+impl DedupeEntry {
+    /// The binary form: ~14 bytes where JSON took ~55, and ~600
+    /// instructions less to write (2% of the validate stage's batch).
+    fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::with_capacity(24);
+        out.push(ENTRY_V1);
+        postcard::to_extend(self, out).map_err(|e| StoreError::Decode(format!("dedupe entry: {e}")))
+    }
+
+    /// An entry in either form; `None` for bytes that are neither.
+    fn decode(bytes: &[u8]) -> Option<DedupeEntry> {
+        match bytes.split_first() {
+            Some((&ENTRY_V1, rest)) => postcard::from_bytes(rest).ok(),
+            _ => serde_json::from_slice(bytes).ok(),
+        }
+    }
 }
 
 /// Built by concatenation: `format!` was ~1,100 instructions a key, 3% of
@@ -72,7 +95,7 @@ impl ValidateOperator {
                 event_time,
                 expires_at: base.saturating_add(window),
             };
-            ctx.put_json(&key, &entry)?;
+            ctx.put(&key, entry.encode()?);
             ctx.set_timer(entry.expires_at, &key);
         }
         ctx.emit_with_headers(
@@ -95,9 +118,9 @@ pub(super) fn on_timer(key: &[u8], ctx: &mut Context<'_>) -> Result<(), Operator
         // later record of the changelog deleted.
         return Ok(());
     };
-    match serde_json::from_slice::<DedupeEntry>(&bytes) {
+    match DedupeEntry::decode(&bytes) {
         // Re-armed by a later event after an earlier expiry: keep it.
-        Ok(entry) if entry.expires_at > ctx.now() => {}
+        Some(entry) if entry.expires_at > ctx.now() => {}
         _ => ctx.delete(key),
     }
     Ok(())
@@ -111,9 +134,7 @@ pub fn dedupe_timer(key: &[u8], value: &[u8]) -> Option<i64> {
     if !key.starts_with(DEDUPE_PREFIX.as_bytes()) {
         return None;
     }
-    serde_json::from_slice::<DedupeEntry>(value)
-        .ok()
-        .map(|entry| entry.expires_at)
+    DedupeEntry::decode(value).map(|entry| entry.expires_at)
 }
 
 #[cfg(test)]
@@ -123,6 +144,19 @@ mod tests {
     use super::*;
 
     proptest! {
+        /// An entry reads back from its binary form, and one written as
+        /// JSON (by an earlier version) still reads.
+        #[test]
+        fn an_entry_reads_back_in_either_form(event_time in any::<Option<i64>>(), expires_at in any::<i64>()) {
+            let entry = DedupeEntry { event_time, expires_at };
+            let binary = entry.encode().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(DedupeEntry::decode(&binary), Some(entry));
+            // Marker, option tag and two varints of at most 10 bytes.
+            prop_assert!(binary.len() <= 22);
+            let json = serde_json::to_vec(&entry).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(DedupeEntry::decode(&json), Some(entry));
+        }
+
         /// The key is the prefix, the source, `/` and the id, as the
         /// formatted string it replaced (entries written before still
         /// match).

@@ -108,3 +108,35 @@ fn the_timers_validate_sets_are_exactly_those_its_entries_imply() -> TestResult 
     assert_eq!(timers, derived, "a restore derives the very timers set");
     Ok(())
 }
+
+/// A store an earlier version wrote holds its entries as JSON: they still
+/// drop duplicates, imply their timers, and expire.
+#[test]
+fn entries_written_as_json_still_drop_duplicates_and_expire() -> TestResult {
+    let mut h = harness(None)?;
+    let start = messages::parse_time_ms("2026-11-26T10:00:00Z").ok_or("time")?;
+    h.tick(start)?;
+    let expires_at = start + 5_000;
+    let key = b"dedupe/web/m1".to_vec();
+    let entry = serde_json::to_vec(&json!({"event_time": start, "expires_at": expires_at}))?;
+    assert_eq!(dedupe_timer(&key, &entry), Some(expires_at));
+    h.state.map.insert(timer_key(expires_at, &key), Vec::new());
+    h.state.map.insert(key, entry);
+    let event = track("X", json!({}));
+    assert_eq!(
+        send(&mut h, &event)?.len(),
+        0,
+        "a duplicate of the JSON entry"
+    );
+    h.tick(expires_at)?;
+    assert!(h.state.map.is_empty(), "the JSON entry expired");
+    assert_eq!(send(&mut h, &event)?.len(), 1);
+    // Remembered again, in the binary form.
+    let stored = h
+        .state
+        .map
+        .get(b"dedupe/web/m1".as_slice())
+        .ok_or("entry")?;
+    assert_eq!(stored.first(), Some(&1));
+    Ok(())
+}
