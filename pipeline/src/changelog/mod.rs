@@ -242,7 +242,7 @@ impl Restorer {
     /// Move pending records at or before `through` into the returned
     /// changes; drop the rest.
     fn settle_pending(&mut self, through: i64) -> Changes {
-        let mut changes = Changes::new();
+        let mut changes = Changes::default();
         for (offset, key, value) in std::mem::take(&mut self.pending) {
             if offset <= through {
                 if self.dropped.get(&key).is_some_and(|d| *d < offset) {

@@ -183,7 +183,7 @@ impl Sim {
             return self.claim();
         };
         let mut mine = Vec::new();
-        let mut batch = Changes::new();
+        let mut batch = Changes::default();
         for (k, v) in changes {
             batch.insert(key(*k), v.map(|v| vec![v]));
         }

@@ -276,7 +276,7 @@ pub(super) fn handle_foreign(
                 &mut task.log_end,
                 dirty,
             )?;
-            task.store.commit(&Changes::new(), &meta)?;
+            task.store.commit(&Changes::default(), &meta)?;
             task.meta = meta;
             Ok(())
         }
@@ -467,7 +467,7 @@ pub(super) fn open_task(shared: &Shared, partition: i32) -> Result<Task, Runtime
         &mut log_end,
         restorer.dirty(),
     )?;
-    store.commit(&Changes::new(), &meta)?;
+    store.commit(&Changes::default(), &meta)?;
     metrics::RESTORES.with_label_values(&[stage]).inc();
     metrics::RESTORED_RECORDS
         .with_label_values(&[stage])

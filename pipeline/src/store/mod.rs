@@ -24,8 +24,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope::Position;
 
+mod overlay;
 mod recent;
 
+pub use overlay::Changes;
+use overlay::Overlay;
 use recent::{RecentValues, RECENT_BYTES};
 
 #[derive(Debug, thiserror::Error)]
@@ -139,14 +142,12 @@ const META_KEY: &[u8] = b"\x00cdp/meta";
 /// Wall-clock time (ms, big-endian) of the last commit: how old the copy is.
 const SAVED_AT_KEY: &[u8] = b"\x00cdp/saved_at";
 
-/// The pending writes of one batch: `None` deletes.
-pub type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
-
 /// RocksDB-backed state of one task.
 pub struct TaskStore {
     db: rocksdb::DB,
     path: PathBuf,
-    overlay: Changes,
+    /// This batch's writes (see [`overlay`]).
+    overlay: Overlay,
     /// Default read options, made once: the crate's `get` builds and frees
     /// a set per call (~2.5% of a lookup).
     read: rocksdb::ReadOptions,
@@ -220,7 +221,7 @@ impl TaskStore {
         Ok(TaskStore {
             db,
             path: path.to_path_buf(),
-            overlay: Changes::new(),
+            overlay: Overlay::default(),
             read: rocksdb::ReadOptions::default(),
             recent: RecentValues::new(RECENT_BYTES),
         })
@@ -255,7 +256,7 @@ impl TaskStore {
     /// Take this batch's writes (for the changelog), leaving the overlay
     /// empty. Pass them back to [`TaskStore::commit_batch`].
     pub fn take_changes(&mut self) -> Changes {
-        std::mem::take(&mut self.overlay)
+        self.overlay.take()
     }
 
     /// Drop this batch's writes.
@@ -349,11 +350,11 @@ impl StateBackend for TaskStore {
     }
 
     fn put(&mut self, key: &[u8], value: Vec<u8>) {
-        self.overlay.insert(key.to_vec(), Some(value));
+        self.overlay.insert(key, Some(value));
     }
 
     fn delete(&mut self, key: &[u8]) {
-        self.overlay.insert(key.to_vec(), None);
+        self.overlay.insert(key, None);
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<KeyValues, StoreError> {
@@ -372,12 +373,9 @@ impl StateBackend for TaskStore {
             }
             merged.insert(k.to_vec(), v.to_vec());
         }
-        for (k, v) in self.overlay.range(prefix.to_vec()..) {
-            if !k.starts_with(prefix) {
-                break;
-            }
+        for (k, v) in self.overlay.prefix(prefix) {
             match v {
-                Some(v) => merged.insert(k.clone(), v.clone()),
+                Some(v) => merged.insert(k.to_vec(), v.clone()),
                 None => merged.remove(k),
             };
         }
@@ -388,15 +386,11 @@ impl StateBackend for TaskStore {
         if start >= end {
             return Ok(None);
         }
-        let range = (
-            std::ops::Bound::Included(start),
-            std::ops::Bound::Excluded(end),
-        );
         // The first live write of this batch in range...
         let pending = self
             .overlay
-            .range::<[u8], _>(range)
-            .find_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone())));
+            .first_live(start, end)
+            .map(|(k, v)| (k.to_vec(), v.to_vec()));
         // ...and the first committed key in range this batch did not touch
         // (a key it rewrote is `pending`'s to report, one it deleted is gone).
         let mut opts = rocksdb::ReadOptions::default();
@@ -504,7 +498,10 @@ mod tests {
     }
 
     /// The model's commit: `changes` applied to the committed values.
-    fn apply(committed: &mut BTreeMap<Vec<u8>, Vec<u8>>, changes: Changes) {
+    fn apply(
+        committed: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+        changes: impl IntoIterator<Item = (Vec<u8>, Option<Vec<u8>>)>,
+    ) {
         for (k, v) in changes {
             match v {
                 Some(v) => committed.insert(k, v),
