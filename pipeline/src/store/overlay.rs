@@ -58,7 +58,10 @@ impl Overlay {
     /// The batch's writes, leaving the overlay empty.
     pub(crate) fn take(&mut self) -> Changes {
         self.reset();
-        std::mem::take(&mut self.writes)
+        // Sized for a batch like this one: grown from empty, the table
+        // was rehashed a dozen times per batch.
+        let room = Changes::with_capacity_and_hasher(self.writes.len(), Default::default());
+        std::mem::replace(&mut self.writes, room)
     }
 
     /// Drop the batch's writes.
