@@ -94,7 +94,8 @@ pub struct AudienceSet {
     /// Every sequence condition: `(key, steps, within)`.
     pub(super) sequences: Vec<(String, Vec<usize>, Option<i64>)>,
     /// The paths of an event these audiences read (the rest is not
-    /// parsed; the traits stage pre-reads them, see
+    /// parsed; the traits stage reads them too, to match events against
+    /// these filters, see
     /// [`TraitSet::forwarding`](crate::traits::TraitSet::forwarding)).
     pub(crate) reads: EventPaths,
     /// A digest of `filters` (the event names and conditions, in order),

@@ -370,8 +370,8 @@ mod tests {
     }
 
     /// A record written before its last fields were added (here: an
-    /// update without its `traits_until`, event and pre-read, which
-    /// encode as one zero byte each) reads with their defaults.
+    /// update without its `traits_until`, event and matches, which encode
+    /// as one zero byte each) reads with their defaults.
     #[test]
     fn a_record_without_its_last_fields_reads_with_their_defaults() -> Result<(), RecordError> {
         let mut shorter = update();

@@ -311,9 +311,11 @@ fn readdress_update(update: ProfileUpdate, survivor: &str) -> ProfileUpdate {
 /// Parse the audiences stage's input record and refuse an empty profile id
 /// or a merge of a profile into itself. An update in the binary form
 /// ([`wire`]) and the JSON fast path's update keep their event's text,
-/// its tree what `parse` builds from it (see [`fast::fast_update`]), or
-/// from the traits stage's pre-read of the paths `accepts` (a
-/// fingerprint, 0 for none); the general path's tree is the whole event.
+/// its tree what `parse` builds from it (see [`fast::fast_update`]) —
+/// unless a binary update comes with the traits stage's matches against
+/// the filters `accepts` (a fingerprint, 0 for none): then it has no
+/// tree, and nothing is parsed. The general path's tree is the whole
+/// event.
 pub(crate) fn decode_update(
     value: &[u8],
     accepts: u64,
