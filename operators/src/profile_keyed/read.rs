@@ -130,8 +130,7 @@ impl EventPaths {
 
     /// The set that reads what either reads.
     pub(crate) fn union(&self, other: &EventPaths) -> EventPaths {
-        let (mut mine, theirs) = (Vec::new(), other.paths());
-        self.collect_paths(&mut String::new(), &mut mine);
+        let (mine, theirs) = (self.paths(), other.paths());
         Self::of(mine.iter().chain(&theirs).map(String::as_str))
     }
 

@@ -14,7 +14,7 @@
 //! it writes new ones, so a tick that fires many timers over a large batch
 //! costs a B-tree lookup per timer, as before, not a scan.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, Ref, RefCell};
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 
@@ -86,17 +86,14 @@ impl Overlay {
         if start >= end {
             return None;
         }
-        let in_range = |k: &[u8]| start <= k && k < end;
         if let Some(sorted) = self.sorted_after_scans() {
             return sorted
-                .borrow()
-                .as_ref()?
                 .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end)))
                 .find_map(|k| self.live(k));
         }
         self.writes
             .iter()
-            .filter(|(k, v)| v.is_some() && in_range(k))
+            .filter(|(k, v)| v.is_some() && start <= k.as_slice() && k.as_slice() < end)
             .min_by(|a, b| a.0.cmp(b.0))
             .and_then(|(k, _)| self.live(k))
     }
@@ -110,11 +107,7 @@ impl Overlay {
         keep: impl Fn(&[u8]) -> bool,
     ) -> Vec<(&[u8], &Option<Vec<u8>>)> {
         if let Some(sorted) = self.sorted_after_scans() {
-            let sorted = sorted.borrow();
-            let Some(keys) = sorted.as_ref() else {
-                return Vec::new();
-            };
-            return keys
+            return sorted
                 .range::<[u8], _>((Bound::Included(start), Bound::Unbounded))
                 .take_while(|k| keep(k))
                 .filter_map(|k| self.writes.get_key_value(k.as_slice()))
@@ -132,17 +125,16 @@ impl Overlay {
     }
 
     /// Count a range read; the sorted keys once there were enough of them.
-    fn sorted_after_scans(&self) -> Option<&RefCell<Option<BTreeSet<Vec<u8>>>>> {
+    fn sorted_after_scans(&self) -> Option<Ref<'_, BTreeSet<Vec<u8>>>> {
         let scans = self.scans.get().saturating_add(1);
         self.scans.set(scans);
-        let mut sorted = self.sorted.borrow_mut();
-        if sorted.is_none() {
+        if self.sorted.borrow().is_none() {
             if scans <= SCANS_BEFORE_SORTING {
                 return None;
             }
-            *sorted = Some(self.writes.keys().cloned().collect());
+            *self.sorted.borrow_mut() = Some(self.writes.keys().cloned().collect());
         }
-        Some(&self.sorted)
+        Ref::filter_map(self.sorted.borrow(), Option::as_ref).ok()
     }
 
     fn live(&self, key: &[u8]) -> Option<(&[u8], &[u8])> {
