@@ -237,7 +237,9 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn new(matching: Matching) -> Result<Self, String> {
+    /// `batch`: records (and ticks) per batch at each stage, whose
+    /// profiles' states stay in memory until the batch ends.
+    fn new(matching: Matching, batch: usize) -> Result<Self, String> {
         let traits: BTreeMap<String, TraitDef> =
             serde_yaml::from_str(TRAITS).map_err(|e| e.to_string())?;
         let audiences: BTreeMap<String, AudienceDef> =
@@ -263,8 +265,8 @@ impl Pipeline {
             Matching::None => traits,
         };
         Ok(Pipeline {
-            traits: OperatorHarness::new(TraitsOperator::new(Arc::new(traits))),
-            audiences: OperatorHarness::new(AudiencesOperator::new(audiences)),
+            traits: OperatorHarness::new(TraitsOperator::new(Arc::new(traits))).with_batches(batch),
+            audiences: OperatorHarness::new(AudiencesOperator::new(audiences)).with_batches(batch),
             flights: BTreeMap::new(),
             trait_view: BTreeMap::new(),
             changes: BTreeMap::new(),
@@ -494,9 +496,9 @@ fn check(p: &Pipeline, o: &Oracle, at: &str) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn run(steps: &[Step], matching: Matching) -> Result<(), TestCaseError> {
+fn run(steps: &[Step], matching: Matching, batch: usize) -> Result<(), TestCaseError> {
     let fail = |e: String| TestCaseError::fail(e);
-    let mut p = Pipeline::new(matching).map_err(fail)?;
+    let mut p = Pipeline::new(matching, batch).map_err(fail)?;
     let mut o = Oracle::default();
     let mut now = 1_000_000_000i64;
     p.tick(now, 0, false).map_err(fail)?;
@@ -572,8 +574,11 @@ proptest! {
             1 => Just(Matching::Other),
             1 => Just(Matching::None),
         ],
+        // One record per batch, or several: a profile's state pending in
+        // memory between its records must change no output.
+        batch in prop_oneof![1 => Just(1usize), 2 => 2usize..12],
     ) {
-        run(&steps, matching)?;
+        run(&steps, matching, batch)?;
     }
 }
 
@@ -610,7 +615,9 @@ fn a_merge_does_not_make_a_non_monotone_audience_flicker() -> Result<(), TestCas
             },
         ];
         for matching in [Matching::Same, Matching::Other, Matching::None] {
-            run(&steps, matching)?;
+            for batch in [1, 3, 64] {
+                run(&steps, matching, batch)?;
+            }
         }
     }
     Ok(())

@@ -228,11 +228,14 @@ proptest! {
     #[test]
     fn incremental_traits_equal_the_batch_oracle_after_every_record(
         steps in prop::collection::vec(arb_step(), 1..60),
+        // One record per batch, or several: a profile's state pending in
+        // memory between its records must change no output.
+        batch in prop_oneof![1 => Just(1usize), 2 => 2usize..12],
     ) {
         let defs: BTreeMap<String, TraitDef> =
             serde_yaml::from_str(TRAITS).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let set = TraitSet::new(&defs).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let mut run = Run { h: OperatorHarness::new(TraitsOperator::new(Arc::new(set))), seen: BTreeMap::new() };
+        let mut run = Run { h: OperatorHarness::new(TraitsOperator::new(Arc::new(set))).with_batches(batch), seen: BTreeMap::new() };
         let fail = |e: String| TestCaseError::fail(e);
         // Reference state: per live profile, its absorbed events (time
         // after the bound, value) and its clock; and where merged ones went.

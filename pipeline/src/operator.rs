@@ -80,6 +80,17 @@ pub trait Operator: Send {
     fn on_timer(&mut self, _key: &[u8], _ctx: &mut Context<'_>) -> Result<(), OperatorError> {
         Ok(())
     }
+
+    /// The task's batch ends: the runtime calls it after the batch's last
+    /// record and timer, before it takes the batch's state changes to
+    /// commit them. An operator that keeps state in memory within a batch
+    /// (the profile stages write a profile touched several times in one
+    /// batch once, not once per record) writes it here. It emits nothing;
+    /// an error stops the task as a store error does (the batch is not
+    /// committed).
+    fn end_batch(&mut self, _ctx: &mut Context<'_>) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Builds the operator of one task. The runtime calls it when a partition is
@@ -284,6 +295,11 @@ pub struct OperatorHarness<O: Operator> {
     pub now_ms: i64,
     pub partition: i32,
     offset: i64,
+    /// Records and ticks per batch ([`Operator::end_batch`] after each
+    /// `batch`-th); 1 unless set with [`OperatorHarness::with_batches`].
+    batch: usize,
+    /// Records and ticks of the open batch.
+    in_batch: usize,
 }
 
 impl<O: Operator> OperatorHarness<O> {
@@ -294,7 +310,41 @@ impl<O: Operator> OperatorHarness<O> {
             now_ms: 0,
             partition: 0,
             offset: 0,
+            batch: 1,
+            in_batch: 0,
         }
+    }
+
+    /// Batches of `records` records and ticks (at least 1), as the runtime
+    /// hands a task several at a time: the operator's state is complete
+    /// in [`state`](Self::state) only after [`end_batch`](Self::end_batch).
+    pub fn with_batches(mut self, records: usize) -> Self {
+        self.batch = records.max(1);
+        self
+    }
+
+    /// End the open batch now ([`Operator::end_batch`]).
+    pub fn end_batch(&mut self) -> Result<(), OperatorError> {
+        self.in_batch = 0;
+        let mut out = Vec::new();
+        let mut ctx = Context::new(
+            &mut self.state,
+            &mut out,
+            self.now_ms,
+            self.now_ms,
+            self.partition,
+        );
+        self.operator.end_batch(&mut ctx)?;
+        Ok(())
+    }
+
+    /// Count one record or tick; end the batch when it is full.
+    fn counted(&mut self) -> Result<(), OperatorError> {
+        self.in_batch += 1;
+        if self.in_batch >= self.batch {
+            self.end_batch()?;
+        }
+        Ok(())
     }
 
     /// Feed one record; returns what the operator emitted.
@@ -325,7 +375,10 @@ impl<O: Operator> OperatorHarness<O> {
             self.now_ms,
             self.partition,
         );
-        self.operator.process(&record, &mut ctx)?;
+        let processed = self.operator.process(&record, &mut ctx);
+        // A refused record still counts toward its batch, as in the runtime.
+        self.counted()?;
+        processed?;
         Ok(out)
     }
 
@@ -341,6 +394,7 @@ impl<O: Operator> OperatorHarness<O> {
             self.now_ms,
             self.partition,
         )?;
+        self.counted()?;
         Ok(out)
     }
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use cdp_pipeline::store::StoreError;
 use cdp_pipeline::{Context, Operator, OperatorError, Record};
 
 use super::AvroCodec;
@@ -52,5 +53,9 @@ impl Operator for EncodeOutput {
         let from = ctx.emitted_len();
         self.inner.on_timer(key, ctx)?;
         self.encode_since(from, ctx)
+    }
+
+    fn end_batch(&mut self, ctx: &mut Context<'_>) -> Result<(), StoreError> {
+        self.inner.end_batch(ctx)
     }
 }

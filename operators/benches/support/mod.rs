@@ -55,6 +55,11 @@ impl<O: Operator> Task<O> {
                 panic!("the operator refused a benchmark record: {e}");
             }
         }
+        let mut none = Vec::new();
+        let mut ctx = Context::new(&mut self.store, &mut none, self.now_ms, self.now_ms, 0);
+        if let Err(e) = self.operator.end_batch(&mut ctx) {
+            panic!("end of batch: {e}");
+        }
         self.meta.input_offset += values.len() as i64;
         // As the runtime commits a processed batch (its values kept for
         // the next reads).

@@ -50,6 +50,9 @@ impl AudiencesOperator {
     }
 
     fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<AudienceProfile>, OperatorError> {
+        if let Some(profile) = self.cache.take_pending(id) {
+            return Ok(Some(profile));
+        }
         let Some(bytes) = self.layout.value(ctx, id)? else {
             return Ok(None);
         };
@@ -107,13 +110,15 @@ impl AudiencesOperator {
     }
 
     /// Prune, re-evaluate at the profile's clock, emit the changes in
-    /// evaluation order, reschedule the timer and store the profile.
+    /// evaluation order, reschedule the timer and store the profile
+    /// (pending until the batch ends when `defer`, see `StateCache`).
     fn settle(
         &self,
         ctx: &mut Context<'_>,
         id: &str,
         mut profile: AudienceProfile,
         trigger: &Trigger,
+        defer: bool,
     ) -> Result<(), OperatorError> {
         profile.remember_sequences(&self.set);
         profile.prune(&self.set);
@@ -131,13 +136,10 @@ impl AudiencesOperator {
         profile.set_members(&self.set, &held);
         let next = profile.next_change(&self.set, now);
         reschedule(ctx, id, &mut profile.timer, next);
-        let stored = encode_state(&profile)?;
-        ctx.put(&profile_key(id), stored.clone());
         for change in &changes {
             emit_json(ctx, outputs::NEXT, id, change)?;
         }
-        self.cache.keep(id, stored, profile);
-        Ok(())
+        Ok(self.cache.store(ctx, id, profile, defer)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -152,6 +154,7 @@ impl AudiencesOperator {
         record_time: Option<i64>,
         cause: Cause,
         traits_until: Option<i64>,
+        defer: bool,
     ) -> Result<(), OperatorError> {
         // Traits bounded the event time already; bound it again against
         // this stage's stream time for producers that write here directly.
@@ -183,7 +186,8 @@ impl AudiencesOperator {
                 _ => profile.record_event(&self.set, event, event_time),
             }
         }
-        self.settle(ctx, &profile_id, profile, &Trigger { cause, event_time })
+        let trigger = Trigger { cause, event_time };
+        self.settle(ctx, &profile_id, profile, &trigger, defer)
     }
 
     fn on_merged(
@@ -276,7 +280,7 @@ impl AudiencesOperator {
             cause,
             event_time: profile.clock,
         };
-        self.settle(ctx, &into, profile, &trigger)
+        self.settle(ctx, &into, profile, &trigger, false)
     }
 }
 
@@ -294,6 +298,7 @@ impl ProfileStage for AudiencesOperator {
         input: ProfileUpdate,
         record_time: Option<i64>,
         _limited: bool,
+        defer: bool,
     ) -> Result<(), OperatorError> {
         match input {
             ProfileUpdate::Update {
@@ -315,6 +320,7 @@ impl ProfileStage for AudiencesOperator {
                 record_time,
                 cause,
                 traits_until,
+                defer,
             ),
             ProfileUpdate::Merged {
                 from,
@@ -331,6 +337,14 @@ impl ProfileStage for AudiencesOperator {
                 ..
             } => self.on_transfer(ctx, from, into, state, cause),
         }
+    }
+
+    fn is_pending(&self, id: &str) -> bool {
+        self.cache.is_pending(id)
+    }
+
+    fn flush(&self, ctx: &mut Context<'_>, id: &str) -> Result<(), OperatorError> {
+        Ok(self.cache.flush_one(ctx, id)?)
     }
 
     fn absorb(
@@ -357,7 +371,13 @@ impl Operator for AudiencesOperator {
         dispatch(&*self, ctx, input, record.timestamp_ms)
     }
 
+    fn end_batch(&mut self, ctx: &mut Context<'_>) -> Result<(), StoreError> {
+        self.cache.flush(ctx)
+    }
+
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        // No flush: the load takes the profile's pending state, and a
+        // pending profile never waits (`fired_profile` reads only that).
         let Some((id, profile)) =
             fired_profile(ctx, &self.layout, key, |ctx, id| self.load(ctx, id))?
         else {
@@ -371,6 +391,6 @@ impl Operator for AudiencesOperator {
             },
             event_time: now,
         };
-        self.settle(ctx, &id, profile, &trigger)
+        self.settle(ctx, &id, profile, &trigger, false)
     }
 }

@@ -1,5 +1,6 @@
 //! Decoded states of the profiles a task handled last, so a known
-//! visitor's next event skips decoding its state.
+//! visitor's next event skips decoding its state; and the states a batch
+//! changed, written once when the batch ends.
 //!
 //! A profile's events come in sessions: the next event of a profile a task
 //! just handled usually follows within seconds. Decoding a traits state
@@ -15,9 +16,34 @@
 //! bytes there, and a load that finds other bytes drops the entry and
 //! decodes. The state is moved out on a hit and back in after the write,
 //! so a hit copies nothing but the few bytes compared.
+//!
+//! **Pending states.** Within a batch, the same profile often has several
+//! records (a session's events, a batch of thousands); encoding its state
+//! after each was 10–13% of the traits and audiences stages, and all but
+//! the last encoding were overwritten before the batch committed. A
+//! profile's usual record (live, waiting for nothing, no merge) leaves its
+//! state *pending* here instead of encoding it; the profile's next record
+//! in the batch takes it from here without reading the store, and
+//! [`StateCache::flush`] writes every pending state when the batch ends
+//! (`Operator::end_batch`) — or earlier, for one profile, before a record
+//! other than its usual one touches it (a merge, a transfer into it:
+//! they read and rewrite its value through the store, see
+//! `wait::route`). Whatever a record reads or writes is its own
+//! profile's (the survivor's, for a transfer), so the others stay
+//! pending. Every load takes a pending state first, so a timer (whose
+//! profile, if pending, waits for nothing) needs no flush. The store
+//! holds exactly what the records wrote whenever something reads it raw,
+//! and when the batch commits; the oracle tests run in batches of 1 to
+//! 12 records to hold this to account.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+
+use cdp_pipeline::operator::Context;
+use cdp_pipeline::store::StoreError;
+use serde::Serialize;
+
+use super::{encode_state, profile_key};
 
 /// Profiles a task's cache holds. A traits state of the demo's ten traits
 /// takes ~1–2 KB decoded, so ~2–4 MB per task at most.
@@ -27,15 +53,71 @@ pub(crate) const CACHED_PROFILES: usize = 2048;
 pub(crate) struct StateCache<T> {
     entries: RefCell<HashMap<String, (Vec<u8>, T), foldhash::fast::RandomState>>,
     capacity: usize,
+    /// States changed in this batch and not written yet (see the module
+    /// docs).
+    pending: RefCell<HashMap<String, T, foldhash::fast::RandomState>>,
 }
 
-impl<T> StateCache<T> {
+impl<T: Serialize> StateCache<T> {
     /// A cache of at most `capacity` profiles (0: none, every load decodes).
     pub(crate) fn new(capacity: usize) -> Self {
         StateCache {
             entries: RefCell::new(HashMap::default()),
             capacity,
+            pending: RefCell::new(HashMap::default()),
         }
+    }
+
+    /// Whether `id`'s state is pending: the store holds an older one.
+    pub(crate) fn is_pending(&self, id: &str) -> bool {
+        self.pending.borrow().contains_key(id)
+    }
+
+    /// `id`'s pending state, taken out (its owner puts it back with
+    /// [`StateCache::store`]).
+    pub(crate) fn take_pending(&self, id: &str) -> Option<T> {
+        self.pending.borrow_mut().remove(id)
+    }
+
+    /// `state` is `id`'s state now: pending until the batch ends when
+    /// `defer` (the record was the profile's usual kind, see `wait::route`),
+    /// else written to the store at once (and kept decoded).
+    pub(crate) fn store(
+        &self,
+        ctx: &mut Context<'_>,
+        id: &str,
+        state: T,
+        defer: bool,
+    ) -> Result<(), StoreError> {
+        if defer {
+            self.pending.borrow_mut().insert(id.to_owned(), state);
+            return Ok(());
+        }
+        let bytes = encode_state(&state)?;
+        ctx.put(&profile_key(id), bytes.clone());
+        self.keep(id, bytes, state);
+        Ok(())
+    }
+
+    /// Write `id`'s state to the store if it is pending.
+    pub(crate) fn flush_one(&self, ctx: &mut Context<'_>, id: &str) -> Result<(), StoreError> {
+        match self.take_pending(id) {
+            Some(state) => self.store(ctx, id, state, false),
+            None => Ok(()),
+        }
+    }
+
+    /// Write every pending state to the store (and keep it decoded).
+    pub(crate) fn flush(&self, ctx: &mut Context<'_>) -> Result<(), StoreError> {
+        if self.pending.borrow().is_empty() {
+            return Ok(());
+        }
+        // Drained, not replaced: the map keeps its room for the next batch.
+        let pending: Vec<(String, T)> = self.pending.borrow_mut().drain().collect();
+        for (id, state) in pending {
+            self.store(ctx, &id, state, false)?;
+        }
+        Ok(())
     }
 
     /// The state of `id` if the cache holds it as the encoding of `stored`

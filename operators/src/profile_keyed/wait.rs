@@ -78,13 +78,23 @@ pub(crate) trait ProfileStage {
     /// record comes here only while the profile is live: [`dispatch`]
     /// looked its entry up (and `drain` runs for live profiles only), so
     /// the stage need not ask whether it was merged away.
+    /// `defer`: the profile is live and waits for nothing, and the input
+    /// merges nothing into it: the stage may leave its state pending
+    /// until [`ProfileStage::flush`] (see `StateCache`).
     fn handle(
         &self,
         ctx: &mut Context<'_>,
         input: Self::Input,
         record_time: Option<i64>,
         limited: bool,
+        defer: bool,
     ) -> Result<(), OperatorError>;
+
+    /// Whether `id`'s state is pending (the store holds an older one).
+    fn is_pending(&self, id: &str) -> bool;
+
+    /// Write `id`'s state to the store if it is pending.
+    fn flush(&self, ctx: &mut Context<'_>, id: &str) -> Result<(), OperatorError>;
 
     /// Fold `state`, the transferred state of merged-away `from`, into
     /// live `into`'s, without output: the input handled next emits.
@@ -229,8 +239,26 @@ fn route<S: ProfileStage>(
     record_time: Option<i64>,
 ) -> Result<(), OperatorError> {
     let (id, needs) = match input.route() {
-        Route::Profile { id, needs } => (id.to_owned(), needs.to_vec()),
-        Route::Merged { from } => (from.to_owned(), Vec::new()),
+        // A profile's usual record touches its own keys alone: the
+        // states other records left pending stay so.
+        Route::Profile { id, needs: [] } => {
+            if stage.is_pending(id) {
+                // Its state is in memory, written by its usual record
+                // earlier in the batch: live, waiting for nothing.
+                return stage.handle(ctx, input, record_time, false, true);
+            }
+            (id.to_owned(), Vec::new())
+        }
+        // The records of a merge read and rewrite their profile's value
+        // through the store: with its pending state written first.
+        Route::Profile { id, needs } => {
+            stage.flush(ctx, id)?;
+            (id.to_owned(), needs.to_vec())
+        }
+        Route::Merged { from } => {
+            stage.flush(ctx, from)?;
+            (from.to_owned(), Vec::new())
+        }
         Route::Transfer {
             stage: name,
             from,
@@ -241,17 +269,18 @@ fn route<S: ProfileStage>(
                 // Another stage's transfer on a shared topic: not ours.
                 return Ok(());
             }
+            stage.flush(ctx, into)?;
             let (from, into) = (from.to_owned(), into.to_owned());
             let target = stage.layout().entry(ctx, &into)?;
             let mut wait = load_if(ctx, &into, &target)?;
             if !announced || matches!(target, Entry::Retired { .. }) {
-                stage.handle(ctx, input, record_time, false)?;
+                stage.handle(ctx, input, record_time, false, false)?;
                 // A state merged in now was stored without the mark.
                 return mark_waiting(ctx, &into, !wait.is_empty());
             }
             if wait.late.remove(&from) {
                 store(ctx, &into, &wait)?;
-                stage.handle(ctx, input, record_time, false)?;
+                stage.handle(ctx, input, record_time, false, false)?;
                 return mark_waiting(ctx, &into, !wait.is_empty());
             }
             let Some(state) = transfer_state::<S>(input) else {
@@ -270,20 +299,22 @@ fn route<S: ProfileStage>(
     if let Entry::Retired { survivor } = entry {
         return match input.readdressed(&survivor) {
             Ok(forwarded) => super::emit_record(ctx, outputs::SELF, &survivor, &forwarded),
-            Err(other) => stage.handle(ctx, other, record_time, false),
+            Err(other) => stage.handle(ctx, other, record_time, false, false),
         };
     }
     let mut wait = load_if(ctx, &id, &entry)?;
     if wait.is_empty() && needs.is_empty() {
-        // The usual case: nothing waits, nothing to wait for.
-        return stage.handle(ctx, input, record_time, false);
+        // The usual case: nothing waits, nothing to wait for. A `merged`
+        // record (flushed above) retires the profile: never pending.
+        let usual = matches!(input.route(), Route::Profile { .. });
+        return stage.handle(ctx, input, record_time, false, usual);
     }
     // The paths below may write the profile before the stage loads it.
     stage.layout().forget();
     if wait.held() == 0 && needs.iter().all(|n| wait.arrived.contains(n)) {
         let retires = matches!(input.route(), Route::Merged { .. });
         absorb_needed(stage, ctx, &id, &mut wait, &needs)?;
-        stage.handle(ctx, input, record_time, false)?;
+        stage.handle(ctx, input, record_time, false, false)?;
         if retires {
             return hand_over(stage, ctx, &id, wait);
         }
@@ -354,7 +385,7 @@ fn drain<S: ProfileStage>(
         wait.head += 1;
         let missing = absorb_needed(stage, ctx, id, &mut wait, &needs)?;
         let retires = matches!(held.input.route(), Route::Merged { .. });
-        stage.handle(ctx, held.input, held.record_time, missing)?;
+        stage.handle(ctx, held.input, held.record_time, missing, false)?;
         if retires {
             return hand_over(stage, ctx, id, wait);
         }

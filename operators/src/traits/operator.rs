@@ -44,6 +44,9 @@ impl TraitsOperator {
     }
 
     fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<ProfileState>, OperatorError> {
+        if let Some(state) = self.cache.take_pending(id) {
+            return Ok(Some(state));
+        }
         let Some(bytes) = self.layout.value(ctx, id)? else {
             return Ok(None);
         };
@@ -117,28 +120,26 @@ impl TraitsOperator {
         serde_json::from_value(value).map_err(decode)
     }
 
-    /// Prune, diff, reschedule and store; returns the changed traits.
-    /// `touched`: after an event, the traits it may have changed (see
-    /// [`ProfileState::refresh_touched`]); `None` recomputes every value.
-    /// The profile's timer (`state.timer`) is then its next window expiry:
-    /// what its updates announce as `traits_until`. Also returns the bytes
-    /// stored, for the cache.
+    /// Prune, diff and reschedule; returns the changed traits (the caller
+    /// stores the state). `touched`: after an event, the traits it may
+    /// have changed (see [`ProfileState::refresh_touched`]); `None`
+    /// recomputes every value. The profile's timer (`state.timer`) is then
+    /// its next window expiry: what its updates announce as
+    /// `traits_until`.
     fn settle(
         &self,
         ctx: &mut Context<'_>,
         id: &str,
         state: &mut ProfileState,
         touched: Option<&[&str]>,
-    ) -> Result<(BTreeMap<String, Value>, Vec<u8>), OperatorError> {
+    ) -> BTreeMap<String, Value> {
         let changed = match touched {
             Some(touched) => state.refresh_touched(&self.set, state.clock, touched),
             None => state.refresh(&self.set, state.clock),
         };
         let next = state.next_expiry(&self.set);
         reschedule(ctx, id, &mut state.timer, next);
-        let bytes = encode_state(state)?;
-        ctx.put(&profile_key(id), bytes.clone());
-        Ok((changed, bytes))
+        changed
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -151,6 +152,7 @@ impl TraitsOperator {
         merged_from: Vec<String>,
         record_time: Option<i64>,
         merge_limited: bool,
+        defer: bool,
     ) -> Result<(), OperatorError> {
         // An event without a time happened "now" in stream time; one too
         // far ahead of the stream is bounded (see `event_time`).
@@ -170,7 +172,7 @@ impl TraitsOperator {
         // Identifiers only grow: a record from a partition that has not
         // seen the latest link must not take identifiers away.
         union_identifiers(&mut state.identifiers, &identifiers);
-        let (traits, stored) = self.settle(ctx, &profile_id, &mut state, Some(&applied.touched))?;
+        let traits = self.settle(ctx, &profile_id, &mut state, Some(&applied.touched));
         let cause = Cause {
             message_id: messages::field(&event, "messageId")
                 .and_then(Value::as_str)
@@ -208,7 +210,7 @@ impl TraitsOperator {
         if let ProfileUpdate::Update { identifiers, .. } = update {
             state.identifiers = identifiers;
         }
-        self.cache.keep(&profile_id, stored, state);
+        self.cache.store(ctx, &profile_id, state, defer)?;
         ctx.emit_with_headers(outputs::NEXT, Some(profile_id.into_bytes()), bytes, headers);
         Ok(())
     }
@@ -299,7 +301,8 @@ impl TraitsOperator {
         let announced = current.timer;
         current.merge(&self.set, incoming);
         current.clock = current.clock.max(ctx.now());
-        let (traits, _) = self.settle(ctx, &into, &mut current, None)?;
+        let traits = self.settle(ctx, &into, &mut current, None);
+        ctx.put(&profile_key(&into), encode_state(&current)?);
         if traits.is_empty() && current.timer == announced {
             return Ok(());
         }
@@ -332,6 +335,7 @@ impl ProfileStage for TraitsOperator {
         input: ProfileRecord,
         record_time: Option<i64>,
         limited: bool,
+        defer: bool,
     ) -> Result<(), OperatorError> {
         match input {
             ProfileRecord::Event {
@@ -348,6 +352,7 @@ impl ProfileStage for TraitsOperator {
                 merged_from,
                 record_time,
                 limited,
+                defer,
             ),
             ProfileRecord::Merged {
                 from,
@@ -364,6 +369,14 @@ impl ProfileStage for TraitsOperator {
                 ..
             } => self.on_transfer(ctx, from, into, state, cause),
         }
+    }
+
+    fn is_pending(&self, id: &str) -> bool {
+        self.cache.is_pending(id)
+    }
+
+    fn flush(&self, ctx: &mut Context<'_>, id: &str) -> Result<(), OperatorError> {
+        Ok(self.cache.flush_one(ctx, id)?)
     }
 
     fn absorb(
@@ -391,14 +404,21 @@ impl Operator for TraitsOperator {
         dispatch(&*self, ctx, input, record.timestamp_ms)
     }
 
+    fn end_batch(&mut self, ctx: &mut Context<'_>) -> Result<(), StoreError> {
+        self.cache.flush(ctx)
+    }
+
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        // No flush: the load takes the profile's pending state, and a
+        // pending profile never waits (`fired_profile` reads only that).
         let Some((id, mut state)) =
             fired_profile(ctx, &self.layout, key, |ctx, id| self.load(ctx, id))?
         else {
             return Ok(());
         };
         let now = ctx.now();
-        let (traits, _) = self.settle(ctx, &id, &mut state, None)?;
+        let traits = self.settle(ctx, &id, &mut state, None);
+        ctx.put(&profile_key(&id), encode_state(&state)?);
         // Sent even when no value changed: the `traits_until` the last
         // update announced has passed, and the audiences stage holds the
         // audiences reading traits until it hears the next one.

@@ -181,6 +181,15 @@ pub(super) fn process_batch(
         if !consumed {
             continue;
         }
+        // What the operator kept in memory for the batch is state too.
+        let mut none = Vec::new();
+        task.operator.end_batch(&mut Context::new(
+            &mut task.store,
+            &mut none,
+            meta.stream_time,
+            processing_time,
+            partition,
+        ))?;
         let changes = task.store.take_changes();
         if let Some((key, bytes)) = changes
             .iter()

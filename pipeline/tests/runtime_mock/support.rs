@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use cdp_pipeline::store::StoreError;
 use cdp_pipeline::{
     ClientFactory, Context, Health, KafkaConfig, Operator, OperatorError, OutputTarget, Record,
     Shutdown, StageRuntime, StageSpec,
@@ -20,8 +21,15 @@ pub(crate) type TestResult = Result<(), BoxError>;
 
 /// Counts records per key; emits `key:count`. Rejects the value `bad`.
 /// On its first record sets a timer 300 ms of stream time ahead (stream
-/// time is 0 until the first tick, so the first tick fires it).
-pub(crate) struct Counter;
+/// time is 0 until the first tick, so the first tick fires it). Like the
+/// profile stages, it keeps the counts a batch changed in memory and
+/// writes them when the batch ends (`Operator::end_batch`): a runtime that
+/// did not end its batches would commit and log none of them, and every
+/// restore below would count from zero again.
+#[derive(Default)]
+pub(crate) struct Counter {
+    pending: BTreeMap<Vec<u8>, u64>,
+}
 
 impl Operator for Counter {
     fn process(&mut self, r: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
@@ -34,8 +42,11 @@ impl Operator for Counter {
         let key = r.key.unwrap_or_default().to_vec();
         let mut state_key = b"count/".to_vec();
         state_key.extend_from_slice(&key);
-        let n: u64 = ctx.get_json(&state_key)?.unwrap_or(0) + 1;
-        ctx.put_json(&state_key, &n)?;
+        let n: u64 = match self.pending.get(&state_key) {
+            Some(&n) => n,
+            None => ctx.get_json(&state_key)?.unwrap_or(0),
+        } + 1;
+        self.pending.insert(state_key, n);
         if ctx.get(b"timer-set")?.is_none() {
             ctx.put(b"timer-set", vec![1]);
             ctx.set_timer(ctx.now() + 300, b"t");
@@ -47,6 +58,13 @@ impl Operator for Counter {
 
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
         ctx.emit("next", Some(b"timer".to_vec()), key.to_vec());
+        Ok(())
+    }
+
+    fn end_batch(&mut self, ctx: &mut Context<'_>) -> Result<(), StoreError> {
+        for (key, n) in std::mem::take(&mut self.pending) {
+            ctx.put_json(&key, &n)?;
+        }
         Ok(())
     }
 }
@@ -144,7 +162,7 @@ pub(crate) fn stage(name: &'static str, input: &str, output: &str, ticks: bool) 
         name,
         input_topic: input.into(),
         outputs,
-        operator: Box::new(|_| Box::new(Counter)),
+        operator: Box::new(|_| Box::new(Counter::default())),
         ticks,
         observer: None,
         timers_from_state: None,
