@@ -7,6 +7,7 @@
 //! `audiences` also write into their own input topic (merge transfers and
 //! redirects), and the stages that keep windows get ticks.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use cdp_connectors::destinations::build_sink;
 use cdp_operators::audiences::AudiencesOperator;
 use cdp_operators::identity::IdentityOperator;
 use cdp_operators::messages::{
-    outputs, wire, AudienceChange, ProfileRecordKind, ProfileRecordSummary,
+    outputs, wire, AudienceAction, ProfileRecordKind, ProfileRecordSummary,
 };
 use cdp_operators::traits::TraitsOperator;
 use cdp_operators::validate::ValidateOperator;
@@ -209,21 +210,36 @@ fn audience_change_observer() -> cdp_pipeline::runtime::Observer {
         if e.output != outputs::NEXT {
             return;
         }
-        // JSON or Avro, whichever `audience_changes.format` wrote.
-        let change = match cdp_connectors::avro::reader() {
-            Ok(codec) => codec.decode(&e.value).ok(),
-            Err(_) => serde_json::from_slice::<AudienceChange>(&e.value).ok(),
-        };
-        if let Some(change) = change {
-            let action = match change.action {
-                cdp_operators::messages::AudienceAction::Entered => "entered",
-                cdp_operators::messages::AudienceAction::Exited => "exited",
+        if let Some((audience, action)) = counted_change(&e.value) {
+            let action = match action {
+                AudienceAction::Entered => "entered",
+                AudienceAction::Exited => "exited",
             };
             metrics::AUDIENCE_CHANGES
-                .with_label_values(&[&change.audience, action])
+                .with_label_values(&[&audience, action])
                 .inc();
         }
     })
+}
+
+/// What the count of an audience change needs of it: its audience and
+/// action. A JSON change is read for those two fields alone (decoding the
+/// whole change, identifiers and traits allocated, was 1.8% of the
+/// audiences stage's batches); an Avro one (`audience_changes.format`) is
+/// decoded.
+fn counted_change(bytes: &[u8]) -> Option<(Cow<'_, str>, AudienceAction)> {
+    #[derive(serde::Deserialize)]
+    struct Counted<'a> {
+        #[serde(borrow)]
+        audience: Cow<'a, str>,
+        action: AudienceAction,
+    }
+    if cdp_connectors::avro::is_avro(bytes) {
+        let change = cdp_connectors::avro::reader().ok()?.decode(bytes).ok()?;
+        return Some((Cow::Owned(change.audience), change.action));
+    }
+    let counted: Counted<'_> = serde_json::from_slice(bytes).ok()?;
+    Some((counted.audience, counted.action))
 }
 
 /// Counts `cdp_event_times_corrected_total{stage="traits"}` (events whose
@@ -378,6 +394,7 @@ mod tests {
     use super::*;
     use crate::config::{Config, ConfigLoadError, DEMO_CONFIG};
     use cdp_operators::messages::wire::RecordError;
+    use cdp_operators::messages::AudienceChange;
     use cdp_pipeline::Emitted;
     use serde_json::json;
 
@@ -555,6 +572,63 @@ mod tests {
             assert!(nothing_to_count(&record.to_bytes()?));
         }
         assert!(!nothing_to_count(b"not json"));
+        Ok(())
+    }
+
+    #[test]
+    fn audience_changes_are_counted_by_audience_and_action_in_json_and_avro(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        // Audience names of this test's own: the registry is shared.
+        let count = |audience: &str, action: &str| {
+            metrics::AUDIENCE_CHANGES
+                .with_label_values(&[audience, action])
+                .get()
+        };
+        let change = |audience: &str, action| AudienceChange {
+            kind: "audience_change".into(),
+            audience: audience.into(),
+            action,
+            profile_id: "p".into(),
+            identifiers: [("user_id".to_string(), vec!["u".to_string()])].into(),
+            traits: [("revenue_total".to_string(), json!(550))].into(),
+            event_time: "2026-12-02T00:00:00.000Z".into(),
+            emitted_at: "2026-12-02T00:00:00.001Z".into(),
+            cause: Default::default(),
+        };
+        let json_in = serde_json::to_vec(&change("observer_json", AudienceAction::Entered))?;
+        let json_out = serde_json::to_vec(&change("observer_json", AudienceAction::Exited))?;
+        let codec = cdp_connectors::avro::avro_codec(None, "cdp.audiences")?;
+        let avro_in = codec.encode_json(&serde_json::to_vec(&change(
+            "observer_avro",
+            AudienceAction::Entered,
+        ))?)?;
+        let before = [
+            count("observer_json", "entered"),
+            count("observer_json", "exited"),
+            count("observer_avro", "entered"),
+        ];
+        let observe = audience_change_observer();
+        let emit = |output: &'static str, value: &[u8]| Emitted {
+            output,
+            key: Some(b"p".to_vec()),
+            value: value.to_vec(),
+            headers: Vec::new(),
+        };
+        for value in [&json_in, &json_in, &json_out, &avro_in] {
+            observe(&emit(outputs::NEXT, value));
+        }
+        // Not a change: a transfer to the stage itself, and bytes that
+        // are neither.
+        observe(&emit(outputs::SELF, &json_in));
+        observe(&emit(outputs::NEXT, b"not a change"));
+        assert_eq!(
+            [
+                count("observer_json", "entered"),
+                count("observer_json", "exited"),
+                count("observer_avro", "entered"),
+            ],
+            [before[0] + 2, before[1] + 1, before[2] + 1]
+        );
         Ok(())
     }
 }

@@ -136,10 +136,14 @@ impl AudiencesOperator {
         profile.set_members(&self.set, &held);
         let next = profile.next_change(&self.set, now);
         reschedule(ctx, id, &mut profile.timer, next);
+        // Stored first: the profile may hold this batch's earlier records,
+        // taken from pending, and must not be lost with a record that
+        // fails.
+        self.cache.store(ctx, id, profile, defer)?;
         for change in &changes {
             emit_json(ctx, outputs::NEXT, id, change)?;
         }
-        Ok(self.cache.store(ctx, id, profile, defer)?)
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

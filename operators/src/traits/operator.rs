@@ -204,13 +204,17 @@ impl TraitsOperator {
             let kinds: Vec<&str> = limited.into_iter().collect();
             headers.push((STATE_LIMIT_HEADER.to_owned(), kinds.join(",").into_bytes()));
         }
-        let bytes = update.encoded()?;
+        let encoded = update.encoded();
         // The identifiers go back into the state the cache keeps (lent to
-        // the update rather than copied).
+        // the update rather than copied). Stored before the update's
+        // encoding is checked: the state may hold this batch's earlier
+        // records of the profile, taken from pending, and must not be
+        // lost with a record that fails.
         if let ProfileUpdate::Update { identifiers, .. } = update {
             state.identifiers = identifiers;
         }
         self.cache.store(ctx, &profile_id, state, defer)?;
+        let bytes = encoded?;
         ctx.emit_with_headers(outputs::NEXT, Some(profile_id.into_bytes()), bytes, headers);
         Ok(())
     }

@@ -219,35 +219,28 @@ impl ProfileState {
         if self.config != set.fingerprint {
             return self.refresh(set, now);
         }
-        let mut dirty: Vec<&str> = touched.to_vec();
+        // One walk of the computed states (in name order, beside their
+        // definitions): each is pruned, and valued again if the event fed
+        // it or it lost a bucket. Looking each dirty name up in three maps
+        // afterwards was a third of this function.
+        let mut changed = BTreeMap::new();
+        let mut valued: Vec<&str> = Vec::with_capacity(touched.len());
         for (name, def, state) in with_defs(set, self.computed.iter_mut()) {
-            if state.prune(def, now) {
-                dirty.push(name);
+            let fed = touched.contains(&name);
+            if state.prune(def, now) || fed {
+                note_value(&mut self.emitted, &mut changed, name, state.value(def, now));
+            }
+            if fed {
+                valued.push(name);
             }
         }
-        dirty.sort_unstable();
-        dirty.dedup();
-        let mut changed = BTreeMap::new();
-        for name in dirty {
-            match self.value_of(set, name, now) {
-                Value::Null => {
-                    if self.emitted.remove(name).is_some() {
-                        changed.insert(name.to_owned(), Value::Null);
-                    }
-                }
-                // A value emitted before is replaced in place (its name
-                // not copied again).
-                value => match self.emitted.get_mut(name) {
-                    Some(emitted) if *emitted == value => {}
-                    Some(emitted) => {
-                        emitted.clone_from(&value);
-                        changed.insert(name.to_owned(), value);
-                    }
-                    None => {
-                        self.emitted.insert(name.to_owned(), value.clone());
-                        changed.insert(name.to_owned(), value);
-                    }
-                },
+        // The identify traits the event set (and any touched name without a
+        // computed state).
+        for &name in touched {
+            if !valued.contains(&name) {
+                valued.push(name);
+                let value = self.value_of(set, name, now);
+                note_value(&mut self.emitted, &mut changed, name, value);
             }
         }
         changed
@@ -272,6 +265,36 @@ impl ProfileState {
         with_defs(set, self.computed.iter())
             .filter_map(|(_, def, state)| state.next_expiry(def))
             .min()
+    }
+}
+
+/// Record `value` as `name`'s value now: into `changed` if it differs from
+/// what was emitted last (`null`: it has none any more), and as emitted.
+fn note_value(
+    emitted: &mut BTreeMap<String, Value>,
+    changed: &mut BTreeMap<String, Value>,
+    name: &str,
+    value: Value,
+) {
+    match value {
+        Value::Null => {
+            if emitted.remove(name).is_some() {
+                changed.insert(name.to_owned(), Value::Null);
+            }
+        }
+        // A value emitted before is replaced in place (its name not
+        // copied again).
+        value => match emitted.get_mut(name) {
+            Some(emitted) if *emitted == value => {}
+            Some(emitted) => {
+                emitted.clone_from(&value);
+                changed.insert(name.to_owned(), value);
+            }
+            None => {
+                emitted.insert(name.to_owned(), value.clone());
+                changed.insert(name.to_owned(), value);
+            }
+        },
     }
 }
 
