@@ -327,13 +327,7 @@ impl<O: Operator> OperatorHarness<O> {
     pub fn end_batch(&mut self) -> Result<(), OperatorError> {
         self.in_batch = 0;
         let mut out = Vec::new();
-        let mut ctx = Context::new(
-            &mut self.state,
-            &mut out,
-            self.now_ms,
-            self.now_ms,
-            self.partition,
-        );
+        let mut ctx = harness_context(&mut self.state, &mut out, self.now_ms, self.partition);
         self.operator.end_batch(&mut ctx)?;
         Ok(())
     }
@@ -368,13 +362,7 @@ impl<O: Operator> OperatorHarness<O> {
             headers: &headers,
         };
         self.offset += 1;
-        let mut ctx = Context::new(
-            &mut self.state,
-            &mut out,
-            self.now_ms,
-            self.now_ms,
-            self.partition,
-        );
+        let mut ctx = harness_context(&mut self.state, &mut out, self.now_ms, self.partition);
         let processed = self.operator.process(&record, &mut ctx);
         // A refused record still counts toward its batch, as in the runtime.
         self.counted()?;
@@ -397,6 +385,17 @@ impl<O: Operator> OperatorHarness<O> {
         self.counted()?;
         Ok(out)
     }
+}
+
+/// The context a harness hands its operator: stream and processing time
+/// are both `now_ms`.
+fn harness_context<'c>(
+    state: &'c mut crate::store::MemoryState,
+    out: &'c mut Vec<Emitted>,
+    now_ms: i64,
+    partition: i32,
+) -> Context<'c> {
+    Context::new(state, out, now_ms, now_ms, partition)
 }
 
 /// Fire every timer due at `now_ms`, in time order. Timers that a firing
