@@ -483,7 +483,21 @@ pub fn event_name(event: &Value) -> Option<&str> {
 /// Look up a dotted path such as `properties.revenue` or
 /// `context.campaign.source`.
 pub fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.').try_fold(value, field)
+    // Split at each `.` by hand: `str::split`'s searcher cost ~90
+    // instructions a part, 1.5% of the traits stage's batches (each
+    // trait's property and conditions are looked up in every event).
+    let mut at = value;
+    let mut rest = path;
+    loop {
+        match rest.bytes().position(|b| b == b'.') {
+            Some(dot) => {
+                // `.` is one byte: both sides are whole characters.
+                at = field(at, &rest[..dot])?;
+                rest = &rest[dot + 1..];
+            }
+            None => return field(at, rest),
+        }
+    }
 }
 
 /// The value under `key` of an object (`None` for anything else), found
@@ -552,6 +566,33 @@ mod tests {
             prop_assert_eq!(field(&other, &key), None);
             let number = Value::from(scalar);
             prop_assert_eq!(field(&number, &key), None);
+        }
+
+        /// `lookup` walks the dotted path as `serde_json`'s own `get` does,
+        /// one part at a time: empty parts, leading, trailing and repeated
+        /// dots, non-ASCII names, paths through values that are no objects.
+        #[test]
+        fn a_path_is_looked_up_part_by_part(
+            nested in prop::collection::vec(("[a-cé]{0,2}", "[a-cé]{0,2}", any::<i64>()), 0..8),
+            scalars in prop::collection::vec(("[a-cé]{0,2}", any::<i64>()), 0..4),
+            path in "[a-cé.]{0,7}",
+        ) {
+            let mut top = serde_json::Map::new();
+            for (k, v) in scalars {
+                top.insert(k, Value::from(v));
+            }
+            for (outer, inner, v) in nested {
+                let slot = top.entry(outer).or_insert_with(|| json!({}));
+                if let Some(object) = slot.as_object_mut() {
+                    object.insert(inner, Value::from(v));
+                }
+            }
+            let event = Value::Object(top);
+            let mut expected = Some(&event);
+            for part in path.split('.') {
+                expected = expected.and_then(|at| at.as_object()).and_then(|o| o.get(part));
+            }
+            prop_assert_eq!(lookup(&event, &path), expected);
         }
     }
 
