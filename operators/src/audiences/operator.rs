@@ -290,10 +290,15 @@ impl AudiencesOperator {
 
 impl ProfileStage for AudiencesOperator {
     type Input = ProfileUpdate;
+    type State = AudienceProfile;
     const STAGE: &'static str = STAGE;
 
     fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    fn cache(&self) -> &StateCache<AudienceProfile> {
+        &self.cache
     }
 
     fn handle(
@@ -341,14 +346,6 @@ impl ProfileStage for AudiencesOperator {
                 ..
             } => self.on_transfer(ctx, from, into, state, cause),
         }
-    }
-
-    fn is_pending(&self, id: &str) -> bool {
-        self.cache.is_pending(id)
-    }
-
-    fn flush(&self, ctx: &mut Context<'_>, id: &str) -> Result<(), OperatorError> {
-        Ok(self.cache.flush_one(ctx, id)?)
     }
 
     fn absorb(

@@ -11,7 +11,7 @@ use crate::messages::{self, Identifiers};
 use crate::profile_keyed::{json_value_map, union_identifiers};
 /// Everything the audiences stage keeps for one profile, under `profile/<id>`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub(super) struct AudienceProfile {
+pub(crate) struct AudienceProfile {
     #[serde(default)]
     pub(super) identifiers: Identifiers,
     /// Time of the last evaluation; never goes backwards.

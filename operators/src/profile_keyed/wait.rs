@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::entry::{mark_waiting, wait_key, waiting_value, Entry, Layout};
-use super::StageInput;
+use super::{StageInput, StateCache};
 use crate::messages::outputs;
 
 /// Most inputs held per profile while it waits for merge transfers.
@@ -67,11 +67,17 @@ pub(crate) enum Route<'a> {
 pub(crate) trait ProfileStage {
     type Input: StageInput + DeserializeOwned;
 
+    /// What the stage keeps per profile.
+    type State: Serialize;
+
     /// The `stage` name this stage writes on its transfers.
     const STAGE: &'static str;
 
     /// How the stage's task store lays out what a profile's key answers.
     fn layout(&self) -> &Layout;
+
+    /// The stage's decoded and pending states (see `StateCache`).
+    fn cache(&self) -> &StateCache<Self::State>;
 
     /// Handle `input` now. `limited`: a held input handled without every
     /// transfer it waited for (the stage counts it). A profile's own
@@ -80,7 +86,7 @@ pub(crate) trait ProfileStage {
     /// the stage need not ask whether it was merged away.
     /// `defer`: the profile is live and waits for nothing, and the input
     /// merges nothing into it: the stage may leave its state pending
-    /// until [`ProfileStage::flush`] (see `StateCache`).
+    /// until the batch ends (see `StateCache`).
     fn handle(
         &self,
         ctx: &mut Context<'_>,
@@ -89,12 +95,6 @@ pub(crate) trait ProfileStage {
         limited: bool,
         defer: bool,
     ) -> Result<(), OperatorError>;
-
-    /// Whether `id`'s state is pending (the store holds an older one).
-    fn is_pending(&self, id: &str) -> bool;
-
-    /// Write `id`'s state to the store if it is pending.
-    fn flush(&self, ctx: &mut Context<'_>, id: &str) -> Result<(), OperatorError>;
 
     /// Fold `state`, the transferred state of merged-away `from`, into
     /// live `into`'s, without output: the input handled next emits.
@@ -238,26 +238,27 @@ fn route<S: ProfileStage>(
     input: S::Input,
     record_time: Option<i64>,
 ) -> Result<(), OperatorError> {
-    let (id, needs) = match input.route() {
+    // `usual`: a profile's own record that merges nothing into it.
+    let (id, needs, usual) = match input.route() {
         // A profile's usual record touches its own keys alone: the
         // states other records left pending stay so.
         Route::Profile { id, needs: [] } => {
-            if stage.is_pending(id) {
+            if stage.cache().is_pending(id) {
                 // Its state is in memory, written by its usual record
                 // earlier in the batch: live, waiting for nothing.
                 return stage.handle(ctx, input, record_time, false, true);
             }
-            (id.to_owned(), Vec::new())
+            (id.to_owned(), Vec::new(), true)
         }
         // The records of a merge read and rewrite their profile's value
         // through the store: with its pending state written first.
         Route::Profile { id, needs } => {
-            stage.flush(ctx, id)?;
-            (id.to_owned(), needs.to_vec())
+            stage.cache().flush_one(ctx, id)?;
+            (id.to_owned(), needs.to_vec(), false)
         }
         Route::Merged { from } => {
-            stage.flush(ctx, from)?;
-            (from.to_owned(), Vec::new())
+            stage.cache().flush_one(ctx, from)?;
+            (from.to_owned(), Vec::new(), false)
         }
         Route::Transfer {
             stage: name,
@@ -269,7 +270,7 @@ fn route<S: ProfileStage>(
                 // Another stage's transfer on a shared topic: not ours.
                 return Ok(());
             }
-            stage.flush(ctx, into)?;
+            stage.cache().flush_one(ctx, into)?;
             let (from, into) = (from.to_owned(), into.to_owned());
             let target = stage.layout().entry(ctx, &into)?;
             let mut wait = load_if(ctx, &into, &target)?;
@@ -305,8 +306,7 @@ fn route<S: ProfileStage>(
     let mut wait = load_if(ctx, &id, &entry)?;
     if wait.is_empty() && needs.is_empty() {
         // The usual case: nothing waits, nothing to wait for. A `merged`
-        // record (flushed above) retires the profile: never pending.
-        let usual = matches!(input.route(), Route::Profile { .. });
+        // record (written above) retires the profile: never pending.
         return stage.handle(ctx, input, record_time, false, usual);
     }
     // The paths below may write the profile before the stage loads it.

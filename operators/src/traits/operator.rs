@@ -327,10 +327,15 @@ impl TraitsOperator {
 
 impl ProfileStage for TraitsOperator {
     type Input = ProfileRecord;
+    type State = ProfileState;
     const STAGE: &'static str = STAGE;
 
     fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    fn cache(&self) -> &StateCache<ProfileState> {
+        &self.cache
     }
 
     fn handle(
@@ -373,14 +378,6 @@ impl ProfileStage for TraitsOperator {
                 ..
             } => self.on_transfer(ctx, from, into, state, cause),
         }
-    }
-
-    fn is_pending(&self, id: &str) -> bool {
-        self.cache.is_pending(id)
-    }
-
-    fn flush(&self, ctx: &mut Context<'_>, id: &str) -> Result<(), OperatorError> {
-        Ok(self.cache.flush_one(ctx, id)?)
     }
 
     fn absorb(

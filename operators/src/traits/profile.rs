@@ -20,7 +20,7 @@ pub(super) struct StampedValue {
 
 /// Everything the traits stage keeps for one profile, under `profile/<id>`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub(super) struct ProfileState {
+pub(crate) struct ProfileState {
     /// The profile's identifiers, as of its latest event.
     #[serde(default)]
     pub(super) identifiers: Identifiers,
