@@ -260,6 +260,84 @@ struct UpdateIn<'a> {
     matched: Option<(u64, Vec<u32>)>,
 }
 
+/// A binary update read in place: its ids, names and identifiers
+/// borrowed from the record's bytes, its trait values decoded. The
+/// audiences stage reads a profile's usual update this way (see
+/// `AudiencesOperator::process`): the owned [`ProfileUpdate`] allocated
+/// every string of it (~8 a record), and a record handled at once needs
+/// none of them kept.
+#[derive(Deserialize)]
+pub(crate) struct UpdateView<'a> {
+    pub(crate) profile_id: &'a str,
+    #[serde(borrow, deserialize_with = "borrowed_identifiers")]
+    pub(crate) identifiers: Vec<(&'a str, Vec<&'a str>)>,
+    #[serde(borrow, deserialize_with = "json_value_map::deserialize_borrowed")]
+    pub(crate) traits: Vec<(&'a str, Value)>,
+    pub(crate) event_time: i64,
+    /// Read for its place (the fields are positional); the audiences
+    /// stage does not use it.
+    #[allow(dead_code)]
+    time_corrected_from: Option<i64>,
+    #[serde(borrow)]
+    pub(crate) message_id: Option<&'a str>,
+    pub(crate) tick: Option<i64>,
+    #[serde(borrow)]
+    pub(crate) merged_from: Vec<&'a str>,
+    pub(crate) traits_until: Option<i64>,
+    /// The event's text as bytes: the in-place path never reads it (it
+    /// takes an event only with its matches), so its ~0.7 KB are not
+    /// checked as UTF-8 (1.4k instructions a record); the owned decode
+    /// checks them.
+    #[serde(borrow)]
+    pub(crate) event: Option<&'a [u8]>,
+    pub(crate) matched: Option<(u64, Vec<u32>)>,
+}
+
+/// A binary update ([`UPDATE_V1`] and its bytes) read in place; `None`
+/// for any other record, and for one that does not read whole as this
+/// version writes it (an earlier version's, without its last fields, or a
+/// bad one): [`decode_update`] reads those, or says what is wrong.
+pub(crate) fn view_update(value: &[u8]) -> Option<UpdateView<'_>> {
+    match value.split_first() {
+        Some((&UPDATE_V1, rest)) => postcard::from_bytes(rest).ok(),
+        _ => None,
+    }
+}
+
+/// The identifiers map as `(type, values)` pairs borrowed from the bytes,
+/// in the order written; a repeated type keeps its last values, as the
+/// map [`decode_update`] builds does.
+fn borrowed_identifiers<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<(&'de str, Vec<&'de str>)>, D::Error> {
+    struct Pairs;
+
+    impl<'de> serde::de::Visitor<'de> for Pairs {
+        type Value = Vec<(&'de str, Vec<&'de str>)>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of identifier types to values")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut access: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut pairs: Self::Value =
+                Vec::with_capacity(access.size_hint().unwrap_or(0).min(16));
+            while let Some((kind, values)) = access.next_entry::<&'de str, Vec<&'de str>>()? {
+                match pairs.iter_mut().find(|(k, _)| *k == kind) {
+                    Some(pair) => pair.1 = values,
+                    None => pairs.push((kind, values)),
+                }
+            }
+            Ok(pairs)
+        }
+    }
+
+    d.deserialize_map(Pairs)
+}
+
 /// The binary form of an update; `None` for any other [`ProfileUpdate`].
 pub(crate) fn encode_update(update: &ProfileUpdate) -> Option<Result<Vec<u8>, RecordError>> {
     let ProfileUpdate::Update {
@@ -450,6 +528,132 @@ mod tests {
         Ok(())
     }
 
+    fn arb_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-1e9f64..1e9).prop_map(Value::from),
+            "[a-zé]{0,6}".prop_map(Value::from),
+            prop::collection::vec("[a-z]{0,3}", 0..3).prop_map(Value::from),
+        ]
+    }
+
+    prop_compose! {
+        fn arb_update()(
+            profile_id in "[a-z0-9_]{0,8}",
+            identifiers in prop::collection::btree_map(
+                "[a-z_]{1,10}", prop::collection::vec("[a-zé@.0-9]{0,8}", 0..3), 0..4),
+            traits in prop::collection::btree_map("[a-z_]{1,8}", arb_value(), 0..6),
+            event_time in any::<i64>(),
+            time_corrected_from in any::<Option<i64>>(),
+            message_id in prop::option::of("[a-z0-9-]{0,12}"),
+            tick in any::<Option<i64>>(),
+            merged_from in prop::collection::vec("[a-z]{1,4}", 0..3),
+            traits_until in any::<Option<i64>>(),
+            event in prop::option::of(("[a-zA-Z ]{1,12}", prop::option::of(
+                (any::<u64>(), prop::collection::vec(any::<u32>(), 0..4))))),
+        ) -> ProfileUpdate {
+            ProfileUpdate::Update {
+                profile_id,
+                identifiers,
+                event: event.map(|(name, matched)| {
+                    let mut e = EventJson::from(serde_json::json!({"event": name}));
+                    if let Some((fingerprint, indexes)) = matched {
+                        e.keep_matched(fingerprint, indexes);
+                    }
+                    e
+                }),
+                traits,
+                event_time,
+                time_corrected_from,
+                cause: Cause { message_id, tick },
+                merged_from,
+                traits_until,
+            }
+        }
+    }
+
+    proptest! {
+        /// An update read in place holds what the owned decode reads:
+        /// every field the audiences stage takes, the maps pair for pair.
+        #[test]
+        fn an_update_read_in_place_is_the_decoded_one(update in arb_update()) {
+            let bytes = update.to_bytes().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let view = view_update(&bytes).ok_or_else(|| TestCaseError::fail("no view"))?;
+            let ProfileUpdate::Update {
+                profile_id, identifiers, event, traits, event_time, cause,
+                merged_from, traits_until, ..
+            } = update else {
+                return Err(TestCaseError::fail("not an update"));
+            };
+            prop_assert_eq!(view.profile_id, profile_id.as_str());
+            let ids: Identifiers = view.identifiers.iter()
+                .map(|(k, v)| ((*k).to_owned(), v.iter().map(|v| (*v).to_owned()).collect()))
+                .collect();
+            prop_assert_eq!(ids, identifiers);
+            let changed: BTreeMap<String, Value> =
+                view.traits.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            prop_assert_eq!(changed, traits);
+            prop_assert_eq!(view.event_time, event_time);
+            prop_assert_eq!(view.message_id, cause.message_id.as_deref());
+            prop_assert_eq!(view.tick, cause.tick);
+            prop_assert_eq!(view.merged_from, merged_from.iter().map(String::as_str).collect::<Vec<_>>());
+            prop_assert_eq!(view.traits_until, traits_until);
+            let text = event.as_ref().map(|e| event_text(e).map(Cow::into_owned))
+                .transpose().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(view.event, text.as_deref().map(str::as_bytes));
+            prop_assert_eq!(
+                view.matched.as_ref().map(|(f, m)| (*f, m.as_slice())),
+                event.as_ref().and_then(EventJson::matched)
+            );
+            // Anything else is not an update read in place.
+            prop_assert!(view_update(&bytes[1..]).is_none());
+        }
+
+        /// Repeated names in a record written by hand: the last wins, in
+        /// place as in the owned decode.
+        #[test]
+        fn a_repeated_name_keeps_its_last_value_in_place(
+            a in "[a-z]{1,3}", b in "[a-z]{1,3}", x in "[a-z]{0,3}", y in "[a-z]{0,3}",
+        ) {
+            /// A trait value as the binary form writes it.
+            #[derive(Serialize)]
+            struct Bin(#[serde(with = "crate::profile_keyed::json_value")] Value);
+            #[derive(Serialize)]
+            struct Raw<'a> {
+                profile_id: &'a str,
+                identifiers: Vec<(&'a str, Vec<&'a str>)>,
+                traits: Vec<(&'a str, Bin)>,
+            }
+            let raw = Raw {
+                profile_id: "p",
+                identifiers: vec![(&a, vec![&x]), (&b, vec![&y]), (&a, vec![&y])],
+                traits: vec![
+                    (&a, Bin(Value::from(x.as_str()))),
+                    (&b, Bin(Value::from(1))),
+                    (&a, Bin(Value::from(y.as_str()))),
+                ],
+            };
+            let mut bytes = vec![UPDATE_V1];
+            bytes = postcard::to_extend(&raw, bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            // Every later field absent (zero bytes, their defaults).
+            bytes.extend_from_slice(&[0; 8]);
+            let view = view_update(&bytes).ok_or_else(|| TestCaseError::fail("no view"))?;
+            let owned = ProfileUpdate::from_bytes(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let ProfileUpdate::Update { identifiers, traits, .. } = owned else {
+                return Err(TestCaseError::fail("not an update"));
+            };
+            let ids: Identifiers = view.identifiers.iter()
+                .map(|(k, v)| ((*k).to_owned(), v.iter().map(|v| (*v).to_owned()).collect()))
+                .collect();
+            prop_assert_eq!(ids, identifiers);
+            let changed: BTreeMap<String, Value> =
+                view.traits.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            prop_assert_eq!(changed, traits);
+        }
+    }
+
     proptest! {
         /// Whatever follows a marker byte reads as a record or as an
         /// error: a corrupt record cannot crash a stage.
@@ -461,6 +665,7 @@ mod tests {
                 let _ = ProfileRecord::from_bytes(&bytes);
                 let _ = ProfileUpdate::from_bytes(&bytes);
                 let _ = crate::messages::ProfileRecordSummary::from_bytes(&bytes);
+                let _ = view_update(&bytes);
             }
         }
     }

@@ -332,6 +332,37 @@ pub(crate) mod json_value_map {
         }
     }
 
+    /// The binary map as `(name, value)` pairs, the names borrowed from the
+    /// bytes, in the order written; a repeated name keeps its last value,
+    /// as [`deserialize`]'s map does. Binary encodings only.
+    pub(crate) fn deserialize_borrowed<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(&'de str, Value)>, D::Error> {
+        d.deserialize_map(Pairs)
+    }
+
+    struct Pairs;
+
+    impl<'de> Visitor<'de> for Pairs {
+        type Value = Vec<(&'de str, Value)>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of JSON values")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+            let mut pairs: Self::Value =
+                Vec::with_capacity(access.size_hint().unwrap_or(0).min(64));
+            while let Some((name, Text(value))) = access.next_entry::<&'de str, Text>()? {
+                match pairs.iter_mut().find(|(n, _)| *n == name) {
+                    Some(pair) => pair.1 = value,
+                    None => pairs.push((name, value)),
+                }
+            }
+            Ok(pairs)
+        }
+    }
+
     /// Reads the binary map straight into the map of values (no map of
     /// [`Text`] built first and copied).
     struct TextMap;

@@ -32,7 +32,7 @@ pub(crate) use entry::{retired_value, to_earlier_layout, LIVE};
 pub(crate) use entry::{Entry, Layout};
 pub(crate) use read::EventPaths;
 pub use wait::MAX_HELD_INPUTS;
-pub(crate) use wait::{dispatch, fired_profile, ProfileStage, Route, Timed};
+pub(crate) use wait::{dispatch, fired_profile, handled_at_once, ProfileStage, Route, Timed};
 
 use cdp_pipeline::operator::{Context, OperatorError};
 use cdp_pipeline::store::StoreError;
@@ -84,14 +84,29 @@ pub(crate) fn json_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, OperatorErr
 /// place, so a known profile's event (whose identifiers are all known)
 /// copies nothing.
 pub(crate) fn union_identifiers(a: &mut Identifiers, b: &Identifiers) {
+    union_identifiers_from(a, b);
+}
+
+/// [`union_identifiers`] from any `(type, values)` pairs (an update's
+/// identifiers borrowed from its record, see `wire::UpdateView`).
+pub(crate) fn union_identifiers_from<K, V, I>(
+    a: &mut Identifiers,
+    b: impl IntoIterator<Item = (K, I)>,
+) where
+    K: AsRef<str>,
+    V: AsRef<str>,
+    I: IntoIterator<Item = V>,
+{
     for (kind, values) in b {
+        let kind = kind.as_ref();
         let mine = match a.get_mut(kind) {
             Some(mine) => mine,
-            None => a.entry(kind.clone()).or_default(),
+            None => a.entry(kind.to_owned()).or_default(),
         };
         for v in values {
-            if !mine.contains(v) {
-                mine.push(v.clone());
+            let v = v.as_ref();
+            if !mine.iter().any(|m| m == v) {
+                mine.push(v.to_owned());
             }
         }
     }

@@ -232,6 +232,31 @@ pub(crate) fn dispatch<S: ProfileStage>(
     routed
 }
 
+/// Whether a profile's usual record (one that merges nothing into it) may
+/// be handled at once, as [`dispatch`] would: the profile's state is
+/// pending, or it is live and waits for nothing. Then the stage handles
+/// the record with `defer` (its load takes the value read here, as after
+/// `dispatch`'s routing) and calls [`Layout::forget`] when done; `false`:
+/// the record goes through [`dispatch`] (merged away, waiting, or holding
+/// inputs), nothing read is kept. A stage that reads its usual records in
+/// place (audiences) asks this before building the owned input.
+pub(crate) fn handled_at_once<S: ProfileStage>(
+    stage: &S,
+    ctx: &Context<'_>,
+    id: &str,
+) -> Result<bool, OperatorError> {
+    if stage.cache().is_pending(id) {
+        return Ok(true);
+    }
+    match stage.layout().entry_kept(ctx, id)? {
+        Entry::Live { waiting: false } => Ok(true),
+        _ => {
+            stage.layout().forget();
+            Ok(false)
+        }
+    }
+}
+
 fn route<S: ProfileStage>(
     stage: &S,
     ctx: &mut Context<'_>,
