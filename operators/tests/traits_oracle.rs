@@ -208,10 +208,16 @@ impl Run {
     }
 }
 
-fn event_record(id: &str, t: i64, v: i64, n: usize) -> Result<Vec<u8>, serde_json::Error> {
+/// The `n`th event record: in the binary form identity writes for even
+/// `n` (the stage reads a profile's usual one in place), as JSON for odd
+/// `n` (the general path), so both readings meet the oracle.
+fn event_record(id: &str, t: i64, v: i64, n: usize) -> Result<Vec<u8>, String> {
     let mut identifiers = Identifiers::new();
     identifiers.insert("user_id".into(), vec![format!("u_{id}")]);
-    serde_json::to_vec(&ProfileRecord::Event {
+    if n.is_multiple_of(3) {
+        identifiers.insert("anonymous_id".into(), vec![format!("a_{id}_{}", n % 2)]);
+    }
+    let record = ProfileRecord::Event {
         profile_id: id.into(),
         identifiers,
         event: json!({"type": "track", "event": "E", "messageId": format!("m{n}"),
@@ -219,7 +225,12 @@ fn event_record(id: &str, t: i64, v: i64, n: usize) -> Result<Vec<u8>, serde_jso
         .into(),
         dropped: Vec::new(),
         merged_from: Vec::new(),
-    })
+    };
+    if n.is_multiple_of(2) {
+        record.to_bytes().map_err(|e| e.to_string())
+    } else {
+        serde_json::to_vec(&record).map_err(|e| e.to_string())
+    }
 }
 
 proptest! {

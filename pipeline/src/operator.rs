@@ -348,6 +348,18 @@ impl<O: Operator> OperatorHarness<O> {
         value: &[u8],
         headers: &[(String, Vec<u8>)],
     ) -> Result<Vec<Emitted>, OperatorError> {
+        self.process_at(key, value, headers, None)
+    }
+
+    /// [`process`](Self::process) a record whose broker timestamp is
+    /// `timestamp_ms`.
+    pub fn process_at(
+        &mut self,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(String, Vec<u8>)],
+        timestamp_ms: Option<i64>,
+    ) -> Result<Vec<Emitted>, OperatorError> {
         let mut out = Vec::new();
         let headers: Vec<HeaderRef<'_>> = headers
             .iter()
@@ -358,7 +370,7 @@ impl<O: Operator> OperatorHarness<O> {
             value,
             partition: self.partition,
             offset: self.offset,
-            timestamp_ms: None,
+            timestamp_ms,
             headers: &headers,
         };
         self.offset += 1;

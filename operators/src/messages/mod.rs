@@ -45,7 +45,7 @@ pub struct EventJson {
     text: Option<Box<str>>,
     /// The event filters of the audiences stage it passed, matched by the
     /// traits stage: their fingerprint and the indexes of those passed
-    /// (see [`EventJson::keep_matched`]). Not part of the event's meaning.
+    /// (see `EventJson::keep_matched`). Not part of the event's meaning.
     matched: Option<Box<(u64, Vec<u32>)>>,
 }
 
@@ -73,12 +73,15 @@ impl EventJson {
     /// Keep the indexes of the event filters (fingerprint `fingerprint`)
     /// this event passed: an audiences stage of those very filters reads
     /// them instead of parsing the event. One of other filters (another
-    /// config during a rolling change) parses the event's text.
+    /// config during a rolling change) parses the event's text. (The
+    /// traits stage writes its updates from parts, `wire::UpdateOut`, with
+    /// the matches beside the event; tests build such events with this.)
+    #[cfg(test)]
     pub(crate) fn keep_matched(&mut self, fingerprint: u64, matched: Vec<u32>) {
         self.matched = Some(Box::new((fingerprint, matched)));
     }
 
-    /// The filters kept with [`EventJson::keep_matched`], with their
+    /// The filters kept with `EventJson::keep_matched`, with their
     /// fingerprint.
     pub(crate) fn matched(&self) -> Option<(u64, &[u32])> {
         self.matched.as_deref().map(|(f, m)| (*f, m.as_slice()))

@@ -91,6 +91,38 @@ struct EventIn<'a> {
     event: &'a str,
 }
 
+/// An event record read in place: its ids and identifiers borrowed from
+/// the record's bytes, its event's text too. The traits stage reads a
+/// profile's usual record this way (see `TraitsOperator::process`): the
+/// owned [`ProfileRecord`] allocated every string of it and copied the
+/// event's ~0.7 KB, and a record handled at once keeps none of them.
+#[derive(Deserialize)]
+pub(crate) struct EventView<'a> {
+    /// Read for its place (the fields are positional): `(type, value,
+    /// reason)` of each refused identifier; the traits stage does not use
+    /// them.
+    #[allow(dead_code)]
+    #[serde(borrow)]
+    dropped: Vec<(&'a str, &'a str, &'a str)>,
+    #[serde(borrow)]
+    pub(crate) merged_from: Vec<&'a str>,
+    pub(crate) profile_id: &'a str,
+    #[serde(borrow, deserialize_with = "borrowed_identifiers")]
+    pub(crate) identifiers: Vec<(&'a str, Vec<&'a str>)>,
+    pub(crate) event: &'a str,
+}
+
+/// A binary event record ([`EVENT_V1`] and its bytes) read in place;
+/// `None` for any other record and for one that does not read whole as
+/// this version writes it: [`decode_event`] reads those, or says what is
+/// wrong.
+pub(crate) fn view_event(value: &[u8]) -> Option<EventView<'_>> {
+    match value.split_first() {
+        Some((&EVENT_V1, rest)) => postcard::from_bytes(rest).ok(),
+        _ => None,
+    }
+}
+
 /// The binary [`ProfileRecord::Event`] of an event given as its JSON text
 /// (`event`, written as it is: identity passes on the bytes validate
 /// wrote). `merged_from` holds profile ids (`String`s or references).
@@ -203,7 +235,7 @@ fn updated_event<F: FnOnce(&str) -> Result<Value, serde_json::Error>>(
 
 /// The event's JSON text: the text it was read from, else its tree
 /// written out.
-fn event_text(event: &EventJson) -> Result<Cow<'_, str>, RecordError> {
+pub(crate) fn event_text(event: &EventJson) -> Result<Cow<'_, str>, RecordError> {
     match event.text() {
         Some(text) => Ok(Cow::Borrowed(text)),
         None => serde_json::to_string(event.value())
@@ -213,7 +245,7 @@ fn event_text(event: &EventJson) -> Result<Cow<'_, str>, RecordError> {
 }
 
 /// The changed traits, each value in the states' binary form.
-struct Traits<'a>(&'a BTreeMap<String, Value>);
+pub(crate) struct Traits<'a>(pub(crate) &'a BTreeMap<String, Value>);
 
 impl Serialize for Traits<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -224,22 +256,31 @@ impl Serialize for Traits<'_> {
 /// [`ProfileUpdate::Update`] as written. [`Cause`]'s two fields are
 /// inline: its JSON form skips absent ones, which a positional form
 /// cannot.
+/// The traits stage writes it from borrowed parts ([`write_update`]), so
+/// an update of a record read in place copies nothing first.
 #[derive(Serialize)]
-struct UpdateOut<'a> {
-    profile_id: &'a str,
-    identifiers: &'a Identifiers,
-    traits: Traits<'a>,
-    event_time: i64,
-    time_corrected_from: Option<i64>,
-    message_id: Option<&'a str>,
-    tick: Option<i64>,
-    merged_from: &'a [String],
-    traits_until: Option<i64>,
-    event: Option<Cow<'a, str>>,
+pub(crate) struct UpdateOut<'a> {
+    pub(crate) profile_id: &'a str,
+    pub(crate) identifiers: &'a Identifiers,
+    pub(crate) traits: Traits<'a>,
+    pub(crate) event_time: i64,
+    pub(crate) time_corrected_from: Option<i64>,
+    pub(crate) message_id: Option<&'a str>,
+    pub(crate) tick: Option<i64>,
+    pub(crate) merged_from: &'a [String],
+    pub(crate) traits_until: Option<i64>,
+    pub(crate) event: Option<Cow<'a, str>>,
     /// The audiences stage's event filters the event passed, matched by
     /// the traits stage: their fingerprint and the indexes of those passed
-    /// ([`EventJson::keep_matched`]).
-    matched: Option<(u64, &'a [u32])>,
+    /// (see [`EventJson::matched`]).
+    pub(crate) matched: Option<(u64, &'a [u32])>,
+}
+
+/// An update in the binary form, from its parts.
+pub(crate) fn write_update(record: &UpdateOut<'_>) -> Result<Vec<u8>, RecordError> {
+    let mut out = Vec::with_capacity(RECORD_ROOM);
+    out.push(UPDATE_V1);
+    Ok(postcard::to_extend(record, out)?)
 }
 
 #[derive(Deserialize)]
@@ -374,9 +415,7 @@ pub(crate) fn encode_update(update: &ProfileUpdate) -> Option<Result<Vec<u8>, Re
                 .transpose()?,
             matched: event.as_ref().and_then(EventJson::matched),
         };
-        let mut out = Vec::with_capacity(RECORD_ROOM);
-        out.push(UPDATE_V1);
-        Ok(postcard::to_extend(&record, out)?)
+        write_update(&record)
     };
     Some(encode())
 }

@@ -90,7 +90,14 @@ impl<T: Serialize> StateCache<T> {
         defer: bool,
     ) -> Result<(), StoreError> {
         if defer {
-            self.pending.borrow_mut().insert(id.to_owned(), state);
+            let mut pending = self.pending.borrow_mut();
+            // A profile pending already keeps its key (not copied again).
+            match pending.get_mut(id) {
+                Some(slot) => *slot = state,
+                None => {
+                    pending.insert(id.to_owned(), state);
+                }
+            }
             return Ok(());
         }
         let bytes = encode_state(&state)?;

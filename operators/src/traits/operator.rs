@@ -1,5 +1,6 @@
 //! The traits operator: dispatch of records and timers.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -13,13 +14,26 @@ use super::profile::ProfileState;
 use super::state::TraitState;
 use super::{MERGE_WAIT_LIMIT, STAGE, STATE_LIMIT_HEADER};
 use crate::event_time::TIME_CORRECTED_HEADER;
-use crate::messages::{self, outputs, Cause, EventJson, Identifiers, ProfileRecord, ProfileUpdate};
+use crate::messages::{self, outputs, wire, Cause, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::{
     decode_event, decode_state, dispatch, emit_record, encode_state, fired_profile,
-    invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
-    to_json_value, union_identifiers, Layout, ProfileStage, StageInput, StateCache, Stored,
-    CACHED_PROFILES,
+    handled_at_once, invalid_transfer, pass_on_transfer, profile_key, reschedule, retire,
+    send_transfer, to_json_value, union_identifiers, union_identifiers_from, Layout, ProfileStage,
+    StageInput, StateCache, Stored, CACHED_PROFILES,
 };
+
+/// An event as [`TraitsOperator::on_event`] takes it, however it was
+/// read: in place from its binary record (a profile's usual event, see
+/// `process`) or decoded into a [`ProfileRecord`].
+struct Arrival<'a> {
+    profile_id: &'a str,
+    /// The event's (partial) tree.
+    tree: &'a Value,
+    /// Its JSON text, as the update carries it on.
+    text: Cow<'a, str>,
+    merged_from: &'a [String],
+    record_time: Option<i64>,
+}
 
 /// The traits operator of one task.
 pub struct TraitsOperator {
@@ -142,59 +156,64 @@ impl TraitsOperator {
         changed
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Apply an event. `identify` adds its identifiers to the profile's.
+    /// `merge_limited`: a held event handled without every transfer it
+    /// waited for.
     fn on_event(
         &self,
         ctx: &mut Context<'_>,
-        profile_id: String,
-        identifiers: Identifiers,
-        mut event: EventJson,
-        merged_from: Vec<String>,
-        record_time: Option<i64>,
+        event: Arrival<'_>,
+        identify: impl FnOnce(&mut Identifiers),
         merge_limited: bool,
         defer: bool,
     ) -> Result<(), OperatorError> {
+        let Arrival {
+            profile_id,
+            tree,
+            text,
+            merged_from,
+            record_time,
+        } = event;
         // An event without a time happened "now" in stream time; one too
         // far ahead of the stream is bounded (see `event_time`).
-        let own_time = messages::event_time_ms(&event).unwrap_or_else(|| ctx.now());
+        let own_time = messages::event_time_ms(tree).unwrap_or_else(|| ctx.now());
         let bounded = self
             .set
             .event_time
             .bound(own_time, ctx.now(), record_time)?;
         let event_time = bounded.time;
-        let mut state = self.load(ctx, &profile_id)?.unwrap_or_default();
+        let mut state = self.load(ctx, profile_id)?.unwrap_or_default();
         state.clock = state.clock.max(ctx.now()).max(event_time);
-        let applied = state.apply_event(&self.set, &event, event_time);
+        let applied = state.apply_event(&self.set, tree, event_time);
         let mut limited = applied.limited;
         if merge_limited {
             limited.insert(MERGE_WAIT_LIMIT);
         }
         // Identifiers only grow: a record from a partition that has not
         // seen the latest link must not take identifiers away.
-        union_identifiers(&mut state.identifiers, &identifiers);
-        let traits = self.settle(ctx, &profile_id, &mut state, Some(&applied.touched));
-        let cause = Cause {
-            message_id: messages::field(&event, "messageId")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            tick: None,
-        };
-        if let Some(audiences) = &self.set.forward {
-            // The tree holds the audiences' paths too (`TraitSet::reads`).
-            let matched = audiences.matching_filters(event.value());
-            event.keep_matched(audiences.filters_fingerprint(), matched);
-        }
-        let update = ProfileUpdate::Update {
-            profile_id: profile_id.clone(),
-            identifiers: std::mem::take(&mut state.identifiers),
-            event: Some(event),
-            traits,
+        identify(&mut state.identifiers);
+        let traits = self.settle(ctx, profile_id, &mut state, Some(&applied.touched));
+        // The tree holds the audiences' paths too (`TraitSet::reads`).
+        let matched = self.set.forward.as_ref().map(|audiences| {
+            (
+                audiences.filters_fingerprint(),
+                audiences.matching_filters(tree),
+            )
+        });
+        let update = wire::UpdateOut {
+            profile_id,
+            identifiers: &state.identifiers,
+            traits: wire::Traits(&traits),
             event_time,
             time_corrected_from: bounded.corrected_from,
-            cause,
+            message_id: messages::field(tree, "messageId").and_then(Value::as_str),
+            tick: None,
             merged_from,
             traits_until: state.timer,
+            event: Some(text),
+            matched: matched.as_ref().map(|(f, m)| (*f, m.as_slice())),
         };
+        let encoded = wire::write_update(&update);
         // What the stage counts (a header, so no record is parsed again).
         let mut headers = Vec::new();
         if bounded.corrected_from.is_some() {
@@ -204,19 +223,58 @@ impl TraitsOperator {
             let kinds: Vec<&str> = limited.into_iter().collect();
             headers.push((STATE_LIMIT_HEADER.to_owned(), kinds.join(",").into_bytes()));
         }
-        let encoded = update.encoded();
-        // The identifiers go back into the state the cache keeps (lent to
-        // the update rather than copied). Stored before the update's
-        // encoding is checked: the state may hold this batch's earlier
-        // records of the profile, taken from pending, and must not be
-        // lost with a record that fails.
-        if let ProfileUpdate::Update { identifiers, .. } = update {
-            state.identifiers = identifiers;
-        }
-        self.cache.store(ctx, &profile_id, state, defer)?;
-        let bytes = encoded?;
-        ctx.emit_with_headers(outputs::NEXT, Some(profile_id.into_bytes()), bytes, headers);
+        // Stored before the update's encoding is checked: the state may
+        // hold this batch's earlier records of the profile, taken from
+        // pending, and must not be lost with a record that fails.
+        self.cache.store(ctx, profile_id, state, defer)?;
+        let bytes = encoded.map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))?;
+        ctx.emit_with_headers(
+            outputs::NEXT,
+            Some(profile_id.as_bytes().to_vec()),
+            bytes,
+            headers,
+        );
         Ok(())
+    }
+
+    /// A profile's usual event read in place and handled at once, when it
+    /// can be (see `process`); `None`: nothing was done, read it whole.
+    fn event_in_place(
+        &self,
+        ctx: &mut Context<'_>,
+        record: &Record<'_>,
+    ) -> Option<Result<(), OperatorError>> {
+        let view = wire::view_event(record.value)?;
+        if view.profile_id.is_empty() || !view.merged_from.is_empty() {
+            return None;
+        }
+        // Not a JSON object, or not JSON: the general path refuses it.
+        let tree = self.set.reads.parse(view.event).ok()?;
+        if !tree.is_object() {
+            return None;
+        }
+        match handled_at_once(self, ctx, view.profile_id) {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => return Some(Err(e)),
+        }
+        let event = Arrival {
+            profile_id: view.profile_id,
+            tree: &tree,
+            text: Cow::Borrowed(view.event),
+            merged_from: &[],
+            record_time: record.timestamp_ms,
+        };
+        let identifiers = &view.identifiers;
+        let handled = self.on_event(
+            ctx,
+            event,
+            |ids| union_identifiers_from(ids, identifiers.iter().map(|(k, v)| (k, v))),
+            false,
+            true,
+        );
+        self.layout.forget();
+        Some(handled)
     }
 
     fn on_merged(
@@ -353,16 +411,24 @@ impl ProfileStage for TraitsOperator {
                 event,
                 merged_from,
                 ..
-            } => self.on_event(
-                ctx,
-                profile_id,
-                identifiers,
-                event,
-                merged_from,
-                record_time,
-                limited,
-                defer,
-            ),
+            } => {
+                let text = wire::event_text(&event)
+                    .map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))?;
+                let arrival = Arrival {
+                    profile_id: &profile_id,
+                    tree: event.value(),
+                    text,
+                    merged_from: &merged_from,
+                    record_time,
+                };
+                self.on_event(
+                    ctx,
+                    arrival,
+                    |ids| union_identifiers(ids, &identifiers),
+                    limited,
+                    defer,
+                )
+            }
             ProfileRecord::Merged {
                 from,
                 into,
@@ -400,6 +466,11 @@ impl ProfileStage for TraitsOperator {
 
 impl Operator for TraitsOperator {
     fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        // Most records are a profile's usual event: read in place, no
+        // string of it copied.
+        if let Some(handled) = self.event_in_place(ctx, record) {
+            return handled;
+        }
         let reads = &self.set.reads;
         let input = decode_event(record.value, |text| reads.parse(text))?;
         dispatch(&*self, ctx, input, record.timestamp_ms)

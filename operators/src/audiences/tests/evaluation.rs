@@ -148,3 +148,65 @@ fn sequence_scan_is_exact_on_small_cases() {
     );
     assert!(!sequence_holds(&[], None));
 }
+
+/// A profile's identifiers only grow, and a record's broker time bounds a
+/// future-dated update before any tick: whether the update is read in
+/// place (the traits stage's binary form, a profile's usual record) or
+/// decoded whole (JSON).
+#[test]
+fn identifiers_grow_and_broker_time_bounds_in_either_reading() -> TestResult {
+    let mut h = harness("rich: {where: {trait: revenue_total, gte: 500}}")?;
+    let broker = 10 * DAY;
+    let year_ahead = broker + 365 * DAY;
+    let sent = [
+        (vec![("user_id", "u1")], json!({"revenue_total": 100})),
+        (vec![("anonymous_id", "a1")], json!({})),
+        (vec![("user_id", "u1")], json!({"revenue_total": 600})),
+    ];
+    for binary in [true, false] {
+        let id = if binary { "pb" } else { "pj" };
+        let mut last = Vec::new();
+        for (n, (pairs, traits)) in sent.iter().enumerate() {
+            let mut identifiers = Identifiers::new();
+            for (kind, value) in pairs {
+                identifiers.insert((*kind).to_owned(), vec![(*value).to_owned()]);
+            }
+            let record = ProfileUpdate::Update {
+                profile_id: id.into(),
+                identifiers,
+                event: None,
+                traits: serde_json::from_value(traits.clone())?,
+                event_time: year_ahead,
+                time_corrected_from: None,
+                cause: Cause {
+                    message_id: Some(format!("m{n}")),
+                    tick: None,
+                },
+                merged_from: Vec::new(),
+                traits_until: None,
+            };
+            let bytes = if binary {
+                record.to_bytes()?
+            } else {
+                serde_json::to_vec(&record)?
+            };
+            let out = h.process_at(Some(id.as_bytes()), &bytes, &[], Some(broker))?;
+            last = changes(&out)?;
+        }
+        let [change] = last.as_slice() else {
+            return Err(format!("binary {binary}: expected one change, got {last:?}").into());
+        };
+        assert_eq!(change.action, AudienceAction::Entered);
+        assert_eq!(
+            change.identifiers,
+            Identifiers::from([
+                ("anonymous_id".to_owned(), vec!["a1".to_owned()]),
+                ("user_id".to_owned(), vec!["u1".to_owned()]),
+            ]),
+            "binary {binary}"
+        );
+        assert_eq!(change.event_time, rfc3339_ms(broker), "binary {binary}");
+        assert_eq!(change.cause.message_id.as_deref(), Some("m2"));
+    }
+    Ok(())
+}

@@ -245,3 +245,74 @@ fn the_update_forwards_the_event_text_verbatim() -> TestResult {
     }
     Ok(())
 }
+
+/// A profile's identifiers only grow, and a record's broker time bounds a
+/// future-dated event before any tick: whether the record is read in place
+/// (identity's binary form, a profile's usual record) or decoded whole
+/// (JSON).
+#[test]
+fn identifiers_grow_and_broker_time_bounds_in_either_reading() -> TestResult {
+    let mut h = harness(DESIGN_TRAITS)?;
+    let ids = |pairs: &[(&str, &str)]| -> Identifiers {
+        let mut ids = Identifiers::new();
+        for (kind, value) in pairs {
+            ids.entry((*kind).to_owned())
+                .or_default()
+                .push((*value).to_owned());
+        }
+        ids
+    };
+    let sent = [
+        ids(&[("user_id", "u1")]),
+        ids(&[("anonymous_id", "a1"), ("user_id", "u1")]),
+        ids(&[("user_id", "u1")]),
+        ids(&[("anonymous_id", "a2")]),
+    ];
+    let expected = [
+        ids(&[("user_id", "u1")]),
+        ids(&[("anonymous_id", "a1"), ("user_id", "u1")]),
+        ids(&[("anonymous_id", "a1"), ("user_id", "u1")]),
+        ids(&[
+            ("anonymous_id", "a1"),
+            ("anonymous_id", "a2"),
+            ("user_id", "u1"),
+        ]),
+    ];
+    let broker = 10 * DAY;
+    let year_ahead = broker + 365 * DAY;
+    for binary in [true, false] {
+        let id = if binary { "pb" } else { "pj" };
+        for (n, (identifiers, want)) in sent.iter().zip(&expected).enumerate() {
+            let event = track("Page Viewed", year_ahead, json!({}));
+            let mut event = event;
+            event["messageId"] = json!(format!("{id}-{n}"));
+            let record = ProfileRecord::Event {
+                profile_id: id.into(),
+                identifiers: identifiers.clone(),
+                event: event.into(),
+                dropped: Vec::new(),
+                merged_from: Vec::new(),
+            };
+            let bytes = if binary {
+                record.to_bytes()?
+            } else {
+                serde_json::to_vec(&record)?
+            };
+            let out = h.process_at(Some(id.as_bytes()), &bytes, &[], Some(broker))?;
+            match updates(&out)?.as_slice() {
+                [ProfileUpdate::Update {
+                    identifiers,
+                    event_time,
+                    time_corrected_from,
+                    ..
+                }] => {
+                    assert_eq!(identifiers, want, "binary {binary}, record {n}");
+                    assert_eq!(*event_time, broker, "binary {binary}, record {n}");
+                    assert_eq!(*time_corrected_from, Some(year_ahead));
+                }
+                other => return Err(format!("expected one update, got {other:?}").into()),
+            }
+        }
+    }
+    Ok(())
+}
