@@ -292,9 +292,7 @@ impl TaskStore {
         // keys from where the last one went; in the overlay's hash order
         // each insert searched from the top (4× the instructions in the
         // validate stage, docs/performance.md).
-        let mut sorted: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = changes.iter().collect();
-        sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for (k, v) in sorted {
+        for (k, v) in in_key_order(changes) {
             match v {
                 Some(v) => batch.put(k, v),
                 None => batch.delete(k),
@@ -427,6 +425,39 @@ impl StateBackend for TaskStore {
     }
 }
 
+/// A batch's changes in key order (bytewise, as RocksDB's comparator).
+///
+/// A batch's keys share a prefix (`dedupe/<source>/`, `profile/`), so a
+/// bytewise compare of two keys starts with a call that walks it: sorting
+/// the 5 000 keys of a validate batch that way was ~10% of the stage's
+/// instructions. Each key is given the 8 bytes after the prefix all keys
+/// share as a big-endian number (zeros past its end); numbers order as the
+/// keys do wherever they differ, and only keys with equal numbers are
+/// compared whole.
+fn in_key_order(changes: &Changes) -> Vec<(&Vec<u8>, &Option<Vec<u8>>)> {
+    let Some((first, _)) = changes.iter().next() else {
+        return Vec::new();
+    };
+    let shared = changes.keys().fold(first.len(), |shared, k| {
+        first[..shared]
+            .iter()
+            .zip(k.iter())
+            .take_while(|(a, b)| a == b)
+            .count()
+    });
+    let word = |k: &[u8]| {
+        let mut bytes = [0u8; 8];
+        let rest = k.get(shared..).unwrap_or_default();
+        let n = rest.len().min(8);
+        bytes[..n].copy_from_slice(&rest[..n]);
+        u64::from_be_bytes(bytes)
+    };
+    let mut keyed: Vec<(u64, (&Vec<u8>, &Option<Vec<u8>>))> =
+        changes.iter().map(|e| (word(e.0), e)).collect();
+    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1 .0.cmp(b.1 .0)));
+    keyed.into_iter().map(|(_, e)| e).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,6 +559,30 @@ mod tests {
                 .prop_map(Op::CommitRestore),
             1 => Just(Op::Abort),
         ]
+    }
+
+    proptest::proptest! {
+        /// A batch's changes come out in bytewise key order, as a plain
+        /// sort gives it: keys with a long shared prefix, keys that are
+        /// prefixes of others, zero bytes, keys equal in their first 8
+        /// bytes after the prefix.
+        #[test]
+        fn changes_are_written_in_bytewise_key_order(
+            prefix in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12),
+            tails in proptest::collection::vec(
+                proptest::collection::vec(proptest::sample::select(vec![0u8, 1, 97, 98, 255]), 0..12),
+                0..40,
+            ),
+        ) {
+            let changes: Changes = tails
+                .iter()
+                .map(|t| ([prefix.as_slice(), t].concat(), Some(t.clone())))
+                .collect();
+            let got: Vec<&Vec<u8>> = in_key_order(&changes).into_iter().map(|(k, _)| k).collect();
+            let mut expected: Vec<&Vec<u8>> = changes.keys().collect();
+            expected.sort();
+            proptest::prop_assert_eq!(got, expected);
+        }
     }
 
     proptest::proptest! {
