@@ -434,7 +434,10 @@ impl StateBackend for TaskStore {
 /// share as a big-endian number (zeros past its end); numbers order as the
 /// keys do wherever they differ, and only keys with equal numbers are
 /// compared whole.
-fn in_key_order(changes: &Changes) -> Vec<(&Vec<u8>, &Option<Vec<u8>>)> {
+/// One change of a batch, borrowed: its key and its value (`None`: a delete).
+type Change<'a> = (&'a Vec<u8>, &'a Option<Vec<u8>>);
+
+fn in_key_order(changes: &Changes) -> Vec<Change<'_>> {
     let Some((first, _)) = changes.iter().next() else {
         return Vec::new();
     };
@@ -452,8 +455,7 @@ fn in_key_order(changes: &Changes) -> Vec<(&Vec<u8>, &Option<Vec<u8>>)> {
         bytes[..n].copy_from_slice(&rest[..n]);
         u64::from_be_bytes(bytes)
     };
-    let mut keyed: Vec<(u64, (&Vec<u8>, &Option<Vec<u8>>))> =
-        changes.iter().map(|e| (word(e.0), e)).collect();
+    let mut keyed: Vec<(u64, Change<'_>)> = changes.iter().map(|e| (word(e.0), e)).collect();
     keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1 .0.cmp(b.1 .0)));
     keyed.into_iter().map(|(_, e)| e).collect()
 }
