@@ -425,6 +425,9 @@ impl StateBackend for TaskStore {
     }
 }
 
+/// One change of a batch, borrowed: its key and its value (`None`: a delete).
+type Change<'a> = (&'a Vec<u8>, &'a Option<Vec<u8>>);
+
 /// A batch's changes in key order (bytewise, as RocksDB's comparator).
 ///
 /// A batch's keys share a prefix (`dedupe/<source>/`, `profile/`), so a
@@ -434,9 +437,6 @@ impl StateBackend for TaskStore {
 /// share as a big-endian number (zeros past its end); numbers order as the
 /// keys do wherever they differ, and only keys with equal numbers are
 /// compared whole.
-/// One change of a batch, borrowed: its key and its value (`None`: a delete).
-type Change<'a> = (&'a Vec<u8>, &'a Option<Vec<u8>>);
-
 fn in_key_order(changes: &Changes) -> Vec<Change<'_>> {
     let Some((first, _)) = changes.iter().next() else {
         return Vec::new();
