@@ -307,20 +307,31 @@ impl TraitDef {
 
     /// The value this trait records for `event`, as JSON text (empty for a
     /// counter); `None` when the event carries no usable value.
+    #[cfg(test)]
     pub(super) fn extract(&self, event: &Value) -> Option<String> {
-        match self {
-            TraitDef::EventCounter(_) => Some(String::new()),
-            // `serde_json::to_string`, not `Display`: the same text
-            // without the formatter's per-write adapter.
+        let mut text = Vec::new();
+        self.extract_into(event, &mut text)?;
+        String::from_utf8(text).ok()
+    }
+
+    /// [`extract`](Self::extract) into `text` (cleared first), a buffer
+    /// an event's traits share: each trait's value was a `String` of its
+    /// own, allocated and dropped per trait per event.
+    pub(super) fn extract_into<'t>(&self, event: &Value, text: &'t mut Vec<u8>) -> Option<&'t str> {
+        text.clear();
+        let value = match self {
+            TraitDef::EventCounter(_) => return Some(""),
             TraitDef::Aggregation(d) => messages::lookup(event, &d.property)
-                .filter(|v| v.as_f64().is_some_and(f64::is_finite))
-                .and_then(|v| serde_json::to_string(v).ok()),
+                .filter(|v| v.as_f64().is_some_and(f64::is_finite))?,
             _ => self
                 .property()
                 .and_then(|p| messages::lookup(event, p))
-                .filter(|v| !v.is_null())
-                .and_then(|v| serde_json::to_string(v).ok()),
-        }
+                .filter(|v| !v.is_null())?,
+        };
+        // `serde_json`'s writer, not `Display`: the same text without the
+        // formatter's per-write adapter.
+        serde_json::to_writer(&mut *text, value).ok()?;
+        std::str::from_utf8(text).ok()
     }
 }
 

@@ -78,11 +78,12 @@ impl ProfileState {
     ) -> Applied<'a> {
         let mut applied = Applied::default();
         let event_name = messages::event_name(event);
+        let mut buffer = Vec::new();
         for (name, def) in &set.defs {
             if !def.selects(event_name, event) {
                 continue;
             }
-            let Some(text) = def.extract(event) else {
+            let Some(text) = def.extract_into(event, &mut buffer) else {
                 continue;
             };
             // The name is copied only for a trait the profile lacks.
@@ -93,7 +94,7 @@ impl ProfileState {
                     .entry(name.clone())
                     .or_insert_with(|| TraitState::empty(def)),
             };
-            let added = state.add(def, event_time, &text);
+            let added = state.add(def, event_time, text);
             // A trait whose value the event cannot have changed is not
             // recomputed (see `TraitState::add`).
             if added.changed {

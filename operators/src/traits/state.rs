@@ -349,13 +349,24 @@ impl TraitState {
                 *max = Some(max.map_or(x, |m| m.max(x)));
             }
             TraitState::MostFrequent { counts } => {
-                match counts.get_mut(text) {
-                    Some(c) => *c = c.saturating_add(1),
+                // The value is the most frequent text (ties: the smallest):
+                // one more of `text` changes it only if `text` overtakes it.
+                let (best_text, best_count) = most_frequent(counts).unwrap_or(("", 0));
+                let was_best = best_count > 0 && best_text == text;
+                let wins_tie = best_count == 0 || text < best_text;
+                let count = match counts.get_mut(text) {
+                    Some(c) => {
+                        *c = c.saturating_add(1);
+                        *c
+                    }
                     None => {
                         counts.insert(text.to_owned(), 1);
+                        1
                     }
-                }
+                };
                 added.dropped = keep_most_frequent(counts, def.limit());
+                added.changed = added.dropped
+                    || (!was_best && (count > best_count || (count == best_count && wins_tie)));
             }
             TraitState::First { at } => added.changed = keep_if(at, time, text, Ordering::Less),
             TraitState::Last { at } => added.changed = keep_if(at, time, text, Ordering::Greater),
@@ -508,15 +519,7 @@ impl TraitState {
                 _ => Value::Null,
             },
             TraitState::MostFrequent { counts } => {
-                // Ascending key order and a strict `>`: ties go to the
-                // smallest value.
-                let mut best: Option<(&String, u64)> = None;
-                for (value, n) in counts {
-                    if best.is_none_or(|(_, m)| *n > m) {
-                        best = Some((value, *n));
-                    }
-                }
-                best.map_or(Value::Null, |(v, _)| parse_text(v))
+                most_frequent(counts).map_or(Value::Null, |(v, _)| parse_text(v))
             }
             TraitState::First { at } | TraitState::Last { at } => {
                 at.as_ref().map_or(Value::Null, |(_, v)| parse_text(v))
@@ -555,6 +558,18 @@ impl TraitState {
             _ => None,
         }
     }
+}
+
+/// The most frequent text and its count; ties go to the smallest text
+/// (ascending key order and a strict `>`).
+fn most_frequent(counts: &BTreeMap<String, u64>) -> Option<(&str, u64)> {
+    let mut best: Option<(&str, u64)> = None;
+    for (value, n) in counts {
+        if best.is_none_or(|(_, m)| *n > m) {
+            best = Some((value, *n));
+        }
+    }
+    best
 }
 
 fn merge_opt(a: Option<f64>, b: Option<f64>, f: fn(f64, f64) -> f64) -> Option<f64> {
