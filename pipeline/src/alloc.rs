@@ -7,15 +7,8 @@
 //! (`_int_malloc`, `malloc_consolidate`, `_int_free`); mimalloc cut their
 //! CPU per record by 16–21% (docs/performance.md, "mimalloc as the global
 //! allocator"). Declared here, in the crate every binary links, so a bench
-//! measures the allocator the product runs.
-//!
-//! mimalloc is built with its `override` feature, so it also answers the
-//! C `malloc`/`free` that RocksDB and librdkafka call (every produced
-//! record's copy, every write batch): with glibc's allocator there,
-//! `malloc`/`_int_malloc`/`free` were ~12% of the validate stage's
-//! instructions in the chain; with mimalloc the stage counts 10% fewer
-//! (docs/performance.md, "Records read in place, keys in order, one
-//! allocator").
+//! measures the allocator the product runs. RocksDB and librdkafka still
+//! allocate through glibc (they call `malloc` from C/C++ directly).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
