@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--events-per-round", type=int, default=120_000)
     ap.add_argument("--timeout", type=float, default=900, help="longest wait for a round to drain")
     ap.add_argument("--max-batch", type=int, default=5000)
+    ap.add_argument("--storage", choices=["memory", "sqlite"], default="memory",
+                    help="tansu's storage engine, as bench.py takes it")
     ap.add_argument("--workdir", help="keep configs, logs and state here")
     ap.add_argument("--out", default="rss-result.json")
     args = ap.parse_args()
