@@ -292,7 +292,9 @@ impl TaskStore {
         // keys from where the last one went; in the overlay's hash order
         // each insert searched from the top (4× the instructions in the
         // validate stage, docs/performance.md).
-        for (k, v) in in_key_order(changes) {
+        let mut sorted: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = changes.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (k, v) in sorted {
             match v {
                 Some(v) => batch.put(k, v),
                 None => batch.delete(k),
@@ -425,66 +427,6 @@ impl StateBackend for TaskStore {
     }
 }
 
-/// One change of a batch, borrowed: its key and its value (`None`: a delete).
-type Change<'a> = (&'a Vec<u8>, &'a Option<Vec<u8>>);
-
-/// A batch's changes in key order (bytewise, as RocksDB's comparator).
-///
-/// A batch's keys come in a few kinds, each with a long shared prefix
-/// (`dedupe/<source>/m…`, `profile/`, timers), so a bytewise compare of two
-/// keys is a call that walks the prefix first: sorting the 5 000 keys of a
-/// validate batch that way was ~10% of the stage's instructions. Instead
-/// the keys are sorted by their first 8 bytes as a big-endian number
-/// (zeros past a key's end: numbers order as the keys do wherever they
-/// differ), then each run of keys equal there by the 8 bytes after the
-/// prefix the run shares, and only keys equal in both are compared whole.
-fn in_key_order(changes: &Changes) -> Vec<Change<'_>> {
-    let mut keyed: Vec<(u64, Change<'_>)> = changes.iter().map(|e| (word_at(e.0, 0), e)).collect();
-    keyed.sort_unstable_by_key(|(word, _)| *word);
-    let mut start = 0;
-    while start < keyed.len() {
-        let word = keyed[start].0;
-        let len = keyed[start..]
-            .iter()
-            .take_while(|(w, _)| *w == word)
-            .count();
-        if len > 1 {
-            order_run(&mut keyed[start..start + len]);
-        }
-        start += len;
-    }
-    keyed.into_iter().map(|(_, e)| e).collect()
-}
-
-/// Order keys that are equal in their first 8 bytes (see [`in_key_order`]).
-fn order_run(run: &mut [(u64, Change<'_>)]) {
-    let Some((_, (first, _))) = run.first() else {
-        return;
-    };
-    let first: &[u8] = first;
-    let shared = run.iter().fold(first.len(), |shared, (_, (k, _))| {
-        first[..shared]
-            .iter()
-            .zip(k.iter())
-            .take_while(|(a, b)| a == b)
-            .count()
-    });
-    for (word, (k, _)) in run.iter_mut() {
-        *word = word_at(k, shared);
-    }
-    run.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1 .0.cmp(b.1 .0)));
-}
-
-/// The 8 bytes of `key` from `at` as a big-endian number, zeros past its
-/// end.
-fn word_at(key: &[u8], at: usize) -> u64 {
-    let mut bytes = [0u8; 8];
-    let rest = key.get(at..).unwrap_or_default();
-    let n = rest.len().min(8);
-    bytes[..n].copy_from_slice(&rest[..n]);
-    u64::from_be_bytes(bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,35 +528,6 @@ mod tests {
                 .prop_map(Op::CommitRestore),
             1 => Just(Op::Abort),
         ]
-    }
-
-    proptest::proptest! {
-        /// A batch's changes come out in bytewise key order, as a plain
-        /// sort gives it: keys with a long shared prefix, keys that are
-        /// prefixes of others, zero bytes, keys equal in their first 8
-        /// bytes after the prefix.
-        #[test]
-        fn changes_are_written_in_bytewise_key_order(
-            prefix in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12),
-            tails in proptest::collection::vec(
-                proptest::collection::vec(proptest::sample::select(vec![0u8, 1, 97, 98, 255]), 0..12),
-                0..40,
-            ),
-        ) {
-            // Two kinds of keys, as a batch writes (states and timers).
-            let changes: Changes = tails
-                .iter()
-                .enumerate()
-                .map(|(i, t)| {
-                    let kind: &[u8] = if i % 3 == 0 { b"timer/\x00\x01" } else { &prefix };
-                    ([kind, t].concat(), Some(t.clone()))
-                })
-                .collect();
-            let got: Vec<&Vec<u8>> = in_key_order(&changes).into_iter().map(|(k, _)| k).collect();
-            let mut expected: Vec<&Vec<u8>> = changes.keys().collect();
-            expected.sort();
-            proptest::prop_assert_eq!(got, expected);
-        }
     }
 
     proptest::proptest! {
