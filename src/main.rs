@@ -277,7 +277,6 @@ fn init_logging(format: LogFormat) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    cdp_pipeline::alloc::release_freed_memory_at_once();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match run(cli.command).await {

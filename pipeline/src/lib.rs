@@ -11,7 +11,7 @@
 //! effectively-once guarantee on any Kafka-protocol broker, without
 //! broker-side transactions. Time enters only through tick records.
 
-pub mod alloc;
+mod alloc;
 pub mod changelog;
 pub mod duration;
 pub mod envelope;
