@@ -14,9 +14,9 @@ use crate::messages::{
     self, outputs, wire, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
 };
 use crate::profile_keyed::{
-    decode_state, decode_update, dispatch, emit_json, encode_state, fired_profile, handled_at_once,
+    decode_state, decode_update, dispatch, emit_json, encode_state, fired_profile, handle_at_once,
     invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
-    to_json_value, union_identifiers, union_identifiers_from, Layout, ProfileStage, StageInput,
+    to_json_value, union_identifier_pairs, union_identifiers, Layout, ProfileStage, StageInput,
     StateCache, Stored, CACHED_PROFILES,
 };
 
@@ -247,11 +247,6 @@ impl AudiencesOperator {
         if view.profile_id.is_empty() || !view.merged_from.is_empty() {
             return None;
         }
-        match handled_at_once(self, ctx, view.profile_id) {
-            Ok(true) => {}
-            Ok(false) => return None,
-            Err(e) => return Some(Err(e)),
-        }
         let update = Arrival {
             profile_id: view.profile_id,
             traits: view.traits,
@@ -263,14 +258,14 @@ impl AudiencesOperator {
             traits_until: view.traits_until,
         };
         let identifiers = &view.identifiers;
-        let handled = self.on_update(
-            ctx,
-            update,
-            |ids| union_identifiers_from(ids, identifiers.iter().map(|(k, v)| (k, v))),
-            true,
-        );
-        self.layout.forget();
-        Some(handled)
+        handle_at_once(self, ctx, view.profile_id, |ctx| {
+            self.on_update(
+                ctx,
+                update,
+                |ids| union_identifier_pairs(ids, identifiers),
+                true,
+            )
+        })
     }
 
     fn on_merged(

@@ -613,6 +613,22 @@ mod tests {
         }
     }
 
+    /// The identifiers and changed traits of an update read in place, as
+    /// the owned decode's maps.
+    fn owned_maps(view: &UpdateView<'_>) -> (Identifiers, BTreeMap<String, Value>) {
+        let ids = view
+            .identifiers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.iter().map(|v| (*v).to_owned()).collect()))
+            .collect();
+        let changed = view
+            .traits
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        (ids, changed)
+    }
+
     proptest! {
         /// An update read in place holds what the owned decode reads:
         /// every field the audiences stage takes, the maps pair for pair.
@@ -627,12 +643,8 @@ mod tests {
                 return Err(TestCaseError::fail("not an update"));
             };
             prop_assert_eq!(view.profile_id, profile_id.as_str());
-            let ids: Identifiers = view.identifiers.iter()
-                .map(|(k, v)| ((*k).to_owned(), v.iter().map(|v| (*v).to_owned()).collect()))
-                .collect();
+            let (ids, changed) = owned_maps(&view);
             prop_assert_eq!(ids, identifiers);
-            let changed: BTreeMap<String, Value> =
-                view.traits.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
             prop_assert_eq!(changed, traits);
             prop_assert_eq!(view.event_time, event_time);
             prop_assert_eq!(view.message_id, cause.message_id.as_deref());
@@ -683,12 +695,8 @@ mod tests {
             let ProfileUpdate::Update { identifiers, traits, .. } = owned else {
                 return Err(TestCaseError::fail("not an update"));
             };
-            let ids: Identifiers = view.identifiers.iter()
-                .map(|(k, v)| ((*k).to_owned(), v.iter().map(|v| (*v).to_owned()).collect()))
-                .collect();
+            let (ids, changed) = owned_maps(&view);
             prop_assert_eq!(ids, identifiers);
-            let changed: BTreeMap<String, Value> =
-                view.traits.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
             prop_assert_eq!(changed, traits);
         }
     }

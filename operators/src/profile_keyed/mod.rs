@@ -32,7 +32,7 @@ pub(crate) use entry::{retired_value, to_earlier_layout, LIVE};
 pub(crate) use entry::{Entry, Layout};
 pub(crate) use read::EventPaths;
 pub use wait::MAX_HELD_INPUTS;
-pub(crate) use wait::{dispatch, fired_profile, handled_at_once, ProfileStage, Route, Timed};
+pub(crate) use wait::{dispatch, fired_profile, handle_at_once, ProfileStage, Route, Timed};
 
 use cdp_pipeline::operator::{Context, OperatorError};
 use cdp_pipeline::store::StoreError;
@@ -87,12 +87,15 @@ pub(crate) fn union_identifiers(a: &mut Identifiers, b: &Identifiers) {
     union_identifiers_from(a, b);
 }
 
-/// [`union_identifiers`] from any `(type, values)` pairs (an update's
-/// identifiers borrowed from its record, see `wire::UpdateView`).
-pub(crate) fn union_identifiers_from<K, V, I>(
-    a: &mut Identifiers,
-    b: impl IntoIterator<Item = (K, I)>,
-) where
+/// [`union_identifiers`] from `(type, values)` pairs borrowed from a
+/// record read in place (`wire::UpdateView`, `wire::EventView`).
+pub(crate) fn union_identifier_pairs(a: &mut Identifiers, b: &[(&str, Vec<&str>)]) {
+    union_identifiers_from(a, b.iter().map(|(k, v)| (k, v)));
+}
+
+/// [`union_identifiers`] from any `(type, values)` pairs.
+fn union_identifiers_from<K, V, I>(a: &mut Identifiers, b: impl IntoIterator<Item = (K, I)>)
+where
     K: AsRef<str>,
     V: AsRef<str>,
     I: IntoIterator<Item = V>,

@@ -232,29 +232,34 @@ pub(crate) fn dispatch<S: ProfileStage>(
     routed
 }
 
-/// Whether a profile's usual record (one that merges nothing into it) may
-/// be handled at once, as [`dispatch`] would: the profile's state is
-/// pending, or it is live and waits for nothing. Then the stage handles
-/// the record with `defer` (its load takes the value read here, as after
-/// `dispatch`'s routing) and calls [`Layout::forget`] when done; `false`:
-/// the record goes through [`dispatch`] (merged away, waiting, or holding
-/// inputs), nothing read is kept. A stage that reads its usual records in
-/// place (audiences) asks this before building the owned input.
-pub(crate) fn handled_at_once<S: ProfileStage>(
+/// Handle a profile's usual record (one that merges nothing into it) at
+/// once, as [`dispatch`] would, when it can be: the profile's state is
+/// pending, or it is live and waits for nothing. Then `handle` runs with
+/// `defer` in effect (the stage's load takes the value read here, as
+/// after `dispatch`'s routing) and its result comes back; `None`: nothing
+/// was done and nothing read is kept, and the record goes through
+/// [`dispatch`] (merged away, waiting, or holding inputs). A stage that
+/// reads its usual records in place (traits, audiences) calls this before
+/// building the owned input.
+pub(crate) fn handle_at_once<S: ProfileStage>(
     stage: &S,
-    ctx: &Context<'_>,
+    ctx: &mut Context<'_>,
     id: &str,
-) -> Result<bool, OperatorError> {
-    if stage.cache().is_pending(id) {
-        return Ok(true);
-    }
-    match stage.layout().entry_kept(ctx, id)? {
-        Entry::Live { waiting: false } => Ok(true),
-        _ => {
-            stage.layout().forget();
-            Ok(false)
+    handle: impl FnOnce(&mut Context<'_>) -> Result<(), OperatorError>,
+) -> Option<Result<(), OperatorError>> {
+    if !stage.cache().is_pending(id) {
+        match stage.layout().entry_kept(ctx, id) {
+            Ok(Entry::Live { waiting: false }) => {}
+            Ok(_) => {
+                stage.layout().forget();
+                return None;
+            }
+            Err(e) => return Some(Err(e)),
         }
     }
+    let handled = handle(ctx);
+    stage.layout().forget();
+    Some(handled)
 }
 
 fn route<S: ProfileStage>(

@@ -16,10 +16,10 @@ use super::{MERGE_WAIT_LIMIT, STAGE, STATE_LIMIT_HEADER};
 use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{self, outputs, wire, Cause, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::{
-    decode_event, decode_state, dispatch, emit_record, encode_state, fired_profile,
-    handled_at_once, invalid_transfer, pass_on_transfer, profile_key, reschedule, retire,
-    send_transfer, to_json_value, union_identifiers, union_identifiers_from, Layout, ProfileStage,
-    StageInput, StateCache, Stored, CACHED_PROFILES,
+    decode_event, decode_state, dispatch, emit_record, encode_state, fired_profile, handle_at_once,
+    invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
+    to_json_value, union_identifier_pairs, union_identifiers, Layout, ProfileStage, StageInput,
+    StateCache, Stored, CACHED_PROFILES,
 };
 
 /// An event as [`TraitsOperator::on_event`] takes it, however it was
@@ -253,11 +253,6 @@ impl TraitsOperator {
         if !tree.is_object() {
             return None;
         }
-        match handled_at_once(self, ctx, view.profile_id) {
-            Ok(true) => {}
-            Ok(false) => return None,
-            Err(e) => return Some(Err(e)),
-        }
         let event = Arrival {
             profile_id: view.profile_id,
             tree: &tree,
@@ -266,15 +261,15 @@ impl TraitsOperator {
             record_time: record.timestamp_ms,
         };
         let identifiers = &view.identifiers;
-        let handled = self.on_event(
-            ctx,
-            event,
-            |ids| union_identifiers_from(ids, identifiers.iter().map(|(k, v)| (k, v))),
-            false,
-            true,
-        );
-        self.layout.forget();
-        Some(handled)
+        handle_at_once(self, ctx, view.profile_id, |ctx| {
+            self.on_event(
+                ctx,
+                event,
+                |ids| union_identifier_pairs(ids, identifiers),
+                false,
+                true,
+            )
+        })
     }
 
     fn on_merged(
