@@ -32,7 +32,9 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
 use super::{Cause, DroppedIdentifier, EventJson, Identifiers, ProfileRecord, ProfileUpdate};
-use crate::profile_keyed::{decode_padded, json_value_map, sorted_map, EndedEarly, RECORD_ROOM};
+use crate::profile_keyed::{
+    decode_padded, json_value_map, last_wins_pairs, sorted_map, EndedEarly, RECORD_ROOM,
+};
 
 /// First byte of a binary [`ProfileRecord::Event`]. `0xF5`–`0xFF` never
 /// start (or occur in) UTF-8 text, so no JSON record starts with them.
@@ -107,7 +109,9 @@ pub(crate) struct EventView<'a> {
     #[serde(borrow)]
     pub(crate) merged_from: Vec<&'a str>,
     pub(crate) profile_id: &'a str,
-    #[serde(borrow, deserialize_with = "borrowed_identifiers")]
+    /// `(type, values)` pairs in the order written; a repeated type keeps
+    /// its last values, as the owned decode's map does.
+    #[serde(borrow, deserialize_with = "last_wins_pairs")]
     pub(crate) identifiers: Vec<(&'a str, Vec<&'a str>)>,
     pub(crate) event: &'a str,
 }
@@ -256,6 +260,7 @@ impl Serialize for Traits<'_> {
 /// [`ProfileUpdate::Update`] as written. [`Cause`]'s two fields are
 /// inline: its JSON form skips absent ones, which a positional form
 /// cannot.
+///
 /// The traits stage writes it from borrowed parts ([`write_update`]), so
 /// an update of a record read in place copies nothing first.
 #[derive(Serialize)]
@@ -310,7 +315,9 @@ struct UpdateIn<'a> {
 #[derive(Deserialize)]
 pub(crate) struct UpdateView<'a> {
     pub(crate) profile_id: &'a str,
-    #[serde(borrow, deserialize_with = "borrowed_identifiers")]
+    /// `(type, values)` pairs in the order written; a repeated type keeps
+    /// its last values, as the owned decode's map does.
+    #[serde(borrow, deserialize_with = "last_wins_pairs")]
     pub(crate) identifiers: Vec<(&'a str, Vec<&'a str>)>,
     #[serde(borrow, deserialize_with = "json_value_map::deserialize_borrowed")]
     pub(crate) traits: Vec<(&'a str, Value)>,
@@ -343,40 +350,6 @@ pub(crate) fn view_update(value: &[u8]) -> Option<UpdateView<'_>> {
         Some((&UPDATE_V1, rest)) => postcard::from_bytes(rest).ok(),
         _ => None,
     }
-}
-
-/// The identifiers map as `(type, values)` pairs borrowed from the bytes,
-/// in the order written; a repeated type keeps its last values, as the
-/// map [`decode_update`] builds does.
-fn borrowed_identifiers<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Vec<(&'de str, Vec<&'de str>)>, D::Error> {
-    struct Pairs;
-
-    impl<'de> serde::de::Visitor<'de> for Pairs {
-        type Value = Vec<(&'de str, Vec<&'de str>)>;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a map of identifier types to values")
-        }
-
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut access: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut pairs: Self::Value =
-                Vec::with_capacity(access.size_hint().unwrap_or(0).min(16));
-            while let Some((kind, values)) = access.next_entry::<&'de str, Vec<&'de str>>()? {
-                match pairs.iter_mut().find(|(k, _)| *k == kind) {
-                    Some(pair) => pair.1 = values,
-                    None => pairs.push((kind, values)),
-                }
-            }
-            Ok(pairs)
-        }
-    }
-
-    d.deserialize_map(Pairs)
 }
 
 /// The binary form of an update; `None` for any other [`ProfileUpdate`].

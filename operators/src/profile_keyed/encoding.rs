@@ -338,29 +338,11 @@ pub(crate) mod json_value_map {
     pub(crate) fn deserialize_borrowed<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Vec<(&'de str, Value)>, D::Error> {
-        d.deserialize_map(Pairs)
-    }
-
-    struct Pairs;
-
-    impl<'de> Visitor<'de> for Pairs {
-        type Value = Vec<(&'de str, Value)>;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a map of JSON values")
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-            let mut pairs: Self::Value =
-                Vec::with_capacity(access.size_hint().unwrap_or(0).min(64));
-            while let Some((name, Text(value))) = access.next_entry::<&'de str, Text>()? {
-                match pairs.iter_mut().find(|(n, _)| *n == name) {
-                    Some(pair) => pair.1 = value,
-                    None => pairs.push((name, value)),
-                }
-            }
-            Ok(pairs)
-        }
+        let pairs: Vec<(&'de str, Text)> = super::last_wins_pairs(d)?;
+        Ok(pairs
+            .into_iter()
+            .map(|(name, Text(value))| (name, value))
+            .collect())
     }
 
     /// Reads the binary map straight into the map of values (no map of
@@ -425,6 +407,41 @@ impl<K: Ord, V> MapBuilder<K, V> {
             MapBuilder::Large(entries) => BTreeMap::from_iter(entries),
         }
     }
+}
+
+/// A map as its `(key, value)` pairs in the order written (keys borrowed
+/// where they can be, for records read in place); a repeated key keeps
+/// its last value in the first one's place, as a map built by inserts
+/// would hold it.
+pub(crate) fn last_wins_pairs<'de, D, K, V>(d: D) -> Result<Vec<(K, V)>, D::Error>
+where
+    D: Deserializer<'de>,
+    K: Deserialize<'de> + PartialEq,
+    V: Deserialize<'de>,
+{
+    struct Pairs<K, V>(PhantomData<(K, V)>);
+
+    impl<'de, K: Deserialize<'de> + PartialEq, V: Deserialize<'de>> Visitor<'de> for Pairs<K, V> {
+        type Value = Vec<(K, V)>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+            // Bounded: a corrupt length must not reserve gigabytes.
+            let mut pairs = Vec::with_capacity(access.size_hint().unwrap_or(0).min(64));
+            while let Some((key, value)) = access.next_entry::<K, V>()? {
+                match pairs.iter_mut().find(|(k, _): &&mut (K, V)| *k == key) {
+                    Some(pair) => pair.1 = value,
+                    None => pairs.push((key, value)),
+                }
+            }
+            Ok(pairs)
+        }
+    }
+
+    d.deserialize_map(Pairs(PhantomData))
 }
 
 /// Decodes a map by collecting its entries and building the tree once

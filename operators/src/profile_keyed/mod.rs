@@ -24,8 +24,8 @@ pub(crate) use cache::{StateCache, CACHED_PROFILES};
 #[cfg(test)]
 pub(crate) use encoding::{assert_rewritten_in_binary, read_state};
 pub(crate) use encoding::{
-    decode_padded, decode_state, encode_state, json_value, json_value_map, sorted_map, EndedEarly,
-    Stored,
+    decode_padded, decode_state, encode_state, json_value, json_value_map, last_wins_pairs,
+    sorted_map, EndedEarly, Stored,
 };
 #[cfg(test)]
 pub(crate) use entry::{retired_value, to_earlier_layout, LIVE};
