@@ -38,6 +38,11 @@ pub(super) struct EventFilter {
     /// the shortest window using the filter (see
     /// [`crate::traits::bucket_width`]); `None` when no window uses it.
     pub(super) width: Option<i64>,
+    /// For a sequence step: the key a state written before steps had
+    /// histories of their own keeps its times under (the key of a count
+    /// or window on the same event and conditions); made once here, not
+    /// on every load (see `AudienceProfile::upgrade_sequence_steps`).
+    pub(super) shared_key: Option<String>,
 }
 
 impl EventFilter {
@@ -137,13 +142,16 @@ impl Compiler {
     ) -> Result<usize, String> {
         // Sequence steps keep exact (recent) times, windows buckets: a
         // step never shares its history with a window or a count.
-        let key = match retention {
-            Retention::All => {
+        let shared = serde_json::to_string(&json!({"event": event, "where": conditions}))
+            .map_err(|e| e.to_string())?;
+        let (key, shared_key) = match retention {
+            Retention::All => (
                 serde_json::to_string(&json!({"sequence_step": event, "where": conditions}))
-            }
-            _ => serde_json::to_string(&json!({"event": event, "where": conditions})),
-        }
-        .map_err(|e| e.to_string())?;
+                    .map_err(|e| e.to_string())?,
+                Some(shared),
+            ),
+            _ => (shared, None),
+        };
         let width = match retention {
             Retention::Window(w) => Some(bucket_width(w)),
             _ => None,
@@ -166,6 +174,7 @@ impl Compiler {
             conditions: conditions.to_vec(),
             retention,
             width,
+            shared_key,
         });
         Ok(self.filters.len() - 1)
     }

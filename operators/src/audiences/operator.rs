@@ -235,18 +235,26 @@ impl AudiencesOperator {
         record: &Record<'_>,
     ) -> Option<Result<(), OperatorError>> {
         let view = wire::view_update(record.value)?;
+        if view.profile_id.is_empty() || !view.merged_from.is_empty() {
+            return None;
+        }
         let fingerprint = self.set.filters_fingerprint();
+        let parsed;
         let seen = match (view.event, &view.matched) {
             (None, _) => Seen::Nothing,
             (Some(_), Some((filters, matched))) if fingerprint != 0 && *filters == fingerprint => {
                 Seen::Matched(matched)
             }
-            // An event to parse: the general path.
-            (Some(_), _) => return None,
+            // An event to match here (a traits stage with other filters,
+            // a producer writing here): parsed from the borrowed text. One
+            // that is not UTF-8 or not JSON goes the general path, which
+            // says what is wrong with it.
+            (Some(text), _) => {
+                let text = cdp_pipeline::json::utf8(text)?;
+                parsed = self.set.reads.parse(text).ok()?;
+                Seen::Event(&parsed)
+            }
         };
-        if view.profile_id.is_empty() || !view.merged_from.is_empty() {
-            return None;
-        }
         let update = Arrival {
             profile_id: view.profile_id,
             traits: view.traits,

@@ -3,9 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::compile::{AudienceSet, Compiled, EventFilter, Retention};
+use super::compile::{AudienceSet, Compiled, EventFilter};
 use super::history::FilterHistory;
 use crate::messages::{self, Identifiers};
 use crate::profile_keyed::{json_value_map, union_identifiers};
@@ -90,16 +90,14 @@ impl AudienceProfile {
         if !self.events.values().any(|h| !h.times.is_empty()) {
             return;
         }
-        for f in set.filters.iter().filter(|f| f.retention == Retention::All) {
+        for f in &set.filters {
+            let Some(shared) = &f.shared_key else {
+                continue;
+            };
             if self.events.contains_key(&f.key) {
                 continue;
             }
-            let Ok(shared) =
-                serde_json::to_string(&json!({"event": f.event, "where": f.conditions}))
-            else {
-                continue;
-            };
-            let Some(times) = self.events.get(&shared).map(|h| h.times.clone()) else {
+            let Some(times) = self.events.get(shared).map(|h| h.times.clone()) else {
                 continue;
             };
             if !times.is_empty() {

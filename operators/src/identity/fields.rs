@@ -169,7 +169,7 @@ impl EventFields {
         }
         // Checked as UTF-8 once, then read as text: a slice reader would
         // check every string again.
-        let text = std::str::from_utf8(bytes).ok()?;
+        let text = cdp_pipeline::json::utf8(bytes)?;
         serde_json::from_str(text).ok()
     }
 

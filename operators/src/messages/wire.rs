@@ -33,7 +33,7 @@ use serde_json::Value;
 
 use super::{Cause, DroppedIdentifier, EventJson, Identifiers, ProfileRecord, ProfileUpdate};
 use crate::profile_keyed::{
-    decode_padded, json_value_map, last_wins_pairs, sorted_map, EndedEarly, RECORD_ROOM,
+    decode_padded, json_value_map, last_wins_pairs, EndedEarly, RECORD_ROOM,
 };
 
 /// First byte of a binary [`ProfileRecord::Event`]. `0xF5`–`0xFF` never
@@ -82,28 +82,17 @@ struct EventOut<'a, M: Serialize> {
     event: Text<'a>,
 }
 
-#[derive(Deserialize)]
-struct EventIn<'a> {
-    dropped: Vec<DroppedIdentifier>,
-    merged_from: Vec<String>,
-    profile_id: String,
-    #[serde(deserialize_with = "sorted_map")]
-    identifiers: Identifiers,
-    #[serde(borrow)]
-    event: &'a str,
-}
-
 /// An event record read in place: its ids and identifiers borrowed from
 /// the record's bytes, its event's text too. The traits stage reads a
 /// profile's usual record this way (see `TraitsOperator::process`): the
 /// owned [`ProfileRecord`] allocated every string of it and copied the
-/// event's ~0.7 KB, and a record handled at once keeps none of them.
+/// event's ~0.7 KB, and a record handled at once keeps none of them. The
+/// owned decode ([`decode_event`]) is this view made owned, so the
+/// record's layout is written down once.
 #[derive(Deserialize)]
 pub(crate) struct EventView<'a> {
-    /// Read for its place (the fields are positional): `(type, value,
-    /// reason)` of each refused identifier; the traits stage does not use
-    /// them.
-    #[allow(dead_code)]
+    /// `(type, value, reason)` of each refused identifier (the traits
+    /// stage does not use them).
     #[serde(borrow)]
     dropped: Vec<(&'a str, &'a str, &'a str)>,
     #[serde(borrow)]
@@ -113,7 +102,54 @@ pub(crate) struct EventView<'a> {
     /// its last values, as the owned decode's map does.
     #[serde(borrow, deserialize_with = "last_wins_pairs")]
     pub(crate) identifiers: Vec<(&'a str, Vec<&'a str>)>,
-    pub(crate) event: &'a str,
+    /// The event's JSON text as bytes, checked as UTF-8 by its reader
+    /// ([`utf8_event`], or `cdp_pipeline::json::utf8`): postcard's own
+    /// check of a `&str` is std's, ~4 instructions a byte.
+    pub(crate) event: &'a [u8],
+}
+
+impl EventView<'_> {
+    /// The owned record; its event's tree is what `parse` builds (see
+    /// [`event`]).
+    fn into_record<F: FnOnce(&str) -> Result<Value, serde_json::Error>>(
+        self,
+        parse: &mut Option<F>,
+    ) -> Result<ProfileRecord, RecordError> {
+        let dropped = self
+            .dropped
+            .into_iter()
+            .map(|(kind, value, reason)| DroppedIdentifier {
+                kind: kind.to_owned(),
+                value: value.to_owned(),
+                reason: reason.to_owned(),
+            });
+        Ok(ProfileRecord::Event {
+            profile_id: self.profile_id.to_owned(),
+            identifiers: owned_identifiers(self.identifiers),
+            event: event(utf8_event(self.event)?, parse)?,
+            dropped: dropped.collect(),
+            merged_from: owned_strings(self.merged_from),
+        })
+    }
+}
+
+/// An event's text read as bytes, as text: the check (and the error) the
+/// owned form's `&str` made while reading.
+fn utf8_event(bytes: &[u8]) -> Result<&str, RecordError> {
+    cdp_pipeline::json::utf8(bytes).ok_or(RecordError::Decode(postcard::Error::DeserializeBadUtf8))
+}
+
+/// Identifier pairs read in place as the owned map (each type once: the
+/// pairs keep a repeated type's last values).
+fn owned_identifiers(pairs: Vec<(&str, Vec<&str>)>) -> Identifiers {
+    pairs
+        .into_iter()
+        .map(|(kind, values)| (kind.to_owned(), owned_strings(values)))
+        .collect()
+}
+
+fn owned_strings(strings: Vec<&str>) -> Vec<String> {
+    strings.into_iter().map(str::to_owned).collect()
 }
 
 /// A binary event record ([`EVENT_V1`] and its bytes) read in place;
@@ -195,14 +231,8 @@ pub(crate) fn decode_event(
 ) -> Result<ProfileRecord, RecordError> {
     let mut parse = Some(parse);
     decode_padded(bytes, |bytes| {
-        let r: EventIn<'_> = postcard::from_bytes(bytes)?;
-        Ok(ProfileRecord::Event {
-            profile_id: r.profile_id,
-            identifiers: r.identifiers,
-            event: event(r.event, &mut parse)?,
-            dropped: r.dropped,
-            merged_from: r.merged_from,
-        })
+        let view: EventView<'_> = postcard::from_bytes(bytes)?;
+        view.into_record(&mut parse)
     })
 }
 
@@ -288,30 +318,13 @@ pub(crate) fn write_update(record: &UpdateOut<'_>) -> Result<Vec<u8>, RecordErro
     Ok(postcard::to_extend(record, out)?)
 }
 
-#[derive(Deserialize)]
-struct UpdateIn<'a> {
-    profile_id: String,
-    #[serde(deserialize_with = "sorted_map")]
-    identifiers: Identifiers,
-    #[serde(deserialize_with = "json_value_map::deserialize")]
-    traits: BTreeMap<String, Value>,
-    event_time: i64,
-    time_corrected_from: Option<i64>,
-    message_id: Option<String>,
-    tick: Option<i64>,
-    merged_from: Vec<String>,
-    traits_until: Option<i64>,
-    #[serde(borrow)]
-    event: Option<&'a str>,
-    matched: Option<(u64, Vec<u32>)>,
-}
-
 /// A binary update read in place: its ids, names and identifiers
 /// borrowed from the record's bytes, its trait values decoded. The
 /// audiences stage reads a profile's usual update this way (see
 /// `AudiencesOperator::process`): the owned [`ProfileUpdate`] allocated
 /// every string of it (~8 a record), and a record handled at once needs
-/// none of them kept.
+/// none of them kept. The owned decode ([`decode_update`]) is this view
+/// made owned, so the record's layout is written down once.
 #[derive(Deserialize)]
 pub(crate) struct UpdateView<'a> {
     pub(crate) profile_id: &'a str,
@@ -322,9 +335,7 @@ pub(crate) struct UpdateView<'a> {
     #[serde(borrow, deserialize_with = "json_value_map::deserialize_borrowed")]
     pub(crate) traits: Vec<(&'a str, Value)>,
     pub(crate) event_time: i64,
-    /// Read for its place (the fields are positional); the audiences
-    /// stage does not use it.
-    #[allow(dead_code)]
+    /// The audiences stage does not use it.
     time_corrected_from: Option<i64>,
     #[serde(borrow)]
     pub(crate) message_id: Option<&'a str>,
@@ -332,13 +343,46 @@ pub(crate) struct UpdateView<'a> {
     #[serde(borrow)]
     pub(crate) merged_from: Vec<&'a str>,
     pub(crate) traits_until: Option<i64>,
-    /// The event's text as bytes: the in-place path never reads it (it
-    /// takes an event only with its matches), so its ~0.7 KB are not
-    /// checked as UTF-8 (1.4k instructions a record); the owned decode
-    /// checks them.
+    /// The event's text as bytes: an event that comes with its matches
+    /// is never read, so its ~0.7 KB are not checked as UTF-8; a reader
+    /// checks any text it parses ([`utf8_event`]).
     #[serde(borrow)]
     pub(crate) event: Option<&'a [u8]>,
     pub(crate) matched: Option<(u64, Vec<u32>)>,
+}
+
+impl UpdateView<'_> {
+    /// The owned update; its event is read as [`updated_event`] reads
+    /// it (`accepts`, `parse`).
+    fn into_update<F: FnOnce(&str) -> Result<Value, serde_json::Error>>(
+        self,
+        accepts: u64,
+        parse: &mut Option<F>,
+    ) -> Result<ProfileUpdate, RecordError> {
+        let matched = self.matched;
+        let event = self.event.map(|bytes| {
+            let text = utf8_event(bytes)?;
+            updated_event(text, matched, accepts, parse)
+        });
+        let traits = self
+            .traits
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value));
+        Ok(ProfileUpdate::Update {
+            profile_id: self.profile_id.to_owned(),
+            identifiers: owned_identifiers(self.identifiers),
+            event: event.transpose()?,
+            traits: traits.collect(),
+            event_time: self.event_time,
+            time_corrected_from: self.time_corrected_from,
+            cause: Cause {
+                message_id: self.message_id.map(str::to_owned),
+                tick: self.tick,
+            },
+            merged_from: owned_strings(self.merged_from),
+            traits_until: self.traits_until,
+        })
+    }
 }
 
 /// A binary update ([`UPDATE_V1`] and its bytes) read in place; `None`
@@ -404,24 +448,8 @@ pub(crate) fn decode_update(
 ) -> Result<ProfileUpdate, RecordError> {
     let mut parse = Some(parse);
     decode_padded(bytes, |bytes| {
-        let r: UpdateIn<'_> = postcard::from_bytes(bytes)?;
-        Ok(ProfileUpdate::Update {
-            profile_id: r.profile_id,
-            identifiers: r.identifiers,
-            event: r
-                .event
-                .map(|text| updated_event(text, r.matched, accepts, &mut parse))
-                .transpose()?,
-            traits: r.traits,
-            event_time: r.event_time,
-            time_corrected_from: r.time_corrected_from,
-            cause: Cause {
-                message_id: r.message_id,
-                tick: r.tick,
-            },
-            merged_from: r.merged_from,
-            traits_until: r.traits_until,
-        })
+        let view: UpdateView<'_> = postcard::from_bytes(bytes)?;
+        view.into_update(accepts, &mut parse)
     })
 }
 

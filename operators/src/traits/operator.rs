@@ -248,15 +248,17 @@ impl TraitsOperator {
         if view.profile_id.is_empty() || !view.merged_from.is_empty() {
             return None;
         }
-        // Not a JSON object, or not JSON: the general path refuses it.
-        let tree = self.set.reads.parse(view.event).ok()?;
+        // Not UTF-8, not JSON or not a JSON object: the general path
+        // refuses it.
+        let text = cdp_pipeline::json::utf8(view.event)?;
+        let tree = self.set.reads.parse(text).ok()?;
         if !tree.is_object() {
             return None;
         }
         let event = Arrival {
             profile_id: view.profile_id,
             tree: &tree,
-            text: Cow::Borrowed(view.event),
+            text: Cow::Borrowed(text),
             merged_from: &[],
             record_time: record.timestamp_ms,
         };

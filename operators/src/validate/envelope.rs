@@ -83,9 +83,9 @@ impl<'p> Envelope<'p> {
         // `serde_json` checks each string on its own (a call per string;
         // `parse_str` was ~10% of the stage's batches). Bytes that are not
         // UTF-8 are read as bytes, so the error names the string at fault.
-        match std::str::from_utf8(bytes) {
-            Ok(text) => read_whole(serde_json::Deserializer::from_str(text), top),
-            Err(_) => read_whole(serde_json::Deserializer::from_slice(bytes), top),
+        match cdp_pipeline::json::utf8(bytes) {
+            Some(text) => read_whole(serde_json::Deserializer::from_str(text), top),
+            None => read_whole(serde_json::Deserializer::from_slice(bytes), top),
         }
     }
 

@@ -163,3 +163,27 @@ fn windowed_event_history_is_kept_in_buckets() -> TestResult {
     assert!(stored.len() < 2048, "{} bytes", stored.len());
     Ok(())
 }
+
+/// A state written when a sequence step shared its history with a count
+/// of the same event (its times under the count's key) gives the step
+/// those times when it is loaded: the sequence completes on its next
+/// step, as it would have before. A profile without them does not.
+#[test]
+fn a_step_takes_its_times_from_a_state_written_before_steps_had_their_own() -> TestResult {
+    let yaml = "seq: {where: {sequence: [{event: A}, {event: B}], within: 1d}}";
+    let (mut upgraded, mut fresh) = (harness(yaml)?, harness(yaml)?);
+    let legacy: AudienceProfile = serde_json::from_value(json!({
+        "clock": DAY,
+        "events": {r#"{"event":"A","where":[]}"#: {"count": 1, "times": [DAY]}},
+    }))?;
+    upgraded
+        .state
+        .map
+        .insert(profile_key("p"), serde_json::to_vec(&legacy)?);
+    let b = Some(("B", json!({})));
+    let c = send(&mut upgraded, "p", b.clone(), json!({}), DAY + HOUR)?;
+    assert_eq!(summary(&c), vec![entered("seq")]);
+    let c = send(&mut fresh, "p", b, json!({}), DAY + HOUR)?;
+    assert_eq!(summary(&c), vec![]);
+    Ok(())
+}
