@@ -103,8 +103,8 @@ pub(crate) struct EventView<'a> {
     #[serde(borrow, deserialize_with = "last_wins_pairs")]
     pub(crate) identifiers: Vec<(&'a str, Vec<&'a str>)>,
     /// The event's JSON text as bytes, checked as UTF-8 by its reader
-    /// ([`utf8_event`], or `cdp_pipeline::json::utf8`): postcard's own
-    /// check of a `&str` is std's, ~4 instructions a byte.
+    /// ([`utf8_event`], or `cdp_pipeline::json::utf8`: SIMD, where
+    /// postcard's own check of a `&str` is std's).
     pub(crate) event: &'a [u8],
 }
 
