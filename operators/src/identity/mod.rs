@@ -56,6 +56,7 @@ pub use graph::MAX_AUDIT_DROPS;
 use crate::messages::{
     outputs, wire, Cause, DroppedIdentifier, ProfileRecord, ProfileSnapshot, ProfileStatus,
 };
+use crate::profile_keyed::unwritable;
 use config::Identifier;
 use fields::EventFields;
 use graph::{id_key, Known, ProfileState, Provenance, Resolution};
@@ -298,9 +299,9 @@ fn encode_event(
         dropped,
         &resolution.merged.keys().collect::<Vec<_>>(),
     )
-    .map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))
+    .map_err(unwritable)
 }
 
 fn encode<T: serde::Serialize>(record: &T) -> Result<Vec<u8>, OperatorError> {
-    serde_json::to_vec(record).map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))
+    serde_json::to_vec(record).map_err(unwritable)
 }

@@ -135,7 +135,7 @@ pub(crate) fn reschedule(
 }
 
 pub(crate) fn to_json_value<T: Serialize>(value: &T) -> Result<Value, OperatorError> {
-    serde_json::to_value(value).map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))
+    serde_json::to_value(value).map_err(unwritable)
 }
 
 /// The input record of a profile-keyed stage ([`ProfileRecord`] for
@@ -208,8 +208,7 @@ macro_rules! stage_input {
             }
 
             fn encoded(&self) -> Result<Vec<u8>, OperatorError> {
-                $input::to_bytes(self)
-                    .map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))
+                $input::to_bytes(self).map_err($crate::profile_keyed::unwritable)
             }
 
             fn route(&self) -> Route<'_> {
@@ -365,6 +364,13 @@ pub(crate) fn decode_event(
 
 fn invalid_record(e: impl std::fmt::Display) -> OperatorError {
     OperatorError::rejected("invalid_record", json!({"error": e.to_string()}))
+}
+
+/// A record or state this stage could not write: a store error (the
+/// batch fails and nothing of it is acknowledged), not a dead letter
+/// like a record it could not read ([`invalid_record`]).
+pub(crate) fn unwritable(e: impl std::fmt::Display) -> OperatorError {
+    OperatorError::Store(StoreError::Decode(e.to_string()))
 }
 
 /// The record read already (binary, or the JSON fast path), else the

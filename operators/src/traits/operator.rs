@@ -18,8 +18,8 @@ use crate::messages::{self, outputs, wire, Cause, Identifiers, ProfileRecord, Pr
 use crate::profile_keyed::{
     decode_event, decode_state, dispatch, emit_record, encode_state, fired_profile, handle_at_once,
     invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
-    to_json_value, union_identifier_pairs, union_identifiers, Layout, ProfileStage, StageInput,
-    StateCache, Stored, CACHED_PROFILES,
+    to_json_value, union_identifier_pairs, union_identifiers, unwritable, Layout, ProfileStage,
+    StageInput, StateCache, Stored, CACHED_PROFILES,
 };
 
 /// An event as [`TraitsOperator::on_event`] takes it, however it was
@@ -227,7 +227,7 @@ impl TraitsOperator {
         // hold this batch's earlier records of the profile, taken from
         // pending, and must not be lost with a record that fails.
         self.cache.store(ctx, profile_id, state, defer)?;
-        let bytes = encoded.map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))?;
+        let bytes = encoded.map_err(unwritable)?;
         ctx.emit_with_headers(
             outputs::NEXT,
             Some(profile_id.as_bytes().to_vec()),
@@ -409,8 +409,7 @@ impl ProfileStage for TraitsOperator {
                 merged_from,
                 ..
             } => {
-                let text = wire::event_text(&event)
-                    .map_err(|e| OperatorError::Store(StoreError::Decode(e.to_string())))?;
+                let text = wire::event_text(&event).map_err(unwritable)?;
                 let arrival = Arrival {
                     profile_id: &profile_id,
                     tree: event.value(),
