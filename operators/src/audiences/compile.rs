@@ -3,12 +3,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cdp_pipeline::Span;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::config::{AudienceDef, Condition, CountCondition};
 use crate::config::{ConfigError, KnownNames};
 use crate::event_time::{EventTimeConfig, FutureTimePolicy};
-use crate::messages;
+use crate::messages::{self, EventRead};
 use crate::profile_keyed::EventPaths;
 use crate::traits::{bucket_width, Comparison, PropertyCondition};
 
@@ -46,7 +46,7 @@ pub(super) struct EventFilter {
 }
 
 impl EventFilter {
-    pub(super) fn selects(&self, name: Option<&str>, event: &Value) -> bool {
+    pub(super) fn selects<E: EventRead + ?Sized>(&self, name: Option<&str>, event: &E) -> bool {
         name == Some(self.event.as_str()) && self.conditions.iter().all(|c| c.matches_event(event))
     }
 }
@@ -401,7 +401,7 @@ impl AudienceSet {
     /// the traits stage sends with an update (see
     /// [`TraitSet::forwarding`](crate::traits::TraitSet::forwarding)).
     /// `event` holds at least the paths these audiences read.
-    pub(crate) fn matching_filters(&self, event: &Value) -> Vec<u32> {
+    pub(crate) fn matching_filters<E: EventRead + ?Sized>(&self, event: &E) -> Vec<u32> {
         let name = messages::event_name(event);
         (0u32..)
             .zip(&self.filters)

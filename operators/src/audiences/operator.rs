@@ -11,13 +11,14 @@ use super::compile::AudienceSet;
 use super::profile::AudienceProfile;
 use super::STAGE;
 use crate::messages::{
-    self, outputs, wire, AudienceAction, AudienceChange, Cause, Identifiers, ProfileUpdate,
+    self, outputs, wire, AudienceAction, AudienceChange, Cause, EventRead, Identifiers,
+    ProfileUpdate,
 };
 use crate::profile_keyed::{
     decode_state, decode_update, dispatch, emit_json, encode_state, fired_profile, handle_at_once,
     invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
-    to_json_value, union_identifier_pairs, union_identifiers, Layout, ProfileStage, StageInput,
-    StateCache, Stored, CACHED_PROFILES,
+    to_json_value, union_identifier_pairs, union_identifiers, EventTree, Layout, ProfileStage,
+    StageInput, StateCache, Stored, CACHED_PROFILES,
 };
 
 /// The audiences operator of one task.
@@ -66,7 +67,7 @@ enum Seen<'a> {
     /// this stage's very filters: nothing to parse.
     Matched(&'a [u32]),
     /// Its (partial) tree, to match here.
-    Event(&'a Value),
+    Event(&'a dyn EventRead),
 }
 
 impl AudiencesOperator {
@@ -466,7 +467,7 @@ impl Operator for AudiencesOperator {
         }
         let reads = &self.set.reads;
         let input = decode_update(record.value, self.set.filters_fingerprint(), |text| {
-            reads.parse(text)
+            reads.parse(text).map(EventTree::into_value)
         })?;
         dispatch(&*self, ctx, input, record.timestamp_ms)
     }

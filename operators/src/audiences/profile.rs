@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::compile::{AudienceSet, Compiled, EventFilter};
 use super::history::FilterHistory;
-use crate::messages::{self, Identifiers};
+use crate::messages::{self, EventRead, Identifiers};
 use crate::profile_keyed::{json_value_map, union_identifiers};
 /// Everything the audiences stage keeps for one profile, under `profile/<id>`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -42,7 +42,12 @@ pub(crate) struct AudienceProfile {
 }
 
 impl AudienceProfile {
-    pub(super) fn record_event(&mut self, set: &AudienceSet, event: &Value, time: i64) {
+    pub(super) fn record_event<E: EventRead + ?Sized>(
+        &mut self,
+        set: &AudienceSet,
+        event: &E,
+        time: i64,
+    ) {
         let name = messages::event_name(event);
         for f in &set.filters {
             if f.selects(name, event) {

@@ -461,12 +461,34 @@ pub fn parse_time_ms(s: &str) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
+/// What the stages read of an event: the value at a dotted path. A whole
+/// tree (`serde_json::Value`) answers every path; a profile stage's
+/// partial tree ([`crate::profile_keyed::EventTree`]) the paths it was
+/// parsed for.
+pub trait EventRead {
+    /// The value at a dotted path such as `properties.revenue`.
+    fn lookup(&self, path: &str) -> Option<&Value>;
+    /// The value of a top-level field (its name is not split at dots).
+    fn field(&self, key: &str) -> Option<&Value>;
+}
+
+impl EventRead for Value {
+    fn lookup(&self, path: &str) -> Option<&Value> {
+        lookup(self, path)
+    }
+
+    fn field(&self, key: &str) -> Option<&Value> {
+        field(self, key)
+    }
+}
+
 /// The event time of a Segment event: `timestamp`, else `receivedAt`.
-pub fn event_time_ms(event: &Value) -> Option<i64> {
+pub fn event_time_ms<E: EventRead + ?Sized>(event: &E) -> Option<i64> {
     ["timestamp", "receivedAt", "originalTimestamp"]
         .iter()
         .find_map(|f| {
-            field(event, f)
+            event
+                .field(f)
                 .and_then(Value::as_str)
                 .and_then(parse_time_ms)
         })
@@ -474,9 +496,9 @@ pub fn event_time_ms(event: &Value) -> Option<i64> {
 
 /// The event name a Segment event counts as: `event` for track, `Page
 /// Viewed` for page, `Screen Viewed` for screen.
-pub fn event_name(event: &Value) -> Option<&str> {
-    match field(event, "type").and_then(Value::as_str) {
-        Some("track") => field(event, "event").and_then(Value::as_str),
+pub fn event_name<E: EventRead + ?Sized>(event: &E) -> Option<&str> {
+    match event.field("type").and_then(Value::as_str) {
+        Some("track") => event.field("event").and_then(Value::as_str),
         Some("page") => Some("Page Viewed"),
         Some("screen") => Some("Screen Viewed"),
         _ => None,

@@ -30,7 +30,7 @@ pub(crate) use encoding::{
 #[cfg(test)]
 pub(crate) use entry::{retired_value, to_earlier_layout, LIVE};
 pub(crate) use entry::{Entry, Layout};
-pub(crate) use read::EventPaths;
+pub(crate) use read::{EventPaths, EventTree};
 pub use wait::MAX_HELD_INPUTS;
 pub(crate) use wait::{dispatch, fired_profile, handle_at_once, ProfileStage, Route, Timed};
 

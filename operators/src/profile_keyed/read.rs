@@ -13,7 +13,7 @@
 //! ([`EventJson`](crate::messages::EventJson)) and the audiences stage
 //! forwards no event, so a partial tree is never written anywhere.
 //!
-//! Guarantee: for every path in the set, [`messages::lookup`] on the partial
+//! Guarantee: for every path in the set, [`EventRead::lookup`] on the partial
 //! tree answers what it answers on the full one (a property test below
 //! compares them); a path's value is kept whole (`traits` with every
 //! trait). A top-level value that is not an object is parsed whole.
@@ -22,12 +22,11 @@ use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use cdp_pipeline::json::CowStr;
 
-#[cfg(test)]
-use crate::messages;
+use crate::messages::{self, EventRead};
 use crate::traits::{PropertyCondition, TraitDef};
 
 /// Paths every event is read at, whatever the traits: its name and type,
@@ -121,7 +120,7 @@ impl EventPaths {
 
     /// The event in `text` with the values at these paths only (and the
     /// objects that lead to them).
-    pub(crate) fn parse(&self, text: &str) -> Result<Value, serde_json::Error> {
+    pub(crate) fn parse(&self, text: &str) -> Result<EventTree, serde_json::Error> {
         let mut de = serde_json::Deserializer::from_str(text);
         let value = Partial(self).deserialize(&mut de)?;
         de.end()?;
@@ -158,16 +157,100 @@ impl EventPaths {
     }
 }
 
-/// Builds the value at a node: whole when the node is read whole, else the
+/// An event as a profile stage parsed it: the values at the paths it
+/// reads ([`EventPaths`]), and the objects that lead to them as plain
+/// lists of their kept fields.
+///
+/// `serde_json`'s objects are `IndexMap`s (the workspace keeps key order):
+/// building one hashes every key with SipHash and allocates a table beside
+/// its entries, and a lookup here compared keys in order anyway
+/// ([`messages::field`]). An event's partial objects hold a handful of
+/// fields, so a list is all they need.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum EventTree {
+    /// A value read whole (or a value where an object was expected:
+    /// kept whole, as `serde_json` builds it).
+    Whole(Value),
+    /// An object, with the fields the set reads under it, in the order
+    /// they came (a repeated key keeps its last value in its first place).
+    Object(Vec<(String, EventTree)>),
+}
+
+impl EventTree {
+    /// Whether the event is a JSON object (every Segment event is).
+    pub(crate) fn is_object(&self) -> bool {
+        match self {
+            EventTree::Object(_) => true,
+            EventTree::Whole(value) => value.is_object(),
+        }
+    }
+
+    /// The tree as a `serde_json` value holding the same fields.
+    pub(crate) fn into_value(self) -> Value {
+        match self {
+            EventTree::Whole(value) => value,
+            EventTree::Object(fields) => Value::Object(
+                fields
+                    .into_iter()
+                    .map(|(name, tree)| (name, tree.into_value()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The subtree under `key` of an object.
+    fn child(&self, key: &str) -> Option<&EventTree> {
+        match self {
+            EventTree::Object(fields) => fields
+                .iter()
+                .find_map(|(name, tree)| (name.as_str() == key).then_some(tree)),
+            EventTree::Whole(_) => None,
+        }
+    }
+}
+
+/// Paths the tree was parsed for answer as on the whole event; a path that
+/// ends at an object the set does not read whole answers nothing.
+impl EventRead for EventTree {
+    fn lookup(&self, path: &str) -> Option<&Value> {
+        let mut at = self;
+        let mut rest = path;
+        loop {
+            if let EventTree::Whole(value) = at {
+                return messages::lookup(value, rest);
+            }
+            match rest.bytes().position(|b| b == b'.') {
+                // `.` is one byte: both sides are whole characters.
+                Some(dot) => {
+                    at = at.child(&rest[..dot])?;
+                    rest = &rest[dot + 1..];
+                }
+                None => return at.field(rest),
+            }
+        }
+    }
+
+    fn field(&self, key: &str) -> Option<&Value> {
+        match self {
+            EventTree::Whole(value) => messages::field(value, key),
+            EventTree::Object(_) => match self.child(key)? {
+                EventTree::Whole(value) => Some(value),
+                EventTree::Object(_) => None,
+            },
+        }
+    }
+}
+
+/// Builds the tree at a node: whole when the node is read whole, else the
 /// object with the node's children only.
 struct Partial<'a>(&'a EventPaths);
 
 impl<'de> DeserializeSeed<'de> for Partial<'_> {
-    type Value = Value;
+    type Value = EventTree;
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<EventTree, D::Error> {
         if self.0.whole {
-            return Value::deserialize(deserializer);
+            return Value::deserialize(deserializer).map(EventTree::Whole);
         }
         deserializer.deserialize_any(self)
     }
@@ -177,65 +260,73 @@ impl<'de> DeserializeSeed<'de> for Partial<'_> {
 /// through a value that is not an object, which no lookup goes into) is
 /// kept whole, as `serde_json` would build it.
 impl<'de> Visitor<'de> for Partial<'_> {
-    type Value = Value;
+    type Value = EventTree;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        // At most one entry per child: sized once, never grown.
-        let mut out = Map::with_capacity(self.0.children.len());
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EventTree, A::Error> {
+        let mut out: Vec<(String, EventTree)> = Vec::new();
         while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
             match self.0.child(key.as_ref()) {
-                // A repeated key: the last one wins, in the first one's
-                // place, as in `serde_json`'s own tree.
                 Some(child) => {
                     let value = map.next_value_seed(Partial(child))?;
-                    out.insert(key.into_owned(), value);
+                    // A repeated key: the last one wins, in the first
+                    // one's place, as in `serde_json`'s own tree.
+                    match out.iter_mut().find(|(name, _)| *name == key.as_ref()) {
+                        Some((_, kept)) => *kept = value,
+                        None => {
+                            // At most one entry per child: sized once.
+                            if out.capacity() == 0 {
+                                out.reserve_exact(self.0.children.len());
+                            }
+                            out.push((key.into_owned(), value));
+                        }
+                    }
                 }
                 None => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
-        Ok(Value::Object(out))
+        Ok(EventTree::Object(out))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<EventTree, A::Error> {
         let mut out = Vec::new();
         while let Some(v) = seq.next_element::<Value>()? {
             out.push(v);
         }
-        Ok(Value::Array(out))
+        Ok(EventTree::Whole(Value::Array(out)))
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
+    fn visit_bool<E>(self, v: bool) -> Result<EventTree, E> {
+        Ok(EventTree::Whole(Value::Bool(v)))
     }
 
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
+    fn visit_i64<E>(self, v: i64) -> Result<EventTree, E> {
+        Ok(EventTree::Whole(Value::from(v)))
     }
 
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
+    fn visit_u64<E>(self, v: u64) -> Result<EventTree, E> {
+        Ok(EventTree::Whole(Value::from(v)))
     }
 
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(Value::from(v))
+    fn visit_f64<E>(self, v: f64) -> Result<EventTree, E> {
+        Ok(EventTree::Whole(Value::from(v)))
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
+    fn visit_str<E>(self, v: &str) -> Result<EventTree, E> {
+        Ok(EventTree::Whole(Value::String(v.to_owned())))
     }
 
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
+    fn visit_string<E>(self, v: String) -> Result<EventTree, E> {
+        Ok(EventTree::Whole(Value::String(v)))
     }
 
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_unit<E>(self) -> Result<EventTree, E> {
+        Ok(EventTree::Whole(Value::Null))
     }
 }
 
@@ -300,6 +391,7 @@ mod tests {
                 let full: Value = serde_json::from_str(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let partial = set.parse(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(partial.is_object(), full.is_object());
+                let as_value = partial.clone().into_value();
                 for p in &paths {
                     let parts: Vec<&str> = p.split('.').collect();
                     for n in 1..=parts.len() {
@@ -308,7 +400,13 @@ mod tests {
                             // An inner object keeps only what leads on.
                             continue;
                         }
-                        prop_assert_eq!(messages::lookup(&partial, &prefix), messages::lookup(&full, &prefix), "path {}", prefix);
+                        let expected = messages::lookup(&full, &prefix);
+                        prop_assert_eq!(partial.lookup(&prefix), expected, "path {}", prefix);
+                        // The general path reads the tree as a value.
+                        prop_assert_eq!(messages::lookup(&as_value, &prefix), expected, "path {} as a value", prefix);
+                        if n == 1 {
+                            prop_assert_eq!(partial.field(&prefix), messages::field(&full, &prefix), "field {}", prefix);
+                        }
                     }
                 }
             }
@@ -350,7 +448,7 @@ mod tests {
         set.add("type");
         let text = r#"{"type":"track","context":{"userAgent":"x"},"properties":{"revenue":5,"currency":"USD"}}"#;
         assert_eq!(
-            set.parse(text)?,
+            set.parse(text)?.into_value(),
             serde_json::json!({"type": "track", "properties": {"revenue": 5}})
         );
         assert!(set.parse(r#"{"type":"track"} x"#).is_err());
@@ -378,7 +476,7 @@ mod tests {
         let text = r#"{"type":"track","event":"Order Completed","timestamp":"t","context":{"userAgent":"x","campaign":{"source":"ads","medium":"m"}},"properties":{"revenue":5,"currency":"USD"}}"#;
         let tree = set.parse(text)?;
         assert_eq!(
-            tree,
+            tree.clone().into_value(),
             serde_json::json!({"type": "track", "event": "Order Completed",
                 "context": {"campaign": {"source": "ads"}}, "properties": {"revenue": 5}})
         );

@@ -6,7 +6,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 
-use crate::messages;
+use crate::messages::EventRead;
 
 /// The comparison keys a condition may use.
 pub(crate) const COMPARISONS: &[&str] = &[
@@ -148,8 +148,8 @@ pub struct PropertyCondition {
 
 impl PropertyCondition {
     /// Whether the event's value at `property` passes the comparison.
-    pub fn matches_event(&self, event: &Value) -> bool {
-        self.op.matches(messages::lookup(event, &self.property))
+    pub fn matches_event<E: EventRead + ?Sized>(&self, event: &E) -> bool {
+        self.op.matches(event.lookup(&self.property))
     }
 }
 

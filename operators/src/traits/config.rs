@@ -7,13 +7,12 @@ use std::sync::Arc;
 use cdp_pipeline::Span;
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::Value;
 
 use super::comparison::PropertyCondition;
 use crate::audiences::AudienceSet;
 use crate::config::{ConfigError, KnownNames};
 use crate::event_time::EventTimeConfig;
-use crate::messages;
+use crate::messages::EventRead;
 use crate::profile_keyed::EventPaths;
 /// Default `limit` of a unique list.
 const fn default_limit() -> usize {
@@ -299,16 +298,16 @@ impl TraitDef {
     }
 
     /// Whether `event` counts for this trait (name and conditions).
-    /// `name`: the event's [`messages::event_name`], read once per event
+    /// `name`: the event's [`crate::messages::event_name`], read once per event
     /// for every trait.
-    pub(super) fn selects(&self, name: Option<&str>, event: &Value) -> bool {
+    pub(super) fn selects<E: EventRead + ?Sized>(&self, name: Option<&str>, event: &E) -> bool {
         name == Some(self.event()) && self.conditions().iter().all(|c| c.matches_event(event))
     }
 
     /// The value this trait records for `event`, as JSON text (empty for a
     /// counter); `None` when the event carries no usable value.
     #[cfg(test)]
-    pub(super) fn extract(&self, event: &Value) -> Option<String> {
+    pub(super) fn extract<E: EventRead + ?Sized>(&self, event: &E) -> Option<String> {
         let mut text = Vec::new();
         self.extract_into(event, &mut text)?;
         String::from_utf8(text).ok()
@@ -317,15 +316,20 @@ impl TraitDef {
     /// [`extract`](Self::extract) into `text` (cleared first), a buffer
     /// an event's traits share: each trait's value was a `String` of its
     /// own, allocated and dropped per trait per event.
-    pub(super) fn extract_into<'t>(&self, event: &Value, text: &'t mut Vec<u8>) -> Option<&'t str> {
+    pub(super) fn extract_into<'t, E: EventRead + ?Sized>(
+        &self,
+        event: &E,
+        text: &'t mut Vec<u8>,
+    ) -> Option<&'t str> {
         text.clear();
         let value = match self {
             TraitDef::EventCounter(_) => return Some(""),
-            TraitDef::Aggregation(d) => messages::lookup(event, &d.property)
+            TraitDef::Aggregation(d) => event
+                .lookup(&d.property)
                 .filter(|v| v.as_f64().is_some_and(f64::is_finite))?,
             _ => self
                 .property()
-                .and_then(|p| messages::lookup(event, p))
+                .and_then(|p| event.lookup(p))
                 .filter(|v| !v.is_null())?,
         };
         // `serde_json`'s writer, not `Display`: the same text without the

@@ -14,12 +14,14 @@ use super::profile::ProfileState;
 use super::state::TraitState;
 use super::{MERGE_WAIT_LIMIT, STAGE, STATE_LIMIT_HEADER};
 use crate::event_time::TIME_CORRECTED_HEADER;
-use crate::messages::{self, outputs, wire, Cause, Identifiers, ProfileRecord, ProfileUpdate};
+use crate::messages::{
+    self, outputs, wire, Cause, EventRead, Identifiers, ProfileRecord, ProfileUpdate,
+};
 use crate::profile_keyed::{
     decode_event, decode_state, dispatch, emit_record, encode_state, fired_profile, handle_at_once,
     invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
-    to_json_value, union_identifier_pairs, union_identifiers, unwritable, Layout, ProfileStage,
-    StageInput, StateCache, Stored, CACHED_PROFILES,
+    to_json_value, union_identifier_pairs, union_identifiers, unwritable, EventTree, Layout,
+    ProfileStage, StageInput, StateCache, Stored, CACHED_PROFILES,
 };
 
 /// An event as [`TraitsOperator::on_event`] takes it, however it was
@@ -28,7 +30,7 @@ use crate::profile_keyed::{
 struct Arrival<'a> {
     profile_id: &'a str,
     /// The event's (partial) tree.
-    tree: &'a Value,
+    tree: &'a dyn EventRead,
     /// Its JSON text, as the update carries it on.
     text: Cow<'a, str>,
     merged_from: &'a [String],
@@ -206,7 +208,7 @@ impl TraitsOperator {
             traits: wire::Traits(&traits),
             event_time,
             time_corrected_from: bounded.corrected_from,
-            message_id: messages::field(tree, "messageId").and_then(Value::as_str),
+            message_id: tree.field("messageId").and_then(Value::as_str),
             tick: None,
             merged_from,
             traits_until: state.timer,
@@ -468,7 +470,9 @@ impl Operator for TraitsOperator {
             return handled;
         }
         let reads = &self.set.reads;
-        let input = decode_event(record.value, |text| reads.parse(text))?;
+        let input = decode_event(record.value, |text| {
+            reads.parse(text).map(EventTree::into_value)
+        })?;
         dispatch(&*self, ctx, input, record.timestamp_ms)
     }
 

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::config::{TraitDef, TraitSet};
 use super::state::TraitState;
-use crate::messages::{self, Identifiers};
+use crate::messages::{self, EventRead, Identifiers};
 use crate::profile_keyed::{json_value, json_value_map, sorted_map, union_identifiers};
 
 /// A profile trait set by `identify`, with the event time that set it.
@@ -70,10 +70,10 @@ impl ProfileState {
     }
 
     /// Apply one event.
-    pub(super) fn apply_event<'a>(
+    pub(super) fn apply_event<'a, E: EventRead + ?Sized>(
         &mut self,
         set: &'a TraitSet,
-        event: &'a Value,
+        event: &'a E,
         event_time: i64,
     ) -> Applied<'a> {
         let mut applied = Applied::default();
@@ -104,13 +104,10 @@ impl ProfileState {
                 applied.limited.insert(def.kind());
             }
         }
-        if messages::field(event, "type").and_then(Value::as_str) == Some("identify") {
+        if event.field("type").and_then(Value::as_str) == Some("identify") {
             // RudderStack SDKs send identify traits in `context.traits`,
             // Segment's in `traits`; the top-level ones win a clash.
-            let places = [
-                messages::lookup(event, "context.traits"),
-                messages::field(event, "traits"),
-            ];
+            let places = [event.lookup("context.traits"), event.field("traits")];
             for traits in places.into_iter().flatten().filter_map(Value::as_object) {
                 for (name, value) in traits {
                     if self
