@@ -3,6 +3,7 @@
 //! that are never identifiers. Extraction of a Segment event's identifiers
 //! lives here too, since it is nothing but these rules applied to the event.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use regex::Regex;
@@ -178,6 +179,16 @@ fn compile_patterns(path: &str, patterns: &[String]) -> Result<Vec<Regex>, Confi
         .collect()
 }
 
+/// `text` lowercased (`str::to_lowercase`), copied only when that changes
+/// it: ASCII text without capitals is its own lowercase.
+fn lowercase(text: Cow<'_, str>) -> Cow<'_, str> {
+    if text.is_ascii() && !text.bytes().any(|b| b.is_ascii_uppercase()) {
+        text
+    } else {
+        Cow::Owned(text.to_lowercase())
+    }
+}
+
 fn normalized_set(values: &[String]) -> BTreeSet<String> {
     values.iter().map(|v| v.trim().to_lowercase()).collect()
 }
@@ -260,21 +271,24 @@ impl IdentityRules {
     /// The identifier value of `raw` for type `kind`, or why it is not one.
     /// Strings are trimmed, numbers written in decimal, emails lowercased.
     pub(super) fn normalize(&self, kind: &str, raw: &Value) -> Result<String, DropReason> {
+        // Borrowed until the end: most identifiers are trimmed and
+        // lowercase already, and the value and its folded form were two
+        // copies (three for an email) made for every identifier.
         let value = match raw {
-            Value::String(s) => s.trim().to_string(),
-            Value::Number(n) => n.to_string(),
+            Value::String(s) => Cow::Borrowed(s.trim()),
+            Value::Number(n) => Cow::Owned(n.to_string()),
             _ => return Err(DropReason::InvalidType),
         };
         let value = if kind == "email" {
-            value.to_lowercase()
+            lowercase(value)
         } else {
             value
         };
-        let folded = value.to_lowercase();
+        let folded = lowercase(Cow::Borrowed(&value));
         let rule = self.identifiers.get(kind);
         if value.is_empty()
-            || self.blocked_values.contains(&folded)
-            || rule.is_some_and(|r| r.blocked_values.contains(&folded))
+            || self.blocked_values.contains(folded.as_ref())
+            || rule.is_some_and(|r| r.blocked_values.contains(folded.as_ref()))
         {
             return Err(DropReason::BlockedValue);
         }
@@ -285,7 +299,7 @@ impl IdentityRules {
         if patterns.into_iter().any(|p| p.is_match(&value)) {
             return Err(DropReason::BlockedPattern);
         }
-        Ok(value)
+        Ok(value.into_owned())
     }
 
     /// Add `raw` as an identifier of type `kind`, or record why not. Absent

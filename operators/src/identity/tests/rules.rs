@@ -157,3 +157,48 @@ fn unconfigured_types_are_ignored_and_external_ids_are_typed() -> TestResult {
     );
     Ok(())
 }
+
+/// The rule as written out plainly: trim, lowercase an email, refuse an
+/// empty value, a blocked value (compared lowercased) or a pattern's
+/// match.
+fn normalize_reference(
+    kind: &str,
+    raw: &str,
+    blocked: &[&str],
+    pattern: &regex::Regex,
+) -> Result<String, DropReason> {
+    let mut value = raw.trim().to_string();
+    if kind == "email" {
+        value = value.to_lowercase();
+    }
+    let folded = value.to_lowercase();
+    if value.is_empty() || blocked.iter().any(|b| b.trim().to_lowercase() == folded) {
+        return Err(DropReason::BlockedValue);
+    }
+    if pattern.is_match(&value) {
+        return Err(DropReason::BlockedPattern);
+    }
+    Ok(value)
+}
+
+proptest::proptest! {
+    /// Whatever the case, spaces and characters (capitals whose lowercase
+    /// is longer, like `İ`), an identifier normalizes as the plain rule
+    /// says, and is refused for the same reason.
+    #[test]
+    fn an_identifier_normalizes_as_the_plain_rule_says(
+        raw in "[ aAbBİΣσé0-]{0,8}",
+        kind in proptest::sample::select(vec!["email", "user_id", "anonymous_id"]),
+    ) {
+        let blocked = ["Ab", "null", "σ", "0"];
+        let cfg = IdentityConfig {
+            blocked_values: blocked.iter().map(|b| b.to_string()).collect(),
+            blocked_patterns: vec!["^-+$".into()],
+            ..IdentityConfig::default()
+        };
+        let rules = IdentityRules::new(&cfg).map_err(|e| proptest::test_runner::TestCaseError::fail(e.message))?;
+        let pattern = regex::Regex::new("^-+$").map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+        let got = rules.normalize(kind, &serde_json::Value::from(raw.as_str()));
+        proptest::prop_assert_eq!(got, normalize_reference(kind, &raw, &blocked, &pattern));
+    }
+}
