@@ -31,7 +31,8 @@ loopback, `--partitions` partitions, `<p>.valid` one partition as always):
    split by phase (`cdp_batch_phase_seconds`).
 
 Prints a table and writes it as JSON (`--out`). Reports CPU seconds and RSS
-per process and RocksDB bytes per profile. Run through `scripts/bench.sh`
+per process, RocksDB bytes per profile, and the records each run left on
+the broker per topic (`cdp topics sizes`: outputs and changelogs). Run through `scripts/bench.sh`
 (builds the release binary and finds tansu), or directly:
 
     python3 scripts/bench.py --cdp target/release/cdp --tansu ~/.cache/cdp/tansu/bin/tansu
@@ -331,7 +332,23 @@ class Bench:
         rate = load["sent"] / max((last - first) / 1000, 1e-3)
         log(f"pass-through: {rate:.0f} events/s")
         return {"events": load["sent"], "events_per_sec": round(rate), "hops": reports,
-                "broker_cpu_secs": round(cpu_secs(self.procs["tansu"].pid), 1)}
+                "broker_cpu_secs": round(cpu_secs(self.procs["tansu"].pid), 1),
+                "topic_records": self.topic_records(config)}
+
+    def topic_records(self, config: pathlib.Path) -> dict[str, int]:
+        """Records per topic of `config` that exists (`cdp topics sizes`):
+        what the broker was handed, outputs and changelogs alike."""
+        out = subprocess.run([self.cdp, "topics", "sizes", "--config", str(config)],
+                             capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise SystemExit(f"bench: topics sizes failed: {out.stderr}")
+        records = {}
+        for line in out.stdout.splitlines():
+            name, *fields = line.split()
+            kv = dict(f.split("=", 1) for f in fields if "=" in f)
+            if "records" in kv:
+                records[name] = int(kv["records"])
+        return records
 
     def watch(self, expect_validate: float, idle_secs: float, timeout: float,
               from_zero: bool = False) -> dict:
@@ -404,7 +421,7 @@ class Bench:
             }
         return {"events": load["sent"], "events_per_sec": round(rate), "stages": stages,
                 "broker_cpu_secs": round(cpu_secs(self.procs["tansu"].pid) - cpu0["tansu"], 1),
-                "loadgen": load}
+                "loadgen": load, "topic_records": self.topic_records(config)}
 
     def perf_targets(self, stage: str) -> list:
         """`all` profiles every stage and the broker in one recording."""
@@ -641,6 +658,11 @@ def table(r: dict) -> str:
         rows.append(f"{'  ' + s:28}{str(v.get('events_per_sec') or '-'):>10}{v['cpu_secs']:>8}{str(v.get('vmrss', '-')):>8}")
     rows.append(f"{'  broker (tansu)':28}{'':>10}{ch['broker_cpu_secs']:>8}")
     rows.append(f"chain / pass-through: {r['ratio']:.2f}")
+    for name, run in (("pass-through", pt), ("chain", ch)):
+        topics = run.get("topic_records", {})
+        total = sum(topics.values())
+        rows.append(f"records the broker holds, {name}: {total} ({total / max(run['events'], 1):.2f} per event): "
+                    + ", ".join(f"{t} {n}" for t, n in sorted(topics.items()) if n))
     rows.append("")
     rows.append(f"{'latency event -> change':28}{'rate':>8}{'changes':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
     for k, v in r["latency"].items():

@@ -126,6 +126,10 @@ enum TopicsCommand {
     /// Check that every topic exists (with the config's credentials);
     /// exits non-zero naming the missing ones. Creates nothing.
     Check(Common),
+    /// Records in every topic (high minus low watermark, summed over its
+    /// partitions): what each stage and its changelog wrote. Creates
+    /// nothing; a missing topic is named as such.
+    Sizes(Common),
 }
 
 #[derive(Subcommand)]
@@ -456,6 +460,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 )
             }
         }
+        Command::Topics {
+            command: TopicsCommand::Sizes(c),
+        } => topic_sizes(&c).await,
         Command::Loadgen(args) => loadgen(args).await,
         Command::Passthrough {
             common,
@@ -604,4 +611,51 @@ async fn run_stage(stage: Stage, common: Common) -> anyhow::Result<()> {
         &shutdown,
     )?;
     stages::join_stages(joins).await
+}
+
+/// `cdp topics sizes`: one line per topic of the config, its records
+/// (high minus low watermark over its partitions).
+async fn topic_sizes(c: &Common) -> anyhow::Result<()> {
+    let compiled = c.load()?;
+    let factory = ClientFactory::new(compiled.config.kafka.clone())?;
+    let specs = factory.topic_specs(&Stage::changelogs(factory.config().partitions));
+    let consumer = factory.plain_consumer("cdp-topics-sizes")?;
+    let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+    let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+        use rdkafka::consumer::Consumer;
+        let timeout = std::time::Duration::from_secs(30);
+        // All topics' metadata: asking for named topics could make a
+        // broker with auto-creation create them.
+        let metadata = consumer
+            .fetch_metadata(None, timeout)
+            .context("reading topic metadata")?;
+        let mut lines = Vec::new();
+        for name in &names {
+            let Some(topic) = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none())
+            else {
+                lines.push(format!("missing  {name}"));
+                continue;
+            };
+            let mut records = 0i64;
+            for p in topic.partitions() {
+                let (low, high) = consumer
+                    .fetch_watermarks(name, p.id(), timeout)
+                    .with_context(|| format!("reading the offsets of {name}[{}]", p.id()))?;
+                records += (high - low).max(0);
+            }
+            lines.push(format!(
+                "{name} partitions={} records={records}",
+                topic.partitions().len()
+            ));
+        }
+        Ok(lines)
+    })
+    .await??;
+    for line in lines {
+        println!("{line}");
+    }
+    Ok(())
 }

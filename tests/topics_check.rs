@@ -70,3 +70,55 @@ fn topics_check_names_the_missing_topics_and_passes_once_they_exist() -> TestRes
     assert!(!text(&all).contains("missing"), "{}", text(&all));
     Ok(())
 }
+
+/// `cdp topics sizes` counts what each topic holds (the benchmark reads it
+/// to say where the broker's records come from).
+#[test]
+fn topics_sizes_counts_each_topics_records_and_names_the_missing() -> TestResult {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+    let mock = MockCluster::new(1)?;
+    let brokers = mock.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("cdp.yaml");
+    std::fs::write(
+        &config,
+        format!("kafka:\n  brokers: {brokers}\n  topic_prefix: hs\n  partitions: 2\n"),
+    )?;
+    mock.create_topic("hs.raw", 2, 1)?;
+    mock.create_topic("hs.valid", 1, 1)?;
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    for i in 0..7 {
+        let key = format!("k{i}");
+        producer
+            .send(
+                BaseRecord::to("hs.raw")
+                    .key(&key)
+                    .payload("{}")
+                    .partition(i % 2),
+            )
+            .map_err(|(e, _)| e)?;
+    }
+    producer
+        .send(BaseRecord::to("hs.valid").key("k").payload("{}"))
+        .map_err(|(e, _)| e)?;
+    producer.flush(std::time::Duration::from_secs(10))?;
+
+    let out = Command::new(env!("CARGO_BIN_EXE_cdp"))
+        .args(["topics", "sizes", "--config"])
+        .arg(&config)
+        .env_remove("CDP_LOG_FORMAT")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("hs.raw partitions=2 records=7\n"), "{text}");
+    assert!(text.contains("hs.valid partitions=1 records=1\n"), "{text}");
+    assert!(text.contains("missing  hs.audiences\n"), "{text}");
+    Ok(())
+}
