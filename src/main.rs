@@ -422,17 +422,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let factory = ClientFactory::new(compiled.config.kafka.clone())?;
             let specs = factory.topic_specs(&Stage::changelogs(factory.config().partitions));
             let consumer = factory.plain_consumer("cdp-topics-check")?;
-            // All topics' metadata: asking for named topics could make a
-            // broker with auto-creation create them.
-            let metadata = tokio::task::spawn_blocking(move || {
-                rdkafka::consumer::Consumer::fetch_metadata(
-                    &consumer,
-                    None,
-                    std::time::Duration::from_secs(30),
-                )
-            })
-            .await?
-            .context("reading topic metadata")?;
+            let metadata = tokio::task::spawn_blocking(move || all_topics(&consumer)).await??;
             let found: std::collections::BTreeMap<&str, usize> = metadata
                 .topics()
                 .iter()
@@ -613,6 +603,19 @@ async fn run_stage(stage: Stage, common: Common) -> anyhow::Result<()> {
     stages::join_stages(joins).await
 }
 
+/// How long a metadata or offsets request to the brokers may take.
+const METADATA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Every topic's metadata: asking for named topics could make a broker
+/// with auto-creation create them. Blocking.
+fn all_topics<C: rdkafka::consumer::Consumer>(
+    consumer: &C,
+) -> anyhow::Result<rdkafka::metadata::Metadata> {
+    consumer
+        .fetch_metadata(None, METADATA_TIMEOUT)
+        .context("reading topic metadata")
+}
+
 /// `cdp topics sizes`: one line per topic of the config, its records
 /// (high minus low watermark over its partitions).
 async fn topic_sizes(c: &Common) -> anyhow::Result<()> {
@@ -623,12 +626,7 @@ async fn topic_sizes(c: &Common) -> anyhow::Result<()> {
     let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
     let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
         use rdkafka::consumer::Consumer;
-        let timeout = std::time::Duration::from_secs(30);
-        // All topics' metadata: asking for named topics could make a
-        // broker with auto-creation create them.
-        let metadata = consumer
-            .fetch_metadata(None, timeout)
-            .context("reading topic metadata")?;
+        let metadata = all_topics(&consumer)?;
         let mut lines = Vec::new();
         for name in &names {
             let Some(topic) = metadata
@@ -642,7 +640,7 @@ async fn topic_sizes(c: &Common) -> anyhow::Result<()> {
             let mut records = 0i64;
             for p in topic.partitions() {
                 let (low, high) = consumer
-                    .fetch_watermarks(name, p.id(), timeout)
+                    .fetch_watermarks(name, p.id(), METADATA_TIMEOUT)
                     .with_context(|| format!("reading the offsets of {name}[{}]", p.id()))?;
                 records += (high - low).max(0);
             }

@@ -3,24 +3,50 @@
 //! cluster, in this process but on a real TCP port. Topics are created in
 //! process (the mock cluster takes no CreateTopics from another process).
 
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use cdp::stages::Stage;
 use cdp_pipeline::{ClientFactory, KafkaConfig};
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-#[test]
-fn topics_check_names_the_missing_topics_and_passes_once_they_exist() -> TestResult {
+/// A mock cluster on a real port, its bootstrap address, and a config for
+/// it (topic prefix `prefix`, 2 partitions) in a directory of its own.
+struct Setup {
+    mock: MockCluster<'static, DefaultProducerContext>,
+    brokers: String,
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+fn cluster_and_config(prefix: &str) -> Result<Setup, Box<dyn std::error::Error>> {
     let mock = MockCluster::new(1)?;
     let brokers = mock.bootstrap_servers();
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("cdp.yaml");
     std::fs::write(
         &config,
-        format!("kafka:\n  brokers: {brokers}\n  topic_prefix: hc\n  partitions: 2\n"),
+        format!("kafka:\n  brokers: {brokers}\n  topic_prefix: {prefix}\n  partitions: 2\n"),
     )?;
+    Ok(Setup {
+        mock,
+        brokers,
+        _dir: dir,
+        config,
+    })
+}
+
+#[test]
+fn topics_check_names_the_missing_topics_and_passes_once_they_exist() -> TestResult {
+    let Setup {
+        mock,
+        brokers,
+        _dir,
+        config,
+    } = cluster_and_config("hc")?;
     let check = || -> std::io::Result<Output> {
         Command::new(env!("CARGO_BIN_EXE_cdp"))
             .args(["topics", "check", "--config"])
@@ -75,16 +101,14 @@ fn topics_check_names_the_missing_topics_and_passes_once_they_exist() -> TestRes
 /// to say where the broker's records come from).
 #[test]
 fn topics_sizes_counts_each_topics_records_and_names_the_missing() -> TestResult {
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
-    let mock = MockCluster::new(1)?;
-    let brokers = mock.bootstrap_servers();
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("cdp.yaml");
-    std::fs::write(
-        &config,
-        format!("kafka:\n  brokers: {brokers}\n  topic_prefix: hs\n  partitions: 2\n"),
-    )?;
+    let Setup {
+        mock,
+        brokers,
+        _dir,
+        config,
+    } = cluster_and_config("hs")?;
     mock.create_topic("hs.raw", 2, 1)?;
     mock.create_topic("hs.valid", 1, 1)?;
     let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
