@@ -32,8 +32,9 @@ loopback, `--partitions` partitions, `<p>.valid` one partition as always):
 
 Prints a table and writes it as JSON (`--out`). Reports CPU seconds and RSS
 per process, RocksDB bytes per profile, and the records each run left on
-the broker per topic (`cdp topics sizes`: outputs and changelogs). Run through `scripts/bench.sh`
-(builds the release binary and finds tansu), or directly:
+the broker per topic (`cdp topics sizes`: outputs and changelogs). Run
+through `scripts/bench.sh` (builds the release binary and finds tansu), or
+directly:
 
     python3 scripts/bench.py --cdp target/release/cdp --tansu ~/.cache/cdp/tansu/bin/tansu
 """

@@ -529,14 +529,22 @@ pub fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
     let mut at = value;
     let mut rest = path;
     loop {
-        match rest.bytes().position(|b| b == b'.') {
-            Some(dot) => {
-                // `.` is one byte: both sides are whole characters.
-                at = field(at, &rest[..dot])?;
-                rest = &rest[dot + 1..];
+        match split_path(rest) {
+            (part, Some(more)) => {
+                at = field(at, part)?;
+                rest = more;
             }
-            None => return field(at, rest),
+            (last, None) => return field(at, last),
         }
+    }
+}
+
+/// A dotted path's first name and what follows its dot (`None`: the name
+/// is the last). `.` is one byte: both sides are whole characters.
+pub(crate) fn split_path(path: &str) -> (&str, Option<&str>) {
+    match path.bytes().position(|b| b == b'.') {
+        Some(dot) => (&path[..dot], Some(&path[dot + 1..])),
+        None => (path, None),
     }
 }
 

@@ -219,13 +219,12 @@ impl EventRead for EventTree {
             if let EventTree::Whole(value) = at {
                 return messages::lookup(value, rest);
             }
-            match rest.bytes().position(|b| b == b'.') {
-                // `.` is one byte: both sides are whole characters.
-                Some(dot) => {
-                    at = at.child(&rest[..dot])?;
-                    rest = &rest[dot + 1..];
+            match messages::split_path(rest) {
+                (part, Some(more)) => {
+                    at = at.child(part)?;
+                    rest = more;
                 }
-                None => return at.field(rest),
+                (last, None) => return at.field(last),
             }
         }
     }
