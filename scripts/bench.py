@@ -310,6 +310,8 @@ class Bench:
         log(f"pass-through: loading {a.events} events into pt.raw")
         load = self.loadgen(config, 1, "--people", str(a.events), "--events", str(a.events))
         log(f"pass-through: {len(HOPS)} hops draining them")
+        # `--perf tansu` profiles the broker here too, to set beside the chain.
+        perf = self.start_perf("tansu", "tansu-passthrough") if a.perf == "tansu" else None
         hops = []
         for src, dst in HOPS:
             p = subprocess.Popen(
@@ -328,6 +330,8 @@ class Bench:
             r["cpu_secs"] = round(usage.ru_utime + usage.ru_stime, 1)
             r["max_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
             reports.append(r)
+        if perf:
+            self.stop_perf(perf, "tansu", "tansu-passthrough")
         first = min(r["first_ms"] for r in reports)
         last = max(r["last_ms"] for r in reports)
         rate = load["sent"] / max((last - first) / 1000, 1e-3)
@@ -428,16 +432,18 @@ class Bench:
         """`all` profiles every stage and the broker in one recording."""
         return STAGES + ["tansu"] if stage == "all" else [stage]
 
-    def start_perf(self, stage: str) -> subprocess.Popen:
-        data = self.work / f"perf-{stage}.data"
+    def start_perf(self, stage: str, name: str | None = None) -> subprocess.Popen:
+        data = self.work / f"perf-{name or stage}.data"
         pids = ",".join(str(self.procs[s].pid) for s in self.perf_targets(stage))
-        return subprocess.Popen(["perf", "record", "-F", "499", "-o", str(data), "-p", pids],
+        graph = ["--call-graph", "dwarf,32768"] if self.args.perf_graph else []
+        return subprocess.Popen(["perf", "record", "-F", "499", *graph, "-o", str(data), "-p", pids],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def stop_perf(self, perf: subprocess.Popen, stage: str) -> None:
+    def stop_perf(self, perf: subprocess.Popen, stage: str, name: str | None = None) -> None:
         perf.send_signal(signal.SIGINT)
         perf.wait(timeout=60)
-        data = self.work / f"perf-{stage}.data"
+        name = name or stage
+        data = self.work / f"perf-{name}.data"
         # With several processes, each process's lines carry its pid; the
         # pids of the stages are in the report's header.
         sort = "pid,dso,symbol" if stage == "all" else "dso,symbol"
@@ -446,9 +452,9 @@ class Bench:
                                  "--percent-limit", "0.2", "-i", str(data)],
                                 capture_output=True, text=True, check=False).stdout
         pids = ", ".join(f"{s}={self.procs[s].pid}" for s in self.perf_targets(stage))
-        path = self.work / f"perf-{stage}.txt"
+        path = self.work / f"perf-{name}.txt"
         path.write_text(f"# processes: {pids}\n{report}")
-        self.result["profile"] = {"stage": stage, "report": str(path)}
+        self.result.setdefault("profile", {})[name] = {"stage": stage, "report": str(path)}
         log(f"profile of {stage}: {path}")
 
     def latency(self, rate: float, seed: int) -> dict:
@@ -726,7 +732,9 @@ def main() -> None:
                     help="latency phases at these fractions of the drain rate (default 0.5,1)")
     ap.add_argument("--rates", type=lambda v: [float(f) for f in v.split(",")], metavar="R,R",
                     help="latency phases at these events/s instead of fractions of the drain rate")
-    ap.add_argument("--perf", metavar="STAGE", help="profile this stage (or `all`: every stage and the broker) with `perf record` during the drain")
+    ap.add_argument("--perf", metavar="STAGE", help="profile this stage (or `all`: every stage and the broker) with `perf record` during the drain; `tansu` also profiles the broker during the pass-through's drain")
+    ap.add_argument("--perf-graph", action="store_true",
+                    help="with --perf: record call graphs (`perf report --children -i <work>/perf-*.data`)")
     ap.add_argument("--out", default="bench-result.json")
     args = ap.parse_args()
     result = Bench(args).run()
