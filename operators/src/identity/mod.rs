@@ -162,7 +162,7 @@ impl Operator for IdentityOperator {
         let (kept, refused) = graph::settle_conflicts(&self.rules, ids, &known);
         dropped.extend(refused);
         let resolution = if known.linked_any(&kept) {
-            graph::attach(&self.rules, &kept, &known, &cause)
+            graph::attach(&self.rules, &kept, known, &cause)
         } else {
             graph::create(ctx, &self.rules, &kept)?
         };
@@ -272,13 +272,13 @@ fn write(ctx: &mut Context<'_>, resolution: &Resolution) -> Result<(), StoreErro
 }
 
 fn emit(ctx: &mut Context<'_>, record: &Record<'_>, outputs: Vec<Output>) {
-    let source: Vec<(String, Vec<u8>)> = record
-        .header(SOURCE)
-        .map(|s| (SOURCE.to_string(), s.as_bytes().to_vec()))
-        .into_iter()
-        .collect();
     for (output, key, value, is_event) in outputs {
-        let headers = if is_event { source.clone() } else { Vec::new() };
+        // Only the event itself carries the source on (one per input).
+        let source = record.header(SOURCE).filter(|_| is_event);
+        let headers = source
+            .map(|s| (SOURCE.to_string(), s.as_bytes().to_vec()))
+            .into_iter()
+            .collect();
         ctx.emit_with_headers(output, Some(key.into_bytes()), value, headers);
     }
 }
