@@ -60,7 +60,13 @@ fn profile_ids_derive_from_the_strongest_identifier() -> TestResult {
     )?;
     let (profile, identifiers) = resolved(&out)?;
     assert_eq!(profile, derived_profile_id("user_id", "u1"));
-    assert_eq!(profile.len(), "prof_".len() + 20);
+    // `prof_` + the first 20 hex digits of SHA-256("user_id:u1"), as
+    // Python's hashlib gives them.
+    assert_eq!(profile, "prof_90c5bc873dedef8054fd");
+    assert_eq!(
+        derived_profile_id("email", "ada@example.com"),
+        "prof_9b62a3a2bce7c868f30d"
+    );
     assert_eq!(
         identifiers,
         ids(&[("anonymous_id", &["a1"]), ("user_id", &["u1"])])
