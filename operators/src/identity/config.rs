@@ -10,7 +10,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::fields::EventFields;
+use super::fields::{EventFields, Leaf};
 use crate::config::ConfigError;
 use crate::messages::DroppedIdentifier;
 
@@ -152,7 +152,7 @@ pub struct Extracted {
     pub ids: BTreeSet<Identifier>,
     pub dropped: Vec<DroppedIdentifier>,
     /// An `alias` call's `previousId`, typed later against the graph.
-    pub previous_id: Option<Value>,
+    pub previous_id: Option<Leaf<'static>>,
 }
 
 /// The identity config, checked and compiled.
@@ -270,13 +270,13 @@ impl IdentityRules {
 
     /// The identifier value of `raw` for type `kind`, or why it is not one.
     /// Strings are trimmed, numbers written in decimal, emails lowercased.
-    pub(super) fn normalize(&self, kind: &str, raw: &Value) -> Result<String, DropReason> {
+    pub(super) fn normalize(&self, kind: &str, raw: &Leaf<'_>) -> Result<String, DropReason> {
         // Borrowed until the end: most identifiers are trimmed and
         // lowercase already, and the value and its folded form were two
         // copies (three for an email) made for every identifier.
         let value = match raw {
-            Value::String(s) => Cow::Borrowed(s.trim()),
-            Value::Number(n) => Cow::Owned(n.to_string()),
+            Leaf::Text(s) => Cow::Borrowed(s.trim()),
+            Leaf::Other(Value::Number(n)) => Cow::Owned(n.to_string()),
             _ => return Err(DropReason::InvalidType),
         };
         let value = if kind == "email" {
@@ -304,7 +304,7 @@ impl IdentityRules {
 
     /// Add `raw` as an identifier of type `kind`, or record why not. Absent
     /// fields and `null` are no identifier at all, not a drop.
-    pub(super) fn add(&self, out: &mut Extracted, kind: &str, raw: Option<&Value>) {
+    pub(super) fn add(&self, out: &mut Extracted, kind: &str, raw: Option<&Leaf<'_>>) {
         let Some(raw) = raw.filter(|v| !v.is_null()) else {
             return;
         };
@@ -317,10 +317,7 @@ impl IdentityRules {
             }
             Err(reason) => out.dropped.push(DroppedIdentifier {
                 kind: kind.to_string(),
-                value: match raw {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                },
+                value: raw.display(),
                 reason: reason.as_str().to_string(),
             }),
         }
@@ -335,7 +332,11 @@ impl IdentityRules {
         self.add(&mut out, "user_id", event.user_id.as_ref());
         self.add(&mut out, "anonymous_id", event.anonymous_id.as_ref());
         if kind == Some("alias") {
-            out.previous_id = event.previous_id.clone().filter(|v| !v.is_null());
+            out.previous_id = event
+                .previous_id
+                .clone()
+                .filter(|v| !v.is_null())
+                .map(Leaf::into_owned);
         }
         if let Some(t) = event.context_traits() {
             self.add(&mut out, "email", t.email.as_ref());
@@ -349,7 +350,7 @@ impl IdentityRules {
         self.add(&mut out, "device_id", event.device_id());
         for item in event.external_ids() {
             if let Some(kind) = item.get("type").and_then(Value::as_str) {
-                self.add(&mut out, kind, item.get("id"));
+                self.add(&mut out, kind, item.get("id").map(Leaf::of).as_ref());
             }
         }
         out

@@ -58,7 +58,7 @@ use crate::messages::{
 };
 use crate::profile_keyed::unwritable;
 use config::Identifier;
-use fields::EventFields;
+use fields::{EventFields, Leaf};
 use graph::{id_key, Known, ProfileState, Provenance, Resolution};
 
 /// The identity operator of one task. See the module doc.
@@ -78,7 +78,7 @@ impl IdentityOperator {
     fn type_previous_id(
         &self,
         ctx: &Context<'_>,
-        raw: &Value,
+        raw: &Leaf<'_>,
     ) -> Result<Result<Identifier, DroppedIdentifier>, StoreError> {
         let types = self.rules.types_by_priority();
         for kind in &types {
@@ -97,7 +97,7 @@ impl IdentityOperator {
             Ok(value) => Ok((fallback.to_string(), value)),
             Err(reason) => Err(DroppedIdentifier {
                 kind: fallback.to_string(),
-                value: raw.as_str().map_or_else(|| raw.to_string(), String::from),
+                value: raw.display(),
                 reason: reason.as_str().to_string(),
             }),
         })
@@ -121,7 +121,9 @@ impl IdentityOperator {
 /// The fields identity reads, and the event's bytes as they go out: the
 /// input itself when the typed parse takes it (nothing re-encoded), else
 /// the event re-encoded from a full parse.
-fn parse_event(value: &[u8]) -> Result<(EventFields, std::borrow::Cow<'_, [u8]>), OperatorError> {
+fn parse_event(
+    value: &[u8],
+) -> Result<(EventFields<'_>, std::borrow::Cow<'_, [u8]>), OperatorError> {
     if let Some(fields) = EventFields::parse(value) {
         return Ok((fields, std::borrow::Cow::Borrowed(value)));
     }

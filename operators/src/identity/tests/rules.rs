@@ -204,7 +204,7 @@ proptest::proptest! {
         };
         let rules = IdentityRules::new(&cfg).map_err(|e| proptest::test_runner::TestCaseError::fail(e.message))?;
         let pattern = regex::Regex::new("^-+$").map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
-        let got = rules.normalize(kind, &serde_json::Value::from(raw.as_str()));
+        let got = rules.normalize(kind, &crate::identity::fields::Leaf::Text(raw.as_str().into()));
         proptest::prop_assert_eq!(got, normalize_reference(kind, &raw, &blocked, &pattern));
     }
 }
