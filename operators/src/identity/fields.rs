@@ -63,90 +63,77 @@ impl<'a> Leaf<'a> {
     }
 }
 
-impl<'de> Deserialize<'de> for Leaf<'de> {
+impl<'de: 'a, 'a> Deserialize<'de> for Leaf<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> Visitor<'de> for Visit {
-            type Value = Leaf<'de>;
+        struct Visit<'a>(std::marker::PhantomData<Leaf<'a>>);
+        impl<'de: 'a, 'a> Visitor<'de> for Visit<'a> {
+            type Value = Leaf<'a>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON value")
             }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Leaf<'de>, E> {
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Leaf<'a>, E> {
                 Ok(Leaf::Text(Cow::Borrowed(v)))
             }
-            fn visit_str<E>(self, v: &str) -> Result<Leaf<'de>, E> {
+            fn visit_str<E>(self, v: &str) -> Result<Leaf<'a>, E> {
                 Ok(Leaf::Text(Cow::Owned(v.to_string())))
             }
-            fn visit_string<E>(self, v: String) -> Result<Leaf<'de>, E> {
+            fn visit_string<E>(self, v: String) -> Result<Leaf<'a>, E> {
                 Ok(Leaf::Text(Cow::Owned(v)))
             }
-            fn visit_bool<E>(self, v: bool) -> Result<Leaf<'de>, E> {
+            fn visit_bool<E>(self, v: bool) -> Result<Leaf<'a>, E> {
                 Ok(Leaf::Other(Value::from(v)))
             }
-            fn visit_i64<E>(self, v: i64) -> Result<Leaf<'de>, E> {
+            fn visit_i64<E>(self, v: i64) -> Result<Leaf<'a>, E> {
                 Ok(Leaf::Other(Value::from(v)))
             }
-            fn visit_u64<E>(self, v: u64) -> Result<Leaf<'de>, E> {
+            fn visit_u64<E>(self, v: u64) -> Result<Leaf<'a>, E> {
                 Ok(Leaf::Other(Value::from(v)))
             }
-            fn visit_f64<E>(self, v: f64) -> Result<Leaf<'de>, E> {
+            fn visit_f64<E>(self, v: f64) -> Result<Leaf<'a>, E> {
                 Ok(Leaf::Other(Value::from(v)))
             }
-            fn visit_unit<E>(self) -> Result<Leaf<'de>, E> {
+            fn visit_unit<E>(self) -> Result<Leaf<'a>, E> {
                 Ok(Leaf::Other(Value::Null))
             }
-            fn visit_none<E>(self) -> Result<Leaf<'de>, E> {
+            fn visit_none<E>(self) -> Result<Leaf<'a>, E> {
                 Ok(Leaf::Other(Value::Null))
             }
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Leaf<'de>, D::Error> {
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Leaf<'a>, D::Error> {
                 Leaf::deserialize(d)
             }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Leaf<'de>, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Leaf<'a>, A::Error> {
                 Value::deserialize(MapAccessDeserializer::new(map)).map(Leaf::Other)
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Leaf<'de>, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Leaf<'a>, A::Error> {
                 Value::deserialize(SeqAccessDeserializer::new(seq)).map(Leaf::Other)
             }
         }
-        deserializer.deserialize_any(Visit)
+        deserializer.deserialize_any(Visit(std::marker::PhantomData))
     }
 }
 
-/// The fields identity reads, their text borrowed from the event.
+/// The fields identity reads, their text borrowed from the event. A
+/// `null` leaf is absent (`Option`'s own reading).
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct EventFields<'a> {
-    #[serde(rename = "type", default, borrow, deserialize_with = "leaf_field")]
+    #[serde(rename = "type", borrow)]
     pub kind: Option<Leaf<'a>>,
-    #[serde(rename = "userId", default, borrow, deserialize_with = "leaf_field")]
+    #[serde(borrow)]
     pub user_id: Option<Leaf<'a>>,
-    #[serde(
-        rename = "anonymousId",
-        default,
-        borrow,
-        deserialize_with = "leaf_field"
-    )]
+    #[serde(borrow)]
     pub anonymous_id: Option<Leaf<'a>>,
-    #[serde(
-        rename = "previousId",
-        default,
-        borrow,
-        deserialize_with = "leaf_field"
-    )]
+    #[serde(borrow)]
     pub previous_id: Option<Leaf<'a>>,
-    #[serde(rename = "messageId", default, borrow, deserialize_with = "leaf_field")]
+    #[serde(borrow)]
     pub message_id: Option<Leaf<'a>>,
-    #[serde(default, borrow, deserialize_with = "leaf_field")]
+    #[serde(borrow)]
     pub timestamp: Option<Leaf<'a>>,
-    #[serde(
-        rename = "receivedAt",
-        default,
-        borrow,
-        deserialize_with = "leaf_field"
-    )]
+    #[serde(borrow)]
     pub received_at: Option<Leaf<'a>>,
-    #[serde(default, borrow, deserialize_with = "nested_object")]
+    #[serde(borrow, deserialize_with = "nested_object")]
     pub traits: Option<Contact<'a>>,
-    #[serde(default, borrow, deserialize_with = "nested_object")]
+    #[serde(borrow, deserialize_with = "nested_object")]
     pub context: Option<EventContext<'a>>,
 }
 
@@ -166,11 +153,6 @@ pub struct EventContext<'a> {
     pub traits: Option<Contact<'a>>,
     pub device: Option<Device<'a>>,
     pub external_ids: Option<Value>,
-}
-
-/// A top-level leaf, `null` as absent.
-fn leaf_field<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Leaf<'de>>, D::Error> {
-    Ok(Some(Leaf::deserialize(d)?).filter(|l| !l.is_null()))
 }
 
 /// A nested object read field by field. Unlike a derived struct it refuses
