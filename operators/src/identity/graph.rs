@@ -105,6 +105,7 @@ pub fn derived_profile_id(kind: &str, value: &str) -> String {
     let mut hex = [0u8; 20];
     let mut id = String::with_capacity(PROFILE_ID_PREFIX.len() + hex.len());
     id.push_str(PROFILE_ID_PREFIX);
+    // Cannot fail: the buffer is exactly twice the bytes encoded.
     if hex::encode_to_slice(&digest[..10], &mut hex).is_ok() {
         id.extend(hex.iter().map(|&b| char::from(b)));
     }

@@ -274,10 +274,11 @@ fn write(ctx: &mut Context<'_>, resolution: &Resolution) -> Result<(), StoreErro
 }
 
 fn emit(ctx: &mut Context<'_>, record: &Record<'_>, outputs: Vec<Output>) {
+    let source = record.header(SOURCE);
     for (output, key, value, is_event) in outputs {
         // Only the event itself carries the source on (one per input).
-        let source = record.header(SOURCE).filter(|_| is_event);
         let headers = source
+            .filter(|_| is_event)
             .map(|s| (SOURCE.to_string(), s.as_bytes().to_vec()))
             .into_iter()
             .collect();

@@ -63,6 +63,7 @@ fn profile_ids_derive_from_the_strongest_identifier() -> TestResult {
     // `prof_` + the first 20 hex digits of SHA-256("user_id:u1"), as
     // Python's hashlib gives them.
     assert_eq!(profile, "prof_90c5bc873dedef8054fd");
+    assert_eq!(profile.len(), "prof_".len() + 20);
     assert_eq!(
         derived_profile_id("email", "ada@example.com"),
         "prof_9b62a3a2bce7c868f30d"
