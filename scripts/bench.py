@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""End-to-end benchmark on one tansu broker: the bare pass-through chain
-next to the whole cdp chain, in one run.
+"""End-to-end benchmark on one broker: the bare pass-through chain next to
+the whole cdp chain, in one run.
 
-Phases (each stage and hop its own process, tansu's memory engine on
-loopback, `--partitions` partitions, `<p>.valid` one partition as always):
+The broker (`--broker`) is tansu (the default: a separate process, its
+memory engine) or librdkafka's mock cluster (`cdp mock-broker`: a separate
+process too, in memory, written in C; it makes the topics itself, as it
+takes no CreateTopics). Both listen on loopback.
+
+Phases (each stage and hop its own process, `--partitions` partitions,
+`<p>.valid` one partition as always):
 
 1. pass-through: `cdp loadgen` writes EVENTS events to `pt.raw`; four
    `cdp passthrough` hops (raw → valid(1 partition) → identified → traits →
@@ -37,6 +42,7 @@ through `scripts/bench.sh` (builds the release binary and finds tansu), or
 directly:
 
     python3 scripts/bench.py --cdp target/release/cdp --tansu ~/.cache/cdp/tansu/bin/tansu
+    python3 scripts/bench.py --cdp target/release/cdp --broker mock
 """
 
 from __future__ import annotations
@@ -76,9 +82,9 @@ def log(msg: str) -> None:
 
 
 def config_text(demo: str, brokers: str, prefix: str, partitions: int, collector: int,
-                max_batch: int, properties: list[str]) -> str:
+                max_batch: int | None, properties: list[str]) -> str:
     props = "".join(f"\n    {k}: \"{v}\"" for k, v in (p.split("=", 1) for p in properties))
-    kafka_extra = f"\n  replication_factor: 1\n  max_batch: {max_batch}"
+    kafka_extra = "\n  replication_factor: 1" + (f"\n  max_batch: {max_batch}" if max_batch else "")
     if props:
         kafka_extra += "\n  properties:" + props
     return (
@@ -188,11 +194,32 @@ class Bench:
         self.state_root = self.work / "state"
 
     # -- processes -------------------------------------------------------
+    def start_broker(self) -> None:
+        """The broker of `--broker`: tansu (a process of its own, topics
+        created over the wire) or `cdp mock-broker` (librdkafka's mock
+        cluster, which takes no CreateTopics: it makes the topics of both
+        prefixes itself)."""
+        if self.args.broker == "mock":
+            self.start_mock()
+        else:
+            self.start_tansu()
+
+    def start_mock(self) -> None:
+        logf = open(self.work / "broker.log", "w")
+        self.procs["broker"] = subprocess.Popen(
+            [self.cdp, "mock-broker", "--prefix", "pt", "--prefix", "bench",
+             "--partitions", str(self.args.partitions)],
+            stdout=subprocess.PIPE, stderr=logf, text=True)
+        line = self.procs["broker"].stdout.readline().strip() if self.procs["broker"].stdout else ""
+        if not line:
+            raise SystemExit("bench: cdp mock-broker did not start; see " + str(self.work / "broker.log"))
+        self.brokers = line
+
     def start_tansu(self) -> None:
         port = free_port()
         self.brokers = f"127.0.0.1:{port}"
         logf = open(self.work / "tansu.log", "w")
-        self.procs["tansu"] = subprocess.Popen(
+        self.procs["broker"] = subprocess.Popen(
             [self.args.tansu, "broker", "--listener-url", f"tcp://{self.brokers}",
              "--advertised-listener-url", f"tcp://{self.brokers}", "--storage-engine", self.storage_engine()],
             stdout=logf, stderr=subprocess.STDOUT, cwd=self.work)
@@ -217,10 +244,16 @@ class Bench:
     def write_config(self, prefix: str) -> pathlib.Path:
         text = (pathlib.Path(__file__).resolve().parent.parent / "deploy" / "demo-config.yaml").read_text()
         path = self.work / f"{prefix}.yaml"
+        # The mock cluster assigns partitions as fast as the consumers'
+        # timeouts allow: `cdp dev`'s short ones (src/dev.rs).
+        mock = ["consumer.session.timeout.ms=6000", "consumer.heartbeat.interval.ms=500"]
+        properties = (mock if self.args.broker == "mock" else []) + self.args.property
+        max_batch = self.args.hop_max_batch if prefix == "pt" else self.args.max_batch
         path.write_text(config_text(text, self.brokers, prefix, self.args.partitions, free_port(),
-                                    self.args.max_batch, self.args.property))
-        subprocess.run([self.cdp, "topics", "create", "--config", str(path)], check=True,
-                       stdout=subprocess.DEVNULL)
+                                    max_batch, properties))
+        if self.args.broker == "tansu":
+            subprocess.run([self.cdp, "topics", "create", "--config", str(path)], check=True,
+                           stdout=subprocess.DEVNULL)
         return path
 
     def loadgen(self, config: pathlib.Path, seed: int, *extra: str) -> dict:
@@ -310,8 +343,8 @@ class Bench:
         log(f"pass-through: loading {a.events} events into pt.raw")
         load = self.loadgen(config, 1, "--people", str(a.events), "--events", str(a.events))
         log(f"pass-through: {len(HOPS)} hops draining them")
-        # `--perf tansu` profiles the broker here too, to set beside the chain.
-        perf = self.start_perf("tansu", "tansu-passthrough") if a.perf == "tansu" else None
+        # `--perf broker` (or `tansu`) profiles the broker here too, to set beside the chain.
+        perf = self.start_perf("broker", "broker-passthrough") if a.perf in ("tansu", "broker") else None
         hops = []
         for src, dst in HOPS:
             p = subprocess.Popen(
@@ -331,13 +364,13 @@ class Bench:
             r["max_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
             reports.append(r)
         if perf:
-            self.stop_perf(perf, "tansu", "tansu-passthrough")
+            self.stop_perf(perf, "broker", "broker-passthrough")
         first = min(r["first_ms"] for r in reports)
         last = max(r["last_ms"] for r in reports)
         rate = load["sent"] / max((last - first) / 1000, 1e-3)
         log(f"pass-through: {rate:.0f} events/s")
         return {"events": load["sent"], "events_per_sec": round(rate), "hops": reports,
-                "broker_cpu_secs": round(cpu_secs(self.procs["tansu"].pid), 1),
+                "broker_cpu_secs": round(cpu_secs(self.procs["broker"].pid), 1),
                 "topic_records": self.topic_records(config)}
 
     def topic_records(self, config: pathlib.Path) -> dict[str, int]:
@@ -405,7 +438,7 @@ class Bench:
             self.start_stage(config, s)
         # Watched from the start: a stage starts draining as soon as it is
         # ready, before the others are.
-        cpu0 = {s: cpu_secs(self.procs[s].pid) for s in STAGES + ["tansu"]}
+        cpu0 = {s: cpu_secs(self.procs[s].pid) for s in STAGES + ["broker"]}
         perf = self.start_perf(a.perf) if a.perf else None
         w = self.watch(load["sent"], idle_secs=4, timeout=a.timeout, from_zero=True)
         for s in STAGES:
@@ -425,12 +458,14 @@ class Bench:
                 **rss_mb(self.procs[s].pid),
             }
         return {"events": load["sent"], "events_per_sec": round(rate), "stages": stages,
-                "broker_cpu_secs": round(cpu_secs(self.procs["tansu"].pid) - cpu0["tansu"], 1),
+                "broker_cpu_secs": round(cpu_secs(self.procs["broker"].pid) - cpu0["broker"], 1),
                 "loadgen": load, "topic_records": self.topic_records(config)}
 
     def perf_targets(self, stage: str) -> list:
         """`all` profiles every stage and the broker in one recording."""
-        return STAGES + ["tansu"] if stage == "all" else [stage]
+        if stage == "all":
+            return STAGES + ["broker"]
+        return ["broker"] if stage in ("tansu", "broker") else [stage]
 
     def start_perf(self, stage: str, name: str | None = None) -> subprocess.Popen:
         data = self.work / f"perf-{name or stage}.data"
@@ -463,9 +498,9 @@ class Bench:
         skip = changes.read_text().count("\n") if changes.exists() else 0
         log(f"latency: {rate:.0f} events/s for {a.phase_secs} s")
         batches0 = self.batches()
-        sched0 = {s: sched(self.procs[s].pid) for s in STAGES + ["tansu"]}
+        sched0 = {s: sched(self.procs[s].pid) for s in STAGES + ["broker"]}
         since_ms = int(time.time() * 1000)
-        with Cores([self.procs["tansu"].pid]) as broker:
+        with Cores([self.procs["broker"].pid]) as broker:
             load = self.loadgen(self.chain_config, seed, "--people", "1000000000", "--rate",
                                 str(rate), "--duration", f"{a.phase_secs}s")
         self.loads.append(load)
@@ -474,7 +509,7 @@ class Bench:
         w = self.watch(before, idle_secs=3, timeout=a.timeout)
         drained_after = max(w["audiences"].get("end", sent_end) - sent_end, 0)
         batches1 = self.batches()
-        sched1 = {s: sched(self.procs[s].pid) for s in STAGES + ["tansu"]}
+        sched1 = {s: sched(self.procs[s].pid) for s in STAGES + ["broker"]}
         # Per process over the phase: CPU seconds and seconds runnable but
         # waiting for a core, every thread summed and the stage thread apart.
         cpu_wait = {s: {k: round(sched1[s][k] - sched0[s][k], 2) for k in sched1[s]} for s in sched1}
@@ -562,7 +597,7 @@ class Bench:
                     raise SystemExit(f"bench: pass-through hops did not start; see {self.work}/pt-lat-*.log")
                 time.sleep(0.2)
             since_ms = int(time.time() * 1000)
-            with Cores([self.procs["tansu"].pid]) as broker:
+            with Cores([self.procs["broker"].pid]) as broker:
                 load = self.loadgen(self.pt_config, seed, "--people", "1000000000", "--rate",
                                     str(rate), "--duration", f"{a.phase_secs}s")
             # Drained once every sent event is on the last topic (or it
@@ -599,7 +634,7 @@ class Bench:
         self.stop_all()
         self.procs.clear()
         self.state_root = self.work / f"state-{phase.replace('/', '-per-').replace('%', 'pct')}"
-        self.start_tansu()
+        self.start_broker()
         self.pt_config = self.write_config("pt")
         self.chain_config = self.write_config("bench")
         for s in STAGES:
@@ -616,7 +651,7 @@ class Bench:
         return out
 
     def run(self) -> dict:
-        self.start_tansu()
+        self.start_broker()
         try:
             self.result["passthrough"] = self.passthrough()
             self.result["chain"] = self.chain()
@@ -654,16 +689,16 @@ def machine() -> dict:
 def table(r: dict) -> str:
     pt, ch = r["passthrough"], r["chain"]
     rows = [f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, load {r['machine']['load_avg'][0]:.2f} at start",
-            f"events: {ch['events']}, partitions: {r['settings']['partitions']}, max_batch: {r['settings']['max_batch']}, properties: {r['settings']['property']}", "",
+            f"events: {ch['events']}, partitions: {r['settings']['partitions']}, max_batch: {r['settings']['max_batch'] or 'default'} (hops {r['settings'].get('hop_max_batch', '-')}), properties: {r['settings']['property']}", "",
             f"{'':28}{'events/s':>10}{'cpu s':>8}{'rss MB':>8}",
             f"{'pass-through chain':28}{pt['events_per_sec']:>10}"]
     for h in pt["hops"]:
         rows.append(f"{'  ' + h['from'] + ' -> ' + h['to']:28}{round(h['events_per_sec']):>10}{h['cpu_secs']:>8}{h['max_rss_mb']:>8}")
-    rows.append(f"{'  broker (tansu)':28}{'':>10}{pt['broker_cpu_secs']:>8}")
+    rows.append(f"{'  broker (' + r['settings']['broker'] + ')':28}{'':>10}{pt['broker_cpu_secs']:>8}")
     rows.append(f"{'whole chain':28}{ch['events_per_sec']:>10}")
     for s, v in ch["stages"].items():
         rows.append(f"{'  ' + s:28}{str(v.get('events_per_sec') or '-'):>10}{v['cpu_secs']:>8}{str(v.get('vmrss', '-')):>8}")
-    rows.append(f"{'  broker (tansu)':28}{'':>10}{ch['broker_cpu_secs']:>8}")
+    rows.append(f"{'  broker (' + r['settings']['broker'] + ')':28}{'':>10}{ch['broker_cpu_secs']:>8}")
     rows.append(f"chain / pass-through: {r['ratio']:.2f}")
     for name, run in (("pass-through", pt), ("chain", ch)):
         topics = run.get("topic_records", {})
@@ -714,12 +749,18 @@ def table(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cdp", required=True, help="the cdp binary (a release build)")
-    ap.add_argument("--tansu", required=True, help="the tansu binary")
+    ap.add_argument("--broker", choices=["tansu", "mock"], default="tansu",
+                    help="tansu (a separate process, memory engine by default) or librdkafka's mock "
+                         "cluster (`cdp mock-broker`, in memory, written in C)")
+    ap.add_argument("--tansu", help="the tansu binary (with --broker tansu)")
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--phase-secs", type=int, default=30, help="length of each latency phase")
     ap.add_argument("--timeout", type=float, default=600, help="longest wait for a drain")
-    ap.add_argument("--max-batch", type=int, default=5000, help="kafka.max_batch of stages and hops")
+    ap.add_argument("--max-batch", type=int, help="kafka.max_batch of the stages (default: the product's)")
+    ap.add_argument("--hop-max-batch", type=int, default=5000,
+                    help="kafka.max_batch of the pass-through hops: 5000, their fastest (a hop waits for its "
+                         "whole round's acks, so larger rounds only slow it; docs/performance.md)")
     ap.add_argument("--property", action="append", default=[], metavar="K=V",
                     help="a kafka.properties entry for stages and hops, e.g. producer.linger.ms=0")
     ap.add_argument("--storage", choices=["memory", "sqlite"], default="memory",
@@ -732,11 +773,13 @@ def main() -> None:
                     help="latency phases at these fractions of the drain rate (default 0.5,1)")
     ap.add_argument("--rates", type=lambda v: [float(f) for f in v.split(",")], metavar="R,R",
                     help="latency phases at these events/s instead of fractions of the drain rate")
-    ap.add_argument("--perf", metavar="STAGE", help="profile this stage (or `all`: every stage and the broker) with `perf record` during the drain; `tansu` also profiles the broker during the pass-through's drain")
+    ap.add_argument("--perf", metavar="STAGE", help="profile this stage (or `all`: every stage and the broker) with `perf record` during the drain; `broker` (or `tansu`) also profiles the broker during the pass-through's drain")
     ap.add_argument("--perf-graph", action="store_true",
                     help="with --perf: record call graphs (`perf report --children -i <work>/perf-*.data`)")
     ap.add_argument("--out", default="bench-result.json")
     args = ap.parse_args()
+    if args.broker == "tansu" and not args.tansu:
+        ap.error("--tansu is required with --broker tansu")
     result = Bench(args).run()
     pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

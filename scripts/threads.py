@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--tansu", required=True)
     ap.add_argument("--events", type=int, default=40000)
     ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--max-batch", type=int, default=5000, help="kafka.max_batch (the default)")
+    ap.add_argument("--max-batch", type=int, help="kafka.max_batch (default: the product's)")
     ap.add_argument("--workdir")
     ap.add_argument("--perf", metavar="STAGE")
     ap.add_argument("--callgrind", metavar="STAGE")

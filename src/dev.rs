@@ -43,6 +43,50 @@ pub struct Dev {
     _broker: Option<MockCluster<'static, DefaultProducerContext>>,
 }
 
+/// Create on the embedded broker every topic `cdp topics create` makes for
+/// `factory`'s config (the mock cluster takes no CreateTopics request).
+fn create_topics(
+    broker: &MockCluster<'static, DefaultProducerContext>,
+    factory: &ClientFactory,
+) -> anyhow::Result<()> {
+    for spec in factory.topic_specs(&Stage::changelogs(factory.config().partitions)) {
+        broker
+            .create_topic(&spec.name, spec.partitions, 1)
+            .with_context(|| format!("creating topic {}", spec.name))?;
+    }
+    Ok(())
+}
+
+/// `cdp mock-broker`: the embedded broker alone, with every topic of each
+/// prefix made as `cdp topics create` would at `partitions`. For
+/// benchmarks (`scripts/bench.py --broker mock`) and for running stages as
+/// separate processes on a laptop; it keeps nothing across restarts and
+/// never compacts, so it is no broker for production.
+pub struct MockBroker {
+    pub bootstrap: String,
+    _cluster: MockCluster<'static, DefaultProducerContext>,
+}
+
+impl MockBroker {
+    pub fn start(prefixes: &[String], partitions: i32) -> anyhow::Result<MockBroker> {
+        let cluster = MockCluster::new(1).context("starting the mock broker")?;
+        let bootstrap = cluster.bootstrap_servers();
+        for prefix in prefixes {
+            let factory = ClientFactory::new(cdp_pipeline::KafkaConfig {
+                brokers: bootstrap.clone(),
+                topic_prefix: prefix.clone(),
+                partitions,
+                ..Default::default()
+            })?;
+            create_topics(&cluster, &factory)?;
+        }
+        Ok(MockBroker {
+            bootstrap,
+            _cluster: cluster,
+        })
+    }
+}
+
 /// Make a config ready for the embedded broker.
 pub fn dev_config(mut config: Config, bootstrap: &str, state_dir: &str, stdout: bool) -> Config {
     config.kafka.brokers = bootstrap.to_string();
@@ -100,11 +144,7 @@ impl Dev {
         let compiled: Compiled = config.compile()?;
         let factory = ClientFactory::new(compiled.config.kafka.clone())?;
         if let Some(broker) = &broker {
-            for spec in factory.topic_specs(&Stage::changelogs(factory.config().partitions)) {
-                broker
-                    .create_topic(&spec.name, spec.partitions, 1)
-                    .with_context(|| format!("creating topic {}", spec.name))?;
-            }
+            create_topics(broker, &factory)?;
         }
         let shutdown = Shutdown::default();
         let health = Health::default();
@@ -187,5 +227,54 @@ impl Dev {
             let _ = s.await;
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use rdkafka::consumer::Consumer;
+
+    use super::*;
+
+    /// Every topic of every prefix, with the partitions `cdp topics
+    /// create` gives it, as another client sees them.
+    #[test]
+    fn the_mock_broker_serves_every_topic_of_each_prefix() -> anyhow::Result<()> {
+        let prefixes = ["pt".to_string(), "bench".to_string()];
+        let broker = MockBroker::start(&prefixes, 3)?;
+        let factory = ClientFactory::new(cdp_pipeline::KafkaConfig {
+            brokers: broker.bootstrap.clone(),
+            ..Default::default()
+        })?;
+        let consumer = factory.plain_consumer("mock-broker-test")?;
+        let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+        let found: BTreeMap<&str, usize> = metadata
+            .topics()
+            .iter()
+            .map(|t| (t.name(), t.partitions().len()))
+            .collect();
+        for prefix in &prefixes {
+            let expected = ClientFactory::new(cdp_pipeline::KafkaConfig {
+                topic_prefix: prefix.clone(),
+                partitions: 3,
+                ..Default::default()
+            })?
+            .topic_specs(&Stage::changelogs(3));
+            assert!(expected.len() > 7, "data topics and changelogs");
+            for spec in expected {
+                assert_eq!(
+                    found.get(spec.name.as_str()).copied(),
+                    Some(spec.partitions as usize),
+                    "{}",
+                    spec.name
+                );
+            }
+        }
+        assert_eq!(found.get("pt.valid"), Some(&1), "the serial topic");
+        assert_eq!(found.get("bench.raw"), Some(&3));
+        Ok(())
     }
 }

@@ -100,6 +100,21 @@ enum Command {
         #[arg(long, default_value = "10s")]
         idle: cdp_pipeline::Span,
     },
+    /// librdkafka's in-memory mock broker alone, with every topic of each
+    /// prefix: for benchmarks and for running stages as separate processes
+    /// on a laptop (no compaction, nothing kept across restarts: not for
+    /// production). Prints its bootstrap address as the first line on
+    /// stdout; runs until SIGTERM or Ctrl-C.
+    MockBroker {
+        /// Make every topic `cdp topics create` makes for this topic prefix
+        /// (repeatable).
+        #[arg(long = "prefix", required = true)]
+        prefixes: Vec<String>,
+        /// Partitions of each topic (`kafka.partitions`; `<prefix>.valid`
+        /// has one, as always).
+        #[arg(long, default_value_t = 8)]
+        partitions: i32,
+    },
     /// Every event's record timestamps on some topics, one JSON line each:
     /// the benchmark's hop-by-hop latency (see `scripts/bench.py`).
     Stamps {
@@ -454,6 +469,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             command: TopicsCommand::Sizes(c),
         } => topic_sizes(&c).await,
         Command::Loadgen(args) => loadgen(args).await,
+        Command::MockBroker {
+            prefixes,
+            partitions,
+        } => {
+            let broker = cdp::dev::MockBroker::start(&prefixes, partitions)?;
+            println!("{}", broker.bootstrap);
+            eprintln!(
+                "cdp mock-broker: at {} with the topics of {}",
+                broker.bootstrap,
+                prefixes.join(", ")
+            );
+            let shutdown = Shutdown::default();
+            shutdown.trigger_on_signals();
+            shutdown.wait().await;
+            Ok(())
+        }
         Command::Passthrough {
             common,
             from,

@@ -103,10 +103,18 @@ pub fn run(
     }
     // Start at the first record at or after `since_ms` where the broker
     // answers a time lookup; from the beginning where it does not.
-    let start = match consumer.offsets_for_times(wanted.clone(), timeout) {
-        Ok(found) => found,
-        Err(e) => {
-            tracing::warn!(error = %e, "no offsets by time; reading from the beginning");
+    // librdkafka's mock cluster answers every time lookup with the end
+    // (`cdp mock-broker`): when every partition says "nothing since",
+    // read everything and let the time filter below decide (on a broker
+    // that does look times up, nothing was written since: still right).
+    let found = consumer
+        .offsets_for_times(wanted.clone(), timeout)
+        .map_err(|e| tracing::warn!(error = %e, "no offsets by time; reading from the beginning"))
+        .ok()
+        .filter(|f| f.elements().iter().any(|e| e.offset() != Offset::End));
+    let start = match found {
+        Some(found) => found,
+        None => {
             let mut all = TopicPartitionList::new();
             for (topic, partition) in ends.keys() {
                 all.add_partition_offset(topic, *partition, Offset::Beginning)?;
@@ -241,6 +249,66 @@ mod tests {
             assert!(frame::write(&mut framed, "identity:0", &at, own, &payload));
             assert_eq!(message_id(&framed), id.map(str::to_string));
         }
+        Ok(())
+    }
+
+    /// On librdkafka's mock cluster, which answers every time lookup with
+    /// the partition's end, the records since `since_ms` are still found
+    /// (and the older ones still skipped).
+    #[test]
+    fn records_since_a_time_are_found_on_a_broker_without_time_lookups() -> anyhow::Result<()> {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+        let broker = crate::dev::MockBroker::start(&["st".to_string()], 2)?;
+        let factory = ClientFactory::new(cdp_pipeline::KafkaConfig {
+            brokers: broker.bootstrap.clone(),
+            topic_prefix: "st".into(),
+            partitions: 2,
+            ..Default::default()
+        })?;
+        let topic = factory.topics().raw();
+        let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &broker.bootstrap)
+            .create()?;
+        let since_ms = 1_000_000;
+        for (id, ts, partition) in [
+            ("old", since_ms - 1, 0),
+            ("a", since_ms, 0),
+            ("b", since_ms + 5, 1),
+        ] {
+            let value = format!(r#"{{"messageId":"{id}"}}"#);
+            producer
+                .send(
+                    BaseRecord::<(), _>::to(&topic)
+                        .partition(partition)
+                        .payload(&value)
+                        .timestamp(ts),
+                )
+                .map_err(|(e, _)| e)?;
+        }
+        producer.flush(Duration::from_secs(10))?;
+        let opts = StampOptions {
+            topics: vec![topic.clone()],
+            since_ms,
+            patience: Duration::from_secs(10),
+        };
+        let mut out = Vec::new();
+        assert_eq!(run(&factory, &opts, &mut out)?, 2);
+        let mut ids: Vec<(String, i64)> = String::from_utf8(out)?
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .map(|v| (v["id"].to_string(), v["ts"].as_i64().unwrap_or(-1)))
+            })
+            .collect::<Result<_, _>>()?;
+        ids.sort();
+        assert_eq!(
+            ids,
+            [
+                (r#""a""#.to_string(), since_ms),
+                (r#""b""#.to_string(), since_ms + 5)
+            ]
+        );
         Ok(())
     }
 }

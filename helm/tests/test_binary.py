@@ -164,8 +164,10 @@ def test_every_service_of_the_binary_has_a_workload(cdp):
     commands = set(re.findall(r"^  ([a-z][a-z0-9-]*)\s", commands_section, re.M))
     # Commands an operator runs by hand, not services: the dev chain, topic
     # and config checks, dead-letter replay, the load generator, the
-    # benchmark's bare pass-through hop and its per-topic record stamps.
-    tools = {"dev", "topics", "config", "help", "dead-letters", "loadgen", "passthrough", "stamps"}
+    # benchmark's bare pass-through hop, its per-topic record stamps and
+    # its in-memory mock broker.
+    tools = {"dev", "topics", "config", "help", "dead-letters", "loadgen", "passthrough", "stamps",
+             "mock-broker"}
     assert tools <= commands, commands
     docs = render_set("minimal")
     deployed = {
