@@ -133,7 +133,8 @@ fn oracle_members(events: &[Ev], at: i64) -> BTreeSet<String> {
     let browsed_then_bought = events
         .iter()
         .filter(|v| v.name == VIEW)
-        .any(|v| orders.iter().any(|o| o.t > v.t && o.t - v.t <= 30_000));
+        // At the same millisecond too: a view and an order are two events.
+        .any(|v| orders.iter().any(|o| o.t >= v.t && o.t - v.t <= 30_000));
     [
         ("cheap_repeat", cheap_repeat),
         ("recent_buyer", recent_buyer),

@@ -132,14 +132,16 @@ impl AudienceProfile {
 
     fn sequence_holds(&self, set: &AudienceSet, steps: &[usize], within: Option<i64>) -> bool {
         let empty = Vec::new();
-        let times: Vec<&[i64]> = steps
+        let steps: Vec<Step<'_>> = steps
             .iter()
-            .map(|f| {
-                self.history(set, *f)
-                    .map_or(empty.as_slice(), |h| h.times.as_slice())
+            .map(|&f| Step {
+                times: self
+                    .history(set, f)
+                    .map_or(empty.as_slice(), |h| h.times.as_slice()),
+                event: set.filters.get(f).map_or("", |f| f.event.as_str()),
             })
             .collect();
-        sequence_holds(&times, within)
+        sequence_holds(&steps, within)
     }
 
     /// Fold a merged-away profile into this one (the survivor's trait
@@ -259,19 +261,47 @@ impl AudienceProfile {
     }
 }
 
-/// Whether events happened in the order of `steps` (each step's times
-/// sorted), strictly increasing in time, with the last at most `within`
-/// after the first. For each first-step time the earliest continuation is
-/// the best one, so a greedy scan is exact.
-pub(super) fn sequence_holds(steps: &[&[i64]], within: Option<i64>) -> bool {
+/// One step of a sequence: the times of its events, sorted, and the
+/// event it names.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Step<'a> {
+    pub(super) times: &'a [i64],
+    pub(super) event: &'a str,
+}
+
+/// Whether events happened in the order of `steps`, each at or after the
+/// one before, with the last at most `within` after the first. Steps in
+/// the same millisecond must name different events: those are different
+/// events for sure (SDKs stamp calls made back to back with the same
+/// millisecond), where two steps of one name could be one event counted
+/// twice. For each first-step time the earliest continuation is the best
+/// one (it leaves every later step at least the choices a later one
+/// would), so a greedy scan is exact.
+pub(super) fn sequence_holds(steps: &[Step<'_>], within: Option<i64>) -> bool {
     let Some((first, rest)) = steps.split_first() else {
         return false;
     };
-    for &start in first.iter() {
+    // The events of the steps at the current millisecond.
+    let mut same_ms: Vec<&str> = Vec::with_capacity(steps.len());
+    for &start in first.times {
         let mut at = start;
-        for times in rest {
-            match times.get(times.partition_point(|t| *t <= at)) {
-                Some(&t) => at = t,
+        same_ms.clear();
+        same_ms.push(first.event);
+        for step in rest {
+            let times = step.times;
+            let next = if same_ms.contains(&step.event) {
+                times.partition_point(|t| *t <= at)
+            } else {
+                times.partition_point(|t| *t < at)
+            };
+            match times.get(next) {
+                Some(&t) => {
+                    if t != at {
+                        same_ms.clear();
+                    }
+                    same_ms.push(step.event);
+                    at = t;
+                }
                 // No continuation now; a later start cannot have one either.
                 None => return false,
             }

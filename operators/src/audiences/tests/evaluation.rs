@@ -134,19 +134,34 @@ fn a_sequence_needs_the_order_and_the_gap() -> TestResult {
 
 #[test]
 fn sequence_scan_is_exact_on_small_cases() {
-    let a = [1, 5, 9];
-    let b = [3, 6];
-    assert!(sequence_holds(&[&a, &b], Some(1)));
-    assert!(!sequence_holds(&[&a, &b], Some(0)));
-    assert!(sequence_holds(&[&a, &b], None));
+    let step = |event, times| Step { times, event };
+    let (a, b) = ([1, 5, 9], [3, 6]);
+    let (a, b) = (step("A", &a[..]), step("B", &b[..]));
+    assert!(sequence_holds(&[a, b], Some(1)));
+    assert!(!sequence_holds(&[a, b], Some(0)));
+    assert!(sequence_holds(&[a, b], None));
     // B then A then B: 3 -> 5 -> 6 (gap 3); starting at 6 nothing follows.
-    assert!(sequence_holds(&[&b, &a, &b], Some(3)));
-    assert!(!sequence_holds(&[&b, &a, &b], Some(2)));
-    assert!(
-        !sequence_holds(&[&a, &a], Some(0)),
-        "strictly increasing times"
-    );
+    assert!(sequence_holds(&[b, a, b], Some(3)));
+    assert!(!sequence_holds(&[b, a, b], Some(2)));
+    assert!(!sequence_holds(&[a, a], Some(0)), "one event is one step");
     assert!(!sequence_holds(&[], None));
+    // One millisecond, two different events: in order either way.
+    let (a, b) = (step("A", &[7][..]), step("B", &[7][..]));
+    assert!(sequence_holds(&[a, b], Some(0)));
+    assert!(sequence_holds(&[b, a], Some(0)));
+    // ... but the A cannot be the first and the third step at once.
+    assert!(!sequence_holds(&[a, b, a], None));
+    let a2 = step("A", &[7, 8][..]);
+    assert!(sequence_holds(&[a2, b, a2], Some(1)));
+    // Two steps of one name need two different times, even with two
+    // events in that millisecond.
+    assert!(!sequence_holds(
+        &[step("A", &[7, 7][..]), step("A", &[7, 7][..])],
+        None
+    ));
+    // A step of another name resets what the millisecond has seen.
+    let (c, b9) = (step("C", &[9][..]), step("B", &[9][..]));
+    assert!(sequence_holds(&[a, b, c, b9], Some(2)));
 }
 
 /// A profile's identifiers only grow, and a record's broker time bounds a

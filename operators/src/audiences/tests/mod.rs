@@ -7,7 +7,7 @@ use cdp_pipeline::OperatorError;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use super::profile::{sequence_holds, AudienceProfile};
+use super::profile::{sequence_holds, AudienceProfile, Step};
 use super::*;
 use crate::config::KnownNames;
 use crate::messages::{

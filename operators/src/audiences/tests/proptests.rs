@@ -87,24 +87,42 @@ fn batch_holds(
             .get(name)
             .is_some_and(|d| batch_holds(&d.r#where, defs, traits, events, now)),
         Condition::Sequence(s) => {
-            let steps: Vec<Vec<i64>> = s
+            // Every way to pick one event per step: each at or after the
+            // one before, and steps at one millisecond naming pairwise
+            // different events (`same_ms`: the names of the steps picked
+            // at `after`).
+            let steps: Vec<(&str, Vec<i64>)> = s
                 .steps
                 .iter()
-                .map(|st| matching(&st.event, &st.r#where))
+                .map(|st| (st.event.as_str(), matching(&st.event, &st.r#where)))
                 .collect();
-            fn chain(steps: &[Vec<i64>], after: i64, start: i64, within: Option<i64>) -> bool {
+            fn chain(
+                steps: &[(&str, Vec<i64>)],
+                after: i64,
+                same_ms: &[&str],
+                start: i64,
+                within: Option<i64>,
+            ) -> bool {
                 match steps.split_first() {
                     None => within.is_none_or(|w| after - start <= w),
-                    Some((times, rest)) => times
-                        .iter()
-                        .filter(|t| **t > after)
-                        .any(|t| chain(rest, *t, start, within)),
+                    Some(((name, times), rest)) => times.iter().any(|&t| {
+                        if t > after {
+                            chain(rest, t, &[name], start, within)
+                        } else if t == after && !same_ms.contains(name) {
+                            let more: Vec<&str> = same_ms.iter().copied().chain([*name]).collect();
+                            chain(rest, t, &more, start, within)
+                        } else {
+                            false
+                        }
+                    }),
                 }
             }
             let within = s.within.map(|w| w.millis());
             match steps.split_first() {
                 None => false,
-                Some((first, rest)) => first.iter().any(|t| chain(rest, *t, *t, within)),
+                Some(((name, first), rest)) => {
+                    first.iter().any(|&t| chain(rest, t, &[name], t, within))
+                }
             }
         }
     }
