@@ -116,7 +116,8 @@ const fn default_dedupe_window() -> Span {
 /// A config that failed to load, with the path of the bad field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigLoadError {
-    #[error("{path}: cannot read: {source}")]
+    // The cause is the error's source: `{:#}` prints it once, after this.
+    #[error("{path}: cannot read")]
     Read {
         path: String,
         #[source]
@@ -176,6 +177,14 @@ impl Config {
         use cdp_operators::config::ConfigError;
         if self.kafka.partitions < 1 {
             return Err(ConfigError::new("kafka.partitions", "must be at least 1").into());
+        }
+        if self.kafka.brokers.split(',').any(|b| b.trim().is_empty()) {
+            // librdkafka takes an empty list and retries it forever.
+            return Err(ConfigError::new(
+                "kafka.brokers",
+                "must list at least one host:port, comma-separated, without empty entries",
+            )
+            .into());
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.sources.iter().enumerate() {

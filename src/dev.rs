@@ -87,6 +87,34 @@ impl MockBroker {
     }
 }
 
+/// The embedded broker starts empty, so the stages' state from an earlier
+/// `cdp dev` in `dir` matches no changelog: each task would discard it
+/// with an error. Say so once and remove it (only the stages' own
+/// directories) so the run starts clean.
+fn discard_earlier_state(dir: &std::path::Path, embedded: bool) -> anyhow::Result<()> {
+    if !embedded {
+        return Ok(());
+    }
+    let earlier: Vec<PathBuf> = Stage::ALL
+        .iter()
+        .map(|s| dir.join(s.name()))
+        .filter(|p| p.exists())
+        .collect();
+    if earlier.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "cdp dev: the embedded broker starts empty, so the state an earlier run left in {} \
+         belongs to no broker any more: starting over (profiles, traits and memberships \
+         begin again; keep state across restarts by running the stages against a real broker)",
+        dir.display()
+    );
+    for path in earlier {
+        std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Make a config ready for the embedded broker.
 pub fn dev_config(mut config: Config, bootstrap: &str, state_dir: &str, stdout: bool) -> Config {
     config.kafka.brokers = bootstrap.to_string();
@@ -133,7 +161,10 @@ impl Dev {
             (None, None) => anyhow::bail!("no broker"),
         };
         let (state, state_dir) = match &opts.state_dir {
-            Some(d) => (None, d.display().to_string()),
+            Some(d) => {
+                discard_earlier_state(d, broker.is_some())?;
+                (None, d.display().to_string())
+            }
             None => {
                 let t = tempfile::tempdir()?;
                 let p = t.path().display().to_string();
@@ -238,6 +269,24 @@ mod tests {
     use rdkafka::consumer::Consumer;
 
     use super::*;
+
+    /// A second `cdp dev` on one `--state-dir` starts clean: the stages'
+    /// directories go (they match no changelog of a new embedded broker),
+    /// anything else stays; with an external broker nothing is touched.
+    #[test]
+    fn an_earlier_runs_state_is_removed_only_for_the_embedded_broker() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let task = dir.path().join("traits").join("0");
+        std::fs::create_dir_all(&task)?;
+        std::fs::write(task.join("CURRENT"), "x")?;
+        std::fs::write(dir.path().join("notes.txt"), "mine")?;
+        discard_earlier_state(dir.path(), false)?;
+        assert!(task.join("CURRENT").exists(), "an external broker keeps it");
+        discard_earlier_state(dir.path(), true)?;
+        assert!(!dir.path().join("traits").exists());
+        assert!(dir.path().join("notes.txt").exists(), "not ours");
+        Ok(())
+    }
 
     /// Every topic of every prefix, with the partitions `cdp topics
     /// create` gives it, as another client sees them.

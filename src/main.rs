@@ -49,7 +49,9 @@ enum Command {
         /// Address of /metrics, /healthz, /readyz.
         #[arg(long, default_value = "127.0.0.1:9464")]
         admin_listen: SocketAddr,
-        /// Keep state here instead of a temporary directory.
+        /// Keep state here instead of a temporary directory, to look at
+        /// after a run. The embedded broker starts empty every time, so the
+        /// next `cdp dev` on the same directory starts over.
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },

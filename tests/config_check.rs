@@ -74,7 +74,13 @@ fn a_missing_file_fails_with_its_name() -> TestResult {
     let out = check(&missing)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(stderr.contains("nope.yaml: cannot read"), "{stderr}");
+    assert!(stderr.contains("nope.yaml: cannot read: "), "{stderr}");
+    // The cause once, not twice.
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
     Ok(())
 }
 
@@ -100,5 +106,19 @@ fn config_schema_prints_the_published_schema() -> TestResult {
         "deploy/cdp-config.schema.json is stale; regenerate it with \
          `cargo run -- config schema > deploy/cdp-config.schema.json`"
     );
+    Ok(())
+}
+
+#[test]
+fn an_empty_broker_list_fails_with_its_path() -> TestResult {
+    for brokers in ["\"\"", "\"a:9092,\"", "\" , \""] {
+        let out = check_edited("brokers: localhost:9092", &format!("brokers: {brokers}"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{brokers}: {out:?}");
+        assert!(
+            stderr.contains("error: kafka.brokers: must list at least one host:port"),
+            "{brokers}: {stderr}"
+        );
+    }
     Ok(())
 }
