@@ -31,6 +31,10 @@ pub(super) enum CollectError {
         reason: &'static str,
         message: &'static str,
     },
+    /// What the validate stage would dead-letter as `spec_violation`,
+    /// refused at the edge instead: `pointer: reason` for each.
+    #[error("{at}: breaks the Segment spec: {violations}")]
+    SpecViolation { at: String, violations: String },
     #[error("too many requests in flight; retry later")]
     Overloaded,
     #[error("the broker did not take the events: {0}")]
@@ -61,7 +65,8 @@ impl CollectError {
             CollectError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             CollectError::UnreadableBody(_)
             | CollectError::InvalidJson(_)
-            | CollectError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            | CollectError::Invalid { .. }
+            | CollectError::SpecViolation { .. } => StatusCode::BAD_REQUEST,
             CollectError::Overloaded | CollectError::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
             CollectError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -77,6 +82,7 @@ impl CollectError {
             CollectError::BodyTimeout(_) => "body_timeout",
             CollectError::InvalidJson(_) => "invalid_json",
             CollectError::Invalid { reason, .. } => reason,
+            CollectError::SpecViolation { .. } => "spec_violation",
             CollectError::Overloaded => "overloaded",
             CollectError::Broker(_) => "broker_unavailable",
             CollectError::Internal(_) => "internal",

@@ -151,6 +151,22 @@ pub(super) fn enrich<'a>(
         event.set("messageId", raw_string(&id)?);
     }
     event.set("receivedAt", Cow::Borrowed(received_at));
+    // The rest of the spec, as the validate stage checks it (a group
+    // without groupId, a bad timestamp, properties that are no object...):
+    // refused here, where the sender still hears about it, not accepted and
+    // dead-lettered later.
+    let violations = cdp_operators::validate::spec_violations_raw(|k| event.get(k));
+    if !violations.is_empty() {
+        let violations = violations
+            .iter()
+            .map(|v| format!("{}: {}", v.pointer, v.reason))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(CollectError::SpecViolation {
+            at: at(index),
+            violations,
+        });
+    }
 
     let time_of = |field: &str, event: &Fields<'a>| {
         event.get_cow(field).and_then(|raw| {
@@ -233,14 +249,71 @@ mod tests {
         let v = decode(p)?;
         assert_eq!(str_field(&v, "timestamp"), "2026-01-01T12:00:00.000Z");
         assert_eq!(str_field(&v, "receivedAt"), "2026-01-01T12:00:00.000Z");
-        // A null timestamp counts as none; an unparsable one is kept.
-        let null = json!({"type": "identify", "userId": "u", "timestamp": null, "sentAt": "x"});
+        // A null timestamp counts as none.
+        let null = json!({"type": "identify", "userId": "u", "timestamp": null,
+            "sentAt": "2026-01-01T11:00:00.000Z"});
         let v = decode(run(null)?)?;
         assert_eq!(str_field(&v, "timestamp"), "2026-01-01T12:00:00.000Z");
-        let odd = json!({"type": "identify", "userId": "u", "timestamp": "yesterday",
-            "sentAt": "2026-01-01T11:00:00.000Z"});
-        let v = decode(run(odd)?)?;
-        assert_eq!(str_field(&v, "timestamp"), "yesterday");
+        Ok(())
+    }
+
+    /// What breaks the spec is refused here with the field's pointer and
+    /// reason, as the validate stage would have dead-lettered it.
+    #[test]
+    fn spec_violations_are_refused_at_the_edge() -> TestResult {
+        let received = parse_time_ms("2026-01-01T12:00:00.000Z").ok_or("time")?;
+        let cases = [
+            (
+                json!({"type": "group", "anonymousId": "a"}),
+                "/groupId: group calls need a groupId",
+            ),
+            (
+                json!({"type": "alias", "userId": "u"}),
+                "/previousId: alias calls need a previousId",
+            ),
+            (
+                json!({"type": "track", "event": "E", "userId": "u", "properties": "x"}),
+                "/properties: must be an object",
+            ),
+            (
+                json!({"type": "track", "event": "E", "userId": "u", "messageId": 12}),
+                "/messageId: must be a string",
+            ),
+            (
+                json!({"type": "identify", "userId": "u", "timestamp": "yesterday",
+                "sentAt": "2026-01-01T11:00:00.000Z"}),
+                "/timestamp: must be an RFC 3339 date-time",
+            ),
+            (
+                json!({"type": "identify", "userId": "u", "sentAt": "soon"}),
+                "/sentAt: must be an RFC 3339 date-time",
+            ),
+            (
+                json!({"type": "identify", "userId": {"id": 1}, "anonymousId": "a"}),
+                "/userId: must be a string or a number",
+            ),
+        ];
+        for (event, expected) in cases {
+            let json = event.to_string();
+            let fields: Fields = serde_json::from_str(&json)?;
+            let received_at = raw_string(&rfc3339_ms(received)).map_err(|e| e.to_string())?;
+            match enrich(fields, received, &received_at, Some(3)) {
+                Err(e) => {
+                    assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST, "{event}");
+                    assert_eq!(e.reason(), "spec_violation", "{event}");
+                    let text = e.to_string();
+                    assert!(
+                        text.starts_with("batch[3]: breaks the Segment spec: "),
+                        "{text}"
+                    );
+                    assert!(text.contains(expected), "{event}: {text}");
+                }
+                Ok(_) => return Err(format!("{event} was accepted").into()),
+            }
+        }
+        // Numbers are ids too, and a bad receivedAt is the collector's to set.
+        let fine = json!({"type": "group", "userId": 7, "groupId": 9, "receivedAt": "never"});
+        enrich_text(&fine.to_string(), received)?;
         Ok(())
     }
 
@@ -252,7 +325,7 @@ mod tests {
         let text = r#" { "userId" : "u\"1\u00e9" , "type":"track", "event": "Caf\u00e9 \u2615",
             "properties": {"big": 12345678901234567890123, "nested": [ {"a": [1, 2.50, null]} ],
             "q\"k": "v"}, "weird\nkey": true, "event": "Second", "writeKey": "wk_secret",
-            "messageId": 7 } "#;
+            "messageId": "m7" } "#;
         let p = enrich_text(text, received)?;
         assert_eq!(p.key, "u\"1é");
         let out = std::str::from_utf8(&p.payload)?;
@@ -288,7 +361,7 @@ mod tests {
             "the last of a repeated key wins"
         );
         assert!(v.get("writeKey").is_none());
-        assert_eq!(v["messageId"], json!(7), "a numeric messageId is kept");
+        assert_eq!(v["messageId"], json!("m7"), "the client's messageId is kept");
         assert_eq!(v["weird\nkey"], json!(true));
         assert_eq!(v.pointer("/properties/q\"k"), Some(&json!("v")));
 

@@ -57,7 +57,8 @@ pub use config::{
 };
 pub use dedupe::{dedupe_timer, DEFAULT_DEDUPE_WINDOW};
 pub use spec::{
-    spec_violations, Violation, EVENT_TYPES, MAX_GROUP_ID_CHARS, MAX_MESSAGE_ID_CHARS, TRAITS_LIMIT,
+    spec_violations, spec_violations_raw, Violation, EVENT_TYPES, MAX_GROUP_ID_CHARS,
+    MAX_MESSAGE_ID_CHARS, TRAITS_LIMIT,
 };
 
 use envelope::Envelope;

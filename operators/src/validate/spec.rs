@@ -168,6 +168,38 @@ pub fn spec_violations(event: &Map<String, Value>) -> Vec<Violation> {
     spec_check(|key| Member::of(event.get(key)))
 }
 
+/// [`spec_violations`] over an event's top-level members as JSON text (the
+/// collector's view, which never builds the event): the members the checks
+/// read by value are parsed (ids, names, times: small), the big ones
+/// (`properties`, `traits`, `context`, `integrations`) only measured.
+pub fn spec_violations_raw<'a>(
+    get: impl Fn(&str) -> Option<&'a serde_json::value::RawValue>,
+) -> Vec<Violation> {
+    use super::envelope::{Skip, PARSED, SHAPED};
+    // Text a RawValue holds is valid JSON: neither read can fail.
+    let parsed: Vec<Option<Value>> = PARSED
+        .iter()
+        .map(|k| get(k).and_then(|raw| serde_json::from_str(raw.get()).ok()))
+        .collect();
+    let shapes: Vec<Option<Shape>> = SHAPED
+        .iter()
+        .map(|k| get(k).and_then(|raw| serde_json::from_str::<Skip>(raw.get()).ok().map(|s| s.0)))
+        .collect();
+    spec_check(|key| {
+        if let Some(i) = PARSED.iter().position(|k| *k == key) {
+            return Member::of(parsed.get(i).and_then(Option::as_ref));
+        }
+        match SHAPED
+            .iter()
+            .position(|k| *k == key)
+            .and_then(|i| shapes.get(i).copied().flatten())
+        {
+            Some(shape) => Member::Skipped(shape),
+            None => Member::Absent,
+        }
+    })
+}
+
 /// [`spec_violations`] over any view of the top level. It reads the
 /// members in [`super::envelope::PARSED`] by value and the ones in
 /// [`super::envelope::SHAPED`] by shape only.

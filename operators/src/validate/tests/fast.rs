@@ -701,3 +701,32 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// The collector's check over raw members finds exactly what the
+    /// check over the parsed event finds (same pointers, same reasons),
+    /// also for duplicate-free events with times, names and ids of every
+    /// kind, several of them broken.
+    #[test]
+    fn the_raw_spec_check_equals_the_parsed_one(
+        bytes in arb_json_event(),
+        name in prop::option::of(prop_oneof![Just(json!("Home")), Just(json!(3))]),
+        sent_at in prop::option::of(prop_oneof![Just(json!("2026-11-26T10:00:00Z")), Just(json!("soon"))]),
+        context in prop::option::of(prop_oneof![Just(json!({"ip": "1.2.3.4"})), Just(json!("x")), Just(json!([]))]),
+    ) {
+        let mut event: Map<String, Value> = serde_json::from_slice(&bytes)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for (k, v) in [("name", name), ("sentAt", sent_at), ("context", context)] {
+            if let Some(v) = v {
+                event.insert(k.into(), v);
+            }
+        }
+        let raw: BTreeMap<String, Box<serde_json::value::RawValue>> = event
+            .iter()
+            .map(|(k, v)| serde_json::value::to_raw_value(v).map(|r| (k.clone(), r)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let from_raw = spec_violations_raw(|k| raw.get(k).map(|r| &**r));
+        prop_assert_eq!(from_raw, spec_violations(&event));
+    }
+}
