@@ -361,7 +361,11 @@ mod tests {
             "the last of a repeated key wins"
         );
         assert!(v.get("writeKey").is_none());
-        assert_eq!(v["messageId"], json!("m7"), "the client's messageId is kept");
+        assert_eq!(
+            v["messageId"],
+            json!("m7"),
+            "the client's messageId is kept"
+        );
         assert_eq!(v["weird\nkey"], json!(true));
         assert_eq!(v.pointer("/properties/q\"k"), Some(&json!("v")));
 

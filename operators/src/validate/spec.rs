@@ -175,7 +175,7 @@ pub fn spec_violations(event: &Map<String, Value>) -> Vec<Violation> {
 pub fn spec_violations_raw<'a>(
     get: impl Fn(&str) -> Option<&'a serde_json::value::RawValue>,
 ) -> Vec<Violation> {
-    use super::envelope::{Skip, PARSED, SHAPED};
+    use super::envelope::{PARSED, SHAPED};
     // Text a RawValue holds is valid JSON: neither read can fail.
     let parsed: Vec<Option<Value>> = PARSED
         .iter()
@@ -183,7 +183,7 @@ pub fn spec_violations_raw<'a>(
         .collect();
     let shapes: Vec<Option<Shape>> = SHAPED
         .iter()
-        .map(|k| get(k).and_then(|raw| serde_json::from_str::<Skip>(raw.get()).ok().map(|s| s.0)))
+        .map(|k| get(k).map(|raw| raw_shape(raw.get(), *k == "traits" || *k == "properties")))
         .collect();
     spec_check(|key| {
         if let Some(i) = PARSED.iter().position(|k| *k == key) {
@@ -198,6 +198,28 @@ pub fn spec_violations_raw<'a>(
             None => Member::Absent,
         }
     })
+}
+
+/// The shape of valid JSON text, read from its first byte. An object's
+/// members are counted only where the limit applies (`count`) and only
+/// when the text is long enough to hold [`TRAITS_LIMIT`] of them
+/// (`"":0,` is the shortest member); otherwise it reads as empty, which
+/// no check tells from its real count.
+fn raw_shape(text: &str, count: bool) -> Shape {
+    use super::envelope::Skip;
+    const SHORTEST_OVER_LIMIT: usize = TRAITS_LIMIT * 5 + 1;
+    let text = text.trim_start();
+    match text.as_bytes().first() {
+        Some(b'{') if count && text.len() >= SHORTEST_OVER_LIMIT => {
+            serde_json::from_str::<Skip>(text).map_or(Shape::Object(0), |s| s.0)
+        }
+        Some(b'{') => Shape::Object(0),
+        Some(b'[') => Shape::Array,
+        Some(b'"') => Shape::String,
+        Some(b't' | b'f') => Shape::Bool,
+        Some(b'n') => Shape::Null,
+        _ => Shape::Number,
+    }
 }
 
 /// [`spec_violations`] over any view of the top level. It reads the

@@ -713,9 +713,21 @@ proptest! {
         name in prop::option::of(prop_oneof![Just(json!("Home")), Just(json!(3))]),
         sent_at in prop::option::of(prop_oneof![Just(json!("2026-11-26T10:00:00Z")), Just(json!("soon"))]),
         context in prop::option::of(prop_oneof![Just(json!({"ip": "1.2.3.4"})), Just(json!("x")), Just(json!([]))]),
+        // Around Segment's limit of fewer than 300 traits, short keys
+        // and long ones.
+        many in prop::option::of((298usize..302, any::<bool>(), any::<bool>())),
     ) {
         let mut event: Map<String, Value> = serde_json::from_slice(&bytes)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let many = many.map(|(n, long, traits)| {
+            let object: Map<String, Value> = (0..n)
+                .map(|i| (if long { format!("property_{i:05}") } else { i.to_string() }, json!(0)))
+                .collect();
+            (if traits { "traits" } else { "properties" }, Value::Object(object))
+        });
+        if let Some((k, v)) = many {
+            event.insert(k.into(), v);
+        }
         for (k, v) in [("name", name), ("sentAt", sent_at), ("context", context)] {
             if let Some(v) = v {
                 event.insert(k.into(), v);
