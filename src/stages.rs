@@ -119,7 +119,12 @@ impl Stage {
                 let s = compiled.audiences.clone();
                 let format = &compiled.config.audience_changes;
                 let operator: cdp_pipeline::OperatorFactory = match format.format {
-                    Format::Json => Box::new(move |_| Box::new(AudiencesOperator::new(s.clone()))),
+                    Format::Json => Box::new(move |_| {
+                        Box::new(
+                            AudiencesOperator::new(s.clone())
+                                .with_size_reporter(audience_members()),
+                        )
+                    }),
                     Format::Avro => {
                         let codec = Arc::new(
                             avro_codec(format.schema_registry.as_deref(), &t.audiences())
@@ -127,7 +132,10 @@ impl Stage {
                         );
                         Box::new(move |_| {
                             Box::new(EncodeOutput::new(
-                                Box::new(AudiencesOperator::new(s.clone())),
+                                Box::new(
+                                    AudiencesOperator::new(s.clone())
+                                        .with_size_reporter(audience_members()),
+                                ),
                                 outputs::NEXT,
                                 codec.clone(),
                             ))
@@ -204,7 +212,17 @@ impl Stage {
     }
 }
 
-/// Counts `cdp_audience_changes_total{audience, action}` (audience sizes).
+/// `cdp_audience_members{audience}`: every audiences task adds its members
+/// and takes them back when it goes.
+fn audience_members() -> cdp_operators::audiences::SizeReporter {
+    Arc::new(|audience: &str, delta: i64| {
+        metrics::AUDIENCE_MEMBERS
+            .with_label_values(&[audience])
+            .add(delta);
+    })
+}
+
+/// Counts `cdp_audience_changes_total{audience, action}`.
 fn audience_change_observer() -> cdp_pipeline::runtime::Observer {
     Arc::new(|e: &cdp_pipeline::Emitted| {
         if e.output != outputs::NEXT {

@@ -103,8 +103,8 @@ panel("State limits hit / s", [(f'sum by (stage, kind) (rate(cdp_state_limit_hit
       desc="Per-profile state bounds reached (most_frequent, unique_count limits): values dropped by the documented rule.")
 endrow()
 row("Audiences and delivery")
-panel("Audience sizes", [(f'sum by (audience) (cdp_audience_changes_total{{{NS},action="entered"}}) - sum by (audience) (cdp_audience_changes_total{{{NS},action="exited"}})', "{{audience}}")], "short",
-      desc="entered − exited since the counters started. Counters restart with pods: a size from a fresh pod counts changes since its start only.")
+panel("Audience sizes", [(f'sum by (audience) (cdp_audience_members{{{NS}}})', "{{audience}}")], "short",
+      desc="Profiles in each audience: every audiences task counts its members in its state and reports them while it owns its partition, so the sum over instances survives restarts and rebalances.")
 panel("Audience changes / s", [(f'sum by (audience, action) (rate(cdp_audience_changes_total{{{NS}}}[$__rate_interval]))', "{{audience}} {{action}}")], "ops")
 panel("Event → delivery latency", [(f'histogram_quantile({q}, sum by (le) (rate(cdp_end_to_end_latency_seconds_bucket{{{NS}}}[$__rate_interval])))', f"p{int(q*100)}") for q in (0.5, 0.95, 0.99)], "s",
       desc="Event time to delivery, all destinations.")

@@ -111,7 +111,8 @@ def test_the_dashboard_uses_only_exported_metrics():
     # The list: throughput, lag, dead letters, end-to-end latency,
     # audience sizes, delivery outcomes.
     for needed in ("cdp_records_in_total", "cdp_consumer_lag", "cdp_dead_letters_total",
-                   "cdp_end_to_end_latency_seconds_bucket", "cdp_audience_changes_total",
+                   "cdp_end_to_end_latency_seconds_bucket", "cdp_audience_members",
+                   "cdp_audience_changes_total",
                    "cdp_delivery_attempts_total", "cdp_delivery_failures_total"):
         assert needed in used, f"the dashboard shows no {needed}"
 

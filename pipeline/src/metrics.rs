@@ -177,8 +177,14 @@ counter!(
 counter!(
     AUDIENCE_CHANGES,
     "cdp_audience_changes_total",
-    "Audience changes emitted; size = entered - exited",
+    "Audience changes emitted by this process",
     ["audience", "action"]
+);
+gauge!(
+    AUDIENCE_MEMBERS,
+    "cdp_audience_members",
+    "Profiles in the audience among this instance's tasks (sum over instances: the audience's size)",
+    ["audience"]
 );
 counter!(
     HTTP_REQUESTS,

@@ -38,6 +38,7 @@ mod config;
 mod history;
 mod operator;
 mod profile;
+mod sizes;
 #[cfg(test)]
 mod tests;
 
@@ -47,6 +48,7 @@ pub use config::{
     TraitCondition,
 };
 pub use operator::AudiencesOperator;
+pub use sizes::SizeReporter;
 
 /// The `stage` this operator writes on its transfers.
 const STAGE: &str = "audiences";

@@ -1,5 +1,6 @@
 //! The audiences operator: dispatch of records and timers.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use cdp_pipeline::operator::{Context, Operator, OperatorError, Record};
@@ -9,6 +10,7 @@ use serde_json::Value;
 
 use super::compile::AudienceSet;
 use super::profile::AudienceProfile;
+use super::sizes::{SizeReporter, Sizes};
 use super::STAGE;
 use crate::messages::{
     self, outputs, wire, AudienceAction, AudienceChange, Cause, EventRead, Identifiers,
@@ -27,6 +29,8 @@ pub struct AudiencesOperator {
     layout: Layout,
     /// The profiles this task wrote last, decoded (see `StateCache`).
     cache: StateCache<AudienceProfile>,
+    /// Members per audience among this task's profiles.
+    sizes: RefCell<Sizes>,
 }
 
 /// What caused an evaluation, for the changes it emits.
@@ -81,7 +85,30 @@ impl AudiencesOperator {
             set,
             layout: Layout::default(),
             cache: StateCache::new(profiles),
+            sizes: RefCell::new(Sizes::new(None)),
         }
+    }
+
+    /// Report this task's members per audience to `reporter` as they move
+    /// (`cdp_audience_members`), and take them back when the task goes.
+    pub fn with_size_reporter(mut self, reporter: SizeReporter) -> Self {
+        self.sizes = RefCell::new(Sizes::new(Some(reporter)));
+        self
+    }
+
+    /// Emit `changes` of profile `id` and count them.
+    fn emit_changes(
+        &self,
+        ctx: &mut Context<'_>,
+        id: &str,
+        changes: &[AudienceChange],
+    ) -> Result<(), OperatorError> {
+        let mut sizes = self.sizes.borrow_mut();
+        for change in changes {
+            sizes.note(ctx, &self.set, &change.audience, change.action)?;
+            emit_json(ctx, outputs::NEXT, id, change)?;
+        }
+        Ok(())
     }
 
     fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<AudienceProfile>, OperatorError> {
@@ -178,10 +205,7 @@ impl AudiencesOperator {
         // taken from pending, and must not be lost with a record that
         // fails.
         self.cache.store(ctx, id, profile, defer)?;
-        for change in &changes {
-            emit_json(ctx, outputs::NEXT, id, change)?;
-        }
-        Ok(())
+        self.emit_changes(ctx, id, &changes)
     }
 
     /// Apply an update. `identify` adds its identifiers to the profile's.
@@ -313,9 +337,7 @@ impl AudiencesOperator {
             announced,
         );
         retire(ctx, &from, &into);
-        for change in &exits {
-            emit_json(ctx, outputs::NEXT, &from, change)?;
-        }
+        self.emit_changes(ctx, &from, &exits)?;
         send_transfer(ctx, &into, &transfer)
     }
 
@@ -473,7 +495,8 @@ impl Operator for AudiencesOperator {
     }
 
     fn end_batch(&mut self, ctx: &mut Context<'_>) -> Result<(), StoreError> {
-        self.cache.flush(ctx)
+        self.cache.flush(ctx)?;
+        self.sizes.get_mut().end_batch(ctx, &self.set)
     }
 
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {

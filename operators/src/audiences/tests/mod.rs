@@ -102,6 +102,17 @@ fn changes(out: &[Emitted]) -> Result<Vec<AudienceChange>, serde_json::Error> {
         .collect()
 }
 
+/// The members per audience a task's state counts, zeros left out.
+fn stored_sizes(
+    state: &cdp_pipeline::store::MemoryState,
+) -> Result<BTreeMap<String, i64>, serde_json::Error> {
+    let counts: BTreeMap<String, i64> = match state.map.get(super::sizes::SIZES_KEY) {
+        Some(bytes) => serde_json::from_slice(bytes)?,
+        None => BTreeMap::new(),
+    };
+    Ok(counts.into_iter().filter(|(_, n)| *n != 0).collect())
+}
+
 fn summary(changes: &[AudienceChange]) -> Vec<(String, AudienceAction)> {
     changes
         .iter()

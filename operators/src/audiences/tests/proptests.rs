@@ -182,6 +182,9 @@ proptest! {
             if exists {
                 prop_assert_eq!(&members, &expected, "at {} after {:?}", at, op);
             }
+            // The task's counts are the memberships the changes replay to.
+            let sizes: BTreeMap<String, i64> = members.iter().map(|a| (a.clone(), 1)).collect();
+            prop_assert_eq!(stored_sizes(&h.state).map_err(|e| TestCaseError::fail(e.to_string()))?, sizes);
         }
     }
 }
@@ -205,6 +208,10 @@ proptest! {
         let mut plain = OperatorHarness::new(AudiencesOperator::with_cache(set, 0));
         let mut now = 100i64;
         let mut saved = plain.state.clone();
+        // Who is in what, by the changes emitted; rolled back with the
+        // store (a restore replays from the copy's state).
+        let mut members: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut saved_members = members.clone();
         for (p, op, action) in steps {
             let id = ["a", "b", "c"][p];
             save_or_restore(action, &mut saved, [&mut cached.state, &mut plain.state]);
@@ -229,6 +236,24 @@ proptest! {
             }
             prop_assert_eq!(&outs[0], &outs[1]);
             prop_assert_eq!(&cached.state.map, &plain.state.map);
+            // As `save_or_restore` did to the stores before the step.
+            match action {
+                2 => saved_members = members.clone(),
+                3 => members = saved_members.clone(),
+                _ => {}
+            }
+            for c in changes(&outs[1]).map_err(|e| fail(&e))? {
+                let at = (c.profile_id.clone(), c.audience.clone());
+                match c.action {
+                    AudienceAction::Entered => prop_assert!(members.insert(at), "entered twice"),
+                    AudienceAction::Exited => prop_assert!(members.remove(&at), "exited while out"),
+                }
+            }
+            let mut sizes: BTreeMap<String, i64> = BTreeMap::new();
+            for (_, audience) in &members {
+                *sizes.entry(audience.clone()).or_default() += 1;
+            }
+            prop_assert_eq!(stored_sizes(&plain.state).map_err(|e| fail(&e))?, sizes);
         }
     }
 }

@@ -187,3 +187,59 @@ fn a_step_takes_its_times_from_a_state_written_before_steps_had_their_own() -> T
     assert_eq!(summary(&c), vec![]);
     Ok(())
 }
+
+/// The members per audience go to the reporter as they move; a task that
+/// goes away takes its members back out, and the next owner of its state
+/// reports them again at its first batch (a tick will do).
+#[test]
+fn the_size_reporter_follows_the_stored_members() -> TestResult {
+    use std::sync::Mutex;
+    let told: Arc<Mutex<BTreeMap<String, i64>>> = Arc::default();
+    let reporter = |told: &Arc<Mutex<BTreeMap<String, i64>>>| -> crate::audiences::SizeReporter {
+        let told = told.clone();
+        Arc::new(move |audience: &str, delta: i64| {
+            if let Ok(mut t) = told.lock() {
+                *t.entry(audience.to_owned()).or_default() += delta;
+            }
+        })
+    };
+    let told_now = |told: &Arc<Mutex<BTreeMap<String, i64>>>| -> BTreeMap<String, i64> {
+        told.lock()
+            .map(|t| {
+                t.iter()
+                    .filter(|(_, n)| **n != 0)
+                    .map(|(k, n)| (k.clone(), *n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let yaml = "rich: {where: {trait: score, gte: 5}}\npoor: {where: {trait: score, lt: 5}}";
+    let set = Arc::new(AudienceSet::new(&defs(yaml)?, &KnownNames::anything())?);
+    let mut h = OperatorHarness::new(
+        AudiencesOperator::new(set.clone()).with_size_reporter(reporter(&told)),
+    );
+    h.tick(100)?;
+    for (id, score) in [("a", 7), ("b", 9), ("c", 1), ("a", 2)] {
+        h.process(
+            Some(id.as_bytes()),
+            &update(id, None, json!({"score": score}), 100)?,
+            &[],
+        )?;
+        assert_eq!(told_now(&told), stored_sizes(&h.state)?);
+    }
+    let expected: BTreeMap<String, i64> = [("poor".to_string(), 2), ("rich".to_string(), 1)].into();
+    assert_eq!(stored_sizes(&h.state)?, expected);
+    let state = h.state.clone();
+    drop(h);
+    assert!(
+        told_now(&told).is_empty(),
+        "a dropped task lets go: {:?}",
+        told_now(&told)
+    );
+    let mut next =
+        OperatorHarness::new(AudiencesOperator::new(set).with_size_reporter(reporter(&told)));
+    next.state = state;
+    next.tick(101)?;
+    assert_eq!(told_now(&told), expected);
+    Ok(())
+}
