@@ -551,6 +551,7 @@ mod tests {
             identifiers: Identifiers::new(),
             cause: Cause::default(),
             announced: true,
+            at: None,
         };
         let before = (dropped("limit"), dropped("blocked_value"), merges());
         let observe = identity_observer();

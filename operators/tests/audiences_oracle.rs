@@ -398,7 +398,7 @@ fn event_record(p: &str, merged_from: &[String], ev: Ev, raw_t: i64, n: usize) -
     }
 }
 
-fn merged_record(from: &str, into: &str, n: usize) -> Vec<u8> {
+fn merged_record(from: &str, into: &str, n: usize, at: i64) -> Vec<u8> {
     let record = ProfileRecord::Merged {
         from: from.to_string(),
         into: into.to_string(),
@@ -408,6 +408,7 @@ fn merged_record(from: &str, into: &str, n: usize) -> Vec<u8> {
             tick: None,
         },
         announced: true,
+        at: Some(at),
     };
     serde_json::to_vec(&record).unwrap_or_default()
 }
@@ -548,7 +549,7 @@ fn run(steps: &[Step], matching: Matching, batch: usize) -> Result<(), TestCaseE
                         IDENTITY,
                         TRAITS_STAGE,
                         from.as_bytes(),
-                        merged_record(from, &into, n),
+                        merged_record(from, &into, n, raw_t),
                     );
                 }
                 p.produce(

@@ -310,6 +310,7 @@ proptest! {
                         identifiers: Identifiers::new(),
                         cause: Cause::default(),
                         announced: false,
+                        at: None,
                     }).map_err(|e| fail(e.to_string()))?;
                     run.feed(from, record).map_err(fail)?;
                 }

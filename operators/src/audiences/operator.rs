@@ -16,6 +16,7 @@ use crate::messages::{
     self, outputs, wire, AudienceAction, AudienceChange, Cause, EventRead, Identifiers,
     ProfileUpdate,
 };
+use crate::profile_keyed::Merge;
 use crate::profile_keyed::{
     decode_state, decode_update, dispatch, emit_json, encode_state, fired_profile, handle_at_once,
     invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
@@ -301,19 +302,29 @@ impl AudiencesOperator {
         })
     }
 
-    fn on_merged(
-        &self,
-        ctx: &mut Context<'_>,
-        from: String,
-        into: String,
-        identifiers: Identifiers,
-        cause: Cause,
-        announced: bool,
-    ) -> Result<(), OperatorError> {
+    fn on_merged(&self, ctx: &mut Context<'_>, merge: Merge) -> Result<(), OperatorError> {
+        let Merge {
+            from,
+            into,
+            identifiers,
+            cause,
+            announced,
+            at,
+        } = merge;
         // A profile never seen here still sends its (empty) state: the
         // survivor may be waiting for it.
         let mut profile = self.load(ctx, &from)?.unwrap_or_default();
-        let trigger = Trigger::of(&cause, profile.clock.max(ctx.now()));
+        // The exits carry the merging event's time, bounded as the
+        // survivor's entries' is (a record without it: the profile's clock).
+        let time = match at {
+            Some(t) => self
+                .set
+                .event_time
+                .bound(t, ctx.now(), None)
+                .map_or(ctx.now(), |b| b.time),
+            None => profile.clock.max(ctx.now()),
+        };
+        let trigger = Trigger::of(&cause, time);
         // The merged-away profile leaves every audience it was in.
         let exits: Vec<AudienceChange> = self
             .set
@@ -454,7 +465,18 @@ impl ProfileStage for AudiencesOperator {
                 identifiers,
                 cause,
                 announced,
-            } => self.on_merged(ctx, from, into, identifiers, cause, announced),
+                at,
+            } => self.on_merged(
+                ctx,
+                Merge {
+                    from,
+                    into,
+                    identifiers,
+                    cause,
+                    announced,
+                    at,
+                },
+            ),
             ProfileUpdate::Transfer {
                 from,
                 into,

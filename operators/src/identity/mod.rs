@@ -204,6 +204,7 @@ fn encode_outputs(
             identifiers: resolution.profile.identifiers.clone(),
             cause: record_cause.clone(),
             announced: true,
+            at: cause.at.and_then(crate::messages::parse_time_ms),
         };
         out.push((outputs::NEXT, from.clone(), encode(&merged)?, false));
     }

@@ -194,6 +194,12 @@ pub enum ProfileRecord {
         /// written before events carried `merged_from`.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         announced: bool,
+        /// The merging event's time (ms, as it came: each stage bounds it
+        /// as it bounds event times), so the merged-away profile's exits
+        /// carry the time the survivor's entries do. `None` on records
+        /// written before merges carried it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<i64>,
     },
     /// A stage moving the state of merged-away `from` to the survivor's
     /// partition (keyed by `into`). Written by the stage into its own input
@@ -274,6 +280,9 @@ pub enum ProfileUpdate {
         cause: Cause,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         announced: bool,
+        /// As [`ProfileRecord::Merged`]'s.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<i64>,
     },
     Transfer {
         stage: String,
@@ -594,6 +603,7 @@ mod tests {
             identifiers: Identifiers::new(),
             cause: Cause::default(),
             announced: false,
+            at: None,
         };
         let v = serde_json::to_value(&r).unwrap_or_default();
         assert_eq!(v["type"], "merged");
@@ -733,6 +743,7 @@ mod tests {
                 identifiers: Identifiers::new(),
                 cause: Cause::default(),
                 announced: true,
+                at: None,
             }),
             (arb_text(), event()).prop_map(|(from, state)| ProfileRecord::Transfer {
                 stage: "traits".into(),

@@ -171,6 +171,17 @@ pub(crate) trait StageInput: Serialize + Sized {
     fn merged(from: &str, into: &str) -> Self;
 }
 
+/// A `merged` record, as a stage handles it.
+pub(crate) struct Merge {
+    pub(crate) from: String,
+    pub(crate) into: String,
+    pub(crate) identifiers: Identifiers,
+    pub(crate) cause: Cause,
+    pub(crate) announced: bool,
+    /// The merging event's time (ms), where the record carries it.
+    pub(crate) at: Option<i64>,
+}
+
 /// [`StageInput`] for a stage's input enum, whose profile variant is
 /// `$profile`: both enums carry `merged` and `transfer` records alike.
 /// `$check_own` checks the profile variant further; `$readdress` gives it
@@ -186,6 +197,7 @@ macro_rules! stage_input {
                     identifiers: Identifiers::new(),
                     cause: Cause::default(),
                     announced: false,
+                    at: None,
                 }
             }
 

@@ -17,6 +17,7 @@ use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{
     self, outputs, wire, Cause, EventRead, Identifiers, ProfileRecord, ProfileUpdate,
 };
+use crate::profile_keyed::Merge;
 use crate::profile_keyed::{
     decode_event, decode_state, dispatch, emit_record, encode_state, fired_profile, handle_at_once,
     invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
@@ -276,15 +277,15 @@ impl TraitsOperator {
         })
     }
 
-    fn on_merged(
-        &self,
-        ctx: &mut Context<'_>,
-        from: String,
-        into: String,
-        identifiers: Identifiers,
-        cause: Cause,
-        announced: bool,
-    ) -> Result<(), OperatorError> {
+    fn on_merged(&self, ctx: &mut Context<'_>, merge: Merge) -> Result<(), OperatorError> {
+        let Merge {
+            from,
+            into,
+            identifiers,
+            cause,
+            announced,
+            at,
+        } = merge;
         // A profile never seen here still sends its (empty) state: the
         // survivor may be waiting for it.
         let mut state = self.load(ctx, &from)?.unwrap_or_default();
@@ -307,6 +308,7 @@ impl TraitsOperator {
             identifiers,
             cause,
             announced,
+            at,
         };
         emit_record(ctx, outputs::NEXT, &from, &merged)
     }
@@ -433,7 +435,18 @@ impl ProfileStage for TraitsOperator {
                 identifiers,
                 cause,
                 announced,
-            } => self.on_merged(ctx, from, into, identifiers, cause, announced),
+                at,
+            } => self.on_merged(
+                ctx,
+                Merge {
+                    from,
+                    into,
+                    identifiers,
+                    cause,
+                    announced,
+                    at,
+                },
+            ),
             ProfileRecord::Transfer {
                 from,
                 into,

@@ -37,12 +37,15 @@ fn a_merge_exits_the_merged_profile_and_the_survivor_enters() -> TestResult {
             tick: None,
         },
         announced: false,
+        at: Some(2 * DAY + 7),
     })?;
     let out = h.process(Some(b"a"), &merged, &[])?;
     let c = changes(&out)?;
     assert_eq!(summary(&c), vec![exited("big_spenders")]);
     assert_eq!(c[0].profile_id, "a");
     assert_eq!(c[0].cause.message_id.as_deref(), Some("m-merge"));
+    // At the merging event's time, as the survivor's entry will be.
+    assert_eq!(c[0].event_time, crate::messages::rfc3339_ms(2 * DAY + 7));
     let transfer = out
         .iter()
         .find(|e| e.output == outputs::SELF)
@@ -93,6 +96,7 @@ fn an_update_naming_a_merge_waits_for_its_transfer() -> TestResult {
         identifiers: Identifiers::new(),
         cause: Cause::default(),
         announced: true,
+        at: None,
     })?;
     let out = h.process(Some(b"a"), &merged, &[])?;
     let transfer = out

@@ -112,6 +112,7 @@ fn sequences_keep_few_times_and_hold_for_good() -> TestResult {
         identifiers: Identifiers::new(),
         cause: Cause::default(),
         announced: false,
+        at: None,
     })?;
     let out = h.process(Some(b"p"), &merged, &[])?;
     assert_eq!(summary(&changes(&out)?), vec![exited("seq")]);

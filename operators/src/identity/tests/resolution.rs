@@ -34,7 +34,8 @@ fn merge_emits_merged_first_and_the_strongest_profile_survives() -> TestResult {
     )?)?;
     let (user, _) = resolved(&send(&mut h, &json!({"type": "identify", "userId": "u1"}))?)?;
     let bytes = serde_json::to_vec(
-        &json!({"type": "identify", "userId": "u1", "anonymousId": "a1", "messageId": "m9"}),
+        &json!({"type": "identify", "userId": "u1", "anonymousId": "a1", "messageId": "m9",
+            "timestamp": "2026-11-26T10:00:00.250Z"}),
     )?;
     let headers = vec![(SOURCE.to_string(), b"web".to_vec())];
     let out = h.process(None, &bytes, &headers)?;
@@ -48,6 +49,8 @@ fn merge_emits_merged_first_and_the_strongest_profile_survives() -> TestResult {
             tick: None,
         },
         announced: true,
+        // The merging event's time, for the exits the merge causes.
+        at: crate::messages::parse_time_ms("2026-11-26T10:00:00.250Z"),
     };
     let records = decode(&out)?;
     assert_eq!(records.len(), 2);

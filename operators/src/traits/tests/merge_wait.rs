@@ -32,6 +32,7 @@ fn merged(from: &str, into: &str) -> Result<Vec<u8>, serde_json::Error> {
             tick: None,
         },
         announced: true,
+        at: None,
     })
 }
 

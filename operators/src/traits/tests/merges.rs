@@ -11,6 +11,7 @@ fn late_events_for_a_merged_profile_are_redirected() -> TestResult {
         identifiers: Identifiers::new(),
         cause: Cause::default(),
         announced: false,
+        at: None,
     })?;
     h.process(Some(b"a"), &merged, &[])?;
     let out = send(
@@ -60,6 +61,7 @@ fn a_merge_transfers_state_and_emits_the_merged_values() -> TestResult {
             tick: None,
         },
         announced: false,
+        at: Some(3 * DAY + 5),
     })?;
     let out = h.process(Some(b"a"), &merged, &[])?;
     let transfer = out
@@ -69,7 +71,7 @@ fn a_merge_transfers_state_and_emits_the_merged_values() -> TestResult {
     assert_eq!(transfer.key.as_deref(), Some(b"b".as_slice()));
     let forwarded = updates(&out)?;
     assert!(
-        matches!(forwarded.as_slice(), [ProfileUpdate::Merged { from, into, .. }] if from == "a" && into == "b")
+        matches!(forwarded.as_slice(), [ProfileUpdate::Merged { from, into, at, .. }] if from == "a" && into == "b" && *at == Some(3 * DAY + 5))
     );
     assert_eq!(
         h.state.map.get(profile_key("a").as_slice()),

@@ -183,6 +183,7 @@ proptest! {
             identifiers: Identifiers::new(),
             cause: Cause::default(),
             announced: false,
+            at: None,
         }).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let out = two.process(Some(b"a"), &merged, &[]).map_err(|e| TestCaseError::fail(e.to_string()))?;
         for transfer in out.iter().filter(|e| e.output == outputs::SELF) {
