@@ -103,12 +103,12 @@ fn discard_earlier_state(dir: &std::path::Path, embedded: bool) -> anyhow::Resul
     if earlier.is_empty() {
         return Ok(());
     }
-    eprintln!(
+    crate::notice::say(&format!(
         "cdp dev: the embedded broker starts empty, so the state an earlier run left in {} \
          belongs to no broker any more: starting over (profiles, traits and memberships \
          begin again; keep state across restarts by running the stages against a real broker)",
         dir.display()
-    );
+    ));
     for path in earlier {
         std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
     }

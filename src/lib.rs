@@ -6,6 +6,7 @@ pub mod dead_letters;
 pub mod demo;
 pub mod dev;
 pub mod loadgen;
+pub mod notice;
 pub mod passthrough;
 pub mod stages;
 pub mod stamps;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use cdp::config::Config;
 use cdp::dev::{Dev, DevOptions};
+use cdp::notice::say;
 use cdp::stages::{self, Stage};
 use cdp_connectors::collector::Collector;
 use cdp_pipeline::{ClientFactory, Health, Shutdown};
@@ -292,7 +293,10 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => {
+            builder.json().init();
+            cdp::notice::logs_are_json(true);
+        }
     }
 }
 
@@ -328,12 +332,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })
             .await?;
             dev.shutdown.trigger_on_signals();
-            eprintln!("cdp dev: embedded Kafka broker at {}", dev.bootstrap);
-            eprintln!(
+            say(&format!(
+                "cdp dev: embedded Kafka broker at {}",
+                dev.bootstrap
+            ));
+            say(&format!(
                 "cdp dev: collector at http://{} (write key wk_web_123 in the demo config)",
                 dev.collector
-            );
-            eprintln!("cdp dev: metrics at http://{admin_listen}/metrics; audience changes print below as JSON lines");
+            ));
+            say(&format!("cdp dev: metrics at http://{admin_listen}/metrics; audience changes print below as JSON lines"));
             if demo {
                 tokio::spawn(cdp::demo::run(dev.collector, dev.shutdown.clone()));
             }
@@ -477,11 +484,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let broker = cdp::dev::MockBroker::start(&prefixes, partitions)?;
             println!("{}", broker.bootstrap);
-            eprintln!(
+            say(&format!(
                 "cdp mock-broker: at {} with the topics of {}",
                 broker.bootstrap,
                 prefixes.join(", ")
-            );
+            ));
             let shutdown = Shutdown::default();
             shutdown.trigger_on_signals();
             shutdown.wait().await;
