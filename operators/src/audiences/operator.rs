@@ -16,12 +16,11 @@ use crate::messages::{
     self, outputs, wire, AudienceAction, AudienceChange, Cause, EventRead, Identifiers,
     ProfileUpdate,
 };
-use crate::profile_keyed::Merge;
 use crate::profile_keyed::{
     decode_state, decode_update, dispatch, emit_json, encode_state, fired_profile, handle_at_once,
     invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
-    to_json_value, union_identifier_pairs, union_identifiers, EventTree, Layout, ProfileStage,
-    StageInput, StateCache, Stored, CACHED_PROFILES,
+    to_json_value, union_identifier_pairs, union_identifiers, EventTree, Layout, Merge,
+    ProfileStage, StageInput, StateCache, Stored, CACHED_PROFILES,
 };
 
 /// The audiences operator of one task.

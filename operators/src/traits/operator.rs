@@ -17,11 +17,10 @@ use crate::event_time::TIME_CORRECTED_HEADER;
 use crate::messages::{
     self, outputs, wire, Cause, EventRead, Identifiers, ProfileRecord, ProfileUpdate,
 };
-use crate::profile_keyed::Merge;
 use crate::profile_keyed::{
     decode_event, decode_state, dispatch, emit_record, encode_state, fired_profile, handle_at_once,
     invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
-    to_json_value, union_identifier_pairs, union_identifiers, unwritable, EventTree, Layout,
+    to_json_value, union_identifier_pairs, union_identifiers, unwritable, EventTree, Layout, Merge,
     ProfileStage, StageInput, StateCache, Stored, CACHED_PROFILES,
 };
 
