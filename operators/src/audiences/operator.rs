@@ -303,19 +303,14 @@ impl AudiencesOperator {
 
     fn on_merged(&self, ctx: &mut Context<'_>, merge: Merge) -> Result<(), OperatorError> {
         let Merge {
-            from,
-            into,
-            identifiers,
-            cause,
-            announced,
-            at,
-        } = merge;
+            from, into, cause, ..
+        } = &merge;
         // A profile never seen here still sends its (empty) state: the
         // survivor may be waiting for it.
-        let mut profile = self.load(ctx, &from)?.unwrap_or_default();
+        let mut profile = self.load(ctx, from)?.unwrap_or_default();
         // The exits carry the merging event's time, bounded as the
         // survivor's entries' is (a record without it: the profile's clock).
-        let time = match at {
+        let time = match merge.at {
             Some(t) => self
                 .set
                 .event_time
@@ -323,32 +318,32 @@ impl AudiencesOperator {
                 .map_or(ctx.now(), |b| b.time),
             None => profile.clock.max(ctx.now()),
         };
-        let trigger = Trigger::of(&cause, time);
+        let trigger = Trigger::of(cause, time);
         // The merged-away profile leaves every audience it was in.
         let exits: Vec<AudienceChange> = self
             .set
             .order()
             .filter(|name| profile.members.contains(*name))
-            .map(|name| self.change(ctx, &from, &profile, name, AudienceAction::Exited, &trigger))
+            .map(|name| self.change(ctx, from, &profile, name, AudienceAction::Exited, &trigger))
             .collect();
-        reschedule(ctx, &from, &mut profile.timer, None);
+        reschedule(ctx, from, &mut profile.timer, None);
         profile.members.clear();
         // The merged profile's identifiers (every one the survivor has
         // after the merge) travel with the state, so a membership the
         // transfer completes names them all, even if the merging event's
         // own update reaches the survivor later.
-        union_identifiers(&mut profile.identifiers, &identifiers);
+        union_identifiers(&mut profile.identifiers, &merge.identifiers);
         let transfer = ProfileUpdate::transfer(
             STAGE,
             from.clone(),
             into.clone(),
             to_json_value(&profile)?,
-            cause,
-            announced,
+            cause.clone(),
+            merge.announced,
         );
-        retire(ctx, &from, &into);
-        self.emit_changes(ctx, &from, &exits)?;
-        send_transfer(ctx, &into, &transfer)
+        retire(ctx, from, into);
+        self.emit_changes(ctx, from, &exits)?;
+        send_transfer(ctx, into, &transfer)
     }
 
     fn incoming(
@@ -458,24 +453,10 @@ impl ProfileStage for AudiencesOperator {
                     defer,
                 )
             }
-            ProfileUpdate::Merged {
-                from,
-                into,
-                identifiers,
-                cause,
-                announced,
-                at,
-            } => self.on_merged(
-                ctx,
-                Merge {
-                    from,
-                    into,
-                    identifiers,
-                    cause,
-                    announced,
-                    at,
-                },
-            ),
+            merged @ ProfileUpdate::Merged { .. } => match merged.into_merge() {
+                Ok(merge) => self.on_merged(ctx, merge),
+                Err(_) => Ok(()), // a `merged` record is one
+            },
             ProfileUpdate::Transfer {
                 from,
                 into,

@@ -166,6 +166,9 @@ pub(crate) trait StageInput: Serialize + Sized {
     /// retired profile); any other record back unchanged.
     fn readdressed(self, survivor: &str) -> Result<Self, Self>;
 
+    /// A `merged` record as the stage handles it; any other back.
+    fn into_merge(self) -> Result<Merge, Self>;
+
     /// Test input: `from` merged into `into`, unannounced, no cause.
     #[cfg(test)]
     fn merged(from: &str, into: &str) -> Self;
@@ -182,6 +185,20 @@ pub(crate) struct Merge {
     pub(crate) at: Option<i64>,
 }
 
+impl Merge {
+    /// The record a stage forwards to the next: the same merge.
+    pub(crate) fn forwarded(self) -> crate::messages::ProfileUpdate {
+        crate::messages::ProfileUpdate::Merged {
+            from: self.from,
+            into: self.into,
+            identifiers: self.identifiers,
+            cause: self.cause,
+            announced: self.announced,
+            at: self.at,
+        }
+    }
+}
+
 /// [`StageInput`] for a stage's input enum, whose profile variant is
 /// `$profile`: both enums carry `merged` and `transfer` records alike.
 /// `$check_own` checks the profile variant further; `$readdress` gives it
@@ -189,6 +206,27 @@ pub(crate) struct Merge {
 macro_rules! stage_input {
     ($input:ident, $profile:ident, $check_own:path, $readdress:path) => {
         impl StageInput for $input {
+            fn into_merge(self) -> Result<Merge, Self> {
+                match self {
+                    $input::Merged {
+                        from,
+                        into,
+                        identifiers,
+                        cause,
+                        announced,
+                        at,
+                    } => Ok(Merge {
+                        from,
+                        into,
+                        identifiers,
+                        cause,
+                        announced,
+                        at,
+                    }),
+                    other => Err(other),
+                }
+            }
+
             #[cfg(test)]
             fn merged(from: &str, into: &str) -> Self {
                 $input::Merged {

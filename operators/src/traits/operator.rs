@@ -277,39 +277,24 @@ impl TraitsOperator {
     }
 
     fn on_merged(&self, ctx: &mut Context<'_>, merge: Merge) -> Result<(), OperatorError> {
-        let Merge {
-            from,
-            into,
-            identifiers,
-            cause,
-            announced,
-            at,
-        } = merge;
+        let (from, into) = (merge.from.clone(), merge.into.clone());
         // A profile never seen here still sends its (empty) state: the
         // survivor may be waiting for it.
         let mut state = self.load(ctx, &from)?.unwrap_or_default();
         reschedule(ctx, &from, &mut state.timer, None);
         state.emitted.clear();
-        union_identifiers(&mut state.identifiers, &identifiers);
+        union_identifiers(&mut state.identifiers, &merge.identifiers);
         let transfer = ProfileRecord::transfer(
             STAGE,
             from.clone(),
             into.clone(),
             to_json_value(&state)?,
-            cause.clone(),
-            announced,
+            merge.cause.clone(),
+            merge.announced,
         );
         retire(ctx, &from, &into);
         send_transfer(ctx, &into, &transfer)?;
-        let merged = ProfileUpdate::Merged {
-            from: from.clone(),
-            into,
-            identifiers,
-            cause,
-            announced,
-            at,
-        };
-        emit_record(ctx, outputs::NEXT, &from, &merged)
+        emit_record(ctx, outputs::NEXT, &from, &merge.forwarded())
     }
 
     /// A transferred state, read (older layouts upgraded) and fitted to
@@ -428,24 +413,10 @@ impl ProfileStage for TraitsOperator {
                     defer,
                 )
             }
-            ProfileRecord::Merged {
-                from,
-                into,
-                identifiers,
-                cause,
-                announced,
-                at,
-            } => self.on_merged(
-                ctx,
-                Merge {
-                    from,
-                    into,
-                    identifiers,
-                    cause,
-                    announced,
-                    at,
-                },
-            ),
+            merged @ ProfileRecord::Merged { .. } => match merged.into_merge() {
+                Ok(merge) => self.on_merged(ctx, merge),
+                Err(_) => Ok(()), // a `merged` record is one
+            },
             ProfileRecord::Transfer {
                 from,
                 into,
