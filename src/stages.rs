@@ -117,14 +117,12 @@ impl Stage {
                 outs.insert(outputs::NEXT, OutputTarget::Topic(t.audiences()));
                 outs.insert(outputs::SELF, OutputTarget::Framed(t.traits()));
                 let s = compiled.audiences.clone();
+                let audiences = move || {
+                    AudiencesOperator::new(s.clone()).with_size_reporter(audience_members())
+                };
                 let format = &compiled.config.audience_changes;
                 let operator: cdp_pipeline::OperatorFactory = match format.format {
-                    Format::Json => Box::new(move |_| {
-                        Box::new(
-                            AudiencesOperator::new(s.clone())
-                                .with_size_reporter(audience_members()),
-                        )
-                    }),
+                    Format::Json => Box::new(move |_| Box::new(audiences())),
                     Format::Avro => {
                         let codec = Arc::new(
                             avro_codec(format.schema_registry.as_deref(), &t.audiences())
@@ -132,10 +130,7 @@ impl Stage {
                         );
                         Box::new(move |_| {
                             Box::new(EncodeOutput::new(
-                                Box::new(
-                                    AudiencesOperator::new(s.clone())
-                                        .with_size_reporter(audience_members()),
-                                ),
+                                Box::new(audiences()),
                                 outputs::NEXT,
                                 codec.clone(),
                             ))

@@ -28,6 +28,9 @@ pub(super) struct Sizes {
     changed: bool,
     /// What the reporter holds for this task.
     reported: BTreeMap<String, i64>,
+    /// The reporter holds the stored counts: a batch that changed none
+    /// reads nothing.
+    synced: bool,
 }
 
 impl Sizes {
@@ -37,6 +40,7 @@ impl Sizes {
             counts: None,
             changed: false,
             reported: BTreeMap::new(),
+            synced: false,
         }
     }
 
@@ -84,6 +88,9 @@ impl Sizes {
         ctx: &mut Context<'_>,
         set: &AudienceSet,
     ) -> Result<(), StoreError> {
+        if self.counts.is_none() && (self.synced || self.reporter.is_none()) {
+            return Ok(());
+        }
         self.counts(ctx, set)?;
         let Some(counts) = self.counts.take() else {
             return Ok(());
@@ -106,6 +113,7 @@ impl Sizes {
                 }
                 kept
             });
+            self.synced = true;
         }
         Ok(())
     }

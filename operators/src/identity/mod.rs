@@ -196,6 +196,7 @@ fn encode_outputs(
         message_id: cause.message_id.map(String::from),
         tick: None,
     };
+    let merged_at = cause.at.and_then(crate::messages::parse_time_ms);
     let mut out = Vec::new();
     for from in resolution.merged.keys() {
         let merged = ProfileRecord::Merged {
@@ -204,7 +205,7 @@ fn encode_outputs(
             identifiers: resolution.profile.identifiers.clone(),
             cause: record_cause.clone(),
             announced: true,
-            at: cause.at.and_then(crate::messages::parse_time_ms),
+            at: merged_at,
         };
         out.push((outputs::NEXT, from.clone(), encode(&merged)?, false));
     }

@@ -277,23 +277,24 @@ impl TraitsOperator {
     }
 
     fn on_merged(&self, ctx: &mut Context<'_>, merge: Merge) -> Result<(), OperatorError> {
-        let (from, into) = (merge.from.clone(), merge.into.clone());
+        let (from, into) = (merge.from.as_str(), merge.into.as_str());
         // A profile never seen here still sends its (empty) state: the
         // survivor may be waiting for it.
-        let mut state = self.load(ctx, &from)?.unwrap_or_default();
-        reschedule(ctx, &from, &mut state.timer, None);
+        let mut state = self.load(ctx, from)?.unwrap_or_default();
+        reschedule(ctx, from, &mut state.timer, None);
         state.emitted.clear();
         union_identifiers(&mut state.identifiers, &merge.identifiers);
         let transfer = ProfileRecord::transfer(
             STAGE,
-            from.clone(),
-            into.clone(),
+            from.to_owned(),
+            into.to_owned(),
             to_json_value(&state)?,
             merge.cause.clone(),
             merge.announced,
         );
-        retire(ctx, &from, &into);
-        send_transfer(ctx, &into, &transfer)?;
+        retire(ctx, from, into);
+        send_transfer(ctx, into, &transfer)?;
+        let from = from.to_owned();
         emit_record(ctx, outputs::NEXT, &from, &merge.forwarded())
     }
 
