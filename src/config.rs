@@ -198,7 +198,7 @@ impl Config {
         }
         self.collector.check()?;
         let validator = Validator::new(&self.sources, &self.tracking_plans, self.dedupe_window)?;
-        let identity = IdentityRules::new(&self.identity)?;
+        let identity = IdentityRules::new(&self.identity)?.with_event_time(self.event_time);
         let traits = TraitSet::new(&self.traits)?.with_event_time(self.event_time);
         let known = self.known_names(&traits.names());
         traits.check_names(&known)?;

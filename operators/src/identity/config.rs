@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::fields::{EventFields, Leaf};
 use crate::config::ConfigError;
+use crate::event_time::EventTimeConfig;
 use crate::messages::DroppedIdentifier;
 
 /// `(type, value)`, e.g. `("email", "a@example.com")`.
@@ -162,6 +163,7 @@ pub struct IdentityRules {
     blocked_values: BTreeSet<String>,
     blocked_patterns: Vec<Regex>,
     max_merges: usize,
+    event_time: EventTimeConfig,
 }
 
 fn compile_patterns(path: &str, patterns: &[String]) -> Result<Vec<Regex>, ConfigError> {
@@ -235,7 +237,40 @@ impl IdentityRules {
             blocked_values: normalized_set(&cfg.blocked_values),
             blocked_patterns: compile_patterns("identity.blocked_patterns", &cfg.blocked_patterns)?,
             max_merges: cfg.max_merges,
+            event_time: EventTimeConfig::default(),
         })
+    }
+
+    /// The bound on event times ahead of the stream (`event_time`), for
+    /// the times identity writes on its profile records.
+    pub fn with_event_time(mut self, event_time: EventTimeConfig) -> Self {
+        self.event_time = event_time;
+        self
+    }
+
+    /// The time identity records for an event (`updated_at`, a merge's
+    /// `at`, an audit entry): the event's own, unless it is beyond
+    /// `event_time.max_future`, then the reference time, whatever the
+    /// policy. Identity never refuses an event for its time: its links are
+    /// real whenever the event happened, and under `dead_letter` the
+    /// traits stage is the one that sets the event aside. `None` when the
+    /// event's time is kept as it came.
+    pub(super) fn corrected_time(
+        &self,
+        at: Option<&str>,
+        stream_time: i64,
+        record_time: Option<i64>,
+    ) -> Option<i64> {
+        let own = at.and_then(crate::messages::parse_time_ms)?;
+        let policy = EventTimeConfig {
+            beyond: crate::event_time::FutureTimePolicy::Correct,
+            ..self.event_time
+        };
+        policy
+            .bound(own, stream_time, record_time)
+            .ok()
+            .filter(|b| b.corrected_from.is_some())
+            .map(|b| b.time)
     }
 
     pub(super) fn max_merges(&self) -> usize {

@@ -146,8 +146,13 @@ impl Operator for IdentityOperator {
     fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
         let (fields, event) = parse_event(record.value)?;
         let message_id = fields.message_id();
+        // A time beyond `event_time.max_future` is not written as it came.
+        let corrected = self
+            .rules
+            .corrected_time(fields.at(), ctx.now(), record.timestamp_ms)
+            .map(crate::messages::rfc3339_ms);
         let cause = Provenance {
-            at: fields.at(),
+            at: corrected.as_deref().or(fields.at()),
             message_id,
         };
         let Extracted {

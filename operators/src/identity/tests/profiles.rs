@@ -290,3 +290,69 @@ fn states_written_as_json_still_resolve_and_are_rewritten_in_postcard() -> TestR
         .all(|(_, v)| v.first() == Some(&super::super::stored::POSTCARD)));
     Ok(())
 }
+
+#[test]
+fn times_beyond_the_tolerance_are_written_at_the_reference_time() -> TestResult {
+    let rules = IdentityRules::new(&IdentityConfig::default())?.with_event_time(
+        crate::event_time::EventTimeConfig {
+            max_future: cdp_pipeline::Span::from_secs(3600),
+            beyond: crate::event_time::FutureTimePolicy::DeadLetter,
+        },
+    );
+    let mut h = OperatorHarness::new(IdentityOperator::new(Arc::new(rules)));
+    let received = crate::messages::parse_time_ms("2026-11-26T10:00:00Z").ok_or("time")?;
+    let send_at = |h: &mut OperatorHarness<IdentityOperator>, event: Value| {
+        let bytes = serde_json::to_vec(&event)?;
+        let out = h.process_at(None, &bytes, &[], Some(received))?;
+        Ok::<_, Box<dyn std::error::Error>>(out)
+    };
+    // Within the hour: kept as it came.
+    let out = send_at(
+        &mut h,
+        json!({"type": "page", "anonymousId": "a1", "timestamp": "2026-11-26T10:59:00Z"}),
+    )?;
+    let within: Vec<ProfileSnapshot> = out
+        .iter()
+        .filter(|e| e.output == outputs::PROFILES)
+        .map(|e| serde_json::from_slice(&e.value))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(within[0].updated_at.as_deref(), Some("2026-11-26T10:59:00Z"));
+    // A year ahead, merging a1 into u1: the merge, the survivor's history
+    // and both snapshots carry the broker's time, and the event still
+    // links (identity never refuses for time, even under `dead_letter`).
+    h.process_at(
+        None,
+        &serde_json::to_vec(&json!({"type": "identify", "userId": "u1"}))?,
+        &[],
+        Some(received),
+    )?;
+    let out = send_at(
+        &mut h,
+        json!({"type": "identify", "userId": "u1", "anonymousId": "a1",
+            "timestamp": "2027-11-26T10:00:00Z"}),
+    )?;
+    let corrected = "2026-11-26T10:00:00.000Z";
+    let snaps: Vec<ProfileSnapshot> = out
+        .iter()
+        .filter(|e| e.output == outputs::PROFILES)
+        .map(|e| serde_json::from_slice(&e.value))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    for s in &snaps {
+        assert_eq!(s.updated_at.as_deref(), Some(corrected), "{s:?}");
+    }
+    let survivor = snaps
+        .iter()
+        .find(|s| s.state == ProfileStatus::Active)
+        .ok_or("no survivor")?;
+    assert_eq!(survivor.merged_from[0].at.as_deref(), Some(corrected));
+    let merged = decode(&out)?
+        .into_iter()
+        .find_map(|r| match r {
+            ProfileRecord::Merged { at, .. } => Some(at),
+            _ => None,
+        })
+        .ok_or("no merge")?;
+    assert_eq!(merged, Some(received));
+    Ok(())
+}
