@@ -13,7 +13,7 @@ use cdp_operators::audiences::{AudienceDef, AudienceSet};
 use cdp_operators::config::{KnownNames, SourceConfig};
 use cdp_operators::event_time::EventTimeConfig;
 use cdp_operators::identity::{IdentityConfig, IdentityRules};
-use cdp_operators::traits::{TraitDef, TraitSet};
+use cdp_operators::traits::{TraitDef, TraitSet, ValueKind};
 use cdp_operators::validate::{TrackingPlan, UnplannedEvents, Validator, DEFAULT_DEDUPE_WINDOW};
 use cdp_pipeline::{KafkaConfig, Span};
 use serde::Deserialize;
@@ -200,7 +200,7 @@ impl Config {
         let validator = Validator::new(&self.sources, &self.tracking_plans, self.dedupe_window)?;
         let identity = IdentityRules::new(&self.identity)?.with_event_time(self.event_time);
         let traits = TraitSet::new(&self.traits)?.with_event_time(self.event_time);
-        let known = self.known_names(&traits.names());
+        let known = self.known_names(&traits.names(), traits.value_kinds());
         traits.check_names(&known)?;
         let audiences =
             Arc::new(AudienceSet::new(&self.audiences, &known)?.with_event_time(self.event_time));
@@ -235,9 +235,15 @@ impl Config {
     /// blocks unplanned events are they known (the planned ones, plus
     /// `Page Viewed` and `Screen Viewed`, which page and screen calls count
     /// as); otherwise any event name can arrive and none is refused.
-    fn known_names(&self, computed: &BTreeSet<String>) -> KnownNames {
+    fn known_names(
+        &self,
+        computed: &BTreeSet<String>,
+        mut kinds: BTreeMap<String, ValueKind>,
+    ) -> KnownNames {
         let mut traits = computed.clone();
         traits.extend(self.profile_traits.iter().cloned());
+        // A name that `identify` may also set can hold anything.
+        kinds.retain(|name, _| !self.profile_traits.contains(name));
         for plan in self.tracking_plans.values() {
             if let Some(props) = plan
                 .identify
@@ -246,6 +252,7 @@ impl Config {
                 .and_then(serde_json::Value::as_object)
             {
                 traits.extend(props.keys().cloned());
+                kinds.retain(|name, _| !props.contains_key(name));
             }
         }
         let plans: Option<Vec<&TrackingPlan>> = self
@@ -272,6 +279,7 @@ impl Config {
         KnownNames {
             traits: Some(traits),
             events,
+            kinds,
         }
     }
 }

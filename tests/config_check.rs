@@ -122,3 +122,29 @@ fn an_empty_broker_list_fails_with_its_path() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn a_comparison_that_cannot_hold_for_the_traits_type_fails_with_its_path() -> TestResult {
+    // revenue_total is an aggregation: always a number.
+    let out = check_edited(
+        "{trait: revenue_total, gte: 500}",
+        "{trait: revenue_total, gte: \"500\"}",
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains(
+            "error: audiences.big_spenders.where.all[0].gte: the trait is a number, so `gte: \"500\"` never holds: write a number"
+        ),
+        "{stderr}"
+    );
+    // A number it can compare with is fine, and so is `exists`.
+    for ok in [
+        "{trait: revenue_total, lt: 1e3}",
+        "{trait: revenue_total, exists: true}",
+    ] {
+        let out = check_edited("{trait: revenue_total, gte: 500}", ok)?;
+        assert!(out.status.success(), "{ok}: {out:?}");
+    }
+    Ok(())
+}

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::traits::{Comparison, ValueKind};
+
 /// A place events come from (`sources[]`): one write key each.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +49,10 @@ pub struct KnownNames {
     /// every source's tracking plan blocks unplanned events (then: the
     /// planned ones, and `Page Viewed` / `Screen Viewed`).
     pub events: Option<std::collections::BTreeSet<String>>,
+    /// Traits whose values are always numbers or always lists (computed
+    /// traits whose type fixes it, and no other source of the name): a
+    /// comparison that cannot tell such values apart is an error.
+    pub kinds: std::collections::BTreeMap<String, ValueKind>,
 }
 
 impl KnownNames {
@@ -65,6 +71,24 @@ impl KnownNames {
                 ),
             )),
             _ => Ok(()),
+        }
+    }
+
+    /// `Err` at `path` when `op` cannot tell values of trait `name` apart
+    /// (`{trait: orders_30d, gte: "2"}` compares a number with a string,
+    /// which never holds).
+    pub fn check_comparison(
+        &self,
+        path: &str,
+        name: &str,
+        op: &Comparison,
+    ) -> Result<(), ConfigError> {
+        let Some(kind) = self.kinds.get(name) else {
+            return Ok(());
+        };
+        match op.mistyped_for(*kind) {
+            Some(why) => Err(ConfigError::new(format!("{path}.{}", op.key()), why)),
+            None => Ok(()),
         }
     }
 
@@ -93,6 +117,7 @@ mod tests {
         let known = KnownNames {
             traits: Some(["ltv_total".to_string()].into()),
             events: Some(["Order Completed".to_string()].into()),
+            ..KnownNames::default()
         };
         assert!(known.check_trait("p", "ltv_total").is_ok());
         let e = known.check_trait("audiences.vip.where.all[1].trait", "ltv");
@@ -104,5 +129,65 @@ mod tests {
         );
         assert!(known.check_event("p", "Order Completed").is_ok());
         assert!(known.check_event("p", "Order Complted").is_err());
+    }
+
+    #[test]
+    fn comparisons_that_cannot_tell_a_typed_traits_values_apart_are_errors() {
+        let known = KnownNames {
+            kinds: [
+                ("orders".to_string(), ValueKind::Number),
+                ("brands".to_string(), ValueKind::List),
+            ]
+            .into(),
+            ..KnownNames::default()
+        };
+        let check = |name: &str, key: &str, value: serde_json::Value| {
+            let op = Comparison::from_key(key, value).ok().flatten();
+            op.map(|op| known.check_comparison("a.where", name, &op).is_ok())
+        };
+        use serde_json::json;
+        // A number: compared with numbers; strings, lists and `contains`
+        // never tell its values apart.
+        for (key, value, ok) in [
+            ("gte", json!(2), true),
+            ("eq", json!(2.5), true),
+            ("in", json!([1, 2]), true),
+            ("exists", json!(true), true),
+            ("gte", json!("2"), false),
+            ("ne", json!("2"), false),
+            ("in", json!([1, "2"]), false),
+            ("contains", json!(2), false),
+        ] {
+            assert_eq!(
+                check("orders", key, value.clone()),
+                Some(ok),
+                "{key}: {value}"
+            );
+        }
+        // A list: `contains` and list equality; no order.
+        for (key, value, ok) in [
+            ("contains", json!("nike"), true),
+            ("eq", json!(["nike"]), true),
+            ("exists", json!(false), true),
+            ("eq", json!("nike"), false),
+            ("gt", json!("a"), false),
+            ("in", json!(["nike"]), false),
+        ] {
+            assert_eq!(
+                check("brands", key, value.clone()),
+                Some(ok),
+                "{key}: {value}"
+            );
+        }
+        // Untyped traits take anything.
+        assert_eq!(check("plan", "gte", json!("pro")), Some(true));
+        let e = Comparison::from_key("gte", json!("2"))
+            .ok()
+            .flatten()
+            .map(|op| known.check_comparison("audiences.x.where", "orders", &op));
+        assert_eq!(
+            e.map(|r| r.map_err(|e| e.path)),
+            Some(Err("audiences.x.where.gte".to_string()))
+        );
     }
 }

@@ -240,6 +240,7 @@ impl Compiler {
                     ));
                 }
                 self.known.check_trait(&format!("{path}.trait"), &t.name)?;
+                self.known.check_comparison(path, &t.name, &t.op)?;
                 traits.insert(t.name.clone());
                 Compiled::Trait {
                     name: t.name.clone(),

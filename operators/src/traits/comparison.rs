@@ -17,6 +17,15 @@ const PROPERTY_CONDITION_FIELDS: &[&str] = &[
     "property", "eq", "ne", "gt", "gte", "lt", "lte", "contains", "in", "exists",
 ];
 
+/// What a trait's values always are, where its definition fixes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    /// `event_counter`, `aggregation`, `unique_count`.
+    Number,
+    /// `unique_list`.
+    List,
+}
+
 /// One comparison of a value, written as a single key: `{gt: 100}`.
 ///
 /// A missing value and `null` are the same: only `ne` and `exists: false`
@@ -74,6 +83,58 @@ impl Comparison {
             },
             _ => return Ok(None),
         }))
+    }
+
+    /// The config key the comparison is written with (`gt`).
+    pub fn key(&self) -> &'static str {
+        match self {
+            Comparison::Eq(_) => "eq",
+            Comparison::Ne(_) => "ne",
+            Comparison::Gt(_) => "gt",
+            Comparison::Gte(_) => "gte",
+            Comparison::Lt(_) => "lt",
+            Comparison::Lte(_) => "lte",
+            Comparison::Contains(_) => "contains",
+            Comparison::In(_) => "in",
+            Comparison::Exists(_) => "exists",
+        }
+    }
+
+    /// Why the comparison can never tell values of `kind` apart (it holds
+    /// for all of them or for none), or `None` when it can.
+    pub fn mistyped_for(&self, kind: ValueKind) -> Option<String> {
+        let fits = |v: &Value| match kind {
+            ValueKind::Number => v.is_number(),
+            ValueKind::List => v.is_array(),
+        };
+        let (noun, write) = match kind {
+            ValueKind::Number => ("a number", "a number"),
+            ValueKind::List => ("a list", "a list, or use `contains`"),
+        };
+        let key = self.key();
+        match self {
+            Comparison::Eq(v) | Comparison::Ne(v) if !fits(v) => Some(format!(
+                "the trait is {noun}, so `{key}: {v}` never tells its values apart: write {write}"
+            )),
+            Comparison::Gt(v) | Comparison::Gte(v) | Comparison::Lt(v) | Comparison::Lte(v)
+                if kind == ValueKind::List || !fits(v) =>
+            {
+                Some(format!(
+                    "the trait is {noun}, so `{key}: {v}` never holds: {}",
+                    match kind {
+                        ValueKind::Number => "write a number",
+                        ValueKind::List => "a list has no order (use `contains`)",
+                    }
+                ))
+            }
+            Comparison::In(items) => items.iter().find(|v| !fits(v)).map(|v| {
+                format!("the trait is {noun}, so {v} in `in` never matches it: write {write}")
+            }),
+            Comparison::Contains(v) if kind == ValueKind::Number => Some(format!(
+                "the trait is a number, so `contains: {v}` never holds: compare it with eq, gt, gte, lt or lte"
+            )),
+            _ => None,
+        }
     }
 
     /// Whether `value` (absent: `None`) passes the comparison.

@@ -8,7 +8,7 @@ use cdp_pipeline::Span;
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::comparison::PropertyCondition;
+use super::comparison::{PropertyCondition, ValueKind};
 use crate::audiences::AudienceSet;
 use crate::config::{ConfigError, KnownNames};
 use crate::event_time::EventTimeConfig;
@@ -242,6 +242,18 @@ impl TraitDef {
         }
     }
 
+    /// What the trait's values always are, when its type fixes it
+    /// (`first`, `last` and `most_frequent` take the property's values).
+    pub fn value_kind(&self) -> Option<ValueKind> {
+        match self {
+            TraitDef::EventCounter(_) | TraitDef::Aggregation(_) | TraitDef::UniqueCount(_) => {
+                Some(ValueKind::Number)
+            }
+            TraitDef::UniqueList(_) => Some(ValueKind::List),
+            TraitDef::MostFrequent(_) | TraitDef::First(_) | TraitDef::Last(_) => None,
+        }
+    }
+
     pub(super) fn event(&self) -> &str {
         match self {
             TraitDef::EventCounter(d) => &d.event,
@@ -449,5 +461,13 @@ impl TraitSet {
     /// Names of the computed traits.
     pub fn names(&self) -> BTreeSet<String> {
         self.defs.keys().cloned().collect()
+    }
+
+    /// Every trait whose type fixes what its values are.
+    pub fn value_kinds(&self) -> BTreeMap<String, ValueKind> {
+        self.defs
+            .iter()
+            .filter_map(|(name, def)| def.value_kind().map(|k| (name.clone(), k)))
+            .collect()
     }
 }

@@ -48,7 +48,7 @@ mod tests;
 mod window;
 
 pub(crate) use comparison::{keyed_comparison_schema, set_comparison, COMPARISONS};
-pub use comparison::{Comparison, PropertyCondition};
+pub use comparison::{Comparison, PropertyCondition, ValueKind};
 pub use config::{
     AggregateFunction, AggregationDef, EventCounterDef, FirstLastDef, MostFrequentDef, TraitDef,
     TraitSet, UniqueCountDef, UniqueListDef,

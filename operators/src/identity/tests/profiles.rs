@@ -316,7 +316,10 @@ fn times_beyond_the_tolerance_are_written_at_the_reference_time() -> TestResult 
         .filter(|e| e.output == outputs::PROFILES)
         .map(|e| serde_json::from_slice(&e.value))
         .collect::<Result<_, _>>()?;
-    assert_eq!(within[0].updated_at.as_deref(), Some("2026-11-26T10:59:00Z"));
+    assert_eq!(
+        within[0].updated_at.as_deref(),
+        Some("2026-11-26T10:59:00Z")
+    );
     // A year ahead, merging a1 into u1: the merge, the survivor's history
     // and both snapshots carry the broker's time, and the event still
     // links (identity never refuses for time, even under `dead_letter`).
