@@ -59,7 +59,9 @@ enum Command {
     /// The HTTP collector (Segment Tracking API).
     Collect {
         #[command(flatten)]
-        common: Common,
+        conn: Connection,
+        #[command(flatten)]
+        admin: Admin,
         /// Collector address (overrides collector.listen).
         #[arg(long)]
         listen: Option<SocketAddr>,
@@ -89,7 +91,7 @@ enum Command {
     /// A bare consume→produce hop: the transport limit for benchmarks.
     Passthrough {
         #[command(flatten)]
-        common: Common,
+        common: Connection,
         /// Input topic (full name).
         #[arg(long)]
         from: String,
@@ -122,7 +124,7 @@ enum Command {
     /// the benchmark's hop-by-hop latency (see `scripts/bench.py`).
     Stamps {
         #[command(flatten)]
-        common: Common,
+        common: Connection,
         /// Topic to read (full name; repeatable).
         #[arg(long = "topic", required = true)]
         topics: Vec<String>,
@@ -140,14 +142,14 @@ enum Command {
 #[derive(Subcommand)]
 enum TopicsCommand {
     /// Create every topic with its partitions and compaction settings.
-    Create(Common),
+    Create(Connection),
     /// Check that every topic exists (with the config's credentials);
     /// exits non-zero naming the missing ones. Creates nothing.
-    Check(Common),
+    Check(Connection),
     /// Records in every topic (high minus low watermark, summed over its
     /// partitions): what each stage and its changelog wrote. Creates
     /// nothing; a missing topic is named as such.
-    Sizes(Common),
+    Sizes(Connection),
 }
 
 #[derive(Subcommand)]
@@ -156,7 +158,7 @@ enum DeadLettersCommand {
     /// whether replayed, detail), then counts by stage and reason.
     List {
         #[command(flatten)]
-        common: Common,
+        common: Connection,
         #[command(flatten)]
         selection: SelectionArgs,
     },
@@ -164,7 +166,7 @@ enum DeadLettersCommand {
     /// the stale `cdp-*` headers, each once (see docs/OPERATIONS.md).
     Replay {
         #[command(flatten)]
-        common: Common,
+        common: Connection,
         #[command(flatten)]
         selection: SelectionArgs,
         /// Print what would be replayed, replay nothing.
@@ -208,7 +210,7 @@ enum ConfigCommand {
 #[derive(Args)]
 struct LoadgenArgs {
     #[command(flatten)]
-    common: Common,
+    common: Connection,
     /// `raw` (produce to `<p>.raw`) or the collector's base URL
     /// (`http://127.0.0.1:8088`, batches to `/v1/batch`).
     #[arg(long, default_value = "raw")]
@@ -246,35 +248,61 @@ struct LoadgenArgs {
     json: bool,
 }
 
+/// Where the config and the brokers are: what every command that talks
+/// to Kafka takes.
 #[derive(Args)]
-struct Common {
+struct Connection {
     /// The config file.
     #[arg(long, env = "CDP_CONFIG")]
     config: PathBuf,
     /// Bootstrap servers (overrides kafka.brokers).
     #[arg(long, env = "CDP_BROKERS")]
     brokers: Option<String>,
+}
+
+impl Connection {
+    fn load(&self) -> anyhow::Result<cdp::config::Compiled> {
+        self.load_with(None)
+    }
+
+    fn load_with(&self, state_dir: Option<&str>) -> anyhow::Result<cdp::config::Compiled> {
+        let mut config = Config::load(&self.config)?;
+        if let Some(b) = &self.brokers {
+            config.kafka.brokers = b.clone();
+        }
+        if let Some(d) = state_dir {
+            config.kafka.state_dir = d.to_string();
+        }
+        Ok(config.compile()?)
+    }
+}
+
+/// What a long-running service adds: its admin endpoint.
+#[derive(Args)]
+struct Admin {
+    /// Address of /metrics, /healthz, /readyz.
+    #[arg(long, env = "CDP_ADMIN_LISTEN", default_value = "0.0.0.0:9464")]
+    admin_listen: SocketAddr,
+}
+
+/// A stage's flags: a service with local state and a group membership.
+#[derive(Args)]
+struct Common {
+    #[command(flatten)]
+    conn: Connection,
+    #[command(flatten)]
+    admin: Admin,
     /// State directory (overrides kafka.state_dir).
     #[arg(long, env = "CDP_STATE_DIR")]
     state_dir: Option<String>,
     /// Static group membership id; defaults to $POD_NAME when set.
     #[arg(long, env = "CDP_INSTANCE_ID")]
     instance_id: Option<String>,
-    /// Address of /metrics, /healthz, /readyz.
-    #[arg(long, env = "CDP_ADMIN_LISTEN", default_value = "0.0.0.0:9464")]
-    admin_listen: SocketAddr,
 }
 
 impl Common {
     fn load(&self) -> anyhow::Result<cdp::config::Compiled> {
-        let mut config = Config::load(&self.config)?;
-        if let Some(b) = &self.brokers {
-            config.kafka.brokers = b.clone();
-        }
-        if let Some(d) = &self.state_dir {
-            config.kafka.state_dir = d.clone();
-        }
-        Ok(config.compile()?)
+        self.conn.load_with(self.state_dir.as_deref())
     }
 
     fn instance_id(&self) -> Option<String> {
@@ -307,7 +335,7 @@ async fn main() -> ExitCode {
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            cdp::notice::fail(&e);
             ExitCode::FAILURE
         }
     }
@@ -347,13 +375,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             dev.shutdown.wait().await;
             dev.stop().await
         }
-        Command::Collect { common, listen } => {
-            let mut compiled = common.load()?;
+        Command::Collect {
+            conn,
+            admin,
+            listen,
+        } => {
+            let mut compiled = conn.load()?;
             if let Some(l) = listen {
                 compiled.config.collector.listen = l;
             }
             let factory = ClientFactory::new(compiled.config.kafka.clone())?;
-            let (shutdown, health) = service(&common.admin_listen);
+            let (shutdown, health) = service(&admin.admin_listen);
             let collector = Collector::new(
                 compiled.config.collector.clone(),
                 &compiled.config.sources,
@@ -631,7 +663,7 @@ fn service(admin: &SocketAddr) -> (Shutdown, Health) {
 async fn run_stage(stage: Stage, common: Common) -> anyhow::Result<()> {
     let compiled = common.load()?;
     let factory = ClientFactory::new(compiled.config.kafka.clone())?;
-    let (shutdown, health) = service(&common.admin_listen);
+    let (shutdown, health) = service(&common.admin.admin_listen);
     let joins = stages::start_stages(
         &[stage],
         &compiled,
@@ -658,7 +690,7 @@ fn all_topics<C: rdkafka::consumer::Consumer>(
 
 /// `cdp topics sizes`: one line per topic of the config, its records
 /// (high minus low watermark over its partitions).
-async fn topic_sizes(c: &Common) -> anyhow::Result<()> {
+async fn topic_sizes(c: &Connection) -> anyhow::Result<()> {
     let compiled = c.load()?;
     let factory = ClientFactory::new(compiled.config.kafka.clone())?;
     let specs = factory.topic_specs(&Stage::changelogs(factory.config().partitions));

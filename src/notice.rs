@@ -20,3 +20,13 @@ pub fn say(line: &str) {
         eprintln!("{line}");
     }
 }
+
+/// Say why the command failed, its last line on stderr: `error: …` as
+/// text, or an `ERROR` log record when logs are JSON.
+pub fn fail(error: &anyhow::Error) {
+    if JSON.load(Ordering::Relaxed) {
+        tracing::error!(target: "cdp", "{error:#}");
+    } else {
+        eprintln!("error: {error:#}");
+    }
+}

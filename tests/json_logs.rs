@@ -39,3 +39,25 @@ fn the_mock_brokers_banner_is_a_json_record_under_json_logs(
     );
     Ok(())
 }
+
+#[test]
+fn a_failed_commands_last_line_is_a_json_record_under_json_logs(
+) -> Result<(), Box<dyn std::error::Error>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_cdp"))
+        .args(["--log-format", "json", "topics", "check", "--config"])
+        .arg("/no/such/cdp.yaml")
+        .env_remove("CDP_LOG")
+        .output()?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8(out.stderr)?;
+    let last = stderr.lines().last().ok_or("nothing on stderr")?;
+    let record: serde_json::Value =
+        serde_json::from_str(last).map_err(|e| format!("not JSON: {last:?}: {e}"))?;
+    assert_eq!(record["level"], "ERROR", "{record}");
+    let message = record
+        .pointer("/fields/message")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| format!("no message in {record}"))?;
+    assert!(message.contains("/no/such/cdp.yaml"), "{message}");
+    Ok(())
+}
