@@ -116,6 +116,13 @@ def test_each_stage_is_its_own_workload(name):
     assert one(docs, "StatefulSet", "-identity")["spec"]["replicas"] == 2
 
 
+def test_static_membership_can_be_turned_off_for_brokers_without_it():
+    docs = render({"kafka": {"brokers": "k:9092", "staticMembership": False}})
+    for stage in STATEFUL:
+        sts = one(docs, "StatefulSet", f"-{stage}")
+        assert "POD_NAME" not in {e["name"] for e in cdp_container(sts)["env"]}
+
+
 def test_identity_defaults_to_two_replicas_and_stages_scale_separately():
     docs = render({"kafka": {"brokers": "k:9092"}, "traits": {"replicas": 5}, "deliver": {"replicas": 3}})
     assert one(docs, "StatefulSet", "-identity")["spec"]["replicas"] == 2

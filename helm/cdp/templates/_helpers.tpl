@@ -367,7 +367,7 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       env:
-        {{- include "cdp.env" (dict "root" $root "podName" $stateful "secretEnv" (eq .stage "deliver") "extraEnv" $s.extraEnv) | nindent 8 }}
+        {{- include "cdp.env" (dict "root" $root "podName" (and $stateful $root.Values.kafka.staticMembership) "secretEnv" (eq .stage "deliver") "extraEnv" $s.extraEnv) | nindent 8 }}
       {{- with $s.extraEnvFrom }}
       envFrom:
         {{- toYaml . | nindent 8 }}

@@ -204,6 +204,9 @@ struct Shared {
     group_offsets: Mutex<group_offsets::GroupOffsets>,
     failure: Mutex<Option<RuntimeError>>,
     ready: ReadyFlag,
+    /// Since when the stage has had no assignment (see
+    /// [`rebalance::GroupWatch`]).
+    group_watch: Mutex<rebalance::GroupWatch>,
     shutdown: Shutdown,
     /// The input is written from outside the pipeline: strip runtime
     /// headers (see [`crate::trust`]).

@@ -2,6 +2,7 @@
 //! the stage's own thread (see the module docs of [`super`]).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaRespErr;
@@ -12,6 +13,70 @@ use crate::metrics;
 
 pub(super) struct StageContext {
     pub(super) shared: Arc<Shared>,
+}
+
+/// How long a stage may be in its group without an assignment before it
+/// says so: a rebalance of a healthy group settles within a session
+/// timeout or two.
+pub(super) const UNSETTLED_WARN_AFTER: Duration = Duration::from_secs(60);
+
+/// Whether the stage holds an assignment, and since when it has not. A
+/// stage between a revoke (or its start) and the next assignment owns no
+/// partition: it is not ready, and if the group does not settle it says
+/// why that may be.
+#[derive(Debug)]
+pub(super) struct GroupWatch {
+    unassigned_since: Option<Instant>,
+    warned: bool,
+}
+
+impl Default for GroupWatch {
+    fn default() -> Self {
+        GroupWatch {
+            unassigned_since: Some(Instant::now()),
+            warned: false,
+        }
+    }
+}
+
+impl GroupWatch {
+    pub(super) fn assigned(&mut self) {
+        self.unassigned_since = None;
+        self.warned = false;
+    }
+
+    pub(super) fn revoked(&mut self) {
+        self.unassigned_since = Some(Instant::now());
+    }
+
+    /// `true` once, when the stage has waited `after` for an assignment.
+    pub(super) fn overdue(&mut self, now: Instant, after: Duration) -> bool {
+        match self.unassigned_since {
+            Some(since) if !self.warned && now.duration_since(since) >= after => {
+                self.warned = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Log the wait once it is overdue.
+    pub(super) fn check(&mut self, stage: &str, static_member: bool) {
+        if !self.overdue(Instant::now(), UNSETTLED_WARN_AFTER) {
+            return;
+        }
+        let hint = if static_member {
+            "this instance is a static member (--instance-id / $POD_NAME): a broker that does not implement static membership (tansu 0.6) never settles such a group; run without it (helm: staticMembership: false) and use a new consumer group (topic prefix)"
+        } else {
+            "a member may be stuck or the coordinator unreachable: check the brokers and the other instances of this stage"
+        };
+        tracing::error!(
+            stage,
+            waited_s = UNSETTLED_WARN_AFTER.as_secs(),
+            hint,
+            "no partition assignment from the consumer group yet; /readyz stays false until one arrives"
+        );
+    }
 }
 
 impl ClientContext for StageContext {}
@@ -31,8 +96,16 @@ impl ConsumerContext for StageContext {
                 metrics::REBALANCES
                     .with_label_values(&[stage, "assign"])
                     .inc();
-                self.assign(tpl)
-                    .and_then(|()| consumer.assign(tpl).map_err(RuntimeError::from))
+                let assigned = self
+                    .assign(tpl)
+                    .and_then(|()| consumer.assign(tpl).map_err(RuntimeError::from));
+                if assigned.is_ok() {
+                    if let Ok(mut watch) = self.shared.group_watch.lock() {
+                        watch.assigned();
+                    }
+                    self.shared.ready.set(true);
+                }
+                assigned
             }
             _ => {
                 metrics::REBALANCES
@@ -49,6 +122,11 @@ impl ConsumerContext for StageContext {
                     tasks.clear();
                 }
                 metrics::TASKS.with_label_values(&[stage]).set(0);
+                // Owning nothing until the group assigns again.
+                self.shared.ready.set(false);
+                if let Ok(mut watch) = self.shared.group_watch.lock() {
+                    watch.revoked();
+                }
                 consumer.unassign().map_err(RuntimeError::from)
             }
         };
@@ -58,7 +136,6 @@ impl ConsumerContext for StageContext {
                 f.get_or_insert(e);
             }
         }
-        self.shared.ready.set(true);
     }
 }
 
@@ -80,5 +157,27 @@ impl StageContext {
             .with_label_values(&[shared.spec.name])
             .set(tasks.len() as i64);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_without_an_assignment_is_overdue_once_per_wait() {
+        let mut watch = GroupWatch::default();
+        let start = Instant::now();
+        let after = Duration::from_secs(60);
+        assert!(!watch.overdue(start, after));
+        let late = start + Duration::from_secs(61);
+        assert!(watch.overdue(late, after));
+        assert!(!watch.overdue(late + after, after), "said once");
+        watch.assigned();
+        assert!(!watch.overdue(late + after * 3, after), "assigned");
+        watch.revoked();
+        let revoked_at = Instant::now();
+        assert!(!watch.overdue(revoked_at, after));
+        assert!(watch.overdue(revoked_at + after, after), "a new wait");
     }
 }

@@ -127,6 +127,7 @@ impl StageRuntime {
             group_offsets: Mutex::default(),
             failure: Mutex::new(None),
             ready: self.ready.clone(),
+            group_watch: Mutex::default(),
             handle,
             chaos_crash_after_produce: std::env::var("CDP_CHAOS_CRASH_AFTER_PRODUCE")
                 .ok()
@@ -176,6 +177,9 @@ impl StageRuntime {
                 .commit(name, &input_topic, &consumer, false);
             if shared.spec.ticks {
                 send_ticks(&shared, tick_every)?;
+            }
+            if let Ok(mut watch) = shared.group_watch.lock() {
+                watch.check(name, self.instance_id.is_some());
             }
             if last_gauges.elapsed() > Duration::from_secs(10) {
                 update_gauges(&shared, &consumer);
