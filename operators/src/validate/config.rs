@@ -217,7 +217,7 @@ impl Validator {
                     "must not be empty",
                 ));
             }
-            // The id is part of the dedupe key `dedupe/<source>/<messageId>`.
+            // The id is part of the dedupe key `dedupe/<source>/<n>:<key>/<messageId>`.
             if source.id.contains('/') {
                 return Err(ConfigError::new(
                     format!("sources[{i}].id"),

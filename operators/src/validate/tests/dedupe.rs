@@ -36,6 +36,21 @@ fn dedupe_is_per_source() -> TestResult {
 }
 
 #[test]
+fn dedupe_is_per_partition_key() -> TestResult {
+    let mut h = harness(None)?;
+    let bytes = serde_json::to_vec(&track("X", json!({})))?;
+    // One `messageId` sent for two people (keys a1, a2) on one partition:
+    // both kept; each one's retry dropped.
+    for key in [b"a1", b"a2"] {
+        assert_eq!(h.process(Some(key), &bytes, &web())?.len(), 1);
+    }
+    for key in [b"a1", b"a2"] {
+        assert_eq!(h.process(Some(key), &bytes, &web())?.len(), 0, "a retry");
+    }
+    Ok(())
+}
+
+#[test]
 fn zero_window_turns_dedupe_off() -> TestResult {
     let validator = Validator::new(
         &[source("web", None)],
@@ -117,11 +132,18 @@ fn entries_written_as_json_still_drop_duplicates_and_expire() -> TestResult {
     let start = messages::parse_time_ms("2026-11-26T10:00:00Z").ok_or("time")?;
     h.tick(start)?;
     let expires_at = start + 5_000;
-    let key = b"dedupe/web/m1".to_vec();
+    // `send` keys its records `k1`.
+    let key = b"dedupe/web/2:k1/m1".to_vec();
     let entry = serde_json::to_vec(&json!({"event_time": start, "expires_at": expires_at}))?;
     assert_eq!(dedupe_timer(&key, &entry), Some(expires_at));
     h.state.map.insert(timer_key(expires_at, &key), Vec::new());
-    h.state.map.insert(key, entry);
+    h.state.map.insert(key, entry.clone());
+    // An entry of the layout before per-person keys still expires.
+    let legacy = b"dedupe/web/m1".to_vec();
+    h.state
+        .map
+        .insert(timer_key(expires_at, &legacy), Vec::new());
+    h.state.map.insert(legacy, entry);
     let event = track("X", json!({}));
     assert_eq!(
         send(&mut h, &event)?.len(),
@@ -135,7 +157,7 @@ fn entries_written_as_json_still_drop_duplicates_and_expire() -> TestResult {
     let stored = h
         .state
         .map
-        .get(b"dedupe/web/m1".as_slice())
+        .get(b"dedupe/web/2:k1/m1".as_slice())
         .ok_or("entry")?;
     assert_eq!(stored.first(), Some(&1));
     Ok(())
