@@ -24,6 +24,7 @@ use anyhow::Context as _;
 use cdp_pipeline::envelope;
 use cdp_pipeline::{ClientFactory, Topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
@@ -92,6 +93,25 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// The selected dead letters of `letters`; `Err` naming every id asked
+    /// for with `--id` that is not a dead letter (a script replaying by id
+    /// must not succeed having done nothing).
+    pub fn select<'a>(&self, letters: &'a [DeadLetter]) -> anyhow::Result<Vec<&'a DeadLetter>> {
+        let missing: Vec<&str> = self
+            .ids
+            .iter()
+            .filter(|id| !letters.iter().any(|d| &d.id() == *id))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "no dead letter {} (ids are `partition@offset`, as `cdp dead-letters list` prints them)",
+                missing.join(", ")
+            );
+        }
+        Ok(letters.iter().filter(|d| self.matches(d)).collect())
+    }
+
     pub fn matches(&self, d: &DeadLetter) -> bool {
         self.stage.as_deref().is_none_or(|s| d.stage() == Some(s))
             && self.reason.as_deref().is_none_or(|r| d.reason() == Some(r))
@@ -116,13 +136,14 @@ pub fn replay_log_topic(topics: &Topics) -> String {
     format!("{}-replayed", topics.invalid())
 }
 
-/// Every record of `topic` from the beginning to its current end.
+/// Every record of `topic` from the beginning to its current end: the
+/// end each partition's fetch reports (`PartitionEOF`), not the listed
+/// one, which tansu 0.6 answers short of the last records of a batch.
 fn read_to_end(
     factory: &ClientFactory,
     topic: &str,
 ) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
-    let consumer: BaseConsumer =
-        factory.plain_consumer(&format!("cdp-dead-letters-{}", uuid_like()))?;
+    let consumer: BaseConsumer = factory.reader(&format!("cdp-dead-letters-{}", uuid_like()))?;
     let metadata = consumer
         .fetch_metadata(Some(topic), READ_TIMEOUT)
         .with_context(|| format!("reading the metadata of {topic}"))?;
@@ -132,38 +153,36 @@ fn read_to_end(
         .filter(|t| t.name() == topic && t.error().is_none())
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
-    let mut ends = BTreeMap::new();
+    let mut reading = BTreeSet::new();
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, p, READ_TIMEOUT)
             .with_context(|| format!("reading the end of {topic}[{p}]"))?;
+        // An empty partition lists as empty on every broker; a listed end
+        // is only too low on tansu, never too high.
         if high > low {
-            ends.insert(p, high);
+            reading.insert(p);
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;
         }
     }
     let mut out = Vec::new();
-    if ends.is_empty() {
+    if reading.is_empty() {
         return Ok(out);
     }
     consumer.assign(&tpl)?;
     let deadline = std::time::Instant::now() + READ_TIMEOUT;
-    while !ends.is_empty() {
+    while !reading.is_empty() {
         if std::time::Instant::now() > deadline {
             anyhow::bail!("{topic}: not read to its end within {READ_TIMEOUT:?}");
         }
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = message?.detach();
-        if ends
-            .get(&message.partition())
-            .is_some_and(|end| message.offset() + 1 >= *end)
-        {
-            ends.remove(&message.partition());
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                reading.remove(&p);
+            }
+            Some(message) => out.push(message?.detach()),
         }
-        out.push(message);
     }
     Ok(out)
 }
@@ -269,7 +288,7 @@ pub async fn replay(
     }
     let producer = factory.producer()?;
     let mut report = ReplayReport::default();
-    for d in letters.iter().filter(|d| selection.matches(d)) {
+    for d in selection.select(&letters)? {
         let id = d.id();
         if done.contains(&id) {
             report.already_replayed.push(id);

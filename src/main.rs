@@ -409,12 +409,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let factory = ClientFactory::new(compiled.config.kafka.clone())?;
             let selection = selection.selection();
             let text = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-                let letters: Vec<_> = cdp::dead_letters::read(&factory)?
-                    .into_iter()
-                    .filter(|d| selection.matches(d))
-                    .collect();
+                let letters = cdp::dead_letters::read(&factory)?;
+                let selected: Vec<_> = selection.select(&letters)?.into_iter().cloned().collect();
                 let replayed = cdp::dead_letters::replayed(&factory)?;
-                Ok(cdp::dead_letters::render_list(&letters, &replayed))
+                Ok(cdp::dead_letters::render_list(&selected, &replayed))
             })
             .await??;
             print!("{text}");

@@ -720,6 +720,61 @@ fn an_offset_inside_the_newest_record_batch_is_not_taken_for_lost_data() -> Test
 }
 
 #[test]
+fn every_dead_letter_of_one_batch_is_listed_and_unknown_ids_are_refused() -> TestResult {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    let Some(brokers) = brokers() else {
+        return Ok(());
+    };
+    let p = Pipeline::new(&brokers)?;
+    let topic = p.factory.topics().invalid();
+    let producer = p.factory.producer()?;
+    // Three dead letters sent together leave in one batch: tansu lists the
+    // partition's end as the batch's base offset plus one.
+    let sent: Vec<_> = (0..3)
+        .map(|i| {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: cdp_pipeline::envelope::DLQ_STAGE,
+                    value: Some("deliver"),
+                })
+                .insert(Header {
+                    key: cdp_pipeline::envelope::DLQ_REASON,
+                    value: Some("delivery_failed"),
+                });
+            let payload = format!("{{\"change\": {i}}}");
+            producer
+                .send_result(
+                    FutureRecord::to(&topic)
+                        .partition(1)
+                        .key("k")
+                        .payload(&payload)
+                        .headers(headers),
+                )
+                .map_err(|(e, _)| e)
+        })
+        .collect::<Result<_, _>>()?;
+    for delivery in sent {
+        futures::executor::block_on(delivery)?.map_err(|(e, _)| e)?;
+    }
+    let letters = cdp::dead_letters::read(&p.factory)?;
+    let ids: Vec<String> = letters.iter().map(|d| d.id()).collect();
+    assert_eq!(ids, ["1@0", "1@1", "1@2"]);
+    let selection = cdp::dead_letters::Selection {
+        stage: None,
+        reason: None,
+        ids: vec!["1@2".into(), "1@7".into(), "0@0".into()],
+    };
+    match selection.select(&letters) {
+        Ok(found) => Err(format!("ids that are no dead letters selected: {found:?}").into()),
+        Err(e) => {
+            assert!(e.to_string().starts_with("no dead letter 1@7, 0@0"), "{e}");
+            Ok(())
+        }
+    }
+}
+
+#[test]
 fn a_ready_producer_is_refused_for_a_topic_the_broker_does_not_know() -> TestResult {
     let Some(brokers) = brokers() else {
         return Ok(());

@@ -389,6 +389,19 @@ impl ClientFactory {
         Ok(c.create()?)
     }
 
+    /// A plain consumer that reports the end of each assigned partition
+    /// (`KafkaError::PartitionEOF`): the end a fetch answers, which is
+    /// exact where a broker's `ListOffsets` is not (tansu 0.6, see
+    /// README): for tools that read a topic to its end.
+    pub fn reader(&self, group: &str) -> Result<BaseConsumer, ClientError> {
+        let mut c = self.base();
+        c.set("group.id", group);
+        c.set("enable.auto.commit", "false");
+        c.set("enable.partition.eof", "true");
+        c.set("auto.offset.reset", "earliest");
+        Ok(c.create()?)
+    }
+
     /// A plain consumer (no state, no offsets), for tests and tools.
     pub fn plain_consumer(&self, group: &str) -> Result<BaseConsumer, ClientError> {
         let mut c = self.base();
