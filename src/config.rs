@@ -175,17 +175,7 @@ impl Config {
     /// Check every cross-field rule and compile what the stages use.
     pub fn compile(self) -> Result<Compiled, ConfigLoadError> {
         use cdp_operators::config::ConfigError;
-        if self.kafka.partitions < 1 {
-            return Err(ConfigError::new("kafka.partitions", "must be at least 1").into());
-        }
-        if self.kafka.brokers.split(',').any(|b| b.trim().is_empty()) {
-            // librdkafka takes an empty list and retries it forever.
-            return Err(ConfigError::new(
-                "kafka.brokers",
-                "must list at least one host:port, comma-separated, without empty entries",
-            )
-            .into());
-        }
+        check_kafka(&self.kafka)?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.sources.iter().enumerate() {
             if !seen.insert(&s.write_key) {
@@ -226,6 +216,63 @@ impl Config {
             config: self,
         })
     }
+}
+
+/// Longest topic prefix: Kafka names are at most 249 characters, and the
+/// longest suffix is `.audiences-changelog`.
+const MAX_TOPIC_PREFIX: usize = 200;
+/// Smallest `kafka.max_record_bytes`: an event alone may be 32 KB.
+const MIN_RECORD_BYTES: usize = 64 * 1024;
+/// Shortest `kafka.tick_interval`: ticks are records in every partition.
+const MIN_TICK: Span = Span::from_millis(100);
+
+/// The `kafka` section's values that parse but can never work: each would
+/// otherwise show up later, as a stage that stops, stalls or floods.
+fn check_kafka(k: &KafkaConfig) -> Result<(), cdp_operators::config::ConfigError> {
+    use cdp_operators::config::ConfigError;
+    let fail = |path: &str, why: String| Err(ConfigError::new(format!("kafka.{path}"), why));
+    if k.partitions < 1 {
+        return fail("partitions", "must be at least 1".into());
+    }
+    if k.brokers.split(',').any(|b| b.trim().is_empty()) {
+        // librdkafka takes an empty list and retries it forever.
+        return fail(
+            "brokers",
+            "must list at least one host:port, comma-separated, without empty entries".into(),
+        );
+    }
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if k.topic_prefix.is_empty()
+        || k.topic_prefix.len() > MAX_TOPIC_PREFIX
+        || !k.topic_prefix.chars().all(legal)
+    {
+        return fail(
+            "topic_prefix",
+            format!(
+                "must be 1 to {MAX_TOPIC_PREFIX} characters of a-z, A-Z, 0-9, '.', '_' and '-' (Kafka's topic names), got {:?}",
+                k.topic_prefix
+            ),
+        );
+    }
+    if k.max_batch < 1 {
+        return fail(
+            "max_batch",
+            "must be at least 1 (records per poll round)".into(),
+        );
+    }
+    if k.tick_interval < MIN_TICK {
+        return fail(
+            "tick_interval",
+            format!("must be at least {MIN_TICK}: every task writes a tick record into its input partition each interval"),
+        );
+    }
+    if k.max_record_bytes < MIN_RECORD_BYTES {
+        return fail(
+            "max_record_bytes",
+            format!("must be at least {MIN_RECORD_BYTES}: an event alone may be 32 KB, and a state record over the limit stops its stage"),
+        );
+    }
+    Ok(())
 }
 
 impl Config {

@@ -148,3 +148,57 @@ fn a_comparison_that_cannot_hold_for_the_traits_type_fails_with_its_path() -> Te
     }
     Ok(())
 }
+
+#[test]
+fn kafka_values_that_can_never_work_fail_with_their_path() -> TestResult {
+    let tick = "tick_interval: 1s";
+    let prefix = "topic_prefix: cdp";
+    let cases = [
+        (
+            tick,
+            "tick_interval: 1s\n  max_batch: 0",
+            "kafka.max_batch: must be at least 1",
+        ),
+        (
+            tick,
+            "tick_interval: 0s",
+            "kafka.tick_interval: must be at least 100ms",
+        ),
+        (
+            tick,
+            "tick_interval: 1s\n  max_record_bytes: 100",
+            "kafka.max_record_bytes: must be at least 65536",
+        ),
+        (
+            prefix,
+            "topic_prefix: \"a b\"",
+            "kafka.topic_prefix: must be 1 to 200 characters",
+        ),
+        (
+            prefix,
+            "topic_prefix: \"\"",
+            "kafka.topic_prefix: must be 1 to 200 characters",
+        ),
+        (
+            prefix,
+            "topic_prefix: a/b",
+            "kafka.topic_prefix: must be 1 to 200 characters",
+        ),
+    ];
+    for (from, to, error) in cases {
+        let out = check_edited(from, to)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{to}: {out:?}");
+        assert!(
+            stderr.contains(&format!("error: {error}")),
+            "{to}: {stderr}"
+        );
+    }
+    // The smallest values that work are fine.
+    let out = check_edited(
+        "topic_prefix: cdp\n  partitions: 4\n  guarantee: effectively_once\n  tick_interval: 1s",
+        "topic_prefix: a.B_c-9\n  partitions: 4\n  guarantee: effectively_once\n  tick_interval: 100ms\n  max_batch: 1\n  max_record_bytes: 65536",
+    )?;
+    assert!(out.status.success(), "{out:?}");
+    Ok(())
+}
