@@ -318,3 +318,53 @@ async fn forged_ticks_do_not_move_time_and_foreign_positions_are_stripped_from_e
     assert!(matches!(result, Some(Ok(()))), "{result:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stage_is_not_ready_while_the_broker_is_away_and_stops_on_time() -> TestResult {
+    // A session that outlasts the outage: no revoke tells the stage.
+    let s = setup(&[("consumer.session.timeout.ms", "60000")])?;
+    let shutdown = Shutdown::default();
+    let health = Health::default();
+    let ready = health.register("clock");
+    // No ticks: what the stage hears of the broker is its idle check.
+    let idle = StageSpec {
+        ticks: false,
+        ..spec()
+    };
+    let join = start(
+        StageRuntime::new(idle, s.factory.clone(), None, ready.clone()),
+        &shutdown,
+    )?;
+    let until = |want: bool, within: Duration| {
+        let ready = ready.clone();
+        async move {
+            let deadline = Instant::now() + within;
+            while ready.is_ready() != want {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            true
+        }
+    };
+    assert!(until(true, Duration::from_secs(30)).await, "never ready");
+    s.mock.broker_down(1)?;
+    // The idle check runs every 5 s and waits 2 s for an answer.
+    assert!(
+        until(false, Duration::from_secs(9)).await,
+        "ready while the broker is away"
+    );
+    s.mock.broker_up(1)?;
+    assert!(
+        until(true, Duration::from_secs(20)).await,
+        "not ready again once the broker is back"
+    );
+    // Away again: a shutdown is not held up by the stage's waiting.
+    s.mock.broker_down(1)?;
+    assert!(until(false, Duration::from_secs(9)).await);
+    shutdown.trigger();
+    let result = finished(join, Duration::from_secs(10)).await;
+    assert!(result.is_some(), "the stage did not stop within 10 s");
+    Ok(())
+}

@@ -50,7 +50,8 @@ use crate::operator::{is_timer_key, timer_key, TimersFromState};
 use crate::store::{Changes, TaskMeta};
 
 pub use read::{
-    holds_offset_before, read_range, replay, watermarks, ChangelogRecord, RestoreError,
+    holds_offset_before, read_range, replay, watermarks, watermarks_now, watermarks_until,
+    ChangelogRecord, RestoreError,
 };
 
 /// `delete.retention.ms` of changelog topics (`cdp topics create` sets it):

@@ -12,6 +12,7 @@ use super::Restorer;
 use crate::envelope::EPOCH;
 use crate::metrics;
 use crate::retry::{Backoff, BROKER_PATIENCE};
+use crate::service::Shutdown;
 use crate::store::{StoreError, TaskStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -289,19 +290,40 @@ pub fn watermarks(
     topic: &str,
     partition: i32,
 ) -> Result<(i64, i64), RestoreError> {
+    watermarks_until(consumer, topic, partition, None)
+}
+
+/// Low and high watermarks of a partition, asked once (a partition that
+/// does not exist yet is empty).
+pub fn watermarks_now(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<(i64, i64), KafkaError> {
+    match consumer.fetch_watermarks(topic, partition, timeout) {
+        Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownPartition)) => Ok((0, 0)),
+        other => other,
+    }
+}
+
+/// [`watermarks`], giving up when `shutdown` begins.
+pub fn watermarks_until(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    shutdown: Option<&Shutdown>,
+) -> Result<(i64, i64), RestoreError> {
     let mut backoff = Backoff::default();
     loop {
-        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+        match watermarks_now(consumer, topic, partition, Duration::from_secs(10)) {
             Ok(w) => return Ok(w),
-            Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownPartition)) => {
-                return Ok((0, 0))
-            }
             Err(source) => {
                 tracing::warn!(topic, partition, error = %source, "changelog watermarks unavailable; retrying");
                 metrics::BROKER_RETRIES
                     .with_label_values(&["restore", "watermarks"])
                     .inc();
-                if !backoff.wait(None) {
+                if !backoff.wait(shutdown) {
                     return Err(RestoreError::Kafka {
                         topic: topic.to_string(),
                         partition,

@@ -30,3 +30,45 @@ pub(super) fn update_gauges(shared: &Shared, consumer: &BaseConsumer<StageContex
         }
     }
 }
+
+/// Drop the per-partition series of partitions this instance no longer owns.
+pub(super) fn forget(stage: &str, partitions: &[i32]) {
+    for p in partitions {
+        let p = p.to_string();
+        // An error only means the series was never set.
+        let _ = metrics::STATE_BYTES.remove_label_values(&[stage, &p]);
+        let _ = metrics::CONSUMER_LAG.remove_label_values(&[stage, &p]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revoked_partitions_series_are_gone() {
+        let stage = "gauges-test";
+        for p in ["0", "1"] {
+            metrics::CONSUMER_LAG.with_label_values(&[stage, p]).set(7);
+            metrics::STATE_BYTES.with_label_values(&[stage, p]).set(9);
+        }
+        forget(stage, &[1]);
+        let series = |name: &str| -> Vec<String> {
+            prometheus::gather()
+                .into_iter()
+                .filter(|f| f.name() == name)
+                .flat_map(|f| f.get_metric().to_vec())
+                .filter(|m| m.get_label().iter().any(|l| l.value() == stage))
+                .flat_map(|m| {
+                    m.get_label()
+                        .iter()
+                        .filter(|l| l.name() == "partition")
+                        .map(|l| l.value().to_string())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        assert_eq!(series("cdp_consumer_lag"), ["0"]);
+        assert_eq!(series("cdp_state_store_bytes"), ["0"]);
+    }
+}

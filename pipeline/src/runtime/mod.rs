@@ -207,6 +207,8 @@ struct Shared {
     /// Since when the stage has had no assignment (see
     /// [`rebalance::GroupWatch`]).
     group_watch: Mutex<rebalance::GroupWatch>,
+    /// The last idle check found the broker not answering.
+    broker_away: std::sync::atomic::AtomicBool,
     shutdown: Shutdown,
     /// The input is written from outside the pipeline: strip runtime
     /// headers (see [`crate::trust`]).
@@ -227,6 +229,23 @@ fn now_ms() -> i64 {
 }
 
 impl Shared {
+    /// The idle check's word on the broker: not ready while it does not
+    /// answer; ready again once it does, if the stage holds an assignment.
+    fn broker_answers(&self, answered: bool) {
+        use std::sync::atomic::Ordering;
+        let was_away = self.broker_away.swap(!answered, Ordering::SeqCst);
+        if !answered {
+            self.ready.set(false);
+        } else if was_away {
+            tracing::info!(
+                stage = self.spec.name,
+                "broker answers the idle check again"
+            );
+            let assigned = self.group_watch.lock().is_ok_and(|w| w.is_assigned());
+            self.ready.set(assigned);
+        }
+    }
+
     fn producer(&self) -> Result<AckedProducer, RuntimeError> {
         self.producer
             .read()

@@ -283,40 +283,54 @@ pub(super) fn handle_foreign(
     }
 }
 
+/// How long an idle check waits for the broker before it tries again at
+/// the next check: the stage thread is not held while a broker is away.
+const IDLE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// An idle task's check: has anyone written to its changelog partition?
-/// A broker that cannot answer now is asked again at the next check; only
-/// what is found (a newer owner, a zombie's writes) is acted on.
-pub(super) fn check_idle(shared: &Shared, task: &mut Task) -> Result<(), RuntimeError> {
+/// A broker that cannot answer now is asked again at the next check (the
+/// stage is not ready meanwhile); only what is found (a newer owner, a
+/// zombie's writes) is acted on. `false`: the broker did not answer.
+pub(super) fn check_idle(shared: &Shared, task: &mut Task) -> Result<bool, RuntimeError> {
     let stage = shared.spec.name;
     let partition = task.partition;
-    let found = changelog::watermarks(&shared.restore_consumer, &shared.changelog_topic, partition)
-        .map_err(RuntimeError::from)
-        .and_then(|(_, high)| {
-            if high <= task.log_end {
-                return Ok(None);
-            }
-            check_writes(
-                shared,
-                partition,
-                task.meta.epoch,
-                task.log_end,
-                &[],
-                high - 1,
-            )
-            .map(|f| Some((f, high)))
-        });
-    match found {
-        Ok(None) => Ok(()),
-        Ok(Some((foreign, high))) => {
+    let listed = changelog::watermarks_now(
+        &shared.restore_consumer,
+        &shared.changelog_topic,
+        partition,
+        IDLE_CHECK_TIMEOUT,
+    );
+    let high = match listed {
+        Ok((_, high)) => high,
+        Err(error) => {
+            tracing::warn!(stage, partition, %error, "broker does not answer the idle check; not ready until it does");
+            metrics::BROKER_RETRIES
+                .with_label_values(&[stage, "idle_check"])
+                .inc();
+            return Ok(false);
+        }
+    };
+    if high <= task.log_end {
+        return Ok(true);
+    }
+    match check_writes(
+        shared,
+        partition,
+        task.meta.epoch,
+        task.log_end,
+        &[],
+        high - 1,
+    ) {
+        Ok(foreign) => {
             // Everything up to `high` is now known; a repair goes after it.
             task.log_end = high;
-            handle_foreign(shared, task, foreign)
+            handle_foreign(shared, task, foreign)?;
         }
         Err(e) => {
             tracing::debug!(stage, partition, error = %e, "changelog ownership check skipped");
-            Ok(())
         }
     }
+    Ok(true)
 }
 
 /// How often an idle task looks for foreign writes in its changelog.
@@ -327,9 +341,20 @@ pub(super) const OWNERSHIP_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// repaired.
 pub(super) fn check_ownership(shared: &Shared) -> Result<(), RuntimeError> {
     let mut tasks = shared.tasks.lock().map_err(|_| RuntimeError::Poisoned)?;
-    for task in tasks.values_mut() {
-        check_idle(shared, task)?;
+    if tasks.is_empty() {
+        // Nothing asked, nothing learned about the broker.
+        return Ok(());
     }
+    let mut answered = true;
+    for task in tasks.values_mut() {
+        // One unanswered check is enough: the others wait for the next.
+        if !check_idle(shared, task)? {
+            answered = false;
+            break;
+        }
+    }
+    drop(tasks);
+    shared.broker_answers(answered);
     Ok(())
 }
 
@@ -353,7 +378,8 @@ pub(super) fn open_task(shared: &Shared, partition: i32) -> Result<Task, Runtime
     })?;
     let topic = shared.changelog_topic.as_str();
     let consumer = &shared.restore_consumer;
-    let (low, high) = changelog::watermarks(consumer, topic, partition)?;
+    let (low, high) =
+        changelog::watermarks_until(consumer, topic, partition, Some(&shared.shutdown))?;
     let mut store = TaskStore::open(&path)?;
     let mut local = store.meta()?;
     let saved_at = store.saved_at_ms()?;
@@ -399,7 +425,8 @@ pub(super) fn open_task(shared: &Shared, partition: i32) -> Result<Task, Runtime
             if round == CATCH_UP_ROUNDS {
                 break; // claim at what was read; a void claim retries
             }
-            let now = changelog::watermarks(consumer, topic, partition)?.1;
+            let now =
+                changelog::watermarks_until(consumer, topic, partition, Some(&shared.shutdown))?.1;
             if now <= end {
                 break;
             }
@@ -447,7 +474,7 @@ pub(super) fn open_task(shared: &Shared, partition: i32) -> Result<Task, Runtime
             at,
         )?;
         from = at + 1;
-        end = changelog::watermarks(consumer, topic, partition)?
+        end = changelog::watermarks_until(consumer, topic, partition, Some(&shared.shutdown))?
             .1
             .max(from);
     }
@@ -501,10 +528,11 @@ pub(super) fn input_start(shared: &Shared, task: &mut Task) -> Result<Offset, Ru
     if task.meta.input_offset < 0 {
         return Ok(Offset::Beginning);
     }
-    let (_, high) = changelog::watermarks(
+    let (_, high) = changelog::watermarks_until(
         &shared.restore_consumer,
         &shared.spec.input_topic,
         task.partition,
+        Some(&shared.shutdown),
     )?;
     // A listed end below the committed offset is checked with a fetch
     // before it is believed (see `holds_offset_before`).

@@ -45,6 +45,10 @@ impl GroupWatch {
         self.warned = false;
     }
 
+    pub(super) fn is_assigned(&self) -> bool {
+        self.unassigned_since.is_none()
+    }
+
     pub(super) fn revoked(&mut self) {
         self.unassigned_since = Some(Instant::now());
     }
@@ -103,6 +107,10 @@ impl ConsumerContext for StageContext {
                     if let Ok(mut watch) = self.shared.group_watch.lock() {
                         watch.assigned();
                     }
+                    // Restoring reached the broker: it answers.
+                    self.shared
+                        .broker_away
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
                     self.shared.ready.set(true);
                 }
                 assigned
@@ -120,6 +128,10 @@ impl ConsumerContext for StageContext {
                     let partitions: Vec<i32> = tasks.keys().copied().collect();
                     tracing::info!(stage, ?partitions, "partitions revoked");
                     tasks.clear();
+                    // A partition's series belong to its owner: left here
+                    // they would freeze at their last value and count twice
+                    // in `sum by (stage)` once another instance owns it.
+                    super::gauges::forget(stage, &partitions);
                 }
                 metrics::TASKS.with_label_values(&[stage]).set(0);
                 // Owning nothing until the group assigns again.

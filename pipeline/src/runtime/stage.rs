@@ -128,6 +128,7 @@ impl StageRuntime {
             failure: Mutex::new(None),
             ready: self.ready.clone(),
             group_watch: Mutex::default(),
+            broker_away: Default::default(),
             handle,
             chaos_crash_after_produce: std::env::var("CDP_CHAOS_CRASH_AFTER_PRODUCE")
                 .ok()
