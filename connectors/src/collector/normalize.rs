@@ -155,7 +155,8 @@ pub(super) fn enrich<'a>(
     // without groupId, a bad timestamp, properties that are no object...):
     // refused here, where the sender still hears about it, not accepted and
     // dead-lettered later.
-    let violations = cdp_operators::validate::spec_violations_raw(|k| event.get(k));
+    let mut violations = cdp_operators::validate::spec_violations_raw(|k| event.get(k));
+    violations.extend(too_deep(&event));
     if !violations.is_empty() {
         let violations = violations
             .iter()
@@ -198,6 +199,52 @@ pub(super) fn enrich<'a>(
         .to_json()
         .map_err(|e| CollectError::Internal(e.to_string()))?;
     Ok(Prepared { key, payload })
+}
+
+/// Deepest nesting of objects and arrays the stages' JSON parser reads
+/// (serde_json's recursion limit), the event's own object included.
+const MAX_DEPTH: usize = 127;
+
+/// The fields nested deeper than [`MAX_DEPTH`]: accepted here, such an
+/// event could never pass the validate stage (nor a replay of it).
+fn too_deep(event: &Fields<'_>) -> Vec<cdp_operators::validate::Violation> {
+    event
+        .iter()
+        // Under 2 × 127 bytes a value cannot open 127 levels.
+        .filter(|(_, raw)| raw.get().len() >= 2 * (MAX_DEPTH - 1))
+        .filter(|(_, raw)| nesting(raw.get()) > MAX_DEPTH - 1)
+        .map(|(key, _)| cdp_operators::validate::Violation {
+            pointer: format!("/{}", key.replace('~', "~0").replace('/', "~1")),
+            reason: format!("nested deeper than {MAX_DEPTH} levels of objects and arrays"),
+        })
+        .collect()
+}
+
+/// How deep objects and arrays nest in valid JSON text (brackets inside
+/// strings do not count).
+fn nesting(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 #[cfg(test)]
@@ -314,6 +361,37 @@ mod tests {
         // Numbers are ids too, and a bad receivedAt is the collector's to set.
         let fine = json!({"type": "group", "userId": 7, "groupId": 9, "receivedAt": "never"});
         enrich_text(&fine.to_string(), received)?;
+        Ok(())
+    }
+
+    #[test]
+    fn events_nested_too_deep_for_the_stages_are_refused_at_the_edge() -> TestResult {
+        let received = parse_time_ms("2026-01-01T12:00:00.000Z").ok_or("time")?;
+        for depth in 120..134 {
+            for (open, close) in [("[", "]"), ("{\"k\":", "}")] {
+                // Brackets inside strings do not nest.
+                let inner = format!("{}\"[[{{\\\"\"{}", open.repeat(depth), close.repeat(depth));
+                let text = format!(
+                    r#"{{"type":"track","event":"E","userId":"u","properties":{{"x":{inner}}}}}"#
+                );
+                // What the validate stage's parser takes is the oracle.
+                let stages_take = serde_json::from_str::<serde_json::Value>(&text).is_ok();
+                match enrich_text(&text, received) {
+                    Ok(_) => assert!(
+                        stages_take,
+                        "accepted at depth {depth}, which validate refuses"
+                    ),
+                    Err(e) => {
+                        assert!(!stages_take, "refused at depth {depth}: {e}");
+                        assert!(
+                            e.to_string()
+                                .contains("/properties: nested deeper than 127 levels"),
+                            "{e}"
+                        );
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

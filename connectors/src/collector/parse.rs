@@ -22,6 +22,11 @@ use super::error::CollectError;
 pub(super) struct Fields<'a>(Vec<(Cow<'a, str>, Cow<'a, RawValue>)>);
 
 impl<'a> Fields<'a> {
+    /// Every field, in the order sent.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &RawValue)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
     pub(super) fn get(&self, key: &str) -> Option<&RawValue> {
         self.0
             .iter()
