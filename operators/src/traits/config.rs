@@ -142,10 +142,11 @@ pub struct AggregationDef {
 }
 
 /// `most_frequent`: the value seen most often. A profile keeps the counts
-/// of at most `limit` distinct values: past it, the least frequent value
-/// (ties: the largest) is dropped with its count, so the result is exact
-/// while a profile has at most `limit` distinct values, and afterwards
-/// still right whenever the winner's lead exceeds the dropped counts
+/// of at most `limit` distinct values: past it, a new value takes the place
+/// of the least frequent (ties: the largest) with its count plus one
+/// (Space-Saving), so the result is exact while a profile has at most
+/// `limit` distinct values, and afterwards any value seen more than
+/// `n / limit` times of `n` is still counted
 /// (`cdp_state_limit_hits_total{kind="most_frequent"}` counts the drops).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -349,24 +349,13 @@ impl TraitState {
                 *max = Some(max.map_or(x, |m| m.max(x)));
             }
             TraitState::MostFrequent { counts } => {
-                // The value is the most frequent text (ties: the smallest):
-                // one more of `text` changes it only if `text` overtakes it.
-                let (best_text, best_count) = most_frequent(counts).unwrap_or(("", 0));
-                let was_best = best_count > 0 && best_text == text;
-                let wins_tie = best_count == 0 || text < best_text;
-                let count = match counts.get_mut(text) {
-                    Some(c) => {
-                        *c = c.saturating_add(1);
-                        *c
-                    }
-                    None => {
-                        counts.insert(text.to_owned(), 1);
-                        1
-                    }
-                };
-                added.dropped = keep_most_frequent(counts, def.limit());
-                added.changed = added.dropped
-                    || (!was_best && (count > best_count || (count == best_count && wins_tie)));
+                // The value is the most frequent text (ties: the smallest).
+                let before = most_frequent(counts).map(|(v, _)| v.to_owned());
+                match counts.get_mut(text) {
+                    Some(c) => *c = c.saturating_add(1),
+                    None => added.dropped = count_new_value(counts, text, def.limit()),
+                }
+                added.changed = most_frequent(counts).map(|(v, _)| v) != before.as_deref();
             }
             TraitState::First { at } => added.changed = keep_if(at, time, text, Ordering::Less),
             TraitState::Last { at } => added.changed = keep_if(at, time, text, Ordering::Greater),
@@ -633,6 +622,29 @@ fn truncate(values: &mut BTreeSet<String>, limit: usize) -> bool {
         values.pop_last();
     }
     dropped
+}
+
+/// Count a value not in the table. Under `limit` distinct values it
+/// starts at 1. At the limit it takes the place of the least frequent
+/// value (ties: the largest) with that value's count plus one: the
+/// Space-Saving rule (Metwally et al., 2005). Counts then over-estimate a
+/// value by at most the count it took over, and every value seen more than
+/// `n / limit` times of a profile's `n` stays in the table: a clear winner
+/// is found however many other values pass by. Whether one was dropped.
+fn count_new_value(counts: &mut BTreeMap<String, u64>, text: &str, limit: usize) -> bool {
+    if counts.len() < limit {
+        counts.insert(text.to_owned(), 1);
+        return false;
+    }
+    let least = counts
+        .iter()
+        .min_by(|(v1, n1), (v2, n2)| n1.cmp(n2).then_with(|| v2.cmp(v1)))
+        .map(|(v, n)| (v.clone(), *n));
+    if let Some((value, n)) = least {
+        counts.remove(&value);
+        counts.insert(text.to_owned(), n.saturating_add(1));
+    }
+    true
 }
 
 /// Drop the least frequent values (ties: the largest) beyond `limit`;

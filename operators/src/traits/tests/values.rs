@@ -316,3 +316,60 @@ fn identifiers_grow_and_broker_time_bounds_in_either_reading() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn most_frequent_past_its_limit_still_finds_a_value_that_keeps_coming() -> TestResult {
+    let mut h = harness("mf: {most_frequent: {event: E, property: properties.c, limit: 2}}")?;
+    let mut last = None;
+    for (t, c) in [
+        "apple", "banana", "zebra", "zebra", "zebra", "zebra", "zebra",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = send(&mut h, "p", track("E", t as i64 + 1, json!({ "c": c })))?;
+        if let Some(v) = changed(&out)?.remove("mf") {
+            last = Some(v);
+        }
+    }
+    assert_eq!(last, Some(json!("zebra")));
+    Ok(())
+}
+
+proptest::proptest! {
+    /// Space-Saving's guarantee, against a plain count of the stream: a
+    /// value that makes up more than half of a profile's events is its
+    /// most frequent value, whatever the limit (at least 2) and however
+    /// many other values come between.
+    #[test]
+    fn a_majority_value_is_the_most_frequent_whatever_the_limit(
+        others in proptest::collection::vec(0u8..40, 0..30),
+        extra in 1usize..5,
+        limit in 2usize..6,
+        seed in proptest::prelude::any::<u64>(),
+    ) {
+        use proptest::prelude::*;
+        let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
+        // The majority value "zz" (it sorts after the others: ties of the
+        // least frequent drop the largest), interleaved by a seeded shuffle.
+        let mut stream: Vec<String> = others.iter().map(|o| format!("v{o}")).collect();
+        stream.extend(std::iter::repeat_n("zz".to_string(), others.len() + extra));
+        let mut x = seed | 1;
+        for i in (1..stream.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            stream.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        let yaml = format!("mf: {{most_frequent: {{event: E, property: properties.c, limit: {limit}}}}}");
+        let mut h = harness(&yaml).map_err(fail)?;
+        let mut value = None;
+        for (t, c) in stream.iter().enumerate() {
+            let out = send(&mut h, "p", track("E", t as i64 + 1, json!({ "c": c }))).map_err(fail)?;
+            if let Some(v) = changed(&out).map_err(|e| fail(e.into()))?.remove("mf") {
+                value = Some(v);
+            }
+        }
+        prop_assert_eq!(value, Some(json!("zz")));
+    }
+}
