@@ -140,8 +140,9 @@ impl<'de> Deserialize<'de> for CountCondition {
 /// `{sequence: [steps], within?}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SequenceCondition {
-    /// The events, in the order they must happen (strictly increasing event
-    /// time).
+    /// The events, in the order they must happen: each at or after the one
+    /// before by event time (steps in the same millisecond must name
+    /// different events).
     pub steps: Vec<SequenceStep>,
     /// Most time from the first step's event to the last step's event;
     /// unbounded when absent. Once a sequence happened it stays true.
@@ -437,7 +438,7 @@ impl JsonSchema for SequenceCondition {
                 "sequence": {
                     "type": "array",
                     "items": generator.subschema_for::<SequenceStep>().to_value(),
-                    "description": "The events, in the order they must happen (strictly increasing event time)."
+                    "description": "The events, in the order they must happen: each at or after the one before by event time (steps in the same millisecond must name different events)."
                 },
                 "within": within
             },
