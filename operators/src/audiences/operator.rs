@@ -225,6 +225,11 @@ impl AudiencesOperator {
             .time;
         let id = update.profile_id;
         let mut profile = self.load(ctx, id)?.unwrap_or_default();
+        // A change this event causes is dated by its time, but never
+        // before the profile's clock as it was: a late event changes the
+        // membership as of then, so a profile's changes never go back in
+        // time (an `exited` is never dated before its `entered`).
+        let change_time = event_time.max(profile.clock);
         profile.clock = profile.clock.max(ctx.now()).max(event_time);
         // Identifiers only grow: a record from a partition that has not
         // seen the latest link must not take identifiers away.
@@ -247,7 +252,7 @@ impl AudiencesOperator {
         let trigger = Trigger {
             message_id: update.message_id,
             tick: update.tick,
-            event_time,
+            event_time: change_time,
         };
         self.settle(ctx, id, profile, &trigger, defer)
     }
@@ -315,7 +320,9 @@ impl AudiencesOperator {
                 .set
                 .event_time
                 .bound(t, ctx.now(), None)
-                .map_or(ctx.now(), |b| b.time),
+                .map_or(ctx.now(), |b| b.time)
+                // Never before the profile's own changes (see `on_update`).
+                .max(profile.clock),
             None => profile.clock.max(ctx.now()),
         };
         let trigger = Trigger::of(cause, time);

@@ -225,3 +225,30 @@ fn identifiers_grow_and_broker_time_bounds_in_either_reading() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn a_late_event_never_dates_a_change_before_the_profiles_earlier_ones() -> TestResult {
+    let mut h = harness(
+        "exactly_one: {where: {event: Order Completed, count: {eq: 1}}}\n\
+         three_step: {where: {sequence: [{event: A}, {event: B}, {event: C}], within: 10s}}",
+    )?;
+    let order = || Some(("Order Completed", json!({})));
+    let c = send(&mut h, "p", order(), json!({}), 10 * HOUR)?;
+    assert_eq!(summary(&c), vec![entered("exactly_one")]);
+    assert_eq!(c[0].event_time, rfc3339_ms(10 * HOUR));
+    // An order from two minutes before makes it two: the exit happens as
+    // of the profile's time, not before the entry it undoes.
+    let c = send(&mut h, "p", order(), json!({}), 10 * HOUR - 120_000)?;
+    assert_eq!(summary(&c), vec![exited("exactly_one")]);
+    assert_eq!(c[0].event_time, rfc3339_ms(10 * HOUR));
+    // C, then A and B late: the sequence is whole when the last step
+    // arrives, dated no earlier than C, which the profile had seen.
+    let t = 11 * HOUR;
+    for (name, at) in [("C", t + 3), ("A", t + 1)] {
+        assert!(send(&mut h, "q", Some((name, json!({}))), json!({}), at)?.is_empty());
+    }
+    let c = send(&mut h, "q", Some(("B", json!({}))), json!({}), t + 2)?;
+    assert_eq!(summary(&c), vec![entered("three_step")]);
+    assert_eq!(c[0].event_time, rfc3339_ms(t + 3));
+    Ok(())
+}
