@@ -10,3 +10,4 @@ pub mod notice;
 pub mod passthrough;
 pub mod stages;
 pub mod stamps;
+pub mod topics;

@@ -456,18 +456,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .create_topics(&specs)
                 .await
                 .context("creating topics")?;
+            let found = cdp::topics::describe(&factory, &specs).await?;
             for s in &specs {
                 let state = if created.contains(&s.name) {
                     "created"
                 } else {
                     "exists"
                 };
-                println!(
-                    "{state:8} {} partitions={} compacted={}",
-                    s.name, s.partitions, s.compacted
-                );
+                println!("{}", cdp::topics::render(s, found.get(&s.name), state));
             }
-            Ok(())
+            cdp::topics::fail_on(&cdp::topics::problems(&factory, &specs, &found))
         }
         Command::Topics {
             command: TopicsCommand::Check(c),
@@ -475,27 +473,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let compiled = c.load()?;
             let factory = ClientFactory::new(compiled.config.kafka.clone())?;
             let specs = factory.topic_specs(&Stage::changelogs(factory.config().partitions));
-            let consumer = factory.plain_consumer("cdp-topics-check")?;
-            let metadata = tokio::task::spawn_blocking(move || all_topics(&consumer)).await??;
-            let found: std::collections::BTreeMap<&str, usize> = metadata
-                .topics()
-                .iter()
-                .filter(|t| t.error().is_none())
-                .map(|t| (t.name(), t.partitions().len()))
-                .collect();
+            let found = cdp::topics::describe(&factory, &specs).await?;
             let mut missing = Vec::new();
             for s in &specs {
-                match found.get(s.name.as_str()) {
-                    Some(n) => println!("exists   {} partitions={n}", s.name),
-                    None => {
-                        println!("missing  {}", s.name);
+                let state = match found.contains_key(&s.name) {
+                    true => "exists",
+                    false => {
                         missing.push(s.name.as_str());
+                        "missing"
                     }
-                }
+                };
+                println!("{}", cdp::topics::render(s, found.get(&s.name), state));
             }
-            if missing.is_empty() {
-                Ok(())
-            } else {
+            if !missing.is_empty() {
                 anyhow::bail!(
                     "{} of {} topics missing: {} (run `cdp topics create`)",
                     missing.len(),
@@ -503,6 +493,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     missing.join(", ")
                 )
             }
+            cdp::topics::fail_on(&cdp::topics::problems(&factory, &specs, &found))
         }
         Command::Topics {
             command: TopicsCommand::Sizes(c),

@@ -802,3 +802,73 @@ fn a_ready_producer_is_refused_for_a_topic_the_broker_does_not_know() -> TestRes
         }
     }
 }
+
+#[test]
+fn topics_made_by_other_tools_with_the_wrong_settings_are_named() -> TestResult {
+    let Some(brokers) = brokers() else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let prefix = unique("e2e");
+    let config = cdp::config::DEMO_CONFIG
+        .replace("brokers: localhost:9092", &format!("brokers: {brokers}"))
+        .replace("topic_prefix: cdp", &format!("topic_prefix: {prefix}"))
+        .replace(
+            "tick_interval: 1s",
+            "tick_interval: 1s\n  replication_factor: 1",
+        );
+    let path = dir.path().join("cdp.yaml");
+    std::fs::write(&path, config)?;
+    let factory = ClientFactory::new(KafkaConfig {
+        brokers: brokers.clone(),
+        topic_prefix: prefix.clone(),
+        partitions: PARTITIONS,
+        replication_factor: 1,
+        ..KafkaConfig::default()
+    })?;
+    // Another tool made two topics first: the traits changelog with one
+    // partition and delete cleanup, <p>.valid with two.
+    let t = factory.topics();
+    let wrong = [
+        cdp_pipeline::kafka::TopicSpec {
+            name: t.changelog("traits"),
+            partitions: 1,
+            compacted: false,
+        },
+        cdp_pipeline::kafka::TopicSpec {
+            name: t.valid(),
+            partitions: 2,
+            compacted: false,
+        },
+    ];
+    futures::executor::block_on(factory.create_topics(&wrong))?;
+    let run = |command: &str| {
+        Command::new(env!("CARGO_BIN_EXE_cdp"))
+            .args(["topics", command, "--config"])
+            .arg(&path)
+            .env_remove("CDP_LOG_FORMAT")
+            .output()
+    };
+    for command in ["create", "check"] {
+        let out = run(command)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {stdout}{stderr}");
+        // What is there, not what was wanted.
+        assert!(
+            stdout.contains(&format!(
+                "{}.traits-changelog partitions=1 compacted=false",
+                prefix
+            )),
+            "{command}: {stdout}"
+        );
+        for problem in [
+            format!("{prefix}.traits-changelog: not compacted"),
+            format!("{prefix}.valid: 2 partitions; identity needs exactly 1"),
+            format!("{prefix}.traits-changelog: 1 partitions for the {PARTITIONS} of {prefix}.identified"),
+        ] {
+            assert!(stderr.contains(&problem), "{command}: {problem} not in {stderr}");
+        }
+    }
+    Ok(())
+}
