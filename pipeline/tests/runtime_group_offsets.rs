@@ -52,6 +52,10 @@ fn setup() -> Result<MockStage, BoxError> {
 }
 
 fn start(factory: &ClientFactory, shutdown: &Shutdown) -> StageJoin {
+    start_with_ticks(factory, shutdown, false)
+}
+
+fn start_with_ticks(factory: &ClientFactory, shutdown: &Shutdown, ticks: bool) -> StageJoin {
     let mut outputs = BTreeMap::new();
     outputs.insert("next", OutputTarget::Topic("t.out".into()));
     let spec = StageSpec {
@@ -59,7 +63,7 @@ fn start(factory: &ClientFactory, shutdown: &Shutdown) -> StageJoin {
         input_topic: "t.in".into(),
         outputs,
         operator: Box::new(|_| Box::new(Counter)),
-        ticks: false,
+        ticks,
         observer: None,
         timers_from_state: None,
     };
@@ -188,6 +192,46 @@ async fn lag_tools_see_progress_and_a_restart_resumes_from_the_store() -> TestRe
     let more = read_out(&s.factory, Duration::from_secs(3), |o| o.len() > 4).await?;
     assert_eq!(out, ["k:1", "k:2", "k:3", "k:4"]);
     assert_eq!(more.len(), 4, "nothing replayed: {more:?}");
+    shutdown.trigger();
+    assert!(matches!(
+        ended(join, Duration::from_secs(30)).await,
+        Some(Ok(()))
+    ));
+    Ok(())
+}
+
+/// An idle stage's ticks (batches that change nothing, never committed to
+/// the store) still move the group's offset: a lag tool sees no lag on a
+/// quiet pipeline instead of one more record a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stages_ticks_move_the_group_offset() -> TestResult {
+    let s = setup()?;
+    let shutdown = Shutdown::default();
+    let join = start_with_ticks(&s.factory, &shutdown, true);
+    produce_together(&s.producer, &["a"]).await?;
+    read_out(&s.factory, PATIENCE, |o| !o.is_empty()).await?;
+    let f = s.factory.clone();
+    let (end, reached) = tokio::task::spawn_blocking(move || {
+        // Ticks (every 100 ms here) pile up behind the one record.
+        std::thread::sleep(Duration::from_secs(2));
+        let c: BaseConsumer = f.plain_consumer("t.watch").ok()?;
+        let (_, end) = c.fetch_watermarks("t.in", 0, Duration::from_secs(5)).ok()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let offset = group_offset(&f);
+            if offset.is_some_and(|o| o >= end) || Instant::now() > deadline {
+                return Some((end, offset));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await?
+    .ok_or("no watermarks")?;
+    assert!(end > 5, "ticks arrived: the input ends at {end}");
+    assert!(
+        reached.is_some_and(|o| o >= end),
+        "the group offset {reached:?} stays behind the ticks (input end {end})"
+    );
     shutdown.trigger();
     assert!(matches!(
         ended(join, Duration::from_secs(30)).await,

@@ -207,7 +207,14 @@ pub(super) fn process_batch(
         if outputs.is_empty() && changes.is_empty() {
             // Nothing to make durable (typically an idle partition's ticks):
             // move on in memory only. Replaying these records after a crash
-            // yields nothing again, so an idle task costs no writes.
+            // yields nothing again, so an idle task costs no writes. The
+            // group's offset (read by lag tools only) still moves past
+            // them: an idle pipeline shows no lag there either.
+            shared
+                .group_offsets
+                .lock()
+                .map_err(|_| RuntimeError::Poisoned)?
+                .record(partition, meta.input_offset);
             task.meta = meta;
             continue;
         }
