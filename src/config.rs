@@ -190,6 +190,18 @@ impl Config {
         let validator = Validator::new(&self.sources, &self.tracking_plans, self.dedupe_window)?;
         let identity = IdentityRules::new(&self.identity)?.with_event_time(self.event_time);
         let traits = TraitSet::new(&self.traits)?.with_event_time(self.event_time);
+        if let Some((i, name)) = self
+            .profile_traits
+            .iter()
+            .enumerate()
+            .find(|(_, name)| self.traits.contains_key(*name))
+        {
+            return Err(ConfigError::new(
+                format!("profile_traits[{i}]"),
+                format!("{name:?} is also a computed trait (traits.{name}): a profile keeps the computed value and ignores the one identify sends; rename one of them"),
+            )
+            .into());
+        }
         let known = self.known_names(&traits.names(), traits.value_kinds());
         traits.check_names(&known)?;
         let audiences =

@@ -202,3 +202,18 @@ fn kafka_values_that_can_never_work_fail_with_their_path() -> TestResult {
     assert!(out.status.success(), "{out:?}");
     Ok(())
 }
+
+#[test]
+fn a_profile_trait_named_like_a_computed_one_fails_with_its_path() -> TestResult {
+    let out = check_edited(
+        "\ntraits:\n",
+        "\nprofile_traits: [plan, revenue_total]\ntraits:\n",
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("error: profile_traits[1]: \"revenue_total\" is also a computed trait"),
+        "{stderr}"
+    );
+    Ok(())
+}

@@ -62,9 +62,12 @@ impl KnownNames {
     }
 
     /// `Err` at `path` when `name` is no known trait.
+    /// A dotted name is known when its first part is (`address.city` of a
+    /// known `address`).
     pub fn check_trait(&self, path: &str, name: &str) -> Result<(), ConfigError> {
+        let root = name.split('.').next().unwrap_or(name);
         match &self.traits {
-            Some(known) if !known.contains(name) => Err(ConfigError::new(
+            Some(known) if !known.contains(name) && !known.contains(root) => Err(ConfigError::new(
                 path,
                 format!(
                     "unknown trait {name:?} (not a computed trait, not in `profile_traits`, not in a tracking plan's `identify` schema)"
@@ -120,6 +123,9 @@ mod tests {
             ..KnownNames::default()
         };
         assert!(known.check_trait("p", "ltv_total").is_ok());
+        // A dotted name reaches into a known trait, not into an unknown one.
+        assert!(known.check_trait("p", "ltv_total.eur").is_ok());
+        assert!(known.check_trait("p", "address.city").is_err());
         let e = known.check_trait("audiences.vip.where.all[1].trait", "ltv");
         assert_eq!(
             e.map_err(|e| e

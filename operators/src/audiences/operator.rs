@@ -154,7 +154,10 @@ impl AudiencesOperator {
             .map(|a| {
                 a.traits
                     .iter()
-                    .filter_map(|t| profile.traits.get(t).map(|v| (t.clone(), v.clone())))
+                    .filter_map(|t| {
+                        super::profile::trait_value(&profile.traits, t)
+                            .map(|v| (t.clone(), v.clone()))
+                    })
                     .collect()
             })
             .unwrap_or_default();

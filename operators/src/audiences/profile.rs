@@ -41,6 +41,24 @@ pub(crate) struct AudienceProfile {
     pub(super) traits_until: Option<i64>,
 }
 
+/// A trait's value by name. A dotted name no trait has whole reaches into
+/// an object trait, as Segment's audience filters do: `address.city` is
+/// the `city` of the `address` an `identify` sent.
+pub(super) fn trait_value<'a>(
+    traits: &'a BTreeMap<String, Value>,
+    name: &str,
+) -> Option<&'a Value> {
+    if let Some(value) = traits.get(name) {
+        return Some(value);
+    }
+    let mut parts = name.split('.');
+    let mut value = traits.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_object()?.get(part)?;
+    }
+    Some(value)
+}
+
 impl AudienceProfile {
     pub(super) fn record_event<E: EventRead + ?Sized>(
         &mut self,
@@ -185,7 +203,7 @@ impl AudienceProfile {
             Compiled::All(cs) => cs.iter().all(|c| self.holds(set, c, now, held)),
             Compiled::Any(cs) => cs.iter().any(|c| self.holds(set, c, now, held)),
             Compiled::Not(c) => !self.holds(set, c, now, held),
-            Compiled::Trait { name, op } => op.matches(self.traits.get(name)),
+            Compiled::Trait { name, op } => op.matches(trait_value(&self.traits, name)),
             Compiled::Event {
                 filter,
                 count,

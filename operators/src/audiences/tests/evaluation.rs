@@ -252,3 +252,31 @@ fn a_late_event_never_dates_a_change_before_the_profiles_earlier_ones() -> TestR
     assert_eq!(c[0].event_time, rfc3339_ms(t + 3));
     Ok(())
 }
+
+#[test]
+fn a_dotted_trait_name_reaches_into_an_object_trait() -> TestResult {
+    let mut h = harness("berlin: {where: {trait: address.city, eq: Berlin}}")?;
+    let c = send(
+        &mut h,
+        "p",
+        None,
+        json!({"address": {"city": "Paris"}}),
+        HOUR,
+    )?;
+    assert!(c.is_empty(), "{c:?}");
+    let c = send(
+        &mut h,
+        "p",
+        None,
+        json!({"address": {"city": "Berlin", "zip": "10115"}}),
+        2 * HOUR,
+    )?;
+    assert_eq!(summary(&c), vec![entered("berlin")]);
+    assert_eq!(
+        c[0].traits,
+        BTreeMap::from([("address.city".to_string(), json!("Berlin"))])
+    );
+    let c = send(&mut h, "p", None, json!({"address": null}), 3 * HOUR)?;
+    assert_eq!(summary(&c), vec![exited("berlin")]);
+    Ok(())
+}
