@@ -44,9 +44,10 @@ enum Command {
         /// Also send sample traffic, a new visitor every 5 s.
         #[arg(long)]
         demo: bool,
-        /// Collector address.
-        #[arg(long, default_value = "127.0.0.1:8088")]
-        listen: SocketAddr,
+        /// Collector address [default: the config's `collector.listen`
+        /// when it sets one, else 127.0.0.1:8088].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         /// Address of /metrics, /healthz, /readyz.
         #[arg(long, default_value = "127.0.0.1:9464")]
         admin_listen: SocketAddr,
@@ -350,6 +351,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
             admin_listen,
             state_dir,
         } => {
+            let listen = dev_listen(listen, config.as_deref())?;
+            let keys = match &config {
+                None => "write key wk_web_123 in the demo config".to_string(),
+                Some(path) => format!(
+                    "write keys: {}",
+                    Config::load(path)?
+                        .sources
+                        .iter()
+                        .map(|s| format!("{} ({})", s.write_key, s.id))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
             let dev = Dev::start(DevOptions {
                 config,
                 listen,
@@ -365,7 +379,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 dev.bootstrap
             ));
             say(&format!(
-                "cdp dev: collector at http://{} (write key wk_web_123 in the demo config)",
+                "cdp dev: collector at http://{} ({keys})",
                 dev.collector
             ));
             say(&format!("cdp dev: metrics at http://{admin_listen}/metrics; audience changes print below as JSON lines"));
@@ -632,6 +646,26 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
         anyhow::bail!("{} events failed", summary.failed);
     }
     Ok(())
+}
+
+/// Where `cdp dev`'s collector listens: `--listen`, else the config's
+/// `collector.listen` if it sets one, else loopback (a laptop's collector
+/// is not for the network unless asked).
+fn dev_listen(
+    flag: Option<SocketAddr>,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<SocketAddr> {
+    if let Some(addr) = flag {
+        return Ok(addr);
+    }
+    let default = cdp_connectors::collector::CollectorConfig::default().listen;
+    let configured = match config {
+        Some(path) => Some(Config::load(path)?.collector.listen),
+        None => None,
+    };
+    Ok(configured
+        .filter(|l| *l != default)
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8088))))
 }
 
 /// Shutdown on signals and the admin endpoint, for a single-stage process.
