@@ -374,6 +374,31 @@ pub fn render_list(letters: &[DeadLetter], replayed: &BTreeSet<String>) -> Strin
     out
 }
 
+/// One JSON object per line and dead letter, its detail whole (parsed when
+/// it is JSON) and its record's key and value as text: for scripts, and
+/// for reading every reason of a plan violation.
+pub fn render_json(letters: &[DeadLetter], replayed: &BTreeSet<String>) -> String {
+    let mut out = String::new();
+    for d in letters {
+        let detail = d.detail().map(|text| {
+            serde_json::from_str::<serde_json::Value>(text)
+                .unwrap_or_else(|_| serde_json::Value::String(text.to_string()))
+        });
+        let line = serde_json::json!({
+            "id": d.id(),
+            "stage": d.stage(),
+            "reason": d.reason(),
+            "replayed": replayed.contains(&d.id()),
+            "detail": detail,
+            "key": d.key.as_deref().map(String::from_utf8_lossy),
+            "value": String::from_utf8_lossy(&d.value),
+        });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,6 +419,25 @@ mod tests {
                 ("traceparent".into(), b"00-abc".to_vec()),
             ],
         }
+    }
+
+    #[test]
+    fn json_lines_carry_the_whole_detail() -> Result<(), serde_json::Error> {
+        let mut long = letter("validate", "plan_violation", 7);
+        let reasons: Vec<serde_json::Value> = (0..20)
+            .map(|i| serde_json::json!({"pointer": format!("/properties/p{i}"), "reason": "x"}))
+            .collect();
+        let detail = serde_json::json!({"violations": reasons});
+        long.headers.retain(|(k, _)| k != "cdp-dlq-detail");
+        long.headers
+            .push(("cdp-dlq-detail".into(), detail.to_string().into_bytes()));
+        let text = render_json(&[long], &BTreeSet::from(["1@7".to_string()]));
+        let line: serde_json::Value = serde_json::from_str(text.trim_end())?;
+        assert_eq!(line["id"], "1@7");
+        assert_eq!(line["replayed"], true);
+        assert_eq!(line["detail"], detail, "not cut as the table cuts it");
+        assert_eq!(line["value"], "{}");
+        Ok(())
     }
 
     #[test]

@@ -162,6 +162,10 @@ enum DeadLettersCommand {
         common: Connection,
         #[command(flatten)]
         selection: SelectionArgs,
+        /// One JSON object per dead letter, its detail whole, and no
+        /// counts.
+        #[arg(long)]
+        json: bool,
     },
     /// Put the selected dead letters back into their stage's input, without
     /// the stale `cdp-*` headers, each once (see docs/OPERATIONS.md).
@@ -417,7 +421,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Audiences(c) => run_stage(Stage::Audiences, c).await,
         Command::Deliver(c) => run_stage(Stage::Deliver, c).await,
         Command::DeadLetters {
-            command: DeadLettersCommand::List { common, selection },
+            command:
+                DeadLettersCommand::List {
+                    common,
+                    selection,
+                    json,
+                },
         } => {
             let compiled = common.load()?;
             let factory = ClientFactory::new(compiled.config.kafka.clone())?;
@@ -426,7 +435,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 let letters = cdp::dead_letters::read(&factory)?;
                 let selected: Vec<_> = selection.select(&letters)?.into_iter().cloned().collect();
                 let replayed = cdp::dead_letters::replayed(&factory)?;
-                Ok(cdp::dead_letters::render_list(&selected, &replayed))
+                Ok(match json {
+                    true => cdp::dead_letters::render_json(&selected, &replayed),
+                    false => cdp::dead_letters::render_list(&selected, &replayed),
+                })
             })
             .await??;
             print!("{text}");
