@@ -403,7 +403,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 compiled.config.collector.listen = l;
             }
             let factory = ClientFactory::new(compiled.config.kafka.clone())?;
-            let (shutdown, health) = service(&admin.admin_listen);
+            let (shutdown, health) = service(&admin.admin_listen).await?;
             let collector = Collector::new(
                 compiled.config.collector.clone(),
                 &compiled.config.sources,
@@ -681,24 +681,29 @@ fn dev_listen(
 }
 
 /// Shutdown on signals and the admin endpoint, for a single-stage process.
-fn service(admin: &SocketAddr) -> (Shutdown, Health) {
+/// The address is bound first: a taken port fails the command before it
+/// joins a consumer group or opens a store.
+async fn service(admin: &SocketAddr) -> anyhow::Result<(Shutdown, Health)> {
+    let listener = tokio::net::TcpListener::bind(admin)
+        .await
+        .with_context(|| format!("--admin-listen {admin}"))?;
     let shutdown = Shutdown::default();
     shutdown.trigger_on_signals();
     let health = Health::default();
-    let (a, h, s) = (*admin, health.clone(), shutdown.clone());
+    let (h, s) = (health.clone(), shutdown.clone());
     tokio::spawn(async move {
-        if let Err(e) = cdp_pipeline::service::serve_admin(a, h, s.clone()).await {
+        if let Err(e) = cdp_pipeline::service::serve_admin_on(listener, h, s.clone()).await {
             tracing::error!(error = %e, "admin endpoint failed");
             s.trigger();
         }
     });
-    (shutdown, health)
+    Ok((shutdown, health))
 }
 
 async fn run_stage(stage: Stage, common: Common) -> anyhow::Result<()> {
     let compiled = common.load()?;
     let factory = ClientFactory::new(compiled.config.kafka.clone())?;
-    let (shutdown, health) = service(&common.admin.admin_listen);
+    let (shutdown, health) = service(&common.admin.admin_listen).await?;
     let joins = stages::start_stages(
         &[stage],
         &compiled,

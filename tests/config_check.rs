@@ -217,3 +217,23 @@ fn a_profile_trait_named_like_a_computed_one_fails_with_its_path() -> TestResult
     );
     Ok(())
 }
+
+#[test]
+fn a_stage_whose_admin_port_is_taken_fails_before_it_joins_anything() -> TestResult {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_cdp"))
+        .args(["traits", "--config", DEMO, "--admin-listen"])
+        .arg(addr.to_string())
+        .args(["--brokers", "127.0.0.1:1"])
+        .env_remove("CDP_LOG_FORMAT")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("error: --admin-listen {addr}: ")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("stage started"), "{stderr}");
+    Ok(())
+}

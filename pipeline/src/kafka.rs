@@ -366,6 +366,11 @@ impl ClientFactory {
         // instead of librdkafka's 500 ms, so each hop of the chain adds
         // milliseconds, not half a second.
         c.set("fetch.wait.max.ms", "10");
+        // A stage started before its input topic exists (a supervisor that
+        // starts everything before `cdp topics create`) sees the topic
+        // within 10 s of its creation, not at librdkafka's 5-minute
+        // metadata refresh. One small metadata request per 10 s.
+        c.set("topic.metadata.refresh.interval.ms", "10000");
         if let Some(id) = instance_id {
             // Static membership: a restarted pod gets its partitions (and so
             // its local state) back without a rebalance.

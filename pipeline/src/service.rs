@@ -159,6 +159,18 @@ pub async fn serve_admin(
     health: Health,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_admin_on(listener, health, shutdown).await
+}
+
+/// [`serve_admin`] on a listener bound already: a process binds its admin
+/// address before it joins anything, so a taken port fails it at once.
+pub async fn serve_admin_on(
+    listener: tokio::net::TcpListener,
+    health: Health,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(|| async { crate::metrics::render() }))
         .route(
@@ -196,7 +208,6 @@ pub async fn serve_admin(
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin endpoint listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.wait().await })
