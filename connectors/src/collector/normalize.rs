@@ -13,13 +13,14 @@ use super::{at, CollectorConfig, EventType, Item, Prepared};
 
 /// Split a batch request into its items, merging batch-level `context`,
 /// `integrations` and `sentAt` into each, and enforcing the count and
-/// per-event size limits.
+/// per-event size limits. A bad batch is an `Err`; a bad item is an `Err`
+/// in its place (the request's other events still go through).
 pub(super) fn split_batch<'a>(
     mut doc: Fields<'a>,
     batch: Option<BatchField<'a>>,
     cfg: &CollectorConfig,
     events: &mut usize,
-) -> Result<Vec<Item<'a>>, CollectError> {
+) -> Result<Vec<Result<Item<'a>, CollectError>>, CollectError> {
     let batch = match batch {
         Some(BatchField::Items(batch)) => batch,
         Some(BatchField::NotAnArray) => {
@@ -41,42 +42,57 @@ pub(super) fn split_batch<'a>(
     let context = doc.remove("context");
     let integrations = doc.remove("integrations");
     let sent_at = doc.remove("sentAt");
-    let mut items = Vec::with_capacity(batch.len());
-    for (i, item) in batch.into_iter().enumerate() {
-        let Node::Object(mut item) = item else {
-            return Err(CollectError::invalid(
-                at(Some(i)),
-                "not_an_object",
-                "expected a JSON object",
-            ));
-        };
-        if item.json_len() > cfg.max_event_bytes {
-            return Err(CollectError::EventTooLarge {
-                at: at(Some(i)),
-                limit: cfg.max_event_bytes,
-            });
-        }
-        if item
-            .get("type")
-            .and_then(string)
-            .and_then(|t| EventType::parse(&t))
-            .is_none()
-        {
-            return Err(CollectError::invalid(
-                format!("{}.type", at(Some(i))),
-                "invalid_type",
-                "expected identify, track, page, screen, group or alias",
-            ));
-        }
-        merge_missing(&mut item, "context", context.as_ref())?;
-        merge_missing(&mut item, "integrations", integrations.as_ref())?;
-        merge_missing(&mut item, "sentAt", sent_at.as_ref())?;
-        items.push(Item {
-            index: Some(i),
-            fields: item,
+    let batch_fields = [
+        ("context", context.as_ref()),
+        ("integrations", integrations.as_ref()),
+        ("sentAt", sent_at.as_ref()),
+    ];
+    Ok(batch
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| batch_item(i, item, cfg, &batch_fields))
+        .collect())
+}
+
+/// One item of a batch, checked and with the batch's fields merged in.
+fn batch_item<'a>(
+    i: usize,
+    item: Node<'a>,
+    cfg: &CollectorConfig,
+    batch_fields: &[(&'static str, Option<&Cow<'a, RawValue>>)],
+) -> Result<Item<'a>, CollectError> {
+    let Node::Object(mut item) = item else {
+        return Err(CollectError::invalid(
+            at(Some(i)),
+            "not_an_object",
+            "expected a JSON object",
+        ));
+    };
+    if item.json_len() > cfg.max_event_bytes {
+        return Err(CollectError::EventTooLarge {
+            at: at(Some(i)),
+            limit: cfg.max_event_bytes,
         });
     }
-    Ok(items)
+    if item
+        .get("type")
+        .and_then(string)
+        .and_then(|t| EventType::parse(&t))
+        .is_none()
+    {
+        return Err(CollectError::invalid(
+            format!("{}.type", at(Some(i))),
+            "invalid_type",
+            "expected identify, track, page, screen, group or alias",
+        ));
+    }
+    for (field, value) in batch_fields {
+        merge_missing(&mut item, field, *value)?;
+    }
+    Ok(Item {
+        index: Some(i),
+        fields: item,
+    })
 }
 
 /// Give `item[field]` the batch-level value where the item lacks it; for

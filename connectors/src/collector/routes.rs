@@ -102,7 +102,33 @@ impl Collector {
     async fn respond(&self, call: Call, headers: &HeaderMap, body: Body) -> Response {
         let mut events = 1;
         match self.collect(call, headers, body, &mut events).await {
-            Ok(()) => (StatusCode::OK, Json(json!({"success": true}))).into_response(),
+            Ok(refused) if refused.is_empty() => {
+                (StatusCode::OK, Json(json!({"success": true}))).into_response()
+            }
+            Ok(refused) => {
+                // The batch's good events were written: `200`, as Segment
+                // answers, with each refused one and why in the body.
+                for e in &refused {
+                    metrics::EVENTS_REJECTED
+                        .with_label_values(&[e.reason()])
+                        .inc();
+                }
+                tracing::debug!(
+                    refused = refused.len(),
+                    events,
+                    "collector batch partly refused"
+                );
+                let refused: Vec<_> = refused
+                    .iter()
+                    .map(|e| json!({"error": e.to_string(), "code": e.reason()}))
+                    .collect();
+                let body = json!({
+                    "success": true,
+                    "accepted": events - refused.len(),
+                    "refused": refused,
+                });
+                (StatusCode::OK, Json(body)).into_response()
+            }
             Err(e) => {
                 metrics::EVENTS_REJECTED
                     .with_label_values(&[e.reason()])
@@ -122,13 +148,16 @@ impl Collector {
 
     /// Authenticate, read, check, enrich and produce one request. `events`
     /// is set to the number of events once known, for the reject metric.
+    /// A batch's events that break the spec are left out and returned
+    /// (the rest are written); a request none of whose events can be
+    /// written is an `Err`.
     async fn collect(
         &self,
         call: Call,
         headers: &HeaderMap,
         body: Body,
         events: &mut usize,
-    ) -> Result<(), CollectError> {
+    ) -> Result<Vec<CollectError>, CollectError> {
         let cfg = &self.inner.config;
         let header_source = match basic_auth_user(headers)? {
             Some(key) => Some(self.source_of(&key)?),
@@ -194,27 +223,34 @@ impl Collector {
             }
         };
 
-        let items: Vec<Item> = match call {
+        let items: Vec<Result<Item, CollectError>> = match call {
             Call::Single(kind) => {
                 doc.set("type", raw_string(kind.as_str())?);
-                vec![Item {
+                vec![Ok(Item {
                     index: None,
                     fields: doc,
-                }]
+                })]
             }
             Call::Batch => split_batch(doc, batch, cfg, events)?,
         };
         let received_ms = chrono::Utc::now().timestamp_millis();
         let received_at = raw_string(&rfc3339_ms(received_ms))?;
-        let prepared = items
-            .into_iter()
-            .map(|item| enrich(item.fields, received_ms, &received_at, item.index))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut prepared = Vec::with_capacity(items.len());
+        let mut refused = Vec::new();
+        for item in items {
+            match item.and_then(|item| enrich(item.fields, received_ms, &received_at, item.index)) {
+                Ok(p) => prepared.push(p),
+                Err(e) => refused.push(e),
+            }
+        }
+        if prepared.is_empty() && !refused.is_empty() {
+            return Err(refused.swap_remove(0));
+        }
         self.produce(source, &prepared).await?;
         metrics::EVENTS_ACCEPTED
             .with_label_values(&[source])
             .inc_by(prepared.len() as u64);
-        Ok(())
+        Ok(refused)
     }
 }
 
@@ -470,7 +506,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_bad_batch_is_refused_whole_and_bad_encodings_and_auth_headers_too() -> TestResult {
+    async fn bad_batches_bad_encodings_and_auth_headers_are_refused() -> TestResult {
         let env = start().await?;
         let good = json!({"type": "track", "userId": "u", "event": "Fine"});
         let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
@@ -486,19 +522,17 @@ mod tests {
                 "batch: required",
             ),
             (
-                env.authed("/v1/batch")
-                    .json(&json!({"batch": [good.clone(), "track"]})),
+                env.authed("/v1/batch").json(&json!({"batch": ["track"]})),
                 StatusCode::BAD_REQUEST,
-                "batch[1]: expected a JSON object",
+                "batch[0]: expected a JSON object",
             ),
-            // One bad item refuses the request: the good ones before it
-            // are not written either, so a fixed retry never duplicates.
+            // A batch none of whose events can be written.
             (
                 env.authed("/v1/batch").json(&json!({"batch": [
-                    good.clone(), good.clone(), {"type": "track", "event": "No Id"}
+                    {"type": "track", "event": "No Id"}, {"type": "track", "userId": "u"}
                 ]})),
                 StatusCode::BAD_REQUEST,
-                "batch[2]: userId or anonymousId",
+                "batch[0]: userId or anonymousId",
             ),
             (
                 env.authed("/v1/track")
@@ -549,6 +583,56 @@ mod tests {
             "Last",
             "nothing of a refused request reached the topic"
         );
+        env.stop().await
+    }
+
+    /// A batch's events that break the spec are left out and named; the
+    /// others are written and the request answered `200`, as Segment
+    /// does: an SDK drops a batch answered `400`, good events with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batchs_bad_events_are_refused_alone() -> TestResult {
+        let env = start().await?;
+        let good = |n: &str| json!({"type": "track", "userId": "u", "event": n});
+        let (status, body) = json_body(
+            env.authed("/v1/batch")
+                .json(&json!({"batch": [
+                    good("One"),
+                    {"type": "track", "event": "No Id"},
+                    good("Two"),
+                    {"type": "track", "userId": "u", "event": "E", "messageId": "m".repeat(101)},
+                    "not an event",
+                    good("Three"),
+                ]}))
+                .send()
+                .await?,
+        )
+        .await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["success"], json!(true));
+        assert_eq!(body["accepted"], json!(3));
+        let refused: Vec<(String, String)> = body["refused"]
+            .as_array()
+            .ok_or("no refused list")?
+            .iter()
+            .map(|r| {
+                (
+                    str_field(r, "code").to_string(),
+                    str_field(r, "error").to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(refused.len(), 3, "{body}");
+        assert_eq!(refused[0].0, "missing_id");
+        assert!(refused[0].1.starts_with("batch[1]: "), "{refused:?}");
+        assert_eq!(refused[1].0, "spec_violation");
+        assert!(refused[1].1.starts_with("batch[3]: "), "{refused:?}");
+        assert_eq!(refused[2].0, "not_an_object");
+        let records = env.consume(3).await?;
+        let events: Vec<&str> = records
+            .iter()
+            .map(|r| str_field(&r.value, "event"))
+            .collect();
+        assert_eq!(events, ["One", "Two", "Three"]);
         env.stop().await
     }
 
