@@ -97,6 +97,12 @@ impl Selection {
     /// for with `--id` that is not a dead letter (a script replaying by id
     /// must not succeed having done nothing).
     pub fn select<'a>(&self, letters: &'a [DeadLetter]) -> anyhow::Result<Vec<&'a DeadLetter>> {
+        if let Some(stage) = &self.stage {
+            if !Stage::ALL.iter().any(|s| s.name() == stage) {
+                let names: Vec<&str> = Stage::ALL.iter().map(|s| s.name()).collect();
+                anyhow::bail!("--stage {stage}: no such stage ({})", names.join(", "));
+            }
+        }
         let missing: Vec<&str> = self
             .ids
             .iter()
@@ -419,6 +425,21 @@ mod tests {
                 ("traceparent".into(), b"00-abc".to_vec()),
             ],
         }
+    }
+
+    #[test]
+    fn a_stage_that_does_not_exist_is_an_error() {
+        let selection = Selection {
+            stage: Some("bogus".into()),
+            reason: None,
+            ids: Vec::new(),
+        };
+        let letters = [letter("validate", "plan_violation", 1)];
+        let e = selection.select(&letters).err().map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("--stage bogus: no such stage (validate, identity, traits, audiences, deliver)")
+        );
     }
 
     #[test]

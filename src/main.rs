@@ -207,7 +207,18 @@ impl SelectionArgs {
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Check a config file; exits non-zero and names the bad field.
-    Check { file: PathBuf },
+    Check {
+        /// The config file (or `--config`, as the other commands take it).
+        #[arg(required_unless_present = "config")]
+        file: Option<PathBuf>,
+        #[arg(
+            long,
+            env = "CDP_CONFIG",
+            conflicts_with = "file",
+            hide_env_values = true
+        )]
+        config: Option<PathBuf>,
+    },
     /// Print the JSON Schema of the config file (for editor completion).
     Schema,
 }
@@ -584,8 +595,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config {
-            command: ConfigCommand::Check { file },
+            command: ConfigCommand::Check { file, config },
         } => {
+            let file = file.or(config).context("name the config file")?;
             let compiled = Config::load(&file)?.compile()?;
             let c = &compiled.config;
             println!(

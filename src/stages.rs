@@ -142,8 +142,7 @@ impl Stage {
             Stage::Deliver => {
                 let dests = compiled.config.destinations.clone();
                 for d in &dests {
-                    let sink =
-                        build_sink(d, factory).with_context(|| format!("destination {}", d.id))?;
+                    let sink = build_sink(d, factory)?;
                     let name: &'static str = DeliverOperator::new(std::slice::from_ref(d))
                         .output_names()
                         .first()

@@ -237,3 +237,17 @@ fn a_stage_whose_admin_port_is_taken_fails_before_it_joins_anything() -> TestRes
     assert!(!stderr.contains("stage started"), "{stderr}");
     Ok(())
 }
+
+#[test]
+fn config_check_takes_the_file_as_the_other_commands_do() -> TestResult {
+    let out = Command::new(env!("CARGO_BIN_EXE_cdp"))
+        .args(["config", "check", "--config", DEMO])
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new(env!("CARGO_BIN_EXE_cdp"))
+        .args(["config", "check"])
+        .env("CDP_CONFIG", DEMO)
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    Ok(())
+}
