@@ -178,6 +178,13 @@ impl Config {
         check_kafka(&self.kafka)?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.sources.iter().enumerate() {
+            if s.write_key.is_empty() {
+                return Err(ConfigError::new(
+                    format!("sources[{i}].write_key"),
+                    "must not be empty (no request can authenticate with it)",
+                )
+                .into());
+            }
             if !seen.insert(&s.write_key) {
                 return Err(ConfigError::new(
                     format!("sources[{i}].write_key"),
@@ -277,6 +284,23 @@ fn check_kafka(k: &KafkaConfig) -> Result<(), cdp_operators::config::ConfigError
             "tick_interval",
             format!("must be at least {MIN_TICK}: every task writes a tick record into its input partition each interval"),
         );
+    }
+    // Every librdkafka property is set on a client config as a client
+    // would be: a typo is refused here with its path, not at start-up.
+    for (property, value) in k.properties.iter() {
+        let name = property
+            .strip_prefix("producer.")
+            .or_else(|| property.strip_prefix("consumer."))
+            .unwrap_or(property);
+        let mut config = rdkafka::ClientConfig::new();
+        config.set(name, value);
+        if let Err(e) = config.create_native_config() {
+            let why = match e {
+                rdkafka::error::KafkaError::ClientConfig(_, message, _, _) => message,
+                other => other.to_string(),
+            };
+            return fail(&format!("properties.{property}"), why);
+        }
     }
     if k.max_record_bytes < MIN_RECORD_BYTES {
         return fail(

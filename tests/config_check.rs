@@ -251,3 +251,43 @@ fn config_check_takes_the_file_as_the_other_commands_do() -> TestResult {
     assert!(out.status.success(), "{out:?}");
     Ok(())
 }
+
+#[test]
+fn a_property_path_outside_the_event_fails_with_its_path() -> TestResult {
+    let out = check_edited(
+        "property: properties.revenue, function: sum",
+        "property: revenue, function: sum",
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains(
+            "error: traits.revenue_total.aggregation.property: \"revenue\" is no field of a Segment event (paths start at the event: properties.revenue,"
+        ),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_mistyped_librdkafka_property_and_an_empty_write_key_fail_with_their_paths() -> TestResult {
+    let cases = [
+        (
+            "tick_interval: 1s",
+            "tick_interval: 1s\n  properties:\n    consumer.session.timeout.ms: \"6000\"\n    bogus.prop: \"1\"",
+            "error: kafka.properties.bogus.prop: No such configuration property: \"bogus.prop\"",
+        ),
+        (
+            "write_key: wk_web_123",
+            "write_key: \"\"",
+            "error: sources[0].write_key: must not be empty",
+        ),
+    ];
+    for (from, to, error) in cases {
+        let out = check_edited(from, to)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{to}: {out:?}");
+        assert!(stderr.contains(error), "{to}: {stderr}");
+    }
+    Ok(())
+}

@@ -36,6 +36,50 @@ impl ConfigError {
     }
 }
 
+/// The top-level fields of a Segment event (the spec's common fields and
+/// each call's own): a property path starts with one of them.
+const EVENT_FIELDS: &[&str] = &[
+    "anonymousId",
+    "userId",
+    "messageId",
+    "type",
+    "event",
+    "name",
+    "category",
+    "properties",
+    "traits",
+    "context",
+    "integrations",
+    "groupId",
+    "previousId",
+    "timestamp",
+    "originalTimestamp",
+    "sentAt",
+    "receivedAt",
+    "channel",
+    "version",
+];
+
+/// `Err` at `path` when the dotted event path `property` is empty or does
+/// not start at a field a Segment event has: `revenue` is no field of an
+/// event, `properties.revenue` is (a condition on it would silently never
+/// hold).
+pub fn check_event_path(path: &str, property: &str) -> Result<(), ConfigError> {
+    if property.is_empty() {
+        return Err(ConfigError::new(path, "must not be empty"));
+    }
+    let root = property.split('.').next().unwrap_or(property);
+    if EVENT_FIELDS.contains(&root) {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        path,
+        format!(
+            "{property:?} is no field of a Segment event (paths start at the event: properties.{property}, traits.{property}, context.{property}, event, …)"
+        ),
+    ))
+}
+
 /// The trait and event names conditions may refer to, so a typo is an
 /// error at load (`audiences.vip.where.all[1].trait: unknown trait "ltv"`)
 /// rather than a condition that silently never holds. `None`: any name may

@@ -111,6 +111,12 @@ impl CollectorConfig {
                 "must be below 4 GiB",
             ));
         }
+        if self.max_batch_bytes < self.max_event_bytes {
+            return Err(ConfigError::new(
+                "collector.max_batch_bytes",
+                "must be at least max_event_bytes: a batch of one event is that large",
+            ));
+        }
         if self.max_in_flight_bytes < self.max_batch_bytes.max(self.max_event_bytes) {
             return Err(ConfigError::new(
                 "collector.max_in_flight_bytes",

@@ -194,13 +194,10 @@ impl Compiler {
             }
         };
         let check_where = |conds: &[PropertyCondition], at: &str| -> Result<(), ConfigError> {
-            match conds.iter().position(|c| c.property.is_empty()) {
-                Some(i) => Err(ConfigError::new(
-                    format!("{at}.where[{i}].property"),
-                    "must not be empty",
-                )),
-                None => Ok(()),
+            for (i, c) in conds.iter().enumerate() {
+                crate::config::check_event_path(&format!("{at}.where[{i}].property"), &c.property)?;
             }
+            Ok(())
         };
         Ok(match c {
             Condition::All(cs) | Condition::Any(cs) => {

@@ -395,11 +395,8 @@ impl TraitSet {
                     "must not be empty",
                 ));
             }
-            if def.property().is_some_and(str::is_empty) {
-                return Err(ConfigError::new(
-                    format!("{path}.property"),
-                    "must not be empty",
-                ));
+            if let Some(property) = def.property() {
+                crate::config::check_event_path(&format!("{path}.property"), property)?;
             }
             if def.window().is_some_and(|w| w <= 0) {
                 return Err(ConfigError::new(
@@ -414,12 +411,10 @@ impl TraitSet {
                 ));
             }
             for (i, c) in def.conditions().iter().enumerate() {
-                if c.property.is_empty() {
-                    return Err(ConfigError::new(
-                        format!("{path}.where[{i}].property"),
-                        "must not be empty",
-                    ));
-                }
+                crate::config::check_event_path(
+                    &format!("{path}.where[{i}].property"),
+                    &c.property,
+                )?;
             }
         }
         Ok(TraitSet {
