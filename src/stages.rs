@@ -607,6 +607,7 @@ mod tests {
             event_time: "2026-12-02T00:00:00.000Z".into(),
             emitted_at: "2026-12-02T00:00:00.001Z".into(),
             cause: Default::default(),
+            merged_into: None,
         };
         let json_in = serde_json::to_vec(&change("observer_json", AudienceAction::Entered))?;
         let json_out = serde_json::to_vec(&change("observer_json", AudienceAction::Exited))?;

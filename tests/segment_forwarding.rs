@@ -37,6 +37,7 @@ fn change_record(run: &str, n: u32, action: AudienceAction) -> Result<SinkRecord
         event_time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         emitted_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         cause: Cause::default(),
+        merged_into: None,
     };
     Ok(SinkRecord {
         delivery_id: format!("audiences:0/1/{n}/0"),

@@ -62,6 +62,7 @@ fn change(n: usize) -> AudienceChange {
             message_id: Some(format!("m-{n}")),
             tick: None,
         },
+        merged_into: None,
     }
 }
 

@@ -149,6 +149,7 @@ mod tests {
             event_time: "2026-11-26T10:00:00Z".into(),
             emitted_at: "2026-11-26T10:00:00.120Z".into(),
             cause: Cause::default(),
+            merged_into: None,
         })
     }
 

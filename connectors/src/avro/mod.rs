@@ -251,6 +251,10 @@ fn to_avro(change: &AudienceChange) -> Avro {
                 ("tick".into(), optional(change.cause.tick.map(Avro::Long))),
             ]),
         ),
+        (
+            "merged_into".into(),
+            optional(change.merged_into.clone().map(Avro::String)),
+        ),
     ])
 }
 
@@ -319,6 +323,14 @@ fn from_avro(value: Avro) -> Result<AudienceChange, CodecError> {
     let event_time = string(take("event_time")?, "event_time")?;
     let emitted_at = string(take("emitted_at")?, "emitted_at")?;
     let cause = cause_from_avro(take("cause")?)?;
+    // Written before the field existed: absent.
+    let merged_into = match take("merged_into").ok() {
+        Some(Avro::Union(_, v)) => match *v {
+            Avro::String(s) => Some(s),
+            _ => None,
+        },
+        _ => None,
+    };
     Ok(AudienceChange {
         kind,
         audience,
@@ -329,6 +341,7 @@ fn from_avro(value: Avro) -> Result<AudienceChange, CodecError> {
         event_time,
         emitted_at,
         cause,
+        merged_into,
     })
 }
 

@@ -24,6 +24,7 @@ fn change(traits: serde_json::Value) -> AudienceChange {
             message_id: Some("m-1".into()),
             tick: None,
         },
+        merged_into: None,
     }
 }
 
@@ -38,7 +39,10 @@ fn the_schema_in_the_repository_parses_and_names_the_contract() -> TestResult {
     assert_eq!(record.name.fullname(None), "cdp.AudienceChange");
     // Every field of the JSON form, in its order.
     let fields: Vec<&str> = record.fields.iter().map(|f| f.name.as_str()).collect();
-    let json_fields: Vec<String> = match serde_json::to_value(change(json!({})))? {
+    // Every optional field present.
+    let mut full = change(json!({}));
+    full.merged_into = Some("prof_b".into());
+    let json_fields: Vec<String> = match serde_json::to_value(full)? {
         serde_json::Value::Object(m) => m.keys().cloned().collect(),
         _ => Vec::new(),
     };
@@ -142,10 +146,12 @@ proptest! {
         traits in prop::collection::btree_map("[a-z_]{1,10}", trait_value(), 0..6),
         exited in any::<bool>(),
         tick in proptest::option::of(any::<i64>()),
+        merged_into in proptest::option::of("prof_[0-9a-f]{4}"),
     ) {
         let mut c = change(json!({}));
         c.traits = traits;
         c.cause.tick = tick;
+        c.merged_into = merged_into;
         if exited {
             c.action = AudienceAction::Exited;
         }

@@ -174,6 +174,7 @@ impl AudiencesOperator {
                 message_id: trigger.message_id.map(str::to_owned),
                 tick: trigger.tick,
             },
+            merged_into: None,
         }
     }
 
@@ -334,7 +335,10 @@ impl AudiencesOperator {
             .set
             .order()
             .filter(|name| profile.members.contains(*name))
-            .map(|name| self.change(ctx, from, &profile, name, AudienceAction::Exited, &trigger))
+            .map(|name| AudienceChange {
+                merged_into: Some(into.clone()),
+                ..self.change(ctx, from, &profile, name, AudienceAction::Exited, &trigger)
+            })
             .collect();
         reschedule(ctx, from, &mut profile.timer, None);
         profile.members.clear();

@@ -444,6 +444,10 @@ pub struct AudienceChange {
     /// replay may change.
     pub emitted_at: String,
     pub cause: Cause,
+    /// For an exit because the profile was merged into another: that
+    /// profile (whose own changes follow for the same person).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
 }
 
 /// Output names the operators emit to; the binary maps them to topics.

@@ -28,6 +28,7 @@ fn change(key: &str, n: u32, action: AudienceAction) -> AudienceChange {
         event_time: format!("2026-11-29T10:00:{:02}.000Z", n % 60),
         emitted_at: "2026-11-29T10:00:00.100Z".into(),
         cause: Cause::default(),
+        merged_into: None,
     }
 }
 

@@ -44,6 +44,7 @@ fn a_merge_exits_the_merged_profile_and_the_survivor_enters() -> TestResult {
     assert_eq!(summary(&c), vec![exited("big_spenders")]);
     assert_eq!(c[0].profile_id, "a");
     assert_eq!(c[0].cause.message_id.as_deref(), Some("m-merge"));
+    assert_eq!(c[0].merged_into.as_deref(), Some("b"), "says where it went");
     // At the merging event's time, as the survivor's entry will be.
     assert_eq!(c[0].event_time, crate::messages::rfc3339_ms(2 * DAY + 7));
     let transfer = out
