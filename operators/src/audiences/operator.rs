@@ -193,6 +193,14 @@ impl AudiencesOperator {
         profile.prune(&self.set);
         let now = profile.clock;
         let held = profile.evaluate(&self.set, now);
+        // Dated no earlier than the profile's events and changes so far.
+        let stamp = trigger
+            .event_time
+            .max(profile.changes_from.unwrap_or(i64::MIN));
+        let trigger = &Trigger {
+            event_time: stamp,
+            ..*trigger
+        };
         let mut changes = Vec::new();
         for (name, &holds) in self.set.order().zip(&held) {
             let action = match (profile.members.contains(name), holds) {
@@ -201,6 +209,9 @@ impl AudiencesOperator {
                 _ => continue,
             };
             changes.push(self.change(ctx, id, &profile, name, action, trigger));
+        }
+        if !changes.is_empty() {
+            profile.changes_from = Some(stamp);
         }
         profile.set_members(&self.set, &held);
         let next = profile.next_change(&self.set, now);
@@ -230,10 +241,11 @@ impl AudiencesOperator {
         let id = update.profile_id;
         let mut profile = self.load(ctx, id)?.unwrap_or_default();
         // A change this event causes is dated by its time, but never
-        // before the profile's clock as it was: a late event changes the
-        // membership as of then, so a profile's changes never go back in
-        // time (an `exited` is never dated before its `entered`).
-        let change_time = event_time.max(profile.clock);
+        // before the profile's latest event or change (`settle`): a late
+        // event changes the membership as of then, so a profile's changes
+        // never go back in time (an `exited` is never dated before its
+        // `entered`).
+        profile.changes_from = profile.changes_from.max(Some(event_time));
         profile.clock = profile.clock.max(ctx.now()).max(event_time);
         // Identifiers only grow: a record from a partition that has not
         // seen the latest link must not take identifiers away.
@@ -256,7 +268,7 @@ impl AudiencesOperator {
         let trigger = Trigger {
             message_id: update.message_id,
             tick: update.tick,
-            event_time: change_time,
+            event_time,
         };
         self.settle(ctx, id, profile, &trigger, defer)
     }
@@ -325,8 +337,8 @@ impl AudiencesOperator {
                 .event_time
                 .bound(t, ctx.now(), None)
                 .map_or(ctx.now(), |b| b.time)
-                // Never before the profile's own changes (see `on_update`).
-                .max(profile.clock),
+                // Never before the profile's own events and changes.
+                .max(profile.changes_from.unwrap_or(i64::MIN)),
             None => profile.clock.max(ctx.now()),
         };
         let trigger = Trigger::of(cause, time);
@@ -340,6 +352,9 @@ impl AudiencesOperator {
                 ..self.change(ctx, from, &profile, name, AudienceAction::Exited, &trigger)
             })
             .collect();
+        if !exits.is_empty() {
+            profile.changes_from = Some(time);
+        }
         reschedule(ctx, from, &mut profile.timer, None);
         profile.members.clear();
         // The merged profile's identifiers (every one the survivor has

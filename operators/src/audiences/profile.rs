@@ -39,6 +39,12 @@ pub(crate) struct AudienceProfile {
     /// the struct: a state stored before it decodes with `None`.
     #[serde(default)]
     pub(super) traits_until: Option<i64>,
+    /// No change of this profile is dated before this (ms): the latest of
+    /// its events' times and its changes' `event_time`s. A function of the
+    /// profile's own records, not of ticks, so a replay dates alike. Last
+    /// in the struct, after `traits_until`, for the same reason.
+    #[serde(default)]
+    pub(super) changes_from: Option<i64>,
 }
 
 /// A trait's value by name. A dotted name no trait has whole reaches into
@@ -167,6 +173,7 @@ impl AudienceProfile {
     pub(super) fn merge(&mut self, other: AudienceProfile) {
         union_identifiers(&mut self.identifiers, &other.identifiers);
         self.clock = self.clock.max(other.clock);
+        self.changes_from = self.changes_from.max(other.changes_from);
         self.sequences.extend(other.sequences);
         self.traits_until = match (self.traits_until, other.traits_until) {
             (Some(a), Some(b)) => Some(a.min(b)),
