@@ -143,7 +143,11 @@ pub(super) fn enrich<'a>(
         .or_else(|| identifier(event.get("userId")))
         .map(Cow::into_owned)
         .ok_or_else(|| {
-            CollectError::invalid(at(index), "missing_id", "userId or anonymousId is required")
+            CollectError::invalid(
+                at(index),
+                "missing_id",
+                "userId or anonymousId is required (a non-empty string or a number)",
+            )
         })?;
     let is_track = event
         .get("type")

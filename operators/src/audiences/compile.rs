@@ -258,6 +258,12 @@ impl Compiler {
                 let filter = self
                     .filter(&e.event, &e.r#where, retention)
                     .map_err(|m| ConfigError::new(path.to_owned(), m))?;
+                if e.count.is_some_and(|c| !c.is_satisfiable()) {
+                    return Err(ConfigError::new(
+                        format!("{path}.count"),
+                        "no count meets all of these comparisons: the condition would never hold",
+                    ));
+                }
                 if let Some(w) = within {
                     self.windows.insert((filter, w));
                 }

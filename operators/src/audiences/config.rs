@@ -85,6 +85,28 @@ pub struct CountCondition {
 }
 
 impl CountCondition {
+    /// Whether some count passes every comparison (`{gt: 3, lt: 2}` is
+    /// none: a condition that never holds is a mistake).
+    pub fn is_satisfiable(&self) -> bool {
+        let low = [self.eq, self.gte, self.gt.map(|x| x.saturating_add(1))]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(0);
+        let high = [
+            self.eq,
+            self.lte,
+            self.lt.map(|x| x.checked_sub(1).unwrap_or(0)),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(u64::MAX);
+        let empty_below = self.lt == Some(0) || self.gt == Some(u64::MAX);
+        // Between `low` and `high`, `ne` rules out one value.
+        !empty_below && low <= high && !(low == high && self.ne == Some(low))
+    }
+
     /// Whether `n` passes every given comparison.
     pub fn matches(&self, n: u64) -> bool {
         self.eq.is_none_or(|x| n == x)
@@ -445,5 +467,27 @@ impl JsonSchema for SequenceCondition {
             "required": ["sequence"],
             "additionalProperties": false
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bound() -> impl Strategy<Value = Option<u64>> {
+        proptest::option::of(0u64..8)
+    }
+
+    proptest! {
+        /// Against a search of every count up to past the bounds.
+        #[test]
+        fn a_count_condition_is_satisfiable_when_some_count_matches(
+            eq in bound(), ne in bound(), gt in bound(), gte in bound(), lt in bound(), lte in bound(),
+        ) {
+            let c = CountCondition { eq, ne, gt, gte, lt, lte };
+            let some = (0u64..20).any(|n| c.matches(n));
+            prop_assert_eq!(c.is_satisfiable(), some, "{:?}", c);
+        }
     }
 }
