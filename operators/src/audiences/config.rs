@@ -93,15 +93,11 @@ impl CountCondition {
             .flatten()
             .max()
             .unwrap_or(0);
-        let high = [
-            self.eq,
-            self.lte,
-            self.lt.map(|x| x.checked_sub(1).unwrap_or(0)),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(u64::MAX);
+        let high = [self.eq, self.lte, self.lt.map(|x| x.saturating_sub(1))]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(u64::MAX);
         let empty_below = self.lt == Some(0) || self.gt == Some(u64::MAX);
         // Between `low` and `high`, `ne` rules out one value.
         !empty_below && low <= high && !(low == high && self.ne == Some(low))
