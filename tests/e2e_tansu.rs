@@ -309,6 +309,36 @@ fn recent_start() -> i64 {
         - 60_000
 }
 
+/// Produce `records` (payload, headers) to one partition at once, so they
+/// leave in one batch; wait for every acknowledgement.
+fn send_together(
+    factory: &ClientFactory,
+    topic: &str,
+    partition: i32,
+    records: &[(String, rdkafka::message::OwnedHeaders)],
+) -> TestResult {
+    use rdkafka::producer::FutureRecord;
+    let producer = factory.producer()?;
+    let sent: Vec<_> = records
+        .iter()
+        .map(|(payload, headers)| {
+            producer
+                .send_result(
+                    FutureRecord::to(topic)
+                        .partition(partition)
+                        .key("k")
+                        .payload(payload)
+                        .headers(headers.clone()),
+                )
+                .map_err(|(e, _)| e)
+        })
+        .collect::<Result<_, _>>()?;
+    for delivery in sent {
+        futures::executor::block_on(delivery)?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
 fn all_entered(visitors: &[String]) -> impl Fn(&[common::Change]) -> bool + '_ {
     move |c| {
         visitors
@@ -683,30 +713,17 @@ fn a_zombie_paused_past_its_session_changes_nothing_downstream() -> TestResult {
 /// before believing such an end must see the records that are there.
 #[test]
 fn an_offset_inside_the_newest_record_batch_is_not_taken_for_lost_data() -> TestResult {
-    use rdkafka::producer::FutureRecord;
+    use rdkafka::message::OwnedHeaders;
     let Some(brokers) = brokers() else {
         return Ok(());
     };
     let p = Pipeline::new(&brokers)?;
     let topic = p.factory.topics().raw();
-    let producer = p.factory.producer()?;
     // Eight records sent together leave in one batch.
-    let sent: Vec<_> = (0..8)
-        .map(|i| {
-            let payload = format!("record {i}");
-            producer
-                .send_result(
-                    FutureRecord::to(&topic)
-                        .partition(0)
-                        .key("k")
-                        .payload(&payload),
-                )
-                .map_err(|(e, _)| e)
-        })
-        .collect::<Result<_, _>>()?;
-    for delivery in sent {
-        futures::executor::block_on(delivery)?.map_err(|(e, _)| e)?;
-    }
+    let records: Vec<_> = (0..8)
+        .map(|i| (format!("record {i}"), OwnedHeaders::new()))
+        .collect();
+    send_together(&p.factory, &topic, 0, &records)?;
     let consumer = p.factory.restore_consumer()?;
     let (_, listed) = cdp_pipeline::changelog::watermarks(&consumer, &topic, 0)?;
     eprintln!("listed end of a partition holding 8 records: {listed}");
@@ -722,16 +739,14 @@ fn an_offset_inside_the_newest_record_batch_is_not_taken_for_lost_data() -> Test
 #[test]
 fn every_dead_letter_of_one_batch_is_listed_and_unknown_ids_are_refused() -> TestResult {
     use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::FutureRecord;
     let Some(brokers) = brokers() else {
         return Ok(());
     };
     let p = Pipeline::new(&brokers)?;
     let topic = p.factory.topics().invalid();
-    let producer = p.factory.producer()?;
     // Three dead letters sent together leave in one batch: tansu lists the
     // partition's end as the batch's base offset plus one.
-    let sent: Vec<_> = (0..3)
+    let records: Vec<_> = (0..3)
         .map(|i| {
             let headers = OwnedHeaders::new()
                 .insert(Header {
@@ -742,21 +757,10 @@ fn every_dead_letter_of_one_batch_is_listed_and_unknown_ids_are_refused() -> Tes
                     key: cdp_pipeline::envelope::DLQ_REASON,
                     value: Some("delivery_failed"),
                 });
-            let payload = format!("{{\"change\": {i}}}");
-            producer
-                .send_result(
-                    FutureRecord::to(&topic)
-                        .partition(1)
-                        .key("k")
-                        .payload(&payload)
-                        .headers(headers),
-                )
-                .map_err(|(e, _)| e)
+            (format!("{{\"change\": {i}}}"), headers)
         })
-        .collect::<Result<_, _>>()?;
-    for delivery in sent {
-        futures::executor::block_on(delivery)?.map_err(|(e, _)| e)?;
-    }
+        .collect();
+    send_together(&p.factory, &topic, 1, &records)?;
     let letters = cdp::dead_letters::read(&p.factory)?;
     let ids: Vec<String> = letters.iter().map(|d| d.id()).collect();
     assert_eq!(ids, ["1@0", "1@1", "1@2"]);

@@ -36,29 +36,10 @@ impl ConfigError {
     }
 }
 
-/// The top-level fields of a Segment event (the spec's common fields and
-/// each call's own): a property path starts with one of them.
-const EVENT_FIELDS: &[&str] = &[
-    "anonymousId",
-    "userId",
-    "messageId",
-    "type",
-    "event",
-    "name",
-    "category",
-    "properties",
-    "traits",
-    "context",
-    "integrations",
-    "groupId",
-    "previousId",
-    "timestamp",
-    "originalTimestamp",
-    "sentAt",
-    "receivedAt",
-    "channel",
-    "version",
-];
+/// Top-level fields of a Segment event besides those the validate stage
+/// reads (`TOP_LEVEL_PARSED`, `TOP_LEVEL_SHAPED`): a property path starts
+/// with one.
+const OTHER_EVENT_FIELDS: &[&str] = &["category", "channel", "version"];
 
 /// `Err` at `path` when the dotted event path `property` is empty or does
 /// not start at a field a Segment event has: `revenue` is no field of an
@@ -69,7 +50,12 @@ pub fn check_event_path(path: &str, property: &str) -> Result<(), ConfigError> {
         return Err(ConfigError::new(path, "must not be empty"));
     }
     let root = property.split('.').next().unwrap_or(property);
-    if EVENT_FIELDS.contains(&root) {
+    if crate::validate::TOP_LEVEL_PARSED
+        .iter()
+        .chain(&crate::validate::TOP_LEVEL_SHAPED)
+        .chain(OTHER_EVENT_FIELDS)
+        .any(|f| *f == root)
+    {
         return Ok(());
     }
     Err(ConfigError::new(

@@ -16,7 +16,7 @@ use super::spec::{Member, Shape};
 use super::stream::{Checked, Stream, Verdict};
 
 /// Top-level members the checks read by value: always parsed.
-pub(super) const PARSED: [&str; 12] = [
+pub(crate) const PARSED: [&str; 12] = [
     "type",
     "userId",
     "anonymousId",
@@ -33,7 +33,7 @@ pub(super) const PARSED: [&str; 12] = [
 
 /// Top-level members the checks read by [`Shape`]; `properties` and
 /// `traits` are also parsed when a plan may check them.
-pub(super) const SHAPED: [&str; 4] = ["properties", "traits", "context", "integrations"];
+pub(crate) const SHAPED: [&str; 4] = ["properties", "traits", "context", "integrations"];
 const TYPE: usize = 0;
 const EVENT: usize = 3;
 const CONTEXT: usize = 2;

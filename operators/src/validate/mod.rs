@@ -62,6 +62,10 @@ pub use spec::{
 };
 
 use envelope::Envelope;
+
+/// The top-level members the validate stage reads of an event (the
+/// Segment spec's common fields and each call's own).
+pub(crate) use envelope::{PARSED as TOP_LEVEL_PARSED, SHAPED as TOP_LEVEL_SHAPED};
 use fast::{with_event_first, Fast};
 use plan::apply_plan;
 use spec::{call_type, counted_name, event_time_of, normalized_name, spec_violation, Member};
