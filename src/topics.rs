@@ -14,8 +14,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::stages::Stage;
 
-/// How long a metadata or config request may take.
+/// How long a metadata request may take.
 const TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request for the topics' configs may take.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One topic as the broker has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +71,9 @@ async fn cleanup_policies(factory: &ClientFactory, names: &[&str]) -> BTreeMap<S
     };
     let resources: Vec<ResourceSpecifier<'_>> =
         names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
-    let options = AdminOptions::new().request_timeout(Some(TIMEOUT));
+    // A broker without DescribeConfigs (librdkafka's mock cluster, which
+    // `cdp dev` embeds) never answers: wait briefly, then say "unknown".
+    let options = AdminOptions::new().request_timeout(Some(DESCRIBE_TIMEOUT));
     let Ok(results) = admin.describe_configs(&resources, &options).await else {
         return out;
     };
