@@ -349,13 +349,30 @@ impl TraitState {
                 *max = Some(max.map_or(x, |m| m.max(x)));
             }
             TraitState::MostFrequent { counts } => {
-                // The value is the most frequent text (ties: the smallest).
-                let before = most_frequent(counts).map(|(v, _)| v.to_owned());
-                match counts.get_mut(text) {
-                    Some(c) => *c = c.saturating_add(1),
-                    None => added.dropped = count_new_value(counts, text, def.limit()),
-                }
-                added.changed = most_frequent(counts).map(|(v, _)| v) != before.as_deref();
+                // The value is the most frequent text (ties: the smallest):
+                // one more of `text` changes it only if `text` overtakes it
+                // (or takes a dropped value's place, then it is looked up).
+                let (best_text, best_count) = most_frequent(counts).unwrap_or(("", 0));
+                let was_best = best_count > 0 && best_text == text;
+                let wins_tie = best_count == 0 || text < best_text;
+                // Kept only when a value may be dropped for this one.
+                let evicting = counts.len() >= def.limit() && !counts.contains_key(text);
+                let best_text = evicting.then(|| best_text.to_owned());
+                let count = match counts.get_mut(text) {
+                    Some(c) => {
+                        *c = c.saturating_add(1);
+                        *c
+                    }
+                    None => {
+                        added.dropped = count_new_value(counts, text, def.limit());
+                        counts.get(text).copied().unwrap_or(0)
+                    }
+                };
+                added.changed = if added.dropped {
+                    most_frequent(counts).map(|(v, _)| v) != best_text.as_deref()
+                } else {
+                    !was_best && (count > best_count || (count == best_count && wins_tie))
+                };
             }
             TraitState::First { at } => added.changed = keep_if(at, time, text, Ordering::Less),
             TraitState::Last { at } => added.changed = keep_if(at, time, text, Ordering::Greater),
