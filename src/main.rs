@@ -492,7 +492,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let created = factory
                 .create_topics(&specs)
                 .await
-                .context("creating topics")?;
+                .with_context(|| format!("creating topics on {}", factory.config().brokers))?;
             let found = cdp::topics::describe(&factory, &specs).await?;
             for s in &specs {
                 let state = if created.contains(&s.name) {

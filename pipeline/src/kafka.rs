@@ -208,8 +208,10 @@ pub struct TopicSpec {
 pub enum ClientError {
     #[error("environment variable {var} (for kafka property {property}) is not set")]
     MissingSecret { property: String, var: String },
+    /// The client's error, said in full here and not again as a cause
+    /// (an error chain printed it twice).
     #[error("kafka client: {0}")]
-    Kafka(#[from] KafkaError),
+    Kafka(KafkaError),
     #[error("topic {0} does not exist: create it with `cdp topics create`")]
     UnknownTopic(String),
     #[error("creating topic {topic}: {code}")]
@@ -217,6 +219,12 @@ pub enum ClientError {
         topic: String,
         code: RDKafkaErrorCode,
     },
+}
+
+impl From<KafkaError> for ClientError {
+    fn from(e: KafkaError) -> Self {
+        ClientError::Kafka(e)
+    }
 }
 
 /// How long [`ClientFactory::producer_ready_for`] waits for the broker to
