@@ -15,6 +15,10 @@
 //! `messageId` derived from the runtime's delivery id, so a retried or
 //! replayed change is the same message and the receiver dedupes it.
 //!
+//! An exit because the profile was merged into another (`merged_into`) is
+//! not sent: Engage sends nothing for a merge, and the survivor's own
+//! changes say where the person is.
+//!
 //! Calls are batched: the changes of one profile go, in order, in one lane
 //! of requests of up to `batch_size` calls (a change's two calls are never
 //! split); lanes run concurrently. Retries, backoff, `Retry-After`, the
@@ -242,6 +246,11 @@ impl Sink for SegmentSink {
             let mut lanes: BTreeMap<usize, Vec<Prepared>> = BTreeMap::new();
             for (index, r) in records.iter().enumerate() {
                 match serde_json::from_slice::<AudienceChange>(&r.value) {
+                    // A profile merged into another: Engage sends nothing
+                    // for it, and Segment, which links both ids, could see
+                    // this `false` after the survivor's `true` (another
+                    // lane) and drop the person from the audience.
+                    Ok(change) if change.merged_into.is_some() => results[index] = Ok(()),
                     Ok(change) => {
                         lanes
                             .entry(lane_of(r.key.as_deref()))

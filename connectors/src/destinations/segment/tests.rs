@@ -320,3 +320,27 @@ async fn what_is_not_an_audience_change_fails_alone() -> TestResult {
     assert_eq!(seen(&log).len(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_exit_by_merge_is_not_sent() -> TestResult {
+    let (url, log) = recording_api(vec![(StatusCode::OK, None)]).await?;
+    let mut merged = change("a", 2, AudienceAction::Exited);
+    merged.merged_into = Some("prof_b".into());
+    let merged = SinkRecord {
+        delivery_id: "audiences:0/1/2/0".into(),
+        key: Some(b"a".to_vec()),
+        value: serde_json::to_vec(&merged)?,
+    };
+    let results = sink(&url, 100)?.deliver(vec![merged, record("b", 3)]).await;
+    assert_eq!(results, vec![Ok(()), Ok(())], "delivered: nothing to send");
+    let sent = seen(&log);
+    assert_eq!(sent.len(), 1);
+    let events: Vec<&str> = sent[0].body["batch"]
+        .as_array()
+        .ok_or("no batch")?
+        .iter()
+        .filter_map(|c| c["event"].as_str())
+        .collect();
+    assert_eq!(events, ["Audience Entered"], "only b's entry");
+    Ok(())
+}
