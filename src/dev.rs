@@ -47,9 +47,9 @@ pub struct Dev {
 /// `factory`'s config (the mock cluster takes no CreateTopics request).
 fn create_topics(
     broker: &MockCluster<'static, DefaultProducerContext>,
-    factory: &ClientFactory,
+    specs: Vec<cdp_pipeline::kafka::TopicSpec>,
 ) -> anyhow::Result<()> {
-    for spec in factory.topic_specs(&Stage::changelogs(factory.config().partitions)) {
+    for spec in specs {
         broker
             .create_topic(&spec.name, spec.partitions, 1)
             .with_context(|| format!("creating topic {}", spec.name))?;
@@ -78,7 +78,10 @@ impl MockBroker {
                 partitions,
                 ..Default::default()
             })?;
-            create_topics(&cluster, &factory)?;
+            create_topics(
+                &cluster,
+                factory.topic_specs(&Stage::changelogs(factory.config().partitions)),
+            )?;
         }
         Ok(MockBroker {
             bootstrap,
@@ -175,7 +178,7 @@ impl Dev {
         let compiled: Compiled = config.compile()?;
         let factory = ClientFactory::new(compiled.config.kafka.clone())?;
         if let Some(broker) = &broker {
-            create_topics(broker, &factory)?;
+            create_topics(broker, crate::topics::specs(&compiled, &factory))?;
         }
         let shutdown = Shutdown::default();
         let health = Health::default();

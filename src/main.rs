@@ -488,7 +488,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let compiled = c.load()?;
             let factory = ClientFactory::new(compiled.config.kafka.clone())?;
-            let specs = factory.topic_specs(&Stage::changelogs(factory.config().partitions));
+            let specs = cdp::topics::specs(&compiled, &factory);
             let created = factory
                 .create_topics(&specs)
                 .await
@@ -509,7 +509,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let compiled = c.load()?;
             let factory = ClientFactory::new(compiled.config.kafka.clone())?;
-            let specs = factory.topic_specs(&Stage::changelogs(factory.config().partitions));
+            let specs = cdp::topics::specs(&compiled, &factory);
             let found = cdp::topics::describe(&factory, &specs).await?;
             let mut missing = Vec::new();
             for s in &specs {
@@ -745,7 +745,7 @@ fn all_topics<C: rdkafka::consumer::Consumer>(
 async fn topic_sizes(c: &Connection) -> anyhow::Result<()> {
     let compiled = c.load()?;
     let factory = ClientFactory::new(compiled.config.kafka.clone())?;
-    let specs = factory.topic_specs(&Stage::changelogs(factory.config().partitions));
+    let specs = cdp::topics::specs(&compiled, &factory);
     let consumer = factory.plain_consumer("cdp-topics-sizes")?;
     let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
     let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {

@@ -7,12 +7,36 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use cdp_connectors::destinations::DestinationKind;
 use cdp_pipeline::kafka::TopicSpec;
 use cdp_pipeline::ClientFactory;
 use rdkafka::admin::{AdminOptions, ResourceSpecifier};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::stages::Stage;
+
+/// Every topic `cdp topics create` makes for a config: the pipeline's, and
+/// each `kafka` destination's topic (as an event topic of `kafka.partitions`
+/// partitions) that is not one of them.
+pub fn specs(compiled: &crate::config::Compiled, factory: &ClientFactory) -> Vec<TopicSpec> {
+    let mut specs = factory.topic_specs(&Stage::changelogs(factory.config().partitions));
+    for d in &compiled.config.destinations {
+        if let Some(topic) = d
+            .topic
+            .as_ref()
+            .filter(|_| d.kind == DestinationKind::Kafka)
+        {
+            if !specs.iter().any(|s| &s.name == topic) {
+                specs.push(TopicSpec {
+                    name: topic.clone(),
+                    partitions: factory.config().partitions,
+                    compacted: false,
+                });
+            }
+        }
+    }
+    specs
+}
 
 /// How long a metadata request may take.
 const TIMEOUT: Duration = Duration::from_secs(30);

@@ -133,6 +133,27 @@ mod tests {
     use cdp_pipeline::ClientFactory;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_topic_the_broker_does_not_know_fails_the_destination_at_once() -> TestResult {
+        let mock = rdkafka::mocking::MockCluster::new(1)?;
+        let factory = ClientFactory::new(cdp_pipeline::KafkaConfig {
+            brokers: mock.bootstrap_servers(),
+            ..Default::default()
+        })?;
+        let mut d = dest("topic-out", DestinationKind::Kafka);
+        d.topic = Some("no-such-topic".into());
+        match build_sink(&d, &factory) {
+            Ok(_) => Err("a sink for a topic that does not exist".into()),
+            Err(e) => {
+                assert_eq!(
+                    e.to_string(),
+                    "destination topic-out: topic no-such-topic does not exist: create it with `cdp topics create`"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kafka_sink_produces_key_value_and_delivery_id() -> TestResult {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::message::Headers;

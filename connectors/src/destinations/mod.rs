@@ -38,6 +38,7 @@ mod testing;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cdp_pipeline::kafka::ClientError;
 use cdp_pipeline::{ClientFactory, Sink, Span};
 
 pub use config::{check, DestinationConfig, DestinationError, DestinationKind};
@@ -74,6 +75,23 @@ const KEY_CONCURRENCY: usize = 16;
 
 /// Build the sink of one destination. Reads the webhook secret from the
 /// environment (never logged).
+/// Whether the broker knows `topic`, from the metadata of every topic (a
+/// request naming it could make a broker with auto-creation create it);
+/// `None` when the broker does not answer.
+fn topic_known(producer: &rdkafka::producer::FutureProducer, topic: &str) -> Option<bool> {
+    use rdkafka::producer::Producer;
+    let metadata = producer
+        .client()
+        .fetch_metadata(None, std::time::Duration::from_secs(10))
+        .ok()?;
+    Some(
+        metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none()),
+    )
+}
+
 pub fn build_sink(
     dest: &DestinationConfig,
     factory: &ClientFactory,
@@ -87,8 +105,16 @@ pub fn build_sink(
         DestinationKind::Stdout => Ok(Arc::new(StdoutSink::new(&dest.id))),
         DestinationKind::Kafka => {
             let topic = dest.topic.clone().ok_or_else(|| missing("topic"))?;
+            // A topic the broker does not know would hold every other
+            // destination's round until the produce timed out, then
+            // dead-letter: refuse to start instead. A broker that does not
+            // answer now is waited out by the deliveries, as always.
             let producer = factory
                 .producer()
+                .and_then(|p| match topic_known(&p, &topic) {
+                    Some(false) => Err(ClientError::UnknownTopic(topic.clone())),
+                    _ => Ok(p),
+                })
                 .map_err(|source| DestinationError::Kafka {
                     id: dest.id.clone(),
                     source,
