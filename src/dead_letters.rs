@@ -149,7 +149,7 @@ fn read_to_end(
     factory: &ClientFactory,
     topic: &str,
 ) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
-    let consumer: BaseConsumer = factory.reader(&format!("cdp-dead-letters-{}", uuid_like()))?;
+    let consumer = factory.reader(&format!("cdp-dead-letters-{}", uuid_like()))?;
     let metadata = consumer
         .fetch_metadata(Some(topic), READ_TIMEOUT)
         .with_context(|| format!("reading the metadata of {topic}"))?;

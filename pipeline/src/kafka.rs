@@ -221,6 +221,25 @@ pub enum ClientError {
     },
 }
 
+/// A reader's client context: reaching a partition's end is what a reader
+/// waits for, not an error to log (librdkafka also reports it as a global
+/// error, which the default context logs at error level).
+pub struct EndIsNoError;
+
+impl rdkafka::ClientContext for EndIsNoError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let end = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for EndIsNoError {}
+
 impl From<KafkaError> for ClientError {
     fn from(e: KafkaError) -> Self {
         ClientError::Kafka(e)
@@ -406,13 +425,13 @@ impl ClientFactory {
     /// (`KafkaError::PartitionEOF`): the end a fetch answers, which is
     /// exact where a broker's `ListOffsets` is not (tansu 0.6, see
     /// README): for tools that read a topic to its end.
-    pub fn reader(&self, group: &str) -> Result<BaseConsumer, ClientError> {
+    pub fn reader(&self, group: &str) -> Result<BaseConsumer<EndIsNoError>, ClientError> {
         let mut c = self.base();
         c.set("group.id", group);
         c.set("enable.auto.commit", "false");
         c.set("enable.partition.eof", "true");
         c.set("auto.offset.reset", "earliest");
-        Ok(c.create()?)
+        Ok(c.create_with_context(EndIsNoError)?)
     }
 
     /// A plain consumer (no state, no offsets), for tests and tools.
