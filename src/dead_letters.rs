@@ -71,15 +71,35 @@ impl DeadLetter {
         self.header("cdp-dlq-detail")
     }
 
-    /// The headers a replay keeps: the record's own, `cdp-source`.
+    /// The headers a replay keeps: the record's own, `cdp-source`; and for
+    /// a failed delivery, the destination it failed at, so the replay goes
+    /// to it alone ([`cdp_connectors::deliver::REPLAY_TO`]).
     fn replay_headers(&self) -> Vec<(String, Vec<u8>)> {
-        self.headers
+        let mut kept: Vec<(String, Vec<u8>)> = self
+            .headers
             .iter()
             .filter(|(k, _)| {
                 !k.starts_with(envelope::RUNTIME_HEADER_PREFIX) || k == envelope::SOURCE
             })
             .cloned()
-            .collect()
+            .collect();
+        if let Some(destination) = self.failed_destination() {
+            kept.push((
+                cdp_connectors::deliver::REPLAY_TO.to_string(),
+                destination.into_bytes(),
+            ));
+        }
+        kept
+    }
+
+    /// The destination a `deliver` dead letter failed at (its detail's
+    /// `destination`).
+    fn failed_destination(&self) -> Option<String> {
+        if self.stage() != Some(Stage::Deliver.name()) {
+            return None;
+        }
+        let detail: serde_json::Value = serde_json::from_str(self.detail()?).ok()?;
+        detail["destination"].as_str().map(str::to_string)
     }
 }
 
@@ -425,6 +445,29 @@ mod tests {
                 ("traceparent".into(), b"00-abc".to_vec()),
             ],
         }
+    }
+
+    #[test]
+    fn a_failed_delivery_is_replayed_to_its_destination_only() {
+        let mut d = letter("deliver", "delivery_failed", 4);
+        d.headers.retain(|(k, _)| k != "cdp-dlq-detail");
+        d.headers.push((
+            "cdp-dlq-detail".into(),
+            br#"{"destination":"crm","error":"HTTP 500"}"#.to_vec(),
+        ));
+        let to: Vec<Vec<u8>> = d
+            .replay_headers()
+            .into_iter()
+            .filter(|(k, _)| k == cdp_connectors::deliver::REPLAY_TO)
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(to, vec![b"crm".to_vec()]);
+        // Other stages' dead letters go back whole.
+        let v = letter("validate", "plan_violation", 5);
+        assert!(v
+            .replay_headers()
+            .iter()
+            .all(|(k, _)| k != cdp_connectors::deliver::REPLAY_TO));
     }
 
     #[test]

@@ -88,6 +88,10 @@ impl DeliverOperator {
     }
 }
 
+/// Header of a replayed dead letter of this stage: the one destination
+/// it failed at, the only one the replay goes to (the others had it).
+pub const REPLAY_TO: &str = "cdp-replay-to";
+
 impl Operator for DeliverOperator {
     fn process(&mut self, record: &Record<'_>, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
         let invalid = |e: String| OperatorError::rejected(INVALID_AUDIENCE_CHANGE, e);
@@ -108,11 +112,13 @@ impl Operator for DeliverOperator {
                 format!("type is {:?}, expected \"audience_change\"", change.kind),
             ));
         }
+        let only = record.header(REPLAY_TO);
         for route in &self.routes {
             let wanted = route
                 .audiences
                 .as_ref()
-                .is_none_or(|a| a.contains(&change.audience));
+                .is_none_or(|a| a.contains(&change.audience))
+                && only.is_none_or(|id| id == route.output);
             if wanted {
                 ctx.emit(
                     route.output,
@@ -151,6 +157,20 @@ mod tests {
             cause: Cause::default(),
             merged_into: None,
         })
+    }
+
+    #[test]
+    fn a_replayed_delivery_goes_to_the_destination_it_failed_at_only(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let op = DeliverOperator::new(&[dest("all", &[]), dest("crm", &[]), dest("ads", &[])]);
+        let mut h = OperatorHarness::new(op);
+        let replayed = [(REPLAY_TO.to_string(), b"crm".to_vec())];
+        let out = h.process(Some(b"prof_1"), &change("vip")?, &replayed)?;
+        assert_eq!(
+            out.iter().map(|e| e.output).collect::<Vec<_>>(),
+            vec!["crm"]
+        );
+        Ok(())
     }
 
     #[test]
