@@ -273,8 +273,20 @@ async fn settings(
         .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
         .map(str::to_string)
         .unwrap_or_else(|| c.inner.config.listen.to_string());
+    // The collector serves plain HTTP; behind a TLS-terminating proxy the
+    // proxy says which scheme the browser used. analytics.js takes https
+    // when the settings name none.
+    let protocol = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .filter(|p| matches!(*p, "http" | "https"))
+        .unwrap_or("http");
     Json(json!({
-        "integrations": {"Segment.io": {"apiKey": write_key, "apiHost": format!("{host}/v1")}},
+        "integrations": {"Segment.io": {
+            "apiKey": write_key,
+            "apiHost": format!("{host}/v1"),
+            "protocol": protocol,
+        }},
         "plan": {"track": {"__default": {"enabled": true}}}
     }))
     .into_response()
@@ -710,9 +722,18 @@ mod tests {
         let host = env.base.trim_start_matches("http://");
         assert_eq!(
             body,
-            json!({"integrations": {"Segment.io": {"apiKey": WRITE_KEY, "apiHost": format!("{host}/v1")}},
+            json!({"integrations": {"Segment.io": {"apiKey": WRITE_KEY, "apiHost": format!("{host}/v1"), "protocol": "http"}},
                    "plan": {"track": {"__default": {"enabled": true}}}})
         );
+        // Behind a TLS proxy, the scheme the browser used.
+        let proxied = env
+            .http
+            .get(format!("{}/v1/projects/{WRITE_KEY}/settings", env.base))
+            .header("x-forwarded-proto", "https")
+            .send()
+            .await?;
+        let (_, body) = json_body(proxied).await?;
+        assert_eq!(body["integrations"]["Segment.io"]["protocol"], "https");
         let unknown = env
             .http
             .get(format!("{}/v1/projects/wk_nope/settings", env.base))
