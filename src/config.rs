@@ -216,6 +216,7 @@ impl Config {
         let traits = traits.forwarding(&audiences);
         self.audience_changes.check()?;
         destinations::check(&self.destinations)?;
+        self.check_destination_topics()?;
         for (i, d) in self.destinations.iter().enumerate() {
             for (j, a) in d.audiences.iter().enumerate() {
                 if !self.audiences.contains_key(a) {
@@ -260,11 +261,7 @@ fn check_kafka(k: &KafkaConfig) -> Result<(), cdp_operators::config::ConfigError
             "must list at least one host:port, comma-separated, without empty entries".into(),
         );
     }
-    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    if k.topic_prefix.is_empty()
-        || k.topic_prefix.len() > MAX_TOPIC_PREFIX
-        || !k.topic_prefix.chars().all(legal)
-    {
+    if !legal_topic_name(&k.topic_prefix, MAX_TOPIC_PREFIX) {
         return fail(
             "topic_prefix",
             format!(
@@ -311,7 +308,53 @@ fn check_kafka(k: &KafkaConfig) -> Result<(), cdp_operators::config::ConfigError
     Ok(())
 }
 
+/// A legal Kafka topic name (or prefix): 1 to `max` of `a-zA-Z0-9._-`.
+fn legal_topic_name(name: &str, max: usize) -> bool {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    !name.is_empty() && name.len() <= max && name.chars().all(legal)
+}
+
 impl Config {
+    /// A `kafka` destination's topic must be a legal name and none of the
+    /// pipeline's own: deliver reads `<p>.audiences`, so a destination
+    /// writing there would deliver its own output again, forever.
+    fn check_destination_topics(&self) -> Result<(), cdp_operators::config::ConfigError> {
+        use cdp_operators::config::ConfigError;
+        let t = cdp_pipeline::Topics::new(&self.kafka.topic_prefix);
+        let mut own = vec![
+            t.raw(),
+            t.valid(),
+            t.invalid(),
+            t.identified(),
+            t.traits(),
+            t.audiences(),
+            t.profiles(),
+            format!("{}-replayed", t.invalid()),
+        ];
+        own.extend(
+            crate::stages::Stage::ALL
+                .iter()
+                .map(|s| t.changelog(s.name())),
+        );
+        for (i, d) in self.destinations.iter().enumerate() {
+            let Some(topic) = &d.topic else { continue };
+            let path = format!("destinations[{i}].topic");
+            if !legal_topic_name(topic, 249) {
+                return Err(ConfigError::new(
+                    path,
+                    format!("{topic:?} is no Kafka topic name (1 to 249 of a-z, A-Z, 0-9, '.', '_' and '-')"),
+                ));
+            }
+            if own.contains(topic) {
+                return Err(ConfigError::new(
+                    path,
+                    format!("{topic:?} is one of the pipeline's own topics: a destination writing to `{}` would deliver every change again, forever; name another", t.audiences()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The trait and event names conditions may use. Traits: computed ones,
     /// `profile_traits`, and the properties of every plan's `identify`
     /// schema. Events: only when every source has a tracking plan that

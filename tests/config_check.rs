@@ -265,3 +265,23 @@ fn a_mistyped_librdkafka_property_and_an_empty_write_key_fail_with_their_paths()
     }
     Ok(())
 }
+
+#[test]
+fn a_kafka_destination_on_a_pipeline_topic_or_an_illegal_name_fails_with_its_path() -> TestResult {
+    refused(
+        "destinations: []",
+        "destinations:\n  - {id: loop, type: kafka, topic: cdp.audiences}",
+        "destinations[0].topic: \"cdp.audiences\" is one of the pipeline's own topics",
+    )?;
+    refused(
+        "destinations: []",
+        "destinations:\n  - {id: bad, type: kafka, topic: \"bad topic\"}",
+        "destinations[0].topic: \"bad topic\" is no Kafka topic name",
+    )?;
+    let out = check_edited(
+        "destinations: []",
+        "destinations:\n  - {id: out, type: kafka, topic: cdp.dest-json}",
+    )?;
+    assert!(out.status.success(), "{out:?}");
+    Ok(())
+}
