@@ -740,6 +740,48 @@ fn all_topics<C: rdkafka::consumer::Consumer>(
         .context("reading topic metadata")
 }
 
+/// The end of each non-empty partition as a fetch finds it: the offset
+/// after the last record, read from the listed end's last record on. A
+/// broker's listed end can be short of it (tansu 0.6 lists the newest
+/// batch's base offset + 1, see README), and a count from it would miss
+/// the rest of that batch. Blocking.
+fn fetched_ends(
+    factory: &ClientFactory,
+    topic: &str,
+    listed: &[(i32, i64, i64)],
+) -> anyhow::Result<std::collections::BTreeMap<i32, i64>> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::error::KafkaError;
+    use rdkafka::Message;
+    let mut ends = std::collections::BTreeMap::new();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for &(p, low, high) in listed.iter().filter(|(_, low, high)| high > low) {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset((high - 1).max(low)))?;
+        ends.insert(p, high);
+    }
+    if ends.is_empty() {
+        return Ok(ends);
+    }
+    let reader = factory.reader("cdp-topics-sizes")?;
+    reader.assign(&tpl)?;
+    let mut reading: std::collections::BTreeSet<i32> = ends.keys().copied().collect();
+    let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
+    while !reading.is_empty() && std::time::Instant::now() < deadline {
+        match reader.poll(std::time::Duration::from_millis(200)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                reading.remove(&p);
+            }
+            Some(Err(e)) => return Err(e).context(format!("reading the end of {topic}")),
+            Some(Ok(m)) => {
+                let end = ends.entry(m.partition()).or_default();
+                *end = (*end).max(m.offset() + 1);
+            }
+        }
+    }
+    Ok(ends)
+}
+
 /// `cdp topics sizes`: one line per topic of the config, its records
 /// (high minus low watermark over its partitions).
 async fn topic_sizes(c: &Connection) -> anyhow::Result<()> {
@@ -761,13 +803,18 @@ async fn topic_sizes(c: &Connection) -> anyhow::Result<()> {
                 lines.push(format!("missing  {name}"));
                 continue;
             };
-            let mut records = 0i64;
+            let mut listed = Vec::new();
             for p in topic.partitions() {
                 let (low, high) = consumer
                     .fetch_watermarks(name, p.id(), METADATA_TIMEOUT)
                     .with_context(|| format!("reading the offsets of {name}[{}]", p.id()))?;
-                records += (high - low).max(0);
+                listed.push((p.id(), low, high));
             }
+            let ends = fetched_ends(&factory, name, &listed)?;
+            let records: i64 = listed
+                .iter()
+                .map(|(p, low, high)| (ends.get(p).copied().unwrap_or(*high) - low).max(0))
+                .sum();
             lines.push(format!(
                 "{name} partitions={} records={records}",
                 topic.partitions().len()

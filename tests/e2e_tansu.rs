@@ -764,6 +764,16 @@ fn every_dead_letter_of_one_batch_is_listed_and_unknown_ids_are_refused() -> Tes
     let letters = cdp::dead_letters::read(&p.factory)?;
     let ids: Vec<String> = letters.iter().map(|d| d.id()).collect();
     assert_eq!(ids, ["1@0", "1@1", "1@2"]);
+    // `topics sizes` counts them all too, not to the listed end.
+    let sizes = Command::new(env!("CARGO_BIN_EXE_cdp"))
+        .args(["topics", "sizes", "--config"])
+        .arg(&p.config)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&sizes.stdout);
+    assert!(
+        stdout.contains(&format!("{topic} partitions={PARTITIONS} records=3")),
+        "{stdout}"
+    );
     let selection = cdp::dead_letters::Selection {
         stage: None,
         reason: None,
