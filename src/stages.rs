@@ -373,7 +373,9 @@ pub fn start_stages(
             runtime = runtime.with_external_input();
         }
         if *stage == Stage::Deliver {
-            runtime = runtime.with_round_limit(cdp_connectors::deliver::ROUND_LIMIT);
+            runtime = runtime.with_round_limit(cdp_connectors::deliver::round_limit(
+                &compiled.config.destinations,
+            ));
         }
         joins.push(runtime.spawn(handle.clone(), shutdown.clone())?);
     }

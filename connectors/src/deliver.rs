@@ -31,6 +31,26 @@ pub const INVALID_AUDIENCE_CHANGE: &str = "invalid_audience_change";
 /// round of a backlog to a slow endpoint would dead-letter more of it.
 pub const ROUND_LIMIT: usize = 1000;
 
+/// The round limit for these destinations: [`ROUND_LIMIT`], and no more
+/// than half of what a rate-limited destination may send within its batch
+/// deadline (the other half is room for retries), so throttling alone never
+/// makes dead letters: `max_per_second: 5` with the 60 s deadline takes
+/// 150 changes a round.
+pub fn round_limit(destinations: &[DestinationConfig]) -> usize {
+    destinations
+        .iter()
+        .filter_map(|d| {
+            let rate = f64::from(d.max_per_second?);
+            let deadline = d
+                .batch_deadline
+                .unwrap_or(crate::destinations::DEFAULT_BATCH_DEADLINE)
+                .millis() as f64
+                / 1000.0;
+            Some(((rate * deadline / 2.0) as usize).max(1))
+        })
+        .fold(ROUND_LIMIT, usize::min)
+}
+
 /// One destination as the operator sees it.
 #[derive(Debug, Clone)]
 struct Route {
@@ -157,6 +177,17 @@ mod tests {
             cause: Cause::default(),
             merged_into: None,
         })
+    }
+
+    #[test]
+    fn a_rate_limited_destination_bounds_the_round_to_half_its_deadline() {
+        let mut slow = dest("slow", &[]);
+        slow.max_per_second = Some(5);
+        assert_eq!(round_limit(&[dest("all", &[])]), ROUND_LIMIT);
+        assert_eq!(round_limit(&[dest("all", &[]), slow.clone()]), 150);
+        slow.batch_deadline = Some(cdp_pipeline::Span::from_secs(10));
+        slow.max_per_second = Some(1);
+        assert_eq!(round_limit(&[slow]), 5);
     }
 
     #[test]
