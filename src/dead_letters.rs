@@ -135,6 +135,25 @@ impl Selection {
                 missing.join(", ")
             );
         }
+        // A named dead letter the other filters leave out is a mistake too.
+        let filtered: Vec<String> = letters
+            .iter()
+            .filter(|d| self.ids.contains(&d.id()) && !self.matches(d))
+            .map(|d| {
+                format!(
+                    "{} ({} {})",
+                    d.id(),
+                    d.stage().unwrap_or("?"),
+                    d.reason().unwrap_or("?")
+                )
+            })
+            .collect();
+        if !filtered.is_empty() {
+            anyhow::bail!(
+                "--stage/--reason leave out the dead letters named by --id: {}",
+                filtered.join(", ")
+            );
+        }
         Ok(letters.iter().filter(|d| self.matches(d)).collect())
     }
 
@@ -468,6 +487,21 @@ mod tests {
             .replay_headers()
             .iter()
             .all(|(k, _)| k != cdp_connectors::deliver::REPLAY_TO));
+    }
+
+    #[test]
+    fn a_named_dead_letter_the_filters_leave_out_is_an_error() {
+        let selection = Selection {
+            stage: Some("validate".into()),
+            reason: None,
+            ids: vec!["1@3".into()],
+        };
+        let letters = [letter("deliver", "delivery_failed", 3)];
+        let e = selection.select(&letters).err().map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("--stage/--reason leave out the dead letters named by --id: 1@3 (deliver delivery_failed)")
+        );
     }
 
     #[test]
