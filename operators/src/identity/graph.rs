@@ -364,6 +364,16 @@ pub fn settle_conflicts(
             _ => break,
         }
     }
+    // An identifier the profile the event lands on already holds was not
+    // kept off it: it is not for the audit trail.
+    let landing = known.linked(&kept);
+    dropped.retain(|d| {
+        let id = (d.kind.clone(), d.value.clone());
+        known
+            .links
+            .get(&id)
+            .is_none_or(|p| !landing.contains(&p.as_str()))
+    });
     (kept, dropped)
 }
 

@@ -168,3 +168,38 @@ fn max_merges_stops_further_merges() -> TestResult {
     assert_eq!(live_profiles(&h).len(), 2);
     Ok(())
 }
+
+#[test]
+fn a_refused_merge_audits_only_what_was_kept_off_the_profile() -> TestResult {
+    let cfg = IdentityConfig {
+        max_merges: 0,
+        ..IdentityConfig::default()
+    };
+    let mut h = harness(&cfg)?;
+    send(
+        &mut h,
+        &json!({"type": "identify", "anonymousId": "k9", "userId": "uK"}),
+    )?;
+    send(
+        &mut h,
+        &json!({"type": "identify", "anonymousId": "k1", "traits": {"email": "ek@x.com"}}),
+    )?;
+    // Joining uK's profile with ek's would be a merge, and none is allowed:
+    // the email is kept off; k9, already uK's, was not.
+    let out = send(
+        &mut h,
+        &json!({"type": "identify", "anonymousId": "k9", "userId": "uK",
+            "traits": {"email": "ek@x.com"}}),
+    )?;
+    let dropped = match out.last() {
+        Some(ProfileRecord::Event { dropped, .. }) => dropped.clone(),
+        other => return Err(format!("expected an event, got {other:?}").into()),
+    };
+    let kinds: Vec<(&str, &str)> = dropped
+        .iter()
+        .map(|d| (d.kind.as_str(), d.value.as_str()))
+        .collect();
+    assert_eq!(kinds, [("email", "ek@x.com")], "{dropped:?}");
+    assert_eq!(live_profiles(&h).len(), 2);
+    Ok(())
+}
