@@ -59,10 +59,10 @@ def subcommand_of(args: list[str]) -> tuple[str, ...]:
     return tuple(words)
 
 
-# Variables the binary reads outside clap (src/main.rs): the log filter and
+# Variables the binary reads outside clap (src/main/): the log filter and
 # the pod name behind --instance-id.
 def env_read_by_main() -> set[str]:
-    source = (ROOT / "src" / "main.rs").read_text()
+    source = "".join(p.read_text() for p in sorted((ROOT / "src" / "main").glob("*.rs")))
     return set(re.findall(r'"(CDP_[A-Z_]+|POD_NAME)"', source)) & {"CDP_LOG", "POD_NAME"}
 
 
