@@ -367,9 +367,8 @@ impl Config {
         mut kinds: BTreeMap<String, ValueKind>,
     ) -> KnownNames {
         let mut traits = computed.clone();
+        // (A computed name is never in `profile_traits`: `compile` refuses it.)
         traits.extend(self.profile_traits.iter().cloned());
-        // A name that `identify` may also set can hold anything.
-        kinds.retain(|name, _| !self.profile_traits.contains(name));
         for plan in self.tracking_plans.values() {
             if let Some(props) = plan
                 .identify

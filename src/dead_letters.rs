@@ -489,32 +489,30 @@ mod tests {
             .all(|(k, _)| k != cdp_connectors::deliver::REPLAY_TO));
     }
 
+    /// Why selecting by `stage` and `ids` among `letters` fails, if it does.
+    fn refusal(stage: &str, ids: &[&str], letters: &[DeadLetter]) -> Option<String> {
+        let selection = Selection {
+            stage: Some(stage.into()),
+            reason: None,
+            ids: ids.iter().map(|id| id.to_string()).collect(),
+        };
+        selection.select(letters).err().map(|e| e.to_string())
+    }
+
     #[test]
     fn a_named_dead_letter_the_filters_leave_out_is_an_error() {
-        let selection = Selection {
-            stage: Some("validate".into()),
-            reason: None,
-            ids: vec!["1@3".into()],
-        };
         let letters = [letter("deliver", "delivery_failed", 3)];
-        let e = selection.select(&letters).err().map(|e| e.to_string());
         assert_eq!(
-            e.as_deref(),
+            refusal("validate", &["1@3"], &letters).as_deref(),
             Some("--stage/--reason leave out the dead letters named by --id: 1@3 (deliver delivery_failed)")
         );
     }
 
     #[test]
     fn a_stage_that_does_not_exist_is_an_error() {
-        let selection = Selection {
-            stage: Some("bogus".into()),
-            reason: None,
-            ids: Vec::new(),
-        };
         let letters = [letter("validate", "plan_violation", 1)];
-        let e = selection.select(&letters).err().map(|e| e.to_string());
         assert_eq!(
-            e.as_deref(),
+            refusal("bogus", &[], &letters).as_deref(),
             Some("--stage bogus: no such stage (validate, identity, traits, audiences, deliver)")
         );
     }

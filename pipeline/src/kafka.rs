@@ -426,21 +426,24 @@ impl ClientFactory {
     /// exact where a broker's `ListOffsets` is not (tansu 0.6, see
     /// README): for tools that read a topic to its end.
     pub fn reader(&self, group: &str) -> Result<BaseConsumer<EndIsNoError>, ClientError> {
-        let mut c = self.base();
-        c.set("group.id", group);
-        c.set("enable.auto.commit", "false");
-        c.set("enable.partition.eof", "true");
-        c.set("auto.offset.reset", "earliest");
-        Ok(c.create_with_context(EndIsNoError)?)
+        Ok(self
+            .plain_config(group)
+            .set("enable.partition.eof", "true")
+            .create_with_context(EndIsNoError)?)
     }
 
     /// A plain consumer (no state, no offsets), for tests and tools.
     pub fn plain_consumer(&self, group: &str) -> Result<BaseConsumer, ClientError> {
+        Ok(self.plain_config(group).create()?)
+    }
+
+    /// A consumer outside the stages' groups: no commits, from the start.
+    fn plain_config(&self, group: &str) -> ClientConfig {
         let mut c = self.base();
         c.set("group.id", group);
         c.set("enable.auto.commit", "false");
         c.set("auto.offset.reset", "earliest");
-        Ok(c.create()?)
+        c
     }
 
     pub fn admin(&self) -> Result<AdminClient<DefaultClientContext>, ClientError> {

@@ -653,15 +653,19 @@ fn count_new_value(counts: &mut BTreeMap<String, u64>, text: &str, limit: usize)
         counts.insert(text.to_owned(), 1);
         return false;
     }
-    let least = counts
-        .iter()
-        .min_by(|(v1, n1), (v2, n2)| n1.cmp(n2).then_with(|| v2.cmp(v1)))
-        .map(|(v, n)| (v.clone(), *n));
-    if let Some((value, n)) = least {
+    if let Some((value, n)) = least_frequent(counts) {
         counts.remove(&value);
         counts.insert(text.to_owned(), n.saturating_add(1));
     }
     true
+}
+
+/// The least frequent value (ties: the largest) and its count.
+fn least_frequent(counts: &BTreeMap<String, u64>) -> Option<(String, u64)> {
+    counts
+        .iter()
+        .min_by(|(v1, n1), (v2, n2)| n1.cmp(n2).then_with(|| v2.cmp(v1)))
+        .map(|(v, n)| (v.clone(), *n))
 }
 
 /// Drop the least frequent values (ties: the largest) beyond `limit`;
@@ -669,12 +673,8 @@ fn count_new_value(counts: &mut BTreeMap<String, u64>, text: &str, limit: usize)
 fn keep_most_frequent(counts: &mut BTreeMap<String, u64>, limit: usize) -> bool {
     let dropped = counts.len() > limit;
     while counts.len() > limit {
-        let least = counts
-            .iter()
-            .min_by(|(v1, n1), (v2, n2)| n1.cmp(n2).then_with(|| v2.cmp(v1)))
-            .map(|(v, _)| v.clone());
-        match least {
-            Some(v) => counts.remove(&v),
+        match least_frequent(counts) {
+            Some((v, _)) => counts.remove(&v),
             None => break,
         };
     }
