@@ -329,7 +329,7 @@ impl Config {
             t.traits(),
             t.audiences(),
             t.profiles(),
-            format!("{}-replayed", t.invalid()),
+            crate::dead_letters::replay_log_topic(&t),
         ];
         own.extend(
             crate::stages::Stage::ALL
