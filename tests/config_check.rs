@@ -52,7 +52,31 @@ fn the_demo_config_is_ok() -> TestResult {
     assert!(out.status.success(), "{out:?}");
     assert!(stdout.contains("demo-config.yaml: ok ("), "{stdout}");
     assert!(stdout.contains("1 tracking plans"), "{stdout}");
+    assert!(out.stderr.is_empty(), "{out:?}");
     Ok(())
+}
+
+#[test]
+fn an_empty_file_is_ok_with_a_warning_that_no_request_can_authenticate() -> TestResult {
+    let file = tempfile::NamedTempFile::new()?;
+    let out = check(file.path())?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains("warning: no sources: the collector answers every request 401"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("cdp.raw directly"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn two_identifier_types_of_one_priority_fail_with_the_path() -> TestResult {
+    refused(
+        "email: {limit: 5, priority: 2}",
+        "email: {limit: 5, priority: 1}",
+        "identity.identifiers.user_id.priority: 1 is also email's",
+    )
 }
 
 #[test]

@@ -206,7 +206,19 @@ impl IdentityRules {
             ));
         }
         let mut identifiers = BTreeMap::new();
+        let mut by_priority: BTreeMap<u32, &str> = BTreeMap::new();
         for (kind, rule) in &cfg.identifiers {
+            // A conflict drops the weakest identifier and a merge keeps the
+            // strongest profile: a tie would decide by the types' names.
+            if let Some(other) = by_priority.insert(rule.priority, kind) {
+                return Err(ConfigError::new(
+                    format!("identity.identifiers.{kind}.priority"),
+                    format!(
+                        "{} is also {other}'s: priorities decide which identifier a conflict drops and which profile a merge keeps, so each type needs its own",
+                        rule.priority
+                    ),
+                ));
+            }
             let path = format!("identity.identifiers.{kind}");
             // The type is the part before `:` in the `id/<type>:<value>` key.
             if kind.is_empty() || kind.contains(':') {

@@ -49,6 +49,15 @@ fn config_errors_name_the_path() {
         IdentityRules::new(&cfg).err().map(|e| e.path),
         Some("identity.identifiers.email.limit".to_string())
     );
+    // Two types of one priority: the second by name is named, with the first.
+    cfg.identifiers
+        .insert("email".into(), IdentifierRule::new(5, 3));
+    let err = IdentityRules::new(&cfg).err();
+    assert_eq!(
+        err.as_ref().map(|e| e.path.as_str()),
+        Some("identity.identifiers.email.priority")
+    );
+    assert!(err.is_some_and(|e| e.message.contains("also anonymous_id's")));
 }
 
 #[test]
