@@ -81,6 +81,16 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// A tick moved stream time to [`Context::now`], and the timers due by
+    /// then fired. What it emits and writes belongs to the tick's record,
+    /// as a timer's does. Most operators need nothing here; one that works
+    /// through its whole state in steps (the audiences stage re-evaluating
+    /// every profile after its config changed) takes a step per tick, so
+    /// an idle partition gets there too.
+    fn on_tick(&mut self, _ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
     /// The task's batch ends: the runtime calls it after the batch's last
     /// record and timer, before it takes the batch's state changes to
     /// commit them. An operator that keeps state in memory within a batch
@@ -382,17 +392,19 @@ impl<O: Operator> OperatorHarness<O> {
         Ok(out)
     }
 
-    /// Move stream time to `now_ms` and fire due timers, as a tick would.
+    /// Move stream time to `now_ms`, fire due timers and call
+    /// [`Operator::on_tick`], as a tick does.
     pub fn tick(&mut self, now_ms: i64) -> Result<Vec<Emitted>, OperatorError> {
         self.now_ms = self.now_ms.max(now_ms);
         let mut out = Vec::new();
-        fire_due_timers(
+        run_tick(
             &mut self.operator,
             &mut self.state,
             &mut out,
             self.now_ms,
             self.now_ms,
             self.partition,
+            &mut TIMER_PREFIX.to_vec(),
         )?;
         self.counted()?;
         Ok(out)
@@ -486,6 +498,37 @@ pub fn fire_due_timers_from<O: Operator + ?Sized>(
             _ => raw,
         };
         floor.clone_from(&from);
+    }
+    Ok(())
+}
+
+/// A tick moved stream time to `now_ms`: fire the timers due
+/// ([`fire_due_timers_from`], from `floor`), then [`Operator::on_tick`].
+/// A timer `on_tick` sets below `floor` lowers it.
+pub fn run_tick<O: Operator + ?Sized>(
+    operator: &mut O,
+    state: &mut dyn StateBackend,
+    out: &mut Vec<Emitted>,
+    now_ms: i64,
+    processing_time_ms: i64,
+    partition: i32,
+    floor: &mut Vec<u8>,
+) -> Result<(), OperatorError> {
+    fire_due_timers_from(
+        operator,
+        state,
+        out,
+        now_ms,
+        processing_time_ms,
+        partition,
+        floor,
+    )?;
+    let mut ctx = Context::new(state, out, now_ms, processing_time_ms, partition);
+    operator.on_tick(&mut ctx)?;
+    if let Some(set) = ctx.earliest_timer_set.take() {
+        if set < *floor {
+            *floor = set;
+        }
     }
     Ok(())
 }

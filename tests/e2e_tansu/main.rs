@@ -13,4 +13,5 @@ mod common;
 
 mod broker;
 mod chain;
+mod config;
 mod support;

@@ -107,16 +107,33 @@ pub struct AudienceSet {
     /// never 0: an update whose event the traits stage matched against
     /// these very filters carries their indexes, not a tree to match.
     pub(super) filters_fingerprint: u64,
+    /// A digest of the audiences and their filters: a task whose state was
+    /// written under another re-evaluates every profile (`sweep`).
+    pub(super) fingerprint: u64,
 }
 
 /// A digest of the filters an event is matched against, in order (never
 /// 0). Two sets with the same digest number the same filters alike.
 fn filters_fingerprint(filters: &[EventFilter]) -> u64 {
+    digest(
+        filters
+            .iter()
+            .map(|f| format!("{:?}", (&f.event, &f.conditions))),
+    )
+}
+
+/// A digest of the audiences (names and compiled conditions, in order)
+/// and of their filters (never 0).
+fn audiences_fingerprint(audiences: &[(String, CompiledAudience)], filters: u64) -> u64 {
+    digest(std::iter::once(filters.to_string()).chain(audiences.iter().map(|a| format!("{a:?}"))))
+}
+
+/// The first 8 bytes of the SHA-256 of `texts`, each length-prefixed so
+/// no text can make two lists alike (never 0).
+fn digest(texts: impl Iterator<Item = String>) -> u64 {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
-    for f in filters {
-        // Length-prefixed, so no name or value can make two lists alike.
-        let text = format!("{:?}", (&f.event, &f.conditions));
+    for text in texts {
         hasher.update((text.len() as u64).to_le_bytes());
         hasher.update(text.as_bytes());
     }
@@ -375,16 +392,18 @@ impl AudienceSet {
             }
         }
         let reads = EventPaths::of_conditions(compiler.filters.iter().flat_map(|f| &f.conditions));
-        let audiences = order
+        let audiences: Vec<_> = order
             .into_iter()
             .filter_map(|name| compiled.remove(&name).map(|a| (name, a)))
             .collect();
+        let filters_fingerprint = filters_fingerprint(&compiler.filters);
         Ok(AudienceSet {
+            fingerprint: audiences_fingerprint(&audiences, filters_fingerprint),
             audiences,
             windows: compiler.windows,
             event_time: EventTimeConfig::default(),
             sequences: compiler.sequences,
-            filters_fingerprint: filters_fingerprint(&compiler.filters),
+            filters_fingerprint,
             filters: compiler.filters,
             reads,
         })

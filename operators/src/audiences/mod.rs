@@ -39,6 +39,7 @@ mod history;
 mod operator;
 mod profile;
 mod sizes;
+mod sweep;
 #[cfg(test)]
 mod tests;
 

@@ -31,6 +31,8 @@ pub struct AudiencesOperator {
     cache: StateCache<AudienceProfile>,
     /// Members per audience among this task's profiles.
     sizes: RefCell<Sizes>,
+    /// Profiles re-evaluated per tick after the audiences changed.
+    sweep_step: usize,
 }
 
 /// What caused an evaluation, for the changes it emits.
@@ -86,7 +88,20 @@ impl AudiencesOperator {
             layout: Layout::default(),
             cache: StateCache::new(profiles),
             sizes: RefCell::new(Sizes::new(None)),
+            sweep_step: super::sweep::SWEEP_STEP,
         }
+    }
+
+    /// Re-evaluate `profiles` profiles a tick (at least 1) after the
+    /// audiences changed, instead of [`SWEEP_STEP`](super::sweep::SWEEP_STEP).
+    #[cfg(test)]
+    pub(crate) fn with_sweep_step(mut self, profiles: usize) -> Self {
+        self.sweep_step = profiles.max(1);
+        self
+    }
+
+    pub(super) fn sweep_step(&self) -> usize {
+        self.sweep_step
     }
 
     /// Report this task's members per audience to `reporter` as they move
@@ -94,6 +109,10 @@ impl AudiencesOperator {
     pub fn with_size_reporter(mut self, reporter: SizeReporter) -> Self {
         self.sizes = RefCell::new(Sizes::new(Some(reporter)));
         self
+    }
+
+    pub(super) fn set(&self) -> &AudienceSet {
+        &self.set
     }
 
     /// Emit `changes` of profile `id` and count them.
@@ -528,6 +547,10 @@ impl Operator for AudiencesOperator {
     fn end_batch(&mut self, ctx: &mut Context<'_>) -> Result<(), StoreError> {
         self.cache.flush(ctx)?;
         self.sizes.get_mut().end_batch(ctx, &self.set)
+    }
+
+    fn on_tick(&mut self, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        super::sweep::step(self, ctx)
     }
 
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {

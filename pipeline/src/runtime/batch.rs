@@ -16,7 +16,7 @@ use crate::changelog::{self, commit_key, Marker};
 use crate::envelope::{self, Position};
 use crate::kafka::Guarantee;
 use crate::metrics;
-use crate::operator::{fire_due_timers_from, is_timer_key, Context, Emitted, Record};
+use crate::operator::{is_timer_key, run_tick, Context, Emitted, Record};
 use crate::sink::{Sink, SinkRecord};
 use crate::store::{Changes, StoreError, TaskMeta};
 use crate::trust::{self, TickVerdict};
@@ -109,7 +109,7 @@ pub(super) fn process_batch(
                 TickVerdict::Accept { time, epoch } => {
                     meta.tick_epoch = epoch;
                     meta.stream_time = meta.stream_time.max(time);
-                    fire_due_timers_from(
+                    run_tick(
                         task.operator.as_mut(),
                         &mut task.store,
                         &mut emitted,

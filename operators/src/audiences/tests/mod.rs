@@ -133,3 +133,4 @@ mod evaluation;
 mod merges;
 mod proptests;
 mod state;
+mod sweep;
