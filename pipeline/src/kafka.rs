@@ -270,6 +270,10 @@ impl std::fmt::Debug for ClientFactory {
     }
 }
 
+/// The session of a static member (`--instance-id`): how long its
+/// partitions wait for it to come back before they move.
+pub const STATIC_SESSION_TIMEOUT_MS: &str = "45000";
+
 impl ClientFactory {
     pub fn new(config: KafkaConfig) -> Result<Self, ClientError> {
         let mut secrets = BTreeMap::new();
@@ -400,8 +404,11 @@ impl ClientFactory {
         c.set("topic.metadata.refresh.interval.ms", "10000");
         if let Some(id) = instance_id {
             // Static membership: a restarted pod gets its partitions (and so
-            // its local state) back without a rebalance.
+            // its local state) back without a rebalance, if it is back
+            // within the session: 45 s (Kafka's own default since 3.0)
+            // covers a pod's replacement, where 10 s rarely does.
             c.set("group.instance.id", id);
+            c.set("session.timeout.ms", STATIC_SESSION_TIMEOUT_MS);
         }
         for (k, v) in self.config.properties.iter() {
             if k.starts_with("consumer.") {

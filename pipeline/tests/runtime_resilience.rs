@@ -368,3 +368,76 @@ async fn an_idle_stage_is_not_ready_while_the_broker_is_away_and_stops_on_time()
     assert!(result.is_some(), "the stage did not stop within 10 s");
     Ok(())
 }
+
+/// librdkafka's debug lines of the group protocol, kept (rust-rdkafka logs
+/// through the `log` crate).
+struct GroupDebug(std::sync::Mutex<Vec<String>>);
+
+impl log::Log for GroupDebug {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.target() == "librdkafka"
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            if let Ok(mut lines) = self.0.lock() {
+                lines.push(r.args().to_string());
+            }
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// A static member (`--instance-id`) that stops gracefully, as a pod does
+/// in a rolling upgrade, must not leave the group: its partitions wait for
+/// it through the session timeout instead of moving to another instance
+/// and back (KIP-345). librdkafka leaves on an unsubscribe, static or not,
+/// and skips the LeaveGroup only when the consumer closes: read from its
+/// own debug lines, since the mock cluster rebalances either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_member_that_stops_does_not_leave_the_group() -> TestResult {
+    let debug: &'static GroupDebug = Box::leak(Box::new(GroupDebug(Default::default())));
+    log::set_logger(debug).map_err(|e| e.to_string())?;
+    log::set_max_level(log::LevelFilter::Debug);
+    let s = setup(&[("consumer.debug", "cgrp")])?;
+    let shutdown = Shutdown::default();
+    let health = Health::default();
+    let join = start(
+        StageRuntime::new(
+            spec(),
+            s.factory.clone(),
+            Some("clock-0".into()),
+            health.register("clock"),
+        ),
+        &shutdown,
+    )?;
+    produce(&s.producer, "before", &[]).await?;
+    let f = s.factory.clone();
+    let out = tokio::task::spawn_blocking(move || read_out(&f, |o| !o.is_empty())).await?;
+    assert_eq!(out.len(), 1, "{out:?}");
+    let joined = debug.0.lock().map_err(|e| e.to_string())?.len();
+    assert!(joined > 0, "no debug lines of librdkafka were seen");
+
+    shutdown.trigger();
+    assert!(matches!(
+        finished(join, Duration::from_secs(20)).await,
+        Some(Ok(()))
+    ));
+    let lines = debug.0.lock().map_err(|e| e.to_string())?;
+    let leaves: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("LEAVE") && l.contains("leave (in state"))
+        .collect();
+    assert!(
+        leaves.is_empty(),
+        "the static member left the group: {leaves:?}"
+    );
+    // It did close: librdkafka says so at its debug level.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("CLOSE") || l.contains("TERMINATE")),
+        "{:?}",
+        &lines[lines.len().saturating_sub(20)..]
+    );
+    Ok(())
+}

@@ -195,11 +195,13 @@ impl StageRuntime {
             offsets.commit(name, &input_topic, &consumer, true);
         }
         tracing::info!(stage = name, "leaving consumer group");
-        consumer.unsubscribe();
-        // Serve the revoke callback so tasks close before the process exits.
-        for _ in 0..5 {
-            let _ = consumer.poll(Duration::from_millis(100));
-        }
+        // Closed, not unsubscribed: librdkafka's close serves the revoke
+        // callback (tasks close before the process exits) and, for a static
+        // member (`--instance-id`), sends no LeaveGroup, so the partitions
+        // wait for it through the session timeout instead of moving to
+        // another instance and back (an unsubscribe leaves the group either
+        // way). A dynamic member leaves on close as before.
+        drop(consumer);
         Ok(())
     }
 }
