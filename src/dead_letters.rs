@@ -188,7 +188,7 @@ fn read_to_end(
     factory: &ClientFactory,
     topic: &str,
 ) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
-    let consumer = factory.reader(&format!("cdp-dead-letters-{}", uuid_like()))?;
+    let consumer = factory.reader(&reader_group(factory))?;
     let metadata = consumer
         .fetch_metadata(Some(topic), READ_TIMEOUT)
         .with_context(|| format!("reading the metadata of {topic}"))?;
@@ -279,11 +279,20 @@ pub fn replayed(factory: &ClientFactory) -> anyhow::Result<BTreeSet<String>> {
         .collect())
 }
 
+/// A group id of its own for one command's reader (never joined, nothing
+/// committed), under the prefix so ACLs on `<p>.` cover it.
+fn reader_group(factory: &ClientFactory) -> String {
+    format!(
+        "{}.dead-letters-{}",
+        factory.config().topic_prefix,
+        uuid_like()
+    )
+}
+
 /// Whether `topic` exists (metadata of all topics: asking for one by name
 /// could make a broker with auto-creation create it).
 async fn topic_exists(factory: &ClientFactory, topic: &str) -> anyhow::Result<bool> {
-    let consumer: BaseConsumer =
-        factory.plain_consumer(&format!("cdp-dead-letters-{}", uuid_like()))?;
+    let consumer: BaseConsumer = factory.plain_consumer(&reader_group(factory))?;
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
         let metadata = consumer
@@ -447,6 +456,18 @@ pub fn render_json(letters: &[DeadLetter], replayed: &BTreeSet<String>) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_reader_has_a_group_of_its_own_under_the_prefix() -> anyhow::Result<()> {
+        let factory = ClientFactory::new(cdp_pipeline::KafkaConfig {
+            topic_prefix: "shop".into(),
+            ..Default::default()
+        })?;
+        let (a, b) = (reader_group(&factory), reader_group(&factory));
+        assert!(a.starts_with("shop.dead-letters-"), "{a}");
+        assert_ne!(a, b);
+        Ok(())
+    }
 
     fn letter(stage: &str, reason: &str, offset: i64) -> DeadLetter {
         DeadLetter {

@@ -419,13 +419,19 @@ impl ClientFactory {
     }
 
     /// A consumer outside any group, for reading changelogs on restore.
+    /// Its `group.id` (`<p>.restore`, never joined, nothing committed)
+    /// carries the prefix, so ACLs on `<p>.` cover it.
     pub fn restore_consumer(&self) -> Result<BaseConsumer, ClientError> {
+        Ok(self.restore_config().create()?)
+    }
+
+    fn restore_config(&self) -> ClientConfig {
         let mut c = self.base();
-        c.set("group.id", "cdp-restore");
+        c.set("group.id", format!("{}.restore", self.config.topic_prefix));
         c.set("enable.auto.commit", "false");
         c.set("enable.partition.eof", "true");
         c.set("auto.offset.reset", "earliest");
-        Ok(c.create()?)
+        c
     }
 
     /// A plain consumer that reports the end of each assigned partition
@@ -616,5 +622,16 @@ mod tests {
             .iter()
             .any(|s| s.name == "cdp.profiles" && s.compacted && s.partitions == 8));
         assert!(specs.iter().filter(|s| s.compacted).count() == 3);
+    }
+
+    #[test]
+    fn the_restore_consumers_group_carries_the_prefix_for_acls() {
+        let f = ClientFactory::new(KafkaConfig {
+            topic_prefix: "shop".into(),
+            ..KafkaConfig::default()
+        })
+        .ok();
+        let group = f.map(|f| f.restore_config().get("group.id").map(str::to_owned));
+        assert_eq!(group, Some(Some("shop.restore".to_string())));
     }
 }
