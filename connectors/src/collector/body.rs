@@ -1,5 +1,5 @@
 //! Reading a request body within its size and time limits, and the byte
-//! check serde leaves to us (lone surrogate escapes).
+//! check serde leaves to us (lone surrogate escapes, replaced).
 
 use axum::body::Body;
 use futures::StreamExt;
@@ -25,17 +25,37 @@ pub(super) async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ReadE
     Ok(buf)
 }
 
-/// The offset of the first `\uD800`–`\uDFFF` escape that is not half of
-/// a surrogate pair, in a body that parsed as JSON (so every backslash is
-/// inside a string and starts an escape).
-pub(super) fn lone_surrogate(body: &[u8]) -> Option<usize> {
+/// Replace every `\uD800`–`\uDFFF` escape that is not half of a surrogate
+/// pair with `\uFFFD` (the same six bytes), as `JSON.parse` and most JSON
+/// readers do; returns how many. JavaScript strings cut in the middle of an
+/// emoji (`'rocket 🚀'.slice(0, 8)`) reach us as such escapes from every JS
+/// SDK; serde_json, and so every stage, refuses them. In a body that parses
+/// as JSON every backslash is inside a string and starts an escape, so the
+/// rewrite changes no structure; a body that does not parse is refused
+/// either way.
+pub(super) fn replace_lone_surrogates(body: &mut [u8]) -> usize {
+    let mut replaced = 0;
+    let mut from = 0;
+    while let Some(at) = lone_surrogate(body, from) {
+        if let Some(digits) = body.get_mut(at + 2..at + 6) {
+            digits.copy_from_slice(b"FFFD");
+        }
+        replaced += 1;
+        from = at + 6;
+    }
+    replaced
+}
+
+/// The offset of the first `\uD800`–`\uDFFF` escape at or after `from`
+/// that is not half of a surrogate pair.
+fn lone_surrogate(body: &[u8], from: usize) -> Option<usize> {
     let hex = |at: usize| -> Option<u32> {
         let digits = body.get(at..at + 4)?;
         u32::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
     };
     let unicode_escape =
         |at: usize| -> Option<u32> { (body.get(at..at + 2)? == b"\\u").then(|| hex(at + 2))? };
-    let mut i = 0;
+    let mut i = from;
     while let Some(found) = next_backslash(body, i) {
         let Some(code) = unicode_escape(found) else {
             i = found + 2; // `\"`, `\\`, `\n`, ...: one escaped byte
@@ -174,6 +194,85 @@ mod tests {
         env.stop().await
     }
 
+    /// A batch whose one event holds half an emoji (what JavaScript's
+    /// `JSON.stringify` writes for a string cut inside a surrogate pair):
+    /// accepted whole, the half written as U+FFFD, which every stage reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn half_an_emoji_is_written_as_a_replacement_character_not_refused() -> TestResult {
+        let env = start().await?;
+        let body = r#"{"batch": [
+            {"type": "track", "anonymousId": "s2", "event": "Fine"},
+            {"type": "track", "anonymousId": "s2", "event": "Search",
+             "properties": {"q": "rocket \ud83d", "ok": "\ud83d\ude80", "low": "\uDE80!"}}
+        ]}"#;
+        let response = env.authed("/v1/batch").body(body).send().await?;
+        assert_eq!(response.status(), StatusCode::OK);
+        let records = env.consume(2).await?;
+        let search = records
+            .iter()
+            .find(|r| r.value["event"] == "Search")
+            .ok_or("no Search event")?;
+        assert_eq!(search.value["properties"]["q"], json!("rocket \u{FFFD}"));
+        assert_eq!(search.value["properties"]["ok"], json!("🚀"));
+        assert_eq!(search.value["properties"]["low"], json!("\u{FFFD}!"));
+        env.stop().await
+    }
+
+    /// One UTF-16 code unit of a JSON string, written as JSON writers do:
+    /// surrogates (and sometimes anything) as `\uXXXX` escapes in either
+    /// case, quotes and backslashes escaped, the rest as UTF-8.
+    fn encode_unit(unit: u16, escape: bool, upper: bool) -> String {
+        let hex = |u: u16| {
+            if upper {
+                format!("\\u{u:04X}")
+            } else {
+                format!("\\u{u:04x}")
+            }
+        };
+        match char::from_u32(u32::from(unit)) {
+            Some('"') if !escape => "\\\"".into(),
+            Some('\\') if !escape => "\\\\".into(),
+            Some(c) if !escape && u32::from(unit) >= 0x20 => c.to_string(),
+            _ => hex(unit),
+        }
+    }
+
+    proptest::proptest! {
+        /// The rewrite reads a JSON string as JSON.parse does: the string's
+        /// UTF-16 units decoded with every unpaired surrogate as U+FFFD
+        /// (the oracle is the standard library's `decode_utf16`).
+        #[test]
+        fn a_rewritten_body_reads_as_json_parse_reads_it(
+            units in proptest::collection::vec(
+                proptest::prop_oneof![
+                    0xD800u16..0xDC00,
+                    0xDC00u16..0xE000,
+                    0x20u16..0x80,
+                    proptest::prelude::Just(0x5Cu16),
+                    proptest::prelude::Just(0x22u16),
+                    0x80u16..0xD800,
+                ],
+                0..24,
+            ),
+            escapes in proptest::collection::vec(proptest::prelude::any::<(bool, bool)>(), 24),
+        ) {
+            let text: String = units
+                .iter()
+                .zip(&escapes)
+                .map(|(&u, &(escape, upper))| encode_unit(u, escape, upper))
+                .collect();
+            let mut body = format!(r#"{{"k\u0041": "{text}", "n": 1}}"#).into_bytes();
+            replace_lone_surrogates(&mut body);
+            let parsed: Value = serde_json::from_slice(&body)
+                .map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            let want: String = char::decode_utf16(units.iter().copied())
+                .map(|r| r.unwrap_or(char::REPLACEMENT_CHARACTER))
+                .collect();
+            proptest::prop_assert_eq!(&parsed["kA"], &json!(want));
+            proptest::prop_assert_eq!(&parsed["n"], &json!(1));
+        }
+    }
+
     #[test]
     fn lone_surrogates_are_found_and_pairs_and_escaped_backslashes_are_not() {
         let cases: [(&str, Option<usize>); 9] = [
@@ -195,7 +294,7 @@ mod tests {
                 serde_json::from_str::<de::IgnoredAny>(body).is_ok(),
                 "{body}"
             );
-            assert_eq!(lone_surrogate(body.as_bytes()), expected, "{body}");
+            assert_eq!(lone_surrogate(body.as_bytes(), 0), expected, "{body}");
         }
         for i in 0..40 {
             let body = format!("{}\\", "x".repeat(i));
