@@ -196,10 +196,15 @@ pub(super) fn enrich<'a>(
         })
     };
     let sent_ms = time_of("sentAt", &event).map(|(_, ms)| ms);
+    // `null` and `""` are no timestamp.
+    let has_timestamp = event
+        .get("timestamp")
+        .is_some_and(|v| !is_null(v) && v.get() != "\"\"");
     // RudderStack SDKs send `originalTimestamp` instead of `timestamp`.
-    let client = match event.get("timestamp").and_then(string) {
-        Some(_) => time_of("timestamp", &event),
-        None => time_of("originalTimestamp", &event),
+    let client = if has_timestamp {
+        time_of("timestamp", &event)
+    } else {
+        time_of("originalTimestamp", &event)
     };
     match (client, sent_ms) {
         (Some((original, client_ms)), Some(sent_ms)) => {
@@ -207,11 +212,17 @@ pub(super) fn enrich<'a>(
             event.set("timestamp", raw_string(&rfc3339_ms(corrected))?);
             event.set("originalTimestamp", original);
         }
-        // A timestamp without sentAt (or unparsable) is kept as sent; the
-        // validate stage judges its format. No timestamp: receivedAt.
+        // No timestamp: receivedAt.
+        _ if !has_timestamp => event.set("timestamp", Cow::Borrowed(received_at)),
+        // A timestamp without sentAt is kept as sent, in RFC 3339: the
+        // other ISO 8601 forms the spec check reads (`+0000`, no offset, a
+        // date alone) are written in RFC 3339 so that every reader, and
+        // `<p>.profiles`' `updated_at`, sees one format.
         _ => {
-            if event.get("timestamp").is_none_or(is_null) {
-                event.set("timestamp", Cow::Borrowed(received_at));
+            if let Some((raw, ms)) = time_of("timestamp", &event) {
+                if string(&raw).is_some_and(|t| chrono::DateTime::parse_from_rfc3339(&t).is_err()) {
+                    event.set("timestamp", raw_string(&rfc3339_ms(ms))?);
+                }
             }
         }
     }
@@ -328,6 +339,38 @@ mod tests {
             "sentAt": "2026-01-01T11:00:00.000Z"});
         let v = decode(run(null)?)?;
         assert_eq!(str_field(&v, "timestamp"), "2026-01-01T12:00:00.000Z");
+        // So does an empty one; RudderStack's originalTimestamp then counts.
+        let empty = json!({"type": "identify", "userId": "u", "timestamp": "",
+            "originalTimestamp": "2026-01-01T10:59:00.000Z",
+            "sentAt": "2026-01-01T11:00:00.000Z"});
+        let v = decode(run(empty)?)?;
+        assert_eq!(str_field(&v, "timestamp"), "2026-01-01T11:59:00.000Z");
+        Ok(())
+    }
+
+    /// ISO 8601 times beyond RFC 3339 (what Java's `SimpleDateFormat` and
+    /// PHP's `DATE_ISO8601` write, no offset, a date alone) are taken and
+    /// written in RFC 3339; RFC 3339 itself is kept as sent.
+    #[test]
+    fn iso_8601_timestamps_are_taken_and_written_in_rfc_3339() -> TestResult {
+        let received = parse_time_ms("2026-01-01T12:00:00.000Z").ok_or("time")?;
+        let run = |ts: &str| -> Result<String, BoxError> {
+            let e = json!({"type": "track", "event": "E", "userId": "u", "timestamp": ts});
+            let v: Value = serde_json::from_slice(&enrich_text(&e.to_string(), received)?.payload)?;
+            Ok(str_field(&v, "timestamp").to_string())
+        };
+        for (sent, written) in [
+            ("2025-12-03T16:00:00.000+0000", "2025-12-03T16:00:00.000Z"),
+            ("2025-12-03T17:00:00+01", "2025-12-03T16:00:00.000Z"),
+            ("2025-12-03T16:00:00", "2025-12-03T16:00:00.000Z"),
+            ("2025-12-03", "2025-12-03T00:00:00.000Z"),
+            (
+                "2025-12-03T16:00:00.123456+02:00",
+                "2025-12-03T16:00:00.123456+02:00",
+            ),
+        ] {
+            assert_eq!(run(sent)?, written, "{sent}");
+        }
         Ok(())
     }
 
@@ -356,11 +399,11 @@ mod tests {
             (
                 json!({"type": "identify", "userId": "u", "timestamp": "yesterday",
                 "sentAt": "2026-01-01T11:00:00.000Z"}),
-                "/timestamp: must be an RFC 3339 date-time",
+                "/timestamp: must be an ISO 8601 date-time",
             ),
             (
                 json!({"type": "identify", "userId": "u", "sentAt": "soon"}),
-                "/sentAt: must be an RFC 3339 date-time",
+                "/sentAt: must be an ISO 8601 date-time",
             ),
             (
                 json!({"type": "identify", "userId": {"id": 1}, "anonymousId": "a"}),

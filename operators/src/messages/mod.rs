@@ -482,11 +482,39 @@ pub fn rfc3339_ms(ms: i64) -> String {
         .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".into())
 }
 
-/// Parse an RFC 3339 / ISO 8601 time as milliseconds since the epoch.
+/// Parse a time as milliseconds since the epoch: RFC 3339 (with a `T`,
+/// `t` or space between date and time), and the ISO 8601 forms clients
+/// send besides (Segment's spec asks only for "ISO 8601"): an offset
+/// without a colon (`+0000`, Java's `SimpleDateFormat`, PHP's
+/// `DATE_ISO8601`) or with hours only (`+01`), a time without an offset
+/// (read as UTC), and a date alone (midnight UTC).
 pub fn parse_time_ms(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.timestamp_millis())
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_millis());
+    }
+    iso8601_ms(s.trim())
+}
+
+/// The ISO 8601 forms of [`parse_time_ms`] beyond RFC 3339.
+fn iso8601_ms(s: &str) -> Option<i64> {
+    use chrono::{DateTime, NaiveDate, NaiveDateTime};
+    // `%z` takes `+hhmm` and `+hh:mm`; `%#z` also `+hh`.
+    for format in ["%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z"] {
+        if let Ok(t) = DateTime::parse_from_str(s, format) {
+            return Some(t.timestamp_millis());
+        }
+    }
+    for format in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, format) {
+            return Some(t.and_utc().timestamp_millis());
+        }
+    }
+    let date = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    Some(date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis())
 }
 
 /// What the stages read of an event: the value at a dotted path. A whole
@@ -580,6 +608,42 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    #[test]
+    fn iso_8601_forms_clients_send_are_read_and_others_are_not() {
+        let at = |s: &str| parse_time_ms(s).map(rfc3339_ms);
+        let utc = Some("2026-12-03T16:00:00.000Z".to_string());
+        for same in [
+            "2026-12-03T16:00:00Z",
+            "2026-12-03T16:00:00.000+0000",
+            "2026-12-03T17:00:00+0100",
+            "2026-12-03T17:00:00+01",
+            "2026-12-03T11:00:00.000-05:00",
+            "2026-12-03 16:00:00Z",
+            "2026-12-03t16:00:00z",
+            "2026-12-03T16:00:00",
+            "2026-12-03 16:00:00.000",
+            "2026-12-03T16:00",
+            " 2026-12-03T16:00:00Z ",
+        ] {
+            assert_eq!(at(same), utc, "{same}");
+        }
+        assert_eq!(at("2026-12-03"), Some("2026-12-03T00:00:00.000Z".into()));
+        assert_eq!(
+            at("2026-12-03T16:00:00.123456+0000"),
+            Some("2026-12-03T16:00:00.123Z".into())
+        );
+        for refused in [
+            "",
+            "yesterday",
+            "2026-13-03",
+            "2026-12-03T25:00:00Z",
+            "1700000000",
+            "12/03/2026",
+        ] {
+            assert_eq!(at(refused), None, "{refused}");
+        }
+    }
 
     #[test]
     fn time_helpers_round_trip_and_event_names_follow_segment() {

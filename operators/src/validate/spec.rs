@@ -342,10 +342,12 @@ pub(super) fn spec_check<'a>(get: impl Fn(&str) -> Member<'a>) -> Vec<Violation>
     for field in ["timestamp", "originalTimestamp", "sentAt", "receivedAt"] {
         match get(field).value() {
             None | Some(Value::Null) => {}
+            // As absent (the collector writes `receivedAt` in its place).
+            Some(Value::String(t)) if t.is_empty() => {}
             Some(Value::String(t)) if messages::parse_time_ms(t).is_some() => {}
             Some(_) => out.push(Violation::new(
                 format!("/{field}"),
-                "must be an RFC 3339 date-time",
+                "must be an ISO 8601 date-time (RFC 3339, e.g. 2026-12-03T16:00:00.000Z)",
             )),
         }
     }

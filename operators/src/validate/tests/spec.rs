@@ -111,7 +111,7 @@ fn spec_message_id_is_a_short_string() -> TestResult {
 }
 
 #[test]
-fn spec_timestamp_must_be_rfc3339() -> TestResult {
+fn spec_timestamp_must_be_iso_8601() -> TestResult {
     assert_spec(
         json!({"type": "identify", "userId": "u", "timestamp": "yesterday"}),
         &["/timestamp"],
@@ -120,6 +120,15 @@ fn spec_timestamp_must_be_rfc3339() -> TestResult {
         json!({"type": "identify", "userId": "u", "timestamp": 1700000000}),
         &["/timestamp"],
     )?;
+    // ISO 8601 beyond RFC 3339, and an empty time (as none), pass.
+    let mut h = harness(None)?;
+    for (i, ts) in ["2026-12-03T16:00:00.000+0000", "2026-12-03", ""]
+        .iter()
+        .enumerate()
+    {
+        let ok = json!({"type": "identify", "userId": "u", "messageId": format!("m{i}"), "timestamp": ts});
+        assert_eq!(send(&mut h, &ok)?.len(), 1, "{ts}");
+    }
     Ok(())
 }
 
