@@ -354,7 +354,7 @@ impl TraitDef {
 
 /// A digest of the trait definitions, never 0 (the fingerprint of a state
 /// written before states carried one).
-fn fingerprint(defs: &BTreeMap<String, TraitDef>) -> u64 {
+fn fingerprint<T: serde::Serialize + ?Sized>(defs: &T) -> u64 {
     use sha2::{Digest, Sha256};
     let text = serde_json::to_vec(defs).unwrap_or_default();
     let digest = Sha256::digest(&text);
@@ -372,6 +372,9 @@ pub struct TraitSet {
     /// A digest of `defs`: a profile last evaluated under other traits
     /// (a config change) is refreshed in full once, not incrementally.
     pub(super) fingerprint: u64,
+    /// A digest of each definition: a trait whose definition changed
+    /// (its event, property, `where`, window or kind) starts over.
+    pub(super) def_fingerprints: BTreeMap<String, u64>,
     /// The paths of an event these traits read (the rest is not parsed),
     /// and those the audiences stage reads when forwarding.
     pub(super) reads: EventPaths,
@@ -421,6 +424,10 @@ impl TraitSet {
             defs: defs.clone(),
             event_time: EventTimeConfig::default(),
             fingerprint: fingerprint(defs),
+            def_fingerprints: defs
+                .iter()
+                .map(|(name, def)| (name.clone(), fingerprint(def)))
+                .collect(),
             reads: EventPaths::of_traits(defs.values()),
             forward: None,
         })

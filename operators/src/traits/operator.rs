@@ -1,7 +1,8 @@
 //! The traits operator: dispatch of records and timers.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cdp_pipeline::operator::{Context, Operator, OperatorError, Record};
@@ -43,6 +44,19 @@ pub struct TraitsOperator {
     layout: Layout,
     /// The states this task wrote last, decoded (see `StateCache`).
     cache: StateCache<ProfileState>,
+    /// The definitions' digests of each config the task recorded, read
+    /// once (a config's are a function of its fingerprint: never stale).
+    configs: RefCell<HashMap<u64, Option<Arc<BTreeMap<String, u64>>>>>,
+    /// This config's are in the task's state.
+    recorded: bool,
+}
+
+/// The state key of the definitions' digests of the traits a config
+/// fingerprint names (outside `profile/`, `redirect/`, `wait/`). Written
+/// by the first batch a task runs under the config, so every state
+/// settled under it can be told which of its traits changed since.
+fn config_key(fingerprint: u64) -> Vec<u8> {
+    format!("trait-config/{fingerprint:016x}").into_bytes()
 }
 
 impl TraitsOperator {
@@ -56,7 +70,27 @@ impl TraitsOperator {
             set,
             layout: Layout::default(),
             cache: StateCache::new(profiles),
+            configs: RefCell::default(),
+            recorded: false,
         }
+    }
+
+    /// The definitions' digests recorded for the config `fingerprint`.
+    fn settled_under(
+        &self,
+        ctx: &Context<'_>,
+        fingerprint: u64,
+    ) -> Option<Arc<BTreeMap<String, u64>>> {
+        let mut configs = self.configs.borrow_mut();
+        configs
+            .entry(fingerprint)
+            .or_insert_with(|| {
+                ctx.get_json::<BTreeMap<String, u64>>(&config_key(fingerprint))
+                    .ok()
+                    .flatten()
+                    .map(Arc::new)
+            })
+            .clone()
     }
 
     fn load(&self, ctx: &Context<'_>, id: &str) -> Result<Option<ProfileState>, OperatorError> {
@@ -82,7 +116,7 @@ impl TraitsOperator {
             // Merged away, or waiting for merges before its first input.
             Stored::Absent => return Ok(None),
         };
-        state.conform(&self.set);
+        state.conform(&self.set, |config| self.settled_under(ctx, config));
         Ok(Some(state))
     }
 
@@ -302,6 +336,7 @@ impl TraitsOperator {
     /// the configured traits.
     fn incoming(
         &self,
+        ctx: &Context<'_>,
         from: &str,
         into: &str,
         state: &Value,
@@ -314,7 +349,7 @@ impl TraitsOperator {
                 .and_then(|bytes| self.upgrade(from, &bytes).ok())
                 .ok_or_else(|| invalid_transfer(from, into, &e))?,
         };
-        incoming.conform(&self.set);
+        incoming.conform(&self.set, |config| self.settled_under(ctx, config));
         Ok(incoming)
     }
 
@@ -326,7 +361,7 @@ impl TraitsOperator {
         state: Value,
         cause: Cause,
     ) -> Result<(), OperatorError> {
-        let incoming = self.incoming(&from, &into, &state)?;
+        let incoming = self.incoming(ctx, &from, &into, &state)?;
         if pass_on_transfer::<ProfileRecord>(
             ctx,
             &self.layout,
@@ -435,7 +470,7 @@ impl ProfileStage for TraitsOperator {
         into: &str,
         state: Value,
     ) -> Result<(), OperatorError> {
-        let incoming = self.incoming(from, into, &state)?;
+        let incoming = self.incoming(ctx, from, into, &state)?;
         let mut current = self.load(ctx, into)?.unwrap_or_default();
         current.merge(&self.set, incoming);
         // `emitted` no longer tells the merged values: the input handled
@@ -461,7 +496,15 @@ impl Operator for TraitsOperator {
     }
 
     fn end_batch(&mut self, ctx: &mut Context<'_>) -> Result<(), StoreError> {
-        self.cache.flush(ctx)
+        self.cache.flush(ctx)?;
+        if !self.recorded {
+            let key = config_key(self.set.fingerprint);
+            if ctx.get(&key)?.is_none() {
+                ctx.put_json(&key, &self.set.def_fingerprints)?;
+            }
+            self.recorded = true;
+        }
+        Ok(())
     }
 
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {

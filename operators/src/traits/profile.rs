@@ -1,6 +1,7 @@
 //! Everything the traits stage keeps for one profile, and its evaluation.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -56,17 +57,30 @@ pub(super) struct Applied<'a> {
 }
 
 impl ProfileState {
-    /// Drop states of traits no longer configured or of another type.
+    /// Drop states of traits no longer configured, of another type, or
+    /// whose definition changed since the state was settled: `settled_under`
+    /// gives the definitions' digests of the traits `config` names (see
+    /// [`TraitSet::def_fingerprints`]), when the task recorded them; a
+    /// state from a config it did not record is checked by type alone.
     /// A state last settled under these very traits (`config` is their
     /// fingerprint) holds none: only settling sets `config`, and between
     /// two settles a state gains computed states only from `apply_event`
     /// (configured traits) and merges (states conformed on arrival).
-    pub(super) fn conform(&mut self, set: &TraitSet) {
+    pub(super) fn conform(
+        &mut self,
+        set: &TraitSet,
+        settled_under: impl FnOnce(u64) -> Option<Arc<BTreeMap<String, u64>>>,
+    ) {
         if self.config == set.fingerprint {
             return;
         }
-        self.computed
-            .retain(|name, state| set.defs.get(name).is_some_and(|def| state.fits(def)));
+        let before = settled_under(self.config);
+        self.computed.retain(|name, state| {
+            set.defs.get(name).is_some_and(|def| state.fits(def))
+                && before
+                    .as_ref()
+                    .is_none_or(|defs| defs.get(name) == set.def_fingerprints.get(name))
+        });
     }
 
     /// Apply one event.

@@ -90,6 +90,7 @@ categories: {unique_list: {event: Product Viewed, property: properties.category,
 "#;
 
 mod config;
+mod config_change;
 mod merge_wait;
 mod merges;
 mod proptests;

@@ -222,10 +222,10 @@ proptest! {
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let event = json!({"type": "track", "event": "E", "properties": {"v": 1}});
         let mut expected = full.clone();
-        expected.conform(&fewer);
+        expected.conform(&fewer, |_| None);
         expected.apply_event(&fewer, &event, full.clock);
         let expected_changed = expected.refresh(&fewer, full.clock);
-        incremental.conform(&fewer);
+        incremental.conform(&fewer, |_| None);
         let applied = incremental.apply_event(&fewer, &event, full.clock);
         let got = incremental.refresh_touched(&fewer, full.clock, &applied.touched);
         prop_assert_eq!(got, expected_changed);
