@@ -129,6 +129,15 @@ mod tests {
                     .json(&json!({"batch": [event(&big)]})),
                 "batch[0]: event larger than",
             ),
+            // 20 KB of its own and 20 KB of the batch's `context`: over
+            // 32 KB as written.
+            (
+                env.authed("/v1/batch").json(&json!({
+                    "batch": [event(&"z".repeat(20 * 1024))],
+                    "context": {"pad": "c".repeat(20 * 1024)},
+                })),
+                "batch[0]: event larger than",
+            ),
             (
                 env.authed("/v1/batch").json(&json!({"batch": too_many})),
                 "at most 2500",

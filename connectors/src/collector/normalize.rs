@@ -68,12 +68,6 @@ fn batch_item<'a>(
             "expected a JSON object",
         ));
     };
-    if item.json_len() > cfg.max_event_bytes {
-        return Err(CollectError::EventTooLarge {
-            at: at(Some(i)),
-            limit: cfg.max_event_bytes,
-        });
-    }
     if item
         .get("type")
         .and_then(string)
@@ -88,6 +82,14 @@ fn batch_item<'a>(
     }
     for (field, value) in batch_fields {
         merge_missing(&mut item, field, *value)?;
+    }
+    // Measured as written: with the batch's `context` merged in, which
+    // every event of the batch carries on its own from here on.
+    if item.json_len() > cfg.max_event_bytes {
+        return Err(CollectError::EventTooLarge {
+            at: at(Some(i)),
+            limit: cfg.max_event_bytes,
+        });
     }
     Ok(Item {
         index: Some(i),

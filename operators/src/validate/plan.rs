@@ -272,14 +272,15 @@ impl PlanSchemas<'_> {
     }
 }
 
-/// Violations of `schema` by the event's `field`, an empty object if absent.
+/// Violations of `schema` by the event's `field`, an empty object if absent
+/// or `null`.
 pub(super) fn field_violations(
     schema: &jsonschema::Validator,
     field: &str,
     values: Option<&Value>,
 ) -> Vec<SchemaViolation> {
     let empty = Value::Object(Map::new());
-    let values = values.unwrap_or(&empty);
+    let values = values.filter(|v| !v.is_null()).unwrap_or(&empty);
     if schema.is_valid(values) {
         return Vec::new();
     }

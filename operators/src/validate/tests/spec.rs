@@ -133,6 +133,34 @@ fn spec_timestamp_must_be_iso_8601() -> TestResult {
 }
 
 #[test]
+fn null_objects_are_none() -> TestResult {
+    let mut h = harness(None)?;
+    let event = json!({"type": "track", "userId": "u", "event": "E", "messageId": "n",
+        "properties": null, "context": null, "integrations": null});
+    assert_eq!(send(&mut h, &event)?.len(), 1);
+    // A plan reads `null` properties as none, as it reads absent ones.
+    let mut h = harness(Some(shop_plan(
+        UnplannedEvents::Allow,
+        ViolationPolicy::Block,
+    )))?;
+    let page = json!({"type": "track", "userId": "u", "event": "Page Viewed", "messageId": "p",
+        "properties": null});
+    let out = send(&mut h, &page)?;
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        out[0].output,
+        outputs::NEXT,
+        "{:?}",
+        String::from_utf8_lossy(&out[0].value)
+    );
+    assert_spec(
+        json!({"type": "track", "userId": "u", "event": "E", "properties": []}),
+        &["/properties"],
+    )?;
+    Ok(())
+}
+
+#[test]
 fn spec_violations_are_all_collected() -> TestResult {
     let event = json!({"type": "track", "userId": true, "properties": 1, "timestamp": "x", "messageId": ""});
     assert_spec(
