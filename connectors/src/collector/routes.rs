@@ -14,7 +14,7 @@ use base64::Engine as _;
 use cdp_operators::messages::rfc3339_ms;
 use cdp_pipeline::{metrics, ReadyFlag, Shutdown};
 use serde_json::json;
-use tower_http::cors::CorsLayer;
+use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
 
 use super::body::{read_body, replace_lone_surrogates, ReadError};
@@ -51,7 +51,7 @@ impl Collector {
             // limits apply to the decompressed body (no gzip bombs).
             .layer(RequestDecompressionLayer::new())
             .layer(axum::middleware::from_fn(record_metrics))
-            .layer(CorsLayer::permissive())
+            .layer(cors())
             .with_state(self.clone())
     }
 
@@ -332,6 +332,19 @@ fn basic_auth_user(headers: &HeaderMap) -> Result<Option<String>, CollectError> 
         .split_once(':')
         .map_or(decoded.as_str(), |(user, _)| user);
     Ok((!user.is_empty()).then(|| user.to_string()))
+}
+
+/// Browsers may call from any page (analytics.js sends no cookies, so `*`
+/// is allowed for the origin). The request headers are echoed rather than
+/// answered with `*`, which the Fetch standard says does not cover
+/// `Authorization` (analytics.js sends `Authorization: Basic …` on every
+/// call): browsers that enforce it would refuse every event.
+fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::any())
+        .allow_methods(AllowMethods::mirror_request())
+        .allow_headers(AllowHeaders::mirror_request())
+        .max_age(std::time::Duration::from_secs(24 * 3600))
 }
 
 #[cfg(test)]
@@ -744,13 +757,18 @@ mod tests {
             .send()
             .await?;
         assert!(preflight.status().is_success());
-        assert_eq!(
+        let header = |name: &str| {
             preflight
                 .headers()
-                .get("access-control-allow-origin")
-                .and_then(|v| v.to_str().ok()),
-            Some("*")
-        );
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        assert_eq!(header("access-control-allow-origin").as_deref(), Some("*"));
+        // Named, not `*`: a wildcard does not cover Authorization.
+        let allowed = header("access-control-allow-headers").unwrap_or_default();
+        assert!(allowed.contains("authorization"), "{allowed}");
+        assert!(header("access-control-allow-methods").is_some_and(|m| m.contains("POST")));
         let missing = env.authed("/v1/nothing").body("{}").send().await?;
         assert_eq!(missing.status().as_u16(), 404);
         env.stop().await
