@@ -39,6 +39,8 @@ pub struct Dev {
     joins: Vec<std::thread::JoinHandle<Result<(), cdp_pipeline::runtime::RuntimeError>>>,
     servers: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
     _state: Option<tempfile::TempDir>,
+    /// Held while this run uses its `--state-dir`.
+    _lock: Option<std::fs::File>,
     // Dropped last: the stages talk to it until they stop.
     _broker: Option<MockCluster<'static, DefaultProducerContext>>,
 }
@@ -118,6 +120,29 @@ fn discard_earlier_state(dir: &std::path::Path, embedded: bool) -> anyhow::Resul
     Ok(())
 }
 
+/// Take `dir` for this run: a second `cdp dev` on the same directory
+/// would otherwise discard (or share) the state of the one running.
+fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(".cdp-dev.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "{} is in use by another cdp dev: stop it first or pass another --state-dir",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::Error::new(e).context(format!("locking {}", path.display())))
+        }
+    }
+}
+
 /// Make a config ready for the embedded broker.
 pub fn dev_config(mut config: Config, bootstrap: &str, state_dir: &str, stdout: bool) -> Config {
     config.kafka.brokers = bootstrap.to_string();
@@ -163,8 +188,19 @@ impl Dev {
             (None, Some(external)) => external.clone(),
             (None, None) => anyhow::bail!("no broker"),
         };
+        // Bound before anything starts: a taken port fails the run at once.
+        let admin = match opts.admin {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding --admin-listen {addr}"))?,
+            ),
+            None => None,
+        };
+        let mut lock = None;
         let (state, state_dir) = match &opts.state_dir {
             Some(d) => {
+                lock = Some(lock_state_dir(d)?);
                 discard_earlier_state(d, broker.is_some())?;
                 (None, d.display().to_string())
             }
@@ -199,8 +235,8 @@ impl Dev {
             shutdown.clone(),
             health.register("collect"),
         ))];
-        if let Some(admin) = opts.admin {
-            servers.push(tokio::spawn(cdp_pipeline::service::serve_admin(
+        if let Some(admin) = admin {
+            servers.push(tokio::spawn(cdp_pipeline::service::serve_admin_on(
                 admin,
                 health.clone(),
                 shutdown.clone(),
@@ -215,6 +251,7 @@ impl Dev {
             joins,
             servers,
             _state: state,
+            _lock: lock,
             _broker: broker,
         })
     }
@@ -272,6 +309,22 @@ mod tests {
     use rdkafka::consumer::Consumer;
 
     use super::*;
+
+    #[test]
+    fn a_state_dir_serves_one_cdp_dev_at_a_time() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let first = lock_state_dir(dir.path())?;
+        let second = lock_state_dir(dir.path()).err().map(|e| e.to_string());
+        assert!(
+            second
+                .as_deref()
+                .is_some_and(|e| e.contains("in use by another cdp dev")),
+            "{second:?}"
+        );
+        drop(first);
+        lock_state_dir(dir.path())?;
+        Ok(())
+    }
 
     /// A second `cdp dev` on one `--state-dir` starts clean: the stages'
     /// directories go (they match no changelog of a new embedded broker),
