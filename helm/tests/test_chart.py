@@ -337,6 +337,27 @@ def test_pdbs_cover_every_enabled_stage():
     assert pdbs == {"collect", "validate", "identity", "traits", "audiences"}
 
 
+def test_pdb_min_available_alone_replaces_the_default_max_unavailable():
+    """`<stage>.pdb.minAvailable: 1` alone must work although the default
+    `maxUnavailable: 1` stays in the merged values: the API server refuses
+    a PodDisruptionBudget with both."""
+    docs = render({"kafka": {"brokers": "k:9092"}, "traits": {"pdb": {"minAvailable": 1}},
+                   "collect": {"pdb": {"minAvailable": "50%"}}})
+    pdbs = {p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]: p["spec"]
+            for p in by_kind(docs, "PodDisruptionBudget")}
+    assert pdbs["traits"]["minAvailable"] == 1 and "maxUnavailable" not in pdbs["traits"]
+    assert pdbs["collect"]["minAvailable"] == "50%" and "maxUnavailable" not in pdbs["collect"]
+    assert pdbs["audiences"]["maxUnavailable"] == 1 and "minAvailable" not in pdbs["audiences"]
+    for p in by_kind(docs, "PodDisruptionBudget"):
+        kubernetes_validate.validate({k: v for k, v in p.items() if k != "__template__"}, KUBE, strict=True)
+    # 0 is a value, not "unset".
+    docs = render({"kafka": {"brokers": "k:9092"}, "traits": {"pdb": {"minAvailable": 0}}})
+    assert one(docs, "PodDisruptionBudget", "-traits")["spec"] == {
+        "minAvailable": 0,
+        "selector": one(docs, "PodDisruptionBudget", "-traits")["spec"]["selector"],
+    }
+
+
 def test_service_monitor_only_when_the_cluster_has_its_api():
     values = load_values("ingress-monitoring")
     without = render(values)
@@ -470,7 +491,6 @@ def test_validate_values_lists_every_mistake_at_once():
         },
         "secretEnv": [{"name": "BOTH", "value": "v", "secretName": "s", "key": "k"}, {"name": "NEITHER"}],
         "collect": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}, "ingress": {"enabled": True, "hosts": []}},
-        "identity": {"pdb": {"minAvailable": 1, "maxUnavailable": 1}},
     }
     with pytest.raises(helm.HelmRenderError) as e:
         helm_chart().render(values=values, name=RELEASE)
@@ -487,7 +507,6 @@ def test_validate_values_lists_every_mistake_at_once():
         "config.destinations[0].secret_env: CRM_SECRET is not provided",
         "collect.autoscaling: minReplicas is greater than maxReplicas",
         "collect.ingress.hosts: at least one host",
-        "identity.pdb: minAvailable and maxUnavailable are exclusive",
     ]
     missing = [m for m in expected if m not in message]
     assert missing == [], message

@@ -59,9 +59,6 @@ the release fails with the whole list, not the first mistake.
 {{- end -}}
 {{- range $stage, $kind := include "cdp.stages" . | fromYaml -}}
 {{- $s := get $v $stage -}}
-{{- if and $s.enabled $s.pdb.enabled $s.pdb.minAvailable $s.pdb.maxUnavailable -}}
-{{- $errors = append $errors (printf "%s.pdb: minAvailable and maxUnavailable are exclusive" $stage) -}}
-{{- end -}}
 {{- if and $s.enabled (eq $kind "StatefulSet") $s.persistence.enabled (not $s.persistence.size) -}}
 {{- $errors = append $errors (printf "%s.persistence.size: required when persistence is enabled" $stage) -}}
 {{- end -}}
