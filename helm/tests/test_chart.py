@@ -487,10 +487,14 @@ def test_validate_values_lists_every_mistake_at_once():
         },
         "config": {
             "kafka": {"brokers": "elsewhere:9092"},
-            "destinations": [{"id": "crm", "type": "webhook", "url": "http://x", "secret_env": "CRM_SECRET"}],
+            "destinations": [
+                {"id": "crm", "type": "webhook", "url": "http://x", "secret_env": "CRM_SECRET"},
+                {"id": "engage", "type": "segment", "url": "http://y", "write_key_env": "SEGMENT_WRITE_KEY"},
+            ],
         },
         "secretEnv": [{"name": "BOTH", "value": "v", "secretName": "s", "key": "k"}, {"name": "NEITHER"}],
         "collect": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}, "ingress": {"enabled": True, "hosts": []}},
+        "adminPort": 8088,
     }
     with pytest.raises(helm.HelmRenderError) as e:
         helm_chart().render(values=values, name=RELEASE)
@@ -505,6 +509,8 @@ def test_validate_values_lists_every_mistake_at_once():
         "secretEnv[0] (BOTH): value and secretName are exclusive",
         "secretEnv[1] (NEITHER): set value, or secretName and key",
         "config.destinations[0].secret_env: CRM_SECRET is not provided",
+        "config.destinations[1].write_key_env: SEGMENT_WRITE_KEY is not provided",
+        "adminPort: 8088 is the collector's HTTP port",
         "collect.autoscaling: minReplicas is greater than maxReplicas",
         "collect.ingress.hosts: at least one host",
     ]
@@ -512,6 +518,35 @@ def test_validate_values_lists_every_mistake_at_once():
     assert missing == [], message
     # One failure, every error listed once.
     assert message.count("cdp: invalid values") == 1
+
+
+def test_destination_secrets_provided_by_secret_env_pass():
+    """A webhook's secret_env and a segment destination's write_key_env are
+    both satisfied by a secretEnv entry (or extraEnv), and then reach deliver."""
+    values = {
+        "kafka": {"brokers": "k:9092"},
+        "config": {"destinations": [
+            {"id": "crm", "type": "webhook", "url": "http://x", "secret_env": "CRM_SECRET"},
+            {"id": "engage", "type": "segment", "url": "http://y", "write_key_env": "SEGMENT_WRITE_KEY"},
+        ]},
+        "secretEnv": [{"name": "CRM_SECRET", "value": "s"},
+                      {"name": "SEGMENT_WRITE_KEY", "secretName": "segment", "key": "write-key"}],
+    }
+    deliver = one(render(values), "Deployment", "-deliver")
+    env = {e["name"]: e for e in cdp_container(deliver)["env"]}
+    assert env["SEGMENT_WRITE_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "segment", "key": "write-key"}
+    values["secretEnv"] = values["secretEnv"][:1]
+    with pytest.raises(helm.HelmRenderError, match="write_key_env: SEGMENT_WRITE_KEY is not provided"):
+        helm_chart().render(values=values, name=RELEASE)
+
+
+def test_the_admin_port_cannot_be_the_collectors_port():
+    """Two containerPorts 8088 in the collector: the pod cannot bind both."""
+    with pytest.raises(helm.HelmRenderError, match="adminPort: 8088 is the collector's HTTP port"):
+        helm_chart().render(values={"kafka": {"brokers": "k:9092"}, "adminPort": 8088}, name=RELEASE)
+    # Without the collector, 8088 is free.
+    docs = render({"kafka": {"brokers": "k:9092"}, "adminPort": 8088, "collect": {"enabled": False}})
+    assert {"name": "admin", "containerPort": 8088, "protocol": "TCP"} in cdp_container(one(docs, "StatefulSet", "-traits"))["ports"]
 
 
 def test_defaults_alone_ask_for_the_brokers():

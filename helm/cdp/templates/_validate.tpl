@@ -43,9 +43,15 @@ the release fails with the whole list, not the first mistake.
 {{- $secretEnv = append $secretEnv $e.name -}}
 {{- end -}}
 {{- range $i, $d := (get $config "destinations" | default list) -}}
-{{- if and $d.secret_env (not (has $d.secret_env $secretEnv)) -}}
-{{- $errors = append $errors (printf "config.destinations[%d].secret_env: %s is not provided; add it to secretEnv" $i $d.secret_env) -}}
+{{- range $field := list "secret_env" "write_key_env" -}}
+{{- $var := get $d $field -}}
+{{- if and $var (not (has $var $secretEnv)) -}}
+{{- $errors = append $errors (printf "config.destinations[%d].%s: %s is not provided; add it to secretEnv" $i $field $var) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.collect.enabled (eq (int $v.adminPort) (int (include "cdp.collectPort" .))) -}}
+{{- $errors = append $errors (printf "adminPort: %d is the collector's HTTP port; pick another (default 9464)" (int $v.adminPort)) -}}
 {{- end -}}
 {{- $a := $v.collect.autoscaling -}}
 {{- if and $v.collect.enabled $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
