@@ -116,6 +116,14 @@ def test_each_stage_is_its_own_workload(name):
     assert one(docs, "StatefulSet", "-identity")["spec"]["replicas"] == 2
 
 
+def test_deliver_outlives_a_webhook_batch_deadline_on_stop():
+    """A webhook/segment batch may take its whole batch_deadline (60 s by
+    default); a grace period no longer than that SIGKILLs a slow batch and
+    it is sent again."""
+    docs = render_set("minimal")
+    assert pod_spec(one(docs, "Deployment", "-deliver"))["terminationGracePeriodSeconds"] > 60 + 15
+
+
 def test_static_membership_can_be_turned_off_for_brokers_without_it():
     docs = render({"kafka": {"brokers": "k:9092", "staticMembership": False}})
     for stage in STATEFUL:
