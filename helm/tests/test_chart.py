@@ -156,6 +156,9 @@ def test_pods_are_hardened_and_probed(name):
         assert sc["capabilities"]["drop"] == ["ALL"]
         assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
         if w["kind"] in ("Deployment", "StatefulSet"):
+            # /healthz answers 200 at once, restoring or not: a startupProbe
+            # on it would guard nothing; /readyz gates restores.
+            assert "startupProbe" not in c
             assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
             assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
             assert {"name": "admin", "containerPort": 9464, "protocol": "TCP"} in c["ports"]
@@ -590,7 +593,7 @@ def test_the_readme_documents_every_value():
     readme = (chart_dir / "README.md").read_text()
     values = yaml.safe_load((chart_dir / "values.yaml").read_text())
     opaque = {"config", "properties", "resources", "podSecurityContext", "securityContext", "livenessProbe",
-              "readinessProbe", "startupProbe", "updateStrategy", "behavior", "persistentVolumeClaimRetentionPolicy"}
+              "readinessProbe", "updateStrategy", "behavior", "persistentVolumeClaimRetentionPolicy"}
     missing = []
 
     def walk(path, node):

@@ -381,10 +381,6 @@ spec:
           containerPort: {{ include "cdp.collectPort" $root }}
           protocol: TCP
         {{- end }}
-      {{- with $s.startupProbe }}
-      startupProbe:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
       livenessProbe:
         {{- toYaml $v.livenessProbe | nindent 8 }}
       readinessProbe:
