@@ -560,6 +560,23 @@ def test_the_admin_port_cannot_be_the_collectors_port():
     assert {"name": "admin", "containerPort": 8088, "protocol": "TCP"} in cdp_container(one(docs, "StatefulSet", "-traits"))["ports"]
 
 
+def test_oauthbearer_is_refused_plainly():
+    """The binary has no libcurl, so librdkafka refuses OAUTHBEARER's
+    properties: the chart must not offer it, and says what works instead."""
+    values = {"kafka": {"brokers": "k:9092",
+                        "sasl": {"enabled": True, "mechanism": "OAUTHBEARER", "username": "u", "password": "p"}}}
+    with pytest.raises(helm.HelmValuesError) as e:
+        helm_chart().render(values=values, name=RELEASE)
+    assert "/kafka/sasl/mechanism" in str(e.value)
+    assert "must be one of 'PLAIN', 'SCRAM-SHA-256', 'SCRAM-SHA-512'" in str(e.value), str(e.value)
+    values = {"kafka": {"brokers": "k:9092", "properties": {"sasl.oauthbearer.method": "oidc"}}}
+    with pytest.raises(helm.HelmRenderError) as e:
+        helm_chart().render(values=values, name=RELEASE)
+    assert ("kafka.properties.sasl.oauthbearer.method: OAUTHBEARER (OIDC, AWS MSK IAM) is not supported"
+            in str(e.value)), str(e.value)
+    assert "SCRAM-SHA-256/512 or mutual TLS" in str(e.value)
+
+
 def test_defaults_alone_ask_for_the_brokers():
     with pytest.raises(helm.HelmRenderError, match="kafka.brokers: required"):
         helm_chart().render(values={}, name=RELEASE)

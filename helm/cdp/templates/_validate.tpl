@@ -20,7 +20,9 @@ the release fails with the whole list, not the first mistake.
 {{- $errors = append $errors "kafka.tls: caSecret/clientCertSecret are set but kafka.tls.enabled is false" -}}
 {{- end -}}
 {{- range $key, $_ := $v.kafka.properties -}}
-{{- if or (hasPrefix "sasl." (trimPrefix "consumer." (trimPrefix "producer." $key))) (eq $key "security.protocol") (hasSuffix ".password" $key) -}}
+{{- if hasPrefix "sasl.oauthbearer." (trimPrefix "consumer." (trimPrefix "producer." $key)) -}}
+{{- $errors = append $errors (printf "kafka.properties.%s: OAUTHBEARER (OIDC, AWS MSK IAM) is not supported: cdp is built without libcurl; use SASL PLAIN, SCRAM-SHA-256/512 or mutual TLS" $key) -}}
+{{- else if or (hasPrefix "sasl." (trimPrefix "consumer." (trimPrefix "producer." $key))) (eq $key "security.protocol") (hasSuffix ".password" $key) -}}
 {{- $errors = append $errors (printf "kafka.properties.%s: set through kafka.sasl / kafka.tls (credentials only from Secrets)" $key) -}}
 {{- end -}}
 {{- end -}}
