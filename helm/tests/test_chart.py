@@ -592,6 +592,20 @@ def test_notes_tell_how_to_send_a_first_event():
     assert "config.sources is empty" in notes
 
 
+def test_notes_warn_about_idle_identity_replicas():
+    """<p>.valid has one partition: one identity pod works, one stands by,
+    any more only idle. A warning, not a refusal, so existing values with
+    more replicas still upgrade."""
+    for replicas in (1, 2):
+        notes = render_raw(merge(load_values("minimal"), {"identity": {"replicas": replicas}}))["cdp/templates/NOTES.txt"]
+        assert "identity.replicas" not in notes
+    notes = render_raw(merge(load_values("minimal"), {"identity": {"replicas": 4}}))["cdp/templates/NOTES.txt"]
+    assert "WARNING: identity.replicas is 4" in notes
+    assert "every further pod only idles. Set identity.replicas: 2." in notes
+    notes = render_raw(merge(load_values("minimal"), {"identity": {"replicas": 4, "enabled": False}}))["cdp/templates/NOTES.txt"]
+    assert "identity.replicas" not in notes
+
+
 def merge(a: dict, b: dict) -> dict:
     out = copy.deepcopy(a)
     for k, v in b.items():
