@@ -124,6 +124,26 @@ def test_deliver_outlives_a_webhook_batch_deadline_on_stop():
     assert pod_spec(one(docs, "Deployment", "-deliver"))["terminationGracePeriodSeconds"] > 60 + 15
 
 
+def test_stage_values_merge_maps_and_replace_lists_as_values_yaml_says():
+    shared_toleration = {"key": "shared", "operator": "Exists"}
+    own_toleration = {"key": "own", "operator": "Exists"}
+    docs = render({
+        "kafka": {"brokers": "k:9092"},
+        "nodeSelector": {"pool": "data", "disk": "ssd"},
+        "podLabels": {"team": "data"},
+        "tolerations": [shared_toleration],
+        "traits": {"nodeSelector": {"pool": "traits"}, "podLabels": {"tier": "hot"},
+                   "tolerations": [own_toleration]},
+    })
+    traits = one(docs, "StatefulSet", "-traits")
+    spec = pod_spec(traits)
+    assert spec["nodeSelector"] == {"pool": "traits", "disk": "ssd"}  # merged, the stage wins
+    labels = traits["spec"]["template"]["metadata"]["labels"]
+    assert labels["team"] == "data" and labels["tier"] == "hot"
+    assert spec["tolerations"] == [own_toleration]  # replaced
+    assert pod_spec(one(docs, "StatefulSet", "-audiences"))["tolerations"] == [shared_toleration]
+
+
 def test_static_membership_can_be_turned_off_for_brokers_without_it():
     docs = render({"kafka": {"brokers": "k:9092", "staticMembership": False}})
     for stage in STATEFUL:
