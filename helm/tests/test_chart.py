@@ -320,6 +320,19 @@ def test_the_topics_hook_sees_its_own_config_and_credentials():
             if ref:
                 refs.append(("Secret", ref["name"]))
         assert refs, name
+        # It runs as the release's ServiceAccount (its hook copy when the
+        # chart creates one), never silently as the namespace's default.
+        sa = values.get("serviceAccount", {})
+        if sa.get("create", True):
+            refs.append(("ServiceAccount", spec["serviceAccountName"]))
+            release_sa = one(docs, "ServiceAccount", f"{RELEASE}-cdp")
+            assert not is_hook(release_sa)
+            hook_sa = hooks[("ServiceAccount", spec["serviceAccountName"])]
+            assert hook_sa["automountServiceAccountToken"] == release_sa["automountServiceAccountToken"]
+            assert (release_sa["metadata"].get("annotations") or {}).items() <= hook_sa["metadata"]["annotations"].items()
+        else:
+            assert spec["serviceAccountName"] == (sa.get("name") or "default")
+            user_secrets.add(spec["serviceAccountName"])
         for kind, ref in refs:
             assert (kind, ref) not in created, f"{name}: the hook uses {kind} {ref}, created only after hooks"
             if (kind, ref) in hooks:
@@ -327,9 +340,31 @@ def test_the_topics_hook_sees_its_own_config_and_credentials():
                 assert weight < job_weight
                 assert "pre-install" in hooks[(kind, ref)]["metadata"]["annotations"]["helm.sh/hook"]
             else:
-                assert kind == "Secret" and ref in user_secrets, f"{name}: {kind} {ref} comes from nowhere"
+                assert kind in ("Secret", "ServiceAccount") and ref in user_secrets, f"{name}: {kind} {ref} comes from nowhere"
         # The hook's copy of the config is the release's config.
         assert config_of(docs, hook=True) == config_of(docs)
+
+
+def test_the_topics_hook_service_account_carries_the_release_accounts_annotations():
+    values = {"kafka": {"brokers": "k:9092"}, "commonAnnotations": {"team": "data"},
+              "serviceAccount": {"annotations": {"iam.gke.io/gcp-service-account": "cdp@p.iam.gserviceaccount.com"}}}
+    docs = render(values)
+    job = one(docs, "Job", "-topics")
+    hook_sa = one(docs, "ServiceAccount", "-topics")
+    assert pod_spec(job)["serviceAccountName"] == hook_sa["metadata"]["name"] == f"{RELEASE}-cdp-topics"
+    annotations = hook_sa["metadata"]["annotations"]
+    assert annotations["iam.gke.io/gcp-service-account"] == "cdp@p.iam.gserviceaccount.com"
+    assert annotations["team"] == "data"
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert int(annotations["helm.sh/hook-weight"]) < int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+    # Not the release's own ServiceAccount's name: a hook of that name would
+    # collide with it at pre-upgrade.
+    assert hook_sa["metadata"]["name"] != one(docs, "ServiceAccount", f"{RELEASE}-cdp")["metadata"]["name"]
+    # An existing ServiceAccount is used as it is, and none is made.
+    docs = render({"kafka": {"brokers": "k:9092"}, "serviceAccount": {"create": False, "name": "runner"}})
+    assert pod_spec(one(docs, "Job", "-topics"))["serviceAccountName"] == "runner"
+    assert by_kind(docs, "ServiceAccount") == []
 
 
 def test_helm_test_checks_topics_with_the_release_credentials():
