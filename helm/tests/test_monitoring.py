@@ -157,6 +157,42 @@ def test_alert_rules_use_only_exported_metrics(path):
         assert needed in used, f"no alert on {needed}"
 
 
+def aggregations_over(expr: str, metric: str) -> list[tuple[str, set[str], list]]:
+    """(operator, grouping labels, matchers of `metric`) of every
+    aggregation whose argument reads `metric`."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, promql_parser.AggregateExpr):
+            inner = []
+
+            def sel(n):
+                if isinstance(n, promql_parser.VectorSelector) and n.name == metric:
+                    inner.append(list(n.matchers.matchers) if n.matchers else [])
+
+            promql_parser.walk(node.expr, sel)
+            for matchers in inner:
+                found.append((str(node.op), set(node.modifier.labels) if node.modifier else set(), matchers))
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
+
+
+@pytest.mark.parametrize("path", [ALERTS, CHART / "files" / "alerts.yaml"], ids=["deploy", "chart"])
+def test_rebalance_storm_counts_rebalances_not_instances(path):
+    """Each instance of a stage counts every rebalance (a revoke and an
+    assign): a sum over instances turns one rebalance of 6 replicas into
+    ~12, so every rolling upgrade fired. Count the assignments of one
+    instance."""
+    (rule,) = [r for r in alert_rules(path) if r["alert"] == "CdpRebalanceStorm"]
+    found = aggregations_over(rule["expr"], "cdp_rebalances_total")
+    assert found, rule["expr"]
+    for op, labels, matchers in found:
+        assert op == "max", f"{op} over instances: {rule['expr']}"
+        assert labels <= {"namespace", "stage"}, labels
+        assert any(m.name == "kind" and m.value == "assign" for m in matchers), rule["expr"]
+
+
 def test_every_alert_is_explained_in_operations():
     text = (ROOT / "docs" / "OPERATIONS.md").read_text()
     for r in alert_rules():
