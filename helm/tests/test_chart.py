@@ -445,6 +445,46 @@ def test_service_monitor_only_when_the_cluster_has_its_api():
     assert rule["spec"]["groups"]
 
 
+def rendered_rules(values: dict, **kw) -> dict[str, dict]:
+    docs = render(values, api_versions=PROMETHEUS_OPERATOR, **kw)
+    rule = one(docs, "PrometheusRule", "cdp")
+    return {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+
+
+def test_state_volume_alert_is_scoped_to_the_release():
+    """kubelet reports every PVC of the cluster: the chart's rule watches
+    only its release's namespace and its StatefulSets' claims."""
+    import promql_parser
+
+    values = merge(load_values("ingress-monitoring"), {"metrics": {"prometheusRule": {"enabled": True}}})
+    rules = rendered_rules(values)
+    expr = rules["CdpStateVolumeFilling"]["expr"]
+    selectors = []
+    promql_parser.walk(promql_parser.parse(expr),
+                       lambda n: selectors.append(n) if isinstance(n, promql_parser.VectorSelector) else None)
+    assert {s.name for s in selectors} == {"kubelet_volume_stats_available_bytes", "kubelet_volume_stats_capacity_bytes"}
+    for sel in selectors:
+        matchers = {m.name: m for m in sel.matchers.matchers}
+        assert matchers["namespace"].value == NAMESPACE and str(matchers["namespace"].op) == "MatchOp.Equal"
+        claims = re.compile(matchers["persistentvolumeclaim"].value)  # PromQL regexes are anchored
+        for claim in (f"state-{RELEASE}-cdp-{stage}-{n}" for stage in STATEFUL for n in (0, 11)):
+            assert claims.fullmatch(claim), claim
+        for claim in ("state-other-cdp-traits-0", f"state-{RELEASE}-cdp-collect-0", f"data-{RELEASE}-cdp-traits-0",
+                      f"state-{RELEASE}-cdp-traits-x", "state-x-validate-0"):
+            assert not claims.fullmatch(claim), claim
+    # Every other rule is the file's, unchanged.
+    from test_monitoring import alert_rules
+
+    for r in alert_rules(CHART / "files" / "alerts.yaml"):
+        if r["alert"] != "CdpStateVolumeFilling":
+            assert rules[r["alert"]] == r
+    # A stage without a volume is not watched; with none, neither is the rule.
+    only_traits = merge(values, {s: {"persistence": {"enabled": False}} for s in STATEFUL if s != "traits"})
+    assert "state-(shop-cdp-traits)-[0-9]+" in rendered_rules(only_traits)["CdpStateVolumeFilling"]["expr"]
+    none = merge(values, {s: {"persistence": {"enabled": False}} for s in STATEFUL})
+    assert "CdpStateVolumeFilling" not in rendered_rules(none) and "CdpStageDown" in rendered_rules(none)
+
+
 def test_prometheus_rule_is_the_deploy_alert_file():
     from conftest import ROOT
 
