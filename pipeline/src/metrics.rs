@@ -289,10 +289,53 @@ histogram!(
     LATENCY_BUCKETS.to_vec()
 );
 
+/// Every label value `cdp_ticks_rejected_total{reason}` takes.
+pub const TICK_REJECT_REASONS: [&str; 5] = [
+    "malformed",
+    "foreign_origin",
+    "future_epoch",
+    "stale_epoch",
+    "too_far_ahead",
+];
+
+/// A stage's series, at zero before anything happens: `cdp_tasks` is there
+/// (0) before the first assignment, so an alert on "no tasks" fires for a
+/// stage that never joins its group, and `increase()` sees a counter's
+/// first event (a series born at 1 shows no increase).
+pub fn init_stage(stage: &str) {
+    TASKS.with_label_values(&[stage]).set(0);
+    FENCED.with_label_values(&[stage]);
+    CHANGELOG_REPAIRS.with_label_values(&[stage]);
+    for reason in TICK_REJECT_REASONS {
+        TICKS_REJECTED.with_label_values(&[stage, reason]);
+    }
+    CLIENT_REBUILDS.with_label_values(&[stage, "producer"]);
+}
+
 /// Render every registered metric in the Prometheus text format.
 pub fn render() -> String {
     let encoder = prometheus::TextEncoder::new();
     encoder
         .encode_to_string(&prometheus::gather())
         .unwrap_or_else(|e| format!("# error encoding metrics: {e}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stages_series_exist_at_zero_before_anything_happens() {
+        init_stage("fresh");
+        let text = render();
+        for series in [
+            r#"cdp_tasks{stage="fresh"} 0"#,
+            r#"cdp_fenced_total{stage="fresh"} 0"#,
+            r#"cdp_changelog_repairs_total{stage="fresh"} 0"#,
+            r#"cdp_ticks_rejected_total{reason="too_far_ahead",stage="fresh"} 0"#,
+            r#"cdp_client_rebuilds_total{client="producer",stage="fresh"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} missing");
+        }
+    }
 }

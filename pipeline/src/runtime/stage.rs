@@ -108,6 +108,7 @@ impl StageRuntime {
             .map_or(cfg.max_batch, |most| most.min(cfg.max_batch));
         let topics = self.factory.topics();
         let name = self.spec.name;
+        crate::metrics::init_stage(name);
         let input_topic = self.spec.input_topic.clone();
         let shared = Arc::new(Shared {
             producer: RwLock::new(
