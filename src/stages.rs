@@ -319,13 +319,22 @@ fn nothing_to_count(record: &[u8]) -> bool {
 /// Identity builds one graph from one serial log: refuse to start on a
 /// `<p>.valid` with more partitions (a topic made before identity was
 /// serial), naming the fix, rather than split people into several profiles.
-fn check_serial_input(factory: &ClientFactory) -> anyhow::Result<()> {
+/// A broker that does not answer is waited for, as every stage waits for
+/// it (until shutdown), not taken for a reason to exit.
+fn check_serial_input(factory: &ClientFactory, shutdown: &Shutdown) -> anyhow::Result<()> {
     use rdkafka::consumer::Consumer as _;
     let topic = factory.topics().valid();
     let consumer = factory.restore_consumer()?;
-    let metadata = consumer
-        .fetch_metadata(Some(&topic), std::time::Duration::from_secs(30))
-        .with_context(|| format!("reading the metadata of {topic}"))?;
+    let metadata = loop {
+        match consumer.fetch_metadata(Some(&topic), std::time::Duration::from_secs(10)) {
+            Ok(metadata) => break metadata,
+            Err(e) if !shutdown.is_triggered() => {
+                tracing::warn!(error = %e, %topic, "identity: no answer from the broker yet; retrying");
+            }
+            // Stopped while waiting: the stage starts and ends at once.
+            Err(_) => return Ok(()),
+        }
+    };
     let partitions = metadata
         .topics()
         .iter()
@@ -355,16 +364,14 @@ pub fn start_stages(
     let handle = tokio::runtime::Handle::current();
     let mut joins = Vec::new();
     for stage in stages {
+        // Registered (not ready) first: `/readyz` answers 503 while the
+        // stage waits for the broker below, not 200 for want of a check.
+        let ready = health.register(stage.name());
         if *stage == Stage::Identity {
-            check_serial_input(factory)?;
+            check_serial_input(factory, shutdown)?;
         }
         let spec = stage.spec(compiled, factory)?;
-        let mut runtime = StageRuntime::new(
-            spec,
-            factory.clone(),
-            instance_id.clone(),
-            health.register(stage.name()),
-        );
+        let mut runtime = StageRuntime::new(spec, factory.clone(), instance_id.clone(), ready);
         if let Some(observer) = stage.input_observer(compiled) {
             runtime = runtime.with_input_observer(observer);
         }
