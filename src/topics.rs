@@ -193,6 +193,29 @@ pub fn render(spec: &TopicSpec, found: Option<&Found>, state: &str) -> String {
     }
 }
 
+/// What differs from the config but does not stop the pipeline, one line
+/// each: `<p>.raw` with another partition count than `kafka.partitions`
+/// (the stages follow the topics; changing the setting alone changes
+/// nothing, so a `helm upgrade` of it would seem to succeed).
+pub fn notes(factory: &ClientFactory, found: &BTreeMap<String, Found>) -> Vec<String> {
+    let raw = factory.topics().raw();
+    let wanted = factory.config().partitions;
+    match found.get(&raw) {
+        Some(have) if i32::try_from(have.partitions).ok() != Some(wanted) => vec![format!(
+            "{raw} has {} partitions and kafka.partitions says {wanted}: the stages use the topics' own counts; partitions are not added in place (docs/OPERATIONS.md, \"Scaling out\")",
+            have.partitions
+        )],
+        _ => Vec::new(),
+    }
+}
+
+/// Print each note on stderr.
+fn say_notes(notes: &[String]) {
+    for note in notes {
+        eprintln!("note: {note}");
+    }
+}
+
 /// Fail with every problem, or say nothing.
 pub fn fail_on(problems: &[String]) -> anyhow::Result<()> {
     if problems.is_empty() {
@@ -225,6 +248,7 @@ pub async fn create(
         };
         println!("{}", render(s, found.get(&s.name), state));
     }
+    say_notes(&notes(factory, &found));
     fail_on(&problems(factory, &specs, &found))
 }
 
@@ -247,6 +271,7 @@ pub async fn check(
         };
         println!("{}", render(s, found.get(&s.name), state));
     }
+    say_notes(&notes(factory, &found));
     if !missing.is_empty() {
         anyhow::bail!(
             "{} of {} topics missing: {} (run `cdp topics create`)",
@@ -271,7 +296,8 @@ pub async fn sizes(
     let partitions = partition_counts(factory).await?;
     let factory = factory.clone();
     let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
-        let consumer: BaseConsumer = factory.plain_consumer("cdp-topics-sizes")?;
+        let consumer: BaseConsumer =
+            factory.plain_consumer(&format!("{}.topics-sizes", factory.config().topic_prefix))?;
         let mut lines = Vec::new();
         for name in &names {
             let Some(&count) = partitions.get(name) else {

@@ -94,6 +94,18 @@ fn topics_check_names_the_missing_topics_and_passes_once_they_exist() -> TestRes
     let all = check()?;
     assert!(all.status.success(), "{}", text(&all));
     assert!(!text(&all).contains("missing"), "{}", text(&all));
+    assert!(!text(&all).contains("note:"), "{}", text(&all));
+
+    // kafka.partitions raised after the topics were made: noted, not failed.
+    let raised = std::fs::read_to_string(&config)?.replace("partitions: 2", "partitions: 8");
+    std::fs::write(&config, raised)?;
+    let noted = check()?;
+    assert!(noted.status.success(), "{}", text(&noted));
+    assert!(
+        text(&noted).contains("note: hc.raw has 2 partitions and kafka.partitions says 8"),
+        "{}",
+        text(&noted)
+    );
     Ok(())
 }
 
