@@ -98,6 +98,15 @@ impl Reference {
         let rule = self.rules.get(kind)?;
         let mut v = match raw {
             Value::String(s) => s.trim().to_string(),
+            Value::Number(n) if n.is_f64() => {
+                // Whole floats read as integers, unless too large to be exact.
+                let x = n.as_f64()?;
+                match (x.fract() == 0.0, x.abs() <= 2f64.powi(53)) {
+                    (true, true) => format!("{x:.0}"),
+                    (true, false) => return None,
+                    (false, _) => n.to_string(),
+                }
+            }
             Value::Number(n) => n.to_string(),
             _ => return None,
         };

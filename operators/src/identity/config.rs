@@ -191,6 +191,30 @@ fn lowercase(text: Cow<'_, str>) -> Cow<'_, str> {
     }
 }
 
+/// A number as an identifier, written in decimal: `777`, `777.0` and `7.77e2`
+/// are all `"777"` (as the string `"777"`); a fraction keeps its digits
+/// (`12.5`). An integer beyond 2^53 that arrived as a float (JSON readers,
+/// ours included, keep integers exactly only up to 64 bits) has lost its
+/// last digits: `123456789012345678901` and `…902` would be one person, so
+/// it is no identifier at all (`invalid_type`; send such ids as strings).
+fn number_id(n: &serde_json::Number) -> Result<String, DropReason> {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    if n.is_i64() || n.is_u64() {
+        return Ok(n.to_string());
+    }
+    let x = n
+        .as_f64()
+        .filter(|x| x.is_finite())
+        .ok_or(DropReason::InvalidType)?;
+    if x.fract() != 0.0 {
+        return Ok(n.to_string());
+    }
+    if x.abs() > EXACT {
+        return Err(DropReason::InvalidType);
+    }
+    Ok(format!("{}", x as i64))
+}
+
 fn normalized_set(values: &[String]) -> BTreeSet<String> {
     values.iter().map(|v| v.trim().to_lowercase()).collect()
 }
@@ -323,7 +347,7 @@ impl IdentityRules {
         // copies (three for an email) made for every identifier.
         let value = match raw {
             Leaf::Text(s) => Cow::Borrowed(s.trim()),
-            Leaf::Other(Value::Number(n)) => Cow::Owned(n.to_string()),
+            Leaf::Other(Value::Number(n)) => Cow::Owned(number_id(n)?),
             _ => return Err(DropReason::InvalidType),
         };
         let value = if kind == "email" {

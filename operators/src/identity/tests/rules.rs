@@ -158,6 +158,33 @@ fn emails_are_case_insensitive_and_numbers_become_strings() -> TestResult {
 }
 
 #[test]
+fn numbers_are_one_decimal_text_and_inexact_ones_are_refused() -> TestResult {
+    let mut h = harness(&IdentityConfig::default())?;
+    let mut profile_of =
+        |id: &str, anon: &str| -> Result<(String, Identifiers), Box<dyn std::error::Error>> {
+            let event: Value = serde_json::from_str(&format!(
+                r#"{{"type": "identify", "userId": {id}, "anonymousId": "{anon}"}}"#
+            ))?;
+            resolved(&send(&mut h, &event)?)
+        };
+    let (seven, ids_777) = profile_of("777", "a1")?;
+    assert_eq!(ids_777.get("user_id"), Some(&vec!["777".to_string()]));
+    // The same number however it is written.
+    for same in ["777.0", "7.77e2", "\"777\""] {
+        assert_eq!(profile_of(same, "a1")?.0, seven, "{same}");
+    }
+    let (_, fraction) = profile_of("12.5", "a2")?;
+    assert_eq!(fraction.get("user_id"), Some(&vec!["12.5".to_string()]));
+    // Past 2^53 as a float: its last digits are gone, so two people would
+    // be one. No user id; the anonymous ids keep them apart.
+    let (big_a, ids_a) = profile_of("123456789012345678901", "big-a")?;
+    let (big_b, _) = profile_of("123456789012345678902", "big-b")?;
+    assert_ne!(big_a, big_b);
+    assert_eq!(ids_a.get("user_id"), None);
+    Ok(())
+}
+
+#[test]
 fn unconfigured_types_are_ignored_and_external_ids_are_typed() -> TestResult {
     let mut cfg = IdentityConfig::default();
     cfg.identifiers
