@@ -140,6 +140,13 @@ pub struct Compiled {
 
 impl Config {
     pub fn from_yaml(text: &str) -> Result<Config, ConfigLoadError> {
+        // A key given twice (two `audiences.vip`): the typed maps would keep
+        // the last one silently; YAML's own tree refuses it, with its path.
+        if let Err(e) = serde_yaml::from_str::<serde_yaml::Value>(text) {
+            if e.to_string().contains("duplicate entry") {
+                return Err(ConfigLoadError::Parse(e.to_string()));
+            }
+        }
         let de = serde_yaml::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();

@@ -71,6 +71,15 @@ fn an_empty_file_is_ok_with_a_warning_that_no_request_can_authenticate() -> Test
 }
 
 #[test]
+fn a_key_given_twice_fails_with_its_path() -> TestResult {
+    refused(
+        "audiences:\n",
+        "audiences:\n  lapsing:\n    where: {trait: revenue_total, gte: 1}\n",
+        "audiences: duplicate entry with key \"lapsing\"",
+    )
+}
+
+#[test]
 fn two_identifier_types_of_one_priority_fail_with_the_path() -> TestResult {
     refused(
         "email: {limit: 5, priority: 2}",
