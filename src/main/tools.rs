@@ -43,17 +43,17 @@ pub(crate) async fn replay_dead_letters(
     let (_, factory) = common.open()?;
     let report = cdp::dead_letters::replay(&factory, &selection, dry_run).await?;
     let verb = if dry_run { "would replay" } else { "replayed" };
-    println!(
-        "{verb} {}: {}",
-        report.replayed.len(),
-        report.replayed.join(" ")
-    );
-    println!(
-        "already replayed {}: {}",
-        report.already_replayed.len(),
-        report.already_replayed.join(" ")
-    );
+    println!("{}", counted(verb, &report.replayed));
+    println!("{}", counted("already replayed", &report.already_replayed));
     Ok(())
+}
+
+/// `label N: id id …`, or `label 0` when there are none.
+fn counted(label: &str, ids: &[String]) -> String {
+    match ids {
+        [] => format!("{label} 0"),
+        ids => format!("{label} {}: {}", ids.len(), ids.join(" ")),
+    }
 }
 
 pub(crate) async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
