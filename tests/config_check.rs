@@ -276,6 +276,11 @@ fn a_property_path_outside_the_event_fails_with_its_path() -> TestResult {
         "property: properties.revenue, function: sum",
         "property: revenue, function: sum",
         "traits.revenue_total.aggregation.property: \"revenue\" is no field of a Segment event (paths start at the event: properties.revenue,",
+    )?;
+    refused(
+        "property: properties.revenue, function: sum",
+        "property: propertes.revenue, function: sum",
+        "traits.revenue_total.aggregation.property: \"propertes.revenue\" is no field of a Segment event (did you mean properties.revenue?)",
     )
 }
 

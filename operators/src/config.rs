@@ -49,20 +49,30 @@ pub fn check_event_path(path: &str, property: &str) -> Result<(), ConfigError> {
     if property.is_empty() {
         return Err(ConfigError::new(path, "must not be empty"));
     }
-    let root = property.split('.').next().unwrap_or(property);
-    if crate::validate::TOP_LEVEL_PARSED
-        .iter()
-        .chain(&crate::validate::TOP_LEVEL_SHAPED)
-        .chain(OTHER_EVENT_FIELDS)
-        .any(|f| *f == root)
-    {
+    let (root, rest) = property.split_once('.').unwrap_or((property, ""));
+    let fields = || {
+        crate::validate::TOP_LEVEL_PARSED
+            .iter()
+            .chain(&crate::validate::TOP_LEVEL_SHAPED)
+            .chain(OTHER_EVENT_FIELDS)
+    };
+    if fields().any(|f| *f == root) {
         return Ok(());
     }
+    // A misspelt field (`propertes.revenue`): name the field it is close to.
+    let near = fields()
+        .filter(|f| f.len() > 3 && strsim::damerau_levenshtein(f, root) <= 2)
+        .min_by_key(|f| strsim::damerau_levenshtein(f, root));
+    let hint = match near {
+        Some(field) if !rest.is_empty() => format!("did you mean {field}.{rest}?"),
+        Some(field) => format!("did you mean {field}?"),
+        None => format!(
+            "paths start at the event: properties.{property}, traits.{property}, context.{property}, event, …"
+        ),
+    };
     Err(ConfigError::new(
         path,
-        format!(
-            "{property:?} is no field of a Segment event (paths start at the event: properties.{property}, traits.{property}, context.{property}, event, …)"
-        ),
+        format!("{property:?} is no field of a Segment event ({hint})"),
     ))
 }
 
