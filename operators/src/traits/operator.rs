@@ -46,10 +46,13 @@ pub struct TraitsOperator {
     cache: StateCache<ProfileState>,
     /// The definitions' digests of each config the task recorded, read
     /// once (a config's are a function of its fingerprint: never stale).
-    configs: RefCell<HashMap<u64, Option<Arc<BTreeMap<String, u64>>>>>,
+    configs: RefCell<HashMap<u64, Option<DefDigests>>>,
     /// This config's are in the task's state.
     recorded: bool,
 }
+
+/// Each trait's definition digest, by name ([`TraitSet::def_fingerprints`]).
+type DefDigests = Arc<BTreeMap<String, u64>>;
 
 /// The state key of the definitions' digests of the traits a config
 /// fingerprint names (outside `profile/`, `redirect/`, `wait/`). Written
@@ -80,7 +83,7 @@ impl TraitsOperator {
         &self,
         ctx: &Context<'_>,
         fingerprint: u64,
-    ) -> Option<Arc<BTreeMap<String, u64>>> {
+    ) -> Option<DefDigests> {
         let mut configs = self.configs.borrow_mut();
         configs
             .entry(fingerprint)
