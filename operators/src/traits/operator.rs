@@ -79,11 +79,7 @@ impl TraitsOperator {
     }
 
     /// The definitions' digests recorded for the config `fingerprint`.
-    fn settled_under(
-        &self,
-        ctx: &Context<'_>,
-        fingerprint: u64,
-    ) -> Option<DefDigests> {
+    fn settled_under(&self, ctx: &Context<'_>, fingerprint: u64) -> Option<DefDigests> {
         let mut configs = self.configs.borrow_mut();
         configs
             .entry(fingerprint)
