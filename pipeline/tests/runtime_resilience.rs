@@ -221,11 +221,13 @@ async fn a_restore_waits_for_a_broker_that_is_away() -> TestResult {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fenced_static_member_ends_the_stage_and_fails_health() -> TestResult {
-    let s = setup(&[])?;
-    let shutdown = Shutdown::default();
-    let health = Health::default();
+/// The stage as static member `clock-0`, once it has joined and processed
+/// a record.
+async fn static_member_processing(
+    s: &MockStage,
+    shutdown: &Shutdown,
+    health: &Health,
+) -> Result<StageJoin, BoxError> {
     let join = start(
         StageRuntime::new(
             spec(),
@@ -233,13 +235,21 @@ async fn a_fenced_static_member_ends_the_stage_and_fails_health() -> TestResult 
             Some("clock-0".into()),
             health.register("clock"),
         ),
-        &shutdown,
+        shutdown,
     )?;
-    // Joined and processing.
     produce(&s.producer, "before", &[]).await?;
     let f = s.factory.clone();
     let out = tokio::task::spawn_blocking(move || read_out(&f, |o| !o.is_empty())).await?;
     assert_eq!(out.len(), 1, "{out:?}");
+    Ok(join)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_static_member_ends_the_stage_and_fails_health() -> TestResult {
+    let s = setup(&[])?;
+    let shutdown = Shutdown::default();
+    let health = Health::default();
+    let join = static_member_processing(&s, &shutdown, &health).await?;
     // Another instance with the same group.instance.id took over: the
     // coordinator answers the next heartbeats with FENCED_INSTANCE_ID.
     s.mock.request_errors(
@@ -401,19 +411,7 @@ async fn a_static_member_that_stops_does_not_leave_the_group() -> TestResult {
     let s = setup(&[("consumer.debug", "cgrp")])?;
     let shutdown = Shutdown::default();
     let health = Health::default();
-    let join = start(
-        StageRuntime::new(
-            spec(),
-            s.factory.clone(),
-            Some("clock-0".into()),
-            health.register("clock"),
-        ),
-        &shutdown,
-    )?;
-    produce(&s.producer, "before", &[]).await?;
-    let f = s.factory.clone();
-    let out = tokio::task::spawn_blocking(move || read_out(&f, |o| !o.is_empty())).await?;
-    assert_eq!(out.len(), 1, "{out:?}");
+    let join = static_member_processing(&s, &shutdown, &health).await?;
     let joined = debug.0.lock().map_err(|e| e.to_string())?.len();
     assert!(joined > 0, "no debug lines of librdkafka were seen");
 
