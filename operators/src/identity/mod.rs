@@ -262,7 +262,12 @@ fn snapshot(
         merged_from: state.merged_from.clone(),
         dropped: state.dropped.clone(),
         merges: state.merges,
-        updated_at: provenance.at.map(String::from),
+        // One format whatever the client sent (`…t…z`, a space, micros):
+        // consumers compare these as text.
+        updated_at: provenance.at.map(|at| {
+            crate::messages::parse_time_ms(at)
+                .map_or_else(|| at.to_string(), crate::messages::rfc3339_ms)
+        }),
         cause: cause.clone(),
     }
 }

@@ -306,10 +306,11 @@ fn times_beyond_the_tolerance_are_written_at_the_reference_time() -> TestResult 
         let out = h.process_at(None, &bytes, &[], Some(received))?;
         Ok::<_, Box<dyn std::error::Error>>(out)
     };
-    // Within the hour: kept as it came.
+    // Within the hour: its own time, in one format (written `t…z` with a
+    // space-free offset here, read back in RFC 3339 with milliseconds).
     let out = send_at(
         &mut h,
-        json!({"type": "page", "anonymousId": "a1", "timestamp": "2026-11-26T10:59:00Z"}),
+        json!({"type": "page", "anonymousId": "a1", "timestamp": "2026-11-26t11:59:00+01:00"}),
     )?;
     let within: Vec<ProfileSnapshot> = out
         .iter()
@@ -318,7 +319,7 @@ fn times_beyond_the_tolerance_are_written_at_the_reference_time() -> TestResult 
         .collect::<Result<_, _>>()?;
     assert_eq!(
         within[0].updated_at.as_deref(),
-        Some("2026-11-26T10:59:00Z")
+        Some("2026-11-26T10:59:00.000Z")
     );
     // A year ahead, merging a1 into u1: the merge, the survivor's history
     // and both snapshots carry the broker's time, and the event still
