@@ -39,7 +39,6 @@ mod history;
 mod operator;
 mod profile;
 mod sizes;
-mod sweep;
 #[cfg(test)]
 mod tests;
 

@@ -18,9 +18,9 @@ use crate::messages::{
 };
 use crate::profile_keyed::{
     decode_state, decode_update, dispatch, emit_json, encode_state, fired_profile, handle_at_once,
-    invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
+    invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer, sweep_step,
     to_json_value, union_identifier_pairs, union_identifiers, EventTree, Layout, Merge,
-    ProfileStage, StageInput, StateCache, Stored, CACHED_PROFILES,
+    ProfileStage, StageInput, StateCache, Stored, Sweep, CACHED_PROFILES, SWEEP_STEP,
 };
 
 /// The audiences operator of one task.
@@ -88,20 +88,16 @@ impl AudiencesOperator {
             layout: Layout::default(),
             cache: StateCache::new(profiles),
             sizes: RefCell::new(Sizes::new(None)),
-            sweep_step: super::sweep::SWEEP_STEP,
+            sweep_step: SWEEP_STEP,
         }
     }
 
     /// Re-evaluate `profiles` profiles a tick (at least 1) after the
-    /// audiences changed, instead of [`SWEEP_STEP`](super::sweep::SWEEP_STEP).
+    /// audiences changed, instead of [`SWEEP_STEP`].
     #[cfg(test)]
     pub(crate) fn with_sweep_step(mut self, profiles: usize) -> Self {
         self.sweep_step = profiles.max(1);
         self
-    }
-
-    pub(super) fn sweep_step(&self) -> usize {
-        self.sweep_step
     }
 
     /// Report this task's members per audience to `reporter` as they move
@@ -109,10 +105,6 @@ impl AudiencesOperator {
     pub fn with_size_reporter(mut self, reporter: SizeReporter) -> Self {
         self.sizes = RefCell::new(Sizes::new(Some(reporter)));
         self
-    }
-
-    pub(super) fn set(&self) -> &AudienceSet {
-        &self.set
     }
 
     /// Emit `changes` of profile `id` and count them.
@@ -549,8 +541,14 @@ impl Operator for AudiencesOperator {
         self.sizes.get_mut().end_batch(ctx, &self.set)
     }
 
+    /// After the audiences changed, every profile again (see `Sweep`).
     fn on_tick(&mut self, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
-        super::sweep::step(self, ctx)
+        let sweep = Sweep {
+            key: b"audience-sweep",
+            fingerprint: self.set.fingerprint,
+            step: self.sweep_step,
+        };
+        sweep_step(&sweep, ctx, |ctx, id| self.on_timer(id, ctx))
     }
 
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {

@@ -18,6 +18,7 @@ mod encoding;
 mod entry;
 mod fast;
 mod read;
+mod sweep;
 mod wait;
 
 pub(crate) use cache::{StateCache, CACHED_PROFILES};
@@ -31,6 +32,7 @@ pub(crate) use encoding::{
 pub(crate) use entry::{retired_value, to_earlier_layout, LIVE};
 pub(crate) use entry::{Entry, Layout};
 pub(crate) use read::{EventPaths, EventTree};
+pub(crate) use sweep::{step as sweep_step, Sweep, SWEEP_STEP};
 pub use wait::MAX_HELD_INPUTS;
 pub(crate) use wait::{dispatch, fired_profile, handle_at_once, ProfileStage, Route, Timed};
 

@@ -20,9 +20,9 @@ use crate::messages::{
 };
 use crate::profile_keyed::{
     decode_event, decode_state, dispatch, emit_record, encode_state, fired_profile, handle_at_once,
-    invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer,
+    invalid_transfer, pass_on_transfer, profile_key, reschedule, retire, send_transfer, sweep_step,
     to_json_value, union_identifier_pairs, union_identifiers, unwritable, EventTree, Layout, Merge,
-    ProfileStage, StageInput, StateCache, Stored, CACHED_PROFILES,
+    ProfileStage, StageInput, StateCache, Stored, Sweep, CACHED_PROFILES, SWEEP_STEP,
 };
 
 /// An event as [`TraitsOperator::on_event`] takes it, however it was
@@ -49,6 +49,8 @@ pub struct TraitsOperator {
     configs: RefCell<HashMap<u64, Option<DefDigests>>>,
     /// This config's are in the task's state.
     recorded: bool,
+    /// Profiles evaluated again per tick after the traits changed.
+    sweep_step: usize,
 }
 
 /// Each trait's definition digest, by name ([`TraitSet::def_fingerprints`]).
@@ -75,7 +77,36 @@ impl TraitsOperator {
             cache: StateCache::new(profiles),
             configs: RefCell::default(),
             recorded: false,
+            sweep_step: SWEEP_STEP,
         }
+    }
+
+    /// Evaluate `profiles` profiles a tick (at least 1) after the traits
+    /// changed, instead of [`SWEEP_STEP`].
+    #[cfg(test)]
+    pub(crate) fn with_sweep_step(mut self, profiles: usize) -> Self {
+        self.sweep_step = profiles.max(1);
+        self
+    }
+
+    /// Whether profile `id` (a key's bytes) was last settled under the
+    /// running traits, so a sweep has nothing to send for it: in this
+    /// batch's pending states, or stored with this config's fingerprint.
+    /// Read without taking it from the cache.
+    fn settled_now(&self, ctx: &Context<'_>, id: &[u8]) -> Result<bool, OperatorError> {
+        let Ok(id) = std::str::from_utf8(id) else {
+            return Ok(true);
+        };
+        if self.cache.is_pending(id) {
+            return Ok(true);
+        }
+        let Some(bytes) = ctx.get(&profile_key(id))? else {
+            return Ok(true);
+        };
+        Ok(matches!(
+            decode_state::<ProfileState>(id, &bytes),
+            Ok(Stored::Current(state)) if state.config == self.set.fingerprint
+        ))
     }
 
     /// The definitions' digests recorded for the config `fingerprint`.
@@ -504,6 +535,24 @@ impl Operator for TraitsOperator {
             self.recorded = true;
         }
         Ok(())
+    }
+
+    /// After the traits changed, every profile again (see `Sweep`): a
+    /// trait whose definition changed is sent with its new value, so the
+    /// audiences stage stops acting on the old one without waiting for
+    /// the profile's next event.
+    fn on_tick(&mut self, ctx: &mut Context<'_>) -> Result<(), OperatorError> {
+        let sweep = Sweep {
+            key: b"trait-sweep",
+            fingerprint: self.set.fingerprint,
+            step: self.sweep_step,
+        };
+        sweep_step(&sweep, ctx, |ctx, id| {
+            if self.settled_now(ctx, id)? {
+                return Ok(());
+            }
+            self.on_timer(id, ctx)
+        })
     }
 
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {

@@ -65,3 +65,49 @@ fn states_are_fitted_against_the_config_they_were_settled_under() -> TestResult 
     assert_eq!(out.get("orders"), Some(&json!(3)), "{out:?}");
     Ok(())
 }
+
+/// Profiles with no new event hear of the change too: after the traits
+/// changed, each task sends every profile's changed values again, a step
+/// per tick, so the audiences stage stops acting on the old ones.
+#[test]
+fn profiles_without_events_are_sent_their_new_values_a_step_per_tick() -> TestResult {
+    let mut h = harness(BEFORE)?;
+    send(&mut h, "p1", order(1_000, 300, 30))?;
+    send(&mut h, "p2", order(1_500, 50, 5))?;
+    // The first tick under BEFORE: nothing to do.
+    assert!(updates(&h.tick(2_000)?)?.is_empty());
+    h.operator = TraitsOperator::new(trait_set(AFTER)?).with_sweep_step(1);
+    let mut seen = Vec::new();
+    for t in [3_000, 4_000, 5_000] {
+        for u in updates(&h.tick(t)?)? {
+            if let ProfileUpdate::Update {
+                profile_id,
+                traits,
+                cause,
+                ..
+            } = u
+            {
+                assert_eq!(cause.tick, Some(t));
+                seen.push((t, profile_id, traits));
+            }
+        }
+    }
+    assert_eq!(
+        seen.iter()
+            .map(|(t, p, _)| (*t, p.as_str()))
+            .collect::<Vec<_>>(),
+        [(3_000, "p1"), (4_000, "p2")],
+        "{seen:?}"
+    );
+    // The changed and the removed traits, started over; `orders` unchanged.
+    let reset = BTreeMap::from([
+        ("gone".to_string(), Value::Null),
+        ("ltv".to_string(), json!(0)),
+        ("recent".to_string(), json!(0)),
+    ]);
+    assert!(
+        seen.iter().all(|(_, _, traits)| traits == &reset),
+        "{seen:?}"
+    );
+    Ok(())
+}

@@ -1,29 +1,21 @@
-//! Every profile re-evaluated after the audiences changed.
+//! Every profile evaluated again after the stage's config changed.
 //!
-//! An update evaluates only its own profile, so without this a new
-//! audience would hold none of the profiles that already qualify, and a
-//! narrowed one would keep members that no longer do, until each profile's
-//! next event. A task keeps the fingerprint of the audiences its profiles
-//! were last evaluated under; when the running config's differs, the task
-//! works through its profiles in key order, [`SWEEP_STEP`] per tick, each
-//! evaluated as a timer evaluates it (at stream time, the change's `cause`
-//! the tick). The progress is state, committed with the changes it
-//! caused: a crash or a move to another instance resumes where the last
-//! committed step ended, and a replay of the same ticks takes the same
-//! steps. A config changed again mid-way starts over.
-//!
-//! What a re-evaluation can see: trait values (every one the traits stage
-//! reported is kept) and the history of event filters the audiences had
-//! before. An event condition with a filter (event name and `where`) no
-//! audience used before counts events from its first update on.
+//! An input evaluates only its own profile. Without this, a new audience
+//! would hold none of the profiles that already qualify, a narrowed one
+//! would keep members that no longer do, and a trait whose definition
+//! changed would keep its old value downstream, each until the profile's
+//! next event (never, for an inactive one). A task keeps, under its
+//! stage's key, the fingerprint of the config its profiles were last
+//! evaluated under; when the running config's differs, the task works
+//! through its profiles in key order, [`SWEEP_STEP`] per tick, each
+//! evaluated as a due timer evaluates it (at stream time, the tick its
+//! cause). The progress is state, committed with what it caused: a crash or
+//! a move to another instance resumes where the last committed step ended,
+//! and a replay of the same ticks takes the same steps. A config changed
+//! again mid-way starts over.
 
-use cdp_pipeline::operator::{Context, Operator, OperatorError};
+use cdp_pipeline::operator::{Context, OperatorError};
 use serde::{Deserialize, Serialize};
-
-use super::operator::AudiencesOperator;
-
-/// The state key of the progress: outside `profile/`, `redirect/`, `wait/`.
-pub(super) const SWEEP_KEY: &[u8] = b"audience-sweep";
 
 /// Profiles re-evaluated per tick and task: at the default 1 s ticks, a
 /// task of 1M profiles takes ~3 minutes, each tick's batch a few tens of
@@ -43,13 +35,24 @@ struct Progress {
     done: bool,
 }
 
+/// A stage's sweep: where it keeps its progress (a state key outside
+/// `profile/`, `redirect/`, `wait/`), the fingerprint of its running
+/// config, and how many profiles a tick takes.
+pub(crate) struct Sweep {
+    pub(crate) key: &'static [u8],
+    pub(crate) fingerprint: u64,
+    pub(crate) step: usize,
+}
+
 /// One step of the sweep, if one is due: called on every tick.
-pub(super) fn step(
-    operator: &mut AudiencesOperator,
+/// `evaluate` evaluates the profile with this id as a due timer would.
+pub(crate) fn step(
+    sweep: &Sweep,
     ctx: &mut Context<'_>,
+    mut evaluate: impl FnMut(&mut Context<'_>, &[u8]) -> Result<(), OperatorError>,
 ) -> Result<(), OperatorError> {
-    let current = operator.set().fingerprint;
-    let stored: Option<Progress> = ctx.get_json(SWEEP_KEY)?;
+    let current = sweep.fingerprint;
+    let stored: Option<Progress> = ctx.get_json(sweep.key)?;
     let after = match stored {
         Some(p) if p.fingerprint == current && p.done => return Ok(()),
         Some(p) if p.fingerprint == current => p.after,
@@ -57,8 +60,9 @@ pub(super) fn step(
             if stale.is_some() {
                 tracing::info!(
                     partition = ctx.partition(),
-                    step = operator.sweep_step(),
-                    "the audiences changed: re-evaluating every profile of this task, `step` a tick"
+                    key = %String::from_utf8_lossy(sweep.key),
+                    step = sweep.step,
+                    "the config changed: evaluating every profile of this task again, `step` a tick"
                 );
             }
             None
@@ -70,10 +74,10 @@ pub(super) fn step(
     };
     let mut last = after;
     let mut evaluated = 0;
-    while evaluated < operator.sweep_step() {
+    while evaluated < sweep.step {
         let Some((key, _)) = ctx.first_in_range(&from, PROFILES_END)? else {
             ctx.put_json(
-                SWEEP_KEY,
+                sweep.key,
                 &Progress {
                     fingerprint: current,
                     after: None,
@@ -86,12 +90,12 @@ pub(super) fn step(
         let id = &key[PROFILES.len()..];
         // The same evaluation a due timer makes (a waiting or merged-away
         // profile is left to its merge).
-        operator.on_timer(id, ctx)?;
+        evaluate(ctx, id)?;
         last = Some(String::from_utf8_lossy(id).into_owned());
         evaluated += 1;
     }
     ctx.put_json(
-        SWEEP_KEY,
+        sweep.key,
         &Progress {
             fingerprint: current,
             after: last,
