@@ -326,7 +326,8 @@ fn check_serial_input(factory: &ClientFactory, shutdown: &Shutdown) -> anyhow::R
     let topic = factory.topics().valid();
     let consumer = factory.restore_consumer()?;
     let metadata = loop {
-        match consumer.fetch_metadata(Some(&topic), std::time::Duration::from_secs(10)) {
+        // Short tries: a SIGTERM while waiting ends the process within 2 s.
+        match consumer.fetch_metadata(Some(&topic), std::time::Duration::from_secs(2)) {
             Ok(metadata) => break metadata,
             Err(e) if !shutdown.is_triggered() => {
                 tracing::warn!(error = %e, %topic, "identity: no answer from the broker yet; retrying");

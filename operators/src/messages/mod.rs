@@ -499,7 +499,11 @@ pub fn parse_time_ms(s: &str) -> Option<i64> {
 fn iso8601_ms(s: &str) -> Option<i64> {
     use chrono::{DateTime, NaiveDate, NaiveDateTime};
     // `%z` takes `+hhmm` and `+hh:mm`; `%#z` also `+hh`.
-    for format in ["%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z"] {
+    for format in [
+        "%Y-%m-%dT%H:%M:%S%.f%#z",
+        "%Y-%m-%d %H:%M:%S%.f%#z",
+        "%Y-%m-%dT%H:%M%#z",
+    ] {
         if let Ok(t) = DateTime::parse_from_str(s, format) {
             return Some(t.timestamp_millis());
         }
@@ -624,6 +628,8 @@ mod tests {
             "2026-12-03T16:00:00",
             "2026-12-03 16:00:00.000",
             "2026-12-03T16:00",
+            "2026-12-03T16:00Z",
+            "2026-12-03T17:00+01:00",
             " 2026-12-03T16:00:00Z ",
         ] {
             assert_eq!(at(same), utc, "{same}");
