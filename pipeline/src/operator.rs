@@ -84,9 +84,9 @@ pub trait Operator: Send {
     /// A tick moved stream time to [`Context::now`], and the timers due by
     /// then fired. What it emits and writes belongs to the tick's record,
     /// as a timer's does. Most operators need nothing here; one that works
-    /// through its whole state in steps (the audiences stage re-evaluating
-    /// every profile after its config changed) takes a step per tick, so
-    /// an idle partition gets there too.
+    /// through its whole state in steps (the profile stages evaluating
+    /// every profile again after their config changed) takes a step per
+    /// tick, so an idle partition gets there too.
     fn on_tick(&mut self, _ctx: &mut Context<'_>) -> Result<(), OperatorError> {
         Ok(())
     }
