@@ -285,28 +285,28 @@ impl IdentityRules {
     }
 
     /// The time identity records for an event (`updated_at`, a merge's
-    /// `at`, an audit entry): the event's own, unless it is beyond
-    /// `event_time.max_future`, then the reference time, whatever the
-    /// policy. Identity never refuses an event for its time: its links are
-    /// real whenever the event happened, and under `dead_letter` the
-    /// traits stage is the one that sets the event aside. `None` when the
-    /// event's time is kept as it came.
-    pub(super) fn corrected_time(
+    /// `at`, an audit entry), in ms, and whether it is not the event's own:
+    /// the event's own time, unless it is beyond `event_time.max_future`,
+    /// then the reference time, whatever the policy. Identity never
+    /// refuses an event for its time: its links are real whenever the
+    /// event happened, and under `dead_letter` the traits stage is the one
+    /// that sets the event aside. `None` when the event has no time it
+    /// can read.
+    pub(super) fn recorded_time(
         &self,
         at: Option<&str>,
         stream_time: i64,
         record_time: Option<i64>,
-    ) -> Option<i64> {
+    ) -> Option<(i64, bool)> {
         let own = at.and_then(crate::messages::parse_time_ms)?;
         let policy = EventTimeConfig {
             beyond: crate::event_time::FutureTimePolicy::Correct,
             ..self.event_time
         };
-        policy
-            .bound(own, stream_time, record_time)
-            .ok()
-            .filter(|b| b.corrected_from.is_some())
-            .map(|b| b.time)
+        Some(match policy.bound(own, stream_time, record_time) {
+            Ok(b) if b.corrected_from.is_some() => (b.time, true),
+            _ => (own, false),
+        })
     }
 
     pub(super) fn max_merges(&self) -> usize {

@@ -393,6 +393,8 @@ pub struct Resolution {
 /// The cause of a change, for the audit trail.
 pub struct Provenance<'a> {
     pub at: Option<&'a str>,
+    /// `at` as read (ms), when it reads as a time.
+    pub at_ms: Option<i64>,
     pub message_id: Option<&'a str>,
 }
 

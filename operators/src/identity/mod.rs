@@ -147,12 +147,15 @@ impl Operator for IdentityOperator {
         let (fields, event) = parse_event(record.value)?;
         let message_id = fields.message_id();
         // A time beyond `event_time.max_future` is not written as it came.
-        let corrected = self
+        let recorded = self
             .rules
-            .corrected_time(fields.at(), ctx.now(), record.timestamp_ms)
-            .map(crate::messages::rfc3339_ms);
+            .recorded_time(fields.at(), ctx.now(), record.timestamp_ms);
+        let corrected = recorded
+            .filter(|(_, corrected)| *corrected)
+            .map(|(ms, _)| crate::messages::rfc3339_ms(ms));
         let cause = Provenance {
             at: corrected.as_deref().or(fields.at()),
+            at_ms: recorded.map(|(ms, _)| ms),
             message_id,
         };
         let Extracted {
@@ -264,10 +267,10 @@ fn snapshot(
         merges: state.merges,
         // One format whatever the client sent (`…t…z`, a space, micros):
         // consumers compare these as text.
-        updated_at: provenance.at.map(|at| {
-            crate::messages::parse_time_ms(at)
-                .map_or_else(|| at.to_string(), crate::messages::rfc3339_ms)
-        }),
+        updated_at: provenance
+            .at_ms
+            .map(crate::messages::rfc3339_ms)
+            .or_else(|| provenance.at.map(String::from)),
         cause: cause.clone(),
     }
 }
