@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use cdp_operators::messages::{parse_time_ms, rfc3339_ms};
+use cdp_operators::messages::{parse_time, rfc3339_ms};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -191,13 +191,14 @@ pub(super) fn enrich<'a>(
         });
     }
 
+    // (raw text, ms, whether it was RFC 3339 already)
     let time_of = |field: &str, event: &Fields<'a>| {
         event.get_cow(field).and_then(|raw| {
-            let ms = string(&raw).and_then(|s| parse_time_ms(&s))?;
-            Some((raw, ms))
+            let (ms, rfc3339) = string(&raw).and_then(|s| parse_time(&s))?;
+            Some((raw, ms, rfc3339))
         })
     };
-    let sent_ms = time_of("sentAt", &event).map(|(_, ms)| ms);
+    let sent_ms = time_of("sentAt", &event).map(|(_, ms, _)| ms);
     // `null` and `""` are no timestamp.
     let has_timestamp = event
         .get("timestamp")
@@ -209,7 +210,7 @@ pub(super) fn enrich<'a>(
         time_of("originalTimestamp", &event)
     };
     match (client, sent_ms) {
-        (Some((original, client_ms)), Some(sent_ms)) => {
+        (Some((original, client_ms, _)), Some(sent_ms)) => {
             let corrected = received_ms.saturating_sub(sent_ms.saturating_sub(client_ms));
             event.set("timestamp", raw_string(&rfc3339_ms(corrected))?);
             event.set("originalTimestamp", original);
@@ -220,13 +221,8 @@ pub(super) fn enrich<'a>(
         // other ISO 8601 forms the spec check reads (`+0000`, no offset, a
         // date alone) are written in RFC 3339 so that every reader, and
         // `<p>.profiles`' `updated_at`, sees one format.
-        _ => {
-            if let Some((raw, ms)) = time_of("timestamp", &event) {
-                if string(&raw).is_some_and(|t| chrono::DateTime::parse_from_rfc3339(&t).is_err()) {
-                    event.set("timestamp", raw_string(&rfc3339_ms(ms))?);
-                }
-            }
-        }
+        (Some((_, ms, false)), None) => event.set("timestamp", raw_string(&rfc3339_ms(ms))?),
+        _ => {}
     }
     let payload = event
         .to_json()
@@ -290,6 +286,7 @@ fn nesting(json: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cdp_operators::messages::parse_time_ms;
     use serde_json::json;
 
     use crate::collector::testkit::*;

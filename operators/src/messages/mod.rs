@@ -489,10 +489,15 @@ pub fn rfc3339_ms(ms: i64) -> String {
 /// `DATE_ISO8601`) or with hours only (`+01`), a time without an offset
 /// (read as UTC), and a date alone (midnight UTC).
 pub fn parse_time_ms(s: &str) -> Option<i64> {
+    parse_time(s).map(|(ms, _)| ms)
+}
+
+/// [`parse_time_ms`], and whether the text was RFC 3339 already.
+pub fn parse_time(s: &str) -> Option<(i64, bool)> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Some(t.timestamp_millis());
+        return Some((t.timestamp_millis(), true));
     }
-    iso8601_ms(s.trim())
+    iso8601_ms(s.trim()).map(|ms| (ms, false))
 }
 
 /// The ISO 8601 forms of [`parse_time_ms`] beyond RFC 3339.
