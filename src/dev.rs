@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use cdp_connectors::collector::Collector;
 use cdp_connectors::destinations::{DestinationConfig, DestinationKind};
 use cdp_pipeline::{ClientFactory, Health, Shutdown};
 use rdkafka::mocking::MockCluster;
@@ -218,18 +217,14 @@ impl Dev {
         }
         let shutdown = Shutdown::default();
         let health = Health::default();
-        let joins =
-            stages::start_stages(&Stage::ALL, &compiled, &factory, None, &health, &shutdown)?;
+        // Bound before the stages start: a taken port fails the run at once.
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
             .with_context(|| format!("binding the collector to {}", opts.listen))?;
         let collector_addr = listener.local_addr()?;
-        let collector = Collector::new(
-            compiled.config.collector.clone(),
-            &compiled.config.sources,
-            &factory,
-            factory.topics().raw(),
-        )?;
+        let joins =
+            stages::start_stages(&Stage::ALL, &compiled, &factory, None, &health, &shutdown)?;
+        let collector = stages::collector(&compiled, &factory)?;
         let mut servers = vec![tokio::spawn(collector.serve_on(
             listener,
             shutdown.clone(),

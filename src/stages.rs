@@ -353,6 +353,19 @@ fn check_serial_input(factory: &ClientFactory, shutdown: &Shutdown) -> anyhow::R
     Ok(())
 }
 
+/// The HTTP collector of the config, writing to the pipeline's `<p>.raw`.
+pub fn collector(
+    compiled: &Compiled,
+    factory: &ClientFactory,
+) -> anyhow::Result<cdp_connectors::collector::Collector> {
+    Ok(cdp_connectors::collector::Collector::new(
+        compiled.config.collector.clone(),
+        &compiled.config.sources,
+        factory,
+        factory.topics().raw(),
+    )?)
+}
+
 /// Start stages on their own threads.
 pub fn start_stages(
     stages: &[Stage],

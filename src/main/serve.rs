@@ -9,7 +9,6 @@ use cdp::config::Config;
 use cdp::dev::{Dev, DevOptions};
 use cdp::notice::say;
 use cdp::stages::{self, Stage};
-use cdp_connectors::collector::Collector;
 use cdp_pipeline::{Health, Shutdown};
 
 use crate::cli::{Admin, Common, Connection};
@@ -89,12 +88,7 @@ pub(crate) async fn collect(
         compiled.config.collector.listen = l;
     }
     let (shutdown, health) = service(&admin.admin_listen).await?;
-    let collector = Collector::new(
-        compiled.config.collector.clone(),
-        &compiled.config.sources,
-        &factory,
-        factory.topics().raw(),
-    )?;
+    let collector = cdp::stages::collector(&compiled, &factory)?;
     collector
         .serve(shutdown, health.register("collect"))
         .await?;
