@@ -127,18 +127,7 @@ struct Chain {
 impl Chain {
     fn start(dir: &Path, brokers: &str, prefix: &str) -> Result<Self, BoxError> {
         let collector: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let config = cdp::config::DEMO_CONFIG
-            .replace("brokers: localhost:9092", &format!("brokers: {brokers}"))
-            .replace("topic_prefix: cdp", &format!("topic_prefix: {prefix}"))
-            .replace("partitions: 4", &format!("partitions: {PARTITIONS}"))
-            .replace(
-                "tick_interval: 1s",
-                "tick_interval: 1s\n  replication_factor: 1\n  properties:\n    consumer.session.timeout.ms: \"6000\"\n    consumer.heartbeat.interval.ms: \"500\"",
-            )
-            .replace(
-                "destinations: []",
-                &format!("destinations:\n  - {{id: out, type: stdout}}\ncollector:\n  listen: {collector}"),
-            );
+        let config = common::chain_config(brokers, &prefix, PARTITIONS, collector);
         let path = dir.join("cdp.yaml");
         std::fs::write(&path, config)?;
         let status = Command::new(env!("CARGO_BIN_EXE_cdp"))

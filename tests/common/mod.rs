@@ -209,3 +209,27 @@ pub fn wait_ready(
     }
     Err(format!("{admin} not ready after {timeout:?}").into())
 }
+
+/// The demo config for a chain of processes on a real broker: `brokers`,
+/// its own topic prefix and partitions, short consumer sessions (a killed
+/// process's partitions move within seconds), a stdout destination and
+/// the collector on `collector`.
+pub fn chain_config(
+    brokers: &str,
+    prefix: &str,
+    partitions: i32,
+    collector: std::net::SocketAddr,
+) -> String {
+    cdp::config::DEMO_CONFIG
+        .replace("brokers: localhost:9092", &format!("brokers: {brokers}"))
+        .replace("topic_prefix: cdp", &format!("topic_prefix: {prefix}"))
+        .replace("partitions: 4", &format!("partitions: {partitions}"))
+        .replace(
+            "tick_interval: 1s",
+            "tick_interval: 1s\n  replication_factor: 1\n  properties:\n    consumer.session.timeout.ms: \"6000\"\n    consumer.heartbeat.interval.ms: \"500\"",
+        )
+        .replace(
+            "destinations: []",
+            &format!("destinations:\n  - {{id: out, type: stdout}}\ncollector:\n  listen: {collector}"),
+        )
+}

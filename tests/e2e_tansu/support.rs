@@ -55,18 +55,7 @@ impl Pipeline {
         let dir = tempfile::tempdir()?;
         let prefix = unique("e2e");
         let collector: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let config = cdp::config::DEMO_CONFIG
-            .replace("brokers: localhost:9092", &format!("brokers: {brokers}"))
-            .replace("topic_prefix: cdp", &format!("topic_prefix: {prefix}"))
-            .replace("partitions: 4", &format!("partitions: {partitions}"))
-            .replace(
-                "tick_interval: 1s",
-                "tick_interval: 1s\n  replication_factor: 1\n  properties:\n    consumer.session.timeout.ms: \"6000\"\n    consumer.heartbeat.interval.ms: \"500\"",
-            )
-            .replace(
-                "destinations: []",
-                &format!("destinations:\n  - {{id: out, type: stdout}}\ncollector:\n  listen: {collector}"),
-            );
+        let config = common::chain_config(brokers, &prefix, partitions, collector);
         let path = dir.path().join("cdp.yaml");
         std::fs::write(&path, config)?;
         let factory = ClientFactory::new(KafkaConfig {
