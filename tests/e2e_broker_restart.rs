@@ -127,7 +127,7 @@ struct Chain {
 impl Chain {
     fn start(dir: &Path, brokers: &str, prefix: &str) -> Result<Self, BoxError> {
         let collector: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let config = common::chain_config(brokers, &prefix, PARTITIONS, collector);
+        let config = common::chain_config(brokers, prefix, PARTITIONS, collector);
         let path = dir.join("cdp.yaml");
         std::fs::write(&path, config)?;
         let status = Command::new(env!("CARGO_BIN_EXE_cdp"))
