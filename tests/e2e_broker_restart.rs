@@ -203,17 +203,7 @@ impl Chain {
     }
 
     fn logs(&self) -> String {
-        let mut s = String::new();
-        for name in self.procs.keys().copied().chain(["tansu"]) {
-            let log =
-                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(12).collect();
-            s.push_str(&format!(
-                "--- {name}\n{}\n",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            ));
-        }
-        s
+        common::log_tails(&self.dir, self.procs.keys().copied().chain(["tansu"]), 12)
     }
 }
 

@@ -233,3 +233,22 @@ pub fn chain_config(
             &format!("destinations:\n  - {{id: out, type: stdout}}\ncollector:\n  listen: {collector}"),
         )
 }
+
+/// The last `lines` lines of `<dir>/<name>.log` for each process name,
+/// each under a `--- name` heading: what a failed end-to-end test prints.
+pub fn log_tails<'a>(
+    dir: &std::path::Path,
+    names: impl IntoIterator<Item = &'a str>,
+    lines: usize,
+) -> String {
+    let mut s = String::new();
+    for name in names {
+        let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        s.push_str(&format!(
+            "--- {name}\n{}\n",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
+    }
+    s
+}

@@ -230,17 +230,7 @@ impl Pipeline {
     }
 
     pub(crate) fn logs(&self) -> String {
-        let mut s = String::new();
-        for name in self.procs.keys() {
-            let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
-                .unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            s.push_str(&format!(
-                "--- {name}\n{}\n",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            ));
-        }
-        s
+        common::log_tails(self.dir.path(), self.procs.keys().map(String::as_str), 15)
     }
 }
 
