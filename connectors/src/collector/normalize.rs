@@ -179,6 +179,7 @@ pub(super) fn enrich<'a>(
     // dead-lettered later.
     let mut violations = cdp_operators::validate::spec_violations_raw(|k| event.get(k));
     violations.extend(too_deep(&event));
+    violations.extend(out_of_range(&event));
     if !violations.is_empty() {
         let violations = violations
             .iter()
@@ -254,6 +255,64 @@ fn too_deep(event: &Fields<'_>) -> Vec<cdp_operators::validate::Violation> {
             reason: format!("nested deeper than {MAX_DEPTH} levels of objects and arrays"),
         })
         .collect()
+}
+
+/// The fields holding a number no 64-bit float can hold (`1e400`, or an
+/// integer of 310 digits): the body's values are kept as raw text here,
+/// but the stages read numbers as floats and would dead-letter the event
+/// (and every replay of it) as invalid JSON.
+fn out_of_range(event: &Fields<'_>) -> Vec<cdp_operators::validate::Violation> {
+    event
+        .iter()
+        .filter(|(_, raw)| has_out_of_range_number(raw.get()))
+        .map(|(key, _)| cdp_operators::validate::Violation {
+            pointer: format!("/{}", key.replace('~', "~0").replace('/', "~1")),
+            reason: "holds a number out of range (beyond ±1.8e308)".to_string(),
+        })
+        .collect()
+}
+
+/// Whether valid JSON text holds a number that overflows an `f64` (numbers
+/// inside strings do not count). Only a number with an exponent or more
+/// than 300 digits can: the others are never parsed, the rest are read as
+/// the stages read them.
+fn has_out_of_range_number(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Skip the string: to its closing quote, past escapes.
+                i += 1;
+                while let Some(at) = memchr::memchr2(b'"', b'\\', &bytes[i..]) {
+                    i += at + 1;
+                    if bytes[i - 1] == b'"' {
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                let mut exponent = false;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    exponent |= matches!(bytes[i], b'e' | b'E');
+                    i += 1;
+                }
+                let number = &json[start..i];
+                // serde_json's own reading: it overflows where an exact
+                // one would not (`179769313486231570000e288`).
+                if (exponent || number.len() > 300) && serde_json::from_str::<f64>(number).is_err()
+                {
+                    return true;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    false
 }
 
 /// How deep objects and arrays nest in valid JSON text (brackets inside
@@ -462,6 +521,85 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// A number past `f64` is refused at the edge with its field, as
+    /// the stages' parser (serde_json's, the oracle) would refuse the
+    /// event; a number inside a string, or one that only underflows, is not.
+    #[test]
+    fn numbers_out_of_range_are_refused_at_the_edge() -> TestResult {
+        let received = parse_time_ms("2026-01-01T12:00:00.000Z").ok_or("time")?;
+        let refused = |value: &str| -> Result<Option<String>, BoxError> {
+            let text = format!(
+                r#"{{"type":"track","event":"E","userId":"u","properties":{{"v":{value},"s":"1e999"}}}}"#
+            );
+            let stages_take = serde_json::from_str::<serde_json::Value>(&text).is_ok();
+            Ok(match enrich_text(&text, received) {
+                Ok(_) if stages_take => None,
+                Ok(_) => Some(format!("{value}: accepted, which validate refuses")),
+                Err(e) if !stages_take => {
+                    let e = e.to_string();
+                    (!e.contains("/properties: holds a number out of range"))
+                        .then(|| format!("{value}: {e}"))
+                }
+                Err(e) => Some(format!("{value}: refused, which validate takes: {e}")),
+            })
+        };
+        let mut cases: Vec<String> = [
+            "1e400",
+            "-1e400",
+            "1E+309",
+            "1.7e308",
+            "1e-400",
+            "-0.0e-999",
+            "[1,2e308]",
+            "{\"a\":[0.5e309]}",
+            "179769313486231570000e288",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        cases.push("9".repeat(308));
+        cases.push("9".repeat(309));
+        cases.push(format!("-{}.5", "1".repeat(320)));
+        let problems = cases
+            .iter()
+            .map(|c| refused(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let problems: Vec<String> = problems.into_iter().flatten().collect();
+        assert!(problems.is_empty(), "{problems:#?}");
+        assert!(enrich_text(
+            r#"{"type":"track","event":"E","userId":"u","properties":{"v":1e400}}"#,
+            received
+        )
+        .is_err());
+        Ok(())
+    }
+
+    proptest::proptest! {
+        /// Any number text, inside or outside strings and arrays: refused
+        /// exactly when serde_json (the stages' parser) refuses the event.
+        #[test]
+        fn the_range_check_agrees_with_the_stages_parser(
+            sign in proptest::bool::ANY,
+            int in "[1-9][0-9]{0,330}",
+            frac in proptest::option::of("[0-9]{1,20}"),
+            exp in proptest::option::of(-700i32..700),
+            quoted in proptest::bool::ANY,
+        ) {
+            let mut number = format!("{}{int}", if sign { "-" } else { "" });
+            if let Some(frac) = frac {
+                number = format!("{number}.{frac}");
+            }
+            if let Some(exp) = exp {
+                number = format!("{number}e{exp}");
+            }
+            let value = if quoted { format!("[\"{number}\\\"\"]") } else { format!("[{number}]") };
+            let text = format!(r#"{{"type":"track","event":"E","userId":"u","properties":{{"v":{value}}}}}"#);
+            let stages_take = serde_json::from_str::<serde_json::Value>(&text).is_ok();
+            let received = parse_time_ms("2026-01-01T12:00:00.000Z").unwrap_or_default();
+            proptest::prop_assert_eq!(enrich_text(&text, received).is_ok(), stages_take, "{}", text);
+        }
     }
 
     #[test]
