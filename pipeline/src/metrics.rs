@@ -289,15 +289,6 @@ histogram!(
     LATENCY_BUCKETS.to_vec()
 );
 
-/// Every label value `cdp_ticks_rejected_total{reason}` takes.
-pub const TICK_REJECT_REASONS: [&str; 5] = [
-    "malformed",
-    "foreign_origin",
-    "future_epoch",
-    "stale_epoch",
-    "too_far_ahead",
-];
-
 /// A stage's series, at zero before anything happens: `cdp_tasks` is there
 /// (0) before the first assignment, so an alert on "no tasks" fires for a
 /// stage that never joins its group, and `increase()` sees a counter's
@@ -306,8 +297,8 @@ pub fn init_stage(stage: &str) {
     TASKS.with_label_values(&[stage]).set(0);
     FENCED.with_label_values(&[stage]);
     CHANGELOG_REPAIRS.with_label_values(&[stage]);
-    for reason in TICK_REJECT_REASONS {
-        TICKS_REJECTED.with_label_values(&[stage, reason]);
+    for reason in crate::trust::TickReject::ALL {
+        TICKS_REJECTED.with_label_values(&[stage, reason.as_str()]);
     }
     CLIENT_REBUILDS.with_label_values(&[stage, "producer"]);
 }

@@ -30,8 +30,39 @@ pub enum TickVerdict {
     NotATick,
     /// A tick from the owner: stream time may move to `time`.
     Accept { time: i64, epoch: u32 },
-    /// A tick to ignore, with the reason (a metric label).
-    Reject(&'static str),
+    /// A tick to ignore, with the reason.
+    Reject(TickReject),
+}
+
+/// Why a tick was ignored: the label of `cdp_ticks_rejected_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TickReject {
+    Malformed,
+    ForeignOrigin,
+    FutureEpoch,
+    StaleEpoch,
+    TooFarAhead,
+}
+
+impl TickReject {
+    /// Every reason, for series created at zero.
+    pub const ALL: [TickReject; 5] = [
+        TickReject::Malformed,
+        TickReject::ForeignOrigin,
+        TickReject::FutureEpoch,
+        TickReject::StaleEpoch,
+        TickReject::TooFarAhead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TickReject::Malformed => "malformed",
+            TickReject::ForeignOrigin => "foreign_origin",
+            TickReject::FutureEpoch => "future_epoch",
+            TickReject::StaleEpoch => "stale_epoch",
+            TickReject::TooFarAhead => "too_far_ahead",
+        }
+    }
 }
 
 /// Judge a record's tick headers for the task `origin` running under
@@ -48,22 +79,22 @@ pub fn judge_tick<H: HeaderPair>(
         return TickVerdict::NotATick;
     };
     let Ok(time) = raw.parse::<i64>() else {
-        return TickVerdict::Reject("malformed");
+        return TickVerdict::Reject(TickReject::Malformed);
     };
     if get(ORIGIN) != Some(origin) {
-        return TickVerdict::Reject("foreign_origin");
+        return TickVerdict::Reject(TickReject::ForeignOrigin);
     }
     let Some(tick_epoch_of_record) = get(EPOCH).and_then(|e| e.parse::<u32>().ok()) else {
-        return TickVerdict::Reject("malformed");
+        return TickVerdict::Reject(TickReject::Malformed);
     };
     if tick_epoch_of_record > epoch {
-        return TickVerdict::Reject("future_epoch");
+        return TickVerdict::Reject(TickReject::FutureEpoch);
     }
     if tick_epoch_of_record < tick_epoch {
-        return TickVerdict::Reject("stale_epoch");
+        return TickVerdict::Reject(TickReject::StaleEpoch);
     }
     if time > processing_time_ms.saturating_add(MAX_TICK_LEAD_MS) {
-        return TickVerdict::Reject("too_far_ahead");
+        return TickVerdict::Reject(TickReject::TooFarAhead);
     }
     TickVerdict::Accept {
         time,
@@ -122,22 +153,22 @@ mod tests {
         );
         assert_eq!(
             judge(&tick("validate:1", "4", now)),
-            TickVerdict::Reject("foreign_origin")
+            TickVerdict::Reject(TickReject::ForeignOrigin)
         );
         assert_eq!(
             judge(&tick("validate:3", "2", now)),
-            TickVerdict::Reject("stale_epoch")
+            TickVerdict::Reject(TickReject::StaleEpoch)
         );
         assert_eq!(
             judge(&tick("validate:3", "9", now)),
-            TickVerdict::Reject("future_epoch")
+            TickVerdict::Reject(TickReject::FutureEpoch)
         );
         assert_eq!(
             judge(&tick("validate:3", "4", now + MAX_TICK_LEAD_MS + 1)),
-            TickVerdict::Reject("too_far_ahead")
+            TickVerdict::Reject(TickReject::TooFarAhead)
         );
         let bare = vec![(TICK.to_string(), b"5".to_vec())];
-        assert_eq!(judge(&bare), TickVerdict::Reject("foreign_origin"));
+        assert_eq!(judge(&bare), TickVerdict::Reject(TickReject::ForeignOrigin));
         assert_eq!(judge(&[]), TickVerdict::NotATick);
     }
 

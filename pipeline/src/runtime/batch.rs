@@ -94,6 +94,7 @@ pub(super) fn process_batch(
             );
             let result = match verdict {
                 TickVerdict::Reject(reason) => {
+                    let reason = reason.as_str();
                     metrics::TICKS_REJECTED
                         .with_label_values(&[stage, reason])
                         .inc();
