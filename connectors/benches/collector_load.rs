@@ -313,6 +313,7 @@ async fn bench(settings: Settings) -> Result<(), BoxError> {
         id: "web".into(),
         write_key: WRITE_KEY.into(),
         tracking_plan: None,
+        kind: Default::default(),
     }];
     let config = CollectorConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),

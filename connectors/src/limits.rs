@@ -78,6 +78,19 @@ impl AsyncWrite for CappedStream {
     }
 }
 
+/// The peer address of a connection a [`CappedListener`] accepted, for
+/// handlers (`ConnectInfo<PeerAddr>`).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CappedListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, CappedListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
 impl axum::serve::Listener for CappedListener {
     type Io = CappedStream;
     type Addr = SocketAddr;

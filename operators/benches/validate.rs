@@ -247,6 +247,7 @@ fn validator(on_violation: Option<ViolationPolicy>, window: Span) -> Option<Arc<
         id: "web".into(),
         write_key: "wk_web".into(),
         tracking_plan: on_violation.map(|_| "shop".into()),
+        kind: Default::default(),
     }];
     let on_violation = on_violation.unwrap_or_default();
     let plans = BTreeMap::from([("shop".to_string(), plan(on_violation))]);

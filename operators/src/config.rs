@@ -16,6 +16,34 @@ pub struct SourceConfig {
     /// Name of the tracking plan (under `tracking_plans`) to apply.
     #[serde(default)]
     pub tracking_plan: Option<String>,
+    /// What sends from this write key, as Segment's source categories:
+    /// for `website` and `mobile` sources the collector fills
+    /// `context.ip` from the request when an event has none (Segment does
+    /// so for client-side libraries); `server` sources are left as sent.
+    #[serde(default)]
+    pub kind: SourceKind,
+}
+
+/// Segment's source categories.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// A backend: the request's address is the server's, not the user's.
+    #[default]
+    Server,
+    /// A browser (analytics.js): the request comes from the user's device.
+    Website,
+    /// An app (analytics-ios, analytics-android, …): likewise.
+    Mobile,
+}
+
+impl SourceKind {
+    /// Whether its requests come from the user's own device.
+    pub fn is_client_side(self) -> bool {
+        !matches!(self, SourceKind::Server)
+    }
 }
 
 /// A config value that parsed but makes no sense, with the path to it,

@@ -272,6 +272,7 @@ async fn the_real_collector_accepts_the_http_batches() -> TestResult {
         id: "web".into(),
         write_key: "wk_test".into(),
         tracking_plan: None,
+        kind: Default::default(),
     }];
     let collector = Collector::new(
         CollectorConfig::default(),

@@ -36,6 +36,12 @@ pub struct CollectorConfig {
     /// `Retry-After` and closed.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// A header the proxy in front of the collector sets to the client's
+    /// address (`x-forwarded-for`, `x-real-ip`): its last address is the
+    /// client's for `context.ip` (website and mobile sources). Unset: the
+    /// connection's peer address.
+    #[serde(default)]
+    pub client_ip_header: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -76,6 +82,7 @@ impl Default for CollectorConfig {
             max_in_flight_bytes: default_max_in_flight_bytes(),
             body_timeout: default_body_timeout(),
             max_connections: default_max_connections(),
+            client_ip_header: None,
         }
     }
 }
@@ -104,6 +111,14 @@ impl CollectorConfig {
                 "collector.body_timeout",
                 "must be positive",
             ));
+        }
+        if let Some(name) = &self.client_ip_header {
+            if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(ConfigError::new(
+                    "collector.client_ip_header",
+                    format!("{name:?} is no HTTP header name"),
+                ));
+            }
         }
         if self.max_batch_bytes > u32::MAX as usize {
             return Err(ConfigError::new(

@@ -138,6 +138,14 @@ struct Prepared {
     payload: Vec<u8>,
 }
 
+/// What the collector knows of a write key's source.
+struct Source {
+    id: String,
+    /// Whether `context.ip` is filled from the request (see
+    /// [`SourceKind`](cdp_operators::config::SourceKind)).
+    client_side: bool,
+}
+
 /// The HTTP collector. Cheap to clone.
 #[derive(Clone)]
 pub struct Collector {
@@ -146,8 +154,8 @@ pub struct Collector {
 
 struct Inner {
     config: CollectorConfig,
-    /// Write key → source id.
-    sources: HashMap<String, String>,
+    /// Write key → source.
+    sources: HashMap<String, Source>,
     factory: ClientFactory,
     /// Replaced by the probe when it stops working (see module docs).
     producer: RwLock<FutureProducer>,
@@ -165,7 +173,15 @@ impl std::fmt::Debug for Collector {
         // Write keys are credentials: print source ids only.
         f.debug_struct("Collector")
             .field("config", &self.inner.config)
-            .field("sources", &self.inner.sources.values().collect::<Vec<_>>())
+            .field(
+                "sources",
+                &self
+                    .inner
+                    .sources
+                    .values()
+                    .map(|s| &s.id)
+                    .collect::<Vec<_>>(),
+            )
             .field("raw_topic", &self.inner.raw_topic)
             .finish()
     }
@@ -185,7 +201,13 @@ impl Collector {
             inner: Arc::new(Inner {
                 sources: sources
                     .iter()
-                    .map(|s| (s.write_key.clone(), s.id.clone()))
+                    .map(|s| {
+                        let source = Source {
+                            id: s.id.clone(),
+                            client_side: s.kind.is_client_side(),
+                        };
+                        (s.write_key.clone(), source)
+                    })
                     .collect(),
                 config,
                 producer: RwLock::new(factory.producer()?),

@@ -132,15 +132,26 @@ fn merge_missing<'a>(
     Ok(())
 }
 
-/// Check what the edge must check, then set `receivedAt`, `messageId` and
-/// the skew-corrected `timestamp`. The key is the anonymousId if present,
-/// else the userId, so one visitor's events share a partition.
+/// What the collector knows of a request when it enriches its events.
+pub(super) struct Received<'r> {
+    /// When it arrived (ms since the epoch), and that time as a JSON string.
+    pub(super) ms: i64,
+    pub(super) at: &'r RawValue,
+    /// The client's address as a JSON string, for a client-side source's
+    /// events without `context.ip`.
+    pub(super) client_ip: Option<&'r RawValue>,
+}
+
+/// Check what the edge must check, then set `receivedAt`, `messageId`,
+/// the skew-corrected `timestamp` and (client-side sources) `context.ip`.
+/// The key is the anonymousId if present, else the userId, so one
+/// visitor's events share a partition.
 pub(super) fn enrich<'a>(
     mut event: Fields<'a>,
-    received_ms: i64,
-    received_at: &'a RawValue,
+    received: &Received<'a>,
     index: Option<usize>,
 ) -> Result<Prepared, CollectError> {
+    let (received_ms, received_at) = (received.ms, received.at);
     let key = identifier(event.get("anonymousId"))
         .or_else(|| identifier(event.get("userId")))
         .map(Cow::into_owned)
@@ -225,10 +236,39 @@ pub(super) fn enrich<'a>(
         (Some((_, ms, false)), None) => event.set("timestamp", raw_string(&rfc3339_ms(ms))?),
         _ => {}
     }
+    if let Some(ip) = received.client_ip {
+        fill_context_ip(&mut event, ip)?;
+    }
     let payload = event
         .to_json()
         .map_err(|e| CollectError::Internal(e.to_string()))?;
     Ok(Prepared { key, payload })
+}
+
+/// Set `context.ip` where the event has none (no `context`, or one without
+/// `ip` or with `ip: null`), as Segment fills it for client-side
+/// libraries; an `ip` the client sent (`0.0.0.0` to opt out) is kept.
+fn fill_context_ip<'a>(event: &mut Fields<'a>, ip: &'a RawValue) -> Result<(), CollectError> {
+    let context = match event.get("context") {
+        Some(raw) if !is_null(raw) => raw.get(),
+        _ => "{}",
+    };
+    let mut fields: Fields<'_> =
+        serde_json::from_str(context).map_err(|e| CollectError::Internal(e.to_string()))?;
+    if fields.get("ip").is_some_and(|v| !is_null(v)) {
+        return Ok(());
+    }
+    fields.set("ip", Cow::Borrowed(ip));
+    let json = fields
+        .to_json()
+        .map_err(|e| CollectError::Internal(e.to_string()))?;
+    let raw = String::from_utf8(json)
+        .map_err(|e| CollectError::Internal(e.to_string()))
+        .and_then(|text| {
+            RawValue::from_string(text).map_err(|e| CollectError::Internal(e.to_string()))
+        })?;
+    event.set("context", Cow::Owned(raw));
+    Ok(())
 }
 
 /// Deepest nesting of objects and arrays the stages' JSON parser reads
@@ -354,7 +394,12 @@ mod tests {
     fn enrich_text(text: &str, received_ms: i64) -> Result<Prepared, BoxError> {
         let fields: Fields = serde_json::from_str(text)?;
         let received_at = raw_string(&rfc3339_ms(received_ms)).map_err(|e| e.to_string())?;
-        Ok(enrich(fields, received_ms, &received_at, None).map_err(|e| e.to_string())?)
+        let received = Received {
+            ms: received_ms,
+            at: &received_at,
+            client_ip: None,
+        };
+        Ok(enrich(fields, &received, None).map_err(|e| e.to_string())?)
     }
 
     #[test]
@@ -472,7 +517,12 @@ mod tests {
             let json = event.to_string();
             let fields: Fields = serde_json::from_str(&json)?;
             let received_at = raw_string(&rfc3339_ms(received)).map_err(|e| e.to_string())?;
-            match enrich(fields, received, &received_at, Some(3)) {
+            let received = Received {
+                ms: received,
+                at: &received_at,
+                client_ip: None,
+            };
+            match enrich(fields, &received, Some(3)) {
                 Err(e) => {
                     assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST, "{event}");
                     assert_eq!(e.reason(), "spec_violation", "{event}");

@@ -4,7 +4,10 @@
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Path, Request, State};
+use std::net::IpAddr;
+
+use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -17,11 +20,13 @@ use serde_json::json;
 use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
 
+use crate::limits::PeerAddr;
+
 use super::body::{read_body, replace_lone_surrogates, ReadError};
 use super::error::CollectError;
-use super::normalize::{enrich, split_batch};
+use super::normalize::{enrich, split_batch, Received};
 use super::parse::{raw_string, string, BatchDoc, Doc, SingleDoc};
-use super::{Call, Collector, EventType, Item, RETRY_AFTER_SECS};
+use super::{Call, Collector, EventType, Item, Source, RETRY_AFTER_SECS};
 
 impl Collector {
     /// The HTTP API with its CORS, gzip and metrics layers.
@@ -29,8 +34,8 @@ impl Collector {
         let mut router = Router::new();
         for kind in EventType::ALL {
             let handler = post(
-                move |State(c): State<Collector>, headers: HeaderMap, body: Body| async move {
-                    c.respond(Call::Single(kind), &headers, body).await
+                move |State(c): State<Collector>, request: Request| async move {
+                    c.respond(Call::Single(kind), request).await
                 },
             );
             let name = kind.as_str();
@@ -39,8 +44,8 @@ impl Collector {
                 .route(&format!("/v1/{name}"), handler.clone())
                 .route(&format!("/v1/{}", &name[..1]), handler);
         }
-        let batch = |State(c): State<Collector>, headers: HeaderMap, body: Body| async move {
-            c.respond(Call::Batch, &headers, body).await
+        let batch = |State(c): State<Collector>, request: Request| async move {
+            c.respond(Call::Batch, request).await
         };
         router
             .route("/v1/batch", post(batch))
@@ -79,29 +84,33 @@ impl Collector {
             self.inner.config.max_connections,
             RETRY_AFTER_SECS,
         );
-        let result = axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move {
-                shutdown.wait().await;
-                draining.set(false);
-                tracing::info!("collector draining");
-            })
-            .await;
+        let router = self.router();
+        let result = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<PeerAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            shutdown.wait().await;
+            draining.set(false);
+            tracing::info!("collector draining");
+        })
+        .await;
         ready.set(false);
         probe.abort();
         result
     }
 
-    fn source_of(&self, write_key: &str) -> Result<&str, CollectError> {
+    fn source_of(&self, write_key: &str) -> Result<&Source, CollectError> {
         self.inner
             .sources
             .get(write_key)
-            .map(String::as_str)
             .ok_or(CollectError::Unauthorized("unknown write key"))
     }
 
-    async fn respond(&self, call: Call, headers: &HeaderMap, body: Body) -> Response {
+    async fn respond(&self, call: Call, request: Request) -> Response {
         let mut events = 1;
-        match self.collect(call, headers, body, &mut events).await {
+        let (parts, body) = request.into_parts();
+        match self.collect(call, &parts, body, &mut events).await {
             Ok(refused) if refused.is_empty() => {
                 (StatusCode::OK, Json(json!({"success": true}))).into_response()
             }
@@ -154,11 +163,12 @@ impl Collector {
     async fn collect(
         &self,
         call: Call,
-        headers: &HeaderMap,
+        request: &Parts,
         body: Body,
         events: &mut usize,
     ) -> Result<Vec<CollectError>, CollectError> {
         let cfg = &self.inner.config;
+        let headers = &request.headers;
         let header_source = match basic_auth_user(headers)? {
             Some(key) => Some(self.source_of(&key)?),
             None => None,
@@ -232,10 +242,25 @@ impl Collector {
         };
         let received_ms = chrono::Utc::now().timestamp_millis();
         let received_at = raw_string(&rfc3339_ms(received_ms))?;
+        // A browser's or an app's address, for events without `context.ip`.
+        let client_ip = match source.client_side {
+            true => client_ip(request, cfg.client_ip_header.as_deref())
+                .map(|ip| raw_string(&ip.to_string()))
+                .transpose()?,
+            false => None,
+        };
         let mut prepared = Vec::with_capacity(items.len());
         let mut refused = Vec::new();
         for item in items {
-            match item.and_then(|item| enrich(item.fields, received_ms, &received_at, item.index)) {
+            let enriched = item.and_then(|item| {
+                let received = Received {
+                    ms: received_ms,
+                    at: &received_at,
+                    client_ip: client_ip.as_deref(),
+                };
+                enrich(item.fields, &received, item.index)
+            });
+            match enriched {
                 Ok(p) => prepared.push(p),
                 Err(e) => refused.push(e),
             }
@@ -243,9 +268,9 @@ impl Collector {
         if prepared.is_empty() && !refused.is_empty() {
             return Err(refused.swap_remove(0));
         }
-        self.produce(source, &prepared).await?;
+        self.produce(&source.id, &prepared).await?;
         metrics::EVENTS_ACCEPTED
-            .with_label_values(&[source])
+            .with_label_values(&[&source.id])
             .inc_by(prepared.len() as u64);
         Ok(refused)
     }
@@ -308,6 +333,30 @@ async fn record_metrics(request: Request, next: Next) -> Response {
 
 /// The write key from `Authorization: Basic base64(key:)`, if the header is
 /// there. A malformed header is a 401, not a fallback to the body.
+/// The address of the client that sent `request`: the last address of the
+/// configured header (what the proxy in front of the collector appended:
+/// `X-Forwarded-For`'s earlier entries are the client's own word), else the
+/// connection's peer. `None` when neither gives an address.
+fn client_ip(request: &Parts, header: Option<&str>) -> Option<IpAddr> {
+    if let Some(name) = header {
+        let forwarded = request
+            .headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .next_back()
+            .and_then(|last| last.trim().parse::<IpAddr>().ok());
+        if forwarded.is_some() {
+            return forwarded;
+        }
+    }
+    request
+        .extensions
+        .get::<ConnectInfo<PeerAddr>>()
+        .map(|info| info.0 .0.ip().to_canonical())
+}
+
 fn basic_auth_user(headers: &HeaderMap) -> Result<Option<String>, CollectError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
@@ -357,6 +406,7 @@ mod tests {
 
     use crate::collector::testkit::*;
     use crate::collector::CollectorConfig;
+    use serde_json::Value;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn track_is_acknowledged_enriched_and_keyed_by_anonymous_id() -> TestResult {
@@ -829,5 +879,72 @@ mod tests {
         );
         assert!(basic_auth_user(&headers).is_err());
         Ok(())
+    }
+
+    /// A website source's events get the client's address in `context.ip`
+    /// unless they carry one (`0.0.0.0` opts out, as with Segment); a
+    /// server source's are left as sent; a configured proxy header names
+    /// the client by its last address.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_side_sources_get_context_ip_from_the_request() -> TestResult {
+        let config = CollectorConfig {
+            client_ip_header: Some("x-forwarded-for".into()),
+            ..CollectorConfig::default()
+        };
+        let env = start_with(config, &[]).await?;
+        let browser = |anon: &str, context: Value| {
+            let mut event = json!({"anonymousId": anon, "event": "Viewed"});
+            if !context.is_null() {
+                event["context"] = context;
+            }
+            env.post("/v1/track")
+                .basic_auth(BROWSER_KEY, Some(""))
+                .json(&event)
+        };
+        let sent = [
+            browser("none", Value::Null).send().await?,
+            browser(
+                "lib",
+                json!({"library": {"name": "analytics.js"}, "ip": null}),
+            )
+            .send()
+            .await?,
+            browser("own", json!({"ip": "0.0.0.0", "locale": "de"}))
+                .send()
+                .await?,
+            browser("proxied", Value::Null)
+                .header("x-forwarded-for", "203.0.113.9, 198.51.100.7")
+                .send()
+                .await?,
+            browser("forged", Value::Null)
+                .header("x-forwarded-for", "not an address")
+                .send()
+                .await?,
+            env.authed("/v1/track")
+                .json(&json!({"anonymousId": "server", "event": "Viewed"}))
+                .send()
+                .await?,
+        ];
+        for response in sent {
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        let records = env.consume(6).await?;
+        let context_of = |key: &str| -> Result<Value, BoxError> {
+            let r = records
+                .iter()
+                .find(|r| r.key.as_deref() == Some(key))
+                .ok_or(format!("no record of {key}"))?;
+            Ok(r.value.get("context").cloned().unwrap_or(Value::Null))
+        };
+        assert_eq!(context_of("none")?, json!({"ip": "127.0.0.1"}));
+        assert_eq!(
+            context_of("lib")?,
+            json!({"library": {"name": "analytics.js"}, "ip": "127.0.0.1"})
+        );
+        assert_eq!(context_of("own")?, json!({"ip": "0.0.0.0", "locale": "de"}));
+        assert_eq!(context_of("proxied")?, json!({"ip": "198.51.100.7"}));
+        assert_eq!(context_of("forged")?, json!({"ip": "127.0.0.1"}));
+        assert_eq!(context_of("server")?, Value::Null);
+        env.stop().await
     }
 }

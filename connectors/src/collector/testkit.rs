@@ -1,6 +1,7 @@
 //! Test helpers: a collector on a mock cluster, and ways to talk to it.
 
 use super::*;
+use cdp_operators::config::SourceKind;
 use std::time::Instant;
 
 use axum::http::StatusCode;
@@ -19,6 +20,8 @@ pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(super) type TestResult = Result<(), BoxError>;
 
 pub(super) const WRITE_KEY: &str = "wk_web_123";
+/// The write key of a `website` source (the collector fills `context.ip`).
+pub(super) const BROWSER_KEY: &str = "wk_browser_1";
 pub(super) const PARTITIONS: i32 = 2;
 
 /// A collector served on a real socket, producing to an in-process
@@ -56,11 +59,20 @@ pub(super) async fn start_with(
             .insert(format!("producer.{k}"), v.to_string());
     }
     let factory = ClientFactory::new(kafka)?;
-    let sources = [SourceConfig {
-        id: "web".into(),
-        write_key: WRITE_KEY.into(),
-        tracking_plan: None,
-    }];
+    let sources = [
+        SourceConfig {
+            id: "web".into(),
+            write_key: WRITE_KEY.into(),
+            tracking_plan: None,
+            kind: SourceKind::Server,
+        },
+        SourceConfig {
+            id: "browser".into(),
+            write_key: BROWSER_KEY.into(),
+            tracking_plan: None,
+            kind: SourceKind::Website,
+        },
+    ];
     let collector = Collector::new(config, &sources, &factory, topic.clone())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);

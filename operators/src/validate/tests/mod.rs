@@ -24,6 +24,7 @@ fn source(id: &str, plan: Option<&str>) -> SourceConfig {
         id: id.into(),
         write_key: format!("wk_{id}"),
         tracking_plan: plan.map(String::from),
+        kind: Default::default(),
     }
 }
 
