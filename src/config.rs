@@ -180,6 +180,26 @@ impl Config {
     }
 
     /// Check every cross-field rule and compile what the stages use.
+    /// What compiles but likely does not do what its author meant: no
+    /// sources, and readings of events or properties the tracking plans in
+    /// use rule out ([`cdp_operators::lint`]).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.sources.is_empty() {
+            warnings.push(format!(
+                "no sources: the collector answers every request 401 (no write key); only producers writing to {}.raw directly get events in",
+                self.kafka.topic_prefix
+            ));
+        }
+        warnings.extend(cdp_operators::lint::plan_warnings(
+            &self.sources,
+            &self.tracking_plans,
+            &self.traits,
+            &self.audiences,
+        ));
+        warnings
+    }
+
     pub fn compile(self) -> Result<Compiled, ConfigLoadError> {
         use cdp_operators::config::ConfigError;
         check_kafka(&self.kafka)?;

@@ -70,6 +70,25 @@ fn an_empty_file_is_ok_with_a_warning_that_no_request_can_authenticate() -> Test
     Ok(())
 }
 
+/// A trait reading a property its event's tracking plan does not declare
+/// compiles (exit 0) with a warning naming its path and the likely name.
+#[test]
+fn a_property_the_plan_does_not_declare_is_ok_with_a_warning() -> TestResult {
+    let out = check_edited(
+        "property: properties.revenue, function: sum",
+        "property: properties.revnue, function: sum",
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains(
+            "warning: traits.revenue_total: reads properties.revnue of \"Order Completed\", which tracking plan \"shop\" (source web) does not declare (it declares revenue); did you mean properties.revenue?"
+        ),
+        "{stderr}"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_key_given_twice_fails_with_its_path() -> TestResult {
     refused(

@@ -8,6 +8,7 @@ pub mod audiences;
 pub mod config;
 pub mod event_time;
 pub mod identity;
+pub mod lint;
 pub mod messages;
 mod profile_keyed;
 pub use profile_keyed::MAX_HELD_INPUTS;

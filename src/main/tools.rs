@@ -138,11 +138,8 @@ pub(crate) fn check_config(file: Option<PathBuf>, config: Option<PathBuf>) -> an
     let file = file.or(config).context("name the config file")?;
     let compiled = Config::load(&file)?.compile()?;
     let c = &compiled.config;
-    if c.sources.is_empty() {
-        eprintln!(
-            "warning: no sources: the collector answers every request 401 (no write key); only producers writing to {}.raw directly get events in",
-            c.kafka.topic_prefix
-        );
+    for warning in c.warnings() {
+        eprintln!("warning: {warning}");
     }
     println!(
         "{}: ok ({} sources, {} tracking plans, {} traits, {} audiences, {} destinations)",

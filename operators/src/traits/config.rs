@@ -255,7 +255,8 @@ impl TraitDef {
         }
     }
 
-    pub(super) fn event(&self) -> &str {
+    /// The event the trait reads.
+    pub fn event(&self) -> &str {
         match self {
             TraitDef::EventCounter(d) => &d.event,
             TraitDef::Aggregation(d) => &d.event,
@@ -266,7 +267,8 @@ impl TraitDef {
         }
     }
 
-    pub(crate) fn property(&self) -> Option<&str> {
+    /// The property path the trait reads (not for `event_counter`).
+    pub fn property(&self) -> Option<&str> {
         match self {
             TraitDef::EventCounter(_) => None,
             TraitDef::Aggregation(d) => Some(&d.property),
@@ -274,6 +276,18 @@ impl TraitDef {
             TraitDef::First(d) | TraitDef::Last(d) => Some(&d.property),
             TraitDef::UniqueList(d) => Some(&d.property),
             TraitDef::UniqueCount(d) => Some(&d.property),
+        }
+    }
+
+    /// The property conditions an event must meet to count.
+    pub fn conditions(&self) -> &[PropertyCondition] {
+        match self {
+            TraitDef::EventCounter(d) => &d.r#where,
+            TraitDef::Aggregation(d) => &d.r#where,
+            TraitDef::MostFrequent(d) => &d.r#where,
+            TraitDef::First(d) | TraitDef::Last(d) => &d.r#where,
+            TraitDef::UniqueList(d) => &d.r#where,
+            TraitDef::UniqueCount(d) => &d.r#where,
         }
     }
 
@@ -288,17 +302,6 @@ impl TraitDef {
             TraitDef::UniqueCount(d) => d.within,
         }
         .map(|s| s.millis())
-    }
-
-    pub(crate) fn conditions(&self) -> &[PropertyCondition] {
-        match self {
-            TraitDef::EventCounter(d) => &d.r#where,
-            TraitDef::Aggregation(d) => &d.r#where,
-            TraitDef::MostFrequent(d) => &d.r#where,
-            TraitDef::First(d) | TraitDef::Last(d) => &d.r#where,
-            TraitDef::UniqueList(d) => &d.r#where,
-            TraitDef::UniqueCount(d) => &d.r#where,
-        }
     }
 
     pub(super) fn limit(&self) -> usize {
