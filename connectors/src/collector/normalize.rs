@@ -183,6 +183,13 @@ pub(super) fn enrich<'a>(
         let id = format!("api-{}", uuid::Uuid::new_v4());
         event.set("messageId", raw_string(&id)?);
     }
+    // An event that arrives with a `receivedAt` was received before: a
+    // replayed archive (SDKs never send one). Read before it is replaced.
+    let replayed_received = event
+        .get("receivedAt")
+        .and_then(string)
+        .and_then(|s| parse_time(&s))
+        .map(|(ms, _)| ms);
     event.set("receivedAt", Cow::Borrowed(received_at));
     // The rest of the spec, as the validate stage checks it (a group
     // without groupId, a bad timestamp, properties that are no object...):
@@ -203,39 +210,7 @@ pub(super) fn enrich<'a>(
         });
     }
 
-    // (raw text, ms, whether it was RFC 3339 already)
-    let time_of = |field: &str, event: &Fields<'a>| {
-        event.get_cow(field).and_then(|raw| {
-            let (ms, rfc3339) = string(&raw).and_then(|s| parse_time(&s))?;
-            Some((raw, ms, rfc3339))
-        })
-    };
-    let sent_ms = time_of("sentAt", &event).map(|(_, ms, _)| ms);
-    // `null` and `""` are no timestamp.
-    let has_timestamp = event
-        .get("timestamp")
-        .is_some_and(|v| !is_null(v) && v.get() != "\"\"");
-    // RudderStack SDKs send `originalTimestamp` instead of `timestamp`.
-    let client = if has_timestamp {
-        time_of("timestamp", &event)
-    } else {
-        time_of("originalTimestamp", &event)
-    };
-    match (client, sent_ms) {
-        (Some((original, client_ms, _)), Some(sent_ms)) => {
-            let corrected = received_ms.saturating_sub(sent_ms.saturating_sub(client_ms));
-            event.set("timestamp", raw_string(&rfc3339_ms(corrected))?);
-            event.set("originalTimestamp", original);
-        }
-        // No timestamp: receivedAt.
-        _ if !has_timestamp => event.set("timestamp", Cow::Borrowed(received_at)),
-        // A timestamp without sentAt is kept as sent, in RFC 3339: the
-        // other ISO 8601 forms the spec check reads (`+0000`, no offset, a
-        // date alone) are written in RFC 3339 so that every reader, and
-        // `<p>.profiles`' `updated_at`, sees one format.
-        (Some((_, ms, false)), None) => event.set("timestamp", raw_string(&rfc3339_ms(ms))?),
-        _ => {}
-    }
+    settle_timestamp(&mut event, received_ms, received_at, replayed_received)?;
     if let Some(ip) = received.client_ip {
         fill_context_ip(&mut event, ip)?;
     }
@@ -243,6 +218,70 @@ pub(super) fn enrich<'a>(
         .to_json()
         .map_err(|e| CollectError::Internal(e.to_string()))?;
     Ok(Prepared { key, payload })
+}
+
+/// Set `timestamp`, the event's time, as Segment does:
+/// - a client time (`timestamp`, else RudderStack's `originalTimestamp`)
+///   with `sentAt` is corrected for the client's clock skew:
+///   `receivedAt - (sentAt - client time)`, the client time kept as
+///   `originalTimestamp`;
+/// - a client time without `sentAt` is kept as sent (in RFC 3339);
+/// - no client time: `receivedAt`.
+///
+/// A replayed event (one that arrived with its own `receivedAt`) was
+/// corrected when it was first received: its `timestamp` is kept, and
+/// without one the correction counts from that first `receivedAt`, not
+/// from now (a backfill of an archive keeps its history's times).
+fn settle_timestamp<'a>(
+    event: &mut Fields<'a>,
+    received_ms: i64,
+    received_at: &'a RawValue,
+    replayed_received: Option<i64>,
+) -> Result<(), CollectError> {
+    // (raw text, ms, whether it was RFC 3339 already)
+    let time_of = |field: &str, event: &Fields<'a>| {
+        event.get_cow(field).and_then(|raw| {
+            let (ms, rfc3339) = string(&raw).and_then(|s| parse_time(&s))?;
+            Some((raw, ms, rfc3339))
+        })
+    };
+    let sent_ms = time_of("sentAt", event).map(|(_, ms, _)| ms);
+    // `null` and `""` are no timestamp.
+    let has_timestamp = event
+        .get("timestamp")
+        .is_some_and(|v| !is_null(v) && v.get() != "\"\"");
+    // RudderStack SDKs send `originalTimestamp` instead of `timestamp`.
+    let client = if has_timestamp {
+        time_of("timestamp", event)
+    } else {
+        time_of("originalTimestamp", event)
+    };
+    // A replay's timestamp was corrected already.
+    let sent_ms = sent_ms.filter(|_| !(has_timestamp && replayed_received.is_some()));
+    let rfc3339 = |ms| raw_string(&rfc3339_ms(ms));
+    match (client, sent_ms) {
+        (Some((original, client_ms, _)), Some(sent_ms)) => {
+            let base = replayed_received.unwrap_or(received_ms);
+            let corrected = base.saturating_sub(sent_ms.saturating_sub(client_ms));
+            event.set("timestamp", rfc3339(corrected)?);
+            event.set("originalTimestamp", original);
+        }
+        // A client time without sentAt is kept as sent, in RFC 3339: the
+        // other ISO 8601 forms the spec check reads (`+0000`, no offset, a
+        // date alone) are written in RFC 3339 so that every reader, and
+        // `<p>.profiles`' `updated_at`, sees one format.
+        (Some((raw, ms, is_rfc3339)), None) => {
+            if !is_rfc3339 || !has_timestamp {
+                event.set("timestamp", if is_rfc3339 { raw } else { rfc3339(ms)? });
+            }
+        }
+        // No client time: when it was (first) received.
+        (None, _) => match replayed_received {
+            Some(ms) => event.set("timestamp", rfc3339(ms)?),
+            None => event.set("timestamp", Cow::Borrowed(received_at)),
+        },
+    }
+    Ok(())
 }
 
 /// Set `context.ip` where the event has none (no `context`, or one without
@@ -448,6 +487,53 @@ mod tests {
             "sentAt": "2026-01-01T11:00:00.000Z"});
         let v = decode(run(empty)?)?;
         assert_eq!(str_field(&v, "timestamp"), "2026-01-01T11:59:00.000Z");
+        // originalTimestamp without sentAt is the client's time, as sent.
+        let original = json!({"type": "track", "event": "E", "userId": "u",
+            "originalTimestamp": "2025-11-01T08:00:00.000Z"});
+        let v = decode(run(original)?)?;
+        assert_eq!(str_field(&v, "timestamp"), "2025-11-01T08:00:00.000Z");
+        Ok(())
+    }
+
+    /// An event that arrives with its own `receivedAt` is a replay (an
+    /// archive sent again): its times are those of its first receipt, not
+    /// moved to now by a second skew correction.
+    #[test]
+    fn replayed_events_keep_their_history_s_times() -> TestResult {
+        let received = parse_time_ms("2026-01-01T12:00:00.000Z").ok_or("time")?;
+        let run = |v: Value| -> Result<Value, BoxError> {
+            Ok(serde_json::from_slice(
+                &enrich_text(&v.to_string(), received)?.payload,
+            )?)
+        };
+        // Segment's archive: a corrected timestamp with every other time.
+        let archived = json!({"type": "track", "event": "E", "userId": "u",
+            "timestamp": "2025-11-01T08:00:05.000Z", "originalTimestamp": "2025-11-01T08:00:00.000Z",
+            "sentAt": "2025-11-01T08:00:01.000Z", "receivedAt": "2025-11-01T08:00:06.000Z"});
+        let v = run(archived)?;
+        assert_eq!(str_field(&v, "timestamp"), "2025-11-01T08:00:05.000Z");
+        assert_eq!(str_field(&v, "receivedAt"), "2026-01-01T12:00:00.000Z");
+        // Without a timestamp: corrected from the first receipt.
+        let uncorrected = json!({"type": "track", "event": "E", "userId": "u",
+            "originalTimestamp": "2025-11-01T08:00:00.000Z",
+            "sentAt": "2025-11-01T08:00:01.000Z", "receivedAt": "2025-11-01T08:00:06.000Z"});
+        assert_eq!(
+            str_field(&run(uncorrected)?, "timestamp"),
+            "2025-11-01T08:00:05.000Z"
+        );
+        // With no client time at all: the first receipt.
+        let bare = json!({"type": "track", "event": "E", "userId": "u",
+            "receivedAt": "2025-11-01T08:00:06.000Z"});
+        assert_eq!(
+            str_field(&run(bare)?, "timestamp"),
+            "2025-11-01T08:00:06.000Z"
+        );
+        // A receivedAt that is no time is replaced, as before.
+        let junk = json!({"type": "track", "event": "E", "userId": "u", "receivedAt": "never"});
+        assert_eq!(
+            str_field(&run(junk)?, "timestamp"),
+            "2026-01-01T12:00:00.000Z"
+        );
         Ok(())
     }
 
