@@ -313,6 +313,10 @@ pub struct ReplayReport {
     pub replayed: Vec<String>,
     /// Selected but replayed by an earlier run.
     pub already_replayed: Vec<String>,
+    /// Selected but without the original's bytes (too large for the
+    /// broker): `id (original at topic[partition]@offset)`, to fetch from
+    /// there while its retention lasts.
+    pub without_bytes: Vec<String>,
 }
 
 /// Replay the selected dead letters into their stages' inputs, in topic
@@ -346,6 +350,15 @@ pub async fn replay(
         let id = d.id();
         if done.contains(&id) {
             report.already_replayed.push(id);
+            continue;
+        }
+        if d.header(cdp_pipeline::envelope::DLQ_DROPPED_BYTES)
+            .is_some()
+        {
+            let at = d.header("cdp-dlq-input").unwrap_or("unknown");
+            report
+                .without_bytes
+                .push(format!("{id} (original at {at})"));
             continue;
         }
         let stage = d.stage().unwrap_or_default();

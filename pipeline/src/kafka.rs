@@ -580,6 +580,49 @@ pub fn send_now<C: ProducerContext, P: Producer<C>>(producer: &P, patience: Dura
 mod tests {
     use super::*;
 
+    /// Producers writing to `<p>.raw` pick their codec: each one is read
+    /// back (without zstd built in, a zstd batch stalled its partition).
+    #[test]
+    fn every_codec_a_producer_may_use_is_read() -> Result<(), Box<dyn std::error::Error>> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        use rdkafka::Message;
+
+        let mock = rdkafka::mocking::MockCluster::new(1)?;
+        mock.create_topic("codecs", 1, 1)?;
+        let codecs = ["none", "gzip", "snappy", "lz4", "zstd"];
+        for codec in codecs {
+            let producer: BaseProducer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", mock.bootstrap_servers())
+                .set("compression.type", codec)
+                .create()?;
+            let payload = format!("{codec} {}", "x".repeat(500));
+            producer
+                .send(BaseRecord::<(), _>::to("codecs").payload(&payload))
+                .map_err(|(e, _)| e)?;
+            producer.flush(Duration::from_secs(10))?;
+        }
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("group.id", "codecs")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset("codecs", 0, rdkafka::Offset::Beginning)?;
+        consumer.assign(&tpl)?;
+        let mut read = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while read.len() < codecs.len() && std::time::Instant::now() < deadline {
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                let m = m?;
+                let text = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+                read.push(text.split(' ').next().unwrap_or_default().to_string());
+            }
+        }
+        assert_eq!(read, codecs);
+        Ok(())
+    }
+
     #[test]
     fn secrets_come_from_the_environment_and_stay_out_of_debug_output() {
         let mut config = KafkaConfig::default();

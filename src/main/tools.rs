@@ -45,6 +45,15 @@ pub(crate) async fn replay_dead_letters(
     let verb = if dry_run { "would replay" } else { "replayed" };
     println!("{}", counted(verb, &report.replayed));
     println!("{}", counted("already replayed", &report.already_replayed));
+    if !report.without_bytes.is_empty() {
+        println!(
+            "{}",
+            counted(
+                "not replayed, too large to keep in the dead letter",
+                &report.without_bytes
+            )
+        );
+    }
     Ok(())
 }
 

@@ -119,6 +119,8 @@ pub enum DropReason {
     BlockedValue,
     /// Matches a `blocked_patterns` entry (global or the type's).
     BlockedPattern,
+    /// Longer than [`MAX_IDENTIFIER_BYTES`].
+    TooLong,
     /// Attaching it would give a profile more values of its type than the
     /// type's `limit`.
     Limit,
@@ -132,11 +134,21 @@ impl DropReason {
             DropReason::InvalidType => "invalid_type",
             DropReason::BlockedValue => "blocked_value",
             DropReason::BlockedPattern => "blocked_pattern",
+            DropReason::TooLong => "too_long",
             DropReason::Limit => "limit",
             DropReason::MaxMerges => "max_merges",
         }
     }
 }
+
+/// Longest identifier value taken (bytes, after trimming): past any real
+/// id (a UUID is 36, an email at most 254), short of what would let one
+/// client's values grow a profile's state record past the broker's limit
+/// (1000 anonymous ids of 25 KB each stopped the stage).
+pub const MAX_IDENTIFIER_BYTES: usize = 512;
+
+/// What the audit trail keeps of a value refused as too long.
+const TOO_LONG_KEPT_CHARS: usize = 64;
 
 /// One identifier type's rule, compiled.
 #[derive(Debug, Clone)]
@@ -350,6 +362,9 @@ impl IdentityRules {
             Leaf::Other(Value::Number(n)) => Cow::Owned(number_id(n)?),
             _ => return Err(DropReason::InvalidType),
         };
+        if value.len() > MAX_IDENTIFIER_BYTES {
+            return Err(DropReason::TooLong);
+        }
         let value = if kind == "email" {
             lowercase(value)
         } else {
@@ -386,11 +401,20 @@ impl IdentityRules {
             Ok(value) => {
                 out.ids.insert((kind.to_string(), value));
             }
-            Err(reason) => out.dropped.push(DroppedIdentifier {
-                kind: kind.to_string(),
-                value: raw.display(),
-                reason: reason.as_str().to_string(),
-            }),
+            Err(reason) => {
+                let mut value = raw.display();
+                if reason == DropReason::TooLong {
+                    // The audit trail keeps 50 entries: not 50 huge ones.
+                    let bytes = value.len();
+                    value = value.chars().take(TOO_LONG_KEPT_CHARS).collect();
+                    value.push_str(&format!("… ({bytes} bytes)"));
+                }
+                out.dropped.push(DroppedIdentifier {
+                    kind: kind.to_string(),
+                    value,
+                    reason: reason.as_str().to_string(),
+                })
+            }
         }
     }
 

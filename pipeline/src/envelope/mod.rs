@@ -47,6 +47,10 @@ pub const SOURCE: &str = "cdp-source";
 /// Headers of dead letters.
 pub const DLQ_STAGE: &str = "cdp-dlq-stage";
 pub const DLQ_REASON: &str = "cdp-dlq-reason";
+/// Set on a dead letter whose original bytes were left out to fit
+/// `kafka.max_record_bytes`: how many (the original is where
+/// `cdp-dlq-input` says, while the topic's retention keeps it).
+pub const DLQ_DROPPED_BYTES: &str = "cdp-dlq-dropped-bytes";
 
 /// A header as the runtime reads it: borrowed from the consumed message.
 pub type HeaderRef<'a> = (&'a str, &'a [u8]);

@@ -168,7 +168,15 @@ pub(super) fn process_batch(
                 None
             };
             let result = check_sizes(result, &emitted, shared.max_record_bytes);
-            settle(stage, &m, input, result, &mut emitted, observer)?;
+            settle(
+                stage,
+                &m,
+                input,
+                result,
+                &mut emitted,
+                observer,
+                shared.max_record_bytes,
+            )?;
             for (index, e) in emitted.into_iter().enumerate() {
                 let pos = Position {
                     epoch: meta.epoch,

@@ -67,6 +67,7 @@ pub(super) fn settle<M: Message>(
     result: Result<(), OperatorError>,
     emitted: &mut Vec<Emitted>,
     observer: Option<&InputObserver>,
+    limit: usize,
 ) -> Result<(), RuntimeError> {
     match result {
         Ok(()) => {
@@ -95,7 +96,9 @@ pub(super) fn settle<M: Message>(
                 );
             }
             emitted.clear();
-            emitted.push(dead_letter(stage, m, input, reason, &detail));
+            let mut letter = dead_letter(stage, m, input, reason, &detail);
+            fit(&mut letter, limit);
+            emitted.push(letter);
         }
         Err(OperatorError::Store(e)) => return Err(e.into()),
     }
@@ -134,6 +137,28 @@ pub(super) fn emitted_size(e: &Emitted) -> usize {
             .iter()
             .map(|(k, v)| k.len() + v.len())
             .sum::<usize>()
+}
+
+/// Make a dead letter fit `limit`: one whose original record is too large
+/// for the broker (a 1 MB event on `<p>.raw`) keeps its headers, reasons
+/// and `cdp-dlq-input` (where the original still is) but not its bytes,
+/// and says how many it dropped in `cdp-dlq-dropped-bytes`; a broker
+/// refusal of the dead letter itself would stop the stage on every replay.
+fn fit(letter: &mut Emitted, limit: usize) {
+    if emitted_size(letter) <= limit {
+        return;
+    }
+    let dropped = letter.value.len();
+    letter.value = Vec::new();
+    letter.headers.push((
+        envelope::DLQ_DROPPED_BYTES.into(),
+        dropped.to_string().into_bytes(),
+    ));
+    if emitted_size(letter) > limit {
+        // Headers or key past the limit too: keep only ours.
+        letter.key = None;
+        letter.headers.retain(|(k, _)| k.starts_with("cdp-dlq-"));
+    }
 }
 
 /// A dead letter: the original bytes and headers, plus why. A framed
@@ -222,6 +247,9 @@ mod tests {
         }
     }
 
+    /// A record limit no test record reaches.
+    const BIG: usize = 1 << 20;
+
     fn source() -> Input<'static> {
         unframed(vec![("cdp-source", b"web")])
     }
@@ -242,7 +270,15 @@ mod tests {
     fn the_observer_sees_processed_records_with_their_outputs() -> Result<(), RuntimeError> {
         let (observer, seen) = recorder();
         let mut out = vec![emitted(b"a")];
-        settle("s", &message(), source(), Ok(()), &mut out, Some(&observer))?;
+        settle(
+            "s",
+            &message(),
+            source(),
+            Ok(()),
+            &mut out,
+            Some(&observer),
+            BIG,
+        )?;
         let mut none = Vec::new();
         settle(
             "s",
@@ -251,6 +287,7 @@ mod tests {
             Ok(()),
             &mut none,
             Some(&observer),
+            BIG,
         )?;
         assert_eq!(out, vec![emitted(b"a")], "outputs are left alone");
         let seen = seen.lock().map_err(|_| RuntimeError::Poisoned)?;
@@ -279,6 +316,7 @@ mod tests {
             rejected,
             &mut out,
             Some(&observer),
+            BIG,
         )?;
         assert_eq!(out.len(), 1, "partial outputs are dropped");
         assert_eq!(out[0].output, DEAD_LETTERS);
@@ -338,7 +376,7 @@ mod tests {
 
         let mut out = Vec::new();
         let rejected = Err(OperatorError::rejected("bad", serde_json::json!({})));
-        settle("s", &m, input, rejected, &mut out, None)?;
+        settle("s", &m, input, rejected, &mut out, None, BIG)?;
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].value, b"payload".to_vec(), "the payload, unframed");
         let unframed = &out[0].headers[..2];
@@ -361,7 +399,7 @@ mod tests {
             }
             other => panic!("expected a rejection, got {other:?}"),
         }
-        settle("s", &message(), source(), result, &mut big, None)?;
+        settle("s", &message(), source(), result, &mut big, None, BIG)?;
         assert_eq!(big.len(), 1, "one dead letter in place of the outputs");
         assert_eq!(big[0].output, DEAD_LETTERS);
         // A rejection stays what it was.
@@ -370,6 +408,55 @@ mod tests {
             check_sizes(rejected, &[], 10),
             Err(OperatorError::Rejected { reason: "bad", .. })
         ));
+        Ok(())
+    }
+
+    /// A dead letter whose original is over the record limit keeps where
+    /// the original is and why, not its bytes, and fits the limit.
+    #[test]
+    fn a_dead_letter_over_the_record_limit_leaves_its_bytes_out() -> Result<(), RuntimeError> {
+        let huge = vec![b'x'; 5000];
+        let input = Input {
+            headers: vec![("cdp-source", b"web")],
+            value: &huge,
+            framed_at: None,
+        };
+        let rejected = Err(OperatorError::rejected(
+            "invalid_json",
+            serde_json::json!({}),
+        ));
+        let mut out = Vec::new();
+        settle("s", &message(), input, rejected, &mut out, None, 1000)?;
+        let letter = &out[0];
+        assert!(letter.value.is_empty());
+        assert!(emitted_size(letter) <= 1000, "{}", emitted_size(letter));
+        let header = |name: &str| {
+            letter
+                .headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(header(envelope::DLQ_DROPPED_BYTES).as_deref(), Some("5000"));
+        assert_eq!(header("cdp-dlq-input").as_deref(), Some("t.raw[3]@42"));
+        assert_eq!(
+            header(envelope::DLQ_REASON).as_deref(),
+            Some("invalid_json")
+        );
+        assert_eq!(header("cdp-source").as_deref(), Some("web"));
+        // One under the limit is left whole.
+        let input = Input {
+            headers: vec![("cdp-source", b"web")],
+            value: &huge[..100],
+            framed_at: None,
+        };
+        let rejected = Err(OperatorError::rejected(
+            "invalid_json",
+            serde_json::json!({}),
+        ));
+        let mut out = Vec::new();
+        settle("s", &message(), input, rejected, &mut out, None, 1000)?;
+        assert_eq!(out[0].value.len(), 100);
         Ok(())
     }
 
@@ -389,6 +476,7 @@ mod tests {
             Ok(()),
             &mut out,
             None,
+            BIG,
         );
         assert!(tick.is_ok());
         let failed = settle(
@@ -398,6 +486,7 @@ mod tests {
             Err(OperatorError::Store(StoreError::Decode("x".into()))),
             &mut out,
             Some(&observer),
+            BIG,
         );
         assert!(matches!(failed, Err(RuntimeError::Store(_))));
         assert_eq!(calls.load(Ordering::SeqCst), 0);

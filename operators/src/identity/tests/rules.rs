@@ -142,6 +142,42 @@ fn blocked_values_and_patterns_are_ignored() -> TestResult {
     Ok(())
 }
 
+/// An identifier past 512 bytes is no identifier (one client's huge ids
+/// would grow a profile past the broker's record limit); the audit trail
+/// keeps its start and length, not the whole value.
+#[test]
+fn identifiers_past_512_bytes_are_refused_and_audited_short() -> TestResult {
+    let mut h = harness(&IdentityConfig::default())?;
+    let long = "a".repeat(513);
+    let out = send(
+        &mut h,
+        &json!({"type": "identify", "userId": "u1", "anonymousId": long}),
+    )?;
+    assert_eq!(resolved(&out)?.1, ids(&[("user_id", &["u1"])]));
+    let records = out;
+    let Some(ProfileRecord::Event { dropped, .. }) = records.last() else {
+        return Err("no event".into());
+    };
+    assert_eq!(
+        dropped,
+        &vec![DroppedIdentifier {
+            kind: "anonymous_id".into(),
+            value: format!("{}… (513 bytes)", "a".repeat(64)),
+            reason: "too_long".into(),
+        }]
+    );
+    let fits = "b".repeat(512);
+    let out = send(
+        &mut h,
+        &json!({"type": "identify", "userId": "u1", "anonymousId": fits}),
+    )?;
+    assert_eq!(
+        resolved(&out)?.1,
+        ids(&[("anonymous_id", &[fits.as_str()]), ("user_id", &["u1"])])
+    );
+    Ok(())
+}
+
 #[test]
 fn emails_are_case_insensitive_and_numbers_become_strings() -> TestResult {
     let mut h = harness(&IdentityConfig::default())?;
@@ -214,6 +250,9 @@ fn normalize_reference(
     if kind == "email" {
         value = value.to_lowercase();
     }
+    if value.len() > 512 {
+        return Err(DropReason::TooLong);
+    }
     let folded = value.to_lowercase();
     if value.is_empty() || blocked.iter().any(|b| b.trim().to_lowercase() == folded) {
         return Err(DropReason::BlockedValue);
@@ -230,7 +269,10 @@ proptest::proptest! {
     /// says, and is refused for the same reason.
     #[test]
     fn an_identifier_normalizes_as_the_plain_rule_says(
-        raw in "[ aAbBİΣσé0-]{0,8}",
+        raw in proptest::prop_oneof![
+            "[ aAbBİΣσé0-]{0,8}",
+            "[ aé]{505,515}",
+        ],
         kind in proptest::sample::select(vec!["email", "user_id", "anonymous_id"]),
     ) {
         let blocked = ["Ab", "null", "σ", "0"];
