@@ -283,6 +283,20 @@ mod bucket_pairs {
     }
 }
 
+/// Most bytes of value text one trait keeps per profile (its all-time
+/// state, or all of a window's buckets): with a value-keeping trait's
+/// `limit` it bounds a profile's state in bytes, not only in values, so
+/// 1,000 distinct 1 KB URLs in a `most_frequent` (a crawler) cannot grow
+/// the state record past the broker's limit (that stopped the stage).
+/// Values are dropped by the trait's own rule; a single value longer than
+/// this is not kept. `cdp_state_limit_hits_total` counts the drops.
+pub const MAX_KEPT_BYTES: usize = 32 * 1024;
+
+/// Whether a trait keeps value texts (not counts or sums).
+fn keeps_values(def: &TraitDef) -> bool {
+    !matches!(def, TraitDef::EventCounter(_) | TraitDef::Aggregation(_))
+}
+
 impl TraitState {
     /// The state of no events.
     pub(super) fn empty(def: &TraitDef) -> Self {
@@ -330,6 +344,13 @@ impl TraitState {
             dropped: false,
             changed: true,
         };
+        if text.len() > MAX_KEPT_BYTES && keeps_values(def) {
+            // One value past the whole budget is not kept at all.
+            return Added {
+                dropped: true,
+                changed: false,
+            };
+        }
         match self {
             TraitState::Counter { count } => *count = count.saturating_add(1),
             TraitState::Aggregation {
@@ -411,12 +432,73 @@ impl TraitState {
                 added.dropped = inner.dropped;
             }
         }
+        if keeps_values(def) && self.fit_bytes() {
+            added.dropped = true;
+            added.changed = true;
+        }
         added
+    }
+
+    /// Bytes of value text the state keeps.
+    fn kept_bytes(&self) -> usize {
+        match self {
+            TraitState::Counter { .. } | TraitState::Aggregation { .. } => 0,
+            TraitState::MostFrequent { counts } => counts.keys().map(String::len).sum(),
+            TraitState::First { at } | TraitState::Last { at } => {
+                at.as_ref().map_or(0, |(_, v)| v.len())
+            }
+            TraitState::UniqueList { latest } => latest.keys().map(String::len).sum(),
+            TraitState::UniqueCount { values } => values.iter().map(String::len).sum(),
+            TraitState::Window { buckets } => buckets.values().map(TraitState::kept_bytes).sum(),
+        }
+    }
+
+    /// Drop one kept value by the trait's own rule (the least frequent,
+    /// the least recent, the largest; a window's from its oldest bucket
+    /// first); `false` when there is none.
+    fn evict_one(&mut self) -> bool {
+        match self {
+            TraitState::Counter { .. } | TraitState::Aggregation { .. } => false,
+            TraitState::MostFrequent { counts } => {
+                let before = counts.len();
+                keep_most_frequent(counts, before.saturating_sub(1));
+                counts.len() < before
+            }
+            TraitState::First { at } | TraitState::Last { at } => at.take().is_some(),
+            TraitState::UniqueList { latest } => {
+                let before = latest.len();
+                keep_most_recent(latest, before.saturating_sub(1));
+                latest.len() < before
+            }
+            TraitState::UniqueCount { values } => values.pop_last().is_some(),
+            TraitState::Window { buckets } => buckets.values_mut().any(TraitState::evict_one),
+        }
+    }
+
+    /// Keep at most [`MAX_KEPT_BYTES`] of value text, dropping values by
+    /// the trait's rule; whether any was dropped.
+    fn fit_bytes(&mut self) -> bool {
+        let mut bytes = self.kept_bytes();
+        if bytes <= MAX_KEPT_BYTES {
+            return false;
+        }
+        while bytes > MAX_KEPT_BYTES && self.evict_one() {
+            bytes = self.kept_bytes();
+        }
+        true
     }
 
     /// The state of the union of both states' events. Commutative and
     /// associative; a state of another type than `self` is ignored.
     pub(super) fn merge(&self, def: &TraitDef, other: &TraitState) -> TraitState {
+        let mut merged = self.merge_unbounded(def, other);
+        if keeps_values(def) {
+            merged.fit_bytes();
+        }
+        merged
+    }
+
+    fn merge_unbounded(&self, def: &TraitDef, other: &TraitState) -> TraitState {
         match (self, other) {
             (TraitState::Counter { count: a }, TraitState::Counter { count: b }) => {
                 TraitState::Counter {

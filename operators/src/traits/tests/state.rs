@@ -201,3 +201,67 @@ fn a_profile_with_a_million_events_keeps_its_state_under_the_bound() -> TestResu
     assert!(record_max < 8 * 1024, "largest record {record_max} bytes");
     Ok(())
 }
+
+/// Long distinct values (a crawler's 1 KB URLs, 25 KB product ids) keep
+/// every value-keeping trait within `MAX_KEPT_BYTES` of text, so the
+/// stored state stays far under the broker's record limit (it grew past
+/// 1 MB and stopped the stage); a value that keeps coming still wins
+/// `most_frequent`, the latest values stay in `unique_list`, and a value
+/// longer than the whole budget is not kept (`last` keeps the one before).
+#[test]
+fn long_values_keep_each_trait_within_its_bytes() -> TestResult {
+    let traits = "\
+     top: {most_frequent: {event: E, property: properties.u}}\n\
+     recent: {unique_list: {event: E, property: properties.u, limit: 100}}\n\
+     distinct: {unique_count: {event: E, property: properties.u}}\n\
+     top_7d: {most_frequent: {event: E, property: properties.u, within: 7d}}\n\
+     last_u: {last: {event: E, property: properties.u}}";
+    let mut h = harness(traits)?;
+    let url = |i: usize| format!("https://shop.example/{i:06}/{}", "p".repeat(1000));
+    // The latest value of every trait, from the changes sent.
+    let mut values = BTreeMap::new();
+    let mut largest = 0;
+    for i in 0..1_100usize {
+        let t = DAY + i as i64 * 1000;
+        // Every third event is the same page: the clear winner.
+        let u = if i % 3 == 0 { url(999_999) } else { url(i) };
+        values.extend(changed(&send(
+            &mut h,
+            "p",
+            track("E", t, json!({"u": u})),
+        )?)?);
+        let stored = h
+            .state
+            .map
+            .get(profile_key("p").as_slice())
+            .map_or(0, Vec::len);
+        largest = largest.max(stored);
+    }
+    // Five traits of at most 32 KiB of text each, and the values sent.
+    assert!(largest < 400 * 1024, "profile state {largest} bytes");
+    assert_eq!(values.get("top"), Some(&json!(url(999_999))));
+    assert_eq!(values.get("top_7d"), Some(&json!(url(999_999))));
+    let t = DAY + 2_000_000;
+    values.extend(changed(&send(
+        &mut h,
+        "p",
+        track("E", t, json!({"u": url(7)})),
+    )?)?);
+    let huge = "x".repeat(MAX_KEPT_BYTES + 1);
+    values.extend(changed(&send(
+        &mut h,
+        "p",
+        track("E", t + 1, json!({"u": huge})),
+    )?)?);
+    assert_eq!(values.get("last_u"), Some(&json!(url(7))));
+    let recent = values.get("recent").ok_or("no unique_list")?;
+    assert!(recent
+        .as_array()
+        .is_some_and(|r| r.contains(&json!(url(7)))));
+    assert!(
+        recent.as_array().is_some_and(|r| r.len() < 100),
+        "{}",
+        recent.as_array().map_or(0, Vec::len)
+    );
+    Ok(())
+}
