@@ -28,6 +28,10 @@ pub(super) const UNSETTLED_WARN_AFTER: Duration = Duration::from_secs(60);
 pub(super) struct GroupWatch {
     unassigned_since: Option<Instant>,
     warned: bool,
+    /// Since when the assignment has held no partition (a member of a
+    /// group with more members than partitions, or one a broker stranded).
+    empty_since: Option<Instant>,
+    warned_empty: bool,
 }
 
 impl Default for GroupWatch {
@@ -35,14 +39,35 @@ impl Default for GroupWatch {
         GroupWatch {
             unassigned_since: Some(Instant::now()),
             warned: false,
+            empty_since: None,
+            warned_empty: false,
         }
     }
 }
 
 impl GroupWatch {
-    pub(super) fn assigned(&mut self) {
+    /// An assignment arrived, of `partitions` partitions.
+    pub(super) fn assigned(&mut self, partitions: usize) {
         self.unassigned_since = None;
         self.warned = false;
+        if partitions == 0 {
+            self.empty_since.get_or_insert_with(Instant::now);
+        } else {
+            self.empty_since = None;
+            self.warned_empty = false;
+        }
+    }
+
+    /// `true` once per empty stretch, when the stage has held an empty
+    /// assignment for `after`.
+    pub(super) fn empty_overdue(&mut self, now: Instant, after: Duration) -> bool {
+        match self.empty_since {
+            Some(since) if !self.warned_empty && now.duration_since(since) >= after => {
+                self.warned_empty = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     pub(super) fn is_assigned(&self) -> bool {
@@ -66,6 +91,17 @@ impl GroupWatch {
 
     /// Log the wait once it is overdue.
     pub(super) fn check(&mut self, stage: &str, static_member: bool) {
+        if self.empty_overdue(Instant::now(), UNSETTLED_WARN_AFTER) {
+            // Ready all the same: a spare replica must not hold up a
+            // rollout. But a member a broker stranded after a crash looks
+            // just like one, and processes nothing.
+            tracing::warn!(
+                stage,
+                waited_s = UNSETTLED_WARN_AFTER.as_secs(),
+                hint = "expected if the group has more members than the input topic has partitions; otherwise the broker left this member without partitions (seen on tansu after a kill -9 and a quick restart): restart this instance, and check cdp_tasks summed over the stage's instances",
+                "this instance holds no partition"
+            );
+        }
         if !self.overdue(Instant::now(), UNSETTLED_WARN_AFTER) {
             return;
         }
@@ -105,7 +141,7 @@ impl ConsumerContext for StageContext {
                     .and_then(|()| consumer.assign(tpl).map_err(RuntimeError::from));
                 if assigned.is_ok() {
                     if let Ok(mut watch) = self.shared.group_watch.lock() {
-                        watch.assigned();
+                        watch.assigned(tpl.count());
                     }
                     // Restoring reached the broker: it answers.
                     self.shared
@@ -185,11 +221,44 @@ mod tests {
         let late = start + Duration::from_secs(61);
         assert!(watch.overdue(late, after));
         assert!(!watch.overdue(late + after, after), "said once");
-        watch.assigned();
+        watch.assigned(2);
         assert!(!watch.overdue(late + after * 3, after), "assigned");
         watch.revoked();
         let revoked_at = Instant::now();
         assert!(!watch.overdue(revoked_at, after));
         assert!(watch.overdue(revoked_at + after, after), "a new wait");
+    }
+
+    /// An assignment of no partition is ready (a spare replica) but said
+    /// once per empty stretch, so a member a broker stranded shows in the
+    /// log; one with partitions never is.
+    #[test]
+    fn an_empty_assignment_is_said_once_per_stretch() {
+        let mut watch = GroupWatch::default();
+        let after = Duration::from_secs(60);
+        watch.assigned(3);
+        let t = Instant::now();
+        assert!(
+            !watch.empty_overdue(t + after * 2, after),
+            "partitions held"
+        );
+        watch.assigned(0);
+        assert!(watch.is_assigned(), "ready");
+        let empty_at = Instant::now();
+        assert!(!watch.empty_overdue(empty_at, after));
+        assert!(watch.empty_overdue(empty_at + after, after));
+        assert!(
+            !watch.empty_overdue(empty_at + after * 2, after),
+            "said once"
+        );
+        watch.assigned(0);
+        assert!(
+            !watch.empty_overdue(empty_at + after * 3, after),
+            "the same stretch"
+        );
+        watch.assigned(1);
+        watch.assigned(0);
+        let again = Instant::now();
+        assert!(watch.empty_overdue(again + after, after), "a new stretch");
     }
 }
