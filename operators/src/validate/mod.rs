@@ -119,6 +119,18 @@ impl Validator {
     }
 }
 
+/// A parse error, with what the bytes look like when a common mistake
+/// explains it: a UTF-8 byte order mark in front of the JSON.
+fn with_hint(error: String, value: &[u8]) -> String {
+    if value.starts_with(b"\xEF\xBB\xBF") {
+        format!(
+            "{error} (the record starts with a UTF-8 byte order mark: write the JSON without one)"
+        )
+    } else {
+        error
+    }
+}
+
 /// The validate operator of one task. See the module doc.
 #[derive(Debug, Clone)]
 pub struct ValidateOperator {
@@ -139,8 +151,13 @@ impl Operator for ValidateOperator {
         };
         let known = header.and_then(|s| self.validator.sources.get_key_value(s));
         let plan = known.and_then(|(_, plan)| plan.as_deref());
+        if record.value.iter().all(u8::is_ascii_whitespace) {
+            return Err(invalid_json(
+                "empty record (a tombstone?): expected one Segment event as a JSON object".into(),
+            ));
+        }
         let envelope = Envelope::parse(record.value, plan)
-            .map_err(|e| invalid_json(e.to_string()))?
+            .map_err(|e| invalid_json(with_hint(e.to_string(), record.value)))?
             .ok_or_else(|| invalid_json("expected a JSON object".into()))?;
         let Some((source, _)) = known else {
             return Err(OperatorError::rejected(

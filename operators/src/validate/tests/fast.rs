@@ -101,11 +101,18 @@ type Reference = Result<Value, (&'static str, Value)>;
 /// The reference outcome of one record: the whole event parsed into a
 /// `Value`, then [`Validator::check_event`].
 fn reference(v: &Validator, bytes: &[u8], src: Option<&str>) -> Reference {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        let error = "empty record (a tombstone?): expected one Segment event as a JSON object";
+        return Err(("invalid_json", json!({"source": src, "error": error})));
+    }
     let event: Value = serde_json::from_slice(bytes).map_err(|e| {
-        (
-            "invalid_json",
-            json!({"source": src, "error": e.to_string()}),
-        )
+        let mut error = e.to_string();
+        if bytes.starts_with("\u{feff}".as_bytes()) {
+            error.push_str(
+                " (the record starts with a UTF-8 byte order mark: write the JSON without one)",
+            );
+        }
+        ("invalid_json", json!({"source": src, "error": error}))
     })?;
     if !event.is_object() {
         return Err((

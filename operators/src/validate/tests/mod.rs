@@ -201,6 +201,20 @@ fn garbage_and_non_objects_are_invalid_json() -> TestResult {
         let r = h.process(None, bytes, &web());
         assert_eq!(rejection(r).map(|r| r.0), Some("invalid_json"), "{bytes:?}");
     }
+    // A tombstone and a byte order mark say what they are.
+    let mut error = |bytes: &[u8]| {
+        rejection(h.process(None, bytes, &web()))
+            .and_then(|(_, d)| d["error"].as_str().map(String::from))
+            .unwrap_or_default()
+    };
+    assert!(error(b"").starts_with("empty record (a tombstone?)"));
+    assert!(error(b" \n").starts_with("empty record (a tombstone?)"));
+    let bom = [
+        &b"\xEF\xBB\xBF"[..],
+        br#"{"type":"track","event":"E","userId":"u"}"#,
+    ]
+    .concat();
+    assert!(error(&bom).contains("byte order mark"), "{}", error(&bom));
     Ok(())
 }
 
