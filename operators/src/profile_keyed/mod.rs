@@ -34,7 +34,9 @@ pub(crate) use entry::{Entry, Layout};
 pub(crate) use read::{EventPaths, EventTree};
 pub(crate) use sweep::{step as sweep_step, Sweep, SWEEP_STEP};
 pub use wait::MAX_HELD_INPUTS;
-pub(crate) use wait::{dispatch, fired_profile, handle_at_once, ProfileStage, Route, Timed};
+pub(crate) use wait::{
+    dispatch, fired_profile, handle_at_once, keep_waiting_mark, ProfileStage, Route, Timed,
+};
 
 use cdp_pipeline::operator::{Context, OperatorError};
 use cdp_pipeline::store::StoreError;

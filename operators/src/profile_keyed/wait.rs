@@ -178,13 +178,6 @@ fn load_if(ctx: &Context<'_>, id: &str, entry: &Entry) -> Result<Wait, OperatorE
     }
 }
 
-/// Whether `id` holds inputs: its timers wait for them too (the input
-/// handled when the wait ends evaluates at the then stream time).
-fn is_waiting(ctx: &Context<'_>, layout: &Layout, id: &str) -> Result<bool, OperatorError> {
-    let entry = layout.entry(ctx, id)?;
-    Ok(load_if(ctx, id, &entry)?.held() > 0)
-}
-
 /// What a profile's timer needs of a stage's profile state.
 pub(crate) trait Timed: Serialize {
     /// Forget the timer that fired (the runtime removed it).
@@ -193,17 +186,28 @@ pub(crate) trait Timed: Serialize {
     fn advance_clock(&mut self, now: i64);
 }
 
+/// A profile a timer (or a sweep) evaluates.
+pub(crate) struct Fired<P> {
+    pub(crate) id: String,
+    pub(crate) profile: P,
+    /// The profile has a wait header (transfers arrived or announced, no
+    /// input held): its value must keep the waiting mark when the stage
+    /// writes it, or the announcing update would find no wait and hold
+    /// itself (and every later input) for good. See [`keep_waiting_mark`].
+    marked: bool,
+}
+
 /// The start both stages' timers share: the profile of `key` with its
 /// fired timer cleared and its clock at stream time, or `None` when there
-/// is nothing to evaluate: no such profile, or one waiting for a merge
-/// (stored without the timer; the held input evaluates and reschedules
-/// when the wait ends).
+/// is nothing to evaluate: no such profile, or one holding inputs for a
+/// merge (stored without the timer; the held input evaluates and
+/// reschedules when the wait ends).
 pub(crate) fn fired_profile<P: Timed>(
     ctx: &mut Context<'_>,
     layout: &Layout,
     key: &[u8],
     load: impl FnOnce(&Context<'_>, &str) -> Result<Option<P>, OperatorError>,
-) -> Result<Option<(String, P)>, OperatorError> {
+) -> Result<Option<Fired<P>>, OperatorError> {
     let Ok(id) = std::str::from_utf8(key) else {
         return Ok(None);
     };
@@ -211,13 +215,31 @@ pub(crate) fn fired_profile<P: Timed>(
         return Ok(None);
     };
     profile.clear_timer();
-    if is_waiting(ctx, layout, id)? {
+    let entry = layout.entry(ctx, id)?;
+    let marked = matches!(entry, Entry::Live { waiting: true });
+    if load_if(ctx, id, &entry)?.held() > 0 {
         let value = waiting_value(super::encode_state(&profile)?);
         ctx.put(&super::profile_key(id), value);
         return Ok(None);
     }
     profile.advance_clock(ctx.now());
-    Ok(Some((id.to_owned(), profile)))
+    Ok(Some(Fired {
+        id: id.to_owned(),
+        profile,
+        marked,
+    }))
+}
+
+/// After a stage wrote the state of a profile it evaluated on a timer:
+/// mark it waiting again if it was (a plain write drops the mark).
+pub(crate) fn keep_waiting_mark<P>(
+    ctx: &mut Context<'_>,
+    fired: &Fired<P>,
+) -> Result<(), OperatorError> {
+    if fired.marked {
+        mark_waiting(ctx, &fired.id, true)?;
+    }
+    Ok(())
 }
 
 /// Route one input record of a profile-keyed stage.

@@ -126,3 +126,55 @@ fn an_update_naming_a_merge_waits_for_its_transfer() -> TestResult {
     assert!(h.state.map.keys().all(|k| !k.starts_with(b"wait")));
     Ok(())
 }
+
+/// A timer that fires on a survivor between its transfer and the update
+/// announcing the merge (nothing held yet, the wait open) keeps the
+/// profile's waiting mark: the announcing update then folds the merged
+/// profile in and is evaluated. When the timer's write dropped the mark,
+/// the update found no wait, held itself under a new one and was never
+/// evaluated, nor anything after it (a silent loss, found by reading a
+/// stuck run's state).
+#[test]
+fn a_timer_between_a_transfer_and_its_update_keeps_the_wait() -> TestResult {
+    let mut h = harness(
+        "recent: {where: {event: Order Completed, within: 1h}}\n\
+         three_orders: {where: {event: Order Completed, count: {gte: 3}}}",
+    )?;
+    let order = |rev: i64| Some(("Order Completed", json!({"revenue": rev})));
+    let c = send(&mut h, "b", order(1), json!({}), DAY)?;
+    assert_eq!(summary(&c), vec![entered("recent")]);
+    send(&mut h, "a", order(1), json!({}), DAY)?;
+    let merged = serde_json::to_vec(&ProfileUpdate::Merged {
+        from: "a".into(),
+        into: "b".into(),
+        identifiers: Identifiers::new(),
+        cause: Cause::default(),
+        announced: true,
+        at: None,
+    })?;
+    let out = h.process(Some(b"a"), &merged, &[])?;
+    let transfer = out
+        .iter()
+        .find(|e| e.output == outputs::SELF)
+        .ok_or("no transfer")?
+        .value
+        .clone();
+    // The transfer arrives first; then b's window timer fires.
+    assert!(changes(&h.process(Some(b"b"), &transfer, &[])?)?.is_empty());
+    let c = changes(&h.tick(DAY + 2 * HOUR)?)?;
+    assert_eq!(summary(&c), vec![exited("recent")]);
+    // The announcing update: b has its own order, a's and this one.
+    let mut update: ProfileUpdate =
+        serde_json::from_slice(&update("b", order(1), json!({}), DAY + 2 * HOUR + 1)?)?;
+    if let ProfileUpdate::Update { merged_from, .. } = &mut update {
+        merged_from.push("a".into());
+    }
+    let c = changes(&h.process(Some(b"b"), &serde_json::to_vec(&update)?, &[])?)?;
+    assert_eq!(
+        summary(&c),
+        vec![entered("recent"), entered("three_orders")],
+        "{c:?}"
+    );
+    assert!(h.state.map.keys().all(|k| !k.starts_with(b"wait")));
+    Ok(())
+}
