@@ -235,6 +235,12 @@ gauge!(
     ["stage"]
 );
 gauge!(
+    INPUT_PARTITIONS,
+    "cdp_input_partitions",
+    "Partitions of the stage's input topic, as this instance last read them: the stage's instances together should own as many (sum of cdp_tasks)",
+    ["stage"]
+);
+gauge!(
     CONSUMER_LAG,
     "cdp_consumer_lag",
     "High watermark minus the task's next offset",

@@ -31,6 +31,30 @@ pub(super) fn update_gauges(shared: &Shared, consumer: &BaseConsumer<StageContex
     }
 }
 
+/// How many partitions the stage's input topic has (`cdp_input_partitions`),
+/// so an alert can compare the partitions owned with the partitions there
+/// are: a partition no instance owns (a member a broker stranded) shows in
+/// no lag series. One metadata request, at most `timeout` long.
+pub(super) fn update_input_partitions(
+    shared: &Shared,
+    consumer: &BaseConsumer<StageContext>,
+    timeout: std::time::Duration,
+) {
+    let topic = &shared.spec.input_topic;
+    let Ok(metadata) = consumer.fetch_metadata(Some(topic), timeout) else {
+        return;
+    };
+    if let Some(t) = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+    {
+        metrics::INPUT_PARTITIONS
+            .with_label_values(&[shared.spec.name])
+            .set(t.partitions().len() as i64);
+    }
+}
+
 /// Drop the per-partition series of partitions this instance no longer owns.
 pub(super) fn forget(stage: &str, partitions: &[i32]) {
     for p in partitions {

@@ -11,13 +11,18 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 
 use super::batch::process_batch;
-use super::gauges::update_gauges;
+use super::gauges::{update_gauges, update_input_partitions};
 use super::ownership::{check_ownership, OWNERSHIP_CHECK_EVERY};
 use super::rebalance::StageContext;
 use super::ticks::send_ticks;
 use super::{InputObserver, RuntimeError, Shared, StageSpec};
+
 use crate::kafka::ClientFactory;
 use crate::service::{ReadyFlag, Shutdown};
+
+/// How often an instance reads its input topic's partition count
+/// (`cdp_input_partitions`).
+const INPUT_PARTITIONS_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs one stage until shutdown or a fatal error.
 pub struct StageRuntime {
@@ -150,6 +155,7 @@ impl StageRuntime {
         tracing::info!(stage = name, topic = %input_topic, %group, "stage started");
         let tick_every = cfg.tick_interval.to_std();
         let mut last_gauges = Instant::now();
+        let mut last_partitions: Option<Instant> = None;
         let mut last_ownership_check = Instant::now();
         while !shutdown.is_triggered() {
             if let Some(e) = shared
@@ -186,6 +192,10 @@ impl StageRuntime {
             if last_gauges.elapsed() > Duration::from_secs(10) {
                 update_gauges(&shared, &consumer);
                 last_gauges = Instant::now();
+            }
+            if last_partitions.is_none_or(|at| at.elapsed() > INPUT_PARTITIONS_EVERY) {
+                update_input_partitions(&shared, &consumer, Duration::from_secs(2));
+                last_partitions = Some(Instant::now());
             }
             if last_ownership_check.elapsed() > OWNERSHIP_CHECK_EVERY {
                 check_ownership(&shared)?;

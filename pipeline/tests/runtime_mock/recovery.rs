@@ -22,6 +22,13 @@ async fn a_broker_that_lost_its_data_is_noticed_and_new_input_is_processed() -> 
         counted_on_a_new_broker(&state, 3).await?,
         ["k0:1", "k0:2", "k0:3"]
     );
+    // What an alert compares the partitions owned with.
+    assert_eq!(
+        cdp_pipeline::metrics::INPUT_PARTITIONS
+            .with_label_values(&["count"])
+            .get(),
+        2
+    );
 
     // A new, empty broker; the same state directory.
     let resets = || {
