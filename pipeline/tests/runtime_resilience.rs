@@ -294,6 +294,18 @@ async fn forged_ticks_do_not_move_time_and_foreign_positions_are_stripped_from_e
     };
     produce(&s.producer, "first", &forged("100:0")).await?;
     produce(&s.producer, "second", &forged("5:0")).await?;
+    // A producer's event that copied a tick header along with the rest:
+    // an event (ticks carry no payload), not a tick to drop.
+    produce(
+        &s.producer,
+        "copied",
+        &[
+            ("cdp-source", "web"),
+            ("cdp-tick", &day_ahead),
+            ("cdp-origin", "clock:0"),
+        ],
+    )
+    .await?;
     let shutdown = Shutdown::default();
     let join = start(
         StageRuntime::new(
@@ -306,12 +318,12 @@ async fn forged_ticks_do_not_move_time_and_foreign_positions_are_stripped_from_e
         &shutdown,
     )?;
     let f = s.factory.clone();
-    let out = tokio::task::spawn_blocking(move || read_out(&f, |o| o.len() >= 2)).await?;
+    let out = tokio::task::spawn_blocking(move || read_out(&f, |o| o.len() >= 3)).await?;
     let values: Vec<&str> = out
         .iter()
         .map(|v| v.split('@').next().unwrap_or_default())
         .collect();
-    assert_eq!(values, ["first", "second"], "{out:?}");
+    assert_eq!(values, ["first", "second", "copied"], "{out:?}");
     assert!(
         out.iter().all(|v| time_of(v) < wall_ms() + 60_000),
         "a forged tick moved stream time: {out:?}"
@@ -320,8 +332,8 @@ async fn forged_ticks_do_not_move_time_and_foreign_positions_are_stripped_from_e
     tokio::time::sleep(Duration::from_millis(500)).await;
     produce(&s.producer, "third", &[]).await?;
     let f = s.factory.clone();
-    let out = tokio::task::spawn_blocking(move || read_out(&f, |o| o.len() >= 3)).await?;
-    let third = out.get(2).map(|v| time_of(v)).unwrap_or(-1);
+    let out = tokio::task::spawn_blocking(move || read_out(&f, |o| o.len() >= 4)).await?;
+    let third = out.get(3).map(|v| time_of(v)).unwrap_or(-1);
     assert!(third > 0 && third <= wall_ms(), "{out:?}");
     shutdown.trigger();
     let result = finished(join, Duration::from_secs(30)).await;

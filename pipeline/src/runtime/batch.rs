@@ -85,13 +85,19 @@ pub(super) fn process_batch(
             records_in.inc();
             let mut input = Input::read(&m, !shared.external_input);
             let mut emitted = Vec::new();
-            let verdict = trust::judge_tick(
-                &input.headers,
-                &task.origin,
-                meta.epoch,
-                meta.tick_epoch,
-                processing_time,
-            );
+            // Ticks carry no payload: a producer's record on an external
+            // input that copied a `cdp-tick` header along is an event.
+            let verdict = if shared.external_input && !input.value.is_empty() {
+                TickVerdict::NotATick
+            } else {
+                trust::judge_tick(
+                    &input.headers,
+                    &task.origin,
+                    meta.epoch,
+                    meta.tick_epoch,
+                    processing_time,
+                )
+            };
             let result = match verdict {
                 TickVerdict::Reject(reason) => {
                     let reason = reason.as_str();
