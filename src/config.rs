@@ -197,6 +197,42 @@ impl Config {
             &self.traits,
             &self.audiences,
         ));
+        warnings.extend(self.size_warnings());
+        warnings
+    }
+
+    /// Whether a profile at every bound (each identifier type full of
+    /// 512-byte values, each value-keeping trait full of its 32 KiB) could
+    /// outgrow `kafka.max_record_bytes`: its state record would then stop
+    /// the stage.
+    fn size_warnings(&self) -> Vec<String> {
+        use cdp_operators::identity::MAX_IDENTIFIER_BYTES;
+        let limit = self.kafka.max_record_bytes;
+        let mut warnings = Vec::new();
+        let identifiers: usize = self
+            .identity
+            .identifiers
+            .values()
+            .map(|r| r.limit.saturating_mul(MAX_IDENTIFIER_BYTES + 8))
+            .sum();
+        if identifiers > limit {
+            warnings.push(format!(
+                "identity.identifiers: a profile holding every type's limit of identifiers, each {MAX_IDENTIFIER_BYTES} bytes long, would be ~{identifiers} bytes, over kafka.max_record_bytes ({limit}); a client sending such ids would stop the identity stage: lower the limits (anonymous_id's above all) or raise the record limit (and the broker's)"
+            ));
+        }
+        let kept = self
+            .traits
+            .values()
+            .filter(|d| d.property().is_some())
+            .filter(|d| !matches!(d, cdp_operators::traits::TraitDef::Aggregation(_)))
+            .count();
+        // The kept texts, and the values last sent (the same again).
+        let traits = kept.saturating_mul(2 * cdp_operators::traits::MAX_KEPT_BYTES);
+        if traits > limit {
+            warnings.push(format!(
+                "traits: {kept} value-keeping traits (most_frequent, unique_list, unique_count, first, last) may keep up to ~{traits} bytes for one profile with long values, over kafka.max_record_bytes ({limit}); raise the record limit (and the broker's) or keep fewer"
+            ));
+        }
         warnings
     }
 

@@ -50,7 +50,9 @@ use cdp_pipeline::store::StoreError;
 use cdp_pipeline::{Context, Operator, OperatorError, Record};
 use serde_json::{json, Value};
 
-pub use config::{DropReason, Extracted, IdentifierRule, IdentityConfig, IdentityRules};
+pub use config::{
+    DropReason, Extracted, IdentifierRule, IdentityConfig, IdentityRules, MAX_IDENTIFIER_BYTES,
+};
 pub use graph::MAX_AUDIT_DROPS;
 
 use crate::messages::{
