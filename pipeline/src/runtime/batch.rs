@@ -78,7 +78,7 @@ pub(super) fn process_batch(
         let mut consumed = false;
         for m in messages {
             if m.offset() < meta.input_offset {
-                continue; // fetched before the seek to our committed offset
+                continue; // fetched before the position (the fetch starts earlier, see `ownership::INPUT_REREAD`)
             }
             consumed = true;
             meta.input_offset = m.offset() + 1;

@@ -521,9 +521,10 @@ pub(super) fn open_task(shared: &Shared, partition: i32) -> Result<Task, Runtime
     })
 }
 
-/// Where a task's input starts, checked against the input's end: an offset
-/// past it means the input was recreated or the broker lost data. That is
-/// said loudly and the input is read from its beginning, never skipped.
+/// Where a task's input starts fetching, checked against the input's end:
+/// an offset past it means the input was recreated or the broker lost
+/// data. That is said loudly and the input is read from its beginning,
+/// never skipped. Otherwise [`INPUT_REREAD`] records before the position.
 pub(super) fn input_start(shared: &Shared, task: &mut Task) -> Result<Offset, RuntimeError> {
     if task.meta.input_offset < 0 {
         return Ok(Offset::Beginning);
@@ -557,8 +558,25 @@ pub(super) fn input_start(shared: &Shared, task: &mut Task) -> Result<Offset, Ru
         task.meta.input_offset = -1;
         return Ok(Offset::Beginning);
     }
-    Ok(Offset::Offset(task.meta.input_offset))
+    // From earlier than the position: see `INPUT_REREAD`.
+    Ok(Offset::Offset(
+        task.meta.input_offset.saturating_sub(INPUT_REREAD).max(0),
+    ))
 }
+
+/// How many records before its position a task starts fetching its input
+/// (the ones below the position are skipped, as records fetched before a
+/// seek always were). tansu 0.6 answers a fetch that starts inside a
+/// stored record batch from the *next* batch, or with nothing when it is
+/// the newest: a stage restarted in the middle of one (a round ends
+/// anywhere; `deliver` commits every 1,000 records) lost the rest of it,
+/// silently (22 to 1,062 audience changes in one tester's runs; the e2e
+/// test `a_stage_restarted_inside_a_record_batch_reads_the_rest_of_it`).
+/// Starting this far back lands at or before that batch's start: a batch
+/// never holds more records than a round (20,000 at most, usually far
+/// fewer: librdkafka's batches are at most 1 MB). On Kafka the cost is a
+/// re-read of at most this many records per partition and assignment.
+pub(super) const INPUT_REREAD: i64 = 20_000;
 
 #[cfg(test)]
 mod tests {
