@@ -62,8 +62,9 @@ endrow()
 row("Lag and state")
 panel("Consumer lag by stage", [(f'sum by (stage) (cdp_consumer_lag{{{NS}}})', "{{stage}}")], "short",
       desc="Input high watermark minus the next offset, summed over partitions. Growing lag: the stage falls behind.")
-panel("Partitions owned by stage", [(f'sum by (stage) (cdp_tasks{{{NS}}})', "{{stage}}")], "short",
-      desc="Zero for a stage means no instance processes it (alert CdpStageDown).")
+panel("Partitions owned by stage", [(f'sum by (stage) (cdp_tasks{{{NS}}})', "{{stage}} owned"),
+      (f'max by (stage) (cdp_input_partitions{{{NS}}})', "{{stage}} in its input")], "short",
+      desc="Owned below the input's partitions: a partition nobody processes (alert CdpPartitionsUnowned). Zero owned: no instance processes the stage (CdpStageDown); no line at all: no instance is scraped (CdpStageAbsent).")
 panel("State store size by stage", [(f'sum by (stage) (cdp_state_store_bytes{{{NS}}})', "{{stage}}")], "bytes",
       desc="RocksDB live data estimate, summed over partitions. Size the volumes from this (docs/OPERATIONS.md).")
 panel("Rebalances / 5m", [(f'sum by (stage, kind) (increase(cdp_rebalances_total{{{NS}}}[5m]))', "{{stage}} {{kind}}")], "short")
