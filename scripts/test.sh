@@ -29,6 +29,15 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/kcat ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium kcat >/dev/null
 fi
+# The alert rules' tests (helm/tests/test_promtool.py) run Prometheus's
+# promtool: Debian ships it in the prometheus package (only the tool is
+# used; nothing starts the server).
+if ! command -v promtool >/dev/null; then
+  echo "test: installing Debian's prometheus for promtool (the alert rules' tests)" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 # The chart tests (helm/tests: a real helm engine, the Kubernetes schemas, a
 # PromQL parser) pin theirs in helm/tests/requirements.txt: one venv for both.
 VENV="$CACHE/venv"

@@ -476,13 +476,43 @@ def test_state_volume_alert_is_scoped_to_the_release():
     from test_monitoring import alert_rules
 
     for r in alert_rules(CHART / "files" / "alerts.yaml"):
-        if r["alert"] != "CdpStateVolumeFilling":
+        if r["alert"] not in ("CdpStateVolumeFilling", "CdpStageAbsent"):
             assert rules[r["alert"]] == r
     # A stage without a volume is not watched; with none, neither is the rule.
     only_traits = merge(values, {s: {"persistence": {"enabled": False}} for s in STATEFUL if s != "traits"})
     assert "state-(shop-cdp-traits)-[0-9]+" in rendered_rules(only_traits)["CdpStateVolumeFilling"]["expr"]
     none = merge(values, {s: {"persistence": {"enabled": False}} for s in STATEFUL})
     assert "CdpStateVolumeFilling" not in rendered_rules(none) and "CdpStageDown" in rendered_rules(none)
+
+
+def test_stage_absent_alert_lists_the_releases_stages():
+    """absent() cannot group by namespace: the file's rule names every
+    stage in any namespace; the chart's names its enabled stages in its
+    namespace, so another release's pods do not hide this one's absence
+    and a stage turned off is not reported missing."""
+    import promql_parser
+
+    values = merge(load_values("ingress-monitoring"), {"metrics": {"prometheusRule": {"enabled": True}}})
+
+    def absent(values) -> dict[str, str]:
+        rules = rendered_rules(values)
+        if "CdpStageAbsent" not in rules:
+            return {}
+        found = {}
+
+        def visit(n):
+            if isinstance(n, promql_parser.VectorSelector):
+                m = {x.name: x.value for x in n.matchers.matchers}
+                assert m["namespace"] == NAMESPACE, n
+                found[m["stage"]] = n.name
+
+        promql_parser.walk(promql_parser.parse(rules["CdpStageAbsent"]["expr"]), visit)
+        return found
+
+    every = {"collect": "cdp_broker_reachable"} | {s: "cdp_tasks" for s in STATEFUL + ["deliver"]}
+    assert absent(values) == every
+    assert absent(merge(values, {"deliver": {"enabled": False}, "collect": {"enabled": False}})) == {
+        s: "cdp_tasks" for s in STATEFUL}
 
 
 def test_prometheus_rule_is_the_deploy_alert_file():
