@@ -343,12 +343,14 @@ impl TraitState {
         let mut added = Added {
             dropped: false,
             changed: true,
+            grew: false,
         };
         if text.len() > MAX_KEPT_BYTES && keeps_values(def) {
             // One value past the whole budget is not kept at all.
             return Added {
                 dropped: true,
                 changed: false,
+                grew: false,
             };
         }
         match self {
@@ -385,6 +387,7 @@ impl TraitState {
                         *c
                     }
                     None => {
+                        added.grew = true;
                         added.dropped = count_new_value(counts, text, def.limit());
                         counts.get(text).copied().unwrap_or(0)
                     }
@@ -412,11 +415,13 @@ impl TraitState {
                 };
                 keep_most_recent(latest, def.limit());
                 added.changed = !known;
+                added.grew = !known;
             }
             TraitState::UniqueCount { values } => {
                 let before = values.len();
                 if !values.contains(text) {
                     values.insert(text.to_owned());
+                    added.grew = true;
                 }
                 added.dropped = truncate(values, def.limit());
                 added.changed = values.len() != before;
@@ -430,9 +435,12 @@ impl TraitState {
                     .or_insert_with(|| Self::all_time(def))
                     .add(def, time, text);
                 added.dropped = inner.dropped;
+                added.grew = inner.grew;
             }
         }
-        if keeps_values(def) && self.fit_bytes() {
+        // Only a new text can take the kept texts past the budget (`first`
+        // and `last` keep one, never longer than it).
+        if added.grew && self.fit_bytes() {
             added.dropped = true;
             added.changed = true;
         }
@@ -675,6 +683,8 @@ pub(super) struct Added {
     /// The trait's value may have changed; `false` only where it cannot
     /// have (the stage then does not recompute it).
     pub(super) changed: bool,
+    /// A text not kept before was kept (the kept bytes may have grown).
+    grew: bool,
 }
 
 impl Added {
@@ -682,6 +692,7 @@ impl Added {
     const NOTHING: Added = Added {
         dropped: false,
         changed: false,
+        grew: false,
     };
 }
 
