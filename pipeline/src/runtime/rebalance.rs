@@ -45,6 +45,18 @@ impl Default for GroupWatch {
     }
 }
 
+/// `true` once per stretch (`warned` remembers it): when a stretch that
+/// began at `since` has lasted `after` by `now`.
+fn once_after(since: Option<Instant>, warned: &mut bool, now: Instant, after: Duration) -> bool {
+    match since {
+        Some(since) if !*warned && now.duration_since(since) >= after => {
+            *warned = true;
+            true
+        }
+        _ => false,
+    }
+}
+
 impl GroupWatch {
     /// An assignment arrived, of `partitions` partitions.
     pub(super) fn assigned(&mut self, partitions: usize) {
@@ -61,13 +73,7 @@ impl GroupWatch {
     /// `true` once per empty stretch, when the stage has held an empty
     /// assignment for `after`.
     pub(super) fn empty_overdue(&mut self, now: Instant, after: Duration) -> bool {
-        match self.empty_since {
-            Some(since) if !self.warned_empty && now.duration_since(since) >= after => {
-                self.warned_empty = true;
-                true
-            }
-            _ => false,
-        }
+        once_after(self.empty_since, &mut self.warned_empty, now, after)
     }
 
     pub(super) fn is_assigned(&self) -> bool {
@@ -80,13 +86,7 @@ impl GroupWatch {
 
     /// `true` once, when the stage has waited `after` for an assignment.
     pub(super) fn overdue(&mut self, now: Instant, after: Duration) -> bool {
-        match self.unassigned_since {
-            Some(since) if !self.warned && now.duration_since(since) >= after => {
-                self.warned = true;
-                true
-            }
-            _ => false,
-        }
+        once_after(self.unassigned_since, &mut self.warned, now, after)
     }
 
     /// Log the wait once it is overdue.

@@ -416,18 +416,22 @@ mod tests {
     #[test]
     fn a_dead_letter_over_the_record_limit_leaves_its_bytes_out() -> Result<(), RuntimeError> {
         let huge = vec![b'x'; 5000];
-        let input = Input {
-            headers: vec![("cdp-source", b"web")],
-            value: &huge,
-            framed_at: None,
+        // The dead letter of `value`, refused as invalid, under 1,000 bytes.
+        let letter_of = |value: &[u8]| -> Result<Emitted, RuntimeError> {
+            let input = Input {
+                headers: vec![("cdp-source", b"web")],
+                value,
+                framed_at: None,
+            };
+            let rejected = Err(OperatorError::rejected(
+                "invalid_json",
+                serde_json::json!({}),
+            ));
+            let mut out = Vec::new();
+            settle("s", &message(), input, rejected, &mut out, None, 1000)?;
+            out.pop().ok_or(RuntimeError::Poisoned)
         };
-        let rejected = Err(OperatorError::rejected(
-            "invalid_json",
-            serde_json::json!({}),
-        ));
-        let mut out = Vec::new();
-        settle("s", &message(), input, rejected, &mut out, None, 1000)?;
-        let letter = &out[0];
+        let letter = &letter_of(&huge)?;
         assert!(letter.value.is_empty());
         assert!(emitted_size(letter) <= 1000, "{}", emitted_size(letter));
         let header = |name: &str| {
@@ -445,18 +449,7 @@ mod tests {
         );
         assert_eq!(header("cdp-source").as_deref(), Some("web"));
         // One under the limit is left whole.
-        let input = Input {
-            headers: vec![("cdp-source", b"web")],
-            value: &huge[..100],
-            framed_at: None,
-        };
-        let rejected = Err(OperatorError::rejected(
-            "invalid_json",
-            serde_json::json!({}),
-        ));
-        let mut out = Vec::new();
-        settle("s", &message(), input, rejected, &mut out, None, 1000)?;
-        assert_eq!(out[0].value.len(), 100);
+        assert_eq!(letter_of(&huge[..100])?.value.len(), 100);
         Ok(())
     }
 

@@ -78,6 +78,30 @@ fn a_merge_exits_the_merged_profile_and_the_survivor_enters() -> TestResult {
     Ok(())
 }
 
+/// `from` merged into `into`, announced (the merging event's update will
+/// name it): the transfer `from`'s task sends to `into`'s.
+fn announced_merge(
+    h: &mut OperatorHarness<AudiencesOperator>,
+    from: &str,
+    into: &str,
+) -> Result<Vec<u8>, Box<dyn Error>> {
+    let merged = serde_json::to_vec(&ProfileUpdate::Merged {
+        from: from.into(),
+        into: into.into(),
+        identifiers: Identifiers::new(),
+        cause: Cause::default(),
+        announced: true,
+        at: None,
+    })?;
+    let out = h.process(Some(from.as_bytes()), &merged, &[])?;
+    Ok(out
+        .iter()
+        .find(|e| e.output == outputs::SELF)
+        .ok_or("no transfer")?
+        .value
+        .clone())
+}
+
 /// The merging event's update (traits after the merge, `merged_from:
 /// [a]`) is held until `a`'s history is in, then evaluated once, as the
 /// event: `b` enters on three orders with the event as the cause. A tick
@@ -91,21 +115,7 @@ fn an_update_naming_a_merge_waits_for_its_transfer() -> TestResult {
     let order = |rev: i64| Some(("Order Completed", json!({"revenue": rev})));
     assert!(send(&mut h, "b", order(150), json!({"revenue_total": 150}), DAY)?.is_empty());
     assert!(send(&mut h, "a", order(100), json!({"revenue_total": 100}), DAY)?.is_empty());
-    let merged = serde_json::to_vec(&ProfileUpdate::Merged {
-        from: "a".into(),
-        into: "b".into(),
-        identifiers: Identifiers::new(),
-        cause: Cause::default(),
-        announced: true,
-        at: None,
-    })?;
-    let out = h.process(Some(b"a"), &merged, &[])?;
-    let transfer = out
-        .iter()
-        .find(|e| e.output == outputs::SELF)
-        .ok_or("no transfer")?
-        .value
-        .clone();
+    let transfer = announced_merge(&mut h, "a", "b")?;
     let mut update: ProfileUpdate = serde_json::from_slice(&update(
         "b",
         order(50),
@@ -144,21 +154,7 @@ fn a_timer_between_a_transfer_and_its_update_keeps_the_wait() -> TestResult {
     let c = send(&mut h, "b", order(1), json!({}), DAY)?;
     assert_eq!(summary(&c), vec![entered("recent")]);
     send(&mut h, "a", order(1), json!({}), DAY)?;
-    let merged = serde_json::to_vec(&ProfileUpdate::Merged {
-        from: "a".into(),
-        into: "b".into(),
-        identifiers: Identifiers::new(),
-        cause: Cause::default(),
-        announced: true,
-        at: None,
-    })?;
-    let out = h.process(Some(b"a"), &merged, &[])?;
-    let transfer = out
-        .iter()
-        .find(|e| e.output == outputs::SELF)
-        .ok_or("no transfer")?
-        .value
-        .clone();
+    let transfer = announced_merge(&mut h, "a", "b")?;
     // The transfer arrives first; then b's window timer fires.
     assert!(changes(&h.process(Some(b"b"), &transfer, &[])?)?.is_empty());
     let c = changes(&h.tick(DAY + 2 * HOUR)?)?;

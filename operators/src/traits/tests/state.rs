@@ -92,6 +92,14 @@ const BUSY_TRAITS: &str = "orders_30d: {event_counter: {event: E, within: 30d}}\
      first_c: {first: {event: E, property: properties.c}}\n\
      last_c: {last: {event: E, property: properties.c}}";
 
+/// The bytes of profile `id`'s stored state.
+fn stored_bytes(h: &OperatorHarness<TraitsOperator>, id: &str) -> usize {
+    h.state
+        .map
+        .get(profile_key(id).as_slice())
+        .map_or(0, Vec::len)
+}
+
 /// Every trait type over `n` events of one profile (10k distinct
 /// values, one event every 5 min, a tick every 100 events): returns the
 /// largest stored profile state and the largest emitted record.
@@ -116,12 +124,7 @@ fn one_busy_profile(n: usize) -> Result<(usize, usize), Box<dyn Error>> {
             .map(|e| e.value.len())
             .fold(record_max, usize::max);
         if i % 97 == 0 || i + 1 == n {
-            let stored = h
-                .state
-                .map
-                .get(profile_key("p").as_slice())
-                .map_or(0, Vec::len);
-            state_max = state_max.max(stored);
+            state_max = state_max.max(stored_bytes(&h, "p"));
         }
     }
     assert!(limited > 0, "the most_frequent limit was hit and said so");
@@ -230,12 +233,7 @@ fn long_values_keep_each_trait_within_its_bytes() -> TestResult {
             "p",
             track("E", t, json!({"u": u})),
         )?)?);
-        let stored = h
-            .state
-            .map
-            .get(profile_key("p").as_slice())
-            .map_or(0, Vec::len);
-        largest = largest.max(stored);
+        largest = largest.max(stored_bytes(&h, "p"));
     }
     // Five traits of at most 32 KiB of text each, and the values sent.
     assert!(largest < 400 * 1024, "profile state {largest} bytes");
