@@ -642,7 +642,7 @@ mod tests {
         assert_ne!(text, DEMO_CONFIG);
         assert_eq!(
             load_error(&text),
-            "tracking_plans.shop.on_violation: unknown variant `drop`, expected one of `block`, `omit`, `allow` at line 16 column 19"
+            "tracking_plans.shop.on_violation: unknown variant `drop`, expected one of `block`, `omit`, `allow` at line 17 column 19"
         );
     }
 
