@@ -184,7 +184,7 @@ pub fn replay_log_topic(topics: &Topics) -> String {
 /// Every record of `topic` from the beginning to its current end: the
 /// end each partition's fetch reports (`PartitionEOF`), not the listed
 /// one, which tansu 0.6 answers short of the last records of a batch.
-fn read_to_end(
+pub(crate) fn read_to_end(
     factory: &ClientFactory,
     topic: &str,
 ) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {

@@ -8,6 +8,7 @@ pub mod dev;
 pub mod loadgen;
 pub mod notice;
 pub mod passthrough;
+pub mod profiles;
 pub mod stages;
 pub mod stamps;
 pub mod topics;

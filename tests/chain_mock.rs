@@ -28,7 +28,25 @@ async fn an_anonymous_visitor_who_buys_twice_enters_big_spenders_with_every_iden
         Ok(r)
     })
     .await??;
+    // The traits as `cdp profiles traits` reads them from the changelog.
+    let factory = dev.factory.clone();
+    let profiles =
+        tokio::task::spawn_blocking(move || cdp::profiles::trait_values(&factory, None)).await??;
     dev.stop().await?;
+    let alice = profiles
+        .iter()
+        .find(|p| p["identifiers"]["user_id"] == serde_json::json!(["user-alice"]))
+        .ok_or_else(|| format!("no profile of alice in {profiles:?}"))?;
+    assert_eq!(
+        alice["traits"]["revenue_total"],
+        serde_json::json!(550),
+        "{alice}"
+    );
+    assert_eq!(
+        alice["traits"]["orders_30d"],
+        serde_json::json!(2),
+        "{alice}"
+    );
 
     let change = reader
         .changes

@@ -75,6 +75,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: DeadLettersCommand,
     },
+    /// Profiles as the stages keep them.
+    Profiles {
+        #[command(subcommand)]
+        command: ProfilesCommand,
+    },
     /// Topic administration.
     Topics {
         #[command(subcommand)]
@@ -130,6 +135,19 @@ pub(crate) enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ProfilesCommand {
+    /// Each profile's trait values as the traits stage last sent them
+    /// downstream (from its changelog), one JSON line per profile.
+    Traits {
+        #[command(flatten)]
+        common: Connection,
+        /// Only this profile (`prof_…`).
+        #[arg(long)]
+        profile: Option<String>,
     },
 }
 

@@ -12,7 +12,9 @@ use std::process::ExitCode;
 use cdp::stages::Stage;
 use clap::Parser;
 
-use cli::{Cli, Command, ConfigCommand, DeadLettersCommand, LogFormat, TopicsCommand};
+use cli::{
+    Cli, Command, ConfigCommand, DeadLettersCommand, LogFormat, ProfilesCommand, TopicsCommand,
+};
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CDP_LOG").unwrap_or_else(|_| {
@@ -92,6 +94,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     dry_run,
                 },
         } => tools::replay_dead_letters(common, selection, dry_run).await,
+        Command::Profiles {
+            command: ProfilesCommand::Traits { common, profile },
+        } => tools::profile_traits(common, profile).await,
         Command::Topics { command } => {
             let (TopicsCommand::Create(c) | TopicsCommand::Check(c) | TopicsCommand::Sizes(c)) =
                 &command;

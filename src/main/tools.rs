@@ -126,6 +126,22 @@ pub(crate) async fn passthrough(
     Ok(())
 }
 
+/// `cdp profiles traits`: one JSON line per profile on stdout.
+pub(crate) async fn profile_traits(
+    common: Connection,
+    profile: Option<String>,
+) -> anyhow::Result<()> {
+    let (_, factory) = common.open()?;
+    let lines = tokio::task::spawn_blocking(move || {
+        cdp::profiles::trait_values(&factory, profile.as_deref())
+    })
+    .await??;
+    for line in lines {
+        println!("{line}");
+    }
+    Ok(())
+}
+
 /// `cdp stamps`: one JSON line per event on stdout.
 pub(crate) async fn stamps(
     common: Connection,

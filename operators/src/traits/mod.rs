@@ -54,6 +54,7 @@ pub use config::{
     TraitSet, UniqueCountDef, UniqueListDef,
 };
 pub use operator::TraitsOperator;
+pub use profile::stored_values;
 pub use state::MAX_KEPT_BYTES;
 pub use window::{bucket_width, BUCKETS_PER_WINDOW};
 

@@ -46,6 +46,19 @@ pub(crate) struct ProfileState {
     pub(super) config: u64,
 }
 
+/// A profile's identifiers and trait values as the traits stage last sent
+/// them downstream, from the stored value of its `profile/<id>` key (in
+/// the stage's store or its changelog); `None` for a profile merged away
+/// or waiting for its first input, or bytes that are no profile state.
+pub fn stored_values(bytes: &[u8]) -> Option<(Identifiers, BTreeMap<String, Value>)> {
+    let state: ProfileState = match crate::profile_keyed::decode_state("", bytes).ok()? {
+        crate::profile_keyed::Stored::Current(state) => state,
+        crate::profile_keyed::Stored::Json(json) => serde_json::from_slice(json).ok()?,
+        crate::profile_keyed::Stored::Absent => return None,
+    };
+    Some((state.identifiers, state.emitted))
+}
+
 /// What one event did to a profile's state.
 #[derive(Debug, Default)]
 pub(super) struct Applied<'a> {
