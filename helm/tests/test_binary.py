@@ -165,9 +165,9 @@ def test_every_service_of_the_binary_has_a_workload(cdp):
     # Commands an operator runs by hand, not services: the dev chain, topic
     # and config checks, dead-letter replay, the load generator, the
     # benchmark's bare pass-through hop, its per-topic record stamps and
-    # its in-memory mock broker.
+    # its in-memory mock broker, the profile reader.
     tools = {"dev", "topics", "config", "help", "dead-letters", "loadgen", "passthrough", "stamps",
-             "mock-broker"}
+             "mock-broker", "profiles"}
     assert tools <= commands, commands
     docs = render_set("minimal")
     deployed = {
