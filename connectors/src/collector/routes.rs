@@ -249,17 +249,15 @@ impl Collector {
                 .transpose()?,
             false => None,
         };
+        let received = Received {
+            ms: received_ms,
+            at: &received_at,
+            client_ip: client_ip.as_deref(),
+        };
         let mut prepared = Vec::with_capacity(items.len());
         let mut refused = Vec::new();
         for item in items {
-            let enriched = item.and_then(|item| {
-                let received = Received {
-                    ms: received_ms,
-                    at: &received_at,
-                    client_ip: client_ip.as_deref(),
-                };
-                enrich(item.fields, &received, item.index)
-            });
+            let enriched = item.and_then(|item| enrich(item.fields, &received, item.index));
             match enriched {
                 Ok(p) => prepared.push(p),
                 Err(e) => refused.push(e),

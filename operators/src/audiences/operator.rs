@@ -20,7 +20,7 @@ use crate::profile_keyed::{
     decode_state, decode_update, dispatch, emit_json, encode_state, fired_profile, handle_at_once,
     invalid_transfer, keep_waiting_mark, pass_on_transfer, profile_key, reschedule, retire,
     send_transfer, sweep_step, to_json_value, union_identifier_pairs, union_identifiers, EventTree,
-    Layout, Merge, ProfileStage, StageInput, StateCache, Stored, Sweep, CACHED_PROFILES,
+    Fired, Layout, Merge, ProfileStage, StageInput, StateCache, Stored, Sweep, CACHED_PROFILES,
     SWEEP_STEP,
 };
 
@@ -555,7 +555,11 @@ impl Operator for AudiencesOperator {
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
         // No flush: the load takes the profile's pending state, and a
         // pending profile never waits (`fired_profile` reads only that).
-        let Some(fired) = fired_profile(ctx, &self.layout, key, |ctx, id| self.load(ctx, id))?
+        let Some(Fired {
+            id,
+            profile,
+            marked,
+        }) = fired_profile(ctx, &self.layout, key, |ctx, id| self.load(ctx, id))?
         else {
             return Ok(());
         };
@@ -565,7 +569,7 @@ impl Operator for AudiencesOperator {
             tick: Some(now),
             event_time: now,
         };
-        self.settle(ctx, &fired.id, fired.profile.clone(), &trigger, false)?;
-        keep_waiting_mark(ctx, &fired)
+        self.settle(ctx, &id, profile, &trigger, false)?;
+        keep_waiting_mark(ctx, &id, marked)
     }
 }

@@ -35,7 +35,7 @@ pub(crate) use read::{EventPaths, EventTree};
 pub(crate) use sweep::{step as sweep_step, Sweep, SWEEP_STEP};
 pub use wait::MAX_HELD_INPUTS;
 pub(crate) use wait::{
-    dispatch, fired_profile, handle_at_once, keep_waiting_mark, ProfileStage, Route, Timed,
+    dispatch, fired_profile, handle_at_once, keep_waiting_mark, Fired, ProfileStage, Route, Timed,
 };
 
 use cdp_pipeline::operator::{Context, OperatorError};

@@ -194,7 +194,7 @@ pub(crate) struct Fired<P> {
     /// input held): its value must keep the waiting mark when the stage
     /// writes it, or the announcing update would find no wait and hold
     /// itself (and every later input) for good. See [`keep_waiting_mark`].
-    marked: bool,
+    pub(crate) marked: bool,
 }
 
 /// The start both stages' timers share: the profile of `key` with its
@@ -232,12 +232,13 @@ pub(crate) fn fired_profile<P: Timed>(
 
 /// After a stage wrote the state of a profile it evaluated on a timer:
 /// mark it waiting again if it was (a plain write drops the mark).
-pub(crate) fn keep_waiting_mark<P>(
+pub(crate) fn keep_waiting_mark(
     ctx: &mut Context<'_>,
-    fired: &Fired<P>,
+    id: &str,
+    marked: bool,
 ) -> Result<(), OperatorError> {
-    if fired.marked {
-        mark_waiting(ctx, &fired.id, true)?;
+    if marked {
+        mark_waiting(ctx, id, true)?;
     }
     Ok(())
 }

@@ -22,8 +22,8 @@ use crate::profile_keyed::{
     decode_event, decode_state, dispatch, emit_record, encode_state, fired_profile, handle_at_once,
     invalid_transfer, keep_waiting_mark, pass_on_transfer, profile_key, reschedule, retire,
     send_transfer, sweep_step, to_json_value, union_identifier_pairs, union_identifiers,
-    unwritable, EventTree, Layout, Merge, ProfileStage, StageInput, StateCache, Stored, Sweep,
-    CACHED_PROFILES, SWEEP_STEP,
+    unwritable, EventTree, Fired, Layout, Merge, ProfileStage, StageInput, StateCache, Stored,
+    Sweep, CACHED_PROFILES, SWEEP_STEP,
 };
 
 /// An event as [`TraitsOperator::on_event`] takes it, however it was
@@ -559,16 +559,18 @@ impl Operator for TraitsOperator {
     fn on_timer(&mut self, key: &[u8], ctx: &mut Context<'_>) -> Result<(), OperatorError> {
         // No flush: the load takes the profile's pending state, and a
         // pending profile never waits (`fired_profile` reads only that).
-        let Some(fired) = fired_profile(ctx, &self.layout, key, |ctx, id| self.load(ctx, id))?
+        let Some(Fired {
+            id,
+            profile: mut state,
+            marked,
+        }) = fired_profile(ctx, &self.layout, key, |ctx, id| self.load(ctx, id))?
         else {
             return Ok(());
         };
-        let id = fired.id.clone();
-        let mut state = fired.profile.clone();
         let now = ctx.now();
         let traits = self.settle(ctx, &id, &mut state, None);
         ctx.put(&profile_key(&id), encode_state(&state)?);
-        keep_waiting_mark(ctx, &fired)?;
+        keep_waiting_mark(ctx, &id, marked)?;
         // Sent even when no value changed: the `traits_until` the last
         // update announced has passed, and the audiences stage holds the
         // audiences reading traits until it hears the next one.
