@@ -220,12 +220,7 @@ impl Config {
                 "identity.identifiers: a profile holding every type's limit of identifiers, each {MAX_IDENTIFIER_BYTES} bytes long, would be ~{identifiers} bytes, over kafka.max_record_bytes ({limit}); a client sending such ids would stop the identity stage: lower the limits (anonymous_id's above all) or raise the record limit (and the broker's)"
             ));
         }
-        let kept = self
-            .traits
-            .values()
-            .filter(|d| d.property().is_some())
-            .filter(|d| !matches!(d, cdp_operators::traits::TraitDef::Aggregation(_)))
-            .count();
+        let kept = self.traits.values().filter(|d| d.keeps_values()).count();
         // The kept texts, and the values last sent (the same again).
         let traits = kept.saturating_mul(2 * cdp_operators::traits::MAX_KEPT_BYTES);
         if traits > limit {

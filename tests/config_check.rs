@@ -89,6 +89,24 @@ fn a_property_the_plan_does_not_declare_is_ok_with_a_warning() -> TestResult {
     Ok(())
 }
 
+/// Limits under which one profile could outgrow the broker's record limit
+/// compile with a warning naming them.
+#[test]
+fn limits_a_profile_could_outgrow_the_record_limit_with_are_warned_of() -> TestResult {
+    let out = check_edited(
+        "anonymous_id: {limit: 1000, priority: 3}",
+        "anonymous_id: {limit: 5000, priority: 3}",
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains("warning: identity.identifiers: a profile holding every type's limit"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("warning: traits:"), "{stderr}");
+    Ok(())
+}
+
 #[test]
 fn a_key_given_twice_fails_with_its_path() -> TestResult {
     refused(

@@ -279,6 +279,12 @@ impl TraitDef {
         }
     }
 
+    /// Whether the trait keeps value texts (not counts or sums): those
+    /// [`MAX_KEPT_BYTES`](super::MAX_KEPT_BYTES) bounds per profile.
+    pub fn keeps_values(&self) -> bool {
+        !matches!(self, TraitDef::EventCounter(_) | TraitDef::Aggregation(_))
+    }
+
     /// The property conditions an event must meet to count.
     pub fn conditions(&self) -> &[PropertyCondition] {
         match self {

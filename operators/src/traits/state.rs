@@ -292,11 +292,6 @@ mod bucket_pairs {
 /// this is not kept. `cdp_state_limit_hits_total` counts the drops.
 pub const MAX_KEPT_BYTES: usize = 32 * 1024;
 
-/// Whether a trait keeps value texts (not counts or sums).
-fn keeps_values(def: &TraitDef) -> bool {
-    !matches!(def, TraitDef::EventCounter(_) | TraitDef::Aggregation(_))
-}
-
 impl TraitState {
     /// The state of no events.
     pub(super) fn empty(def: &TraitDef) -> Self {
@@ -345,7 +340,7 @@ impl TraitState {
             changed: true,
             grew: false,
         };
-        if text.len() > MAX_KEPT_BYTES && keeps_values(def) {
+        if text.len() > MAX_KEPT_BYTES && def.keeps_values() {
             // One value past the whole budget is not kept at all.
             return Added {
                 dropped: true,
@@ -500,7 +495,7 @@ impl TraitState {
     /// associative; a state of another type than `self` is ignored.
     pub(super) fn merge(&self, def: &TraitDef, other: &TraitState) -> TraitState {
         let mut merged = self.merge_unbounded(def, other);
-        if keeps_values(def) {
+        if def.keeps_values() {
             merged.fit_bytes();
         }
         merged
