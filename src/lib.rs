@@ -11,4 +11,5 @@ pub mod passthrough;
 pub mod profiles;
 pub mod stages;
 pub mod stamps;
+pub mod sync;
 pub mod topics;

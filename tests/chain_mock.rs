@@ -3,10 +3,18 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::Router;
 use cdp::dev::Dev;
 use common::{entered, ChangeReader, TestResult};
+use serde_json::Value;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anonymous_visitor_who_buys_twice_enters_big_spenders_with_every_identifier(
@@ -137,6 +145,7 @@ async fn a_merge_moves_state_downstream_and_the_merged_away_profile_exits() -> T
         Ok(r)
     })
     .await??;
+    current_members_are_what_the_changes_add_up_to(&dev, &reader.changes).await?;
     dev.stop().await?;
 
     let changes = &reader.changes;
@@ -177,6 +186,139 @@ async fn a_merge_moves_state_downstream_and_the_merged_away_profile_exits() -> T
         "the survivor inherits the merged-away history: {changes:#?}"
     );
     assert_ne!(merged_away[0].profile_id, big.profile_id);
+    Ok(())
+}
+
+/// The memberships the changes add up to, replayed in order (the oracle
+/// of `cdp profiles audiences` and `cdp destinations sync`).
+fn members_of(changes: &[common::Change]) -> BTreeSet<(String, String)> {
+    let mut members = BTreeSet::new();
+    for c in changes {
+        let key = (c.profile_id.clone(), c.audience.clone());
+        match c.action.as_str() {
+            "entered" => members.insert(key),
+            _ => members.remove(&key),
+        };
+    }
+    members
+}
+
+/// A webhook receiver that keeps each request's delivery id and body.
+async fn recording_webhook() -> Result<(String, Arc<Mutex<Vec<(String, Value)>>>), BoxError> {
+    let seen: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let log = seen.clone();
+    let app = Router::new().route(
+        "/hook",
+        post(move |headers: HeaderMap, body: String| {
+            let log = log.clone();
+            async move {
+                let id = headers
+                    .get("x-cdp-delivery-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                if let Ok(mut l) = log.lock() {
+                    l.push((id, serde_json::from_str(&body).unwrap_or(Value::Null)));
+                }
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((format!("http://{addr}/hook"), seen))
+}
+
+/// `cdp profiles audiences` lists exactly the memberships the change
+/// stream adds up to (the merged-away profile in none), and `cdp
+/// destinations sync` sends a destination connected now one `entered`
+/// each, with delivery ids that a second run repeats.
+async fn current_members_are_what_the_changes_add_up_to(
+    dev: &Dev,
+    changes: &[common::Change],
+) -> TestResult {
+    let (url, received) = recording_webhook().await?;
+    let compiled = cdp::config::Config::from_yaml(&cdp::config::DEMO_CONFIG.replace(
+        "destinations: []",
+        &format!("destinations:\n  - {{id: late, type: webhook, url: \"{url}\", audiences: [big_spenders, browsed_then_bought]}}"),
+    ))?
+    .compile()?;
+    let expected = members_of(changes);
+    assert!(!expected.is_empty(), "{changes:#?}");
+
+    let (factory, set) = (dev.factory.clone(), compiled.audiences.clone());
+    let listed = tokio::task::spawn_blocking(move || {
+        cdp::profiles::memberships(&factory, &set, None, |_| true)
+    })
+    .await??;
+    let listed_pairs: BTreeSet<(String, String)> = listed
+        .iter()
+        .map(|c| (c.profile_id.clone(), c.audience.clone()))
+        .collect();
+    assert_eq!(listed_pairs, expected, "{listed:#?}");
+    assert_eq!(listed.len(), expected.len(), "one line per membership");
+
+    let opts = |dry_run| cdp::sync::SyncOptions {
+        destination: "late".into(),
+        audience: None,
+        dry_run,
+    };
+    let counted = cdp::sync::run(&compiled, &dev.factory, &opts(true)).await?;
+    assert_eq!(counted.delivered, 0);
+    let taken = |(_, a): &&(String, String)| a == "big_spenders" || a == "browsed_then_bought";
+    let synced: BTreeSet<(String, String)> = expected.iter().filter(taken).cloned().collect();
+    assert_eq!(
+        counted.members.values().sum::<u64>(),
+        synced.len() as u64,
+        "{counted:?}"
+    );
+    let report = cdp::sync::run(&compiled, &dev.factory, &opts(false)).await?;
+    assert_eq!((report.delivered, report.failed), (synced.len() as u64, 0));
+    let first: Vec<(String, Value)> = received.lock().map_err(|e| e.to_string())?.clone();
+    let got: BTreeSet<(String, String)> = first
+        .iter()
+        .map(|(_, b)| {
+            assert_eq!(b["action"], "entered", "{b}");
+            let field = |f: &str| b[f].as_str().unwrap_or_default().to_string();
+            (field("profile_id"), field("audience"))
+        })
+        .collect();
+    assert_eq!(got, synced);
+    for (id, b) in &first {
+        let expected_id = format!(
+            "sync/late/{}/{}",
+            b["audience"].as_str().unwrap_or_default(),
+            b["profile_id"].as_str().unwrap_or_default()
+        );
+        assert_eq!(id, &expected_id);
+    }
+    // A re-run repeats the same ids: a receiver that dedupes ignores it.
+    cdp::sync::run(&compiled, &dev.factory, &opts(false)).await?;
+    let all: Vec<(String, Value)> = received.lock().map_err(|e| e.to_string())?.clone();
+    let ids = |v: &[(String, Value)]| v.iter().map(|(i, _)| i.clone()).collect::<BTreeSet<_>>();
+    assert_eq!(all.len(), 2 * first.len());
+    assert_eq!(ids(&all), ids(&first));
+
+    let unknown = cdp::sync::SyncOptions {
+        destination: "nope".into(),
+        ..opts(false)
+    };
+    let err = cdp::sync::run(&compiled, &dev.factory, &unknown)
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("late"), "{err}");
+    let not_taken = cdp::sync::SyncOptions {
+        audience: Some("lapsing".into()),
+        ..opts(false)
+    };
+    assert!(cdp::sync::run(&compiled, &dev.factory, &not_taken)
+        .await
+        .is_err());
     Ok(())
 }
 

@@ -166,7 +166,7 @@ def test_every_service_of_the_binary_has_a_workload(cdp):
     # and config checks, dead-letter replay, the load generator, the
     # benchmark's bare pass-through hop, its per-topic record stamps and
     # its in-memory mock broker, the profile reader.
-    tools = {"dev", "topics", "config", "help", "dead-letters", "loadgen", "passthrough", "stamps",
+    tools = {"dev", "topics", "config", "help", "dead-letters", "destinations", "loadgen", "passthrough", "stamps",
              "mock-broker", "profiles"}
     assert tools <= commands, commands
     docs = render_set("minimal")

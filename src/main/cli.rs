@@ -80,6 +80,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: ProfilesCommand,
     },
+    /// Destinations: send one its audiences' current members.
+    Destinations {
+        #[command(subcommand)]
+        command: DestinationsCommand,
+    },
     /// Topic administration.
     Topics {
         #[command(subcommand)]
@@ -148,6 +153,40 @@ pub(crate) enum ProfilesCommand {
         /// Only this profile (`prof_…`).
         #[arg(long)]
         profile: Option<String>,
+    },
+    /// The audiences each profile is in now (from the audiences stage's
+    /// changelog), one JSON line per membership: the `entered` change
+    /// `cdp destinations sync` would send.
+    Audiences {
+        #[command(flatten)]
+        common: Connection,
+        /// Only this profile (`prof_…`).
+        #[arg(long)]
+        profile: Option<String>,
+        /// Only this audience.
+        #[arg(long)]
+        audience: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum DestinationsCommand {
+    /// Send a destination an `entered` for every current member of the
+    /// audiences it takes (from the audiences stage's changelog), as
+    /// Segment Engage syncs a destination connected later; then print a
+    /// JSON line of counts. Exits non-zero when a change was not delivered.
+    Sync {
+        #[command(flatten)]
+        common: Connection,
+        /// The destination's `id`.
+        #[arg(long)]
+        destination: String,
+        /// Only this audience.
+        #[arg(long)]
+        audience: Option<String>,
+        /// Count the members, send nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 

@@ -13,7 +13,8 @@ use cdp::stages::Stage;
 use clap::Parser;
 
 use cli::{
-    Cli, Command, ConfigCommand, DeadLettersCommand, LogFormat, ProfilesCommand, TopicsCommand,
+    Cli, Command, ConfigCommand, DeadLettersCommand, DestinationsCommand, LogFormat,
+    ProfilesCommand, TopicsCommand,
 };
 
 fn init_logging(format: LogFormat) {
@@ -97,6 +98,30 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Profiles {
             command: ProfilesCommand::Traits { common, profile },
         } => tools::profile_traits(common, profile).await,
+        Command::Profiles {
+            command:
+                ProfilesCommand::Audiences {
+                    common,
+                    profile,
+                    audience,
+                },
+        } => tools::profile_audiences(common, profile, audience).await,
+        Command::Destinations {
+            command:
+                DestinationsCommand::Sync {
+                    common,
+                    destination,
+                    audience,
+                    dry_run,
+                },
+        } => {
+            let opts = cdp::sync::SyncOptions {
+                destination,
+                audience,
+                dry_run,
+            };
+            tools::sync_destination(common, opts).await
+        }
         Command::Topics { command } => {
             let (TopicsCommand::Create(c) | TopicsCommand::Check(c) | TopicsCommand::Sizes(c)) =
                 &command;

@@ -142,6 +142,49 @@ pub(crate) async fn profile_traits(
     Ok(())
 }
 
+/// `cdp profiles audiences`: one JSON line per membership on stdout.
+pub(crate) async fn profile_audiences(
+    common: Connection,
+    profile: Option<String>,
+    audience: Option<String>,
+) -> anyhow::Result<()> {
+    let (compiled, factory) = common.open()?;
+    if let Some(a) = &audience {
+        if !compiled.audiences.order().any(|c| c == a) {
+            anyhow::bail!("no audience {a:?} in the config");
+        }
+    }
+    let changes = tokio::task::spawn_blocking(move || {
+        cdp::profiles::memberships(&factory, &compiled.audiences, profile.as_deref(), |a| {
+            audience.as_deref().is_none_or(|only| only == a)
+        })
+    })
+    .await??;
+    for change in changes {
+        println!("{}", serde_json::to_string(&change)?);
+    }
+    Ok(())
+}
+
+/// `cdp destinations sync`: its report as a JSON line.
+pub(crate) async fn sync_destination(
+    common: Connection,
+    opts: cdp::sync::SyncOptions,
+) -> anyhow::Result<()> {
+    let (compiled, factory) = common.open()?;
+    let report = cdp::sync::run(&compiled, &factory, &opts).await?;
+    println!("{}", serde_json::to_string(&report)?);
+    if report.failed > 0 {
+        anyhow::bail!(
+            "{} of {} changes not delivered to {}",
+            report.failed,
+            report.failed + report.delivered,
+            report.destination
+        );
+    }
+    Ok(())
+}
+
 /// `cdp stamps`: one JSON line per event on stdout.
 pub(crate) async fn stamps(
     common: Connection,

@@ -39,6 +39,7 @@ mod history;
 mod operator;
 mod profile;
 mod sizes;
+mod sync;
 #[cfg(test)]
 mod tests;
 
@@ -49,6 +50,7 @@ pub use config::{
 };
 pub use operator::AudiencesOperator;
 pub use sizes::SizeReporter;
+pub use sync::current_memberships;
 
 /// The `stage` this operator writes on its transfers.
 const STAGE: &str = "audiences";

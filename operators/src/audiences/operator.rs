@@ -160,19 +160,7 @@ impl AudiencesOperator {
         action: AudienceAction,
         trigger: &Trigger,
     ) -> AudienceChange {
-        let traits = self
-            .set
-            .audience(audience)
-            .map(|a| {
-                a.traits
-                    .iter()
-                    .filter_map(|t| {
-                        super::profile::trait_value(&profile.traits, t)
-                            .map(|v| (t.clone(), v.clone()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let traits = super::sync::referenced_traits(&self.set, audience, &profile.traits);
         AudienceChange {
             kind: "audience_change".to_owned(),
             audience: audience.to_owned(),

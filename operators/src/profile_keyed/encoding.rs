@@ -91,6 +91,17 @@ pub(crate) fn decode_state<'a, T: DeserializeOwned>(
 /// lack because it was stored before they were added.
 const ADDED_FIELDS_PADDING: usize = 8;
 
+/// A stored state in either encoding, for tools that read a changelog;
+/// `None` for a profile merged away or waiting for its first input, or
+/// bytes that are no such state.
+pub(crate) fn stored_state<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    match decode_state("state", bytes).ok()? {
+        Stored::Current(state) => Some(state),
+        Stored::Json(json) => serde_json::from_slice(json).ok(),
+        Stored::Absent => None,
+    }
+}
+
 /// A stored state in either encoding (tests read the store with it).
 #[cfg(test)]
 pub(crate) fn read_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {

@@ -22,6 +22,7 @@ mod sweep;
 mod wait;
 
 pub(crate) use cache::{StateCache, CACHED_PROFILES};
+pub(crate) use encoding::stored_state;
 #[cfg(test)]
 pub(crate) use encoding::{assert_rewritten_in_binary, read_state};
 pub(crate) use encoding::{

@@ -51,11 +51,7 @@ pub(crate) struct ProfileState {
 /// the stage's store or its changelog); `None` for a profile merged away
 /// or waiting for its first input, or bytes that are no profile state.
 pub fn stored_values(bytes: &[u8]) -> Option<(Identifiers, BTreeMap<String, Value>)> {
-    let state: ProfileState = match crate::profile_keyed::decode_state("", bytes).ok()? {
-        crate::profile_keyed::Stored::Current(state) => state,
-        crate::profile_keyed::Stored::Json(json) => serde_json::from_slice(json).ok()?,
-        crate::profile_keyed::Stored::Absent => return None,
-    };
+    let state: ProfileState = crate::profile_keyed::stored_state(bytes)?;
     Some((state.identifiers, state.emitted))
 }
 
