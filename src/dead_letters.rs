@@ -188,6 +188,20 @@ pub(crate) fn read_to_end(
     factory: &ClientFactory,
     topic: &str,
 ) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
+    let mut out = Vec::new();
+    read_each(factory, topic, |m| out.push(m.detach()))?;
+    Ok(out)
+}
+
+/// [`read_to_end`], handing each record to `each` as it is read instead
+/// of keeping them all (a changelog of millions of records). It fails
+/// when no record arrives for 60 s before the end, however long the
+/// whole read takes.
+pub(crate) fn read_each(
+    factory: &ClientFactory,
+    topic: &str,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> anyhow::Result<()> {
     let consumer = factory.reader(&reader_group(factory))?;
     let metadata = consumer
         .fetch_metadata(Some(topic), READ_TIMEOUT)
@@ -211,25 +225,27 @@ pub(crate) fn read_to_end(
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;
         }
     }
-    let mut out = Vec::new();
     if reading.is_empty() {
-        return Ok(out);
+        return Ok(());
     }
     consumer.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    let mut deadline = std::time::Instant::now() + READ_TIMEOUT;
     while !reading.is_empty() {
         if std::time::Instant::now() > deadline {
-            anyhow::bail!("{topic}: not read to its end within {READ_TIMEOUT:?}");
+            anyhow::bail!("{topic}: no record for {READ_TIMEOUT:?} before its end");
         }
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 reading.remove(&p);
             }
-            Some(message) => out.push(message?.detach()),
+            Some(message) => {
+                each(&message?);
+                deadline = std::time::Instant::now() + READ_TIMEOUT;
+            }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 fn uuid_like() -> String {

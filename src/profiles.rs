@@ -31,22 +31,22 @@ fn latest_states(
 ) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
     let topic = factory.topics().changelog(stage);
     let mut latest = BTreeMap::new();
-    for m in crate::dead_letters::read_to_end(factory, &topic)? {
+    crate::dead_letters::read_each(factory, &topic, |m| {
         let Some(id) = m
             .key()
             .and_then(|k| k.strip_prefix(b"profile/"))
             .and_then(|id| std::str::from_utf8(id).ok())
         else {
-            continue;
+            return;
         };
         if profile.is_some_and(|p| p != id) {
-            continue;
+            return;
         }
         match m.payload() {
             Some(value) => latest.insert(id.to_string(), value.to_vec()),
             None => latest.remove(id),
         };
-    }
+    })?;
     Ok(latest)
 }
 
